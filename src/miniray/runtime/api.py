@@ -1,0 +1,218 @@
+"""The public runtime API (Ray's names and semantics); it picks a backend and validates input.
+
+Timeouts become one monotonic deadline here, at the public edge, so nested waits inside a
+backend can never add up to more than the caller asked for.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from miniray.runtime import context
+from miniray.runtime.refs import (
+    ActorClass,
+    ActorHandle,
+    ObjectRef,
+    RemoteFunction,
+)
+
+BACKENDS = ("local", "inline", "ray")
+ENV_BACKEND = "MINIRAY_BACKEND"
+
+
+def init(
+    address: str | None = None,
+    *,
+    num_workers: int | None = None,
+    num_cpus: int | None = None,
+    backend: str | None = None,
+    ignore_reinit_error: bool = False,
+    **backend_options: Any,
+) -> None:
+    """Start the runtime.
+
+    ``backend`` is 'local' (processes on this machine, the default), 'inline' (one process, for
+    debugging) or 'ray'; without it ``$MINIRAY_BACKEND`` decides. An ``address`` means Ray.
+    ``num_workers`` (alias ``num_cpus``) is the size of the task worker pool.
+    """
+    if context.current_or_none() is not None:
+        if ignore_reinit_error:
+            return
+        raise RuntimeError(
+            "miniray.init() was already called in this process; call miniray.shutdown() first "
+            "or pass ignore_reinit_error=True"
+        )
+    if num_workers is not None and num_cpus is not None and num_workers != num_cpus:
+        raise ValueError(
+            f"num_workers={num_workers} and num_cpus={num_cpus} disagree; pass only one"
+        )
+    workers = num_workers if num_workers is not None else num_cpus
+    if workers is not None and (not isinstance(workers, int) or workers < 1):
+        raise ValueError(f"num_workers={workers!r} must be a positive integer")
+    name = backend or (None if address else os.environ.get(ENV_BACKEND)) or "local"
+    if address and name != "ray":
+        if backend is not None:
+            raise ValueError(f"address={address!r} needs backend='ray', got backend={backend!r}")
+        name = "ray"
+    if name not in BACKENDS:
+        raise ValueError(f"backend={name!r} is unknown; known backends are {list(BACKENDS)}")
+    context.set_backend(_make_backend(name, address, workers, backend_options))
+
+
+def _make_backend(
+    name: str, address: str | None, num_workers: int | None, options: dict[str, Any]
+) -> Any:
+    if name == "inline":
+        from miniray.runtime.inline import InlineBackend
+
+        return InlineBackend(**options)
+    if name == "local":
+        from miniray.runtime.local.head import LocalBackend
+
+        return LocalBackend(num_workers=num_workers or os.cpu_count() or 1, **options)
+    try:
+        from miniray.runtime.ray_backend import RayBackend  # type: ignore[import-not-found]
+    except ImportError as exc:
+        raise ImportError(
+            "backend='ray' needs the optional Ray extra: pip install 'miniray[ray]'"
+        ) from exc
+    return RayBackend(address=address, num_workers=num_workers, **options)
+
+
+def shutdown() -> None:
+    """Stop every process and free every shared-memory segment this runtime started."""
+    backend = context.current_or_none()
+    if backend is None:
+        return
+    context.set_backend(None)
+    backend.shutdown()
+
+
+atexit.register(shutdown)
+
+
+def is_initialized() -> bool:
+    return context.current_or_none() is not None
+
+
+def backend_name() -> str | None:
+    backend = context.current_or_none()
+    return None if backend is None else backend.name
+
+
+def remote(*args: Any, **options: Any) -> Any:
+    """``@remote`` or ``@remote(**options)`` on a function or a class."""
+    if len(args) == 1 and not options and callable(args[0]):
+        return _make_remote(args[0], {})
+    if args:
+        raise TypeError(
+            "@remote takes a function or a class, or only keyword options as in "
+            f"@remote(num_returns=2); got {args!r}"
+        )
+    return lambda target: _make_remote(target, options)
+
+
+def _make_remote(target: Any, options: dict[str, Any]) -> Any:
+    if isinstance(target, type):
+        return ActorClass(target, options)
+    if callable(target) and not isinstance(target, (RemoteFunction, ActorClass)):
+        return RemoteFunction(target, options)
+    raise TypeError(
+        f"@remote needs a plain function or class, got {type(target).__name__}: {target!r}"
+    )
+
+
+def _deadline(timeout: float | None, what: str) -> float | None:
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
+        raise ValueError(f"{what}: timeout={timeout!r} must be None or a number >= 0")
+    return time.monotonic() + timeout
+
+
+def get(object_refs: ObjectRef | list[ObjectRef], *, timeout: float | None = None) -> Any:
+    """The value(s) of a ref or a list of refs. Re-raises remote errors; ``timeout`` in s."""
+    deadline = _deadline(timeout, "get")
+    if isinstance(object_refs, ObjectRef):
+        return context.current().get([object_refs], deadline)[0]
+    if isinstance(object_refs, (list, tuple)):
+        bad = [i for i, r in enumerate(object_refs) if not isinstance(r, ObjectRef)]
+        if bad:
+            raise ValueError(
+                f"get() expects an ObjectRef or a list of ObjectRefs; item {bad[0]} is a "
+                f"{type(object_refs[bad[0]]).__name__}: {object_refs[bad[0]]!r}"
+            )
+        if not object_refs:
+            return []
+        return context.current().get(list(object_refs), deadline)
+    raise ValueError(
+        "get() expects an ObjectRef or a list of ObjectRefs, got "
+        f"{type(object_refs).__name__}: {object_refs!r}"
+    )
+
+
+def wait(
+    object_refs: list[ObjectRef],
+    *,
+    num_returns: int = 1,
+    timeout: float | None = None,
+    fetch_local: bool = True,
+) -> tuple[list[ObjectRef], list[ObjectRef]]:
+    """Split refs into (ready, not_ready) once ``num_returns`` are ready or time is up."""
+    if isinstance(object_refs, ObjectRef):
+        raise TypeError("wait() expects a list of ObjectRefs, not a single ObjectRef")
+    if not isinstance(object_refs, (list, tuple)):
+        raise TypeError(f"wait() expects a list of ObjectRefs, got {type(object_refs).__name__}")
+    for i, ref in enumerate(object_refs):
+        if not isinstance(ref, ObjectRef):
+            raise TypeError(f"wait(): item {i} is a {type(ref).__name__}, not an ObjectRef")
+    if len(set(object_refs)) != len(object_refs):
+        raise ValueError("wait() expects unique ObjectRefs; the list has duplicates")
+    if not isinstance(num_returns, int) or isinstance(num_returns, bool) or num_returns < 1:
+        raise ValueError(f"wait(): num_returns={num_returns!r} must be a positive integer")
+    if num_returns > len(object_refs):
+        raise ValueError(
+            f"wait(): num_returns={num_returns} exceeds the number of refs ({len(object_refs)})"
+        )
+    deadline = _deadline(timeout, "wait")
+    if not object_refs:
+        return [], []
+    return context.current().wait(list(object_refs), num_returns, deadline)
+
+
+def put(value: Any) -> ObjectRef:
+    """Store a value in the runtime; pass the ref to many calls to ship it once."""
+    if isinstance(value, ObjectRef):
+        raise TypeError("put() of an ObjectRef is not allowed; pass the ref itself")
+    return context.current().put(value)
+
+
+def kill(actor: ActorHandle, *, no_restart: bool = True) -> None:
+    """Kill an actor's process now; later calls raise ``ActorDiedError``."""
+    if not isinstance(actor, ActorHandle):
+        raise TypeError(f"kill() expects an ActorHandle, got {type(actor).__name__}")
+    context.current().kill(actor, no_restart)
+
+
+def get_actor(name: str, namespace: str | None = None) -> ActorHandle:
+    """The handle of the named actor; ``ValueError`` if there is none."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"get_actor(): name={name!r} must be a non-empty string")
+    return context.current().get_actor(name, namespace)
+
+
+def cancel(object_ref: ObjectRef, *, force: bool = False, recursive: bool = True) -> None:
+    """Cancel a task: not started yet -> never runs; ``force=True`` kills its worker."""
+    if not isinstance(object_ref, ObjectRef):
+        raise TypeError(f"cancel() expects an ObjectRef, got {type(object_ref).__name__}")
+    context.current().cancel(object_ref, force)
+
+
+def method(**options: Any) -> Callable[[Callable], Callable]:
+    from miniray.runtime.refs import method as _method
+
+    return _method(**options)

@@ -1,0 +1,427 @@
+"""The inline backend: the whole runtime in this one process, on threads.
+
+For debugging (breakpoints and prints work, one process to profile) and fast unit tests; Ray
+removed its local_mode and users miss it. Semantics match the local backend: every value is
+copied through the serializer (mutating a result never changes the stored object), calls to one
+actor run in submission order on that actor's own thread, async actors interleave on their own
+event loop, and ``get``/``wait`` honour their deadlines. What it cannot do: isolate crashes
+(a call that kills the process kills everything) or run Python in parallel past the GIL.
+
+    caller thread --submit--> per-task thread | actor thread / actor event loop
+         |                                 |
+         +--get(deadline)-- waits on --> _Entry.done (threading.Event), set when stored
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from miniray.errors import (
+    ActorAlreadyExistsError,
+    ActorDiedError,
+    GetTimeoutError,
+    RayTaskError,
+    TaskCancelledError,
+)
+from miniray.runtime import execution, serialization
+from miniray.runtime.refs import (
+    ActorClass,
+    ActorHandle,
+    ObjectRef,
+    RemoteFunction,
+    new_id,
+    returns_of,
+)
+
+
+class _Entry:
+    __slots__ = ("callbacks", "done", "error", "value")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.value: serialization.Serialized | None = None
+        self.error: BaseException | None = None
+        self.callbacks: list[Callable[[], None]] = []
+
+
+class _Actor:
+    def __init__(self, actor_id: str, cls: ActorClass, options: dict[str, Any]):
+        self.actor_id = actor_id
+        self.cls = cls
+        self.options = options
+        self.instance: Any = None
+        self.dead_reason: str | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.semaphore: asyncio.Semaphore | None = None
+        self.pool: ThreadPoolExecutor | None = None
+        self.fifo: queue.SimpleQueue | None = None
+        self.restarts_left = options["max_restarts"]
+
+
+class InlineBackend:
+    name = "inline"
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._objects: dict[str, _Entry] = {}
+        self._actors: dict[str, _Actor] = {}
+        self._names: dict[str, str] = {}
+        self._cancelled: set[str] = set()
+        self._pinned: set[str] = set()
+        self._closed = False
+
+    # -- objects ---------------------------------------------------------------------------
+    def _new_entry(self) -> tuple[str, _Entry]:
+        oid = new_id("o")
+        entry = _Entry()
+        with self._lock:
+            self._objects[oid] = entry
+        return oid, entry
+
+    def _store(self, entry: _Entry, value: Any = None, error: BaseException | None = None) -> None:
+        if error is None:
+            try:
+                entry.value = serialization.serialize(value, session_id=None)
+            except Exception as exc:
+                error = TypeError(f"could not serialize the result: {exc}")
+        entry.error = error
+        entry.done.set()
+        for callback in entry.callbacks:
+            callback()
+
+    def _entry(self, ref: ObjectRef) -> _Entry:
+        entry = self._objects.get(ref.id)
+        if entry is None:
+            raise ValueError(f"{ref!r} is unknown to this runtime (was it created before init?)")
+        return entry
+
+    def _value(self, entry: _Entry) -> Any:
+        if entry.error is not None:
+            raise _reraisable(entry.error)
+        assert entry.value is not None
+        return serialization.deserialize(entry.value)
+
+    def put(self, value: Any) -> ObjectRef:
+        oid, entry = self._new_entry()
+        self._store(entry, serialization.deserialize(_serialize_arg(value)))
+        return ObjectRef(oid)
+
+    def get(self, refs: list[ObjectRef], deadline: float | None) -> list[Any]:
+        entries = [self._entry(r) for r in refs]
+        for ref, entry in zip(refs, entries):
+            if entry.error is not None:
+                break
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not entry.done.wait(remaining):
+                raise GetTimeoutError(f"get() timed out waiting for {ref!r}")
+            if entry.error is not None:
+                break
+        return [self._value(e) for e in entries]
+
+    def wait(
+        self, refs: list[ObjectRef], num_returns: int, deadline: float | None
+    ) -> tuple[list[ObjectRef], list[ObjectRef]]:
+        changed = threading.Event()
+        entries = [self._entry(r) for r in refs]
+        for entry in entries:
+            entry.callbacks.append(changed.set)
+        while True:
+            ready = [r for r, e in zip(refs, entries) if e.done.is_set()]
+            if len(ready) >= num_returns:
+                break
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                break
+            changed.wait(remaining)
+            changed.clear()
+        ready = ready[:num_returns]
+        taken = set(ready)
+        return ready, [r for r in refs if r not in taken]
+
+    def future(self, ref: ObjectRef) -> Future:
+        entry = self._entry(ref)
+        fut: Future = Future()
+
+        def complete() -> None:
+            if fut.done():
+                return
+            try:
+                fut.set_result(self._value(entry))
+            except BaseException as exc:
+                fut.set_exception(exc)
+
+        entry.callbacks.append(complete)
+        if entry.done.is_set():
+            complete()
+        return fut
+
+    def release(self, object_id: str) -> None:
+        # The one counted ref of this object is gone; calls that need it hold the entry itself.
+        if object_id not in self._pinned:
+            self._objects.pop(object_id, None)
+
+    def pin(self, object_id: str) -> None:
+        self._pinned.add(object_id)
+
+    # -- tasks -----------------------------------------------------------------------------
+    def _dep_entries(self, deps: list[str]) -> dict[str, _Entry]:
+        with self._lock:
+            missing = [oid for oid in deps if oid not in self._objects]
+            if missing:
+                raise ValueError(f"ObjectRef({missing[0]}) is unknown to this runtime")
+            return {oid: self._objects[oid] for oid in deps}
+
+    def _resolve(self, entries: dict[str, _Entry]) -> dict[str, Any]:
+        values = {}
+        for oid, entry in entries.items():
+            entry.done.wait()
+            values[oid] = self._value(entry)
+        return values
+
+    def submit_task(
+        self, fn: RemoteFunction, args: tuple, kwargs: dict, options: dict[str, Any]
+    ) -> Any:
+        call_args, call_kwargs, dep_ids = execution.encode_args(args, kwargs)
+        deps = self._dep_entries(dep_ids)
+        payload = _serialize_arg((call_args, call_kwargs))
+        num_returns = options["num_returns"]
+        outs = [self._new_entry() for _ in range(num_returns)]
+        name = fn.__qualname__
+
+        def run() -> None:
+            attempts_left = options["max_retries"]
+            while True:
+                if outs and outs[0][0] in self._cancelled:
+                    error: BaseException = TaskCancelledError(f"task {name} was cancelled")
+                    for _, entry in outs:
+                        self._store(entry, error=error)
+                    return
+                try:
+                    a, k = serialization.deserialize(payload)
+                    a, k = execution.decode_args(a, k, self._resolve(deps))
+                    values = execution.split_returns(fn.function(*a, **k), num_returns, name)
+                except BaseException as exc:
+                    if attempts_left != 0 and execution.should_retry_exception(
+                        exc, options["retry_exceptions"]
+                    ):
+                        attempts_left -= 1
+                        continue
+                    error = execution.task_error(name, exc)
+                    for _, entry in outs:
+                        self._store(entry, error=error)
+                    return
+                for (_, entry), value in zip(outs, values):
+                    self._store(entry, value)
+                return
+
+        threading.Thread(target=run, name=f"miniray-task-{name}", daemon=True).start()
+        return returns_of([ObjectRef(oid) for oid, _ in outs], num_returns) if outs else None
+
+    def cancel(self, ref: ObjectRef, force: bool) -> None:
+        self._cancelled.add(ref.id)
+
+    # -- actors ----------------------------------------------------------------------------
+    def create_actor(
+        self, cls: ActorClass, args: tuple, kwargs: dict, options: dict[str, Any]
+    ) -> ActorHandle:
+        name = options["name"]
+        with self._lock:
+            if name is not None and name in self._names:
+                existing = self._actors[self._names[name]]
+                if options["get_if_exists"]:
+                    return ActorHandle(
+                        existing.actor_id, existing.cls.__name__, existing.cls.methods
+                    )
+                raise ActorAlreadyExistsError(f"an actor named {name!r} already exists")
+            actor = _Actor(new_id("a"), cls, options)
+            self._actors[actor.actor_id] = actor
+            if name is not None:
+                self._names[name] = actor.actor_id
+        init_args, init_kwargs, dep_ids = execution.encode_args(args, kwargs)
+        deps = self._dep_entries(dep_ids)
+        payload = _serialize_arg((init_args, init_kwargs))
+        actor.init_payload = (payload, deps)  # type: ignore[attr-defined]
+        if cls.is_async:
+            ready = threading.Event()
+            threading.Thread(
+                target=self._run_loop,
+                args=(actor, ready),
+                name=f"miniray-actor-{cls.__name__}",
+                daemon=True,
+            ).start()
+            ready.wait()
+        elif options["max_concurrency"] > 1:
+            actor.pool = ThreadPoolExecutor(options["max_concurrency"])
+        else:
+            actor.fifo = queue.SimpleQueue()
+            threading.Thread(
+                target=self._run_fifo,
+                args=(actor,),
+                name=f"miniray-actor-{cls.__name__}",
+                daemon=True,
+            ).start()
+        init_ref = self._enqueue(actor, lambda: self._construct(actor), 1)
+        actor.init_ref = init_ref  # type: ignore[attr-defined]
+        return ActorHandle(actor.actor_id, cls.__name__, cls.methods)
+
+    def _construct(self, actor: _Actor) -> None:
+        payload, deps = actor.init_payload  # type: ignore[attr-defined]
+        a, k = serialization.deserialize(payload)
+        a, k = execution.decode_args(a, k, self._resolve(deps))
+        try:
+            actor.instance = actor.cls.cls(*a, **k)
+        except BaseException as exc:
+            err = execution.task_error(f"{actor.cls.__name__}.__init__", exc)
+            actor.dead_reason = f"its __init__ raised:\n{err}"
+            raise
+
+    def _run_loop(self, actor: _Actor, ready: threading.Event) -> None:
+        loop = asyncio.new_event_loop()
+        actor.loop = loop
+        asyncio.set_event_loop(loop)
+
+        async def make_semaphore() -> None:
+            actor.semaphore = asyncio.Semaphore(actor.options["max_concurrency"])
+
+        loop.run_until_complete(make_semaphore())
+        ready.set()
+        loop.run_forever()
+
+    def _run_fifo(self, actor: _Actor) -> None:
+        assert actor.fifo is not None
+        while True:
+            job = actor.fifo.get()
+            if job is None:
+                return
+            job()
+
+    def _enqueue(self, actor: _Actor, call: Callable[[], Any], num_returns: int) -> Any:
+        outs = [self._new_entry() for _ in range(num_returns)]
+
+        def finish(value: Any = None, error: BaseException | None = None) -> None:
+            if error is not None:
+                for _, entry in outs:
+                    self._store(entry, error=error)
+                return
+            try:
+                values = execution.split_returns(value, num_returns, "actor method")
+            except ValueError as exc:
+                return finish(error=execution.task_error("actor method", exc))
+            for (_, entry), v in zip(outs, values):
+                self._store(entry, v)
+
+        def run_sync() -> None:
+            if actor.dead_reason is not None:
+                return finish(error=self._died(actor))
+            try:
+                value = call()
+            except BaseException as exc:
+                if actor.dead_reason is not None and actor.instance is None:
+                    return finish(error=self._died(actor))
+                return finish(error=execution.task_error(getattr(call, "__name__", "call"), exc))
+            finish(value)
+
+        if actor.loop is not None:
+            loop = actor.loop
+
+            async def run_async() -> None:
+                assert actor.semaphore is not None
+                async with actor.semaphore:
+                    if actor.dead_reason is not None:
+                        return finish(error=self._died(actor))
+                    try:
+                        value = call()
+                        if asyncio.iscoroutine(value):
+                            value = await value
+                    except BaseException as exc:
+                        return finish(error=execution.task_error("actor method", exc))
+                    finish(value)
+
+            loop.call_soon_threadsafe(lambda: loop.create_task(run_async()))
+        elif actor.pool is not None:
+            actor.pool.submit(run_sync)
+        else:
+            assert actor.fifo is not None
+            actor.fifo.put(run_sync)
+        refs = [ObjectRef(oid) for oid, _ in outs]
+        return returns_of(refs, num_returns) if refs else None
+
+    def _died(self, actor: _Actor) -> ActorDiedError:
+        return ActorDiedError(
+            f"The actor {actor.cls.__name__} ({actor.actor_id}) is dead: {actor.dead_reason}",
+            actor_id=actor.actor_id,
+        )
+
+    def submit_actor_call(
+        self, handle: ActorHandle, method: str, args: tuple, kwargs: dict, options: dict[str, Any]
+    ) -> Any:
+        actor = self._actors.get(handle.actor_id)
+        if actor is None:
+            raise ValueError(f"{handle!r} is unknown to this runtime")
+        call_args, call_kwargs, dep_ids = execution.encode_args(args, kwargs)
+        deps = self._dep_entries(dep_ids)
+        payload = _serialize_arg((call_args, call_kwargs))
+
+        def call() -> Any:
+            a, k = serialization.deserialize(payload)
+            a, k = execution.decode_args(a, k, self._resolve(deps))
+            return getattr(actor.instance, method)(*a, **k)
+
+        call.__name__ = f"{actor.cls.__name__}.{method}"
+        return self._enqueue(actor, call, options["num_returns"])
+
+    def kill(self, handle: ActorHandle, no_restart: bool) -> None:
+        actor = self._actors.get(handle.actor_id)
+        if actor is None:
+            return
+        if not no_restart and actor.restarts_left != 0:
+            actor.restarts_left -= 1
+            self._enqueue(actor, lambda: self._construct(actor), 1)
+            return
+        actor.dead_reason = "it was killed with miniray.kill()"
+        with self._lock:
+            name = actor.options["name"]
+            if name is not None and self._names.get(name) == actor.actor_id:
+                del self._names[name]
+
+    def get_actor(self, name: str, namespace: str | None) -> ActorHandle:
+        with self._lock:
+            actor_id = self._names.get(name)
+        if actor_id is None:
+            raise ValueError(f"Failed to look up actor with name {name!r}: no such actor")
+        actor = self._actors[actor_id]
+        return ActorHandle(actor_id, actor.cls.__name__, actor.cls.methods)
+
+    def shutdown(self) -> None:
+        self._closed = True
+        for actor in self._actors.values():
+            actor.dead_reason = "the runtime was shut down"
+            if actor.loop is not None:
+                actor.loop.call_soon_threadsafe(actor.loop.stop)
+            if actor.pool is not None:
+                actor.pool.shutdown(wait=False, cancel_futures=True)
+            if actor.fifo is not None:
+                actor.fifo.put(None)
+        self._actors.clear()
+        self._objects.clear()
+
+
+def _serialize_arg(value: Any) -> serialization.Serialized:
+    try:
+        return serialization.serialize(value, session_id=None)
+    except Exception as exc:
+        raise TypeError(
+            f"Could not serialize the argument {value!r} for a remote call: {exc}"
+        ) from exc
+
+
+def _reraisable(error: BaseException) -> BaseException:
+    if isinstance(error, RayTaskError):
+        return error.as_instanceof_cause()
+    return error

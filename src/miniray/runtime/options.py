@@ -1,0 +1,109 @@
+"""The options ``@remote(...)`` and ``.options(...)`` accept, with Ray's defaults.
+
+Unknown options are an error that lists the known ones: a typo such as ``max_restart=3`` would
+otherwise silently give an actor that never restarts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Accepted for compatibility with Ray scripts; scheduling by resources is Ray's job (backend="ray").
+_RESOURCE_OPTIONS = {
+    "num_cpus": None,
+    "num_gpus": None,
+    "resources": None,
+    "memory": None,
+    "accelerator_type": None,
+    "scheduling_strategy": None,
+    "runtime_env": None,
+    "label_selector": None,
+}
+
+TASK_DEFAULTS: dict[str, Any] = {
+    **_RESOURCE_OPTIONS,
+    "num_returns": 1,
+    "max_retries": 3,
+    "retry_exceptions": False,
+    "max_calls": 0,
+    "name": None,
+}
+
+ACTOR_DEFAULTS: dict[str, Any] = {
+    **_RESOURCE_OPTIONS,
+    "max_restarts": 0,
+    "max_task_retries": 0,
+    "max_concurrency": None,  # 1 for sync actors, 1000 for async actors, as in Ray
+    "max_pending_calls": -1,
+    "name": None,
+    "namespace": None,
+    "get_if_exists": False,
+    "lifetime": None,
+    "concurrency_groups": None,
+}
+
+METHOD_DEFAULTS: dict[str, Any] = {
+    "num_returns": 1,
+    "max_task_retries": None,
+    "retry_exceptions": False,
+    "concurrency_group": None,
+}
+
+
+def validate(kind: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Check option names and values for ``kind`` in {'task', 'actor', 'method'}."""
+    defaults = {"task": TASK_DEFAULTS, "actor": ACTOR_DEFAULTS, "method": METHOD_DEFAULTS}[kind]
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise ValueError(
+            f"unknown {kind} option(s) {unknown}; known options are {sorted(defaults)}"
+        )
+    _check_int(options, "num_returns", minimum=0)
+    _check_int(options, "max_retries", minimum=-1)
+    _check_int(options, "max_restarts", minimum=-1)
+    _check_int(options, "max_task_retries", minimum=-1)
+    _check_int(options, "max_calls", minimum=0)
+    concurrency = options.get("max_concurrency")
+    if concurrency is not None:
+        _check_int(options, "max_concurrency", minimum=1)
+    name = options.get("name")
+    if name is not None and (not isinstance(name, str) or not name):
+        raise ValueError(f"option name={name!r} must be a non-empty string")
+    lifetime = options.get("lifetime")
+    if lifetime not in (None, "non_detached"):
+        raise ValueError(
+            f"option lifetime={lifetime!r} is not supported by the embedded backend: its actors "
+            "end with the driver. Use backend='ray' for detached actors."
+        )
+    retry = options.get("retry_exceptions")
+    if retry is not None and not isinstance(retry, bool):
+        if not isinstance(retry, (list, tuple)) or not all(
+            isinstance(c, type) and issubclass(c, BaseException) for c in retry
+        ):
+            raise ValueError(
+                f"option retry_exceptions={retry!r} must be a bool or a list of exception classes"
+            )
+    return options
+
+
+def _check_int(options: dict[str, Any], key: str, *, minimum: int) -> None:
+    if key not in options:
+        return
+    value = options[key]
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"option {key}={value!r} must be an integer >= {minimum}")
+
+
+def merged(kind: str, base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    validate(kind, overrides)
+    out = dict(base)
+    out.update(overrides)
+    return out
+
+
+def resolved(kind: str, given: dict[str, Any]) -> dict[str, Any]:
+    """Given options filled up with the defaults."""
+    defaults = {"task": TASK_DEFAULTS, "actor": ACTOR_DEFAULTS, "method": METHOD_DEFAULTS}[kind]
+    out = dict(defaults)
+    out.update(given)
+    return out

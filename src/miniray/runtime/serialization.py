@@ -1,0 +1,138 @@
+"""Turning values into bytes and back, with large tensor/array buffers out of band.
+
+A value is pickled with protocol 5 (cloudpickle, so lambdas and ``__main__`` classes work).
+Buffers of numpy arrays and torch tensors bigger than ``INLINE_LIMIT`` are not copied into the
+pickle stream: they are written once into one shared-memory segment per value, and the consumer
+maps that segment copy-on-write. Moving 100 MB therefore costs about one memcpy, not a pickle.
+
+Torch tensors do not support pickle's out-of-band buffers themselves, so ``_reduce_tensor``
+presents their bytes as a ``PickleBuffer`` (any dtype, bf16 included, travels as raw bytes).
+
+These bytes only ever travel over socketpairs between a driver and the processes it started;
+network protocols of miniray use msgpack framing instead (see docs/design.md).
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import cloudpickle
+
+from miniray.runtime import shm
+
+INLINE_LIMIT = 256 * 1024
+
+
+@dataclass(frozen=True)
+class Serialized:
+    """A value as it travels: a pickle stream plus where its large buffers live."""
+
+    pickled: bytes
+    segment: str | None = None
+    segment_size: int = 0
+    buffers: tuple[tuple[int, int], ...] = ()  # (offset, size) in the segment, in pickle order
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.pickled) + self.segment_size
+
+
+class _Pickler(cloudpickle.Pickler):
+    def reducer_override(self, obj: Any) -> Any:
+        torch = sys.modules.get("torch")
+        if torch is not None and isinstance(obj, torch.Tensor):
+            reduced = _reduce_tensor(torch, obj)
+            if reduced is not None:
+                return reduced
+        return super().reducer_override(obj)
+
+
+def _reduce_tensor(torch: Any, tensor: Any) -> Any:
+    if tensor.layout != torch.strided or tensor.is_quantized or tensor.is_nested:
+        return None  # torch's own pickling handles the exotic layouts
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    flat = t.contiguous().reshape(-1)
+    raw = flat.view(torch.uint8) if flat.element_size() != 1 else flat
+    if raw.dtype != torch.uint8:
+        raw = raw.view(torch.uint8)
+    buffer = pickle.PickleBuffer(raw.numpy())
+    is_param = isinstance(tensor, torch.nn.Parameter)
+    return (
+        _rebuild_tensor,
+        (buffer, tensor.dtype, tuple(tensor.shape), tensor.requires_grad, is_param),
+    )
+
+
+def _rebuild_tensor(
+    buffer: Any, dtype: Any, shape: tuple[int, ...], requires_grad: bool, is_param: bool
+) -> Any:
+    import torch
+
+    view = memoryview(buffer)
+    if view.nbytes == 0:
+        t = torch.empty(shape, dtype=dtype)
+    else:
+        t = torch.frombuffer(view, dtype=torch.uint8)
+        if dtype != torch.uint8:
+            t = t.view(dtype)
+        t = t.reshape(shape)
+    if is_param:
+        return torch.nn.Parameter(t, requires_grad=requires_grad)
+    if requires_grad:
+        t.requires_grad_(True)
+    return t
+
+
+def serialize(value: Any, *, session_id: str | None) -> Serialized:
+    """Pickle ``value``; with a ``session_id``, large buffers go to a shared-memory segment."""
+    large: list[pickle.PickleBuffer] = []
+
+    def keep_in_band(buf: pickle.PickleBuffer) -> bool:
+        if session_id is None or buf.raw().nbytes < INLINE_LIMIT:
+            return True
+        large.append(buf)
+        return False
+
+    stream = io.BytesIO()
+    _Pickler(stream, protocol=5, buffer_callback=keep_in_band).dump(value)
+    if not large:
+        return Serialized(stream.getvalue())
+    assert session_id is not None
+    layout = []
+    offset = 0
+    for buf in large:
+        size = buf.raw().nbytes
+        layout.append((offset, size))
+        offset = shm.aligned(offset + size)
+    name = shm.new_name(session_id)
+    mapping = shm.create(name, max(offset, 1))
+    try:
+        for buf, (off, size) in zip(large, layout):
+            mapping[off : off + size] = buf.raw()
+    finally:
+        mapping.close()
+    return Serialized(stream.getvalue(), name, max(offset, 1), tuple(layout))
+
+
+def deserialize(ser: Serialized) -> Any:
+    if ser.segment is None:
+        return pickle.loads(ser.pickled)
+    mapping = shm.map_private(ser.segment, ser.segment_size)
+    whole = memoryview(mapping)
+    buffers = [whole[off : off + size] for off, size in ser.buffers]
+    return pickle.loads(ser.pickled, buffers=buffers)
+
+
+def dumps(value: Any) -> bytes:
+    """Plain in-band pickling (functions, classes, control messages)."""
+    return cloudpickle.dumps(value, protocol=5)
+
+
+def loads(data: bytes) -> Any:
+    return pickle.loads(data)
