@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from miniray.errors import RayTaskError
+from miniray.runtime import serialization
 from miniray.runtime.refs import ObjectRef
 
 
@@ -45,10 +46,23 @@ def decode_args(args: tuple, kwargs: dict, values: dict[str, Any]) -> tuple[tupl
 
 
 def task_error(function_name: str, exc: BaseException) -> RayTaskError:
-    """Wrap an exception raised by user code, keeping its traceback as text."""
+    """Wrap an exception raised by user code, keeping its traceback as text.
+
+    Frames of the runtime itself are dropped from the top so the text starts at user code.
+    """
     cause = exc.cause if isinstance(exc, RayTaskError) else exc
-    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None and _is_runtime_frame(tb):
+        tb = tb.tb_next
+    text = "".join(traceback.format_exception(type(exc), exc, tb))
     return RayTaskError(function_name, text, cause, pid=os.getpid())
+
+
+_RUNTIME_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _is_runtime_frame(tb: Any) -> bool:
+    return os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_RUNTIME_DIR)
 
 
 def split_returns(value: Any, num_returns: int, function_name: str) -> list[Any]:
@@ -76,3 +90,34 @@ def should_retry_exception(exc: BaseException, retry_exceptions: Any) -> bool:
         cause = exc.cause if isinstance(exc, RayTaskError) else exc
         return isinstance(cause, tuple(retry_exceptions))
     return False
+
+
+def serialize_args(args: tuple, kwargs: dict, label: str, session_id: str | None) -> Any:
+    """Serialize call arguments; an unpicklable one is a TypeError naming which one."""
+    try:
+        return serialization.serialize((args, kwargs), session_id=session_id)
+    except Exception as exc:
+        culprit = _unpicklable_argument(args, kwargs)
+        raise TypeError(
+            f"Could not serialize {culprit} of {label}.remote(): {type(exc).__name__}: {exc}. "
+            "Arguments must be picklable (cloudpickle); pass state that cannot be pickled "
+            "(locks, sockets, open files) by creating it inside the remote function or actor."
+        ) from exc
+
+
+def _unpicklable_argument(args: tuple, kwargs: dict) -> str:
+    for i, value in enumerate(args):
+        if not _picklable(value):
+            return f"argument {i} ({type(value).__name__})"
+    for key, value in kwargs.items():
+        if not _picklable(value):
+            return f"keyword argument {key!r} ({type(value).__name__})"
+    return "the arguments"
+
+
+def _picklable(value: Any) -> bool:
+    try:
+        serialization.dumps(value)
+    except Exception:
+        return False
+    return True

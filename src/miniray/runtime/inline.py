@@ -109,7 +109,7 @@ class InlineBackend:
 
     def put(self, value: Any) -> ObjectRef:
         oid, entry = self._new_entry()
-        self._store(entry, serialization.deserialize(_serialize_arg(value)))
+        self._store(entry, value)
         return ObjectRef(oid)
 
     def get(self, refs: list[ObjectRef], deadline: float | None) -> list[Any]:
@@ -189,7 +189,7 @@ class InlineBackend:
     ) -> Any:
         call_args, call_kwargs, dep_ids = execution.encode_args(args, kwargs)
         deps = self._dep_entries(dep_ids)
-        payload = _serialize_arg((call_args, call_kwargs))
+        payload = execution.serialize_args(call_args, call_kwargs, fn.__qualname__, None)
         num_returns = options["num_returns"]
         outs = [self._new_entry() for _ in range(num_returns)]
         name = fn.__qualname__
@@ -245,7 +245,7 @@ class InlineBackend:
                 self._names[name] = actor.actor_id
         init_args, init_kwargs, dep_ids = execution.encode_args(args, kwargs)
         deps = self._dep_entries(dep_ids)
-        payload = _serialize_arg((init_args, init_kwargs))
+        payload = execution.serialize_args(init_args, init_kwargs, cls.__name__, None)
         actor.init_payload = (payload, deps)  # type: ignore[attr-defined]
         if cls.is_async:
             ready = threading.Event()
@@ -366,7 +366,8 @@ class InlineBackend:
             raise ValueError(f"{handle!r} is unknown to this runtime")
         call_args, call_kwargs, dep_ids = execution.encode_args(args, kwargs)
         deps = self._dep_entries(dep_ids)
-        payload = _serialize_arg((call_args, call_kwargs))
+        label = f"{actor.cls.__name__}.{method}"
+        payload = execution.serialize_args(call_args, call_kwargs, label, None)
 
         def call() -> Any:
             a, k = serialization.deserialize(payload)
@@ -410,15 +411,6 @@ class InlineBackend:
                 actor.fifo.put(None)
         self._actors.clear()
         self._objects.clear()
-
-
-def _serialize_arg(value: Any) -> serialization.Serialized:
-    try:
-        return serialization.serialize(value, session_id=None)
-    except Exception as exc:
-        raise TypeError(
-            f"Could not serialize the argument {value!r} for a remote call: {exc}"
-        ) from exc
 
 
 def _reraisable(error: BaseException) -> BaseException:

@@ -1,0 +1,256 @@
+"""The backend inside a child process: every runtime call is forwarded to the head.
+
+    user code (any thread) --send--> head            receiver thread <--recv-- head
+          | request(): waits on _Request.event            | reply -> sets that event
+          +-- deadline expires -> cancel_request, GetTimeoutError
+
+Ids for new objects and tasks are made here, so ``.remote()`` needs no round trip. The receiver
+thread never sends and never runs user code, so it always drains the socket: that is what keeps
+head and child from blocking on each other's full buffers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from multiprocessing.connection import Connection
+from typing import Any
+
+from miniray.errors import GetTimeoutError, RaySystemError
+from miniray.runtime import execution, serialization
+from miniray.runtime.execution import serialize_args
+from miniray.runtime.local import protocol
+from miniray.runtime.local.values import raise_if_error, value_of
+from miniray.runtime.refs import (
+    ActorClass,
+    ActorHandle,
+    ObjectRef,
+    RemoteFunction,
+    new_id,
+    returns_of,
+)
+
+
+class _Request:
+    __slots__ = ("callback", "event", "payload")
+
+    def __init__(self, callback: Callable[[Any], None] | None = None):
+        self.event = threading.Event()
+        self.payload: Any = None
+        self.callback = callback
+
+
+class WorkerClient:
+    name = "local"
+
+    def __init__(self, conn: Connection, session_id: str):
+        self._conn = conn
+        self._session_id = session_id
+        self._send_lock = threading.Lock()
+        self._requests: dict[int, _Request] = {}
+        self._request_ids = itertools.count()
+        self._releases: deque[str] = deque()
+        self._pins: deque[str] = deque()
+        self._sent_functions: set[str] = set()
+
+    # -- channel ---------------------------------------------------------------------------
+    def send(self, message: tuple[Any, ...]) -> None:
+        with self._send_lock:
+            # Pins first: a ref inside `message` must be pinned before the head could free it.
+            if self._pins:
+                pins = [self._pins.popleft() for _ in range(len(self._pins))]
+                protocol.send(self._conn, ("pin", pins))
+            protocol.send(self._conn, message)
+            if self._releases:
+                releases = [self._releases.popleft() for _ in range(len(self._releases))]
+                protocol.send(self._conn, ("release", releases))
+
+    def on_reply(self, request_id: int, payload: Any) -> None:
+        """Called by the receiver thread."""
+        request = self._requests.pop(request_id, None)
+        if request is None:
+            return  # the caller gave up (timeout) before the answer came
+        request.payload = payload
+        request.event.set()
+        if request.callback is not None:
+            request.callback(payload)
+
+    def _request(self, make: Callable[[int], tuple], deadline: float | None, what: str) -> Any:
+        request_id = next(self._request_ids)
+        request = _Request()
+        self._requests[request_id] = request
+        self.send(make(request_id))
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if not request.event.wait(remaining):
+            self._requests.pop(request_id, None)
+            self.send(("cancel_request", request_id))
+            raise GetTimeoutError(f"{what} timed out")
+        return request.payload
+
+    # -- objects ---------------------------------------------------------------------------
+    def get(self, refs: list[ObjectRef], deadline: float | None) -> list[Any]:
+        ids = [r.id for r in refs]
+        stored = self._request(
+            lambda rid: ("get", rid, ids),
+            deadline,
+            f"get() waiting for {len(ids)} object(s) starting with {refs[0]!r}",
+        )
+        for item in stored:
+            raise_if_error(item)
+        return [value_of(item) for item in stored]
+
+    def wait(
+        self, refs: list[ObjectRef], num_returns: int, deadline: float | None
+    ) -> tuple[list[ObjectRef], list[ObjectRef]]:
+        ids = [r.id for r in refs]
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        ready_ids = set(
+            self._request(lambda rid: ("wait", rid, ids, num_returns, timeout), None, "wait()")
+        )
+        ready = [r for r in refs if r.id in ready_ids][:num_returns]
+        taken = {r.id for r in ready}
+        return ready, [r for r in refs if r.id not in taken]
+
+    def put(self, value: Any) -> ObjectRef:
+        oid = new_id("o")
+        ser = serialization.serialize(value, session_id=self._session_id)
+        self.send(("put", oid, ser))
+        return ObjectRef(oid)
+
+    def future(self, ref: ObjectRef) -> Future:
+        fut: Future = Future()
+
+        def complete(stored: list) -> None:
+            try:
+                raise_if_error(stored[0])
+                fut.set_result(value_of(stored[0]))
+            except BaseException as exc:
+                fut.set_exception(exc)
+
+        request_id = next(self._request_ids)
+        self._requests[request_id] = _Request(complete)
+        self.send(("get", request_id, [ref.id]))
+        return fut
+
+    def release(self, object_id: str) -> None:
+        self._releases.append(object_id)
+
+    def pin(self, object_id: str) -> None:
+        self._pins.append(object_id)
+
+    def flush(self) -> None:
+        if self._releases or self._pins:
+            self.send(("release", []))
+
+    # -- tasks and actors --------------------------------------------------------------------
+    def submit_task(
+        self, fn: RemoteFunction, args: tuple, kwargs: dict, options: dict[str, Any]
+    ) -> Any:
+        call_args, call_kwargs, deps = execution.encode_args(args, kwargs)
+        payload = serialize_args(call_args, call_kwargs, fn.__qualname__, self._session_id)
+        fn_bytes = None
+        if fn.function_id not in self._sent_functions:
+            fn_bytes = serialization.dumps(fn.function)
+            self._sent_functions.add(fn.function_id)
+        task_id = new_id("t")
+        return_ids = [new_id("o") for _ in range(options["num_returns"])]
+        self.send(
+            (
+                "submit",
+                task_id,
+                fn.function_id,
+                fn_bytes,
+                fn.__qualname__,
+                payload,
+                deps,
+                return_ids,
+                _task_options(options),
+            )
+        )
+        refs = [ObjectRef(oid) for oid in return_ids]
+        return returns_of(refs, options["num_returns"]) if refs else None
+
+    def submit_actor_call(
+        self, handle: ActorHandle, method: str, args: tuple, kwargs: dict, options: dict[str, Any]
+    ) -> Any:
+        call_args, call_kwargs, deps = execution.encode_args(args, kwargs)
+        label = f"{handle.class_name}.{method}"
+        payload = serialize_args(call_args, call_kwargs, label, self._session_id)
+        return_ids = [new_id("o") for _ in range(options["num_returns"])]
+        self.send(
+            (
+                "submit_call",
+                handle.actor_id,
+                new_id("m"),
+                method,
+                payload,
+                deps,
+                return_ids,
+                _call_options(options),
+            )
+        )
+        refs = [ObjectRef(oid) for oid in return_ids]
+        return returns_of(refs, options["num_returns"]) if refs else None
+
+    def create_actor(
+        self, cls: ActorClass, args: tuple, kwargs: dict, options: dict[str, Any]
+    ) -> ActorHandle:
+        init_args, init_kwargs, deps = execution.encode_args(args, kwargs)
+        payload = serialize_args(init_args, init_kwargs, cls.__name__, self._session_id)
+        class_bytes = serialization.dumps(cls.cls)
+        answer = self._request(
+            lambda rid: (
+                "create_actor",
+                rid,
+                cls.__name__,
+                cls.methods,
+                class_bytes,
+                payload,
+                deps,
+                options,
+            ),
+            None,
+            "create_actor",
+        )
+        return _handle_or_raise(answer)
+
+    def kill(self, handle: ActorHandle, no_restart: bool) -> None:
+        self._request(lambda rid: ("kill", rid, handle.actor_id, no_restart), None, "kill()")
+
+    def get_actor(self, name: str, namespace: str | None) -> ActorHandle:
+        answer = self._request(lambda rid: ("get_actor", rid, name), None, "get_actor()")
+        return _handle_or_raise(answer)
+
+    def cancel(self, ref: ObjectRef, force: bool) -> None:
+        self.send(("cancel", ref.id, force))
+
+    def shutdown(self) -> None:
+        raise RaySystemError("shutdown() can only be called by the driver, not inside a worker")
+
+
+def _task_options(options: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "num_returns": options["num_returns"],
+        "max_retries": options["max_retries"],
+        "retry_exceptions": options["retry_exceptions"],
+    }
+
+
+def _call_options(options: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "num_returns": options["num_returns"],
+        "max_task_retries": options.get("max_task_retries"),
+        "retry_exceptions": options.get("retry_exceptions", False),
+    }
+
+
+def _handle_or_raise(answer: tuple) -> ActorHandle:
+    kind, value = answer
+    if kind == "error":
+        raise value
+    actor_id, class_name, methods = value
+    return ActorHandle(actor_id, class_name, methods)

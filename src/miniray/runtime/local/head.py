@@ -1,0 +1,1095 @@
+"""The local backend's head, living in the driver: objects, scheduling, processes.
+
+    driver threads --(lock)--> head tables --send--> child processes (workers, actors)
+          ^                        ^                        |
+          | Condition.notify_all   | router thread: recv <--+  results, nested calls, EOF
+          +------------------------+
+
+One lock guards every table. Driver threads submit and send while holding it; the router thread
+receives from all children, updates the tables and wakes waiters. Children always drain their
+socket on a dedicated receiver thread, so a send under the lock cannot block forever.
+
+Lifetimes: an object is freed (its shared-memory segment unlinked) when no ObjectRef counts it,
+no pending call needs it, and it was never pickled into another value (then it is pinned until
+shutdown). A child whose socket reaches EOF is dead: its running task is retried or fails with
+``WorkerCrashedError``; an actor restarts (``max_restarts``) or fails its calls with
+``ActorDiedError``. ``shutdown`` kills every child and sweeps the session's segments.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from multiprocessing.connection import Connection
+from multiprocessing.connection import wait as wait_connections
+from typing import Any
+
+from miniray.errors import (
+    ActorAlreadyExistsError,
+    ActorDiedError,
+    ActorUnavailableError,
+    GetTimeoutError,
+    ObjectLostError,
+    RaySystemError,
+    TaskCancelledError,
+    WorkerCrashedError,
+)
+from miniray.runtime import execution, serialization, shm
+from miniray.runtime.execution import serialize_args
+from miniray.runtime.local import protocol
+from miniray.runtime.local.protocol import Stored
+from miniray.runtime.local.values import raise_if_error, stored_error, value_of
+from miniray.runtime.local.worker import ENV_SESSION, ENV_SYS_PATH
+from miniray.runtime.refs import (
+    ActorClass,
+    ActorHandle,
+    ObjectRef,
+    RemoteFunction,
+    new_id,
+    returns_of,
+)
+
+START_TIMEOUT_S = 60.0
+EXIT_GRACE_S = 1.0
+# Extra task workers may be started while others block in get(); this caps them.
+MAX_EXTRA_WORKERS = 32
+
+
+class _Object:
+    __slots__ = ("holders", "local_refs", "pinned", "producer", "stored", "uses", "watchers")
+
+    def __init__(self, producer: str, local_refs: int = 0):
+        self.stored: Stored | None = None
+        self.producer = producer
+        self.local_refs = local_refs
+        self.holders: dict[int, int] = {}  # child key -> refs held there
+        self.pinned = False
+        self.uses = 0  # pending calls that take it as an argument
+        self.watchers: list[Callable[[], None]] = []
+
+
+class _Child:
+    """One child process and its channel."""
+
+    def __init__(self, key: int, kind: str, popen: subprocess.Popen, conn: Connection):
+        self.key = key
+        self.kind = kind  # "worker" or "actor"
+        self.popen = popen
+        self.conn = conn
+        self.ready = False
+        self.dead = False
+        self.task: _Task | None = None  # running task (workers)
+        self.actor: _Actor | None = None
+        self.blocked = 0  # requests it waits on (a blocked worker frees its slot)
+        self.known_functions: set[str] = set()
+        self.extra = False
+
+
+class _Task:
+    def __init__(self, task_id, fn_id, name, payload, deps, return_ids, options, owner):
+        self.task_id: str = task_id
+        self.fn_id: str = fn_id
+        self.name: str = name
+        self.payload: serialization.Serialized = payload
+        self.deps: list[str] = deps
+        self.return_ids: list[str] = return_ids
+        self.options: dict[str, Any] = options
+        self.retries_left: int = options["max_retries"]
+        self.missing = 0
+        self.owner = owner
+        self.cancelled = False
+        self.done = False
+
+
+class _Call:
+    def __init__(self, call_id, method, payload, deps, return_ids, options):
+        self.call_id: str = call_id
+        self.method: str = method
+        self.payload: serialization.Serialized = payload
+        self.deps: list[str] = deps
+        self.return_ids: list[str] = return_ids
+        self.options: dict[str, Any] = options
+        retries = options.get("max_task_retries")
+        self.retries_left: int = 0 if retries is None else retries
+
+
+class _Actor:
+    def __init__(self, actor_id, class_name, methods, class_bytes, payload, deps, options):
+        self.actor_id: str = actor_id
+        self.class_name: str = class_name
+        self.methods: dict = methods
+        self.class_bytes: bytes = class_bytes
+        self.payload: serialization.Serialized = payload
+        self.deps: list[str] = deps
+        self.options: dict[str, Any] = options
+        self.restarts_left: int = options["max_restarts"]
+        self.state = "starting"  # starting -> alive -> (restarting -> alive)* -> dead
+        self.child: _Child | None = None
+        self.pending: deque[_Call] = deque()
+        self.inflight: dict[str, _Call] = {}
+        self.death_reason = ""
+
+    def handle(self) -> ActorHandle:
+        return ActorHandle(self.actor_id, self.class_name, self.methods)
+
+
+class _WorkerRequest:
+    """A get or wait from a child, answered when its objects are ready (or time is up)."""
+
+    def __init__(self, child, request_id, kind, ids, num_returns=0, deadline=None):
+        self.child: _Child = child
+        self.request_id: int = request_id
+        self.kind: str = kind
+        self.ids: list[str] = ids
+        self.num_returns: int = num_returns
+        self.deadline: float | None = deadline
+
+
+class LocalBackend:
+    name = "local"
+
+    def __init__(self, num_workers: int, start_timeout_s: float = START_TIMEOUT_S):
+        self.session_id = f"{os.getpid():x}{os.urandom(3).hex()}"
+        self.num_workers = num_workers
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+        self._objects: dict[str, _Object] = {}
+        self._tasks: dict[str, _Task] = {}
+        self._waiting_tasks: dict[str, list[_Task]] = {}  # object id -> tasks waiting on it
+        self._ready_tasks: deque[_Task] = deque()
+        self._children: dict[int, _Child] = {}
+        self._idle: list[_Child] = []
+        self._actors: dict[str, _Actor] = {}
+        self._call_owner: dict[str, _Actor] = {}
+        self._names: dict[str, str] = {}
+        self._functions: dict[str, bytes] = {}
+        self._requests: dict[tuple[int, int], _WorkerRequest] = {}
+        self._releases: deque[str] = deque()
+        self._watched: set[str] = set()
+        self._keys = itertools.count(1)
+        self._closing = False
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._router = threading.Thread(
+            target=self._route_forever, name="miniray-router", daemon=True
+        )
+        self._router.start()
+        with self._lock:
+            for _ in range(num_workers):
+                self._spawn("worker")
+        self._await_workers(start_timeout_s)
+
+    # ======================================================================= processes
+    def _spawn(self, kind: str) -> _Child:
+        parent_sock, child_sock = socket.socketpair()
+        env = dict(os.environ)
+        env[ENV_SESSION] = self.session_id
+        env[ENV_SYS_PATH] = json.dumps(sys.path)
+        env["PYTHONUNBUFFERED"] = "1"
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "miniray.runtime.local.worker", str(child_sock.fileno())],
+            pass_fds=[child_sock.fileno()],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # Ctrl-C reaches the driver only; it shuts us down
+        )
+        child_sock.close()
+        conn = Connection(parent_sock.detach())
+        child = _Child(next(self._keys), kind, popen, conn)
+        self._children[child.key] = child
+        self._wake()
+        return child
+
+    def _await_workers(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while True:
+                workers = [c for c in self._children.values() if c.kind == "worker"]
+                if all(c.ready for c in workers):
+                    return
+                dead = [c for c in workers if c.dead]
+                remaining = deadline - time.monotonic()
+                if dead or remaining <= 0:
+                    self._closing = True
+                    break
+                self._cond.wait(remaining)
+        self.shutdown()
+        raise RaySystemError(
+            f"miniray.init(): worker processes did not start within {timeout_s:.0f}s "
+            f"(python: {sys.executable}); see their stderr above"
+        )
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+
+    def _send(self, child: _Child, message: tuple) -> bool:
+        """Send under the lock; a dead child is handled by the router (EOF)."""
+        try:
+            protocol.send(child.conn, message)
+            return True
+        except (OSError, ValueError):
+            return False
+
+    # ======================================================================= router
+    def _route_forever(self) -> None:
+        while True:
+            with self._lock:
+                if self._closing:
+                    return
+                conns = {c.conn: c for c in self._children.values() if not c.dead}
+                timeout = self._next_deadline_in()
+            try:
+                ready = wait_connections([*conns, self._wake_r], timeout)
+            except OSError:
+                ready = []
+            with self._cond:
+                if self._closing:
+                    return
+                for conn in ready:
+                    if conn is self._wake_r:
+                        try:
+                            while self._wake_r.recv(4096):
+                                pass
+                        except (BlockingIOError, OSError):
+                            pass
+                        continue
+                    child = conns[conn]
+                    self._drain_child(child)
+                self._drain_releases()
+                self._expire_requests()
+                callbacks = self._take_callbacks()
+                self._cond.notify_all()
+            for callback in callbacks:
+                callback()
+
+    def _drain_child(self, child: _Child) -> None:
+        conn = child.conn
+        while True:
+            try:
+                if not conn.poll():
+                    return
+                message = protocol.recv(conn)
+            except (EOFError, OSError):
+                self._on_child_died(child)
+                return
+            try:
+                self._handle(child, message)
+            except Exception as exc:  # a bug here must not kill the router silently
+                print(f"miniray: internal error handling {message[0]!r}: {exc!r}", file=sys.stderr)
+                raise
+
+    def _handle(self, child: _Child, message: tuple) -> None:
+        kind = message[0]
+        if kind == "result":
+            self._on_result(child, message[1], message[2])
+        elif kind == "ready":
+            self._on_ready(child)
+        elif kind == "created":
+            self._on_created(child, message[1], message[2])
+        elif kind == "submit":
+            _, task_id, fn_id, fn_bytes, name, payload, deps, return_ids, options = message
+            if fn_bytes is not None:
+                self._functions[fn_id] = fn_bytes
+            self._submit_task(
+                _Task(task_id, fn_id, name, payload, deps, return_ids, options, child.key)
+            )
+        elif kind == "submit_call":
+            _, actor_id, call_id, method, payload, deps, return_ids, options = message
+            call = _Call(call_id, method, payload, deps, return_ids, options)
+            self._submit_call(actor_id, call, owner=child.key)
+        elif kind == "put":
+            _, oid, ser = message
+            entry = _Object("put()")
+            entry.holders[child.key] = 1
+            self._objects[oid] = entry
+            self._store(oid, (False, ser))
+        elif kind in ("get", "wait"):
+            request = self._make_request(child, message)
+            if not self._try_answer(request):
+                self._requests[(child.key, request.request_id)] = request
+                child.blocked += 1
+                self._dispatch()
+        elif kind == "cancel_request":
+            request = self._requests.pop((child.key, message[1]), None)
+            if request is not None:
+                child.blocked -= 1
+        elif kind == "release":
+            for oid in message[1]:
+                entry = self._objects.get(oid)
+                if entry is not None and child.key in entry.holders:
+                    entry.holders[child.key] -= 1
+                    if entry.holders[child.key] <= 0:
+                        del entry.holders[child.key]
+                    self._maybe_free(oid, entry)
+        elif kind == "pin":
+            for oid in message[1]:
+                entry = self._objects.get(oid)
+                if entry is not None:
+                    entry.pinned = True
+        elif kind == "create_actor":
+            _, rid, class_name, methods, class_bytes, payload, deps, options = message
+            try:
+                handle = self._create_actor(
+                    class_name, methods, class_bytes, payload, deps, options
+                )
+                answer: tuple = ("ok", (handle.actor_id, handle.class_name, handle._methods))
+            except Exception as exc:
+                answer = ("error", exc)
+            self._send(child, ("reply", rid, answer))
+        elif kind == "kill":
+            _, rid, actor_id, no_restart = message
+            self._kill(actor_id, no_restart)
+            self._send(child, ("reply", rid, None))
+        elif kind == "get_actor":
+            _, rid, name = message
+            try:
+                answer = ("ok", self._lookup_actor(name))
+            except ValueError as exc:
+                answer = ("error", exc)
+            self._send(child, ("reply", rid, answer))
+        elif kind == "cancel":
+            self._cancel(message[1], message[2])
+        else:
+            raise RaySystemError(f"unknown message kind {kind!r} from pid {child.popen.pid}")
+
+    # ======================================================================= objects
+    def _new_object(self, oid: str, producer: str, *, owner: int | None) -> _Object:
+        entry = _Object(producer, local_refs=1 if owner is None else 0)
+        if owner is not None:
+            entry.holders[owner] = 1
+        self._objects[oid] = entry
+        return entry
+
+    def _store(self, oid: str, stored: Stored) -> None:
+        entry = self._objects.get(oid)
+        if entry is None:  # nobody wants it any more
+            _unlink_stored(stored)
+            return
+        entry.stored = stored
+        for task in self._waiting_tasks.pop(oid, ()):
+            self._dep_ready(task, oid, stored)
+        for actor in list(self._actors.values()):
+            if actor.state in ("starting", "restarting") and oid in actor.deps:
+                self._send_create(actor)
+            elif actor.pending and oid in actor.pending[0].deps:
+                self._pump(actor)
+        self._maybe_free(oid, entry)
+
+    def _maybe_free(self, oid: str, entry: _Object) -> None:
+        if (
+            entry.stored is None
+            or entry.local_refs > 0
+            or entry.holders
+            or entry.pinned
+            or entry.uses > 0
+            or entry.watchers
+        ):
+            return
+        del self._objects[oid]
+        _unlink_stored(entry.stored)
+
+    def _drain_releases(self) -> None:
+        while self._releases:
+            oid = self._releases.popleft()
+            entry = self._objects.get(oid)
+            if entry is not None:
+                entry.local_refs -= 1
+                self._maybe_free(oid, entry)
+
+    def _take_callbacks(self) -> list[Callable[[], None]]:
+        callbacks: list[Callable[[], None]] = []
+        for oid in list(self._watched):
+            entry = self._objects.get(oid)
+            if entry is None or entry.stored is not None:
+                self._watched.discard(oid)
+            if entry is not None and entry.stored is not None:
+                callbacks.extend(entry.watchers)
+                entry.watchers = []
+                self._maybe_free(oid, entry)
+        return callbacks
+
+    def release(self, object_id: str) -> None:
+        # Called from ObjectRef.__del__, possibly inside the garbage collector while this very
+        # thread holds the lock: only queue it.
+        self._releases.append(object_id)
+
+    def pin(self, object_id: str) -> None:
+        entry = self._objects.get(object_id)
+        if entry is not None:
+            entry.pinned = True
+
+    def put(self, value: Any) -> ObjectRef:
+        ser = serialization.serialize(value, session_id=self.session_id)
+        oid = new_id("o")
+        with self._cond:
+            self._check_open()
+            self._new_object(oid, "put()", owner=None)
+            self._store(oid, (False, ser))
+        return ObjectRef(oid)
+
+    def _entries(self, refs: list[ObjectRef]) -> list[_Object]:
+        entries = []
+        for ref in refs:
+            entry = self._objects.get(ref.id)
+            if entry is None:
+                raise ObjectLostError(
+                    f"{ref!r} is not known to this runtime: it was freed, or it comes from an "
+                    "earlier miniray.init() session"
+                )
+            entries.append(entry)
+        return entries
+
+    def get(self, refs: list[ObjectRef], deadline: float | None) -> list[Any]:
+        with self._cond:
+            while True:
+                self._check_open()
+                self._drain_releases()
+                entries = self._entries(refs)
+                failed = next((e for e in entries if e.stored is not None and e.stored[0]), None)
+                if failed is not None or all(e.stored is not None for e in entries):
+                    break
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    waiting = [(r, e) for r, e in zip(refs, entries) if e.stored is None]
+                    ref, entry = waiting[0]
+                    raise GetTimeoutError(
+                        f"get() timed out: {len(waiting)} of {len(refs)} object(s) not ready, "
+                        f"e.g. {ref!r} from {entry.producer}"
+                    )
+                self._cond.wait(remaining)
+            stored = [e.stored for e in entries]
+        if failed is not None:
+            assert failed.stored is not None
+            raise_if_error(failed.stored)
+        return [value_of(s) for s in stored]  # type: ignore[arg-type]
+
+    def wait(
+        self, refs: list[ObjectRef], num_returns: int, deadline: float | None
+    ) -> tuple[list[ObjectRef], list[ObjectRef]]:
+        with self._cond:
+            while True:
+                self._check_open()
+                entries = self._entries(refs)
+                ready = [r for r, e in zip(refs, entries) if e.stored is not None]
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if len(ready) >= num_returns or (remaining is not None and remaining <= 0):
+                    break
+                self._cond.wait(remaining)
+        ready = ready[:num_returns]
+        taken = set(ready)
+        return ready, [r for r in refs if r not in taken]
+
+    def future(self, ref: ObjectRef) -> Future:
+        fut: Future = Future()
+
+        def complete() -> None:
+            try:
+                assert entry.stored is not None
+                raise_if_error(entry.stored)
+                fut.set_result(value_of(entry.stored))
+            except BaseException as exc:
+                fut.set_exception(exc)
+
+        with self._lock:
+            self._check_open()
+            entry = self._entries([ref])[0]
+            if entry.stored is None:
+                entry.watchers.append(complete)
+                self._watched.add(ref.id)
+                return fut
+        complete()
+        return fut
+
+    # ======================================================================= child requests
+    def _make_request(self, child: _Child, message: tuple) -> _WorkerRequest:
+        if message[0] == "get":
+            return _WorkerRequest(child, message[1], "get", message[2])
+        _, rid, ids, num_returns, timeout = message
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return _WorkerRequest(child, rid, "wait", ids, num_returns, deadline)
+
+    def _try_answer(self, request: _WorkerRequest, *, expired: bool = False) -> bool:
+        entries = [self._objects.get(oid) for oid in request.ids]
+        if request.kind == "get":
+            missing = [oid for oid, e in zip(request.ids, entries) if e is None]
+            if missing:
+                lost = ObjectLostError(f"ObjectRef({missing[0]}) is not known to this runtime")
+                error = stored_error(lost, self.session_id)
+                self._send(request.child, ("reply", request.request_id, [error] * len(entries)))
+                return True
+            failed = [e for e in entries if e.stored is not None and e.stored[0]]  # type: ignore[union-attr]
+            if not failed and any(e.stored is None for e in entries):  # type: ignore[union-attr]
+                return False
+            payload = [failed[0].stored] * len(entries) if failed else [e.stored for e in entries]  # type: ignore[union-attr]
+            self._send(request.child, ("reply", request.request_id, payload))
+            return True
+        ready = [
+            oid for oid, e in zip(request.ids, entries) if e is not None and e.stored is not None
+        ]
+        if len(ready) < request.num_returns and not expired:
+            return False
+        self._send(request.child, ("reply", request.request_id, ready))
+        return True
+
+    def _answer_requests(self) -> None:
+        for key, request in list(self._requests.items()):
+            if self._try_answer(request):
+                del self._requests[key]
+                request.child.blocked -= 1
+
+    def _expire_requests(self) -> None:
+        self._answer_requests()
+        now = time.monotonic()
+        for key, request in list(self._requests.items()):
+            if request.deadline is not None and request.deadline <= now:
+                self._try_answer(request, expired=True)
+                del self._requests[key]
+                request.child.blocked -= 1
+
+    def _next_deadline_in(self) -> float | None:
+        deadlines = [r.deadline for r in self._requests.values() if r.deadline is not None]
+        if not deadlines:
+            return None
+        return max(0.0, min(deadlines) - time.monotonic())
+
+    # ======================================================================= tasks
+    def submit_task(
+        self, fn: RemoteFunction, args: tuple, kwargs: dict, options: dict[str, Any]
+    ) -> Any:
+        call_args, call_kwargs, deps = execution.encode_args(args, kwargs)
+        payload = serialize_args(call_args, call_kwargs, fn.__qualname__, self.session_id)
+        num_returns = options["num_returns"]
+        return_ids = [new_id("o") for _ in range(num_returns)]
+        task = _Task(
+            new_id("t"),
+            fn.function_id,
+            fn.__qualname__,
+            payload,
+            deps,
+            return_ids,
+            {k: options[k] for k in ("num_returns", "max_retries", "retry_exceptions")},
+            None,
+        )
+        with self._cond:
+            self._check_open()
+            if fn.function_id not in self._functions:
+                self._functions[fn.function_id] = serialization.dumps(fn.function)
+            self._submit_task(task)
+            self._cond.notify_all()
+        refs = [ObjectRef(oid) for oid in return_ids]
+        return returns_of(refs, num_returns) if refs else None
+
+    def _submit_task(self, task: _Task) -> None:
+        producer = f"task {task.name}()"
+        for oid in task.return_ids:
+            self._new_object(oid, producer, owner=task.owner)
+        self._tasks[task.task_id] = task
+        if self._take_deps(task.deps, task, self._waiting_tasks):
+            self._ready_tasks.append(task)
+            self._dispatch()
+
+    def _take_deps(self, deps: list[str], waiter: Any, index: dict[str, list]) -> bool:
+        """Count uses of the dependencies; True when all are ready already."""
+        ready = True
+        for oid in deps:
+            entry = self._objects.get(oid)
+            if entry is None:
+                raise ObjectLostError(f"argument ObjectRef({oid}) is not known to this runtime")
+            entry.uses += 1
+            if entry.stored is None:
+                ready = False
+                if isinstance(waiter, _Task):
+                    waiter.missing += 1
+                    index.setdefault(oid, []).append(waiter)
+        return ready
+
+    def _dep_ready(self, task: _Task, oid: str, stored: Stored) -> None:
+        if task.done:
+            return
+        if stored[0]:  # a failed argument fails the task with the same error
+            self._finish_task(task, [stored] * max(1, len(task.return_ids)))
+            return
+        task.missing -= 1
+        if task.missing == 0:
+            self._ready_tasks.append(task)
+            self._dispatch()
+
+    def _dep_values(self, deps: list[str]) -> dict[str, Stored]:
+        return {oid: self._objects[oid].stored for oid in deps}  # type: ignore[misc]
+
+    def _dispatch(self) -> None:
+        while self._ready_tasks and self._idle:
+            task = self._ready_tasks.popleft()
+            if task.done:
+                continue
+            child = self._idle.pop()
+            fn_bytes = None
+            if task.fn_id not in child.known_functions:
+                fn_bytes = self._functions[task.fn_id]
+                child.known_functions.add(task.fn_id)
+            child.task = task
+            self._send(
+                child,
+                (
+                    "task",
+                    task.task_id,
+                    task.fn_id,
+                    fn_bytes,
+                    task.name,
+                    task.payload,
+                    self._dep_values(task.deps),
+                    task.return_ids,
+                    task.options,
+                ),
+            )
+        if self._ready_tasks and not self._idle:
+            workers = [c for c in self._children.values() if c.kind == "worker" and not c.dead]
+            blocked = sum(1 for c in workers if c.blocked > 0 and c.task is not None)
+            starting = sum(1 for c in workers if not c.ready)
+            extra = len(workers) - self.num_workers
+            # Tasks blocked in get() hold their worker; without more workers a tree of nested
+            # tasks could wait on each other forever.
+            if blocked > starting and extra < MAX_EXTRA_WORKERS:
+                self._spawn("worker").extra = True
+
+    def _finish_task(self, task: _Task, stored: list[Stored]) -> None:
+        task.done = True
+        self._tasks.pop(task.task_id, None)
+        for oid in task.deps:
+            entry = self._objects.get(oid)
+            if entry is not None:
+                entry.uses -= 1
+                self._maybe_free(oid, entry)
+        _unlink_stored((False, task.payload))
+        for oid, item in zip(task.return_ids, stored):
+            self._store(oid, item)
+
+    def _on_result(self, child: _Child, call_id: str, stored: list[Stored]) -> None:
+        if child.kind == "worker":
+            task = child.task
+            child.task = None
+            if task is not None and task.task_id == call_id:
+                self._finish_task(task, stored)
+            self._worker_idle(child)
+            return
+        actor = child.actor
+        if actor is None:
+            return
+        call = actor.inflight.pop(call_id, None)
+        if call is not None:
+            self._finish_call(call, stored)
+
+    def _worker_idle(self, child: _Child) -> None:
+        workers = [c for c in self._children.values() if c.kind == "worker" and not c.dead]
+        if child.extra and len(workers) > self.num_workers and not self._ready_tasks:
+            child.dead = True
+            self._send(child, ("exit",))
+            self._retire(child)
+            return
+        self._idle.append(child)
+        self._dispatch()
+
+    def _on_ready(self, child: _Child) -> None:
+        child.ready = True
+        if child.kind == "worker":
+            self._worker_idle(child)
+        elif child.actor is not None:
+            self._send_create(child.actor)
+
+    def cancel(self, ref: ObjectRef, force: bool) -> None:
+        with self._cond:
+            self._cancel(ref.id, force)
+            self._cond.notify_all()
+
+    def _cancel(self, oid: str, force: bool) -> None:
+        task = next((t for t in self._tasks.values() if oid in t.return_ids), None)
+        if task is None or task.done:
+            return
+        running = next((c for c in self._children.values() if c.task is task), None)
+        error = stored_error(
+            TaskCancelledError(f"task {task.name}() was cancelled"), self.session_id
+        )
+        if running is None:
+            self._finish_task(task, [error] * max(1, len(task.return_ids)))
+        elif force:
+            task.cancelled = True
+            running.popen.kill()
+
+    # ======================================================================= actors
+    def create_actor(
+        self, cls: ActorClass, args: tuple, kwargs: dict, options: dict[str, Any]
+    ) -> ActorHandle:
+        init_args, init_kwargs, deps = execution.encode_args(args, kwargs)
+        payload = serialize_args(init_args, init_kwargs, cls.__name__, self.session_id)
+        class_bytes = serialization.dumps(cls.cls)
+        with self._cond:
+            self._check_open()
+            return self._create_actor(
+                cls.__name__, cls.methods, class_bytes, payload, deps, options
+            )
+
+    def _create_actor(
+        self, class_name, methods, class_bytes, payload, deps, options
+    ) -> ActorHandle:
+        name = options.get("name")
+        if name is not None and name in self._names:
+            if options.get("get_if_exists"):
+                return self._actors[self._names[name]].handle()
+            raise ActorAlreadyExistsError(
+                f"an actor named {name!r} already exists; pass get_if_exists=True to reuse it"
+            )
+        actor = _Actor(new_id("a"), class_name, methods, class_bytes, payload, deps, options)
+        self._take_deps(deps, actor, {})
+        self._actors[actor.actor_id] = actor
+        if name is not None:
+            self._names[name] = actor.actor_id
+        self._start_actor(actor)
+        return actor.handle()
+
+    def _start_actor(self, actor: _Actor) -> None:
+        child = self._spawn("actor")
+        child.actor = actor
+        actor.child = child
+
+    def _send_create(self, actor: _Actor) -> None:
+        """Ask a started actor process to run ``__init__`` once its arguments exist."""
+        child = actor.child
+        if child is None or not child.ready or actor.state not in ("starting", "restarting"):
+            return
+        deps = [self._objects[oid].stored for oid in actor.deps]
+        failed = next((s for s in deps if s is not None and s[0]), None)
+        if failed is not None:
+            error = serialization.deserialize(failed[1])
+            self._actor_dead(actor, f"an argument of its __init__ failed:\n{error}")
+            self._send(child, ("exit",))
+            return
+        if any(s is None for s in deps):
+            return  # _store() calls us again when the next argument arrives
+        self._send(
+            child,
+            (
+                "create",
+                actor.actor_id,
+                actor.class_name,
+                actor.class_bytes,
+                actor.payload,
+                self._dep_values(actor.deps),
+                {"max_concurrency": actor.options["max_concurrency"]},
+            ),
+        )
+        actor.state = "creating"
+
+    def _on_created(self, child: _Child, actor_id: str, error: Stored | None) -> None:
+        actor = self._actors.get(actor_id)
+        if actor is None or actor.child is not child:
+            return
+        if error is not None:
+            reason = f"its __init__ raised:\n{serialization.deserialize(error[1])}"
+            self._actor_dead(actor, reason)
+            self._send(child, ("exit",))
+            return
+        actor.state = "alive"
+        self._pump(actor)
+
+    def submit_actor_call(
+        self, handle: ActorHandle, method: str, args: tuple, kwargs: dict, options: dict[str, Any]
+    ) -> Any:
+        call_args, call_kwargs, deps = execution.encode_args(args, kwargs)
+        label = f"{handle.class_name}.{method}"
+        payload = serialize_args(call_args, call_kwargs, label, self.session_id)
+        num_returns = options["num_returns"]
+        call = _Call(
+            new_id("m"),
+            method,
+            payload,
+            deps,
+            [new_id("o") for _ in range(num_returns)],
+            {
+                "num_returns": num_returns,
+                "max_task_retries": options.get("max_task_retries"),
+                "retry_exceptions": options.get("retry_exceptions", False),
+            },
+        )
+        with self._cond:
+            self._check_open()
+            self._submit_call(handle.actor_id, call, owner=None)
+        refs = [ObjectRef(oid) for oid in call.return_ids]
+        return returns_of(refs, num_returns) if refs else None
+
+    def _submit_call(self, actor_id: str, call: _Call, owner: int | None) -> None:
+        actor = self._actors.get(actor_id)
+        label = f"{actor.class_name if actor else 'actor'}.{call.method}()"
+        for oid in call.return_ids:
+            self._new_object(oid, label, owner=owner)
+        if actor is None:
+            self._fail_call_dead(call, None, actor_id, "is not known to this runtime")
+            return
+        if call.retries_left == 0 and call.options.get("max_task_retries") is None:
+            call.retries_left = actor.options["max_task_retries"]
+        self._take_deps(call.deps, call, {})
+        if actor.state == "dead":
+            self._fail_call_dead(call, actor, actor_id, actor.death_reason)
+            return
+        actor.pending.append(call)
+        self._pump(actor)
+
+    def _pump(self, actor: _Actor) -> None:
+        """Send queued calls in submission order while their arguments are ready."""
+        if actor.state != "alive" or actor.child is None:
+            return
+        while actor.pending:
+            call = actor.pending[0]
+            deps = [self._objects[oid].stored for oid in call.deps]
+            failed = next((s for s in deps if s is not None and s[0]), None)
+            if failed is not None:
+                actor.pending.popleft()
+                self._finish_call(call, [failed] * max(1, len(call.return_ids)))
+                continue
+            if any(s is None for s in deps):
+                return
+            actor.pending.popleft()
+            actor.inflight[call.call_id] = call
+            self._send(
+                actor.child,
+                (
+                    "call",
+                    call.call_id,
+                    call.method,
+                    call.payload,
+                    self._dep_values(call.deps),
+                    call.return_ids,
+                    call.options,
+                ),
+            )
+
+    def _finish_call(self, call: _Call, stored: list[Stored]) -> None:
+        for oid in call.deps:
+            entry = self._objects.get(oid)
+            if entry is not None:
+                entry.uses -= 1
+                self._maybe_free(oid, entry)
+        _unlink_stored((False, call.payload))
+        for oid, item in zip(call.return_ids, stored):
+            self._store(oid, item)
+
+    def _fail_call_dead(
+        self, call: _Call, actor: _Actor | None, actor_id: str, reason: str, *, unavailable=False
+    ) -> None:
+        name = actor.class_name if actor else "actor"
+        cls = ActorUnavailableError if unavailable else ActorDiedError
+        error = cls(f"The actor {name} ({actor_id}) {reason}", actor_id=actor_id)
+        stored = stored_error(error, self.session_id)
+        self._finish_call(call, [stored] * max(1, len(call.return_ids)))
+
+    def _actor_dead(self, actor: _Actor, reason: str) -> None:
+        actor.state = "dead"
+        actor.death_reason = reason
+        name = actor.options.get("name")
+        if name is not None and self._names.get(name) == actor.actor_id:
+            del self._names[name]
+        calls = list(actor.inflight.values()) + list(actor.pending)
+        actor.inflight.clear()
+        actor.pending.clear()
+        for call in calls:
+            self._fail_call_dead(call, actor, actor.actor_id, reason)
+        for oid in actor.deps:
+            entry = self._objects.get(oid)
+            if entry is not None:
+                entry.uses -= 1
+                self._maybe_free(oid, entry)
+        actor.deps = []
+        _unlink_stored((False, actor.payload))
+
+    def kill(self, handle: ActorHandle, no_restart: bool) -> None:
+        with self._cond:
+            self._kill(handle.actor_id, no_restart)
+            self._cond.notify_all()
+
+    def _kill(self, actor_id: str, no_restart: bool) -> None:
+        actor = self._actors.get(actor_id)
+        if actor is None or actor.state == "dead":
+            return
+        child = actor.child
+        if no_restart or actor.restarts_left == 0:
+            self._actor_dead(actor, "was killed with miniray.kill()")
+        if child is not None and not child.dead:
+            child.popen.kill()
+
+    def get_actor(self, name: str, namespace: str | None) -> ActorHandle:
+        with self._lock:
+            self._check_open()
+            actor_id, class_name, methods = self._lookup_actor(name)
+        return ActorHandle(actor_id, class_name, methods)
+
+    def _lookup_actor(self, name: str) -> tuple[str, str, dict]:
+        actor_id = self._names.get(name)
+        if actor_id is None:
+            raise ValueError(
+                f"Failed to look up actor with name {name!r}: no live actor has that name "
+                f"(named actors: {sorted(self._names)})"
+            )
+        actor = self._actors[actor_id]
+        return actor.actor_id, actor.class_name, actor.methods
+
+    # ======================================================================= deaths
+    def _on_child_died(self, child: _Child) -> None:
+        if child.dead and child.kind == "worker" and child.task is None:
+            self._retire(child)
+            return
+        child.dead = True
+        reason = _exit_reason(child.popen)
+        self._retire(child)
+        self._requests = {k: r for k, r in self._requests.items() if r.child is not child}
+        for entry in list(self._objects.values()):
+            entry.holders.pop(child.key, None)
+        if child.kind == "worker":
+            if child in self._idle:
+                self._idle.remove(child)
+            task = child.task
+            child.task = None
+            if task is not None and not task.done:
+                self._task_lost(task, child, reason)
+            workers = [c for c in self._children.values() if c.kind == "worker" and not c.dead]
+            if len(workers) < self.num_workers and not self._closing:
+                self._spawn("worker")
+            self._dispatch()
+        elif child.actor is not None:
+            self._actor_lost(child.actor, child, reason)
+
+    def _task_lost(self, task: _Task, child: _Child, reason: str) -> None:
+        if task.cancelled:
+            error = TaskCancelledError(f"task {task.name}() was cancelled (force=True)")
+        elif task.retries_left != 0:
+            task.retries_left -= 1
+            self._ready_tasks.appendleft(task)
+            return
+        else:
+            error = WorkerCrashedError(
+                f"The worker process (pid {child.popen.pid}) running task {task.name}() died: "
+                f"{reason}. No retries left (max_retries={task.options['max_retries']})."
+            )
+        stored = stored_error(error, self.session_id)
+        self._finish_task(task, [stored] * max(1, len(task.return_ids)))
+
+    def _actor_lost(self, actor: _Actor, child: _Child, reason: str) -> None:
+        if actor.child is not child or actor.state == "dead":
+            return
+        text = f"died unexpectedly (pid {child.popen.pid}, {reason})"
+        if actor.restarts_left == 0:
+            self._actor_dead(actor, text)
+            return
+        if actor.restarts_left > 0:
+            actor.restarts_left -= 1
+        actor.state = "restarting"
+        # In-flight calls either run again on the new process or fail as Ray's do.
+        retry = []
+        for call in actor.inflight.values():
+            if call.retries_left != 0:
+                call.retries_left -= 1
+                retry.append(call)
+            else:
+                self._fail_call_dead(
+                    call,
+                    actor,
+                    actor.actor_id,
+                    f"{text} while running this call; it is restarting",
+                    unavailable=True,
+                )
+        actor.inflight.clear()
+        actor.pending.extendleft(reversed(retry))
+        self._start_actor(actor)
+
+    def _retire(self, child: _Child) -> None:
+        self._children.pop(child.key, None)
+        if child in self._idle:
+            self._idle.remove(child)
+        try:
+            child.conn.close()
+        except OSError:
+            pass
+        try:
+            child.popen.wait(timeout=EXIT_GRACE_S)
+        except subprocess.TimeoutExpired:
+            child.popen.kill()
+            child.popen.wait()
+
+    # ======================================================================= shutdown
+    def _check_open(self) -> None:
+        if self._closing:
+            raise RaySystemError("the miniray runtime was shut down")
+
+    def shutdown(self) -> None:
+        with self._cond:
+            if self._closing and not self._children:
+                return
+            self._closing = True
+            children = list(self._children.values())
+            for child in children:
+                self._send(child, ("exit",))
+            self._cond.notify_all()
+        self._wake()
+        if self._router is not threading.current_thread():
+            self._router.join(timeout=5)
+        deadline = time.monotonic() + EXIT_GRACE_S
+        for child in children:
+            try:
+                child.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.popen.send_signal(signal.SIGKILL)
+                child.popen.wait()
+            try:
+                child.conn.close()
+            except OSError:
+                pass
+        with self._lock:
+            self._children.clear()
+            self._idle.clear()
+            self._objects.clear()
+        self._wake_r.close()
+        self._wake_w.close()
+        shm.unlink_session(self.session_id)
+
+    def child_pids(self) -> list[int]:
+        """Process ids of every live child (for tests and benchmarks)."""
+        with self._lock:
+            return [c.popen.pid for c in self._children.values() if not c.dead]
+
+    def actor_pid(self, handle: ActorHandle) -> int | None:
+        with self._lock:
+            actor = self._actors.get(handle.actor_id)
+            if actor is None or actor.child is None:
+                return None
+            return actor.child.popen.pid
+
+
+def _unlink_stored(stored: Stored) -> None:
+    segment = stored[1].segment
+    if segment is not None:
+        shm.unlink(segment)
+
+
+def _exit_reason(popen: subprocess.Popen) -> str:
+    try:
+        code = popen.wait(timeout=EXIT_GRACE_S)
+    except subprocess.TimeoutExpired:
+        popen.kill()
+        code = popen.wait()
+    if code < 0:
+        try:
+            return f"killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with code {code}"

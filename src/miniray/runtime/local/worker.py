@@ -1,0 +1,199 @@
+"""A child process of the local backend: a task worker, or the host of one actor.
+
+    receiver thread: recv from head -> reply: wake the waiting request
+                                     -> exit / EOF (driver gone): sweep shm, os._exit
+                                     -> task / create / call: hand to the executor
+    executor: sync actor or task worker -> main thread, one call at a time, in order
+              threaded actor (max_concurrency > 1) -> thread pool
+              async actor -> asyncio loop in the main thread, max_concurrency at once
+
+Started as ``python -m miniray.runtime.local.worker FD`` with the session in the environment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import os
+import queue
+import signal
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from multiprocessing.connection import Connection
+from typing import Any
+
+from miniray.runtime import context, execution, serialization, shm
+from miniray.runtime.local import protocol
+from miniray.runtime.local.client import WorkerClient
+from miniray.runtime.local.values import stored_error, stored_value, value_of
+
+ENV_SESSION = "MINIRAY_SESSION"
+ENV_SYS_PATH = "MINIRAY_SYS_PATH"
+
+
+class Worker:
+    def __init__(self, conn: Connection, session_id: str):
+        self.conn = conn
+        self.session_id = session_id
+        self.client = WorkerClient(conn, session_id)
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.functions: dict[str, Any] = {}
+        self.instance: Any = None
+        self.actor_name = ""
+        self.pool: ThreadPoolExecutor | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.semaphore: asyncio.Semaphore | None = None
+
+    # -- receiving -------------------------------------------------------------------------
+    def receive_forever(self) -> None:
+        while True:
+            try:
+                message = protocol.recv(self.conn)
+            except (EOFError, OSError):
+                self._driver_gone()
+                return
+            kind = message[0]
+            if kind == "reply":
+                self.client.on_reply(message[1], message[2])
+            elif kind == "exit":
+                os._exit(0)
+            elif kind == "call" and self.loop is not None:
+                self.loop.call_soon_threadsafe(self._start_async_call, message)
+            elif kind == "call" and self.pool is not None:
+                self.pool.submit(self._run_call, message)
+            else:
+                self.inbox.put(message)
+
+    def _driver_gone(self) -> None:
+        # The driver died without shutdown() (e.g. SIGKILL): nobody else will clean up.
+        shm.unlink_session(self.session_id)
+        os._exit(0)
+
+    # -- executing -------------------------------------------------------------------------
+    def run(self) -> None:
+        threading.Thread(target=self.receive_forever, name="miniray-receiver", daemon=True).start()
+        protocol.send(self.conn, ("ready", os.getpid()))
+        while True:
+            message = self.inbox.get()
+            kind = message[0]
+            if kind == "task":
+                self._run_task(message)
+            elif kind == "create":
+                if self._create_actor(message) and self.loop is not None:
+                    self.loop.run_forever()
+            elif kind == "call":
+                self._run_call(message)
+
+    def _args(self, payload: Any, deps: dict[str, protocol.Stored]) -> tuple[tuple, dict]:
+        args, kwargs = serialization.deserialize(payload)
+        values = {oid: value_of(stored) for oid, stored in deps.items()}
+        return execution.decode_args(args, kwargs, values)
+
+    def _run_task(self, message: tuple) -> None:
+        _, task_id, fn_id, fn_bytes, name, payload, deps, return_ids, options = message
+        if fn_bytes is not None:
+            self.functions[fn_id] = serialization.loads(fn_bytes)
+        attempts_left = options["max_retries"]
+        while True:
+            try:
+                fn = self.functions[fn_id]
+                args, kwargs = self._args(payload, deps)
+                values = execution.split_returns(fn(*args, **kwargs), len(return_ids), name)
+            except BaseException as exc:
+                if attempts_left != 0 and execution.should_retry_exception(
+                    exc, options["retry_exceptions"]
+                ):
+                    attempts_left -= 1
+                    continue
+                error = stored_error(execution.task_error(name, exc), self.session_id)
+                self.client.send(("result", task_id, [error] * max(1, len(return_ids))))
+                return
+            stored = [stored_value(v, self.session_id, name) for v in values]
+            self.client.send(("result", task_id, stored))
+            return
+
+    def _create_actor(self, message: tuple) -> bool:
+        _, actor_id, class_name, class_bytes, payload, deps, options = message
+        self.actor_name = class_name
+        try:
+            cls = serialization.loads(class_bytes)
+            args, kwargs = self._args(payload, deps)
+            self.instance = cls(*args, **kwargs)
+        except BaseException as exc:
+            error = execution.task_error(f"{class_name}.__init__", exc)
+            self.client.send(("created", actor_id, stored_error(error, self.session_id)))
+            return False
+        is_async = any(
+            inspect.iscoroutinefunction(m) for _, m in inspect.getmembers(type(self.instance))
+        )
+        if is_async:
+            self.loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(self.loop)
+            self.semaphore = asyncio.Semaphore(options["max_concurrency"])
+        elif options["max_concurrency"] > 1:
+            self.pool = ThreadPoolExecutor(
+                options["max_concurrency"], thread_name_prefix=f"miniray-{class_name}"
+            )
+        self.client.send(("created", actor_id, None))
+        return True
+
+    def _invoke(self, message: tuple) -> Any:
+        method, payload, deps = message[2], message[3], message[4]
+        args, kwargs = self._args(payload, deps)
+        return getattr(self.instance, method)(*args, **kwargs)
+
+    def _finish_call(self, call_id: str, label: str, return_ids: list[str], value: Any) -> None:
+        try:
+            values = execution.split_returns(value, len(return_ids), label)
+        except ValueError as exc:
+            return self._fail_call(call_id, label, return_ids, exc)
+        stored = [stored_value(v, self.session_id, label) for v in values]
+        self.client.send(("result", call_id, stored))
+
+    def _fail_call(self, call_id: str, label: str, return_ids: list[str], exc: BaseException):
+        error = stored_error(execution.task_error(label, exc), self.session_id)
+        self.client.send(("result", call_id, [error] * max(1, len(return_ids))))
+
+    def _run_call(self, message: tuple) -> None:
+        call_id, method, return_ids = message[1], message[2], message[5]
+        label = f"{self.actor_name}.{method}"
+        try:
+            value = self._invoke(message)
+        except BaseException as exc:
+            return self._fail_call(call_id, label, return_ids, exc)
+        self._finish_call(call_id, label, return_ids, value)
+
+    def _start_async_call(self, message: tuple) -> None:
+        assert self.loop is not None
+        self.loop.create_task(self._run_async_call(message))
+
+    async def _run_async_call(self, message: tuple) -> None:
+        assert self.semaphore is not None
+        call_id, method, return_ids = message[1], message[2], message[5]
+        label = f"{self.actor_name}.{method}"
+        async with self.semaphore:
+            try:
+                value = self._invoke(message)
+                if inspect.isawaitable(value):
+                    value = await value
+            except BaseException as exc:
+                return self._fail_call(call_id, label, return_ids, exc)
+            self._finish_call(call_id, label, return_ids, value)
+
+
+def main() -> None:
+    fd = int(sys.argv[1])
+    session_id = os.environ[ENV_SESSION]
+    sys.path[:] = json.loads(os.environ[ENV_SYS_PATH])
+    # Ctrl-C goes to the driver, which shuts us down; a worker dying of it would look like a crash.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    conn = Connection(fd)
+    worker = Worker(conn, session_id)
+    context.set_backend(worker.client)
+    worker.run()
+
+
+if __name__ == "__main__":
+    main()

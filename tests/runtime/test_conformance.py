@@ -1,0 +1,491 @@
+"""The runtime's Ray semantics, run against every backend (the `runtime` fixture).
+
+A new backend passes these tests or it does not ship. Functions and classes live at module level
+because the multi-process backend imports them by module in its children.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import miniray
+from miniray.exceptions import (
+    ActorAlreadyExistsError,
+    ActorDiedError,
+    GetTimeoutError,
+    RayActorError,
+    RayTaskError,
+    TaskCancelledError,
+)
+
+
+@miniray.remote
+def double(x):
+    return x * 2
+
+
+@miniray.remote
+def add(a, b=0):
+    return a + b
+
+
+@miniray.remote
+def identity(x):
+    return x
+
+
+@miniray.remote
+def sleep_then(value, seconds):
+    time.sleep(seconds)
+    return value
+
+
+@miniray.remote
+def fail_with_value_error(message):
+    raise ValueError(message)
+
+
+@miniray.remote
+def kind_of(value):
+    return type(value).__name__
+
+
+@miniray.remote(num_returns=3)
+def three_values():
+    return 1, "two", [3]
+
+
+@miniray.remote
+def call_actor(counter, times):
+    return miniray.get([counter.increment.remote() for _ in range(times)], timeout=30)
+
+
+@miniray.remote
+def nested_sum(depth):
+    if depth == 0:
+        return 1
+    return 1 + sum(miniray.get([nested_sum.remote(depth - 1) for _ in range(2)], timeout=60))
+
+
+@miniray.remote
+class Counter:
+    def __init__(self, start=0):
+        self.value = start
+
+    def increment(self, by=1):
+        self.value += by
+        return self.value
+
+    def read(self):
+        return self.value
+
+    def fail(self):
+        raise KeyError("no such key")
+
+    def slow(self, seconds):
+        time.sleep(seconds)
+        return self.value
+
+    def pid(self):
+        return os.getpid()
+
+
+@miniray.remote
+class Caller:
+    """An actor that calls another actor through a handle it was given."""
+
+    def __init__(self, counter):
+        self.counter = counter
+
+    def bump(self, times):
+        return miniray.get([self.counter.increment.remote() for _ in range(times)], timeout=30)
+
+
+@miniray.remote
+class AsyncSleeper:
+    async def nap(self, seconds):
+        await asyncio.sleep(seconds)
+        return seconds
+
+
+@miniray.remote(max_concurrency=4)
+class Threaded:
+    def nap(self, seconds):
+        time.sleep(seconds)
+        return threading.get_ident()
+
+
+@miniray.remote
+class BrokenInit:
+    def __init__(self):
+        raise RuntimeError("cannot start")
+
+    def anything(self):
+        return 1
+
+
+@miniray.remote
+class TensorStore:
+    def __init__(self):
+        self.tensor = None
+
+    def store(self, tensor):
+        self.tensor = tensor
+        return float(tensor.sum())
+
+    def fetch(self):
+        return self.tensor
+
+    def add_in_place(self, amount):
+        self.tensor.add_(amount)
+        return float(self.tensor.sum())
+
+    def echo(self, value):
+        return value
+
+
+@miniray.remote(max_retries=2, retry_exceptions=[ConnectionError])
+def flaky(path):
+    """Fails with ConnectionError twice (counted in a file), then succeeds."""
+    with open(path, "a") as f:
+        f.write("x")
+    with open(path) as f:
+        attempts = len(f.read())
+    if attempts < 3:
+        raise ConnectionError(f"attempt {attempts}")
+    return attempts
+
+
+# ------------------------------------------------------------------------------- tasks
+
+
+def test_task_returns_value(runtime):
+    assert miniray.get(double.remote(21), timeout=30) == 42
+
+
+def test_top_level_refs_are_resolved_nested_refs_are_not(runtime):
+    ref = double.remote(2)
+    assert miniray.get(add.remote(ref, b=double.remote(3)), timeout=30) == 10
+    assert miniray.get(kind_of.remote([ref]), timeout=30) == "list"
+    assert miniray.get(kind_of.remote(ref), timeout=30) == "int"
+
+
+def test_num_returns_gives_one_ref_per_value(runtime):
+    refs = three_values.remote()
+    assert len(refs) == 3
+    assert miniray.get(refs, timeout=30) == [1, "two", [3]]
+
+
+def test_options_override_num_returns(runtime):
+    a, b = identity.options(num_returns=2).remote((1, 2))
+    assert miniray.get([a, b], timeout=30) == [1, 2]
+
+
+def test_get_keeps_list_order(runtime):
+    refs = [sleep_then.remote(i, 0.2 - i * 0.05) for i in range(4)]
+    assert miniray.get(refs, timeout=30) == [0, 1, 2, 3]
+
+
+def test_put_and_get(runtime):
+    ref = miniray.put({"a": [1, 2, 3]})
+    assert miniray.get(ref, timeout=5) == {"a": [1, 2, 3]}
+    assert miniray.get(kind_of.remote(ref), timeout=30) == "dict"
+
+
+def test_put_ref_passed_to_task(runtime):
+    ref = miniray.put(7)
+    assert miniray.get(double.remote(ref), timeout=30) == 14
+
+
+def test_get_timeout_raises_get_timeout_error_which_is_timeout_error(runtime):
+    ref = sleep_then.remote(1, 3)
+    start = time.monotonic()
+    with pytest.raises(GetTimeoutError) as info:
+        miniray.get(ref, timeout=0.2)
+    assert isinstance(info.value, TimeoutError)
+    assert time.monotonic() - start < 2
+
+
+def test_get_timeout_zero_returns_ready_values_and_raises_for_pending(runtime):
+    ready = miniray.put(1)
+    assert miniray.get(ready, timeout=0) == 1
+    with pytest.raises(TimeoutError):
+        miniray.get(sleep_then.remote(1, 2), timeout=0)
+
+
+def test_get_rejects_negative_timeout(runtime):
+    with pytest.raises(ValueError, match="timeout"):
+        miniray.get(miniray.put(1), timeout=-1)
+
+
+def test_remote_error_is_both_ray_task_error_and_original_type(runtime):
+    with pytest.raises(ValueError) as info:
+        miniray.get(fail_with_value_error.remote("bad input 17"), timeout=30)
+    error = info.value
+    assert isinstance(error, RayTaskError)
+    assert isinstance(error.cause, ValueError)
+    text = str(error)
+    assert "bad input 17" in text
+    assert "fail_with_value_error" in text  # the remote traceback names the function
+    assert "Traceback" in text
+
+
+def test_error_propagates_to_dependent_task(runtime):
+    failed = fail_with_value_error.remote("upstream broke")
+    with pytest.raises(ValueError, match="upstream broke"):
+        miniray.get(double.remote(failed), timeout=30)
+
+
+def test_retry_exceptions_reruns_listed_exceptions(runtime, tmp_path):
+    assert miniray.get(flaky.remote(str(tmp_path / "count")), timeout=30) == 3
+
+
+def test_retry_exceptions_not_listed_fail_at_once(runtime, tmp_path):
+    path = str(tmp_path / "count")
+    with pytest.raises(ConnectionError):
+        miniray.get(flaky.options(max_retries=1).remote(path), timeout=30)
+
+
+def test_nested_tasks_blocked_in_get_do_not_deadlock(runtime):
+    # 2 workers, 15 tasks each waiting on children: needs workers freed while blocked.
+    assert miniray.get(nested_sum.remote(3), timeout=60) == 15
+
+
+# ------------------------------------------------------------------------------- wait
+
+
+def test_wait_returns_first_ready_and_keeps_input_order(runtime):
+    slow = sleep_then.remote("slow", 2)
+    fast = sleep_then.remote("fast", 0)
+    ready, not_ready = miniray.wait([slow, fast], num_returns=1, timeout=10)
+    assert ready == [fast] and not_ready == [slow]
+    ready, not_ready = miniray.wait([slow, fast], num_returns=2, timeout=10)
+    assert ready == [slow, fast] and not_ready == []
+
+
+def test_wait_timeout_returns_partial(runtime):
+    slow = sleep_then.remote("slow", 3)
+    done = miniray.put(1)
+    start = time.monotonic()
+    ready, not_ready = miniray.wait([slow, done], num_returns=2, timeout=0.3)
+    assert ready == [done] and not_ready == [slow]
+    assert time.monotonic() - start < 2
+
+
+def test_wait_input_errors(runtime):
+    ref = miniray.put(1)
+    with pytest.raises(TypeError):
+        miniray.wait(ref)
+    with pytest.raises(ValueError, match="unique"):
+        miniray.wait([ref, ref])
+    with pytest.raises(ValueError, match="num_returns"):
+        miniray.wait([ref], num_returns=2)
+
+
+# ------------------------------------------------------------------------------- actors
+
+
+def test_actor_keeps_state_and_runs_one_callers_calls_in_order(runtime):
+    counter = Counter.remote(10)
+    refs = [counter.increment.remote() for _ in range(50)]
+    assert miniray.get(refs, timeout=30) == list(range(11, 61))
+
+
+def test_actor_method_error_keeps_actor_alive(runtime):
+    counter = Counter.remote()
+    with pytest.raises(KeyError):
+        miniray.get(counter.fail.remote(), timeout=30)
+    assert miniray.get(counter.increment.remote(), timeout=30) == 1
+
+
+def test_actor_init_failure_makes_calls_raise_actor_died(runtime):
+    actor = BrokenInit.remote()
+    with pytest.raises(ActorDiedError, match="cannot start"):
+        miniray.get(actor.anything.remote(), timeout=30)
+
+
+def test_actor_handle_can_be_passed_to_tasks_and_actors(runtime):
+    counter = Counter.remote()
+    assert miniray.get(call_actor.remote(counter, 3), timeout=30) == [1, 2, 3]
+    caller = Caller.remote(counter)
+    assert miniray.get(caller.bump.remote(2), timeout=30) == [4, 5]
+    assert miniray.get(counter.read.remote(), timeout=30) == 5
+
+
+def test_threaded_actor_runs_calls_concurrently(runtime):
+    actor = Threaded.remote()
+    miniray.get(actor.nap.remote(0), timeout=30)  # started
+    start = time.monotonic()
+    idents = miniray.get([actor.nap.remote(0.5) for _ in range(4)], timeout=30)
+    assert time.monotonic() - start < 1.5
+    assert len(set(idents)) > 1
+
+
+def test_async_actor_interleaves_at_await(runtime):
+    actor = AsyncSleeper.remote()
+    miniray.get(actor.nap.remote(0), timeout=30)
+    start = time.monotonic()
+    assert miniray.get([actor.nap.remote(0.5) for _ in range(4)], timeout=30) == [0.5] * 4
+    assert time.monotonic() - start < 1.5
+
+
+def test_async_actor_with_max_concurrency_one_serialises(runtime):
+    actor = AsyncSleeper.options(max_concurrency=1).remote()
+    miniray.get(actor.nap.remote(0), timeout=30)
+    start = time.monotonic()
+    miniray.get([actor.nap.remote(0.3) for _ in range(3)], timeout=30)
+    assert time.monotonic() - start >= 0.85
+
+
+def test_named_actor_lookup_and_get_if_exists(runtime):
+    counter = Counter.options(name="shared-counter").remote()
+    miniray.get(counter.increment.remote(5), timeout=30)
+    found = miniray.get_actor("shared-counter")
+    assert miniray.get(found.read.remote(), timeout=30) == 5
+    again = Counter.options(name="shared-counter", get_if_exists=True).remote()
+    assert miniray.get(again.read.remote(), timeout=30) == 5
+    with pytest.raises(ActorAlreadyExistsError):
+        Counter.options(name="shared-counter").remote()
+    with pytest.raises(ValueError, match="no-such-actor"):
+        miniray.get_actor("no-such-actor")
+
+
+def test_kill_makes_later_calls_raise_actor_died(runtime):
+    counter = Counter.remote()
+    miniray.get(counter.increment.remote(), timeout=30)
+    miniray.kill(counter)
+    with pytest.raises(ActorDiedError):
+        miniray.get(counter.read.remote(), timeout=10)
+    assert issubclass(ActorDiedError, RayActorError)
+
+
+# ------------------------------------------------------------------------------- values
+
+
+def test_torch_tensors_round_trip_and_mutation_does_not_leak(runtime):
+    store = TensorStore.remote()
+    big = torch.arange(1_000_000, dtype=torch.float32)
+    assert miniray.get(store.store.remote(big), timeout=30) == float(big.sum())
+    fetched = miniray.get(store.fetch.remote(), timeout=30)
+    assert torch.equal(fetched, big)
+    fetched.add_(1)  # the caller's copy is its own
+    assert torch.equal(miniray.get(store.fetch.remote(), timeout=30), big)
+    miniray.get(store.add_in_place.remote(1.0), timeout=30)  # and the actor's is its own
+    assert torch.equal(fetched, big + 1)
+
+
+def test_tensor_dtypes_shapes_and_parameters_survive(runtime):
+    store = TensorStore.remote()
+    values = {
+        "bf16": torch.randn(300, 500).to(torch.bfloat16),
+        "int": torch.arange(10, dtype=torch.int64).reshape(2, 5),
+        "bool": torch.tensor([True, False]),
+        "strided": torch.randn(600, 600).t(),
+        "param": torch.nn.Parameter(torch.randn(3)),
+        "empty": torch.empty(0, 4),
+        "numpy": np.arange(100_000, dtype=np.float64),
+    }
+    out = miniray.get(store.echo.remote(values), timeout=30)
+    for key in ("bf16", "int", "bool", "strided", "empty"):
+        assert out[key].dtype == values[key].dtype
+        assert torch.equal(out[key], values[key]), key
+    assert isinstance(out["param"], torch.nn.Parameter)
+    assert torch.equal(out["param"].data, values["param"].data)
+    np.testing.assert_array_equal(out["numpy"], values["numpy"])
+
+
+def test_numpy_arrays_from_get_are_independent_copies(runtime):
+    ref = miniray.put(np.zeros(200_000))
+    first = miniray.get(ref, timeout=5)
+    first += 1
+    assert float(miniray.get(ref, timeout=5).sum()) == 0.0
+
+
+def test_future_and_await(runtime):
+    ref = double.remote(4)
+    assert ref.future().result(timeout=30) == 8
+
+    async def main():
+        return await double.remote(5)
+
+    assert asyncio.run(main()) == 10
+
+
+def test_cancel_pending_task(runtime):
+    blockers = [sleep_then.remote(i, 1.0) for i in range(2)]
+    queued = sleep_then.remote("never", 0)
+    # With 2 workers busy the third task is still queued on process backends; inline runs each
+    # task on its own thread, so it may already be done: then cancel is a no-op, as in Ray.
+    miniray.cancel(queued)
+    try:
+        result = miniray.get(queued, timeout=30)
+    except TaskCancelledError:
+        result = "cancelled"
+    if runtime == "local":
+        assert result == "cancelled"
+    miniray.get(blockers, timeout=30)
+
+
+# ------------------------------------------------------------------------------- bad input
+
+
+def test_unknown_method_on_handle_names_the_methods(runtime):
+    counter = Counter.remote()
+    with pytest.raises(AttributeError, match="increment"):
+        counter.incremnt.remote()
+
+
+def test_unpicklable_argument_is_a_type_error_naming_it(runtime):
+    with pytest.raises(TypeError, match="argument 0"):
+        double.remote(threading.Lock())
+
+
+def test_get_on_a_non_ref_is_a_value_error(runtime):
+    with pytest.raises(ValueError, match="ObjectRef"):
+        miniray.get(42)
+    with pytest.raises(ValueError, match="item 1"):
+        miniray.get([miniray.put(1), 2])
+
+
+def test_calling_remote_objects_directly_is_a_type_error(runtime):
+    with pytest.raises(TypeError, match=r"double\.remote\(\)"):
+        double(1)
+    with pytest.raises(TypeError, match=r"Counter\.remote\(\)"):
+        Counter()
+    with pytest.raises(TypeError, match="remote"):
+        miniray.remote(42)
+
+
+def test_unknown_option_lists_known_ones(runtime):
+    with pytest.raises(ValueError, match="max_restarts"):
+        Counter.options(max_restart=3)
+    with pytest.raises(ValueError, match="num_returns"):
+        double.options(num_returns=-1)
+
+
+def test_init_twice_is_an_error(runtime):
+    with pytest.raises(RuntimeError, match="already"):
+        miniray.init(backend=runtime)
+    miniray.init(backend=runtime, ignore_reinit_error=True)
+
+
+def test_unknown_backend_is_an_error():
+    with pytest.raises(ValueError, match="inline"):
+        miniray.init(backend="cluster")
+    assert not miniray.is_initialized()
+
+
+def test_env_var_selects_backend(monkeypatch):
+    monkeypatch.setenv("MINIRAY_BACKEND", "inline")
+    miniray.init()
+    try:
+        assert miniray.backend_name() == "inline"
+    finally:
+        miniray.shutdown()
