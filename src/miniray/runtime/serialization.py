@@ -17,8 +17,7 @@ from __future__ import annotations
 import io
 import pickle
 import sys
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import cloudpickle
 
@@ -27,8 +26,7 @@ from miniray.runtime import shm
 INLINE_LIMIT = 256 * 1024
 
 
-@dataclass(frozen=True)
-class Serialized:
+class Serialized(NamedTuple):
     """A value as it travels: a pickle stream plus where its large buffers live."""
 
     pickled: bytes
@@ -89,8 +87,27 @@ def _rebuild_tensor(
     return t
 
 
+_PLAIN_TYPES = frozenset({int, float, bool, str, type(None), complex})
+_PLAIN_CONTAINERS = frozenset({tuple, list, dict})
+
+
+def _is_plain(value: Any, budget: int = 64) -> bool:
+    """Small builtin values that C pickle handles alone (the hot path of small calls)."""
+    kind = type(value)
+    if kind in _PLAIN_TYPES:
+        return True
+    if kind is bytes:
+        return len(value) < INLINE_LIMIT
+    if kind not in _PLAIN_CONTAINERS or len(value) > budget:
+        return False
+    items = value.items() if kind is dict else ((None, v) for v in value)
+    return all(type(k) in _PLAIN_TYPES and _is_plain(v, budget // 2 or 1) for k, v in items)
+
+
 def serialize(value: Any, *, session_id: str | None) -> Serialized:
     """Pickle ``value``; with a ``session_id``, large buffers go to a shared-memory segment."""
+    if _is_plain(value):
+        return Serialized(pickle.dumps(value, protocol=5))
     large: list[pickle.PickleBuffer] = []
 
     def keep_in_band(buf: pickle.PickleBuffer) -> bool:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import selectors
 import signal
 import socket
 import subprocess
@@ -31,7 +32,6 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from multiprocessing.connection import Connection
-from multiprocessing.connection import wait as wait_connections
 from typing import Any
 
 from miniray.errors import (
@@ -180,6 +180,12 @@ class LocalBackend:
         self._closing = False
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
+        # Only the router thread touches the selector; others queue new children here.
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._unregistered: deque[_Child] = deque()
+        # object id -> actors whose next step (create or the head-of-line call) waits on it
+        self._actors_waiting: dict[str, list[_Actor]] = {}
         self._router = threading.Thread(
             target=self._route_forever, name="miniray-router", daemon=True
         )
@@ -207,6 +213,7 @@ class LocalBackend:
         conn = Connection(parent_sock.detach())
         child = _Child(next(self._keys), kind, popen, conn)
         self._children[child.key] = child
+        self._unregistered.append(child)
         self._wake()
         return child
 
@@ -245,29 +252,28 @@ class LocalBackend:
 
     # ======================================================================= router
     def _route_forever(self) -> None:
-        while True:
-            with self._lock:
-                if self._closing:
-                    return
-                conns = {c.conn: c for c in self._children.values() if not c.dead}
-                timeout = self._next_deadline_in()
+        while not self._closing:
+            while self._unregistered:
+                child = self._unregistered.popleft()
+                if not child.dead:
+                    self._selector.register(child.conn, selectors.EVENT_READ, child)
             try:
-                ready = wait_connections([*conns, self._wake_r], timeout)
-            except OSError:
-                ready = []
+                events = self._selector.select(self._next_deadline_in())
+            except (OSError, ValueError):
+                events = []
             with self._cond:
                 if self._closing:
                     return
-                for conn in ready:
-                    if conn is self._wake_r:
+                for key, _ in events:
+                    child = key.data
+                    if child is None:
                         try:
                             while self._wake_r.recv(4096):
                                 pass
                         except (BlockingIOError, OSError):
                             pass
-                        continue
-                    child = conns[conn]
-                    self._drain_child(child)
+                    elif child.key in self._children:
+                        self._drain_child(child)
                 self._drain_releases()
                 self._expire_requests()
                 callbacks = self._take_callbacks()
@@ -381,10 +387,10 @@ class LocalBackend:
         entry.stored = stored
         for task in self._waiting_tasks.pop(oid, ()):
             self._dep_ready(task, oid, stored)
-        for actor in list(self._actors.values()):
-            if actor.state in ("starting", "restarting") and oid in actor.deps:
+        for actor in self._actors_waiting.pop(oid, ()):
+            if actor.state in ("starting", "restarting"):
                 self._send_create(actor)
-            elif actor.pending and oid in actor.pending[0].deps:
+            else:
                 self._pump(actor)
         self._maybe_free(oid, entry)
 
@@ -776,8 +782,10 @@ class LocalBackend:
             self._actor_dead(actor, f"an argument of its __init__ failed:\n{error}")
             self._send(child, ("exit",))
             return
-        if any(s is None for s in deps):
-            return  # _store() calls us again when the next argument arrives
+        missing = next((oid for oid, s in zip(actor.deps, deps) if s is None), None)
+        if missing is not None:
+            self._actors_waiting.setdefault(missing, []).append(actor)
+            return  # _store() calls us again when that argument arrives
         self._send(
             child,
             (
@@ -858,7 +866,9 @@ class LocalBackend:
                 actor.pending.popleft()
                 self._finish_call(call, [failed] * max(1, len(call.return_ids)))
                 continue
-            if any(s is None for s in deps):
+            missing = next((oid for oid, s in zip(call.deps, deps) if s is None), None)
+            if missing is not None:
+                self._actors_waiting.setdefault(missing, []).append(actor)
                 return
             actor.pending.popleft()
             actor.inflight[call.call_id] = call
@@ -1014,6 +1024,10 @@ class LocalBackend:
 
     def _retire(self, child: _Child) -> None:
         self._children.pop(child.key, None)
+        try:
+            self._selector.unregister(child.conn)
+        except (KeyError, ValueError, OSError):
+            pass
         if child in self._idle:
             self._idle.remove(child)
         try:

@@ -1,0 +1,258 @@
+"""Crashes, restarts and clean-up of the multi-process local backend.
+
+Every test kills only processes it started itself (by PID) and checks that nothing of ours is
+left: no child process, no shared-memory segment.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+import torch
+
+import miniray
+from miniray.exceptions import (
+    ActorDiedError,
+    ActorUnavailableError,
+    RayActorError,
+    WorkerCrashedError,
+)
+from miniray.runtime import context, shm
+
+
+def backend():
+    return context.current()
+
+
+def wait_until(predicate, timeout=10.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def gone(pids):
+    return all(not psutil.pid_exists(p) or psutil.Process(p).status() == "zombie" for p in pids)
+
+
+@miniray.remote(max_retries=0)
+def report_pid_then_sleep(path, seconds):
+    with open(path, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(seconds)
+    return "finished"
+
+
+@miniray.remote(max_retries=1)
+def die_on_first_attempt(marker):
+    if not os.path.exists(marker):
+        pathlib.Path(marker).touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return "second attempt"
+
+
+@miniray.remote
+class Stateful:
+    def __init__(self):
+        self.count = 0
+
+    def bump(self):
+        self.count += 1
+        return self.count
+
+    def pid(self):
+        return os.getpid()
+
+    def slow(self, seconds):
+        time.sleep(seconds)
+        return "done"
+
+
+def read_pid(path, timeout=20):
+    file = pathlib.Path(path)
+    wait_until(lambda: file.exists() and file.read_text(), timeout, f"pid file {path}")
+    return int(file.read_text())
+
+
+def test_killed_worker_fails_its_task_fast_without_retries(local_runtime, tmp_path):
+    path = str(tmp_path / "pid")
+    ref = report_pid_then_sleep.remote(path, 60)
+    pid = read_pid(path)
+    os.kill(pid, signal.SIGKILL)
+    start = time.monotonic()
+    with pytest.raises(WorkerCrashedError, match="SIGKILL"):
+        miniray.get(ref, timeout=10)
+    assert time.monotonic() - start < 2.5
+    # The pool replaced the worker: new work still runs.
+    assert miniray.get(die_on_first_attempt.remote(str(tmp_path / "m")), timeout=30)
+
+
+def test_killed_worker_task_is_retried(local_runtime, tmp_path):
+    marker = str(tmp_path / "marker")
+    assert miniray.get(die_on_first_attempt.remote(marker), timeout=30) == "second attempt"
+
+
+def test_killed_actor_fails_pending_get_fast_and_later_calls(local_runtime):
+    actor = Stateful.remote()
+    pid = miniray.get(actor.pid.remote(), timeout=30)
+    pending = actor.slow.remote(60)
+    time.sleep(0.2)
+    os.kill(pid, signal.SIGKILL)
+    start = time.monotonic()
+    with pytest.raises(RayActorError, match="SIGKILL"):
+        miniray.get(pending, timeout=10)
+    assert time.monotonic() - start < 2.5
+    with pytest.raises(ActorDiedError):
+        miniray.get(actor.bump.remote(), timeout=10)
+
+
+def test_actor_restarts_rerun_init_until_restarts_run_out(local_runtime):
+    actor = Stateful.options(max_restarts=1).remote()
+    assert miniray.get([actor.bump.remote() for _ in range(3)], timeout=30) == [1, 2, 3]
+    first_pid = miniray.get(actor.pid.remote(), timeout=30)
+    in_flight = actor.slow.remote(60)
+    time.sleep(0.2)
+    os.kill(first_pid, signal.SIGKILL)
+    with pytest.raises(ActorUnavailableError):
+        miniray.get(in_flight, timeout=10)
+    assert miniray.get(actor.bump.remote(), timeout=30) == 1  # __init__ ran again
+    second_pid = miniray.get(actor.pid.remote(), timeout=30)
+    assert second_pid != first_pid
+    os.kill(second_pid, signal.SIGKILL)
+    with pytest.raises(ActorDiedError):
+        miniray.get(actor.bump.remote(), timeout=10)
+
+
+def test_max_task_retries_reruns_the_in_flight_call_after_restart(local_runtime):
+    actor = Stateful.options(max_restarts=1, max_task_retries=1).remote()
+    pid = miniray.get(actor.pid.remote(), timeout=30)
+    in_flight = actor.slow.remote(1.0)
+    time.sleep(0.2)
+    os.kill(pid, signal.SIGKILL)
+    assert miniray.get(in_flight, timeout=30) == "done"
+
+
+def test_kill_with_restart_allowed_restarts(local_runtime):
+    actor = Stateful.options(max_restarts=2).remote()
+    miniray.get(actor.bump.remote(), timeout=30)
+    miniray.kill(actor, no_restart=False)
+    wait_until(
+        lambda: _safe_call(actor) == 1, timeout=20, what="the actor to come back with fresh state"
+    )
+
+
+def _safe_call(actor):
+    try:
+        return miniray.get(actor.bump.remote(), timeout=10)
+    except RayActorError:
+        return None
+
+
+def test_shutdown_leaves_no_process_and_no_segment():
+    miniray.init(backend="local", num_workers=2)
+    actors = [Stateful.remote() for _ in range(2)]
+    miniray.get([a.bump.remote() for a in actors], timeout=30)
+    big = miniray.put(torch.ones(2_000_000))
+    assert miniray.get(big, timeout=10).shape == (2_000_000,)
+    head = backend()
+    pids = head.child_pids()
+    session = head.session_id
+    assert len(pids) == 4
+    assert shm.list_session(session)
+    start = time.monotonic()
+    miniray.shutdown()
+    assert time.monotonic() - start < 3
+    assert gone(pids)
+    assert shm.list_session(session) == []
+
+
+def test_large_object_segment_is_freed_when_its_ref_is_dropped(local_runtime):
+    session = backend().session_id
+    ref = miniray.put(torch.ones(1_000_000))
+    assert len(shm.list_session(session)) == 1
+    del ref
+    gc.collect()
+    miniray.get(miniray.put(1), timeout=5)  # any call drains the queue of released refs
+    wait_until(lambda: shm.list_session(session) == [], timeout=5, what="segment unlink")
+
+
+def test_actor_results_do_not_accumulate_segments(local_runtime):
+    session = backend().session_id
+    actor = Stateful.remote()
+    for _ in range(5):
+        miniray.get(actor.slow.remote(0), timeout=30)
+        value = miniray.get(miniray.put(torch.ones(500_000)), timeout=10)
+        assert value.sum() == 500_000
+    gc.collect()
+    miniray.get(miniray.put(1), timeout=5)
+    wait_until(lambda: shm.list_session(session) == [], timeout=5, what="segments to be freed")
+
+
+DRIVER = textwrap.dedent(
+    """
+    import json, sys, time
+    import torch
+    import miniray
+    from miniray.runtime import context
+
+    @miniray.remote
+    class Holder:
+        def hold(self, t):
+            self.t = t
+            return t.shape[0]
+
+    miniray.init(backend="local", num_workers=2)
+    holders = [Holder.remote() for _ in range(2)]
+    ref = miniray.put(torch.ones(1_000_000))
+    print(miniray.get([h.hold.remote(ref) for h in holders], timeout=60), file=sys.stderr)
+    head = context.current()
+    print(json.dumps({"pids": head.child_pids(), "session": head.session_id}), flush=True)
+    if sys.argv[1] == "hang":
+        time.sleep(600)
+    """
+)
+
+
+def run_driver(tmp_path, mode):
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), mode],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    line = proc.stdout.readline()
+    assert line, "the driver script printed nothing"
+    return proc, json.loads(line)
+
+
+def test_driver_exit_without_shutdown_cleans_up(tmp_path):
+    proc, info = run_driver(tmp_path, "exit")
+    assert proc.wait(timeout=30) == 0
+    wait_until(lambda: gone(info["pids"]), timeout=5, what="children to exit")
+    assert shm.list_session(info["session"]) == []
+
+
+def test_driver_killed_with_sigkill_cleans_up(tmp_path):
+    proc, info = run_driver(tmp_path, "hang")
+    assert len(info["pids"]) == 4
+    assert shm.list_session(info["session"])
+    proc.kill()
+    proc.wait(timeout=10)
+    wait_until(lambda: gone(info["pids"]), timeout=5, what="children to notice the driver died")
+    wait_until(
+        lambda: shm.list_session(info["session"]) == [], timeout=5, what="segments to be swept"
+    )
