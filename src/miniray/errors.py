@@ -118,7 +118,7 @@ class RayTaskError(RayError):
             return self
         try:
             dual = _dual_class(cause_cls)
-            err = dual.__new__(dual)
+            err = dual.__new__(dual)  # type: ignore[call-overload]
         except TypeError:  # final classes, or an incompatible C layout
             return self
         err.function_name = self.function_name

@@ -178,26 +178,77 @@ def test_shutdown_leaves_no_process_and_no_segment():
     assert shm.list_session(session) == []
 
 
-def test_large_object_segment_is_freed_when_its_ref_is_dropped(local_runtime):
-    session = backend().session_id
-    ref = miniray.put(torch.ones(1_000_000))
-    assert len(shm.list_session(session)) == 1
-    del ref
+def settle():
     gc.collect()
     miniray.get(miniray.put(1), timeout=5)  # any call drains the queue of released refs
-    wait_until(lambda: shm.list_session(session) == [], timeout=5, what="segment unlink")
-
-
-def test_actor_results_do_not_accumulate_segments(local_runtime):
-    session = backend().session_id
-    actor = Stateful.remote()
-    for _ in range(5):
-        miniray.get(actor.slow.remote(0), timeout=30)
-        value = miniray.get(miniray.put(torch.ones(500_000)), timeout=10)
-        assert value.sum() == 500_000
-    gc.collect()
+    time.sleep(0.2)
     miniray.get(miniray.put(1), timeout=5)
-    wait_until(lambda: shm.list_session(session) == [], timeout=5, what="segments to be freed")
+
+
+def test_freed_segment_is_reused_for_the_next_large_value(local_runtime):
+    session = backend().session_id
+    ref = miniray.put(torch.ones(1_000_000))
+    names = shm.list_session(session)
+    assert len(names) == 1
+    del ref
+    settle()
+    ref = miniray.put(torch.full((1_000_000,), 2.0))
+    assert shm.list_session(session) == names  # same file, no new pages
+    assert float(miniray.get(ref, timeout=5).sum()) == 2_000_000
+
+
+def test_segment_still_mapped_by_the_driver_is_not_overwritten(local_runtime):
+    ref = miniray.put(torch.ones(1_000_000))
+    held = miniray.get(ref, timeout=5)
+    del ref
+    settle()
+    for fill in (2.0, 3.0):
+        miniray.get(miniray.put(torch.full((1_000_000,), fill)), timeout=5)
+        settle()
+    assert float(held.sum()) == 1_000_000
+
+
+def test_segment_still_mapped_by_an_actor_is_not_overwritten(local_runtime):
+    store = Holder.remote()
+    ref = miniray.put(torch.ones(1_000_000))
+    assert miniray.get(store.hold.remote(ref), timeout=30) == 1_000_000
+    del ref
+    settle()
+    for fill in (2.0, 3.0):
+        value = torch.full((1_000_000,), fill)
+        assert miniray.get(store.echo_sum.remote(value), timeout=30) == fill * 1_000_000
+        settle()
+    assert miniray.get(store.held_sum.remote(), timeout=30) == 1_000_000
+
+
+def test_repeated_large_transfers_reuse_a_bounded_set_of_segments(local_runtime):
+    session = backend().session_id
+    store = Holder.remote()
+    counts = []
+    for i in range(6):
+        back = miniray.get(store.echo.remote(torch.full((2_000_000,), float(i))), timeout=30)
+        assert float(back[0]) == i
+        del back
+        settle()
+        counts.append(len(shm.list_session(session)))
+    assert max(counts) <= 4, counts
+    assert counts[-1] == counts[2], counts  # steady state: nothing new is created
+
+
+@miniray.remote
+class Holder:
+    def hold(self, tensor):
+        self.tensor = tensor
+        return tensor.shape[0]
+
+    def held_sum(self):
+        return float(self.tensor.sum())
+
+    def echo(self, value):
+        return value
+
+    def echo_sum(self, value):
+        return float(value.sum())
 
 
 DRIVER = textwrap.dedent(
@@ -256,3 +307,15 @@ def test_driver_killed_with_sigkill_cleans_up(tmp_path):
     wait_until(
         lambda: shm.list_session(info["session"]) == [], timeout=5, what="segments to be swept"
     )
+
+
+def test_workers_that_cannot_start_fail_init_fast_with_the_cause(monkeypatch):
+    from miniray.exceptions import RaySystemError
+    from miniray.runtime.local import head
+
+    monkeypatch.setattr(head, "WORKER_COMMAND", ("-c", "import sys; sys.exit(3)"))
+    start = time.monotonic()
+    with pytest.raises(RaySystemError, match="exited with code 3"):
+        miniray.init(backend="local", num_workers=2)
+    assert time.monotonic() - start < 10
+    assert not miniray.is_initialized()

@@ -6,16 +6,17 @@ They carry ids and options only; every action goes to the backend of the current
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import itertools
 import os
 from collections.abc import Callable
-from concurrent.futures import Future
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from miniray.runtime import context
 from miniray.runtime import options as opts
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
 
 _ids = itertools.count()
 _ID_PREFIX = os.urandom(4).hex()
@@ -47,6 +48,8 @@ class ObjectRef:
         return context.current().future(self)
 
     def __await__(self) -> Any:
+        import asyncio  # lazily: workers start faster without it
+
         return asyncio.wrap_future(self.future()).__await__()
 
     def __eq__(self, other: object) -> bool:

@@ -17,36 +17,79 @@ from __future__ import annotations
 import io
 import pickle
 import sys
-from typing import Any, NamedTuple
+from typing import Any
 
-import cloudpickle
-
-from miniray.runtime import shm
+from miniray.runtime import segments, shm
 
 INLINE_LIMIT = 256 * 1024
 
 
-class Serialized(NamedTuple):
-    """A value as it travels: a pickle stream plus where its large buffers live."""
+class Serialized:
+    """A value as it travels: a pickle stream plus where its large buffers live.
 
-    pickled: bytes
-    segment: str | None = None
-    segment_size: int = 0
-    buffers: tuple[tuple[int, int], ...] = ()  # (offset, size) in the segment, in pickle order
+    An instance unpickled from a message is a *delivery* of its segment: ``segments`` counts it
+    until it is deserialized, so the segment is not reused while this copy is still to be read.
+    """
+
+    __slots__ = ("buffers", "pending", "pickled", "segment", "segment_size")
+
+    def __init__(
+        self,
+        pickled: bytes,
+        segment: str | None = None,
+        segment_size: int = 0,
+        buffers: tuple[tuple[int, int], ...] = (),  # (offset, size) in the segment
+    ):
+        self.pickled = pickled
+        self.segment = segment
+        self.segment_size = segment_size
+        self.buffers = buffers
+        self.pending = False
 
     @property
     def nbytes(self) -> int:
         return len(self.pickled) + self.segment_size
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_delivered, (self.pickled, self.segment, self.segment_size, self.buffers))
 
-class _Pickler(cloudpickle.Pickler):
-    def reducer_override(self, obj: Any) -> Any:
-        torch = sys.modules.get("torch")
-        if torch is not None and isinstance(obj, torch.Tensor):
-            reduced = _reduce_tensor(torch, obj)
-            if reduced is not None:
-                return reduced
-        return super().reducer_override(obj)
+    def discard(self) -> None:
+        """This delivery will never be read (e.g. a reply nobody waits for any more)."""
+        if self.pending:
+            self.pending = False
+            assert self.segment is not None
+            segments.delivery_consumed(self.segment)
+
+
+def _delivered(pickled: bytes, segment: str | None, size: int, buffers: tuple) -> Serialized:
+    ser = Serialized(pickled, segment, size, buffers)
+    if segment is not None:
+        ser.pending = True
+        segments.delivery_received(segment)
+    return ser
+
+
+_pickler_class: Any = None
+
+
+def _pickler() -> Any:
+    """cloudpickle's Pickler plus tensors as out-of-band buffers (cloudpickle loads lazily:
+    a worker that only runs tasks never pays for importing it)."""
+    global _pickler_class
+    if _pickler_class is None:
+        import cloudpickle
+
+        class Pickler(cloudpickle.Pickler):
+            def reducer_override(self, obj: Any) -> Any:
+                torch = sys.modules.get("torch")
+                if torch is not None and isinstance(obj, torch.Tensor):
+                    reduced = _reduce_tensor(torch, obj)
+                    if reduced is not None:
+                        return reduced
+                return super().reducer_override(obj)
+
+        _pickler_class = Pickler
+    return _pickler_class
 
 
 def _reduce_tensor(torch: Any, tensor: Any) -> Any:
@@ -117,7 +160,7 @@ def serialize(value: Any, *, session_id: str | None) -> Serialized:
         return False
 
     stream = io.BytesIO()
-    _Pickler(stream, protocol=5, buffer_callback=keep_in_band).dump(value)
+    _pickler()(stream, protocol=5, buffer_callback=keep_in_band).dump(value)
     if not large:
         return Serialized(stream.getvalue())
     assert session_id is not None
@@ -127,8 +170,7 @@ def serialize(value: Any, *, session_id: str | None) -> Serialized:
         size = buf.raw().nbytes
         layout.append((offset, size))
         offset = shm.aligned(offset + size)
-    name = shm.new_name(session_id)
-    mapping = shm.create(name, max(offset, 1))
+    name, mapping = segments.acquire(session_id, max(offset, 1))
     try:
         for buf, (off, size) in zip(large, layout):
             mapping[off : off + size] = buf.raw()
@@ -140,7 +182,13 @@ def serialize(value: Any, *, session_id: str | None) -> Serialized:
 def deserialize(ser: Serialized) -> Any:
     if ser.segment is None:
         return pickle.loads(ser.pickled)
-    mapping = shm.map_private(ser.segment, ser.segment_size)
+    try:
+        mapping = shm.map_private(ser.segment, ser.segment_size)
+    except BaseException:
+        ser.discard()
+        raise
+    segments.track_mapping(ser.segment, mapping)
+    ser.discard()  # consumed: from here on the tracked mapping holds the segment
     whole = memoryview(mapping)
     buffers = [whole[off : off + size] for off, size in ser.buffers]
     return pickle.loads(ser.pickled, buffers=buffers)
@@ -148,6 +196,8 @@ def deserialize(ser: Serialized) -> Any:
 
 def dumps(value: Any) -> bytes:
     """Plain in-band pickling (functions, classes, control messages)."""
+    import cloudpickle
+
     return cloudpickle.dumps(value, protocol=5)
 
 

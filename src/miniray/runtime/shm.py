@@ -23,9 +23,8 @@ import glob
 import itertools
 import mmap
 import os
-import tempfile
 
-SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else os.environ.get("TMPDIR", "/tmp")
 NAME_PREFIX = "miniray_"
 ALIGN = 64
 
@@ -63,6 +62,22 @@ def create(name: str, size: int) -> mmap.mmap:
     except BaseException:
         unlink(name)
         raise
+    finally:
+        os.close(fd)
+
+
+def open_shared(name: str, size: int) -> mmap.mmap:
+    """A writable shared mapping of the first ``size`` bytes of an existing segment."""
+    fd = os.open(path_of(name), os.O_RDWR)
+    try:
+        if os.fstat(fd).st_size < size:
+            os.ftruncate(fd, size)
+        return mmap.mmap(
+            fd,
+            size,
+            flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+            prot=mmap.PROT_READ | mmap.PROT_WRITE,
+        )
     finally:
         os.close(fd)
 

@@ -16,7 +16,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -55,6 +54,7 @@ class WorkerClient:
         self._request_ids = itertools.count()
         self._releases: deque[str] = deque()
         self._pins: deque[str] = deque()
+        self._unmapped: deque[tuple[str, int]] = deque()
         self._sent_functions: set[str] = set()
 
     # -- channel ---------------------------------------------------------------------------
@@ -68,12 +68,18 @@ class WorkerClient:
             if self._releases:
                 releases = [self._releases.popleft() for _ in range(len(self._releases))]
                 protocol.send(self._conn, ("release", releases))
+            if self._unmapped:
+                unmapped = [self._unmapped.popleft() for _ in range(len(self._unmapped))]
+                protocol.send(self._conn, ("unmapped", unmapped))
 
     def on_reply(self, request_id: int, payload: Any) -> None:
         """Called by the receiver thread."""
         request = self._requests.pop(request_id, None)
-        if request is None:
-            return  # the caller gave up (timeout) before the answer came
+        if request is None:  # the caller gave up (timeout) before the answer came
+            for item in payload if isinstance(payload, list) else ():
+                if isinstance(item, tuple):
+                    item[1].discard()
+            return
         request.payload = payload
         request.event.set()
         if request.callback is not None:
@@ -121,7 +127,9 @@ class WorkerClient:
         self.send(("put", oid, ser))
         return ObjectRef(oid)
 
-    def future(self, ref: ObjectRef) -> Future:
+    def future(self, ref: ObjectRef) -> Any:
+        from concurrent.futures import Future
+
         fut: Future = Future()
 
         def complete(stored: list) -> None:
@@ -142,8 +150,12 @@ class WorkerClient:
     def pin(self, object_id: str) -> None:
         self._pins.append(object_id)
 
+    def unmapped(self, name: str, consumed: int) -> None:
+        """segments' hook: this process no longer maps ``name`` (reported on the next send)."""
+        self._unmapped.append((name, consumed))
+
     def flush(self) -> None:
-        if self._releases or self._pins:
+        if self._releases or self._pins or self._unmapped:
             self.send(("release", []))
 
     # -- tasks and actors --------------------------------------------------------------------

@@ -44,7 +44,7 @@ from miniray.errors import (
     TaskCancelledError,
     WorkerCrashedError,
 )
-from miniray.runtime import execution, serialization, shm
+from miniray.runtime import execution, segments, serialization, shm
 from miniray.runtime.execution import serialize_args
 from miniray.runtime.local import protocol
 from miniray.runtime.local.protocol import Stored
@@ -60,6 +60,14 @@ from miniray.runtime.refs import (
 )
 
 START_TIMEOUT_S = 60.0
+# -S: no site import (the worker gets the driver's sys.path, .pth entries included);
+# -c rather than -m: runpy costs a few ms more at every start.
+WORKER_COMMAND = (
+    "-S",
+    "-c",
+    "import json, os, sys; sys.path[:] = json.loads(os.environ['MINIRAY_SYS_PATH']); "
+    "from miniray.runtime.local.worker import main; main()",
+)
 EXIT_GRACE_S = 1.0
 # Extra task workers may be started while others block in get(); this caps them.
 MAX_EXTRA_WORKERS = 32
@@ -178,6 +186,7 @@ class LocalBackend:
         self._watched: set[str] = set()
         self._keys = itertools.count(1)
         self._closing = False
+        self._start_failure = ""
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         # Only the router thread touches the selector; others queue new children here.
@@ -186,6 +195,13 @@ class LocalBackend:
         self._unregistered: deque[_Child] = deque()
         # object id -> actors whose next step (create or the head-of-line call) waits on it
         self._actors_waiting: dict[str, list[_Actor]] = {}
+        # Segment reuse (see segments.py): deliveries not yet reported unmapped, per child;
+        # freed segments still mapped somewhere; unmaps reported by this process's GC.
+        self._seg_out: dict[str, dict[int, int]] = {}
+        self._seg_orphans: set[str] = set()
+        self._local_unmaps: deque[str] = deque()
+        segments.reset()
+        segments.set_unmapped_hook(self._on_local_unmap)
         self._router = threading.Thread(
             target=self._route_forever, name="miniray-router", daemon=True
         )
@@ -203,7 +219,7 @@ class LocalBackend:
         env[ENV_SYS_PATH] = json.dumps(sys.path)
         env["PYTHONUNBUFFERED"] = "1"
         popen = subprocess.Popen(
-            [sys.executable, "-m", "miniray.runtime.local.worker", str(child_sock.fileno())],
+            [sys.executable, *WORKER_COMMAND, str(child_sock.fileno())],
             pass_fds=[child_sock.fileno()],
             env=env,
             stdin=subprocess.DEVNULL,
@@ -224,16 +240,15 @@ class LocalBackend:
                 workers = [c for c in self._children.values() if c.kind == "worker"]
                 if all(c.ready for c in workers):
                     return
-                dead = [c for c in workers if c.dead]
                 remaining = deadline - time.monotonic()
-                if dead or remaining <= 0:
-                    self._closing = True
+                if self._start_failure or remaining <= 0:
                     break
                 self._cond.wait(remaining)
+        failure = self._start_failure or f"workers did not start within {timeout_s:.0f}s"
         self.shutdown()
         raise RaySystemError(
-            f"miniray.init(): worker processes did not start within {timeout_s:.0f}s "
-            f"(python: {sys.executable}); see their stderr above"
+            f"miniray.init() failed: {failure} (python: {sys.executable}); "
+            "see the worker's error output above"
         )
 
     def _wake(self) -> None:
@@ -275,6 +290,7 @@ class LocalBackend:
                     elif child.key in self._children:
                         self._drain_child(child)
                 self._drain_releases()
+                self._drain_local_unmaps()
                 self._expire_requests()
                 callbacks = self._take_callbacks()
                 self._cond.notify_all()
@@ -318,9 +334,9 @@ class LocalBackend:
             self._submit_call(actor_id, call, owner=child.key)
         elif kind == "put":
             _, oid, ser = message
-            entry = _Object("put()")
-            entry.holders[child.key] = 1
-            self._objects[oid] = entry
+            put_entry = _Object("put()")
+            put_entry.holders[child.key] = 1
+            self._objects[oid] = put_entry
             self._store(oid, (False, ser))
         elif kind in ("get", "wait"):
             request = self._make_request(child, message)
@@ -329,8 +345,7 @@ class LocalBackend:
                 child.blocked += 1
                 self._dispatch()
         elif kind == "cancel_request":
-            request = self._requests.pop((child.key, message[1]), None)
-            if request is not None:
+            if self._requests.pop((child.key, message[1]), None) is not None:
                 child.blocked -= 1
         elif kind == "release":
             for oid in message[1]:
@@ -340,6 +355,8 @@ class LocalBackend:
                     if entry.holders[child.key] <= 0:
                         del entry.holders[child.key]
                     self._maybe_free(oid, entry)
+        elif kind == "unmapped":
+            self._on_unmapped(child.key, message[1])
         elif kind == "pin":
             for oid in message[1]:
                 entry = self._objects.get(oid)
@@ -382,7 +399,7 @@ class LocalBackend:
     def _store(self, oid: str, stored: Stored) -> None:
         entry = self._objects.get(oid)
         if entry is None:  # nobody wants it any more
-            _unlink_stored(stored)
+            self._free_segment(stored[1])
             return
         entry.stored = stored
         for task in self._waiting_tasks.pop(oid, ()):
@@ -405,7 +422,7 @@ class LocalBackend:
         ):
             return
         del self._objects[oid]
-        _unlink_stored(entry.stored)
+        self._free_segment(entry.stored[1])
 
     def _drain_releases(self) -> None:
         while self._releases:
@@ -426,6 +443,64 @@ class LocalBackend:
                 entry.watchers = []
                 self._maybe_free(oid, entry)
         return callbacks
+
+    # ----------------------------------------------------------------- segment reuse
+    def _deliver(self, child: _Child, *values: Any) -> None:
+        """Count segments sent to ``child``: they stay unreusable until it reports them.
+
+        ``values`` are Serialized, or stored (is_error, Serialized) pairs, or None."""
+        for value in values:
+            ser = value[1] if isinstance(value, tuple) else value
+            if ser is not None and ser.segment is not None:
+                out = self._seg_out.setdefault(ser.segment, {})
+                out[child.key] = out.get(child.key, 0) + 1
+
+    def _free_segment(self, ser: serialization.Serialized) -> None:
+        """The value owning ``ser``'s segment is gone; reuse the segment once nobody maps it."""
+        name = ser.segment
+        if name is None:
+            return
+        ser.discard()
+        if self._seg_out.get(name) or segments.local_maps(name):
+            self._seg_orphans.add(name)
+        else:
+            self._reclaim(name)
+
+    def _reclaim(self, name: str) -> None:
+        self._seg_out.pop(name, None)
+        self._seg_orphans.discard(name)
+        creator = _creator_pid(name)
+        if creator == os.getpid():
+            segments.reclaim(name)
+            return
+        child = next((c for c in self._children.values() if c.popen.pid == creator), None)
+        if child is None or child.dead or not self._send(child, ("reclaim", [name])):
+            shm.unlink(name)
+
+    def _on_unmapped(self, child_key: int, reports: list[tuple[str, int]]) -> None:
+        for name, consumed in reports:
+            out = self._seg_out.get(name)
+            if out is not None and child_key in out:
+                out[child_key] -= consumed
+                if out[child_key] <= 0:
+                    del out[child_key]
+                if not out:
+                    del self._seg_out[name]
+            self._maybe_reclaim(name)
+
+    def _maybe_reclaim(self, name: str) -> None:
+        if name in self._seg_orphans and not self._seg_out.get(name):
+            if not segments.local_maps(name):
+                self._reclaim(name)
+
+    def _on_local_unmap(self, name: str, consumed: int) -> None:
+        # Runs in whichever thread dropped the last view (maybe inside the GC): only queue.
+        self._local_unmaps.append(name)
+        self._wake()
+
+    def _drain_local_unmaps(self) -> None:
+        while self._local_unmaps:
+            self._maybe_reclaim(self._local_unmaps.popleft())
 
     def release(self, object_id: str) -> None:
         # Called from ObjectRef.__del__, possibly inside the garbage collector while this very
@@ -540,6 +615,7 @@ class LocalBackend:
             if not failed and any(e.stored is None for e in entries):  # type: ignore[union-attr]
                 return False
             payload = [failed[0].stored] * len(entries) if failed else [e.stored for e in entries]  # type: ignore[union-attr]
+            self._deliver(request.child, *payload)
             self._send(request.child, ("reply", request.request_id, payload))
             return True
         ready = [
@@ -647,6 +723,7 @@ class LocalBackend:
                 fn_bytes = self._functions[task.fn_id]
                 child.known_functions.add(task.fn_id)
             child.task = task
+            self._deliver(child, task.payload, *(self._objects[o].stored for o in task.deps))
             self._send(
                 child,
                 (
@@ -679,7 +756,7 @@ class LocalBackend:
             if entry is not None:
                 entry.uses -= 1
                 self._maybe_free(oid, entry)
-        _unlink_stored((False, task.payload))
+        self._free_segment(task.payload)
         for oid, item in zip(task.return_ids, stored):
             self._store(oid, item)
 
@@ -786,6 +863,7 @@ class LocalBackend:
         if missing is not None:
             self._actors_waiting.setdefault(missing, []).append(actor)
             return  # _store() calls us again when that argument arrives
+        self._deliver(child, actor.payload, *deps)
         self._send(
             child,
             (
@@ -872,6 +950,7 @@ class LocalBackend:
                 return
             actor.pending.popleft()
             actor.inflight[call.call_id] = call
+            self._deliver(actor.child, call.payload, *deps)
             self._send(
                 actor.child,
                 (
@@ -891,7 +970,7 @@ class LocalBackend:
             if entry is not None:
                 entry.uses -= 1
                 self._maybe_free(oid, entry)
-        _unlink_stored((False, call.payload))
+        self._free_segment(call.payload)
         for oid, item in zip(call.return_ids, stored):
             self._store(oid, item)
 
@@ -921,7 +1000,7 @@ class LocalBackend:
                 entry.uses -= 1
                 self._maybe_free(oid, entry)
         actor.deps = []
-        _unlink_stored((False, actor.payload))
+        self._free_segment(actor.payload)
 
     def kill(self, handle: ActorHandle, no_restart: bool) -> None:
         with self._cond:
@@ -965,6 +1044,7 @@ class LocalBackend:
         self._requests = {k: r for k, r in self._requests.items() if r.child is not child}
         for entry in list(self._objects.values()):
             entry.holders.pop(child.key, None)
+        self._forget_child_segments(child)
         if child.kind == "worker":
             if child in self._idle:
                 self._idle.remove(child)
@@ -973,13 +1053,35 @@ class LocalBackend:
             if task is not None and not task.done:
                 self._task_lost(task, child, reason)
             workers = [c for c in self._children.values() if c.kind == "worker" and not c.dead]
-            if len(workers) < self.num_workers and not self._closing:
+            if not child.ready:
+                # It died before saying hello: a broken environment, not a crash to heal.
+                self._start_failure = f"a worker process (pid {child.popen.pid}) {reason}"
+            elif len(workers) < self.num_workers and not self._closing:
                 self._spawn("worker")
             self._dispatch()
         elif child.actor is not None:
             self._actor_lost(child.actor, child, reason)
 
+    def _forget_child_segments(self, child: _Child) -> None:
+        """A dead child maps nothing; segments it created and nobody uses can go."""
+        for name in list(self._seg_out):
+            out = self._seg_out[name]
+            out.pop(child.key, None)
+            if not out:
+                del self._seg_out[name]
+                self._maybe_reclaim(name)
+        in_use = {e.stored[1].segment for e in self._objects.values() if e.stored is not None}
+        in_use |= {t.payload.segment for t in self._tasks.values()}
+        for actor in self._actors.values():
+            in_use.add(actor.payload.segment)
+            in_use |= {c.payload.segment for c in (*actor.pending, *actor.inflight.values())}
+        in_use |= self._seg_orphans
+        for name in shm.list_session(self.session_id):
+            if _creator_pid(name) == child.popen.pid and name not in in_use:
+                shm.unlink(name)
+
     def _task_lost(self, task: _Task, child: _Child, reason: str) -> None:
+        error: Exception
         if task.cancelled:
             error = TaskCancelledError(f"task {task.name}() was cancelled (force=True)")
         elif task.retries_left != 0:
@@ -1089,12 +1191,6 @@ class LocalBackend:
             return actor.child.popen.pid
 
 
-def _unlink_stored(stored: Stored) -> None:
-    segment = stored[1].segment
-    if segment is not None:
-        shm.unlink(segment)
-
-
 def _exit_reason(popen: subprocess.Popen) -> str:
     try:
         code = popen.wait(timeout=EXIT_GRACE_S)
@@ -1107,3 +1203,11 @@ def _exit_reason(popen: subprocess.Popen) -> str:
         except ValueError:
             return f"killed by signal {-code}"
     return f"exited with code {code}"
+
+
+def _creator_pid(segment: str) -> int:
+    """Segment names are miniray_<session>_<pid>_<n> (see shm.new_name)."""
+    try:
+        return int(segment.split("_")[2])
+    except (IndexError, ValueError):
+        return -1

@@ -39,6 +39,7 @@ def stored_error(error: BaseException, session_id: str) -> Stored:
         return (True, serialization.serialize(error, session_id=session_id))
     except Exception:
         # The user's exception cannot be pickled: keep its type name, message and traceback.
+        substitute: BaseException
         if isinstance(error, RayTaskError):
             substitute = RayTaskError(
                 error.function_name,

@@ -12,7 +12,6 @@ Started as ``python -m miniray.runtime.local.worker FD`` with the session in the
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import json
 import os
@@ -20,11 +19,10 @@ import queue
 import signal
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from typing import Any
 
-from miniray.runtime import context, execution, serialization, shm
+from miniray.runtime import context, execution, segments, serialization, shm
 from miniray.runtime.local import protocol
 from miniray.runtime.local.client import WorkerClient
 from miniray.runtime.local.values import stored_error, stored_value, value_of
@@ -42,9 +40,9 @@ class Worker:
         self.functions: dict[str, Any] = {}
         self.instance: Any = None
         self.actor_name = ""
-        self.pool: ThreadPoolExecutor | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.semaphore: asyncio.Semaphore | None = None
+        self.pool: Any = None  # ThreadPoolExecutor of a threaded actor
+        self.loop: Any = None  # asyncio loop of an async actor
+        self.semaphore: Any = None
 
     # -- receiving -------------------------------------------------------------------------
     def receive_forever(self) -> None:
@@ -59,6 +57,9 @@ class Worker:
                 self.client.on_reply(message[1], message[2])
             elif kind == "exit":
                 os._exit(0)
+            elif kind == "reclaim":
+                for name in message[1]:
+                    segments.reclaim(name)
             elif kind == "call" and self.loop is not None:
                 self.loop.call_soon_threadsafe(self._start_async_call, message)
             elif kind == "call" and self.pool is not None:
@@ -111,6 +112,8 @@ class Worker:
                 self.client.send(("result", task_id, [error] * max(1, len(return_ids))))
                 return
             stored = [stored_value(v, self.session_id, name) for v in values]
+            # Drop our views of the arguments first, so the send also reports them unmapped.
+            del values, args, kwargs
             self.client.send(("result", task_id, stored))
             return
 
@@ -129,10 +132,14 @@ class Worker:
             inspect.iscoroutinefunction(m) for _, m in inspect.getmembers(type(self.instance))
         )
         if is_async:
+            import asyncio  # only async actors pay for importing it
+
             self.loop = asyncio.new_event_loop()
             asyncio.set_event_loop(self.loop)
             self.semaphore = asyncio.Semaphore(options["max_concurrency"])
         elif options["max_concurrency"] > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
             self.pool = ThreadPoolExecutor(
                 options["max_concurrency"], thread_name_prefix=f"miniray-{class_name}"
             )
@@ -150,6 +157,7 @@ class Worker:
         except ValueError as exc:
             return self._fail_call(call_id, label, return_ids, exc)
         stored = [stored_value(v, self.session_id, label) for v in values]
+        del values, value
         self.client.send(("result", call_id, stored))
 
     def _fail_call(self, call_id: str, label: str, return_ids: list[str], exc: BaseException):
@@ -164,6 +172,8 @@ class Worker:
         except BaseException as exc:
             return self._fail_call(call_id, label, return_ids, exc)
         self._finish_call(call_id, label, return_ids, value)
+        del value
+        self.client.flush()
 
     def _start_async_call(self, message: tuple) -> None:
         assert self.loop is not None
@@ -184,7 +194,7 @@ class Worker:
 
 
 def main() -> None:
-    fd = int(sys.argv[1])
+    fd = int(sys.argv[-1])
     session_id = os.environ[ENV_SESSION]
     sys.path[:] = json.loads(os.environ[ENV_SYS_PATH])
     # Ctrl-C goes to the driver, which shuts us down; a worker dying of it would look like a crash.
@@ -192,6 +202,7 @@ def main() -> None:
     conn = Connection(fd)
     worker = Worker(conn, session_id)
     context.set_backend(worker.client)
+    segments.set_unmapped_hook(worker.client.unmapped)
     worker.run()
 
 

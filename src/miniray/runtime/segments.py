@@ -1,0 +1,160 @@
+"""Which shared-memory segments this process created, maps, and may write into again.
+
+Writing 100 MB into a fresh /dev/shm segment costs ~5x a memcpy: the kernel must allocate and
+zero 25,000 pages first. So a segment is not unlinked when its object is freed; it goes back to
+the process that created it, which reuses it for the next large value. That is only safe once
+no process maps the old contents any more (readers map copy-on-write, and pages they have not
+written still show the file), so every process counts its live mappings and reports when a
+segment is no longer mapped:
+
+    reader process                     head (driver)                    creator process
+    deserialize -> track_mapping       counts deliveries per child      acquire(): reuse a
+    mapping garbage-collected ->       object freed and every           pooled segment or
+      unmapped hook (name, receipts)   delivery unmapped -> reclaim --> create a new one
+
+A process reports a segment only when it has no mapping of it *and* no delivery of it still
+waiting to be deserialized; the report says how many deliveries it consumed, so the head, which
+counts what it sent, knows whether another delivery is still in flight.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+import weakref
+from collections.abc import Callable
+
+from miniray.runtime import shm
+
+POOL_LIMIT_BYTES = int(os.environ.get("MINIRAY_SHM_POOL_MB", "1024")) * 2**20
+MIN_POOLED_BYTES = 1 << 20
+
+_lock = threading.RLock()  # finalizers may run inside a locked section
+_capacity: dict[str, int] = {}  # segments this process created -> file size
+_free: list[tuple[int, str]] = []  # own segments nobody maps: (capacity, name), oldest first
+_free_bytes = 0
+_maps: dict[str, int] = {}
+_pending: dict[str, int] = {}  # deliveries received but not deserialized yet
+_consumed: dict[str, int] = {}  # deliveries deserialized since the last report
+_unmapped_hook: Callable[[str, int], None] | None = None
+
+
+def set_unmapped_hook(hook: Callable[[str, int], None] | None) -> None:
+    global _unmapped_hook
+    _unmapped_hook = hook
+
+
+def acquire(session_id: str, size: int) -> tuple[str, mmap.mmap]:
+    """A writable mapping of ``size`` bytes: a pooled segment of ours if one fits."""
+    global _free_bytes
+    with _lock:
+        best = None
+        for i, (capacity, _name) in enumerate(_free):
+            if size <= capacity <= 2 * size and (best is None or capacity < _free[best][0]):
+                best = i
+        if best is not None:
+            capacity, name = _free.pop(best)
+            _free_bytes -= capacity
+    if best is not None:
+        try:
+            return name, shm.open_shared(name, size)
+        except OSError:
+            forget(name)
+    name = shm.new_name(session_id)
+    mapping = shm.create(name, size)
+    with _lock:
+        _capacity[name] = size
+    return name, mapping
+
+
+def reclaim(name: str) -> None:
+    """The head says nobody maps ``name`` any more: keep it for reuse, or delete it."""
+    global _free_bytes
+    with _lock:
+        capacity = _capacity.get(name)
+        if capacity is not None and capacity >= MIN_POOLED_BYTES:
+            _free.append((capacity, name))
+            _free_bytes += capacity
+            evicted = []
+            while _free_bytes > POOL_LIMIT_BYTES and _free:
+                cap, old = _free.pop(0)
+                _free_bytes -= cap
+                evicted.append(old)
+        else:
+            evicted = [name]
+    for old in evicted:
+        forget(old)
+
+
+def forget(name: str) -> None:
+    with _lock:
+        _capacity.pop(name, None)
+    shm.unlink(name)
+
+
+def is_own(name: str) -> bool:
+    return name in _capacity
+
+
+def pooled_bytes() -> int:
+    return _free_bytes
+
+
+def track_mapping(name: str, mapping: mmap.mmap) -> None:
+    with _lock:
+        _maps[name] = _maps.get(name, 0) + 1
+    weakref.finalize(mapping, _on_unmap, name)
+
+
+def delivery_received(name: str) -> None:
+    with _lock:
+        _pending[name] = _pending.get(name, 0) + 1
+
+
+def delivery_consumed(name: str) -> None:
+    """A received delivery was deserialized (or dropped unread)."""
+    with _lock:
+        left = _pending.get(name, 0) - 1
+        if left > 0:
+            _pending[name] = left
+        else:
+            _pending.pop(name, None)
+        _consumed[name] = _consumed.get(name, 0) + 1
+    _report_if_done(name)
+
+
+def _on_unmap(name: str) -> None:
+    with _lock:
+        left = _maps.get(name, 0) - 1
+        if left > 0:
+            _maps[name] = left
+            return
+        _maps.pop(name, None)
+    _report_if_done(name)
+
+
+def _report_if_done(name: str) -> None:
+    with _lock:
+        if _maps.get(name) or _pending.get(name):
+            return
+        consumed = _consumed.pop(name, 0)
+        hook = _unmapped_hook
+    if hook is not None and consumed:
+        hook(name, consumed)
+
+
+def local_maps(name: str) -> int:
+    return _maps.get(name, 0)
+
+
+def reset() -> None:
+    """Forget everything (a new session in this process)."""
+    global _free_bytes
+    with _lock:
+        _capacity.clear()
+        _free.clear()
+        _free_bytes = 0
+        _maps.clear()
+        _pending.clear()
+        _consumed.clear()
