@@ -24,7 +24,7 @@ import time
 
 METRICS = [
     ("init_s", "init (2 workers), s", "lower"),
-    ("rss_mib", "RSS of all runtime processes, MiB", "lower"),
+    ("rss_mib", "RSS after init, driver + runtime processes, MiB", "lower"),
     ("actor_rtt_us", "actor call round trip, us", "lower"),
     ("task_rtt_us", "task round trip, us", "lower"),
     ("actor_calls_per_s", "async actor calls/s (1000 in flight)", "higher"),
@@ -49,8 +49,10 @@ def measure_init(name: str) -> dict:
     start = time.perf_counter()
     rt.init(**kwargs)
     init_s = time.perf_counter() - start
+    time.sleep(2.0)  # Ray starts its workers in the background: count them too
+    rss = _rss_mib()
     rt.shutdown()
-    return {"init_s": init_s}
+    return {"init_s": init_s, "rss_mib": rss}
 
 
 def _rss_mib() -> float:
@@ -89,8 +91,7 @@ def measure_rest(name: str, reps: int) -> dict:
     actor = Echo.remote()
     rt.get(actor.ping.remote())
     rt.get([task.remote() for _ in range(4)])
-    time.sleep(1.0)  # let start-up settle before reading memory
-    out: dict = {"rss_mib": _rss_mib()}
+    out: dict = {}
 
     def median_us(fn, n):
         samples = []
@@ -176,9 +177,13 @@ def main() -> None:
         print("ray is not importable: measuring miniray only (pip install 'miniray[ray]')")
     results: dict[str, dict] = {}
     for name in runtimes:
-        inits = [run_child(name, "init", reps)["init_s"] for _ in range(init_samples)]
+        inits = [run_child(name, "init", reps) for _ in range(init_samples)]
         rest = run_child(name, "rest", reps)
-        results[name] = {"init_s": statistics.median(inits), **rest}
+        results[name] = {
+            "init_s": statistics.median(i["init_s"] for i in inits),
+            "rss_mib": statistics.median(i["rss_mib"] for i in inits),
+            **rest,
+        }
 
     print(f"{'metric':<42}" + "".join(f"{n:>14}" for n in runtimes) + "   miniray vs ray")
     for key, label, better in METRICS:
