@@ -15,9 +15,11 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+LINT_PATHS := $(wildcard src tests benchmarks examples ml)
+
 lint: setup
-	$(VENV)/bin/ruff check src tests benchmarks examples
-	$(VENV)/bin/ruff format --check src tests benchmarks examples
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
 	$(VENV)/bin/mypy src/miniray/runtime src/miniray/errors.py
 
 test: lint
