@@ -19,6 +19,7 @@ __all__ = [
     "ActorUnavailableError",
     "GetTimeoutError",
     "ObjectLostError",
+    "PendingCallsLimitExceeded",
     "RayActorError",
     "RayError",
     "RaySystemError",
@@ -50,6 +51,10 @@ class WorkerCrashedError(RayError):
 
 class ObjectLostError(RayError):
     """An object's value is gone (its process died before storing it, or it was freed)."""
+
+
+class PendingCallsLimitExceeded(RayError):
+    """An actor handle already has ``max_pending_calls`` calls waiting; back off and retry."""
 
 
 class RayActorError(RayError):

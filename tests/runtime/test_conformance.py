@@ -489,3 +489,24 @@ def test_env_var_selects_backend(monkeypatch):
         assert miniray.backend_name() == "inline"
     finally:
         miniray.shutdown()
+
+
+def test_max_pending_calls_refuses_calls_beyond_the_limit(runtime):
+    from miniray.exceptions import PendingCallsLimitExceeded
+
+    counter = Counter.options(max_pending_calls=2).remote()
+    miniray.get(counter.read.remote(), timeout=30)
+    first = [counter.slow.remote(0.5), counter.slow.remote(0.5)]
+    with pytest.raises(PendingCallsLimitExceeded, match="max_pending_calls=2"):
+        counter.read.remote()
+    miniray.get(first, timeout=30)
+    assert miniray.get(counter.read.remote(), timeout=30) == 0
+
+
+def test_options_only_ray_can_honour_are_refused_not_ignored(runtime):
+    if runtime == "ray":
+        pytest.skip("Ray honours these options")
+    with pytest.raises(ValueError, match="runtime_env"):
+        double.options(runtime_env={"env_vars": {"A": "1"}}).remote(1)
+    with pytest.raises(ValueError, match="concurrency_groups"):
+        Counter.options(concurrency_groups={"io": 2}).remote()

@@ -319,3 +319,15 @@ def test_workers_that_cannot_start_fail_init_fast_with_the_cause(monkeypatch):
         miniray.init(backend="local", num_workers=2)
     assert time.monotonic() - start < 10
     assert not miniray.is_initialized()
+
+
+@miniray.remote(max_calls=2)
+def worker_pid():
+    return os.getpid()
+
+
+def test_max_calls_replaces_the_worker_after_that_many_calls(local_runtime):
+    pids = [miniray.get(worker_pid.remote(), timeout=30) for _ in range(6)]
+    for pid in set(pids):
+        assert pids.count(pid) <= 2, pids
+    assert len(backend().child_pids()) == 2

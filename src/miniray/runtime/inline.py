@@ -26,10 +26,12 @@ from miniray.errors import (
     ActorAlreadyExistsError,
     ActorDiedError,
     GetTimeoutError,
+    PendingCallsLimitExceeded,
     RayTaskError,
     TaskCancelledError,
 )
 from miniray.runtime import execution, serialization
+from miniray.runtime import options as opts
 from miniray.runtime.refs import (
     ActorClass,
     ActorHandle,
@@ -62,6 +64,7 @@ class _Actor:
         self.pool: ThreadPoolExecutor | None = None
         self.fifo: queue.SimpleQueue | None = None
         self.restarts_left = options["max_restarts"]
+        self.outstanding = 0  # calls submitted and not finished (for max_pending_calls)
 
 
 class InlineBackend:
@@ -187,6 +190,7 @@ class InlineBackend:
     def submit_task(
         self, fn: RemoteFunction, args: tuple, kwargs: dict, options: dict[str, Any]
     ) -> Any:
+        opts.check_embedded(options, self.name)
         call_args, call_kwargs, dep_ids = execution.encode_args(args, kwargs)
         deps = self._dep_entries(dep_ids)
         payload = execution.serialize_args(call_args, call_kwargs, fn.__qualname__, None)
@@ -230,6 +234,7 @@ class InlineBackend:
     def create_actor(
         self, cls: ActorClass, args: tuple, kwargs: dict, options: dict[str, Any]
     ) -> ActorHandle:
+        opts.check_embedded(options, self.name)
         name = options["name"]
         with self._lock:
             if name is not None and name in self._names:
@@ -303,16 +308,19 @@ class InlineBackend:
 
     def _enqueue(self, actor: _Actor, call: Callable[[], Any], num_returns: int) -> Any:
         outs = [self._new_entry() for _ in range(num_returns)]
+        actor.outstanding += 1
 
         def finish(value: Any = None, error: BaseException | None = None) -> None:
+            actor.outstanding -= 1
+            if error is None:
+                try:
+                    values = execution.split_returns(value, num_returns, "actor method")
+                except ValueError as exc:
+                    error = execution.task_error("actor method", exc)
             if error is not None:
                 for _, entry in outs:
                     self._store(entry, error=error)
                 return
-            try:
-                values = execution.split_returns(value, num_returns, "actor method")
-            except ValueError as exc:
-                return finish(error=execution.task_error("actor method", exc))
             for (_, entry), v in zip(outs, values):
                 self._store(entry, v)
 
@@ -364,6 +372,12 @@ class InlineBackend:
         actor = self._actors.get(handle.actor_id)
         if actor is None:
             raise ValueError(f"{handle!r} is unknown to this runtime")
+        limit = actor.options.get("max_pending_calls", -1)
+        if limit > 0 and actor.outstanding >= limit:
+            raise PendingCallsLimitExceeded(
+                f"actor {actor.cls.__name__} already has {actor.outstanding} calls pending "
+                f"(max_pending_calls={limit}); wait for some results before submitting more"
+            )
         call_args, call_kwargs, dep_ids = execution.encode_args(args, kwargs)
         deps = self._dep_entries(dep_ids)
         label = f"{actor.cls.__name__}.{method}"

@@ -86,6 +86,27 @@ def validate(kind: str, options: dict[str, Any]) -> dict[str, Any]:
     return options
 
 
+# Placement and environment options that only Ray's scheduler can honour. Refusing them beats
+# ignoring them: a user who asks for a runtime_env must not get a silently different process.
+_RAY_ONLY = ("runtime_env", "concurrency_groups", "label_selector", "accelerator_type")
+
+
+def check_embedded(options: dict[str, Any], backend: str) -> None:
+    """Reject options the embedded backends cannot honour, naming the way out."""
+    for key in _RAY_ONLY:
+        if options.get(key) is not None:
+            raise ValueError(
+                f"option {key}={options[key]!r} is not supported by the {backend} backend; "
+                "use backend='ray' for it"
+            )
+    strategy = options.get("scheduling_strategy")
+    if strategy is not None and strategy not in ("DEFAULT", "SPREAD"):
+        raise ValueError(
+            f"option scheduling_strategy={strategy!r} is not supported by the {backend} backend "
+            "(only 'DEFAULT' and 'SPREAD', which mean the same on one machine)"
+        )
+
+
 def _check_int(options: dict[str, Any], key: str, *, minimum: int) -> None:
     if key not in options:
         return

@@ -40,11 +40,13 @@ from miniray.errors import (
     ActorUnavailableError,
     GetTimeoutError,
     ObjectLostError,
+    PendingCallsLimitExceeded,
     RaySystemError,
     TaskCancelledError,
     WorkerCrashedError,
 )
 from miniray.runtime import execution, segments, serialization, shm
+from miniray.runtime import options as opts
 from miniray.runtime.execution import serialize_args
 from miniray.runtime.local import protocol
 from miniray.runtime.local.protocol import Stored
@@ -100,6 +102,7 @@ class _Child:
         self.actor: _Actor | None = None
         self.blocked = 0  # requests it waits on (a blocked worker frees its slot)
         self.known_functions: set[str] = set()
+        self.calls: dict[str, int] = {}  # function id -> tasks run (for max_calls)
         self.extra = False
 
 
@@ -651,6 +654,7 @@ class LocalBackend:
     def submit_task(
         self, fn: RemoteFunction, args: tuple, kwargs: dict, options: dict[str, Any]
     ) -> Any:
+        opts.check_embedded(options, self.name)
         call_args, call_kwargs, deps = execution.encode_args(args, kwargs)
         payload = serialize_args(call_args, call_kwargs, fn.__qualname__, self.session_id)
         num_returns = options["num_returns"]
@@ -662,7 +666,10 @@ class LocalBackend:
             payload,
             deps,
             return_ids,
-            {k: options[k] for k in ("num_returns", "max_retries", "retry_exceptions")},
+            {
+                k: options[k]
+                for k in ("num_returns", "max_retries", "retry_exceptions", "max_calls")
+            },
             None,
         )
         with self._cond:
@@ -766,6 +773,8 @@ class LocalBackend:
             child.task = None
             if task is not None and task.task_id == call_id:
                 self._finish_task(task, stored)
+                if self._used_up(child, task):
+                    return
             self._worker_idle(child)
             return
         actor = child.actor
@@ -774,6 +783,21 @@ class LocalBackend:
         call = actor.inflight.pop(call_id, None)
         if call is not None:
             self._finish_call(call, stored)
+
+    def _used_up(self, child: _Child, task: _Task) -> bool:
+        """``max_calls``: a worker that ran a function that often is replaced (leaky code)."""
+        max_calls = task.options.get("max_calls") or 0
+        if max_calls <= 0:
+            return False
+        child.calls[task.fn_id] = child.calls.get(task.fn_id, 0) + 1
+        if child.calls[task.fn_id] < max_calls:
+            return False
+        child.dead = True
+        self._send(child, ("exit",))
+        self._retire(child)
+        if not self._closing:
+            self._spawn("worker")
+        return True
 
     def _worker_idle(self, child: _Child) -> None:
         workers = [c for c in self._children.values() if c.kind == "worker" and not c.dead]
@@ -815,6 +839,7 @@ class LocalBackend:
     def create_actor(
         self, cls: ActorClass, args: tuple, kwargs: dict, options: dict[str, Any]
     ) -> ActorHandle:
+        opts.check_embedded(options, self.name)
         init_args, init_kwargs, deps = execution.encode_args(args, kwargs)
         payload = serialize_args(init_args, init_kwargs, cls.__name__, self.session_id)
         class_bytes = serialization.dumps(cls.cls)
@@ -893,6 +918,8 @@ class LocalBackend:
     def submit_actor_call(
         self, handle: ActorHandle, method: str, args: tuple, kwargs: dict, options: dict[str, Any]
     ) -> Any:
+        with self._lock:
+            self._check_pending_limit(handle)
         call_args, call_kwargs, deps = execution.encode_args(args, kwargs)
         label = f"{handle.class_name}.{method}"
         payload = serialize_args(call_args, call_kwargs, label, self.session_id)
@@ -914,6 +941,18 @@ class LocalBackend:
             self._submit_call(handle.actor_id, call, owner=None)
         refs = [ObjectRef(oid) for oid in call.return_ids]
         return returns_of(refs, num_returns) if refs else None
+
+    def _check_pending_limit(self, handle: ActorHandle) -> None:
+        actor = self._actors.get(handle.actor_id)
+        if actor is None:
+            return
+        limit = actor.options.get("max_pending_calls", -1)
+        waiting = len(actor.pending) + len(actor.inflight)
+        if limit > 0 and waiting >= limit:
+            raise PendingCallsLimitExceeded(
+                f"actor {actor.class_name} already has {waiting} calls pending "
+                f"(max_pending_calls={limit}); wait for some results before submitting more"
+            )
 
     def _submit_call(self, actor_id: str, call: _Call, owner: int | None) -> None:
         actor = self._actors.get(actor_id)
