@@ -240,11 +240,13 @@ class LocalBackend:
         deadline = time.monotonic() + timeout_s
         with self._cond:
             while True:
-                workers = [c for c in self._children.values() if c.kind == "worker"]
-                if all(c.ready for c in workers):
+                if self._start_failure:
+                    break
+                ready = [c for c in self._children.values() if c.kind == "worker" and c.ready]
+                if len(ready) >= self.num_workers:
                     return
                 remaining = deadline - time.monotonic()
-                if self._start_failure or remaining <= 0:
+                if remaining <= 0:
                     break
                 self._cond.wait(remaining)
         failure = self._start_failure or f"workers did not start within {timeout_s:.0f}s"
