@@ -1,0 +1,34 @@
+"""What a generation engine offers the rollouter: sample with log-probs, take new weights."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+@dataclass(kw_only=True)
+class Generation:
+    """One sampled response. ``response_logprobs[i]`` is the behaviour policy's log-prob of
+    ``response_token_ids[i]`` (at the sampling temperature): the trainer's off-policy correction
+    needs exactly these numbers, so engines must not apply hidden top-k/top-p filtering."""
+
+    prompt_token_ids: list[int]
+    response_token_ids: list[int]
+    response_logprobs: list[float]
+    finish_reason: str  # "stop" (EOS), "length" (max_new_tokens) or "aborted" (asked to stop)
+
+
+class GenerationEngine(Protocol):
+    def generate(
+        self,
+        prompts: Sequence[list[int]],
+        *,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> list[Generation]: ...
+
+    def load_weights(self, state_dict: Mapping[str, Any]) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]: ...

@@ -1,0 +1,150 @@
+"""Sampling with a Hugging Face causal LM on the CPU, recording exact behaviour log-probs.
+
+We write the sampling loop (prefill, then one token at a time with the KV cache) rather than
+call ``model.generate``: its default generation config may add top-k or top-p filtering, and
+the log-probs the trainer divides by must be those of the distribution actually sampled.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from miniray.rl.engines.base import Generation
+
+
+class HFGenerationEngine:
+    """Batched sampling from any causal LM (``model`` object, or a local ``model_path``)."""
+
+    def __init__(
+        self,
+        model: Any = None,
+        *,
+        model_path: str | pathlib.Path | None = None,
+        eos_token_id: int | None = None,
+        pad_token_id: int | None = None,
+        seed: int = 0,
+        num_threads: int | None = None,
+    ):
+        if (model is None) == (model_path is None):
+            raise ValueError("HFGenerationEngine needs exactly one of model= or model_path=")
+        if model_path is not None:
+            from miniray.rl.models.tiny import load
+
+            model, tokenizer = load(model_path)
+            eos_token_id = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
+            pad_token_id = tokenizer.pad_token_id if pad_token_id is None else pad_token_id
+        config = model.config
+        self.model = model.eval()
+        self.eos_token_id = config.eos_token_id if eos_token_id is None else eos_token_id
+        self.pad_token_id = config.pad_token_id if pad_token_id is None else pad_token_id
+        if self.eos_token_id is None or self.pad_token_id is None:
+            raise ValueError(
+                f"HFGenerationEngine: eos_token_id={self.eos_token_id} and "
+                f"pad_token_id={self.pad_token_id} must both be known (pass them explicitly)"
+            )
+        self.generator = torch.Generator().manual_seed(seed)
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[list[int]],
+        *,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> list[Generation]:
+        """Sample one response per prompt; ``temperature=0`` is greedy."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+        if temperature < 0:
+            raise ValueError(f"temperature={temperature} must be >= 0")
+        if not prompts:
+            return []
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        batch = len(prompts)
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((batch, width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):  # left padding: every row ends at the last column
+            input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
+            mask[row, width - len(prompt) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(
+            input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True
+        )
+        past = out.past_key_values
+        logits = out.logits[:, -1, :]
+        tokens: list[list[int]] = [[] for _ in range(batch)]
+        logprobs: list[list[float]] = [[] for _ in range(batch)]
+        finished = torch.zeros(batch, dtype=torch.bool)
+        reason = "length"
+        for _ in range(max_new_tokens):
+            if should_stop is not None and should_stop():
+                reason = "aborted"
+                break
+            scaled = logits.float() / (temperature if temperature > 0 else 1.0)
+            logp = torch.log_softmax(scaled, dim=-1)
+            if temperature > 0:
+                chosen = torch.multinomial(logp.exp(), 1, generator=self.generator).squeeze(-1)
+            else:
+                chosen = logp.argmax(-1)
+            chosen_logp = logp.gather(-1, chosen[:, None]).squeeze(-1)
+            for row in range(batch):
+                if not finished[row]:
+                    tokens[row].append(int(chosen[row]))
+                    logprobs[row].append(float(chosen_logp[row]))
+            finished |= chosen == self.eos_token_id
+            if bool(finished.all()):
+                break
+            chosen = torch.where(finished, torch.full_like(chosen, self.pad_token_id), chosen)
+            mask = torch.cat([mask, (~finished).long()[:, None]], dim=1)
+            positions = positions[:, -1:] + 1
+            out = self.model(
+                input_ids=chosen[:, None],
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=past,
+                use_cache=True,
+            )
+            past = out.past_key_values
+            logits = out.logits[:, -1, :]
+        return [
+            Generation(
+                prompt_token_ids=list(prompt),
+                response_token_ids=tokens[row],
+                response_logprobs=logprobs[row],
+                finish_reason="stop" if finished[row] else reason,
+            )
+            for row, prompt in enumerate(prompts)
+        ]
+
+    def load_weights(self, state_dict: Mapping[str, Any]) -> None:
+        """Replace the weights (strict: a missing or unexpected name is an error)."""
+        result = self.model.load_state_dict(dict(state_dict), strict=False)
+        missing = [k for k in result.missing_keys if not k.endswith("lm_head.weight")]
+        if missing or result.unexpected_keys:
+            raise ValueError(
+                f"load_weights: missing parameters {missing[:5]}, unexpected "
+                f"{list(result.unexpected_keys)[:5]} (is this the same architecture?)"
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+
+def sequence_logprobs(
+    model: Any, prompt: list[int], response: list[int], *, temperature: float = 1.0
+) -> torch.Tensor:
+    """Log-probs of ``response`` given ``prompt`` under ``model`` (teacher forcing)."""
+    ids = torch.tensor([prompt + response])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float()
+    logp = torch.log_softmax(logits / (temperature if temperature > 0 else 1.0), dim=-1)
+    return logp.gather(-1, torch.tensor(response)[:, None]).squeeze(-1)

@@ -1,0 +1,137 @@
+"""A tiny Qwen2-style causal LM and a character tokenizer, built locally from a config.
+
+No weights can be downloaded here, so the demo and the tests build a model this small (tens of
+thousands of parameters), briefly pre-train it on a task's format, save it with
+``save_pretrained`` and load it back through ``from_pretrained`` on the directory: the same code
+path a user takes with a real checkpoint.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import random
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+SPECIAL_TOKENS = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>"}
+
+
+def char_tokenizer(alphabet: str) -> Any:
+    """A fast tokenizer with one token per character of ``alphabet`` plus 4 special tokens."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    if len(set(alphabet)) != len(alphabet):
+        raise ValueError(f"alphabet={alphabet!r} has repeated characters")
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS.values())}
+    for char in alphabet:
+        vocab[char] = len(vocab)
+    core = Tokenizer(models.WordLevel(vocab, unk_token=SPECIAL_TOKENS["unk"]))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    core.decoder = decoders.Fuse()  # characters join without spaces
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token=SPECIAL_TOKENS["bos"],
+        eos_token=SPECIAL_TOKENS["eos"],
+        pad_token=SPECIAL_TOKENS["pad"],
+        unk_token=SPECIAL_TOKENS["unk"],
+    )
+
+
+def tiny_qwen2(tokenizer: Any, *, seed: int = 0, **overrides: Any) -> Any:
+    """A randomly initialised ``Qwen2ForCausalLM`` sized for a CPU demo."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    settings: dict[str, Any] = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 64,
+        "intermediate_size": 192,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+        "tie_word_embeddings": True,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    settings.update(overrides)
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(Qwen2Config(**settings))
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def encode_example(tokenizer: Any, prompt: str, answer: str) -> tuple[list[int], int]:
+    """Token ids of ``<s> prompt answer </s>`` and where the answer starts."""
+    prompt_ids = [tokenizer.bos_token_id, *tokenizer(prompt)["input_ids"]]
+    answer_ids = [*tokenizer(answer)["input_ids"], tokenizer.eos_token_id]
+    return prompt_ids + answer_ids, len(prompt_ids)
+
+
+def pretrain(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[tuple[str, str]],
+    *,
+    steps: int,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    seed: int = 0,
+    on_step: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """Supervised training on (prompt, answer) pairs, loss on the answer tokens only."""
+    if not examples:
+        raise ValueError("pretrain(): examples is empty")
+    rng = random.Random(seed)
+    encoded = [encode_example(tokenizer, p, a) for p, a in examples]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    losses = []
+    for step in range(steps):
+        batch = [encoded[rng.randrange(len(encoded))] for _ in range(batch_size)]
+        width = max(len(ids) for ids, _ in batch)
+        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+        labels = torch.full_like(input_ids, -100)
+        mask = torch.zeros_like(input_ids)
+        for row, (ids, answer_start) in enumerate(batch):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            labels[row, answer_start : len(ids)] = torch.tensor(ids[answer_start:])
+            mask[row, : len(ids)] = 1
+        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if on_step is not None:
+            on_step(step, losses[-1])
+    model.eval()
+    return losses
+
+
+def save(model: Any, tokenizer: Any, path: str | pathlib.Path) -> pathlib.Path:
+    path = pathlib.Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def load(path: str | pathlib.Path, *, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """Load any Hugging Face causal LM and its tokenizer from a local directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = pathlib.Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(
+            f"model path {str(path)!r} has no config.json: pass a directory written by "
+            "save_pretrained (no hub downloads happen here)"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model.eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer

@@ -1,0 +1,179 @@
+"""The local building blocks of the RL demo: task and reward, tiny model, generation engine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from miniray.rl.engines import HFGenerationEngine
+from miniray.rl.engines.hf import sequence_logprobs
+from miniray.rl.models import char_tokenizer, encode_example, load, pretrain, save, tiny_qwen2
+from miniray.rl.tasks import ArithmeticTask, exact_match_reward, load_prompts, write_prompts
+
+
+@pytest.fixture(scope="module")
+def task():
+    return ArithmeticTask(max_operand=9)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(task):
+    return char_tokenizer(task.alphabet)
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return tiny_qwen2(tokenizer, hidden_size=32, intermediate_size=64)
+
+
+def test_problems_are_correct_and_splits_differ(task):
+    rows = task.rows(50)
+    for row in rows:
+        a, b = row["prompt"].rstrip("=").split("+")
+        assert int(a) + int(b) == int(row["ground_truth"])
+    assert rows != task.rows(50, split="test")
+    assert rows == task.rows(50)  # deterministic
+
+
+def test_subtraction_never_goes_negative():
+    for row in ArithmeticTask(max_operand=9, operators="-").rows(100):
+        assert int(row["ground_truth"]) >= 0
+
+
+def test_task_rejects_bad_settings():
+    with pytest.raises(ValueError, match="max_operand"):
+        ArithmeticTask(max_operand=0)
+    with pytest.raises(ValueError, match="operators"):
+        ArithmeticTask(operators="*")
+
+
+@pytest.mark.parametrize(
+    ("response", "truth", "reward"),
+    [
+        ("19", "19", 1.0),
+        ("19</s>", "19", 1.0),
+        (" 7", "7", 1.0),
+        ("17", "19", 0.0),
+        ("1", "19", 0.0),
+        ("190", "19", 0.0),
+        ("", "0", 0.0),
+        ("-3", "-3", 1.0),
+    ],
+)
+def test_exact_match_reward(response, truth, reward):
+    assert exact_match_reward(response, truth) == reward
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".jsonl"])
+def test_prompt_files_round_trip(tmp_path, task, suffix):
+    rows = task.rows(20)
+    path = write_prompts(rows, tmp_path / f"train{suffix}")
+    assert load_prompts(path) == rows
+
+
+def test_prompt_files_accept_verls_nested_ground_truth(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "verl.parquet"
+    pq.write_table(
+        pa.Table.from_pylist([{"prompt": "1+1=", "reward_model": {"ground_truth": "2"}}]), path
+    )
+    assert load_prompts(path)[0]["ground_truth"] == "2"
+
+
+def test_prompt_files_name_the_missing_column(tmp_path):
+    path = write_prompts([{"prompt": "1+1="}], tmp_path / "bad.jsonl")
+    with pytest.raises(ValueError, match="ground_truth"):
+        load_prompts(path)
+    with pytest.raises(ValueError, match=r"\.csv"):
+        write_prompts([], tmp_path / "x.csv")
+    with pytest.raises(FileNotFoundError):
+        load_prompts(tmp_path / "missing.parquet")
+
+
+def test_tokenizer_round_trips_characters(tokenizer):
+    ids = tokenizer("12+7=19")["input_ids"]
+    assert len(ids) == 7
+    assert tokenizer.decode(ids) == "12+7=19"
+    full, start = encode_example(tokenizer, "3+4=", "7")
+    assert full[0] == tokenizer.bos_token_id and full[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(full[start:], skip_special_tokens=True) == "7"
+
+
+def test_model_saves_and_loads_through_from_pretrained(tmp_path, model, tokenizer):
+    save(model, tokenizer, tmp_path / "tiny")
+    loaded, loaded_tok = load(tmp_path / "tiny")
+    assert type(loaded).__name__ == "Qwen2ForCausalLM"
+    ids = torch.tensor([[tokenizer.bos_token_id, *tokenizer("1+2=")["input_ids"]]])
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, loaded(input_ids=ids).logits)
+    assert loaded_tok.decode(loaded_tok("5+5=")["input_ids"]) == "5+5="
+    with pytest.raises(FileNotFoundError, match=r"config\.json"):
+        load(tmp_path)
+
+
+def test_pretraining_lowers_the_loss(task, tokenizer):
+    model = tiny_qwen2(tokenizer, hidden_size=32, intermediate_size=64, seed=1)
+    examples = [(r["prompt"], r["ground_truth"]) for r in task.rows(500)]
+    losses = pretrain(model, tokenizer, examples, steps=30, batch_size=16, lr=1e-2)
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+
+
+def prompts_for(tokenizer, texts):
+    return [[tokenizer.bos_token_id, *tokenizer(t)["input_ids"]] for t in texts]
+
+
+def test_engine_logprobs_are_the_sampling_distributions(model, tokenizer):
+    engine = HFGenerationEngine(
+        model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, seed=3
+    )
+    prompts = prompts_for(tokenizer, ["1+2=", "12+3=", "9+9="])  # different lengths: padding
+    for temperature in (1.0, 0.7):
+        for gen in engine.generate(prompts, max_new_tokens=5, temperature=temperature):
+            assert len(gen.response_token_ids) == len(gen.response_logprobs) >= 1
+            expected = sequence_logprobs(
+                model, gen.prompt_token_ids, gen.response_token_ids, temperature=temperature
+            )
+            assert torch.allclose(torch.tensor(gen.response_logprobs), expected, atol=1e-4)
+            if gen.finish_reason == "stop":
+                assert gen.response_token_ids[-1] == tokenizer.eos_token_id
+            else:
+                assert gen.finish_reason == "length" and len(gen.response_token_ids) == 5
+
+
+def test_engine_greedy_is_deterministic_and_stop_aborts(model, tokenizer):
+    engine = HFGenerationEngine(
+        model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    prompts = prompts_for(tokenizer, ["4+4=", "7+1="])
+    first = engine.generate(prompts, max_new_tokens=4, temperature=0)
+    second = engine.generate(prompts, max_new_tokens=4, temperature=0)
+    assert [g.response_token_ids for g in first] == [g.response_token_ids for g in second]
+    aborted = engine.generate(prompts, max_new_tokens=4, should_stop=lambda: True)
+    assert all(g.finish_reason == "aborted" and g.response_token_ids == [] for g in aborted)
+
+
+def test_engine_load_weights_changes_the_policy_and_checks_names(model, tokenizer):
+    engine = HFGenerationEngine(
+        tiny_qwen2(tokenizer, hidden_size=32, intermediate_size=64, seed=7),
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    prompt = prompts_for(tokenizer, ["2+2="])[0]
+    engine.load_weights(model.state_dict())
+    gen = engine.generate([prompt], max_new_tokens=3, temperature=0)[0]
+    expected = sequence_logprobs(model, prompt, gen.response_token_ids)
+    assert torch.allclose(torch.tensor(gen.response_logprobs), expected, atol=1e-4)
+    with pytest.raises(ValueError, match="unexpected"):
+        engine.load_weights({**model.state_dict(), "extra.weight": torch.zeros(1)})
+
+
+def test_engine_from_a_model_directory(tmp_path, model, tokenizer):
+    save(model, tokenizer, tmp_path / "m")
+    engine = HFGenerationEngine(model_path=tmp_path / "m")
+    assert engine.eos_token_id == tokenizer.eos_token_id
+    out = engine.generate(prompts_for(tokenizer, ["3+3="]), max_new_tokens=2)
+    assert len(out) == 1
+    with pytest.raises(ValueError, match="exactly one"):
+        HFGenerationEngine()
