@@ -510,3 +510,18 @@ def test_options_only_ray_can_honour_are_refused_not_ignored(runtime):
         double.options(runtime_env={"env_vars": {"A": "1"}}).remote(1)
     with pytest.raises(ValueError, match="concurrency_groups"):
         Counter.options(concurrency_groups={"io": 2}).remote()
+
+
+@miniray.remote(max_concurrency=4)
+class SlowInit:
+    def __init__(self):
+        time.sleep(0.3)
+        self.ready = True
+
+    def is_ready(self):
+        return self.ready
+
+
+def test_threaded_actor_methods_wait_for_init(runtime):
+    actor = SlowInit.remote()
+    assert miniray.get([actor.is_ready.remote() for _ in range(4)], timeout=30) == [True] * 4

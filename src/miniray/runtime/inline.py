@@ -65,6 +65,8 @@ class _Actor:
         self.fifo: queue.SimpleQueue | None = None
         self.restarts_left = options["max_restarts"]
         self.outstanding = 0  # calls submitted and not finished (for max_pending_calls)
+        # A threaded actor's pool could start a method before __init__ ends: methods wait.
+        self.constructed = threading.Event()
 
 
 class InlineBackend:
@@ -271,20 +273,22 @@ class InlineBackend:
                 name=f"miniray-actor-{cls.__name__}",
                 daemon=True,
             ).start()
-        init_ref = self._enqueue(actor, lambda: self._construct(actor), 1)
+        init_ref = self._enqueue(actor, lambda: self._construct(actor), 1, is_init=True)
         actor.init_ref = init_ref  # type: ignore[attr-defined]
         return ActorHandle(actor.actor_id, cls.__name__, cls.methods)
 
     def _construct(self, actor: _Actor) -> None:
-        payload, deps = actor.init_payload  # type: ignore[attr-defined]
-        a, k = serialization.deserialize(payload)
-        a, k = execution.decode_args(a, k, self._resolve(deps))
         try:
+            payload, deps = actor.init_payload  # type: ignore[attr-defined]
+            a, k = serialization.deserialize(payload)
+            a, k = execution.decode_args(a, k, self._resolve(deps))
             actor.instance = actor.cls.cls(*a, **k)
         except BaseException as exc:
             err = execution.task_error(f"{actor.cls.__name__}.__init__", exc)
             actor.dead_reason = f"its __init__ raised:\n{err}"
             raise
+        finally:
+            actor.constructed.set()
 
     def _run_loop(self, actor: _Actor, ready: threading.Event) -> None:
         loop = asyncio.new_event_loop()
@@ -306,7 +310,9 @@ class InlineBackend:
                 return
             job()
 
-    def _enqueue(self, actor: _Actor, call: Callable[[], Any], num_returns: int) -> Any:
+    def _enqueue(
+        self, actor: _Actor, call: Callable[[], Any], num_returns: int, *, is_init: bool = False
+    ) -> Any:
         outs = [self._new_entry() for _ in range(num_returns)]
         actor.outstanding += 1
 
@@ -325,6 +331,8 @@ class InlineBackend:
                 self._store(entry, v)
 
         def run_sync() -> None:
+            if not is_init:
+                actor.constructed.wait()
             if actor.dead_reason is not None:
                 return finish(error=self._died(actor))
             try:
@@ -397,7 +405,8 @@ class InlineBackend:
             return
         if not no_restart and actor.restarts_left != 0:
             actor.restarts_left -= 1
-            self._enqueue(actor, lambda: self._construct(actor), 1)
+            actor.constructed.clear()
+            self._enqueue(actor, lambda: self._construct(actor), 1, is_init=True)
             return
         actor.dead_reason = "it was killed with miniray.kill()"
         with self._lock:
