@@ -1,0 +1,324 @@
+"""The config tree of fully asynchronous RL.
+
+Sections: async_training, data, trainer, rollout, actor_rollout_ref, algorithm.
+
+Key names follow verl's ``fully_async_policy`` recipe (the seeds show them), so that a verl user's
+command line ``async_training.max_queue_size=500 data.train_batch_size=4`` works unchanged. Two
+places deliberately differ from verl, and the error for the verl spelling points here:
+
+* ``async_training.staleness_threshold`` is an integer version lag ``k`` (a sample with
+  ``age = v_trainer_now - v_start > k`` is never trained on), not verl's fractional budget.
+* ``trigger_parameter_sync_step`` lives under ``trainer`` (it is the trainer's publishing cadence).
+
+The documented defaults are ``configs/fully_async_ppo.yaml``; a test keeps it equal to the
+dataclass defaults below.
+
+    cfg = load_rl_config("e2e_minimal", overrides=["async_training.max_queue_size=500"])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from miniray.config import Config, from_dict, load, option
+
+__all__ = [
+    "CONFIG_DIR",
+    "ActorConfig",
+    "ActorRolloutRefConfig",
+    "AlgorithmConfig",
+    "AsyncTrainingConfig",
+    "DataConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "RLConfig",
+    "RolloutConfig",
+    "RolloutSamplingConfig",
+    "TrainerConfig",
+    "async_training_config",
+    "config_names",
+    "load_rl_config",
+    "parse_rl_args",
+]
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+DEFAULT_CONFIG_NAME = "fully_async_ppo"
+
+
+@dataclass(kw_only=True)
+class AsyncTrainingConfig(Config):
+    """How generation and training overlap: staleness bound, queue, weight sync."""
+
+    mode: Literal["async", "sync"] = option(
+        "async",
+        help="async: rollouter and trainer run at the same time; sync: generate, then train "
+        "(the baseline the speedup is measured against)",
+    )
+    staleness_threshold: int = option(
+        3,
+        ge=0,
+        help="k: a sample with age = v_trainer_now - v_start > k is never trained on; "
+        "0 is strictly on-policy (an integer version lag, not verl's fraction)",
+    )
+    max_queue_size: int = option(1000, ge=1, help="most items the message queue holds")
+    max_concurrent_rollouts: int = option(
+        16, ge=1, help="most generations in flight in the rollouter (admission control)"
+    )
+    partial_rollout: bool = option(
+        True,
+        help="on a weight sync, interrupt generations and continue them with the new weights "
+        "(then v_end > v_start) instead of waiting for them to finish",
+    )
+    max_sync_retries: int = option(
+        3, ge=0, help="extra attempts after a failed weight sync (attempts = 1 + retries)"
+    )
+    sync_timeout: float = option(
+        30.0, gt=0, help="seconds one weight sync may take, all attempts together"
+    )
+    sync_retry_delay: float = option(1.0, ge=0, help="seconds between sync attempts")
+    sync_monitor_interval: float = option(
+        60.0, gt=0, help="a sync is reported overdue when none succeeded for this many seconds"
+    )
+    generation_timeout: float = option(
+        30.0, gt=0, help="seconds one generation may take before it is reported as stuck"
+    )
+
+
+@dataclass(kw_only=True)
+class DataConfig(Config):
+    """Prompts: where they come from and how many go into one training step."""
+
+    # option() returns a dataclasses.field; ruff only knows field() by name (RUF009).
+    train_files: list[str] = option(help="parquet or JSONL files with prompts")  # noqa: RUF009
+    val_files: list[str] = option(default_factory=list, help="held-out prompts")  # noqa: RUF009
+    train_batch_size: int = option(
+        16, ge=1, help="prompts per training step; each yields actor_rollout_ref.rollout.n samples"
+    )
+    max_prompt_length: int = option(512, ge=1, help="prompt tokens; longer prompts are skipped")
+    max_response_length: int = option(1024, ge=1, help="most generated tokens per response")
+    prompt_key: str = option("prompt", help="column holding the prompt text")
+    answer_key: str = option("answer", help="column holding what the reward compares against")
+    shuffle: bool = True
+    seed: int = 0
+
+
+@dataclass(kw_only=True)
+class TrainerConfig(Config):
+    """The trainer's loop: length, publishing cadence, resources, outputs."""
+
+    total_training_steps: int = option(100, ge=1, help="optimizer steps in the run")
+    trigger_parameter_sync_step: int = option(
+        1, ge=1, help="optimizer steps between two published weight versions"
+    )
+    nnodes: int = option(1, ge=1)
+    n_gpus_per_node: int = option(0, ge=0, help="GPUs for the trainer; 0 trains on the CPU")
+    project_name: str = "miniray_rl"
+    experiment_name: str = "fully_async"
+    default_local_dir: str = option(
+        "runs", help="runs/<experiment_name>/ gets logs and checkpoints"
+    )
+    save_freq: int = option(0, ge=0, help="checkpoint every N steps; 0 saves only at the end")
+    logger: list[str] = option(default_factory=lambda: ["console", "jsonl"])  # noqa: RUF009
+    seed: int = 0
+
+
+@dataclass(kw_only=True)
+class RolloutConfig(Config):
+    """Resources of the rollouter (its sampling parameters are actor_rollout_ref.rollout)."""
+
+    nnodes: int = option(1, ge=1)
+    n_gpus_per_node: int = option(0, ge=0, help="GPUs for generation; 0 generates on the CPU")
+
+
+@dataclass(kw_only=True)
+class ModelConfig(Config):
+    path: str = option(help="a Hugging Face causal LM in a local directory")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+    enable_gradient_checkpointing: bool = False
+
+
+@dataclass(kw_only=True)
+class OptimConfig(Config):
+    lr: float = option(1e-6, gt=0)
+    weight_decay: float = option(0.0, ge=0)
+    grad_clip: float = option(1.0, gt=0, help="max global gradient norm")
+
+
+@dataclass(kw_only=True)
+class ActorConfig(Config):
+    """The policy update: PPO clipping and the decoupled off-policy correction (AReaL)."""
+
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ppo_epochs: int = option(1, ge=1)
+    ppo_mini_batch_size: int | None = option(
+        None, ge=1, help="samples per optimizer step; None: the whole batch"
+    )
+    clip_ratio_low: float = option(0.2, ge=0, lt=1)
+    clip_ratio_high: float = option(0.2, ge=0, help="larger than low gives DAPO's clip-higher")
+    loss_agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
+    use_rollout_log_probs: bool = option(
+        True, help="anchor the PPO ratio on the behaviour log-probs recorded at generation"
+    )
+    behaviour_weight_cap: float | None = option(
+        5.0,
+        gt=1,
+        help="importance weights pi_prox/pi_behave above this are handled by "
+        "behaviour_weight_mode; None: no cap",
+    )
+    behaviour_weight_mode: Literal["mask", "clamp"] = "mask"
+    entropy_coeff: float = option(0.0, ge=0)
+
+
+@dataclass(kw_only=True)
+class RolloutSamplingConfig(Config):
+    name: str = option("transformers", help="generation engine: transformers, vllm, ...")
+    n: int = option(4, ge=1, help="responses per prompt (the GRPO group size)")
+    temperature: float = option(1.0, ge=0)
+    top_p: float = option(1.0, gt=0, le=1)
+    top_k: int = option(-1, ge=-1, help="-1 disables top-k")
+    calculate_log_probs: bool = True
+
+
+@dataclass(kw_only=True)
+class ActorRolloutRefConfig(Config):
+    model: ModelConfig
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    rollout: RolloutSamplingConfig = field(default_factory=RolloutSamplingConfig)
+
+
+@dataclass(kw_only=True)
+class AlgorithmConfig(Config):
+    adv_estimator: Literal["grpo"] = "grpo"
+    norm_adv_by_std_in_grpo: bool = option(
+        True, help="divide group-centred rewards by the group's std (Dr. GRPO sets false)"
+    )
+
+
+@dataclass(kw_only=True)
+class RLConfig(Config):
+    """The whole tree; ``data`` and ``actor_rollout_ref.model`` have required keys."""
+
+    data: DataConfig
+    actor_rollout_ref: ActorRolloutRefConfig
+    async_training: AsyncTrainingConfig = field(default_factory=AsyncTrainingConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+
+    def validate(self) -> None:
+        # The trainer takes train_batch_size items at once; a smaller queue could never hold
+        # a whole batch and the trainer would wait forever.
+        if self.async_training.max_queue_size < self.data.train_batch_size:
+            raise ValueError(
+                f"async_training.max_queue_size={self.async_training.max_queue_size} is "
+                f"invalid: must be >= data.train_batch_size={self.data.train_batch_size}, "
+                "or the trainer could never take a whole batch from the queue"
+            )
+
+
+def config_names() -> list[str]:
+    """Names of the bundled YAML configs (``load_rl_config(name)``)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def load_rl_config(
+    config_name: str | Path = DEFAULT_CONFIG_NAME,
+    *,
+    overrides: Sequence[str] = (),
+    data: Mapping[str, Any] | None = None,
+) -> RLConfig:
+    """Dataclass defaults <- a bundled config name or a YAML path <- ``data`` <- overrides."""
+    return load(RLConfig, _config_file(config_name), data=data, overrides=overrides)
+
+
+def parse_rl_args(argv: Sequence[str]) -> RLConfig:
+    """A config from command-line words, Hydra-style as in the seeds::
+
+        --config-name=e2e_minimal [--config-path=DIR] async_training.max_queue_size=500 ...
+
+    ``--config-name`` is a bundled name or a YAML path (``--config-path`` is a directory to look
+    it up in); every other word is a dotted override.
+    """
+    name: str | Path = DEFAULT_CONFIG_NAME
+    config_dir: Path | None = None
+    overrides: list[str] = []
+    words = list(argv)
+    while words:
+        word = words.pop(0)
+        if word.startswith("--"):
+            flag, eq, value = word.partition("=")
+            if flag not in ("--config-name", "--config-path"):
+                raise ValueError(
+                    f"unknown option {flag!r}: known options are ['--config-name', "
+                    "'--config-path']; everything else is key=value"
+                )
+            if not eq:
+                if not words:
+                    raise ValueError(f"option {flag} needs a value: {flag}=VALUE")
+                value = words.pop(0)
+            if flag == "--config-name":
+                name = value
+            else:
+                config_dir = Path(value)
+        else:
+            overrides.append(word)
+    if config_dir is not None:
+        name = config_dir / (name if str(name).endswith((".yaml", ".yml")) else f"{name}.yaml")
+    return load_rl_config(name, overrides=overrides)
+
+
+def _config_file(config_name: str | Path) -> Path:
+    path = Path(config_name)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+        return path
+    bundled = CONFIG_DIR / f"{config_name}.yaml"
+    if not bundled.is_file():
+        raise ValueError(
+            f"config_name={str(config_name)!r} is unknown: must be a YAML path or one of "
+            f"{config_names()}"
+        )
+    return bundled
+
+
+_TOP_LEVEL = {"data", "actor_rollout_ref", "async_training", "trainer", "rollout", "algorithm"}
+
+
+def async_training_config(config: Any = None) -> AsyncTrainingConfig:
+    """The ``async_training`` section from whatever a user passes as ``config``.
+
+    Accepts ``None`` (defaults), an ``RLConfig``, an ``AsyncTrainingConfig``, or a plain dict /
+    OmegaConf config that is either the whole tree (``{"async_training": {...}, ...}``) or the
+    section itself (``{"staleness_threshold": 2}``). The queue and the synchronizer need only
+    this section, so they work without data files or a model path.
+    """
+    if config is None:
+        return AsyncTrainingConfig()
+    if isinstance(config, AsyncTrainingConfig):
+        return config
+    if isinstance(config, RLConfig):
+        return config.async_training
+    if isinstance(config, Config):
+        raise TypeError(
+            f"config must be an RLConfig, an AsyncTrainingConfig or a mapping, "
+            f"got a {type(config).__name__}"
+        )
+    if type(config).__module__.startswith("omegaconf"):
+        from omegaconf import OmegaConf
+
+        config = OmegaConf.to_container(config, resolve=True)
+    if not isinstance(config, Mapping):
+        raise TypeError(
+            f"config must be an RLConfig, an AsyncTrainingConfig or a mapping, "
+            f"got {type(config).__name__}: {config!r}"
+        )
+    if "async_training" in config:
+        return from_dict(AsyncTrainingConfig, config["async_training"], path="async_training")
+    if config and set(config) <= _TOP_LEVEL:
+        return AsyncTrainingConfig()
+    return from_dict(AsyncTrainingConfig, config, path="async_training")

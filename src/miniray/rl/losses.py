@@ -1,0 +1,209 @@
+"""Pure tensor functions of the policy update: log-probs, GRPO advantages, decoupled PPO loss.
+
+Shapes: ``B`` samples, ``T`` response tokens; ``mask`` (B, T) is 1 on real response tokens.
+Three log-prob tensors meet in the loss (AReaL's decoupled PPO, arXiv:2505.24298):
+
+* ``logprobs``: the policy being trained (``pi_theta``), with gradient;
+* ``proximal_logprobs``: the trust-region anchor (``pi_prox``), e.g. the policy at the start of
+  this update, without gradient;
+* ``behaviour_logprobs``: recorded by the rollouter when it generated the tokens
+  (``pi_behave``), possibly several versions old.
+
+    loss = - E[ w * min(r * A, clip(r, 1 - eps_low, 1 + eps_high) * A) ],
+    r = pi_theta / pi_prox,   w = pi_prox / pi_behave  (masked or clamped above a cap)
+
+Without behaviour log-probs (or with ``proximal == behaviour``) ``w = 1`` and this is plain PPO.
+The importance weight corrects for the samples' staleness; the cap keeps a few wildly
+off-policy tokens from dominating the gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+__all__ = [
+    "LossAggMode",
+    "aggregate_loss",
+    "entropy_from_logits",
+    "grpo_advantages",
+    "logprobs_from_logits",
+    "masked_mean",
+    "ppo_loss",
+    "token_advantages",
+]
+
+LossAggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
+
+
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """``log softmax(logits)[..., token]``: (B, T, V) logits and (B, T) tokens -> (B, T)."""
+    if logits.shape[:-1] != tokens.shape:
+        raise ValueError(
+            f"logits of shape {tuple(logits.shape)} do not match tokens of shape "
+            f"{tuple(tokens.shape)}: must be (..., V) and (...)"
+        )
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return logp.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the next-token distribution, (B, T, V) -> (B, T)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean over positions where ``mask`` is 1; 0 where nothing is unmasked (no NaN)."""
+    _check_same_shape(values, mask, "values", "mask")
+    mask = mask.to(values.dtype)
+    total = (values * mask).sum() if dim is None else (values * mask).sum(dim)
+    count = mask.sum() if dim is None else mask.sum(dim)
+    return total / count.clamp(min=1.0)
+
+
+def grpo_advantages(
+    rewards: torch.Tensor,
+    group_index: torch.Tensor,
+    *,
+    norm_by_std: bool = True,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Group-relative advantages: each reward minus its group's mean (over the group's std).
+
+    ``rewards`` (B,) and ``group_index`` (B,) integer ids of the prompt each sample answers.
+    A group of one has no baseline to compare against, so its advantage is 0 (verl's choice of
+    mean 0, std 1 would instead push the raw reward into the gradient). A group whose rewards
+    are all equal also gets 0: it carries no signal about which response is better.
+    """
+    if rewards.dim() != 1 or group_index.shape != rewards.shape:
+        raise ValueError(
+            f"rewards {tuple(rewards.shape)} and group_index {tuple(group_index.shape)} must "
+            "both be 1-D of the same length"
+        )
+    rewards = rewards.float()
+    _, inverse = torch.unique(group_index, return_inverse=True)
+    num_groups = int(inverse.max().item()) + 1 if inverse.numel() else 0
+    counts = torch.zeros(num_groups).index_add_(0, inverse, torch.ones_like(rewards))
+    sums = torch.zeros(num_groups).index_add_(0, inverse, rewards)
+    means = sums / counts
+    centred = rewards - means[inverse]
+    if norm_by_std:
+        sq = torch.zeros(num_groups).index_add_(0, inverse, centred**2)
+        # Unbiased std, as in GRPO; groups of one are zeroed below anyway.
+        std = (sq / (counts - 1).clamp(min=1.0)).sqrt()
+        centred = centred / (std[inverse] + eps)
+    return torch.where(counts[inverse] > 1, centred, torch.zeros_like(centred))
+
+
+def token_advantages(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One advantage per sample (B,) spread over its response tokens (B, T)."""
+    if advantages.dim() != 1 or mask.dim() != 2 or mask.shape[0] != advantages.shape[0]:
+        raise ValueError(
+            f"advantages {tuple(advantages.shape)} must be (B,) and mask "
+            f"{tuple(mask.shape)} must be (B, T)"
+        )
+    return advantages[:, None] * mask.to(advantages.dtype)
+
+
+def aggregate_loss(
+    loss: torch.Tensor, mask: torch.Tensor, mode: LossAggMode = "token-mean"
+) -> torch.Tensor:
+    """Reduce a per-token loss (B, T) to a scalar.
+
+    ``token-mean``: every token weighs the same (long responses weigh more);
+    ``seq-mean-token-mean``: every sample weighs the same;
+    ``seq-mean-token-sum``: per-sample sums, averaged over samples.
+    """
+    _check_same_shape(loss, mask, "loss", "mask")
+    mask = mask.to(loss.dtype)
+    if mode == "token-mean":
+        return masked_mean(loss, mask)
+    if mode == "seq-mean-token-mean":
+        return masked_mean(loss, mask, dim=-1).mean()
+    if mode == "seq-mean-token-sum":
+        return (loss * mask).sum(-1).mean()
+    raise ValueError(
+        f"loss_agg_mode={mode!r} is unknown: must be one of "
+        "['token-mean', 'seq-mean-token-mean', 'seq-mean-token-sum']"
+    )
+
+
+def ppo_loss(
+    logprobs: torch.Tensor,
+    proximal_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    behaviour_logprobs: torch.Tensor | None = None,
+    clip_ratio_low: float = 0.2,
+    clip_ratio_high: float | None = None,
+    behaviour_weight_cap: float | None = 5.0,
+    behaviour_weight_mode: Literal["mask", "clamp"] = "mask",
+    loss_agg_mode: LossAggMode = "token-mean",
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The clipped PPO loss with AReaL's decoupled off-policy correction (module doc).
+
+    All tensors are (B, T); ``advantages`` per token (see ``token_advantages``). Returns the
+    scalar loss and metrics: ``clip_fraction``, ``approx_kl`` (theta vs prox), and with
+    behaviour log-probs ``behaviour_weight_mean``, ``behaviour_filtered_fraction``,
+    ``behaviour_approx_kl`` (prox vs behaviour).
+    """
+    for name, t in (
+        ("proximal_logprobs", proximal_logprobs),
+        ("advantages", advantages),
+        ("mask", mask),
+    ):
+        _check_same_shape(logprobs, t, "logprobs", name)
+    if clip_ratio_low < 0 or clip_ratio_low >= 1:
+        raise ValueError(f"clip_ratio_low={clip_ratio_low} is invalid: must be in [0, 1)")
+    high = clip_ratio_low if clip_ratio_high is None else clip_ratio_high
+    if high < 0:
+        raise ValueError(f"clip_ratio_high={high} is invalid: must be >= 0")
+    mask = mask.to(logprobs.dtype)
+    prox = proximal_logprobs.detach()
+    advantages = advantages.detach()
+    log_ratio = logprobs - prox
+    ratio = torch.exp(log_ratio)
+    clipped = ratio.clamp(1.0 - clip_ratio_low, 1.0 + high)
+    # max of the negated objectives = min of the objectives: the pessimistic bound.
+    per_token = torch.maximum(-advantages * ratio, -advantages * clipped)
+    metrics = {
+        "clip_fraction": masked_mean(((ratio - clipped).abs() > 0).to(mask.dtype), mask).item(),
+        "approx_kl": masked_mean(-log_ratio.detach(), mask).item(),
+    }
+    if behaviour_logprobs is not None:
+        _check_same_shape(logprobs, behaviour_logprobs, "logprobs", "behaviour_logprobs")
+        behave_log_ratio = prox - behaviour_logprobs.detach()
+        weight = torch.exp(behave_log_ratio)
+        keep = torch.ones_like(mask)
+        if behaviour_weight_cap is not None:
+            if behaviour_weight_cap <= 1:
+                raise ValueError(
+                    f"behaviour_weight_cap={behaviour_weight_cap} is invalid: must be > 1"
+                )
+            over = weight > behaviour_weight_cap
+            if behaviour_weight_mode == "mask":
+                keep = (~over).to(mask.dtype)
+            elif behaviour_weight_mode == "clamp":
+                weight = weight.clamp(max=behaviour_weight_cap)
+            else:
+                raise ValueError(
+                    f"behaviour_weight_mode={behaviour_weight_mode!r} is unknown: must be "
+                    "'mask' or 'clamp'"
+                )
+            metrics["behaviour_filtered_fraction"] = masked_mean(over.to(mask.dtype), mask).item()
+        per_token = per_token * weight * keep
+        metrics["behaviour_weight_mean"] = masked_mean(weight, mask * keep).item()
+        metrics["behaviour_approx_kl"] = masked_mean(-behave_log_ratio, mask).item()
+    loss = aggregate_loss(per_token, mask, loss_agg_mode)
+    return loss, metrics
+
+
+def _check_same_shape(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str) -> None:
+    if a.shape != b.shape:
+        raise ValueError(
+            f"{name_b} has shape {tuple(b.shape)} but {name_a} has {tuple(a.shape)}: "
+            "they must match"
+        )

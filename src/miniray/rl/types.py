@@ -1,0 +1,198 @@
+"""The data that flows from the rollouter to the trainer: ``Sample`` (with version stamps) and
+``Batch`` (samples collated into padded tensors).
+
+A sample carries the behaviour log-probs recorded at generation (one per response token), so
+the trainer can correct for off-policy data (decoupled PPO) without re-running the old policy,
+and its version stamps, so everyone computes its age the same way (``staleness.sample_age``).
+torch is imported only by ``collate``: the queue and the rollouter's bookkeeping need none.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from miniray.rl.staleness import check_version, in_flight_span, sample_age
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["Batch", "Sample", "collate"]
+
+
+@dataclass(kw_only=True)
+class Sample:
+    """One prompt and one generated response, stamped with versions and times.
+
+    ``created_at``/``finished_at`` are wall-clock seconds (``time.time()``), comparable across
+    the processes of one machine. ``group_id`` ties the responses to one prompt together (GRPO
+    normalises rewards within a group).
+    """
+
+    prompt_token_ids: list[int]
+    response_token_ids: list[int]
+    v_start: int
+    v_end: int = -1  # -1: the same as v_start (set in __post_init__)
+    response_logprobs: list[float] | None = None
+    reward: float | None = None
+    group_id: str = ""
+    sample_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    created_at: float = field(default_factory=time.time)
+    finished_at: float | None = None
+    prompt: str = ""
+    response: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_version(self.v_start, "Sample.v_start")
+        if self.v_end == -1:
+            self.v_end = self.v_start
+        check_version(self.v_end, "Sample.v_end")
+        in_flight_span(self.v_start, self.v_end)  # raises when v_end < v_start
+        for name in ("prompt_token_ids", "response_token_ids"):
+            if not isinstance(getattr(self, name), list):
+                raise TypeError(
+                    f"Sample.{name} must be a list of token ids, "
+                    f"got {type(getattr(self, name)).__name__}"
+                )
+        self._check_logprobs()
+        if self.finished_at is not None and self.finished_at < self.created_at:
+            raise ValueError(
+                f"Sample.finished_at={self.finished_at} is invalid: must be >= "
+                f"created_at={self.created_at}"
+            )
+
+    def _check_logprobs(self) -> None:
+        if self.response_logprobs is not None and len(self.response_logprobs) != len(
+            self.response_token_ids
+        ):
+            raise ValueError(
+                f"Sample.response_logprobs has {len(self.response_logprobs)} entries: must "
+                f"have one per response token ({len(self.response_token_ids)})"
+            )
+
+    @property
+    def num_response_tokens(self) -> int:
+        return len(self.response_token_ids)
+
+    def age(self, v_trainer_now: int) -> int:
+        """Versions between the weights that started this sample and the trainer's now."""
+        return sample_age(v_trainer_now, self.v_start)
+
+    @property
+    def in_flight_span(self) -> int:
+        return in_flight_span(self.v_start, self.v_end)
+
+    @property
+    def duration_s(self) -> float | None:
+        return None if self.finished_at is None else self.finished_at - self.created_at
+
+    def append_tokens(
+        self, token_ids: Sequence[int], logprobs: Sequence[float] | None, version: int
+    ) -> None:
+        """Continue a partial rollout with tokens generated at ``version`` (moves ``v_end``).
+
+        ``v_start`` never changes: the age of a sample is that of its oldest tokens.
+        """
+        check_version(version, "version")
+        if version < self.v_end:
+            raise ValueError(
+                f"version={version} is invalid: tokens cannot come from a version older than "
+                f"the sample's v_end={self.v_end}"
+            )
+        if (logprobs is None) != (self.response_logprobs is None):
+            raise ValueError(
+                "logprobs must be given exactly when the sample records response_logprobs"
+            )
+        self.response_token_ids.extend(token_ids)
+        if logprobs is not None:
+            assert self.response_logprobs is not None
+            self.response_logprobs.extend(logprobs)
+        self._check_logprobs()
+        self.v_end = version
+
+    def finish(self, reward: float | None = None, *, now: float | None = None) -> None:
+        self.finished_at = time.time() if now is None else now
+        if reward is not None:
+            self.reward = float(reward)
+
+
+@dataclass(kw_only=True)
+class Batch:
+    """Samples collated for training: prompts left-padded, responses right-padded.
+
+    ``input_ids = [prompt | response]`` of shape (B, P + R); ``response_mask`` (B, R) is 1 on
+    real response tokens; ``behaviour_logprobs`` (B, R) holds the recorded log-probs (0 on
+    padding); ``rewards`` (B,); ``v_start`` (B,) the version stamps.
+    """
+
+    samples: list[Sample]
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+    behaviour_logprobs: torch.Tensor | None
+    rewards: torch.Tensor
+    v_start: torch.Tensor
+    group_index: torch.Tensor
+    prompt_length: int
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def response_ids(self) -> torch.Tensor:
+        return self.input_ids[:, self.prompt_length :]
+
+
+def collate(samples: Sequence[Sample], *, pad_token_id: int) -> Batch:
+    """Pad ``samples`` into one ``Batch``; every sample must have a reward."""
+    import torch
+
+    if not samples:
+        raise ValueError("collate() needs at least one sample, got an empty list")
+    missing = [i for i, s in enumerate(samples) if s.reward is None]
+    if missing:
+        raise ValueError(
+            f"collate(): sample {missing[0]} (id {samples[missing[0]].sample_id}) has no "
+            "reward; score samples before training on them"
+        )
+    with_logprobs = [s.response_logprobs is not None for s in samples]
+    if any(with_logprobs) and not all(with_logprobs):
+        raise ValueError("collate(): either every sample has response_logprobs or none does")
+    batch_size = len(samples)
+    prompt_len = max(len(s.prompt_token_ids) for s in samples)
+    response_len = max(1, max(s.num_response_tokens for s in samples))
+    input_ids = torch.full((batch_size, prompt_len + response_len), pad_token_id, dtype=torch.long)
+    attention = torch.zeros((batch_size, prompt_len + response_len), dtype=torch.long)
+    response_mask = torch.zeros((batch_size, response_len), dtype=torch.float32)
+    logprobs = (
+        torch.zeros((batch_size, response_len), dtype=torch.float32) if all(with_logprobs) else None
+    )
+    groups: dict[str, int] = {}
+    group_index = torch.empty(batch_size, dtype=torch.long)
+    for i, s in enumerate(samples):
+        p, r = len(s.prompt_token_ids), s.num_response_tokens
+        # Left-pad prompts so every response starts at the same column.
+        input_ids[i, prompt_len - p : prompt_len] = torch.tensor(s.prompt_token_ids)
+        attention[i, prompt_len - p : prompt_len] = 1
+        if r:
+            input_ids[i, prompt_len : prompt_len + r] = torch.tensor(s.response_token_ids)
+            attention[i, prompt_len : prompt_len + r] = 1
+            response_mask[i, :r] = 1.0
+            if logprobs is not None:
+                logprobs[i, :r] = torch.tensor(s.response_logprobs, dtype=torch.float32)
+        group_index[i] = groups.setdefault(s.group_id or s.sample_id, len(groups))
+    return Batch(
+        samples=list(samples),
+        input_ids=input_ids,
+        attention_mask=attention,
+        response_mask=response_mask,
+        behaviour_logprobs=logprobs,
+        rewards=torch.tensor([float(s.reward or 0.0) for s in samples], dtype=torch.float32),
+        v_start=torch.tensor([s.v_start for s in samples], dtype=torch.long),
+        group_index=group_index,
+        prompt_length=prompt_len,
+    )

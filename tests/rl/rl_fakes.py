@@ -1,0 +1,131 @@
+"""Fake trainer/rollouter endpoints and a fake clock for the synchronizer and queue tests.
+
+Module-level so that the runtime can start them as actors (``miniray.remote(FakeRollouter)``).
+Weights are numpy arrays: importing torch in every actor process would cost seconds per test.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+
+class FakeClock:
+    """Monotonic seconds that move only when told to (or when ``sleep`` is called)."""
+
+    def __init__(self, start: float = 100.0):
+        self.now = start
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+class FakeTrainer:
+    """Offers ``get_weights``: two tensors whose values say which 'step' produced them."""
+
+    def __init__(self, value: float = 1.0, *, fail_times: int = 0):
+        self.value = value
+        self.fail_times = fail_times
+        self.calls = 0
+
+    def get_weights(self) -> dict[str, np.ndarray]:
+        self.calls += 1
+        if self.fail_times > 0:
+            self.fail_times -= 1
+            raise RuntimeError("trainer could not gather its weights")
+        return {
+            "layer.weight": np.full((4, 8), self.value, dtype=np.float32),
+            "layer.bias": np.full((8,), self.value, dtype=np.float64),
+        }
+
+    def set_value(self, value: float) -> None:
+        self.value = value
+
+    def get_calls(self) -> int:
+        return self.calls
+
+
+class FakeRollouter:
+    """Offers pause/resume/load and records every call in order.
+
+    ``fail_loads``: the first N loads raise. ``hang_on``: 'pause' or 'load' blocks until
+    ``release()`` (or ``hang_limit`` seconds, so a forgotten release cannot hang the suite).
+    """
+
+    def __init__(
+        self,
+        *,
+        fail_loads: int = 0,
+        hang_on: str | None = None,
+        hang_limit: float = 10.0,
+        pause_answer: bool = True,
+        resume_fails: bool = False,
+    ):
+        self.fail_loads = fail_loads
+        self.hang_on = hang_on
+        self.hang_limit = hang_limit
+        self.pause_answer = pause_answer
+        self.resume_fails = resume_fails
+        self.events: list[str] = []
+        self.paused = False
+        self.version = 0
+        self.weights: dict[str, np.ndarray] | None = None
+        self._release = threading.Event()
+
+    def pause_rollout(self) -> bool:
+        self.events.append("pause")
+        if self.hang_on == "pause":
+            self._release.wait(self.hang_limit)
+        self.paused = True
+        return self.pause_answer
+
+    def resume_rollout(self) -> bool:
+        self.events.append("resume")
+        if self.resume_fails:
+            raise RuntimeError("resume failed")
+        self.paused = False
+        return True
+
+    def load_weights(self, weights: dict[str, np.ndarray], version: int) -> bool:
+        self.events.append(f"load:{version}")
+        if self.fail_loads > 0:
+            self.fail_loads -= 1
+            raise RuntimeError("rollouter could not load the weights")
+        if self.hang_on == "load":
+            self._release.wait(self.hang_limit)
+            return True  # too late: the synchronizer gave up; the version is not adopted
+        self.weights = {
+            k: v.clone() if hasattr(v, "clone") else v.copy() for k, v in weights.items()
+        }
+        self.version = version
+        return True
+
+    def release(self) -> None:
+        self._release.set()
+
+    def get_events(self) -> list[str]:
+        return list(self.events)
+
+    def get_state(self) -> dict:
+        value = None if self.weights is None else float(self.weights["layer.weight"][0, 0])
+        return {"paused": self.paused, "version": self.version, "value": value}
+
+
+def ship_by_value_to_ray() -> None:
+    """Ray's workers cannot import this test helper (it is not on their ``sys.path``), so Ray
+    must pickle its classes by value. The embedded backends pass the driver's ``sys.path`` to
+    their processes and need nothing."""
+    import sys
+
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
