@@ -119,19 +119,30 @@ def save(model: Any, tokenizer: Any, path: str | pathlib.Path) -> pathlib.Path:
     return path
 
 
-def load(path: str | pathlib.Path, *, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
-    """Load any Hugging Face causal LM and its tokenizer from a local directory."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def _checked(path: str | pathlib.Path) -> pathlib.Path:
     path = pathlib.Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(
             f"model path {str(path)!r} has no config.json: pass a directory written by "
             "save_pretrained (no hub downloads happen here)"
         )
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    model.eval()
+    return path
+
+
+def load_tokenizer(path: str | pathlib.Path) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(_checked(path))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load(path: str | pathlib.Path, *, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """Load any Hugging Face causal LM and its tokenizer from a local directory."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(path)
+    model = AutoModelForCausalLM.from_pretrained(_checked(path), dtype=dtype)
+    model.eval()
     return model, tokenizer

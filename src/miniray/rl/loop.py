@@ -1,0 +1,178 @@
+"""The driver of an RL run: fully asynchronous, or the synchronous baseline on the same resources.
+
+    async:  rollouter actor --groups(v_start)--> queue actor --oldest first--> trainer (driver)
+               ^                                                                 |
+               +---- synchronizer: pause -> load weights(v+1) -> resume <-- every k steps
+
+    sync:   trainer asks the rollouter for a batch at the current version, waits, trains.
+
+Every wait has a deadline (``async_training.generation_timeout`` for a batch); a crashed
+rollouter closes the queue with its traceback, which surfaces here as ``ProducerCrashedError``
+instead of a clean end.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import miniray
+from miniray.rl.param_sync import UnifiedParameterSynchronizer
+from miniray.rl.queue import MessageQueue
+from miniray.rl.rollouter import FullyAsyncRollouter, RewardFn, as_rl_config
+from miniray.rl.trainer import FullyAsyncTrainer
+
+
+@dataclass
+class RunResult:
+    summary: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    evals: list[tuple[int, float, float]] = field(default_factory=list)  # (step, wall_s, reward)
+    ages: list[int] = field(default_factory=list)
+    queue_stats: dict[str, Any] = field(default_factory=dict)
+
+
+def evaluate_greedy(
+    model: Any, tokenizer: Any, rows: Sequence[dict], reward_fn: RewardFn, *, max_new_tokens: int
+) -> float:
+    """Mean reward of greedy answers on held-out rows."""
+    from miniray.rl.engines import HFGenerationEngine
+
+    engine = HFGenerationEngine(
+        model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    prompts = [[tokenizer.bos_token_id, *tokenizer(r["prompt"])["input_ids"]] for r in rows]
+    gens = engine.generate(prompts, max_new_tokens=max_new_tokens, temperature=0)
+    rewards = [
+        reward_fn(
+            tokenizer.decode(g.response_token_ids, skip_special_tokens=True), str(r["ground_truth"])
+        )
+        for g, r in zip(gens, rows)
+    ]
+    return sum(rewards) / max(1, len(rewards))
+
+
+def run(
+    config: Any,
+    *,
+    eval_rows: Sequence[dict] = (),
+    eval_every: int = 10,
+    reward_fn: RewardFn | None = None,
+    log_dir: str | pathlib.Path | None = None,
+    on_step: Callable[[int, dict[str, Any]], None] | None = None,
+) -> RunResult:
+    """Train for ``trainer.total_training_steps`` steps; returns the summary and the curves."""
+    from miniray.rl.tasks import exact_match_reward
+
+    cfg = as_rl_config(config)
+    reward_fn = reward_fn or exact_match_reward
+    mode = cfg.async_training.mode
+    batch_groups = cfg.data.train_batch_size
+    trigger = cfg.trainer.trigger_parameter_sync_step
+    timeout = cfg.async_training.generation_timeout
+    started_runtime = not miniray.is_initialized()
+    if started_runtime:
+        miniray.init(num_workers=1)
+    log_file = None
+    if log_dir is not None:
+        log_dir = pathlib.Path(log_dir)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        log_file = (log_dir / "metrics.jsonl").open("w")
+    queue = MessageQueue.remote(cfg)
+    rollouter = FullyAsyncRollouter.remote(cfg, queue, reward_fn=reward_fn)
+    trainer = FullyAsyncTrainer(cfg)
+    sync = UnifiedParameterSynchronizer(cfg, trainer_actor=trainer, rollouter_actor=rollouter)
+    result = RunResult(summary={})
+    max_new = cfg.data.max_response_length
+
+    def evaluate() -> float:
+        return (
+            evaluate_greedy(
+                trainer.model, trainer.tokenizer, eval_rows, reward_fn, max_new_tokens=max_new
+            )
+            if eval_rows
+            else float("nan")
+        )
+
+    run_start = time.time()
+    result.evals.append((0, 0.0, evaluate()))
+    version = 0
+    sync_ms: list[float] = []
+    wait_s = 0.0
+    try:
+        if mode == "async":
+            miniray.get(rollouter.start.remote(), timeout=timeout)
+        for step in range(1, cfg.trainer.total_training_steps + 1):
+            t0 = time.time()
+            if mode == "async":
+                groups = miniray.get(
+                    queue.get_batch.remote(batch_groups, version, timeout=timeout),
+                    timeout=timeout + 30,
+                )
+            else:
+                groups = miniray.get(
+                    rollouter.generate_batch.remote(batch_groups, version), timeout=timeout
+                )
+            waited = time.time() - t0
+            wait_s += waited
+            metrics: dict[str, Any] = dict(trainer.train_step(groups))
+            result.ages.extend(version - g[0].v_start for g in groups)
+            if step % trigger == 0:
+                t1 = time.time()
+                if mode == "async":
+                    sync.sync_to_rollouter(version + 1)
+                else:
+                    weights = miniray.put(trainer.get_weights())
+                    miniray.get(
+                        rollouter.load_weights.remote(weights, version + 1), timeout=timeout
+                    )
+                version += 1
+                trainer.set_version(version)
+                miniray.get(queue.update_param_version.remote(version), timeout=timeout)
+                sync_ms.append((time.time() - t1) * 1e3)
+            metrics.update(
+                step=step, version=version, wall_s=time.time() - run_start, trainer_wait_s=waited
+            )
+            if eval_rows and (step % eval_every == 0 or step == cfg.trainer.total_training_steps):
+                reward = evaluate()
+                result.evals.append((step, time.time() - run_start, reward))
+                metrics["eval_reward"] = reward
+            result.history.append(metrics)
+            if log_file is not None:
+                log_file.write(json.dumps(metrics) + "\n")
+                log_file.flush()
+            if on_step is not None:
+                on_step(step, metrics)
+    finally:
+        try:
+            miniray.get(rollouter.stop.remote(), timeout=timeout)
+            result.queue_stats = miniray.get(queue.get_statistics.remote(), timeout=timeout)
+            rollouter_stats = miniray.get(rollouter.get_statistics.remote(), timeout=timeout)
+        except Exception:
+            rollouter_stats = {}
+        if log_file is not None:
+            log_file.close()
+        if started_runtime:
+            miniray.shutdown()
+    wall = time.time() - run_start
+    samples = sum(m["samples"] for m in result.history)
+    result.summary = {
+        "initial_reward": result.evals[0][2],
+        "final_reward": result.evals[-1][2],
+        "wall_s": round(wall, 2),
+        "samples_per_s": round(samples / wall, 2),
+        "steps": len(result.history),
+        "mean_age": round(statistics.mean(result.ages), 3) if result.ages else 0.0,
+        "max_age": max(result.ages) if result.ages else 0,
+        "rejected_stale": int(rollouter_stats.get("groups_rejected_stale", 0)),
+        "sync_ms_p50": round(statistics.median(sync_ms), 2) if sync_ms else 0.0,
+        "mode": mode,
+        "trainer_idle_ratio": round(wait_s / wall, 3),
+        "rollouter_idle_ratio": round(rollouter_stats.get("idle_ratio", 0.0), 3),
+    }
+    return result

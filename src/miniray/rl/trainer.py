@@ -1,0 +1,97 @@
+"""FullyAsyncTrainer: the policy being trained, its optimizer, and the weights it publishes.
+
+It consumes groups of samples (oldest first, as the queue hands them out), takes one policy
+update per batch (``policy.PolicyUpdater``: GRPO advantages, PPO loss with the decoupled
+off-policy correction against the behaviour log-probs recorded at generation), and offers
+``get_weights()`` to the parameter synchronizer. It can run in the driver or as an actor.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from miniray.rl._remote import actor_constructor
+from miniray.rl.policy import PolicyUpdateConfig, PolicyUpdater
+from miniray.rl.rollouter import as_rl_config
+from miniray.rl.staleness import sample_age
+from miniray.rl.types import Sample
+
+
+class FullyAsyncTrainer:
+    remote = actor_constructor(kind="remote", max_concurrency=2)
+    options = actor_constructor(kind="options", max_concurrency=2)
+
+    def __init__(self, config: Any, *, seed: int = 0):
+        from miniray.rl.models import load
+
+        self.config = as_rl_config(config)
+        actor = self.config.actor_rollout_ref.actor
+        torch.manual_seed(seed)
+        self.model, self.tokenizer = load(self.config.actor_rollout_ref.model.path)
+        self.updater = PolicyUpdater(
+            self.model,
+            pad_token_id=self.tokenizer.pad_token_id,
+            config=PolicyUpdateConfig(
+                lr=actor.optim.lr,
+                ppo_epochs=actor.ppo_epochs,
+                clip_ratio_low=actor.clip_ratio_low,
+                clip_ratio_high=actor.clip_ratio_high,
+                behaviour_weight_cap=actor.behaviour_weight_cap,
+                max_grad_norm=actor.optim.grad_clip,
+                temperature=self.config.actor_rollout_ref.rollout.temperature or 1.0,
+            ),
+        )
+        self.version = 0
+        self.samples_trained = 0
+
+    def train_step(self, groups: Sequence[Sequence[Sample]]) -> dict[str, float]:
+        """One optimizer step on a batch of groups; returns its metrics, ages included."""
+        samples = [s for group in groups for s in group]
+        if not samples:
+            raise ValueError("train_step() needs at least one sample")
+        ages = [sample_age(self.version, s.v_start) for s in samples]
+        metrics = self.updater.step(samples)
+        self.samples_trained += len(samples)
+        metrics.update(
+            age_mean=sum(ages) / len(ages),
+            age_max=float(max(ages)),
+            samples=float(len(samples)),
+        )
+        return metrics
+
+    def get_weights(self) -> dict[str, torch.Tensor]:
+        return self.updater.state_dict()
+
+    def set_version(self, version: int) -> int:
+        self.version = int(version)
+        return self.version
+
+    def save_checkpoint(self, path: str | pathlib.Path, extra: dict[str, Any]) -> pathlib.Path:
+        """Model, optimizer, version and the caller's data position, in one file."""
+        path = pathlib.Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.updater.optimizer.state_dict(),
+            "version": self.version,
+            "steps": self.updater.steps,
+            "samples_trained": self.samples_trained,
+            "extra": extra,
+        }
+        tmp = path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(path)  # a crash mid-write never leaves a truncated checkpoint
+        return path
+
+    def load_checkpoint(self, path: str | pathlib.Path) -> dict[str, Any]:
+        state = torch.load(pathlib.Path(path), weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.updater.optimizer.load_state_dict(state["optimizer"])
+        self.version = state["version"]
+        self.updater.steps = state["steps"]
+        self.samples_trained = state["samples_trained"]
+        return state["extra"]
