@@ -79,10 +79,17 @@ def run(
     if started_runtime:
         miniray.init(num_workers=1)
     log_file = None
+    board = None
     if log_dir is not None:
         log_dir = pathlib.Path(log_dir)
         log_dir.mkdir(parents=True, exist_ok=True)
         log_file = (log_dir / "metrics.jsonl").open("w")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            board = SummaryWriter(str(log_dir / "tensorboard"))
+        except ImportError:  # tensorboard is optional: JSONL always works
+            board = None
     queue = MessageQueue.remote(cfg)
     rollouter = FullyAsyncRollouter.remote(cfg, queue, reward_fn=reward_fn)
     trainer = FullyAsyncTrainer(cfg)
@@ -136,7 +143,12 @@ def run(
                 miniray.get(queue.update_param_version.remote(version), timeout=timeout)
                 sync_ms.append((time.time() - t1) * 1e3)
             metrics.update(
-                step=step, version=version, wall_s=time.time() - run_start, trainer_wait_s=waited
+                step=step,
+                version=version,
+                wall_s=time.time() - run_start,
+                trainer_wait_s=waited,
+                queue_size=miniray.get(queue.get_queue_size.remote(), timeout=timeout),
+                queue_capacity=cfg.async_training.max_queue_size,
             )
             if eval_rows and (step % eval_every == 0 or step == cfg.trainer.total_training_steps):
                 reward = evaluate()
@@ -146,6 +158,10 @@ def run(
             if log_file is not None:
                 log_file.write(json.dumps(metrics) + "\n")
                 log_file.flush()
+            if board is not None:
+                for key, value in metrics.items():
+                    if isinstance(value, (int, float)) and key != "step":
+                        board.add_scalar(key, value, step)
             if on_step is not None:
                 on_step(step, metrics)
     finally:
@@ -157,6 +173,8 @@ def run(
             rollouter_stats = {}
         if log_file is not None:
             log_file.close()
+        if board is not None:
+            board.close()
         if started_runtime:
             miniray.shutdown()
     wall = time.time() - run_start
