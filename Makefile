@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: demo test lint setup clean bench
+.PHONY: demo ps-demo test lint setup clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,11 @@ lint: setup
 test: lint
 	$(PY) -m pytest -q -rs
 
+# The main job: async RL on a tiny model (about 5 minutes on 2 cores); see runs/<name>/report.md.
 demo: setup
+	$(PY) -m miniray.rl.demo
+
+ps-demo: setup
 	$(PY) examples/parameter_server_demo.py
 
 clean:

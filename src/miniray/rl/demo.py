@@ -143,10 +143,10 @@ def write_report(result: RunResult, out: pathlib.Path, command: str) -> pathlib.
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description="async RL on a tiny model, on this CPU")
-    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--mode", choices=["async", "sync"], default="async")
     parser.add_argument("--name", default=None)
-    parser.add_argument("--pretrain-steps", type=int, default=60)
+    parser.add_argument("--pretrain-steps", type=int, default=25)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
