@@ -65,8 +65,15 @@ def run(
     reward_fn: RewardFn | None = None,
     log_dir: str | pathlib.Path | None = None,
     on_step: Callable[[int, dict[str, Any]], None] | None = None,
+    engine: Any = None,
+    trainer: Any = None,
 ) -> RunResult:
-    """Train for ``trainer.total_training_steps`` steps; returns the summary and the curves."""
+    """Train for ``trainer.total_training_steps`` steps; returns the summary and the curves.
+
+    ``engine`` (shipped to the rollouter) and ``trainer`` replace the real ones, e.g. with
+    fakes of known timing in benchmarks (their interfaces: ``engines.base.GenerationEngine``,
+    and ``train_step``/``get_weights``/``set_version`` of ``FullyAsyncTrainer``).
+    """
     from miniray.rl.tasks import exact_match_reward
 
     cfg = as_rl_config(config)
@@ -91,8 +98,8 @@ def run(
         except ImportError:  # tensorboard is optional: JSONL always works
             board = None
     queue = MessageQueue.remote(cfg)
-    rollouter = FullyAsyncRollouter.remote(cfg, queue, reward_fn=reward_fn)
-    trainer = FullyAsyncTrainer(cfg)
+    rollouter = FullyAsyncRollouter.remote(cfg, queue, reward_fn=reward_fn, engine=engine)
+    trainer = trainer if trainer is not None else FullyAsyncTrainer(cfg)
     sync = UnifiedParameterSynchronizer(cfg, trainer_actor=trainer, rollouter_actor=rollouter)
     result = RunResult(summary={})
     max_new = cfg.data.max_response_length
