@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 
@@ -9,23 +10,95 @@ import pytest
 
 import miniray
 
-# Every backend the conformance suite runs against. Ray joins in tests that ask for it.
+# Every backend the conformance suite runs against; "ray" when the optional extra is installed.
 BACKENDS = [
     name
     for name, module in [
         ("inline", "miniray.runtime.inline"),
         ("local", "miniray.runtime.local.head"),
+        ("ray", "ray"),
     ]
     if importlib.util.find_spec(module) is not None
 ]
 
+# Ray's environment for every instance the tests start: no usage reporting (no network), and no
+# auth token written to ~/.ray.
+RAY_TEST_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
 
-@pytest.fixture(params=BACKENDS)
-def runtime(request):
-    """An initialised runtime (2 workers) on each backend; shut down after the test."""
-    miniray.init(backend=request.param, num_workers=2)
+
+@contextlib.contextmanager
+def ray_instance(**init_options):
+    """One local Ray instance (2 CPUs, no dashboard) for the duration of the block.
+
+    Starting Ray takes 5-15 s on two cores, so tests share an instance per module and
+    ``miniray.init(backend="ray")`` attaches to it; ``miniray.shutdown()`` then kills only what
+    miniray created.
+    """
+    import ray
+
+    if ray.is_initialized():
+        raise RuntimeError("a Ray instance is already running in this process")
+    saved = {key: os.environ.get(key) for key in RAY_TEST_ENV}
+    os.environ.update(RAY_TEST_ENV)
     try:
+        ray.init(
+            address="local",
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            **init_options,
+        )
+        try:
+            yield ray
+        finally:
+            ray.shutdown()
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def pytest_generate_tests(metafunc):
+    """Parametrize ``runtime`` over the backends, at module scope: pytest then runs a module's
+    tests grouped by backend, so Ray starts once per module, not once per test.
+
+    Ray joins for tests/runtime (the conformance suite) and for modules that opt in with
+    ``RUNTIME_BACKENDS = [...]``: an actor on Ray is a fresh process importing torch, which
+    makes other packages' suites several times slower without testing anything new there.
+    """
+    if "runtime_backend" not in metafunc.fixturenames:
+        return
+    backends = getattr(metafunc.module, "RUNTIME_BACKENDS", None)
+    if backends is None:
+        in_runtime_suite = os.path.dirname(str(metafunc.definition.path)) == RUNTIME_TESTS
+        backends = [b for b in BACKENDS if b != "ray" or in_runtime_suite]
+    metafunc.parametrize("runtime_backend", backends, indirect=True, scope="module")
+
+
+RUNTIME_TESTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runtime")
+
+
+@pytest.fixture(scope="module")
+def runtime_backend(request):
+    """The backend name of the ``runtime`` fixture; starts the module's Ray instance for ray."""
+    if request.param == "ray":
+        with ray_instance():
+            yield "ray"
+    else:
         yield request.param
+
+
+@pytest.fixture
+def runtime(runtime_backend):
+    """An initialised runtime on each backend (2 workers, 2 CPUs on Ray); shut down after."""
+    if runtime_backend == "ray":
+        miniray.init(backend="ray")  # attaches to the module's Ray instance
+    else:
+        miniray.init(backend=runtime_backend, num_workers=2)
+    try:
+        yield runtime_backend
     finally:
         miniray.shutdown()
 

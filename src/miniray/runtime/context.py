@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 from typing import TYPE_CHECKING
 
@@ -21,9 +22,23 @@ def current() -> Backend:
 
     with _lock:
         if _backend is None:
-            api.init()
+            worker_backend = _ray_worker_backend()
+            if worker_backend is not None:
+                set_backend(worker_backend)
+            else:
+                api.init()
     assert _backend is not None
     return _backend
+
+
+def _ray_worker_backend() -> Backend | None:
+    """Inside a Ray worker process, the Ray it runs on; starting a local backend there would
+    run nested calls on a private runtime the driver never sees."""
+    if "ray" not in sys.modules:  # cheap, and never imports ray
+        return None
+    from miniray.runtime.ray_backend import worker_backend_or_none
+
+    return worker_backend_or_none()
 
 
 def current_or_none() -> Backend | None:

@@ -70,11 +70,8 @@ def validate(kind: str, options: dict[str, Any]) -> dict[str, Any]:
     if name is not None and (not isinstance(name, str) or not name):
         raise ValueError(f"option name={name!r} must be a non-empty string")
     lifetime = options.get("lifetime")
-    if lifetime not in (None, "non_detached"):
-        raise ValueError(
-            f"option lifetime={lifetime!r} is not supported by the embedded backend: its actors "
-            "end with the driver. Use backend='ray' for detached actors."
-        )
+    if lifetime not in (None, "non_detached", "detached"):
+        raise ValueError(f"option lifetime={lifetime!r} must be None, 'non_detached' or 'detached'")
     retry = options.get("retry_exceptions")
     if retry is not None and not isinstance(retry, bool):
         if not isinstance(retry, (list, tuple)) or not all(
@@ -99,6 +96,11 @@ def check_embedded(options: dict[str, Any], backend: str) -> None:
                 f"option {key}={options[key]!r} is not supported by the {backend} backend; "
                 "use backend='ray' for it"
             )
+    if options.get("lifetime") == "detached":
+        raise ValueError(
+            f"option lifetime='detached' is not supported by the {backend} backend: its actors "
+            "end with the driver. Use backend='ray' for detached actors."
+        )
     strategy = options.get("scheduling_strategy")
     if strategy is not None and strategy not in ("DEFAULT", "SPREAD"):
         raise ValueError(
