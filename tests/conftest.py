@@ -123,3 +123,28 @@ def _no_runtime_left_behind():
 
 def pytest_configure(config):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _nothing_of_ours_survives_the_suite():
+    """After every test ran: no child process of this pytest and no shared-memory segment of
+    any local-backend session it started (each test cleans up; this catches what slipped)."""
+    yield
+    import time
+
+    import psutil
+
+    from miniray.runtime import shm
+    from miniray.runtime.local.head import SESSIONS
+
+    deadline = time.monotonic() + 10
+    while True:
+        children = [p for p in psutil.Process().children(recursive=True) if p.status() != "zombie"]
+        leftovers = [name for session in SESSIONS for name in shm.list_session(session)]
+        if (not children and not leftovers) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert not leftovers, f"shared-memory segments left behind: {leftovers[:5]}"
+    assert not children, "processes left behind: " + ", ".join(
+        f"{p.pid} {' '.join(p.cmdline()[:4])}" for p in children[:5]
+    )

@@ -62,6 +62,8 @@ from miniray.runtime.refs import (
 )
 
 START_TIMEOUT_S = 60.0
+# Every session started in this process, so that a test suite can check none left anything.
+SESSIONS: list[str] = []
 # -S: no site import (the worker gets the driver's sys.path, .pth entries included);
 # -c rather than -m: runpy costs a few ms more at every start.
 WORKER_COMMAND = (
@@ -171,6 +173,7 @@ class LocalBackend:
 
     def __init__(self, num_workers: int, start_timeout_s: float = START_TIMEOUT_S):
         self.session_id = f"{os.getpid():x}{os.urandom(3).hex()}"
+        SESSIONS.append(self.session_id)
         self.num_workers = num_workers
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
