@@ -1,0 +1,63 @@
+"""Call one method on many worker actors and collect what arrives before a deadline.
+
+    server --method.remote()--> worker 0..K-1
+       |
+       +-- miniray.wait(all, timeout=deadline - now) --> ready | not_ready
+              ready + value      -> results[i]
+              ready + error      -> excluded[i] = 'died: ...' / 'error: ...'
+              not_ready          -> excluded[i] = 'timeout after X s'
+
+A dead or hung worker therefore costs at most the deadline, never a hang. Late results are
+abandoned: the round goes on with the workers that answered.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import miniray
+from miniray.exceptions import RayActorError, WorkerCrashedError
+
+log = logging.getLogger(__name__)
+
+
+def call_all(
+    workers: dict[int, Any], method: str, deadline: float, *args: Any
+) -> tuple[dict[int, Any], dict[int, miniray.ObjectRef], dict[int, str]]:
+    """``(values, refs, excluded)`` keyed by worker id; see the module docstring."""
+    refs: dict[int, miniray.ObjectRef] = {}
+    excluded: dict[int, str] = {}
+    for wid, handle in workers.items():
+        try:
+            refs[wid] = getattr(handle, method).remote(*args)
+        except RayActorError as exc:  # some backends refuse calls to a known-dead actor at once
+            excluded[wid] = f"died: {_first_line(exc)}"
+    pending = list(refs.values())
+    if pending:
+        miniray.wait(
+            pending, num_returns=len(pending), timeout=max(0.0, deadline - time.monotonic())
+        )
+    values: dict[int, Any] = {}
+    ready_refs: dict[int, miniray.ObjectRef] = {}
+    for wid, ref in refs.items():
+        ready, _ = miniray.wait([ref], timeout=0)
+        if not ready:
+            excluded[wid] = "timeout"
+            continue
+        try:
+            values[wid] = miniray.get(ref, timeout=max(0.0, deadline - time.monotonic()) + 1.0)
+            ready_refs[wid] = ref
+        except (RayActorError, WorkerCrashedError) as exc:
+            excluded[wid] = f"died: {_first_line(exc)}"
+        except miniray.exceptions.RayTaskError as exc:
+            excluded[wid] = f"error: {_first_line(exc)}"
+    for wid, why in excluded.items():
+        log.warning("worker %s left out of %s round: %s", wid, method, why)
+    return values, ready_refs, excluded
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

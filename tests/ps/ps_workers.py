@@ -1,0 +1,72 @@
+"""Worker actors for the parameter-server tests (module level: the local backend imports them)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn as nn
+
+import miniray
+
+
+@miniray.remote
+class ListWorker:
+    """Holds a weight list (and optionally gradients); can be told to hang or to fail."""
+
+    def __init__(self, weights, gradients=None, delay_s: float = 0.0, error: str | None = None):
+        self.weights = [t.clone() for t in weights]
+        self.gradients = gradients
+        self.delay_s = delay_s
+        self.error = error
+        self.num_set = 0
+
+    def get_weights(self):
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        if self.error:
+            raise RuntimeError(self.error)
+        return self.weights
+
+    def set_weights(self, weights):
+        self.weights = [t.clone() for t in weights]
+        self.num_set += 1
+
+    def get_gradients(self):
+        return self.gradients
+
+    def load(self, weights, gradients=None):
+        self.weights = [t.clone() for t in weights]
+        self.gradients = gradients
+
+    def load_raw(self, value):
+        self.weights = value
+
+    def times_set(self):
+        return self.num_set
+
+
+@miniray.remote
+class TrainingWorker:
+    """The seed's complete example, verbatim apart from a seed and a real train_step."""
+
+    def __init__(self, worker_id):
+        torch.manual_seed(worker_id)
+        self.model = nn.Linear(10, 1)
+
+    def get_weights(self):
+        return [p.detach().cpu() for p in self.model.parameters()]
+
+    def set_weights(self, weights):
+        with torch.no_grad():
+            for param, new_weight in zip(self.model.parameters(), weights):
+                param.copy_(new_weight)
+
+    def train_step(self):
+        x = torch.randn(8, 10)
+        loss = self.model(x).pow(2).mean()
+        loss.backward()
+        with torch.no_grad():
+            for p in self.model.parameters():
+                p -= 0.1 * p.grad
+                p.grad = None
