@@ -331,3 +331,26 @@ def test_max_calls_replaces_the_worker_after_that_many_calls(local_runtime):
     for pid in set(pids):
         assert pids.count(pid) <= 2, pids
     assert len(backend().child_pids()) == 2
+
+
+def test_a_failing_router_fails_waiting_calls_fast(monkeypatch, capsys):
+    from miniray.exceptions import RaySystemError
+    from miniray.runtime.local.head import LocalBackend
+
+    original = LocalBackend._handle
+
+    def broken(self, child, message):
+        if message[0] == "result":
+            raise RuntimeError("injected bug in the head")
+        return original(self, child, message)
+
+    monkeypatch.setattr(LocalBackend, "_handle", broken)
+    miniray.init(backend="local", num_workers=1)
+    try:
+        start = time.monotonic()
+        with pytest.raises(RaySystemError, match="injected bug"):
+            miniray.get(worker_pid.remote(), timeout=60)
+        assert time.monotonic() - start < 10
+    finally:
+        miniray.shutdown()
+    assert "router thread failed" in capsys.readouterr().err

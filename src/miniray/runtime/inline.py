@@ -41,6 +41,8 @@ from miniray.runtime.refs import (
     returns_of,
 )
 
+SHUTDOWN_JOIN_S = 5.0
+
 
 class _Entry:
     __slots__ = ("callbacks", "done", "error", "value")
@@ -79,6 +81,7 @@ class InlineBackend:
         self._names: dict[str, str] = {}
         self._cancelled: set[str] = set()
         self._pinned: set[str] = set()
+        self._threads: list[threading.Thread] = []
         self._closed = False
 
     # -- objects ---------------------------------------------------------------------------
@@ -226,7 +229,7 @@ class InlineBackend:
                     self._store(entry, value)
                 return
 
-        threading.Thread(target=run, name=f"miniray-task-{name}", daemon=True).start()
+        self._start_thread(run, f"miniray-task-{name}")
         return returns_of([ObjectRef(oid) for oid, _ in outs], num_returns) if outs else None
 
     def cancel(self, ref: ObjectRef, force: bool) -> None:
@@ -256,23 +259,13 @@ class InlineBackend:
         actor.init_payload = (payload, deps)  # type: ignore[attr-defined]
         if cls.is_async:
             ready = threading.Event()
-            threading.Thread(
-                target=self._run_loop,
-                args=(actor, ready),
-                name=f"miniray-actor-{cls.__name__}",
-                daemon=True,
-            ).start()
+            self._start_thread(lambda: self._run_loop(actor, ready), f"miniray-{cls.__name__}")
             ready.wait()
         elif options["max_concurrency"] > 1:
             actor.pool = ThreadPoolExecutor(options["max_concurrency"])
         else:
             actor.fifo = queue.SimpleQueue()
-            threading.Thread(
-                target=self._run_fifo,
-                args=(actor,),
-                name=f"miniray-actor-{cls.__name__}",
-                daemon=True,
-            ).start()
+            self._start_thread(lambda: self._run_fifo(actor), f"miniray-{cls.__name__}")
         init_ref = self._enqueue(actor, lambda: self._construct(actor), 1, is_init=True)
         actor.init_ref = init_ref  # type: ignore[attr-defined]
         return ActorHandle(actor.actor_id, cls.__name__, cls.methods)
@@ -422,16 +415,30 @@ class InlineBackend:
         actor = self._actors[actor_id]
         return ActorHandle(actor_id, actor.cls.__name__, actor.cls.methods)
 
+    def _start_thread(self, target: Callable[[], Any], name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        with self._lock:
+            self._threads = [t for t in self._threads if t.is_alive()]
+            self._threads.append(thread)
+        thread.start()
+
     def shutdown(self) -> None:
         self._closed = True
+        pools = []
         for actor in self._actors.values():
             actor.dead_reason = "the runtime was shut down"
             if actor.loop is not None:
                 actor.loop.call_soon_threadsafe(actor.loop.stop)
             if actor.pool is not None:
                 actor.pool.shutdown(wait=False, cancel_futures=True)
+                pools.append(actor.pool)
             if actor.fifo is not None:
                 actor.fifo.put(None)
+        # Wait (bounded) for our threads: a daemon thread still inside a torch op when the
+        # interpreter exits aborts the process ("terminate called without an active exception").
+        deadline = time.monotonic() + SHUTDOWN_JOIN_S
+        for thread in [*self._threads, *(t for p in pools for t in p._threads)]:
+            thread.join(max(0.0, deadline - time.monotonic()))
         self._actors.clear()
         self._objects.clear()
 

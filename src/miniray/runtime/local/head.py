@@ -28,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -193,6 +194,7 @@ class LocalBackend:
         self._keys = itertools.count(1)
         self._closing = False
         self._start_failure = ""
+        self._router_error = ""
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         # Only the router thread touches the selector; others queue new children here.
@@ -275,6 +277,16 @@ class LocalBackend:
 
     # ======================================================================= router
     def _route_forever(self) -> None:
+        try:
+            self._route()
+        except BaseException as exc:
+            # A bug in the head: say so to every waiter now rather than let them time out.
+            with self._cond:
+                self._router_error = "".join(traceback.format_exception(exc))
+                self._cond.notify_all()
+            print(f"miniray: the router thread failed:\n{self._router_error}", file=sys.stderr)
+
+    def _route(self) -> None:
         while not self._closing:
             while self._unregistered:
                 child = self._unregistered.popleft()
@@ -1188,6 +1200,11 @@ class LocalBackend:
 
     # ======================================================================= shutdown
     def _check_open(self) -> None:
+        if self._router_error:
+            raise RaySystemError(
+                "the local runtime is broken: its router thread failed (a miniray bug, please "
+                f"report it); call miniray.shutdown(). Cause:\n{self._router_error}"
+            )
         if self._closing:
             raise RaySystemError("the miniray runtime was shut down")
 
