@@ -7,8 +7,6 @@ resolution, error wrapping and ``num_returns`` behave the same everywhere.
 from __future__ import annotations
 
 import os
-import traceback
-from dataclasses import dataclass
 from typing import Any
 
 from miniray.errors import RayTaskError
@@ -16,11 +14,25 @@ from miniray.runtime import serialization
 from miniray.runtime.refs import ObjectRef
 
 
-@dataclass(frozen=True)
 class Dep:
-    """Stands in for a top-level ObjectRef argument until its value is known."""
+    """Stands in for a top-level ObjectRef argument until its value is known.
 
-    object_id: str
+    (A plain class, not a dataclass: importing dataclasses pulls in inspect, and every worker
+    process imports this module at start-up.)"""
+
+    __slots__ = ("object_id",)
+
+    def __init__(self, object_id: str):
+        self.object_id = object_id
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Dep, (self.object_id,))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Dep) and other.object_id == self.object_id
+
+    def __hash__(self) -> int:
+        return hash(self.object_id)
 
 
 def encode_args(args: tuple, kwargs: dict) -> tuple[tuple, dict, list[str]]:
@@ -50,6 +62,8 @@ def task_error(function_name: str, exc: BaseException) -> RayTaskError:
 
     Frames of the runtime itself are dropped from the top so the text starts at user code.
     """
+    import traceback  # lazily: workers start faster, and only failures pay for it
+
     cause = exc.cause if isinstance(exc, RayTaskError) else exc
     tb = exc.__traceback__
     while tb is not None and tb.tb_next is not None and _is_runtime_frame(tb):

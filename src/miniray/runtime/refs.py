@@ -6,7 +6,6 @@ They carry ids and options only; every action goes to the backend of the current
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import os
 from collections.abc import Callable
@@ -133,6 +132,8 @@ class RemoteFunction:
 
 
 def _actor_methods(cls: type) -> dict[str, dict[str, Any]]:
+    import inspect  # lazily: a worker process that never defines actors skips it
+
     methods: dict[str, dict[str, Any]] = {}
     for name, member in inspect.getmembers(cls):
         if name.startswith("__") and name != "__call__":

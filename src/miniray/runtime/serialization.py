@@ -170,12 +170,10 @@ def serialize(value: Any, *, session_id: str | None) -> Serialized:
         size = buf.raw().nbytes
         layout.append((offset, size))
         offset = shm.aligned(offset + size)
+    # The mapping stays open (segments keeps it for the next value written into this segment).
     name, mapping = segments.acquire(session_id, max(offset, 1))
-    try:
-        for buf, (off, size) in zip(large, layout):
-            mapping[off : off + size] = buf.raw()
-    finally:
-        mapping.close()
+    for buf, (off, size) in zip(large, layout):
+        mapping[off : off + size] = buf.raw()
     return Serialized(stream.getvalue(), name, max(offset, 1), tuple(layout))
 
 

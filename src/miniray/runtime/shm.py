@@ -48,7 +48,8 @@ def aligned(n: int) -> int:
 
 
 def create(name: str, size: int) -> mmap.mmap:
-    """Create a segment of ``size`` bytes and return a writable shared mapping of it."""
+    """Create a segment of ``size`` bytes and return a writable shared mapping of it
+    (the caller closes it)."""
     fd = os.open(path_of(name), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.ftruncate(fd, size)

@@ -16,7 +16,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from multiprocessing.connection import Connection
 from typing import Any
 
 from miniray.errors import GetTimeoutError, RaySystemError
@@ -46,7 +45,7 @@ class _Request:
 class WorkerClient:
     name = "local"
 
-    def __init__(self, conn: Connection, session_id: str):
+    def __init__(self, conn: protocol.Channel, session_id: str):
         self._conn = conn
         self._session_id = session_id
         self._send_lock = threading.Lock()

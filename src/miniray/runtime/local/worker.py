@@ -12,14 +12,11 @@ Started as ``python -m miniray.runtime.local.worker FD`` with the session in the
 
 from __future__ import annotations
 
-import inspect
-import json
 import os
 import queue
 import signal
 import sys
 import threading
-from multiprocessing.connection import Connection
 from typing import Any
 
 from miniray.runtime import context, execution, segments, serialization, shm
@@ -32,7 +29,7 @@ ENV_SYS_PATH = "MINIRAY_SYS_PATH"
 
 
 class Worker:
-    def __init__(self, conn: Connection, session_id: str):
+    def __init__(self, conn: protocol.Channel, session_id: str):
         self.conn = conn
         self.session_id = session_id
         self.client = WorkerClient(conn, session_id)
@@ -128,6 +125,8 @@ class Worker:
             error = execution.task_error(f"{class_name}.__init__", exc)
             self.client.send(("created", actor_id, stored_error(error, self.session_id)))
             return False
+        import inspect  # lazily: task workers never need it
+
         is_async = any(
             inspect.iscoroutinefunction(m) for _, m in inspect.getmembers(type(self.instance))
         )
@@ -186,7 +185,7 @@ class Worker:
         async with self.semaphore:
             try:
                 value = self._invoke(message)
-                if inspect.isawaitable(value):
+                if hasattr(value, "__await__"):
                     value = await value
             except BaseException as exc:
                 return self._fail_call(call_id, label, return_ids, exc)
@@ -196,10 +195,10 @@ class Worker:
 def main() -> None:
     fd = int(sys.argv[-1])
     session_id = os.environ[ENV_SESSION]
-    sys.path[:] = json.loads(os.environ[ENV_SYS_PATH])
+    sys.path[:] = os.environ[ENV_SYS_PATH].split(os.pathsep)
     # Ctrl-C goes to the driver, which shuts us down; a worker dying of it would look like a crash.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    conn = Connection(fd)
+    conn = protocol.Channel(fd)
     worker = Worker(conn, session_id)
     context.set_backend(worker.client)
     segments.set_unmapped_hook(worker.client.unmapped)
