@@ -425,6 +425,14 @@ class LocalBackend:
                 self._pump(actor)
         self._maybe_free(oid, entry)
 
+    def _release_uses(self, deps: list[str]) -> None:
+        """A call that took these objects as arguments is over."""
+        for oid in deps:
+            entry = self._objects.get(oid)
+            if entry is not None:
+                entry.uses -= 1
+                self._maybe_free(oid, entry)
+
     def _maybe_free(self, oid: str, entry: _Object) -> None:
         if (
             entry.stored is None
@@ -771,11 +779,7 @@ class LocalBackend:
     def _finish_task(self, task: _Task, stored: list[Stored]) -> None:
         task.done = True
         self._tasks.pop(task.task_id, None)
-        for oid in task.deps:
-            entry = self._objects.get(oid)
-            if entry is not None:
-                entry.uses -= 1
-                self._maybe_free(oid, entry)
+        self._release_uses(task.deps)
         self._free_segment(task.payload)
         for oid, item in zip(task.return_ids, stored):
             self._store(oid, item)
@@ -1017,11 +1021,7 @@ class LocalBackend:
             )
 
     def _finish_call(self, call: _Call, stored: list[Stored]) -> None:
-        for oid in call.deps:
-            entry = self._objects.get(oid)
-            if entry is not None:
-                entry.uses -= 1
-                self._maybe_free(oid, entry)
+        self._release_uses(call.deps)
         self._free_segment(call.payload)
         for oid, item in zip(call.return_ids, stored):
             self._store(oid, item)
@@ -1046,11 +1046,7 @@ class LocalBackend:
         actor.pending.clear()
         for call in calls:
             self._fail_call_dead(call, actor, actor.actor_id, reason)
-        for oid in actor.deps:
-            entry = self._objects.get(oid)
-            if entry is not None:
-                entry.uses -= 1
-                self._maybe_free(oid, entry)
+        self._release_uses(actor.deps)
         actor.deps = []
         self._free_segment(actor.payload)
 
