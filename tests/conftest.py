@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
 
 import pytest
 
 import miniray
+from ray_support import ray_instance
 
 # Every backend the conformance suite runs against; "ray" when the optional extra is installed.
 BACKENDS = [
@@ -20,44 +20,6 @@ BACKENDS = [
     ]
     if importlib.util.find_spec(module) is not None
 ]
-
-# Ray's environment for every instance the tests start: no usage reporting (no network), and no
-# auth token written to ~/.ray.
-RAY_TEST_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
-
-
-@contextlib.contextmanager
-def ray_instance(**init_options):
-    """One local Ray instance (2 CPUs, no dashboard) for the duration of the block.
-
-    Starting Ray takes 5-15 s on two cores, so tests share an instance per module and
-    ``miniray.init(backend="ray")`` attaches to it; ``miniray.shutdown()`` then kills only what
-    miniray created.
-    """
-    import ray
-
-    if ray.is_initialized():
-        raise RuntimeError("a Ray instance is already running in this process")
-    saved = {key: os.environ.get(key) for key in RAY_TEST_ENV}
-    os.environ.update(RAY_TEST_ENV)
-    try:
-        ray.init(
-            address="local",
-            num_cpus=2,
-            include_dashboard=False,
-            log_to_driver=False,
-            **init_options,
-        )
-        try:
-            yield ray
-        finally:
-            ray.shutdown()
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def pytest_generate_tests(metafunc):

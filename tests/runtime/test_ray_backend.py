@@ -30,7 +30,7 @@ from miniray.exceptions import (
 
 ray = pytest.importorskip("ray")
 
-from conftest import RAY_TEST_ENV, ray_instance  # noqa: E402
+from ray_support import RAY_TEST_ENV, ray_instance  # noqa: E402
 
 REPO_SRC = os.path.join(os.path.dirname(__file__), "..", "..", "src")
 

@@ -29,7 +29,7 @@ import miniray
 
 ray = pytest.importorskip("ray")
 
-from conftest import RAY_TEST_ENV  # noqa: E402
+from ray_support import RAY_TEST_ENV  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
