@@ -186,6 +186,12 @@ def run(
             miniray.shutdown()
     wall = time.time() - run_start
     samples = sum(m["samples"] for m in result.history)
+    sync_stats = sync.get_statistics()
+    sync_phase_ms = {
+        key[: -len("_s_p50")] + ("_p50" if key.endswith("p50") else "_p95"): round(value * 1e3, 2)
+        for key, value in sync_stats.items()
+        if (key.endswith("_s_p50") or key.endswith("_s_p95")) and value is not None
+    }
     result.summary = {
         "initial_reward": result.evals[0][2],
         "final_reward": result.evals[-1][2],
@@ -197,6 +203,7 @@ def run(
         "rejected_stale": int(rollouter_stats.get("groups_rejected_stale", 0)),
         "sync_ms_p50": round(statistics.median(sync_ms), 2) if sync_ms else 0.0,
         "mode": mode,
+        "sync_phase_ms": sync_phase_ms,
         "trainer_idle_ratio": round(wait_s / wall, 3),
         "rollouter_idle_ratio": round(rollouter_stats.get("idle_ratio", 0.0), 3),
     }
