@@ -88,7 +88,9 @@ def reclaim(name: str) -> None:
             _free.append((capacity, name))
             _free_bytes += capacity
             evicted = []
-            while _free_bytes > POOL_LIMIT_BYTES and _free:
+            # Keep at least the newest segment, however large: a model's weights synced every
+            # step are one big value, and re-faulting its pages each time costs 5 memcpys.
+            while _free_bytes > POOL_LIMIT_BYTES and len(_free) > 1:
                 cap, old = _free.pop(0)
                 _free_bytes -= cap
                 evicted.append(old)
