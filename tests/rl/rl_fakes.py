@@ -10,6 +10,21 @@ import threading
 
 import numpy as np
 
+# What the synchronizer tests share: the fakes' weight size, seed 000's statistics keys.
+WEIGHT_BYTES = 4 * 8 * 4 + 8 * 8  # float32 (4, 8) + float64 (8,)
+SEED_STAT_KEYS = {
+    "sync_count",
+    "sync_failures",
+    "last_sync_time",
+    "sync_group_initialized",
+    "current_param_version",
+    "current_version",
+}
+
+
+def config(**async_training):
+    return {"async_training": {"sync_retry_delay": 0.0, **async_training}}
+
 
 class FakeClock:
     """Monotonic seconds that move only when told to (or when ``sleep`` is called)."""

@@ -7,7 +7,7 @@ import threading
 import time
 
 import pytest
-from rl_fakes import FakeClock, FakeRollouter, FakeTrainer
+from rl_fakes import SEED_STAT_KEYS, WEIGHT_BYTES, FakeClock, FakeRollouter, FakeTrainer, config
 
 import miniray
 from miniray.rl import (
@@ -18,20 +18,6 @@ from miniray.rl import (
     ParameterSyncTimeoutError,
     UnifiedParameterSynchronizer,
 )
-
-WEIGHT_BYTES = 4 * 8 * 4 + 8 * 8  # float32 (4, 8) + float64 (8,)
-SEED_STAT_KEYS = {
-    "sync_count",
-    "sync_failures",
-    "last_sync_time",
-    "sync_group_initialized",
-    "current_param_version",
-    "current_version",
-}
-
-
-def config(**async_training):
-    return {"async_training": {"sync_retry_delay": 0.0, **async_training}}
 
 
 def make(trainer=None, rollouter=None, clock=None, **async_training):

@@ -9,7 +9,14 @@ Grouped in one module because the ``runtime`` fixture starts one Ray instance pe
 from __future__ import annotations
 
 import pytest
-from rl_fakes import FakeRollouter, FakeTrainer, ship_by_value_to_ray
+from rl_fakes import (
+    SEED_STAT_KEYS,
+    WEIGHT_BYTES,
+    FakeRollouter,
+    FakeTrainer,
+    config,
+    ship_by_value_to_ray,
+)
 
 import miniray
 from miniray.rl import (
@@ -25,20 +32,6 @@ from miniray.rl import (
     Sample,
     UnifiedParameterSynchronizer,
 )
-
-WEIGHT_BYTES = 4 * 8 * 4 + 8 * 8  # float32 (4, 8) + float64 (8,)
-SEED_STAT_KEYS = {
-    "sync_count",
-    "sync_failures",
-    "last_sync_time",
-    "sync_group_initialized",
-    "current_param_version",
-    "current_version",
-}
-
-
-def config(**async_training):
-    return {"async_training": {"sync_retry_delay": 0.0, **async_training}}
 
 
 def sample(v_start: int) -> Sample:

@@ -112,7 +112,9 @@ def plot(result: RunResult, out: pathlib.Path) -> list[str]:
     return names
 
 
-def write_report(result: RunResult, out: pathlib.Path, command: str) -> pathlib.Path:
+def write_report(
+    result: RunResult, out: pathlib.Path, command: str, *, num_eval: int
+) -> pathlib.Path:
     images = plot(result, out)
     s = result.summary
     lines = [
@@ -120,7 +122,7 @@ def write_report(result: RunResult, out: pathlib.Path, command: str) -> pathlib.
         "",
         f"Command: `{command}`",
         "",
-        f"Held-out reward (greedy, {len(TASK.rows(200, split='test'))} problems): "
+        f"Held-out reward (greedy, {num_eval} problems): "
         f"{s['initial_reward']:.3f} -> {s['final_reward']:.3f} in {s['wall_s']:.0f} s "
         f"({s['steps']} steps, {s['samples_per_s']:.0f} samples/s, mode {s['mode']}).",
         "",
@@ -186,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if bar is not None:
         bar.close()
     command = "python -m miniray.rl.demo " + " ".join(argv if argv is not None else sys.argv[1:])
-    report = write_report(result, out, command.strip())
+    report = write_report(result, out, command.strip(), num_eval=len(eval_rows))
     (out / "summary.json").write_text(json.dumps(result.summary, indent=1) + "\n")
     print(f"report: {report}", file=sys.stderr)
     print(json.dumps(result.summary))

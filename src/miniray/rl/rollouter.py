@@ -170,7 +170,9 @@ class FullyAsyncRollouter:
                 with self._cond:
                     waited = time.time()
                     while not self._stop and (self._paused or self._admission_room() <= 0):
-                        self._cond.wait(0.05)  # also re-checks admission as versions advance
+                        # Woken by resume, stop and load_weights (a new version makes room);
+                        # the timeout only bounds the wait should a wake-up ever be missed.
+                        self._cond.wait(1.0)
                     self.stats["idle_seconds"] += time.time() - waited
                     if self._stop:
                         return

@@ -67,6 +67,7 @@ class _Actor:
         self.fifo: queue.SimpleQueue | None = None
         self.restarts_left = options["max_restarts"]
         self.outstanding = 0  # calls submitted and not finished (for max_pending_calls)
+        self.init_payload: tuple[Any, dict[str, _Entry]] = (None, {})  # args of __init__
         # A threaded actor's pool could start a method before __init__ ends: methods wait.
         self.constructed = threading.Event()
 
@@ -256,7 +257,7 @@ class InlineBackend:
         init_args, init_kwargs, dep_ids = execution.encode_args(args, kwargs)
         deps = self._dep_entries(dep_ids)
         payload = execution.serialize_args(init_args, init_kwargs, cls.__name__, None)
-        actor.init_payload = (payload, deps)  # type: ignore[attr-defined]
+        actor.init_payload = (payload, deps)
         if cls.is_async:
             ready = threading.Event()
             self._start_thread(lambda: self._run_loop(actor, ready), f"miniray-{cls.__name__}")
@@ -266,13 +267,12 @@ class InlineBackend:
         else:
             actor.fifo = queue.SimpleQueue()
             self._start_thread(lambda: self._run_fifo(actor), f"miniray-{cls.__name__}")
-        init_ref = self._enqueue(actor, lambda: self._construct(actor), 1, is_init=True)
-        actor.init_ref = init_ref  # type: ignore[attr-defined]
+        self._enqueue(actor, lambda: self._construct(actor), 1, is_init=True)
         return ActorHandle(actor.actor_id, cls.__name__, cls.methods)
 
     def _construct(self, actor: _Actor) -> None:
         try:
-            payload, deps = actor.init_payload  # type: ignore[attr-defined]
+            payload, deps = actor.init_payload
             a, k = serialization.deserialize(payload)
             a, k = execution.decode_args(a, k, self._resolve(deps))
             actor.instance = actor.cls.cls(*a, **k)

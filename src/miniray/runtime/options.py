@@ -109,6 +109,20 @@ def check_embedded(options: dict[str, Any], backend: str) -> None:
         )
 
 
+def task_wire_options(options: dict[str, Any]) -> dict[str, Any]:
+    """What a task carries to the process that runs it (the rest is the caller's business)."""
+    return {k: options[k] for k in ("num_returns", "max_retries", "retry_exceptions", "max_calls")}
+
+
+def call_wire_options(options: dict[str, Any]) -> dict[str, Any]:
+    """What an actor call carries; ``max_task_retries`` None means the actor's own setting."""
+    return {
+        "num_returns": options["num_returns"],
+        "max_task_retries": options.get("max_task_retries"),
+        "retry_exceptions": options.get("retry_exceptions", False),
+    }
+
+
 def _check_int(options: dict[str, Any], key: str, *, minimum: int) -> None:
     if key not in options:
         return

@@ -109,10 +109,6 @@ def forget(name: str) -> None:
     shm.unlink(name)
 
 
-def is_own(name: str) -> bool:
-    return name in _capacity
-
-
 def pooled_bytes() -> int:
     return _free_bytes
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from miniray.errors import GetTimeoutError, RaySystemError
 from miniray.runtime import execution, serialization
+from miniray.runtime import options as opts
 from miniray.runtime.execution import serialize_args
 from miniray.runtime.local import protocol
 from miniray.runtime.local.values import raise_if_error, value_of
@@ -161,6 +162,7 @@ class WorkerClient:
     def submit_task(
         self, fn: RemoteFunction, args: tuple, kwargs: dict, options: dict[str, Any]
     ) -> Any:
+        opts.check_embedded(options, self.name)
         call_args, call_kwargs, deps = execution.encode_args(args, kwargs)
         payload = serialize_args(call_args, call_kwargs, fn.__qualname__, self._session_id)
         fn_bytes = None
@@ -179,7 +181,7 @@ class WorkerClient:
                 payload,
                 deps,
                 return_ids,
-                _task_options(options),
+                opts.task_wire_options(options),
             )
         )
         refs = [ObjectRef(oid) for oid in return_ids]
@@ -201,7 +203,7 @@ class WorkerClient:
                 payload,
                 deps,
                 return_ids,
-                _call_options(options),
+                opts.call_wire_options(options),
             )
         )
         refs = [ObjectRef(oid) for oid in return_ids]
@@ -210,6 +212,7 @@ class WorkerClient:
     def create_actor(
         self, cls: ActorClass, args: tuple, kwargs: dict, options: dict[str, Any]
     ) -> ActorHandle:
+        opts.check_embedded(options, self.name)
         init_args, init_kwargs, deps = execution.encode_args(args, kwargs)
         payload = serialize_args(init_args, init_kwargs, cls.__name__, self._session_id)
         class_bytes = serialization.dumps(cls.cls)
@@ -241,22 +244,6 @@ class WorkerClient:
 
     def shutdown(self) -> None:
         raise RaySystemError("shutdown() can only be called by the driver, not inside a worker")
-
-
-def _task_options(options: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "num_returns": options["num_returns"],
-        "max_retries": options["max_retries"],
-        "retry_exceptions": options["retry_exceptions"],
-    }
-
-
-def _call_options(options: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "num_returns": options["num_returns"],
-        "max_task_retries": options.get("max_task_retries"),
-        "retry_exceptions": options.get("retry_exceptions", False),
-    }
 
 
 def _handle_or_raise(answer: tuple) -> ActorHandle:

@@ -182,7 +182,6 @@ class LocalBackend:
         self._children: dict[int, _Child] = {}
         self._idle: list[_Child] = []
         self._actors: dict[str, _Actor] = {}
-        self._call_owner: dict[str, _Actor] = {}
         self._names: dict[str, str] = {}
         self._functions: dict[str, bytes] = {}
         self._requests: dict[tuple[int, int], _WorkerRequest] = {}
@@ -687,10 +686,7 @@ class LocalBackend:
             payload,
             deps,
             return_ids,
-            {
-                k: options[k]
-                for k in ("num_returns", "max_retries", "retry_exceptions", "max_calls")
-            },
+            opts.task_wire_options(options),
             None,
         )
         with self._cond:
@@ -947,11 +943,7 @@ class LocalBackend:
             payload,
             deps,
             [new_id("o") for _ in range(num_returns)],
-            {
-                "num_returns": num_returns,
-                "max_task_retries": options.get("max_task_retries"),
-                "retry_exceptions": options.get("retry_exceptions", False),
-            },
+            opts.call_wire_options(options),
         )
         with self._cond:
             self._check_open()
