@@ -120,9 +120,32 @@ class TrainerConfig(Config):
     default_local_dir: str = option(
         "runs", help="runs/<experiment_name>/ gets logs and checkpoints"
     )
-    save_freq: int = option(0, ge=0, help="checkpoint every N steps; 0 saves only at the end")
+    save_freq: int = option(
+        -1,
+        ge=-1,
+        help="checkpoint every N steps and after the last one; 0: only after the last; -1: never "
+        "(checkpoints go to <default_local_dir>/<experiment_name>/checkpoints/global_step_<N>)",
+    )
+    resume_mode: Literal["auto", "disable", "resume_path"] = option(
+        "auto",
+        help="auto: resume from the newest checkpoint in the checkpoint directory if there is "
+        "one; disable: start fresh; resume_path: resume from resume_from_path",
+    )
+    resume_from_path: str | None = option(
+        None, help="resume_mode=resume_path: a global_step_<N> directory or a checkpoint directory"
+    )
+    max_actor_ckpt_to_keep: int | None = option(
+        None, ge=1, help="keep only the newest N checkpoints; null keeps every one"
+    )
     logger: list[str] = option(default_factory=lambda: ["console", "jsonl"])  # noqa: RUF009
     seed: int = 0
+
+    def validate(self) -> None:
+        if self.resume_mode == "resume_path" and not self.resume_from_path:
+            raise ValueError(
+                f"{self.key('resume_mode')}='resume_path' is invalid without "
+                f"{self.key('resume_from_path')}: name the checkpoint to resume from"
+            )
 
 
 @dataclass(kw_only=True)
@@ -175,7 +198,9 @@ class ActorConfig(Config):
 
 @dataclass(kw_only=True)
 class RolloutSamplingConfig(Config):
-    name: str = option("transformers", help="generation engine: transformers, vllm, ...")
+    name: Literal["transformers", "vllm"] = option(
+        "transformers", help="generation engine: transformers (CPU) or vllm (GPU, installed apart)"
+    )
     n: int = option(4, ge=1, help="responses per prompt (the GRPO group size)")
     temperature: float = option(1.0, ge=0)
     top_p: float = option(1.0, gt=0, le=1)

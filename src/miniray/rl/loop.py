@@ -9,6 +9,12 @@
 Every wait has a deadline (``async_training.generation_timeout`` for a batch); a crashed
 rollouter closes the queue with its traceback, which surfaces here as ``ProducerCrashedError``
 instead of a clean end.
+
+Checkpoints (``trainer.save_freq``) hold the trainer's state plus the step and the data
+position (``data_position.TrainedPositions``: which prompts were trained). A resumed run
+(``trainer.resume_mode``) continues the step and version numbering, hands the checkpoint's
+weights and version to the rollouter and queue, and the rollouter issues exactly the prompts
+not trained before the checkpoint: groups in flight or queued at the crash are regenerated.
 """
 
 from __future__ import annotations
@@ -19,9 +25,12 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import miniray
+from miniray.rl import checkpoint
+from miniray.rl.data_position import TrainedPositions
 from miniray.rl.param_sync import UnifiedParameterSynchronizer
 from miniray.rl.queue import MessageQueue
 from miniray.rl.rollouter import FullyAsyncRollouter, RewardFn, as_rl_config
@@ -35,6 +44,10 @@ class RunResult:
     evals: list[tuple[int, float, float]] = field(default_factory=list)  # (step, wall_s, reward)
     ages: list[int] = field(default_factory=list)
     queue_stats: dict[str, Any] = field(default_factory=dict)
+    # Prompt positions of the groups trained at each step of this run (resumed runs: from the
+    # first step after the checkpoint).
+    trained_positions: list[list[int]] = field(default_factory=list)
+    resumed_from: str | None = None
 
 
 def evaluate_greedy(
@@ -113,15 +126,19 @@ def run(
             else float("nan")
         )
 
+    save_freq = cfg.trainer.save_freq
+    total_steps = cfg.trainer.total_training_steps
     run_start = time.time()
-    result.evals.append((0, 0.0, evaluate()))
-    version = 0
     sync_ms: list[float] = []
     wait_s = 0.0
     try:
+        version, start_step, trained, resumed = _resume(cfg, trainer, rollouter, queue, timeout)
+        result.resumed_from = None if resumed is None else str(resumed)
+        run_start = time.time()
+        result.evals.append((start_step, 0.0, evaluate()))
         if mode == "async":
             miniray.get(rollouter.start.remote(), timeout=timeout)
-        for step in range(1, cfg.trainer.total_training_steps + 1):
+        for step in range(start_step + 1, total_steps + 1):
             t0 = time.time()
             if mode == "async":
                 groups = miniray.get(
@@ -135,6 +152,10 @@ def run(
             waited = time.time() - t0
             wait_s += waited
             metrics: dict[str, Any] = dict(trainer.train_step(groups))
+            positions = [g[0].metadata["prompt_position"] for g in groups]
+            for position in positions:
+                trained.add(position)
+            result.trained_positions.append(positions)
             result.ages.extend(version - g[0].v_start for g in groups)
             if step % trigger == 0:
                 t1 = time.time()
@@ -149,6 +170,11 @@ def run(
                 trainer.set_version(version)
                 miniray.get(queue.update_param_version.remote(version), timeout=timeout)
                 sync_ms.append((time.time() - t1) * 1e3)
+            if save_freq >= 0 and (
+                step == total_steps or (save_freq > 0 and step % save_freq == 0)
+            ):
+                extra = {"step": step, "data_position": trained.to_dict()}
+                checkpoint.save_step(trainer, cfg, step, extra)
             metrics.update(
                 step=step,
                 version=version,
@@ -157,7 +183,7 @@ def run(
                 queue_size=miniray.get(queue.get_queue_size.remote(), timeout=timeout),
                 queue_capacity=cfg.async_training.max_queue_size,
             )
-            if eval_rows and (step % eval_every == 0 or step == cfg.trainer.total_training_steps):
+            if eval_rows and (step % eval_every == 0 or step == total_steps):
                 reward = evaluate()
                 result.evals.append((step, time.time() - run_start, reward))
                 metrics["eval_reward"] = reward
@@ -208,3 +234,31 @@ def run(
         "rollouter_idle_ratio": round(rollouter_stats.get("idle_ratio", 0.0), 3),
     }
     return result
+
+
+def _resume(
+    cfg: Any, trainer: Any, rollouter: Any, queue: Any, timeout: float
+) -> tuple[int, int, TrainedPositions, Path | None]:
+    """(version, step, trained positions, checkpoint) to start from, restored from the
+    checkpoint ``trainer.resume_mode`` picks (none: a fresh start).
+
+    Before the rollouter starts: it gets the checkpoint's weights and version (its own engine
+    was built from the initial model) and the data position; the queue gets the version, so
+    ages are measured against the resumed trainer.
+    """
+    path = checkpoint.resume_path(cfg)
+    if path is None:
+        return 0, 0, TrainedPositions(), None
+    extra = trainer.load_checkpoint(path)
+    step, version = int(extra["step"]), int(trainer.version)
+    trained = TrainedPositions.from_dict(extra["data_position"])
+    if step > cfg.trainer.total_training_steps:
+        raise ValueError(
+            f"trainer.total_training_steps={cfg.trainer.total_training_steps} is invalid: the "
+            f"checkpoint {str(path)!r} is already at step {step}"
+        )
+    miniray.get(rollouter.restore_data_position.remote(trained.to_dict()), timeout=timeout)
+    weights = miniray.put(trainer.get_weights())
+    miniray.get(rollouter.load_weights.remote(weights, version), timeout=timeout)
+    miniray.get(queue.update_param_version.remote(version), timeout=timeout)
+    return version, step, trained, path

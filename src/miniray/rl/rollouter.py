@@ -12,12 +12,16 @@ Admission control (``staleness.admission_capacity``) keeps the rollouter from ru
 than ``staleness_threshold`` versions ahead of the trainer, so the queue's stale rejections stay
 rare. A generation interrupted by a pause is dropped, not put: its tokens came from weights that
 are about to change (partial rollouts that continue with the new weights are future work).
+
+Prompts come from ``data_position.PromptCursor`` in a fixed seeded order; each group records its
+prompt position in ``Sample.metadata["prompt_position"]``. A dropped or stale-rejected group
+gives its position back, so the prompt is generated again rather than lost, and a resumed run
+(``restore_data_position``) issues exactly the prompts not trained before its checkpoint.
 """
 
 from __future__ import annotations
 
 import itertools
-import random
 import threading
 import time
 import traceback
@@ -28,6 +32,7 @@ import miniray
 from miniray.config import from_dict
 from miniray.rl._remote import actor_constructor
 from miniray.rl.config import RLConfig
+from miniray.rl.data_position import PromptCursor, PromptOrder, TrainedPositions
 from miniray.rl.staleness import admission_capacity
 from miniray.rl.tasks import exact_match_reward, load_prompts
 from miniray.rl.types import Sample
@@ -59,10 +64,12 @@ class FullyAsyncRollouter:
         self.config = as_rl_config(config)
         cfg = self.config
         if engine is None:
-            from miniray.rl.engines import HFGenerationEngine
+            from miniray.rl.engines import build_engine
 
-            engine = HFGenerationEngine(
-                model_path=cfg.actor_rollout_ref.model.path, seed=seed, num_threads=1
+            engine = build_engine(
+                cfg.actor_rollout_ref.rollout.name,
+                model_path=cfg.actor_rollout_ref.model.path,
+                seed=seed,
             )
         self.engine = engine
         from miniray.rl.models.tiny import load_tokenizer
@@ -73,7 +80,9 @@ class FullyAsyncRollouter:
             raise ValueError(f"data.train_files={cfg.data.train_files} hold no prompts")
         self.queue = queue
         self.reward_fn = reward_fn or exact_match_reward
-        self.rng = random.Random(seed)
+        self.order = PromptOrder(len(self.rows), seed=cfg.data.seed, shuffle=cfg.data.shuffle)
+        self.cursor = PromptCursor()
+        self._resumed_groups = 0  # groups trained before the checkpoint this run resumed from
         self.group_ids = itertools.count()
         self.version = 0
         self._cond = threading.Condition()
@@ -98,7 +107,8 @@ class FullyAsyncRollouter:
         """One prompt, ``rollout.n`` responses, scored and stamped; None if interrupted."""
         cfg = self.config
         rollout = cfg.actor_rollout_ref.rollout
-        row = self.rng.choice(self.rows)
+        position = self.cursor.next()
+        row = self.rows[self.order.row(position)]
         prompt_key = cfg.data.prompt_key if cfg.data.prompt_key in row else "prompt"
         prompt_ids = [self.tokenizer.bos_token_id, *self.tokenizer(row[prompt_key])["input_ids"]]
         prompt_ids = [t for t in prompt_ids if t is not None][: cfg.data.max_prompt_length]
@@ -113,6 +123,7 @@ class FullyAsyncRollouter:
         self.stats["generate_seconds"] += time.time() - started
         if any(g.finish_reason == "aborted" for g in gens):
             self.stats["groups_aborted"] += 1
+            self.cursor.give_back(position)
             return None
         group_id = f"g{next(self.group_ids)}"
         truth = str(row.get("ground_truth", row.get(cfg.data.answer_key, "")))
@@ -131,6 +142,7 @@ class FullyAsyncRollouter:
                     finished_at=time.time(),
                     prompt=row[prompt_key],
                     response=text,
+                    metadata={"prompt_position": position},
                 )
             )
         self.stats["groups_generated"] += 1
@@ -160,7 +172,7 @@ class FullyAsyncRollouter:
             staleness_threshold=cfg.async_training.staleness_threshold,
             consumer_batch_size=cfg.data.train_batch_size * cfg.trainer.trigger_parameter_sync_step,
             max_concurrent=1,
-            accepted=int(accepted),
+            accepted=int(accepted) + self._resumed_groups,
             running=0,
         )
 
@@ -200,6 +212,7 @@ class FullyAsyncRollouter:
                 return
             if name == "REJECTED_STALE":
                 self.stats["groups_rejected_stale"] += 1
+                self.cursor.give_back(group[0].metadata["prompt_position"])
                 return
             if name == "CLOSED":
                 self._stop = True
@@ -207,6 +220,17 @@ class FullyAsyncRollouter:
             self.stats["groups_rejected_full"] += 1  # full: try again after the wait
 
     # -- control ----------------------------------------------------------------------------
+    def restore_data_position(self, trained: dict[str, Any]) -> int:
+        """Resume the prompt stream after a checkpoint (``TrainedPositions.to_dict()``): issue
+        every position not trained yet, and count the trained groups for admission control as
+        if this run had produced them. Only before ``start()``; returns the next position."""
+        if self._thread is not None:
+            raise RuntimeError("restore_data_position() after start(): call it before start()")
+        positions = TrainedPositions.from_dict(trained)
+        self.cursor = PromptCursor(positions)
+        self._resumed_groups = len(positions)
+        return positions.watermark
+
     def pause_rollout(self, timeout: float = 30.0) -> bool:
         """Stop generating (the current generation stops at its next token); True when idle."""
         deadline = time.monotonic() + timeout

@@ -9,6 +9,7 @@ off-policy correction against the behaviour log-probs recorded at generation), a
 from __future__ import annotations
 
 import pathlib
+import random
 from collections.abc import Sequence
 from typing import Any
 
@@ -71,27 +72,38 @@ class FullyAsyncTrainer:
         return self.version
 
     def save_checkpoint(self, path: str | pathlib.Path, extra: dict[str, Any]) -> pathlib.Path:
-        """Model, optimizer, version and the caller's data position, in one file."""
-        path = pathlib.Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        state = {
+        """Write model, optimizer, version, counters, RNG states and the caller's ``extra``
+        (JSON: the loop's step and data position) as one checkpoint directory at ``path``.
+
+        Atomic (``rl.checkpoint.write``): a crash mid-write leaves the previous checkpoint
+        and never a partial one under ``path``.
+        """
+        from miniray.rl import checkpoint
+
+        tensors = {
             "model": self.model.state_dict(),
             "optimizer": self.updater.optimizer.state_dict(),
+            "rng_torch": torch.get_rng_state(),
+            "rng_python": random.getstate(),
+        }
+        state = {
             "version": self.version,
-            "steps": self.updater.steps,
+            "updater_steps": self.updater.steps,
             "samples_trained": self.samples_trained,
             "extra": extra,
         }
-        tmp = path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(path)  # a crash mid-write never leaves a truncated checkpoint
-        return path
+        return checkpoint.write(path, state, tensors)
 
     def load_checkpoint(self, path: str | pathlib.Path) -> dict[str, Any]:
-        state = torch.load(pathlib.Path(path), weights_only=False)
-        self.model.load_state_dict(state["model"])
-        self.updater.optimizer.load_state_dict(state["optimizer"])
-        self.version = state["version"]
-        self.updater.steps = state["steps"]
-        self.samples_trained = state["samples_trained"]
+        """Restore everything ``save_checkpoint`` wrote; returns its ``extra``."""
+        from miniray.rl import checkpoint
+
+        state, tensors = checkpoint.read(path)
+        self.model.load_state_dict(tensors["model"])
+        self.updater.optimizer.load_state_dict(tensors["optimizer"])
+        torch.set_rng_state(tensors["rng_torch"])
+        random.setstate(tensors["rng_python"])
+        self.version = int(state["version"])
+        self.updater.steps = int(state["updater_steps"])
+        self.samples_trained = int(state["samples_trained"])
         return state["extra"]

@@ -1,6 +1,43 @@
-"""Generation engines behind one small protocol: transformers on CPU here, vLLM where it exists."""
+"""Generation engines behind one small protocol: transformers on CPU here, vLLM where it exists.
+
+``VLLMGenerationEngine`` is exported lazily: importing this package never imports vllm.
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 from miniray.rl.engines.base import Generation, GenerationEngine
 from miniray.rl.engines.hf import HFGenerationEngine
 
-__all__ = ["Generation", "GenerationEngine", "HFGenerationEngine"]
+__all__ = [
+    "ENGINE_NAMES",
+    "Generation",
+    "GenerationEngine",
+    "HFGenerationEngine",
+    "VLLMGenerationEngine",
+    "build_engine",
+]
+
+ENGINE_NAMES = ("transformers", "vllm")
+
+
+def build_engine(name: str, *, model_path: str, seed: int = 0) -> Any:
+    """The engine ``actor_rollout_ref.rollout.name`` names, loaded from ``model_path``."""
+    if name == "transformers":
+        return HFGenerationEngine(model_path=model_path, seed=seed, num_threads=1)
+    if name == "vllm":
+        from miniray.rl.engines.vllm import VLLMGenerationEngine
+
+        return VLLMGenerationEngine(model_path, seed=seed)
+    raise ValueError(
+        f"actor_rollout_ref.rollout.name={name!r} is invalid: must be one of {list(ENGINE_NAMES)}"
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name == "VLLMGenerationEngine":
+        from miniray.rl.engines.vllm import VLLMGenerationEngine
+
+        return VLLMGenerationEngine
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
