@@ -5,13 +5,15 @@ trained by ``DataParallelTrainer`` (local backend, weights averaged through the 
 server every ``--sync-interval`` epochs) and by ``torch.nn.parallel.DistributedDataParallel``
 over gloo (gradients all-reduced every step). Same model, data shards (``[rank::N]``),
 per-worker batch size, optimizer, learning rate and epochs; one intra-op thread per worker.
+Each point is the mean over ``--seeds`` runs (initial weights and shuffling seeded alike on
+both sides): the test set has 360 images, so one seed's accuracy moves by about a point.
 
 Reported per run: mean epoch time (the first epoch, a warm-up, is left out; process start-up is
 never counted), training samples per second (the whole training set per epoch divided by the
 epoch time), and the final test accuracy. The last line is JSON:
 
     {"workers": [1, 2, 4], "miniray_samples_per_s": [...], "ddp_samples_per_s": [...],
-     "miniray_acc": [...], "ddp_acc": [...]}
+     "miniray_acc": [...], "ddp_acc": [...], "miniray_acc_std": [...], "ddp_acc_std": [...]}
 
     python benchmarks/train_scaling.py                   # about a minute on 2 cores
     python benchmarks/train_scaling.py --epochs 20 --hidden 512 --plot scaling.png
@@ -42,21 +44,26 @@ from miniray.train import DataParallelTrainer
 
 # -- miniray ----------------------------------------------------------------------------------
 class ScalingTrainer(DataParallelTrainer):
-    def __init__(self, num_workers, lr, hidden, **options):
+    def __init__(self, num_workers, lr, hidden, seed, **options):
         super().__init__(num_workers=num_workers, **options)
-        self.lr, self.hidden = lr, hidden
+        self.lr, self.hidden, self.seed = lr, hidden, seed
 
     def create_worker(self, worker_id, **kwargs):
-        # Same seed for every replica: DDP starts every rank from rank 0's weights too.
-        return ClassificationWorker.remote(worker_id, lr=self.lr, hidden=self.hidden, seed=0)
+        # Replicas start from worker 0's weights (the trainer broadcasts them), as DDP's ranks
+        # start from rank 0's; batch shuffling is seeded seed * 1000 + rank on both sides.
+        return ClassificationWorker.remote(
+            worker_id, lr=self.lr, hidden=self.hidden, seed=self.seed
+        )
 
 
-def run_miniray(num_workers: int, args: argparse.Namespace) -> dict:
+def run_miniray(num_workers: int, seed: int, args: argparse.Namespace) -> dict:
     with ScalingTrainer(
         num_workers,
         args.lr,
         args.hidden,
+        seed,
         sync_interval=args.sync_interval,
+        syncs_per_epoch=args.syncs_per_epoch,
         backend=args.backend,
         progress=False,
         timeout_s=600,
@@ -68,7 +75,9 @@ def run_miniray(num_workers: int, args: argparse.Namespace) -> dict:
 
 
 # -- DDP --------------------------------------------------------------------------------------
-def _ddp_rank(rank: int, world: int, port: int, args: argparse.Namespace, out_path: str) -> None:
+def _ddp_rank(
+    rank: int, world: int, port: int, seed: int, args: argparse.Namespace, out_path: str
+) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
@@ -76,9 +85,9 @@ def _ddp_rank(rank: int, world: int, port: int, args: argparse.Namespace, out_pa
     try:
         x_train, y_train, x_test, y_test = load_dataset("digits")
         x, y = x_train[rank::world], y_train[rank::world]
-        model = nn.parallel.DistributedDataParallel(make_model(args.hidden, seed=0))
+        model = nn.parallel.DistributedDataParallel(make_model(args.hidden, seed=seed))
         opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-        gen = torch.Generator().manual_seed(rank)
+        gen = torch.Generator().manual_seed(seed * 1000 + rank)
         times = []
         for _ in range(args.epochs):
             dist.barrier()
@@ -101,10 +110,12 @@ def _ddp_rank(rank: int, world: int, port: int, args: argparse.Namespace, out_pa
         dist.destroy_process_group()
 
 
-def run_ddp(num_workers: int, args: argparse.Namespace) -> dict:
+def run_ddp(num_workers: int, seed: int, args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out_path = os.path.join(tmp, "ddp.json")
-        mp.spawn(_ddp_rank, args=(num_workers, free_port(), args, out_path), nprocs=num_workers)
+        mp.spawn(
+            _ddp_rank, args=(num_workers, free_port(), seed, args, out_path), nprocs=num_workers
+        )
         with open(out_path) as f:
             return json.load(f)
 
@@ -144,6 +155,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=0.003)
     parser.add_argument("--sync-interval", type=int, default=1)
+    parser.add_argument(
+        "--seeds", type=int, default=3, help="runs per point (seeds 0..n-1); means reported"
+    )
+    parser.add_argument(
+        "--syncs-per-epoch", type=int, default=1, help="parameter syncs within each epoch"
+    )
     parser.add_argument("--backend", default="local")
     parser.add_argument("--plot", default=None, help="write a bar chart of samples/s here")
     args = parser.parse_args(argv)
@@ -154,19 +171,24 @@ def main(argv: list[str] | None = None) -> dict:
         f"digits: {num_train} training images/epoch, MLP 64-{args.hidden}-10, batch "
         f"{args.batch_size}/worker, {args.epochs} epochs, {os.cpu_count()} CPUs"
     )
-    print(f"{'workers':>7} {'system':>8} {'epoch ms':>9} {'samples/s':>10} {'test acc':>9}")
-    report: dict = {"workers": args.workers}
-    for key in ("miniray_samples_per_s", "ddp_samples_per_s", "miniray_acc", "ddp_acc"):
-        report[key] = []
+    print(f"{'workers':>7} {'system':>8} {'epoch ms':>9} {'samples/s':>10} {'test acc':>15}")
+    report: dict = {"workers": args.workers, "seeds": args.seeds}
+    for key in ("samples_per_s", "acc", "acc_std"):
+        for system in ("miniray", "ddp"):
+            report[f"{system}_{key}"] = []
     for n in args.workers:
         for system, run in (("miniray", run_miniray), ("ddp", run_ddp)):
-            result = run(n, args)
-            rate = num_train / result["epoch_s"]
+            # Test accuracy on 360 images moves by ~1 point between seeds: compare means.
+            results = [run(n, seed, args) for seed in range(args.seeds)]
+            epoch_s = statistics.mean(r["epoch_s"] for r in results)
+            accs = [r["acc"] for r in results]
+            acc, std = statistics.mean(accs), statistics.pstdev(accs)
+            rate = num_train / epoch_s
             report[f"{system}_samples_per_s"].append(round(rate, 1))
-            report[f"{system}_acc"].append(round(result["acc"], 4))
+            report[f"{system}_acc"].append(round(acc, 4))
+            report[f"{system}_acc_std"].append(round(std, 4))
             print(
-                f"{n:>7} {system:>8} {result['epoch_s'] * 1e3:>9.1f} {rate:>10.0f} "
-                f"{result['acc']:>9.2%}",
+                f"{n:>7} {system:>8} {epoch_s * 1e3:>9.1f} {rate:>10.0f} {acc:>8.2%} ± {std:.2%}",
                 flush=True,
             )
     if args.plot:

@@ -92,10 +92,16 @@ class ClassificationWorker:
         self.batch_size = batch_size
         return len(self.x)
 
-    def train_epoch(self, epoch):
+    def train_epoch(self, epoch, part=0, num_parts=1):
+        # DataParallelTrainer(syncs_per_epoch=k) calls parts 0..k-1 of one epoch, a sync after
+        # each: the epoch's shuffled batches are drawn at part 0 and split into k runs.
+        if part == 0:
+            self.batches = torch.randperm(len(self.x), generator=self.gen).split(self.batch_size)
+        per_part = -(-len(self.batches) // num_parts)
+        batches = self.batches[part * per_part : (part + 1) * per_part]
         self.model.train()
         total_loss, correct = 0.0, 0
-        for idx in torch.randperm(len(self.x), generator=self.gen).split(self.batch_size):
+        for idx in batches:
             logits = self.model(self.x[idx])
             loss = nn.functional.cross_entropy(logits, self.y[idx])
             self.opt.zero_grad()
@@ -103,8 +109,8 @@ class ClassificationWorker:
             self.opt.step()
             total_loss += loss.item() * len(idx)
             correct += int((logits.argmax(1) == self.y[idx]).sum())
-        n = len(self.x)
-        return {"loss": total_loss / n, "accuracy": correct / n, "num_samples": n}
+        n = sum(len(idx) for idx in batches)
+        return {"loss": total_loss / max(n, 1), "accuracy": correct / max(n, 1), "num_samples": n}
 
     def evaluate(self, split="test"):
         x, y = (self.x_test, self.y_test) if split == "test" else (self.x, self.y)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from train_workers import RegressionWorker, make_model, reference_run
+from train_workers import PartsWorker, RegressionWorker, make_model, reference_run
 
 import miniray
 from miniray.train import DataParallelTrainer
@@ -71,6 +71,37 @@ def test_unequal_shards_match_with_weights_set_to_sample_counts():
     # The plain average over-counts the small shard: a different result.
     plain = train_data_parallel("mlp", 2, strategy="average", sizes=sizes)
     assert max_diff(plain, want) > 1e3 * TOLERANCE
+
+
+class PartsTrainer(DataParallelTrainer):
+    def create_worker(self, worker_id, **kwargs):
+        return PartsWorker.remote(worker_id, model=kwargs["model"], lr=LR)
+
+
+def test_syncs_within_an_epoch_are_full_batch_steps():
+    """syncs_per_epoch=k: k parts per epoch, a sync after each; k x the reference's steps."""
+    parts = 3
+    with PartsTrainer(num_workers=2, syncs_per_epoch=parts, backend="inline") as trainer:
+        out = trainer.train(epochs=2, model="mlp")
+        got = miniray.get(trainer.param_server.pull_weights.remote())
+        calls = miniray.get(trainer.workers[1].get_calls.remote())
+        stats = trainer.get_sync_stats()
+    assert max_diff(got, reference_run("mlp", LR, 2 * parts)) < TOLERANCE
+    assert [c for c in calls if c[0] == "train_epoch"] == [
+        ("train_epoch", epoch, part, parts) for epoch in range(2) for part in range(parts)
+    ]
+    assert stats["num_syncs"] == 2 * parts
+    # One result per epoch, its parts combined: this worker takes its whole shard (24 samples)
+    # in every part, so each epoch counts 2 workers x 3 parts x 24.
+    assert [h["num_samples"] for h in out["history"]] == [2 * parts * 24] * 2
+    assert [h["ps_version"] for h in out["history"]] == [parts, 2 * parts]
+
+
+def test_syncs_per_epoch_needs_every_epoch_synced():
+    with pytest.raises(ValueError, match="syncs_per_epoch=2 needs sync_interval=1"):
+        PartsTrainer(num_workers=2, syncs_per_epoch=2, sync_interval=2, backend="inline")
+    with pytest.raises(ValueError, match="syncs_per_epoch=0"):
+        PartsTrainer(num_workers=2, syncs_per_epoch=0, backend="inline")
 
 
 @pytest.mark.slow

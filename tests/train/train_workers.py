@@ -172,7 +172,17 @@ class RegressionWorker(WeightsOnlyWorker):
         self.gen.set_state(state["rng"])
 
 
-# Decorated after both exist: RegressionWorker subclasses the plain WeightsOnlyWorker class.
+class PartsWorker(RegressionWorker):
+    """Trains in parts of an epoch (``syncs_per_epoch``): one full-shard step per part."""
+
+    def train_epoch(self, epoch, part=0, num_parts=1):
+        result = super().train_epoch(epoch)
+        self.calls[-1] = ("train_epoch", epoch, part, num_parts)
+        return result
+
+
+# Decorated after all exist: the subclasses subclass the plain classes.
+PartsWorker = miniray.remote(PartsWorker)  # type: ignore[misc]
 RegressionWorker = miniray.remote(RegressionWorker)  # type: ignore[misc]
 WeightsOnlyWorker = miniray.remote(WeightsOnlyWorker)  # type: ignore[misc]
 

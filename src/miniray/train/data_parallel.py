@@ -6,6 +6,8 @@
     train_epoch:    every worker: train_epoch(epoch)  (in parallel, one deadline)
                     every sync_interval epochs: server.sync_from_workers(workers)
                        get_weights() from all -> strategy -> set_weights() on all
+                    with syncs_per_epoch=k > 1: train_epoch(epoch, part=i, num_parts=k) for
+                       i = 0..k-1, a sync after each part (local SGD with short rounds)
     on_train_end:   one last sync if the last epoch did not end with one, so that training
                     always ends with a single model
 
@@ -27,7 +29,13 @@ import miniray
 from miniray.errors import GetTimeoutError, RayActorError
 from miniray.ps import STRATEGIES, SyncResult, SyncStrategy, create_parameter_server
 from miniray.train.errors import WorkerDiedError, WorkerTimeoutError
-from miniray.train.trainer import TRAINER_OPTIONS, BaseTrainer, check_int
+from miniray.train.trainer import (
+    TRAINER_OPTIONS,
+    BaseTrainer,
+    aggregate_results,
+    check_int,
+    weighted_results,
+)
 
 PS_CHECKPOINT = "ps"
 
@@ -36,7 +44,7 @@ class DataParallelTrainer(BaseTrainer):
     """Data-parallel training through ``miniray.ps``; workers need train_epoch/get/set_weights.
 
     ``DataParallelTrainer(num_workers=4, sync_interval=1, sync_strategy='average',
-    **strategy_kwargs)``: keyword arguments that are trainer options (``timeout_s``,
+    syncs_per_epoch=1, **strategy_kwargs)``: keyword arguments that are trainer options (``timeout_s``,
     ``log_dir``, ``checkpoint_dir``, ...; see ``TrainerConfig``) or ``initial_broadcast``
     configure the trainer, the rest go to ``create_parameter_server`` (e.g. ``momentum=0.9``).
     """
@@ -48,6 +56,7 @@ class DataParallelTrainer(BaseTrainer):
         num_workers: int = 4,
         sync_interval: int = 1,
         sync_strategy: str | type[SyncStrategy] = "average",
+        syncs_per_epoch: int = 1,
         **kwargs: Any,
     ):
         options = {k: kwargs.pop(k) for k in list(kwargs) if k in TRAINER_OPTIONS}
@@ -56,6 +65,12 @@ class DataParallelTrainer(BaseTrainer):
         self.initial_broadcast = kwargs.pop("initial_broadcast", True)
         super().__init__(num_workers, **options)
         check_int("sync_interval", sync_interval, minimum=1)
+        check_int("syncs_per_epoch", syncs_per_epoch, minimum=1)
+        if syncs_per_epoch > 1 and sync_interval != 1:
+            raise ValueError(
+                f"syncs_per_epoch={syncs_per_epoch} needs sync_interval=1 (got "
+                f"{sync_interval}): syncing within an epoch and skipping epochs contradict"
+            )
         if not isinstance(self.initial_broadcast, bool):
             raise ValueError(f"initial_broadcast={self.initial_broadcast!r} must be True or False")
         if isinstance(sync_strategy, str):
@@ -70,6 +85,7 @@ class DataParallelTrainer(BaseTrainer):
                 "a SyncStrategy subclass"
             )
         self.sync_interval = sync_interval
+        self.syncs_per_epoch = syncs_per_epoch
         self.sync_strategy = sync_strategy
         self.strategy_kwargs = kwargs
         self._worker_weights: dict[int, float] = {}
@@ -105,11 +121,28 @@ class DataParallelTrainer(BaseTrainer):
 
     # -- the epoch -----------------------------------------------------------------------------
     def train_epoch(self, epoch: int, **kwargs: Any) -> dict[str, Any]:
-        """Every worker trains one epoch; every ``sync_interval`` epochs, a parameter sync."""
-        result = self.aggregate(self.call_workers("train_epoch", epoch))
-        result["synced"] = (epoch + 1) % self.sync_interval == 0
-        if result["synced"]:
-            result["ps_version"] = self.sync().version
+        """Every worker trains one epoch; every ``sync_interval`` epochs, a parameter sync.
+
+        With ``syncs_per_epoch=k > 1`` the epoch runs in k parts, each followed by a sync:
+        weights averaged once per epoch drift apart when each replica takes many steps (its own
+        Adam moments, its own shard), and k short rounds bring the result close to DDP's
+        per-step all-reduce at a fraction of the round trips.
+        """
+        if self.syncs_per_epoch == 1:
+            result = self.aggregate(self.call_workers("train_epoch", epoch))
+            result["synced"] = (epoch + 1) % self.sync_interval == 0
+            if result["synced"]:
+                result["ps_version"] = self.sync().version
+            return result
+        parts, version = [], None
+        for part in range(self.syncs_per_epoch):
+            results = self.call_workers(
+                "train_epoch", epoch, part=part, num_parts=self.syncs_per_epoch
+            )
+            parts.append(self.aggregate(results))
+            version = self.sync().version
+        result = combine_parts(parts)
+        result.update(synced=True, ps_version=version)
         return result
 
     def on_train_end(self, history: list[dict[str, Any]], **kwargs: Any) -> Any:
@@ -196,3 +229,11 @@ class DataParallelTrainer(BaseTrainer):
 
     def load_extra_state(self, path: str, state: dict[str, Any]) -> None:
         self._ps_call("load_checkpoint", os.path.join(path, PS_CHECKPOINT))
+
+
+def combine_parts(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One epoch's result from its parts: weighted by ``num_samples`` when every part has it."""
+    if all(isinstance(p.get("num_samples"), (int, float)) for p in parts):
+        if sum(p["num_samples"] for p in parts) > 0:
+            return weighted_results(parts)
+    return aggregate_results(parts, summed=frozenset({"num_samples"}))
