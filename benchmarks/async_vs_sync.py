@@ -7,8 +7,10 @@ Two measurements, each run once in async mode and once in sync mode:
 * real: the demo workload (tiny Qwen2 on arithmetic, GRPO). ``speedup`` is the sync run's time
   for its training steps over the async run's; ``ideal`` is (T_gen + T_train) / max(T_gen,
   T_train) with both measured in the sync run, where they do not overlap.
-* sim: a fake engine whose group times follow a long-tailed (log-normal) distribution and a
-  fake trainer with a fixed step time, so the overlap is measured without model noise.
+* sim: a fake engine whose response lengths follow a long-tailed (log-normal) distribution
+  (interrupted responses continue after a weight sync: partial rollouts) and a fake trainer
+  whose step takes what generating a batch takes on average, so the overlap is measured
+  without model noise; staleness threshold 2.
 
 The last line is JSON: {"speedup", "ideal", "sim_speedup", "sim_ideal", "reward_async",
 "reward_sync"}.
@@ -32,22 +34,63 @@ from miniray.rl.loop import RunResult, run
 
 
 class LongTailEngine:
-    """Sleeps like a generation whose length is log-normal; answers one fixed token."""
+    """Decodes like a batched engine whose response lengths are long-tailed (log-normal).
 
-    def __init__(self, median_s: float, sigma: float = 1.0, seed: int = 0):
+    Every unfinished response of a call gets one token per ``token_s``, so a call lasts as long
+    as its longest response; a response's decoding time is ``median_s`` x log-normal(0,
+    ``sigma``), capped at 20 x median. An interrupted response keeps its tokens, and when the
+    rollouter sends it back (prompt + partial response, a partial rollout) it continues
+    with the time it had left: the engine remembers that by the token sequence (responses
+    with equal sequences are interchangeable, so which one gets which remainder is moot).
+    """
+
+    TOKENS = range(4, 14)  # ordinary characters of the demo's tokenizer
+
+    def __init__(self, median_s: float, sigma: float = 1.0, seed: int = 0, token_s: float = 0.002):
         self.median_s = median_s
         self.sigma = sigma
+        self.token_s = token_s
         self.rng = random.Random(seed)
+        self.left: dict[tuple[int, ...], list[int]] = {}  # partial sequence -> tokens to go
+
+    def _tokens_to_go(self, sequence: list[int]) -> int:
+        waiting = self.left.get(tuple(sequence))
+        if waiting:
+            return waiting.pop()
+        seconds = min(self.median_s * self.rng.lognormvariate(0, self.sigma), 20 * self.median_s)
+        return max(1, round(seconds / self.token_s))
 
     def generate(self, prompts, *, max_new_tokens, temperature=1.0, should_stop=None):
-        # A group is as slow as its slowest response (one batch): take the max of the draws.
-        seconds = max(self.median_s * self.rng.lognormvariate(0, self.sigma) for _ in prompts)
-        deadline = time.monotonic() + min(seconds, 20 * self.median_s)
-        while time.monotonic() < deadline:
-            if should_stop is not None and should_stop():
-                return [_gen(p, "aborted") for p in prompts]
-            time.sleep(0.002)
-        return [_gen(p, "length") for p in prompts]
+        to_go = [self._tokens_to_go(p) for p in prompts]
+        made: list[list[int]] = [[] for _ in prompts]
+        started = time.monotonic()
+        steps = 0
+        while True:
+            active = [i for i, n in enumerate(to_go) if len(made[i]) < min(n, max_new_tokens)]
+            if not active or (should_stop is not None and should_stop()):
+                break
+            steps += 1
+            time.sleep(max(0.0, started + steps * self.token_s - time.monotonic()))
+            for i in active:
+                made[i].append(self.rng.choice(self.TOKENS))
+        out = []
+        for prompt, tokens, n in zip(prompts, made, to_go):
+            if len(tokens) >= n:
+                reason = "stop"
+            elif len(tokens) >= max_new_tokens:
+                reason = "length"
+            else:
+                reason = "aborted"
+                self.left.setdefault(tuple(prompt) + tuple(tokens), []).append(n - len(tokens))
+            out.append(
+                Generation(
+                    prompt_token_ids=list(prompt),
+                    response_token_ids=tokens,
+                    response_logprobs=[-1.0] * len(tokens),
+                    finish_reason=reason,
+                )
+            )
+        return out
 
     def load_weights(self, state_dict):
         pass
@@ -56,14 +99,15 @@ class LongTailEngine:
         return {}
 
 
-def _gen(prompt, reason):
-    tokens = [] if reason == "aborted" else [5]
-    return Generation(
-        prompt_token_ids=list(prompt),
-        response_token_ids=tokens,
-        response_logprobs=[-1.0] * len(tokens),
-        finish_reason=reason,
+def expected_call_s(median_s: float, responses: int, sigma: float = 1.0) -> float:
+    """E[time of one LongTailEngine call]: its longest of ``responses`` log-normal responses,
+    capped as the engine caps them (seeded Monte Carlo: the same number every run)."""
+    rng = random.Random(0)
+    draws = 20_000
+    total = sum(
+        min(max(rng.lognormvariate(0, sigma) for _ in range(responses)), 20.0) for _ in range(draws)
     )
+    return median_s * total / draws
 
 
 class FixedTimeTrainer:
@@ -148,14 +192,20 @@ def main() -> None:
 
         sim_cfg = demo_config(root, steps=args.sim_steps, mode="async", lr=5e-4)
         sim_cfg["data"]["train_batch_size"] = 4
-        group_s = 0.05
-        # Balanced: a step's expected generation time (4 groups) equals its training time.
-        mean_group_s = group_s * 2.2  # E[max of 8 log-normal draws] ~ 2.2 x median (sigma 1)
+        sim_cfg["data"]["max_response_length"] = 4096  # the tail is the point: do not cut it
+        # Two versions of slack absorb the tail's variance (k=1 idles the rollouter whenever
+        # a short batch finishes early; rl_sweep.py shows the whole curve over k).
+        sim_cfg["async_training"]["staleness_threshold"] = 2
+        median_s = 0.05
+        sim_cfg["async_training"]["max_concurrent_rollouts"] = 16  # 2 groups of 8 per call
+        calls = 2  # per step of 4 groups
+        # Balanced: a training step takes what generating its batch takes on average.
+        step_s = calls * expected_call_s(median_s, responses=16)
         sim = measure(
             sim_cfg,
             args.sim_steps,
-            make_engine=lambda: LongTailEngine(group_s),
-            make_trainer=lambda: FixedTimeTrainer(4 * mean_group_s),
+            make_engine=lambda: LongTailEngine(median_s),
+            make_trainer=lambda: FixedTimeTrainer(step_s),
         )
         sim_gen, sim_train = sync_parts(sim["sync"])
         sim_ideal = (sim_gen + sim_train) / max(sim_gen, sim_train)

@@ -134,7 +134,7 @@ def test_pause_and_resume_answer_true_while_generating_and_while_idle(workdir):
     start = time.monotonic()
     assert rollouter.pause_rollout(timeout=5) is True
     assert time.monotonic() - start < 1.0  # the generation stopped at its next token
-    assert rollouter.get_statistics()["groups_aborted"] >= 1
+    assert rollouter.get_statistics()["groups_interrupted"] >= 1
     rollouter.load_weights({"w": 1}, 1)
     assert rollouter.get_statistics()["version"] == 1
     assert rollouter.resume_rollout() is True
@@ -156,3 +156,127 @@ def test_load_weights_while_generating_is_refused(workdir):
             rollouter.load_weights({}, 1)
     finally:
         rollouter.stop()
+
+
+class RecordingEngine:
+    """Answers every prompt with its own first token; records the size of every call."""
+
+    def __init__(self, abort: bool = False):
+        self.calls: list[int] = []
+        self.abort = abort
+
+    def generate(self, prompts, *, max_new_tokens, temperature=1.0, should_stop=None):
+        self.calls.append(len(prompts))
+        reason = "aborted" if self.abort else "length"
+        return [
+            Generation(
+                prompt_token_ids=list(p),
+                response_token_ids=[p[1]],
+                response_logprobs=[-0.5],
+                finish_reason=reason,
+            )
+            for p in prompts
+        ]
+
+    def load_weights(self, state_dict):
+        pass
+
+
+def test_groups_are_sampled_several_per_engine_call_each_from_its_own_prompt(workdir):
+    cfg = config(workdir, max_concurrent_rollouts=12)  # n=4: 3 groups per call
+    engine = RecordingEngine()
+    rollouter = FullyAsyncRollouter(cfg, MessageQueue(max_queue_size=10), engine=engine)
+    assert rollouter.groups_per_call() == 3
+    groups = rollouter.generate_batch(5, version=0)
+    assert engine.calls == [12, 8]  # 3 groups, then the 2 the batch still needs
+    assert [len(g) for g in groups] == [4] * 5
+    positions = [g[0].metadata["prompt_position"] for g in groups]
+    assert positions == [0, 1, 2, 3, 4]
+    for group in groups:  # every sample of a group shares its prompt, group id and position
+        assert len({(s.group_id, s.prompt, s.metadata["prompt_position"]) for s in group}) == 1
+        assert {s.response_token_ids[0] for s in group} == {group[0].prompt_token_ids[1]}
+    assert len({g[0].group_id for g in groups}) == 5
+
+
+def test_an_interrupted_call_gives_every_prompt_back(workdir):
+    cfg = config(workdir, max_concurrent_rollouts=12)
+    rollouter = FullyAsyncRollouter(
+        cfg, MessageQueue(max_queue_size=10), engine=RecordingEngine(abort=True)
+    )
+    assert rollouter.generate_groups(3, version=0) is None
+    assert rollouter.get_statistics()["groups_aborted"] == 3
+    rollouter.engine = RecordingEngine()
+    again = rollouter.generate_groups(3, version=0)
+    assert sorted(g[0].metadata["prompt_position"] for g in again) == [0, 1, 2]
+
+
+class TokenEngine:
+    """One token per 50 ms; a token's log-prob is minus the tag of the weights that made it."""
+
+    def __init__(self):
+        self.tag = 0
+
+    def generate(self, prompts, *, max_new_tokens, temperature=1.0, should_stop=None):
+        made = 0
+        while made < max_new_tokens:
+            if should_stop is not None and should_stop():
+                break
+            time.sleep(0.05)
+            made += 1
+        reason = "length" if made == max_new_tokens else "aborted"
+        return [
+            Generation(
+                prompt_token_ids=list(p),
+                response_token_ids=[6] * made,
+                response_logprobs=[-float(self.tag)] * made,
+                finish_reason=reason,
+            )
+            for p in prompts
+        ]
+
+    def load_weights(self, state_dict):
+        self.tag = state_dict["tag"]
+
+
+def run_with_one_sync(workdir, *, partial):
+    cfg = config(workdir, max_concurrent_rollouts=4, partial_rollout=partial)  # 1 group a call
+    queue = MessageQueue(max_queue_size=100, staleness_threshold=3)
+    rollouter = FullyAsyncRollouter(cfg, queue, engine=TokenEngine())
+    rollouter.start()
+    try:
+        time.sleep(0.08)  # one token of three made
+        assert rollouter.pause_rollout(timeout=5) is True
+        rollouter.load_weights({"tag": 1}, 1)
+        rollouter.resume_rollout()
+        deadline = time.monotonic() + 10
+        while queue.get_queue_size() < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        rollouter.stop()
+    first = queue.get_samples(current_param_version=1)
+    return first, rollouter.get_statistics()
+
+
+def test_an_interrupted_group_continues_with_the_new_weights(workdir):
+    group, stats = run_with_one_sync(workdir, partial=True)
+    # stop() may interrupt a later group too; none is dropped.
+    assert stats["groups_interrupted"] >= 1 and stats["groups_aborted"] == 0
+    assert stats["groups_partial"] == 1
+    for sample in group:
+        assert (sample.v_start, sample.v_end) == (0, 1)
+        assert sample.response_token_ids == [6, 6, 6]  # tokens made before the sync are kept
+        # Each token keeps the behaviour log-prob of the weights that sampled it: first the
+        # old weights' (tag 0), then the new ones' (tag 1), at least one of each.
+        made_before = sample.response_logprobs.count(-0.0)
+        assert 1 <= made_before <= 2
+        assert sample.response_logprobs == [-0.0] * made_before + [-1.0] * (3 - made_before)
+        assert sample.metadata["prompt_position"] == 0
+
+
+def test_without_partial_rollouts_an_interrupted_group_is_generated_again(workdir):
+    group, stats = run_with_one_sync(workdir, partial=False)
+    assert stats["groups_aborted"] >= 1 and stats["groups_partial"] == 0
+    for sample in group:
+        assert (sample.v_start, sample.v_end) == (1, 1)
+        assert sample.response_logprobs == [-1.0, -1.0, -1.0]
+        assert sample.metadata["prompt_position"] == 0  # the same prompt, issued again
