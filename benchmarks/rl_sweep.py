@@ -102,13 +102,17 @@ def make_workload(root: pathlib.Path) -> pathlib.Path:
     return root
 
 
-def config(root: pathlib.Path, *, steps: int, mode="async", k=1, queue=64) -> dict[str, Any]:
+def config(
+    root: pathlib.Path, *, steps: int, mode="async", k=1, queue=64, fake=False
+) -> dict[str, Any]:
+    """The fake engine's responses are long (its tail must not be cut) and it samples one
+    group per call, which its balance (``STEP_S``) assumes; the tiny model answers in 4."""
     return {
         "data": {
             "train_files": [str(root / "train.parquet")],
             "train_batch_size": BATCH,
             "max_prompt_length": 16,
-            "max_response_length": 4,
+            "max_response_length": 4096 if fake else 4,
         },
         "actor_rollout_ref": {
             "model": {"path": str(root / "model")},
@@ -119,6 +123,7 @@ def config(root: pathlib.Path, *, steps: int, mode="async", k=1, queue=64) -> di
             "mode": mode,
             "staleness_threshold": k,
             "max_queue_size": queue,
+            "max_concurrent_rollouts": N if fake else 16,
             "generation_timeout": 300,
         },
         "trainer": {"total_training_steps": steps, "resume_mode": "disable"},
@@ -171,7 +176,7 @@ def sweeps(
             name = f"fake_{mode}_k{k}_q{queue}_gen{int(median * 1000)}ms"
             cache[key] = one_run(
                 name,
-                config(root, steps=steps, mode=mode, k=k, queue=queue),
+                config(root, steps=steps, mode=mode, k=k, queue=queue, fake=True),
                 logs,
                 backend=fake_backend,
                 engine=LongTailEngine(median, seed=0),
@@ -223,7 +228,7 @@ def pause_resume(root: pathlib.Path, logs: pathlib.Path, trials: int) -> list[di
     for label, engine in engines:
         # A large k and queue: the rollouter never idles on admission, so every pause lands on
         # a generation in flight (or between two).
-        cfg = config(root, steps=1, k=10_000, queue=100_000)
+        cfg = config(root, steps=1, k=10_000, queue=100_000, fake=label.startswith("fake"))
         print(f"[rl_sweep] pause/resume with {label} ...", flush=True)
         miniray.init(backend="local", num_workers=1)  # real actor calls: real latency
         try:

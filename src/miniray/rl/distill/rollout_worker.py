@@ -1,0 +1,51 @@
+"""RolloutWorker: one copy of the student that generates responses, run as a miniray actor.
+
+The scheduler talks to ``rollout.n_gpus_per_node`` of them (one process each on the CPU); a
+batch's prompts are split across them. A worker loads new weights only between generations
+(actor calls run one at a time), so every response it returns was generated with exactly the
+version it reports alongside.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+__all__ = ["RolloutWorker"]
+
+
+class RolloutWorker:
+    """Samples from the student with exact behaviour log-probs; takes versioned weights."""
+
+    def __init__(
+        self, model_path: str, *, seed: int = 0, num_threads: int = 1, name: str = "rollout"
+    ):
+        from miniray.rl.engines import HFGenerationEngine
+
+        self.name = name
+        # One thread per worker: several workers and the trainer share the machine's cores.
+        self.engine = HFGenerationEngine(model_path=model_path, seed=seed, num_threads=num_threads)
+        self.version = 0
+
+    def ping(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "pid": os.getpid()}
+
+    def generate(
+        self, prompts: Sequence[list[int]], *, max_new_tokens: int, temperature: float
+    ) -> tuple[int, list[Any]]:
+        """``(version of the weights used, [Generation, ...])`` for ``prompts``."""
+        version = self.version
+        gens = self.engine.generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature)
+        return version, gens
+
+    def load_weights(self, weights: Mapping[str, Any], version: int) -> int:
+        """Load ``weights`` (strict names and shapes), then adopt ``version``; returns it."""
+        if not isinstance(version, int) or version < self.version:
+            raise ValueError(
+                f"{self.name}: version={version!r} is invalid: must be an int >= the version "
+                f"it holds ({self.version})"
+            )
+        self.engine.load_weights(weights)
+        self.version = version
+        return version

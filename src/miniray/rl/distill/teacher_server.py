@@ -1,0 +1,668 @@
+"""The teacher server: one front port, ``n_server_workers`` processes each with a model copy.
+
+    python -m miniray.rl.distill.teacher_server --model-path DIR [--port 15555] [--host 127.0.0.1]
+        [--n-server-workers N] [--token T | env MINIRAY_TEACHER_TOKEN] [--topk K] ...
+
+    clients (DEALER) --tcp--> front ROUTER host:port          broker (this process):
+                                   |                            token check, size check, ping,
+                                   |                            bounded queue, liveness checks
+                              backend ROUTER ipc://<0700 temp dir>/workers
+                              /          \\
+                     worker 0 DEALER ... worker N-1 DEALER       (teacher_worker.py)
+
+Who waits for what: the broker polls both sockets with a 200 ms tick. A request is handed to a
+worker only when that worker is idle (it said READY, or returned its last reply), so requests
+queue in one place, here, and a long request never sits behind another on a busy worker while
+a second worker idles. The tick also checks that every worker is alive: a worker that dies
+makes the broker answer every request in flight or queued with a ``worker_died`` error, stop
+the other workers and exit with status 3 (a teacher that lost a worker usually ran out of
+memory; failing loudly beats serving at reduced capacity unnoticed). SIGTERM/SIGINT stop it
+cleanly: workers terminated and reaped, the ipc directory removed.
+
+The broker never unpickles and never runs the model: it reads only the msgpack header (auth,
+op, id) and forwards the frames untouched; workers validate the rest. It binds 127.0.0.1
+unless told otherwise, and logs a warning when it listens beyond loopback without a token.
+
+From Python, ``start_teacher_server(...)`` runs the same command as a child process and
+returns a ``TeacherServerHandle`` once every worker has loaded its model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import hmac
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import zmq
+
+from miniray.rl.distill import wire
+from miniray.rl.distill.teacher_client import TeacherError, TeacherTimeoutError
+
+log = logging.getLogger("miniray.rl.distill.teacher_server")
+
+DEFAULT_PORT = 15555
+TOKEN_ENV = "MINIRAY_TEACHER_TOKEN"
+TICK_MS = 200
+WORKER_DIED_EXIT = 3
+PARENT_GONE_EXIT = 4
+
+
+@dataclass
+class _Worker:
+    index: int
+    process: subprocess.Popen
+    ready: bool = False
+    # (client identity, request id) of the request it is computing, None when idle
+    busy_with: tuple[bytes, str | None] | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def identity(self) -> bytes:
+        return f"w{self.index}".encode()
+
+
+class Broker:
+    """Owns the front socket, the worker processes and the queue between them."""
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        host: str = "127.0.0.1",
+        port: int = DEFAULT_PORT,
+        n_server_workers: int = 1,
+        token: str | None = None,
+        max_topk: int | None = None,
+        max_request_bytes: int = wire.DEFAULT_MAX_REQUEST_BYTES,
+        max_queued_requests: int = 1024,
+        num_threads: int | None = None,
+        device: str = "cpu",
+        dtype: str = "float32",
+        max_batch_tokens: int | None = None,
+        worker_start_timeout: float = 300.0,
+        exit_with_parent: bool = False,
+    ):
+        if n_server_workers < 1:
+            raise ValueError(f"n_server_workers={n_server_workers} must be >= 1")
+        if not 0 <= port <= 65535:
+            raise ValueError(f"port={port} must be in [0, 65535] (0 picks a free port)")
+        if max_request_bytes < 1024:
+            raise ValueError(f"max_request_bytes={max_request_bytes} must be >= 1024")
+        if max_topk is not None and max_topk < 0:
+            raise ValueError(f"max_topk={max_topk} must be >= 0")
+        if token is not None and not token:
+            raise ValueError("token='' would accept anyone; pass None for no token")
+        if not os.path.isfile(os.path.join(model_path, "config.json")):
+            # checked here, in a second, rather than by N workers after importing transformers
+            raise FileNotFoundError(
+                f"model path {str(model_path)!r} has no config.json: pass a directory written "
+                "by save_pretrained"
+            )
+        self.model_path = str(model_path)
+        self.host, self.port = host, port
+        self.n_server_workers = n_server_workers
+        self.token = token
+        self.max_topk = max_topk or None
+        self.max_request_bytes = max_request_bytes
+        self.max_queued_requests = max_queued_requests
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        # workers share the machine's cores: oversubscribing threads slows every one of them
+        self.num_threads = num_threads or max(1, (cpus or 1) // n_server_workers)
+        self.device, self.dtype = device, dtype
+        self.max_batch_tokens = max_batch_tokens
+        self.worker_start_timeout = worker_start_timeout
+        self.exit_with_parent = exit_with_parent
+        self.workers: list[_Worker] = []
+        self.queue: collections.deque[tuple[bytes, str, list[zmq.Frame]]] = collections.deque()
+        self.idle: collections.deque[_Worker] = collections.deque()
+        self.served = 0
+        self.ipc_dir: str | None = None
+        self._stopping = False
+        self._parent = os.getppid()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def run(self, *, ready_file: str | None = None) -> int:
+        """Serve until SIGTERM/SIGINT (0), a worker death (3) or the parent's death (4)."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._request_stop)
+        workdir = tempfile.mkdtemp(prefix="miniray-teacher-")  # 0700: only we reach the ipc
+        ctx = zmq.Context()
+        front = ctx.socket(zmq.ROUTER)
+        backend = ctx.socket(zmq.ROUTER)
+        try:
+            front.setsockopt(zmq.LINGER, 0)
+            # Transport guard: a frame over twice the limit drops the connection before it is
+            # buffered; anything smaller that is still too big gets a "too_large" reply.
+            front.setsockopt(zmq.MAXMSGSIZE, 2 * self.max_request_bytes + wire.MAX_HEADER_BYTES)
+            front.bind(f"tcp://{self.host}:{self.port}")
+            self.port = int(front.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
+            backend.setsockopt(zmq.LINGER, 0)
+            backend_address = f"ipc://{workdir}/workers"
+            backend.bind(backend_address)
+            self.ipc_dir = workdir
+            self._spawn_workers(backend_address)
+            code = self._await_workers(backend)
+            if code is not None:
+                return code
+            self._announce(ready_file)
+            return self._serve(front, backend)
+        finally:
+            self._stop_workers()
+            front.close(linger=0)
+            backend.close(linger=0)
+            ctx.term()
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    def _request_stop(self, signum: int, frame: Any) -> None:
+        self._stopping = True
+
+    def _spawn_workers(self, backend_address: str) -> None:
+        env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}  # workers never need it
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        env["OMP_NUM_THREADS"] = str(self.num_threads)
+        for index in range(self.n_server_workers):
+            cmd = [
+                sys.executable,
+                "-m",
+                "miniray.rl.distill.teacher_worker",
+                "--model-path",
+                self.model_path,
+                "--backend",
+                backend_address,
+                "--index",
+                str(index),
+                "--num-threads",
+                str(self.num_threads),
+                "--device",
+                self.device,
+                "--dtype",
+                self.dtype,
+                "--max-request-bytes",
+                str(self.max_request_bytes),
+            ]
+            if self.max_topk is not None:
+                cmd += ["--max-topk", str(self.max_topk)]
+            if self.max_batch_tokens is not None:
+                cmd += ["--max-batch-tokens", str(self.max_batch_tokens)]
+            process = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
+            self.workers.append(_Worker(index, process))
+
+    def _await_workers(self, backend: zmq.Socket) -> int | None:
+        deadline = time.monotonic() + self.worker_start_timeout
+        while not all(w.ready for w in self.workers):
+            if self._stopping:
+                return 0
+            if backend.poll(TICK_MS):
+                self._drain_backend(backend, front=None)
+            dead = [w for w in self.workers if w.process.poll() is not None]
+            if dead:
+                log.error("teacher server: %s before it was ready", _describe_dead(dead))
+                return WORKER_DIED_EXIT
+            if time.monotonic() > deadline:
+                waiting = [w.index for w in self.workers if not w.ready]
+                log.error(
+                    "teacher server: workers %s not ready after %.0f s (--worker-start-timeout)",
+                    waiting,
+                    self.worker_start_timeout,
+                )
+                return WORKER_DIED_EXIT
+        return None
+
+    def _announce(self, ready_file: str | None) -> None:
+        info = {
+            "host": self.host,
+            "port": self.port,
+            "address": f"tcp://{self.host}:{self.port}",
+            "pid": os.getpid(),
+            "worker_pids": [w.process.pid for w in self.workers],
+            "ipc_dir": self.ipc_dir,
+            **self._facts(),
+        }
+        if ready_file:  # written whole, then renamed: a reader never sees half a file
+            tmp = f"{ready_file}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(info, f)
+            os.replace(tmp, ready_file)
+        if self.host not in ("127.0.0.1", "localhost", "::1") and self.token is None:
+            log.warning(
+                "teacher server listens on %s without a token: anyone who can reach the port "
+                "can use the model (pass --token or set %s)",
+                self.host,
+                TOKEN_ENV,
+            )
+        print(
+            f"teacher server ready on {info['address']}: {self.n_server_workers} worker(s), "
+            f"vocab {info['vocab_size']}, token {'required' if self.token else 'off'}",
+            flush=True,
+        )
+
+    def _facts(self) -> dict[str, Any]:
+        first = self.workers[0].info if self.workers else {}
+        return {
+            "vocab_size": first.get("vocab_size"),
+            "max_seq_len": first.get("max_seq_len"),
+            "n_server_workers": self.n_server_workers,
+            "max_request_bytes": self.max_request_bytes,
+            "max_topk": self.max_topk,
+            "requests_served": self.served,
+        }
+
+    def _stop_workers(self) -> None:
+        for w in self.workers:
+            if w.process.poll() is None:
+                w.process.terminate()
+        deadline = time.monotonic() + 5.0
+        for w in self.workers:
+            try:
+                w.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                w.process.kill()
+                w.process.wait(timeout=5.0)
+
+    # -- serving -------------------------------------------------------------------------------
+
+    def _serve(self, front: zmq.Socket, backend: zmq.Socket) -> int:
+        poller = zmq.Poller()
+        poller.register(front, zmq.POLLIN)
+        poller.register(backend, zmq.POLLIN)
+        while not self._stopping:
+            events = dict(poller.poll(TICK_MS))
+            if backend in events:
+                self._drain_backend(backend, front)
+            if front in events:
+                self._drain_front(front)
+            self._dispatch(backend)
+            dead = [w for w in self.workers if w.process.poll() is not None]
+            if dead:
+                self._fail_everything(front, dead)
+                return WORKER_DIED_EXIT
+            if self.exit_with_parent and os.getppid() != self._parent:
+                log.error("teacher server: parent process %d died, exiting", self._parent)
+                return PARENT_GONE_EXIT
+        log.info("teacher server: stopping after %d answered requests", self.served)
+        return 0
+
+    def _drain_front(self, front: zmq.Socket) -> None:
+        for _ in range(1000):  # bounded, so worker replies are never starved by a flood
+            try:
+                frames = front.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._on_request(front, frames[0].bytes, frames[1:])
+
+    def _on_request(self, front: zmq.Socket, client: bytes, msg: list[zmq.Frame]) -> None:
+        if not msg:
+            self._reply_error(front, client, None, wire.BAD_REQUEST, "empty message")
+            return
+        try:
+            header = wire.decode_header(msg[0].buffer)
+        except wire.WireError as exc:
+            self._reply_error(front, client, None, exc.code, str(exc))
+            return
+        rid = wire.request_id_of(header)
+        if self.token is not None:
+            supplied = header.get("token")
+            if not isinstance(supplied, str) or not hmac.compare_digest(
+                supplied.encode(), self.token.encode()
+            ):
+                what = "no token" if supplied is None else "a wrong token"
+                self._reply_error(
+                    front, client, rid, wire.UNAUTHORIZED, f"the request carries {what}"
+                )
+                return
+        nbytes = sum(f.buffer.nbytes for f in msg)
+        if nbytes > self.max_request_bytes:
+            self._reply_error(
+                front,
+                client,
+                rid,
+                wire.TOO_LARGE,
+                f"request has {nbytes} bytes; this server's limit is {self.max_request_bytes} "
+                "(--max-request-bytes): send smaller microbatches",
+            )
+            return
+        op = header["op"]
+        if op == "ping":
+            front.send_multipart([client, *wire.encode_pong(rid, self._facts())])
+        elif op != "score":
+            self._reply_error(
+                front, client, rid, wire.BAD_REQUEST, f"unknown op {op!r}; known: ping, score"
+            )
+        elif rid is None:
+            self._reply_error(
+                front, client, None, wire.BAD_REQUEST, "field 'id' must be a short string"
+            )
+        elif len(self.queue) >= self.max_queued_requests:
+            self._reply_error(
+                front,
+                client,
+                rid,
+                wire.BUSY,
+                f"{len(self.queue)} requests already queued (limit {self.max_queued_requests})",
+            )
+        else:
+            self.queue.append((client, rid, msg))
+
+    def _dispatch(self, backend: zmq.Socket) -> None:
+        while self.queue and self.idle:
+            worker = self.idle.popleft()
+            client, rid, msg = self.queue.popleft()
+            worker.busy_with = (client, rid)
+            backend.send_multipart([worker.identity, client, *msg], copy=False)
+
+    def _drain_backend(self, backend: zmq.Socket, front: zmq.Socket | None) -> None:
+        by_identity = {w.identity: w for w in self.workers}
+        while True:
+            try:
+                identity, *rest = backend.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            worker = by_identity.get(identity.bytes)
+            if worker is None or not rest:
+                log.warning("teacher server: ignoring a message from unknown peer %r", identity)
+                continue
+            # Control messages start with an empty frame: zmq never gives a client an empty
+            # identity, so they cannot be confused with a reply addressed to a client.
+            if rest[0].bytes == b"":
+                if len(rest) == 3 and rest[1].bytes == b"READY" and not worker.ready:
+                    worker.info = msgpack.unpackb(rest[2].bytes)
+                    worker.ready = True
+                    self.idle.append(worker)
+                continue
+            if front is not None:
+                front.send_multipart(rest, copy=False)
+            self.served += 1
+            worker.busy_with = None
+            self.idle.append(worker)
+
+    def _fail_everything(self, front: zmq.Socket, dead: list[_Worker]) -> None:
+        why = _describe_dead(dead) + "; the teacher server is shutting down"
+        log.error("teacher server: %s", why)
+        pending = [w.busy_with for w in self.workers if w.busy_with is not None]
+        pending += [(client, rid) for client, rid, _ in self.queue]
+        for client, rid in pending:
+            self._reply_error(front, client, rid, wire.WORKER_DIED, why)
+        self.queue.clear()
+
+    def _reply_error(
+        self, front: zmq.Socket, client: bytes, rid: str | None, code: str, message: str
+    ) -> None:
+        log.info("teacher server: request %s rejected (%s): %s", rid, code, message)
+        front.send_multipart([client, *wire.encode_error(rid, code, message)])
+
+
+def _describe_dead(dead: list[_Worker]) -> str:
+    return ", ".join(
+        f"worker {w.index} (pid {w.process.pid}) exited with code {w.process.returncode}"
+        for w in dead
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Starting the server from Python
+
+
+class TeacherServerHandle:
+    """A running teacher server child process; ``stop()`` ends it and its workers by PID."""
+
+    def __init__(self, process: subprocess.Popen, info: dict[str, Any], launch_dir: str):
+        self.process = process
+        self.info = info
+        self.host: str = info["host"]
+        self.port: int = info["port"]
+        self.pid: int = process.pid
+        self.worker_pids: list[int] = list(info["worker_pids"])
+        self.vocab_size: int = info["vocab_size"]
+        self._launch_dir = launch_dir
+        self._final_log: str | None = None
+
+    @property
+    def address(self) -> str:
+        return f"tcp://{self.host}:{self.port}"
+
+    def poll(self) -> int | None:
+        """The server's exit status, or None while it runs."""
+        return self.process.poll()
+
+    def log_text(self) -> str:
+        """Everything the server and its workers wrote to stdout/stderr (the tail)."""
+        if self._final_log is not None:
+            return self._final_log
+        return _read_log(os.path.join(self._launch_dir, "server.log"))
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM, then SIGKILL after ``timeout``; then make sure no worker outlived it."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10.0)
+        # A broker killed with -9 cannot stop its workers; they notice within a second
+        # (re-parented) and exit. Give them that second, then kill the stragglers by PID.
+        deadline = time.monotonic() + 3.0
+        for pid in self.worker_pids:
+            while _is_our_worker(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if _is_our_worker(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:  # it exited between the check and the kill
+                    pass
+        if self._final_log is None:
+            self._final_log = self.log_text()
+        # a broker that was killed could not remove its ipc directory; it is ours to remove
+        shutil.rmtree(self.info["ipc_dir"], ignore_errors=True)
+        shutil.rmtree(self._launch_dir, ignore_errors=True)
+        return self.process.returncode
+
+    def __enter__(self) -> TeacherServerHandle:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = "running" if self.poll() is None else f"exited {self.poll()}"
+        return f"TeacherServerHandle({self.address}, pid={self.pid}, {state})"
+
+
+def start_teacher_server(
+    model_path: str | os.PathLike,
+    *,
+    port: int = 0,
+    host: str = "127.0.0.1",
+    n_server_workers: int = 1,
+    token: str | None = None,
+    ready_timeout: float = 60.0,
+    max_topk: int | None = None,
+    max_request_bytes: int = wire.DEFAULT_MAX_REQUEST_BYTES,
+    num_threads: int | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    extra_args: Sequence[str] = (),
+) -> TeacherServerHandle:
+    """Start the server as a child process and return once all its workers are ready.
+
+    ``port=0`` picks a free port (``handle.port``). The token travels in the environment,
+    not on the command line, where other local users could read it. A server that exits or is
+    not ready within ``ready_timeout`` seconds is killed and raises with its log.
+    """
+    if ready_timeout <= 0:
+        raise ValueError(f"ready_timeout={ready_timeout} must be > 0")
+    launch_dir = tempfile.mkdtemp(prefix="miniray-teacher-launch-")
+    ready_file = os.path.join(launch_dir, "ready.json")
+    cmd = [
+        sys.executable,
+        "-m",
+        "miniray.rl.distill.teacher_server",
+        "--model-path",
+        str(model_path),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--n-server-workers",
+        str(n_server_workers),
+        "--max-request-bytes",
+        str(max_request_bytes),
+        "--device",
+        device,
+        "--dtype",
+        dtype,
+        "--worker-start-timeout",
+        str(ready_timeout),
+        "--ready-file",
+        ready_file,
+        "--exit-with-parent",
+        *extra_args,
+    ]
+    if max_topk is not None:
+        cmd += ["--topk", str(max_topk)]
+    if num_threads is not None:
+        cmd += ["--num-threads", str(num_threads)]
+    env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
+    if token is not None:
+        env[TOKEN_ENV] = token
+    with open(os.path.join(launch_dir, "server.log"), "wb") as logfile:
+        process = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=logfile, stderr=subprocess.STDOUT, env=env
+        )
+    deadline = time.monotonic() + ready_timeout
+    try:
+        while not os.path.exists(ready_file):
+            code = process.poll()
+            if code is not None:
+                raise TeacherError(
+                    f"teacher server for {model_path} exited with code {code} before it was "
+                    f"ready; its output:\n{_read_log(os.path.join(launch_dir, 'server.log'))}",
+                    code="start_failed",
+                )
+            if time.monotonic() > deadline:
+                raise TeacherTimeoutError(
+                    f"teacher server for {model_path} not ready after {ready_timeout:.0f} s "
+                    f"(ready_timeout); its output:\n"
+                    f"{_read_log(os.path.join(launch_dir, 'server.log'))}"
+                )
+            time.sleep(0.05)
+        with open(ready_file) as f:
+            info = json.load(f)
+    except BaseException:
+        _kill_launch(process)
+        shutil.rmtree(launch_dir, ignore_errors=True)
+        raise
+    return TeacherServerHandle(process, info, launch_dir)
+
+
+def _kill_launch(process: subprocess.Popen) -> None:
+    # SIGTERM first: the broker then stops the workers it already started
+    process.terminate()
+    try:
+        process.wait(timeout=10.0)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10.0)
+
+
+def _read_log(path: str, limit: int = 8000) -> str:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return "(no output)"
+    text = data.decode(errors="replace")
+    return text if len(text) <= limit else "...\n" + text[-limit:]
+
+
+def _is_our_worker(pid: int) -> bool:
+    """Whether ``pid`` is a live (not zombie) teacher worker: guards against PID reuse."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    except OSError:  # no /proc (not Linux): fall back to "exists"
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    return state != b"Z" and b"miniray.rl.distill.teacher_worker" in cmdline
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m miniray.rl.distill.teacher_server",
+        description="Serve a causal LM's next-token log-probs (GKD teacher).",
+    )
+    parser.add_argument("--model-path", required=True, help="a save_pretrained directory")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="0 picks a free port")
+    parser.add_argument("--n-server-workers", type=int, default=1)
+    parser.add_argument(
+        "--token", default=os.environ.get(TOKEN_ENV), help=f"shared secret (or env {TOKEN_ENV})"
+    )
+    parser.add_argument(
+        "--topk", "--max-topk", dest="max_topk", type=int, default=None,
+        help="largest top-k a request may ask for (default: the vocabulary size)",
+    )  # fmt: skip
+    parser.add_argument("--max-request-bytes", type=int, default=wire.DEFAULT_MAX_REQUEST_BYTES)
+    parser.add_argument("--max-queued-requests", type=int, default=1024)
+    parser.add_argument("--num-threads", type=int, default=None, help="torch threads per worker")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda (workers spread over GPUs)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--max-batch-tokens", type=int, default=None)
+    parser.add_argument("--worker-start-timeout", type=float, default=300.0)
+    parser.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
+    try:
+        broker = _broker_from_args(args)
+    except (ValueError, FileNotFoundError) as exc:
+        parser.error(str(exc))
+    return broker.run(ready_file=args.ready_file)
+
+
+def _broker_from_args(args: argparse.Namespace) -> Broker:
+    return Broker(
+        args.model_path,
+        host=args.host,
+        port=args.port,
+        n_server_workers=args.n_server_workers,
+        token=args.token,
+        max_topk=args.max_topk,
+        max_request_bytes=args.max_request_bytes,
+        max_queued_requests=args.max_queued_requests,
+        num_threads=args.num_threads,
+        device=args.device,
+        dtype=args.dtype,
+        max_batch_tokens=args.max_batch_tokens,
+        worker_start_timeout=args.worker_start_timeout,
+        exit_with_parent=args.exit_with_parent,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
