@@ -67,6 +67,21 @@ def test_put_results():
     assert stats["rejected_closed"] == 1 and stats["total_put"] == 5
 
 
+def test_put_many_puts_each_item_in_order_with_its_own_result():
+    queue = MessageQueue(max_queue_size=2, staleness_threshold=1)
+    queue.update_param_version(5)
+    results = queue.put_many([sample(4), sample(3), sample(5), sample(5)], [4, 3, 5, 5])
+    assert results == [
+        PutResult.ACCEPTED,
+        PutResult.REJECTED_STALE,  # age 2 > 1
+        PutResult.ACCEPTED,
+        PutResult.REJECTED_FULL,
+    ]
+    assert [queue.get_samples(5).v_start for _ in range(2)] == [4, 5]
+    with pytest.raises(ValueError, match="3 items but 2 param_versions"):
+        queue.put_many([sample(5)] * 3, [5, 5])
+
+
 def test_full_queue_never_evicts_a_queued_item():
     queue = MessageQueue(max_queue_size=1, staleness_threshold=3)
     assert queue.put_samples("old", param_version=0)

@@ -37,7 +37,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -199,6 +199,23 @@ class MessageQueue:
             self._add_tokens("accepted", tokens)
             self._not_empty.notify()
             return PutResult.ACCEPTED
+
+    def put_many(
+        self, items: Sequence[Any], param_versions: Sequence[int | None], *, timeout: float = 0.0
+    ) -> list[PutResult]:
+        """``put_samples`` for each item in order, in one call (one round trip for all the
+        groups of an engine call); ``timeout`` bounds the whole call. Results in item order."""
+        if len(items) != len(param_versions):
+            raise ValueError(
+                f"put_many: {len(items)} items but {len(param_versions)} param_versions; "
+                "give one version per item"
+            )
+        _check_timeout(timeout, "put_many")
+        deadline = time.monotonic() + timeout
+        return [
+            self.put_samples(item, version, timeout=max(0.0, deadline - time.monotonic()))
+            for item, version in zip(items, param_versions)
+        ]
 
     def put_sample(self, sample: Any, param_version: int | None = None) -> PutResult:
         """verl's name for ``put_samples``."""

@@ -293,31 +293,33 @@ class FullyAsyncRollouter:
                 if interrupted and not partial:
                     self._drop(groups)
                     continue
-                for group in groups:
-                    if all(group.done):
-                        self._put(self._finish(group), min(s.v_start for s in group.samples))
-                    else:
-                        self._unfinished.append(group)
+                self._unfinished = [g for g in groups if not all(g.done)]
+                self._put([self._finish(g) for g in groups if all(g.done)])
         except BaseException as exc:
             self._error = "".join(traceback.format_exception(exc))
             if self.queue is not None:
                 _call(self.queue, "close", f"the rollouter crashed:\n{self._error}")
 
-    def _put(self, group: list[Sample], version: int) -> None:
-        while not self._stop:
-            result = _call(self.queue, "put_samples", group, version, timeout=1.0)
-            name = getattr(result, "name", str(result))
-            if name == "ACCEPTED":
-                self.stats["groups_accepted"] += 1
-                return
-            if name == "REJECTED_STALE":
-                self.stats["groups_rejected_stale"] += 1
-                self.cursor.give_back(group[0].metadata["prompt_position"])
-                return
-            if name == "CLOSED":
-                self._stop = True
-                return
-            self.stats["groups_rejected_full"] += 1  # full: try again after the wait
+    def _put(self, groups: list[list[Sample]]) -> None:
+        """Offer finished groups to the queue in one call; a full queue is retried."""
+        while groups and not self._stop:
+            versions = [min(s.v_start for s in group) for group in groups]
+            results = _call(self.queue, "put_many", groups, versions, timeout=1.0)
+            retry = []
+            for group, result in zip(groups, results):
+                name = getattr(result, "name", str(result))
+                if name == "ACCEPTED":
+                    self.stats["groups_accepted"] += 1
+                elif name == "REJECTED_STALE":
+                    self.stats["groups_rejected_stale"] += 1
+                    self.cursor.give_back(group[0].metadata["prompt_position"])
+                elif name == "CLOSED":
+                    self._stop = True
+                    return
+                else:
+                    self.stats["groups_rejected_full"] += 1  # full: try again after the wait
+                    retry.append(group)
+            groups = retry
 
     # -- control ----------------------------------------------------------------------------
     def restore_data_position(self, trained: dict[str, Any]) -> int:

@@ -76,6 +76,12 @@ class TeacherConfig(Config):
     )
     model_path: str | None = option(None, help="the teacher model directory, for launch=true")
     ready_timeout: float = option(120.0, gt=0, help="seconds a launched server may take to start")
+    num_threads: int | None = option(
+        None,
+        ge=1,
+        help="torch threads per worker of a launched server; None: the CPUs / n_server_workers "
+        "(set 1 when the student generates and trains on the same few cores)",
+    )
 
     def validate(self) -> None:
         if self.server_port == 0 and not self.launch:

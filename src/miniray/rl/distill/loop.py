@@ -463,6 +463,7 @@ def _connect_teacher(cfg: DistillConfig) -> tuple[Any, Any]:
             n_server_workers=t.n_server_workers,
             token=t.token,
             ready_timeout=t.ready_timeout,
+            num_threads=t.num_threads,
         )
         port = server.port
     try:

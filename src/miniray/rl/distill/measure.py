@@ -84,6 +84,9 @@ def _run(
                 "server_port": 0,
                 "topk": 0,
                 "request_timeout": 120,
+                # One core each for the teacher and the rollout worker: more teacher threads
+                # would only fight the generation that one_step_off overlaps with it.
+                "num_threads": 1,
             },
             "nccl_timeout": 120,
         },
