@@ -6,14 +6,18 @@ Two measurements, each run once in async mode and once in sync mode:
 
 * real: the demo workload (tiny Qwen2 on arithmetic, GRPO). ``speedup`` is the sync run's time
   for its training steps over the async run's; ``ideal`` is (T_gen + T_train) / max(T_gen,
-  T_train) with both measured in the sync run, where they do not overlap.
+  T_train) with both measured in the sync run, where they do not overlap. Both runs evaluate
+  on held-out problems every ``--eval-every`` steps; evaluations are taken out of every time
+  (the rollouter may run ahead during one, within its staleness bound).
+  ``time_to_reward_speedup`` compares the training time each run took to first reach the best
+  held-out reward both reached.
 * sim: a fake engine whose response lengths follow a long-tailed (log-normal) distribution
   (interrupted responses continue after a weight sync: partial rollouts) and a fake trainer
   whose step takes what generating a batch takes on average, so the overlap is measured
   without model noise; staleness threshold 2.
 
 The last line is JSON: {"speedup", "ideal", "sim_speedup", "sim_ideal", "reward_async",
-"reward_sync"}.
+"reward_sync", "reward_target", "time_to_reward_speedup"}.
 """
 
 from __future__ import annotations
@@ -136,15 +140,28 @@ class FixedTimeTrainer:
         return version
 
 
+def active_walls(result: RunResult) -> list[float]:
+    """Each step's wall time with the held-out evaluations before it taken out (an evaluation
+    runs in the driver right after its step is recorded, and is not training)."""
+    eval_end = {step: wall for step, wall, _ in result.evals[1:]}
+    walls, eval_s = [], 0.0
+    for m in result.history:
+        walls.append(m["wall_s"] - eval_s)
+        if m["step"] in eval_end:
+            eval_s += eval_end[m["step"]] - m["wall_s"]
+    return walls
+
+
 def span(result: RunResult) -> float:
-    """Seconds from the end of step 1 to the end of the last step (start-up excluded)."""
-    walls = [m["wall_s"] for m in result.history]
+    """Seconds from the end of step 1 to the end of the last step (start-up and evaluations
+    excluded)."""
+    walls = active_walls(result)
     return walls[-1] - walls[0]
 
 
 def sync_parts(result: RunResult) -> tuple[float, float]:
     """(T_gen, T_train) of a sync run, steps 2..N, from its per-step waits and durations."""
-    walls = [m["wall_s"] for m in result.history]
+    walls = active_walls(result)
     gen = train = 0.0
     for prev, cur, m in zip(walls, walls[1:], result.history[1:]):
         gen += m["trainer_wait_s"]
@@ -152,7 +169,16 @@ def sync_parts(result: RunResult) -> tuple[float, float]:
     return gen, train
 
 
-def measure(cfg: dict, steps: int, *, eval_rows=(), make_engine=None, make_trainer=None):
+def training_time_to(result: RunResult, reward: float) -> float:
+    """Seconds of training (from the start, evaluations left out) until a held-out evaluation
+    first scored at least ``reward``."""
+    walls = dict(zip((m["step"] for m in result.history), active_walls(result)))
+    return next(walls[step] for step, _, score in result.evals[1:] if score >= reward)
+
+
+def measure(
+    cfg: dict, steps: int, *, eval_rows=(), eval_every=10**6, make_engine=None, make_trainer=None
+):
     """One run per mode on a fresh runtime; fakes are built anew for each run."""
     out = {}
     for mode in ("sync", "async"):
@@ -163,7 +189,7 @@ def measure(cfg: dict, steps: int, *, eval_rows=(), make_engine=None, make_train
             out[mode] = run(
                 cfg,
                 eval_rows=eval_rows,
-                eval_every=10**6,  # evaluate at the start and at the end only
+                eval_every=eval_every,
                 engine=make_engine() if make_engine else None,
                 trainer=make_trainer() if make_trainer else None,
             )
@@ -176,6 +202,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--sim-steps", type=int, default=30)
+    parser.add_argument("--eval-every", type=int, default=10, help="held-out evaluation cadence")
     args = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -185,10 +212,15 @@ def main() -> None:
             demo_config(root, steps=args.steps, mode="async", lr=5e-4),
             args.steps,
             eval_rows=eval_rows,
+            eval_every=args.eval_every,
         )
         gen, train = sync_parts(real["sync"])
         ideal = (gen + train) / max(gen, train)
         speedup = span(real["sync"]) / span(real["async"])
+        # Time to the same reward: the best held-out reward both runs reached.
+        target = min(max(e[2] for e in real[m].evals) for m in ("sync", "async"))
+        to_target = {m: training_time_to(real[m], target) for m in ("sync", "async")}
+        reward_speedup = to_target["sync"] / to_target["async"]
 
         sim_cfg = demo_config(root, steps=args.sim_steps, mode="async", lr=5e-4)
         sim_cfg["data"]["train_batch_size"] = 4
@@ -221,6 +253,10 @@ def main() -> None:
             f"{real['sync'].summary['final_reward']:.3f} / {real['async'].summary['final_reward']:.3f}",
         ),
         (
+            f"real: time to reward {target:.3f} sync / async",
+            f"{to_target['sync']:.1f} s / {to_target['async']:.1f} s ({reward_speedup:.2f}x)",
+        ),
+        (
             "sim: speedup / ideal",
             f"{sim_speedup:.2f} / {sim_ideal:.2f} ({100 * sim_speedup / sim_ideal:.0f}% of ideal)",
         ),
@@ -236,6 +272,8 @@ def main() -> None:
                 "sim_ideal": round(sim_ideal, 3),
                 "reward_async": real["async"].summary["final_reward"],
                 "reward_sync": real["sync"].summary["final_reward"],
+                "reward_target": target,
+                "time_to_reward_speedup": round(reward_speedup, 3),
             }
         )
     )
