@@ -10,6 +10,7 @@ import miniray
 from miniray.rl.engines.base import Generation
 from miniray.rl.loop import run
 from miniray.rl.models import char_tokenizer, save, tiny_qwen2
+from miniray.rl.param_sync import ParameterSyncError
 from miniray.rl.queue import MessageQueue, ProducerCrashedError
 from miniray.rl.rollouter import FullyAsyncRollouter
 from miniray.rl.tasks import ArithmeticTask, write_prompts
@@ -280,3 +281,17 @@ def test_without_partial_rollouts_an_interrupted_group_is_generated_again(workdi
         assert (sample.v_start, sample.v_end) == (1, 1)
         assert sample.response_logprobs == [-1.0, -1.0, -1.0]
         assert sample.metadata["prompt_position"] == 0  # the same prompt, issued again
+
+
+class BadWeightsEngine(RecordingEngine):
+    """Generates, but refuses every weight load (e.g. weights of another architecture)."""
+
+    def load_weights(self, state_dict):
+        raise ValueError("load_weights: unexpected parameters ['lm_head.bias']")
+
+
+@pytest.mark.slow
+def test_a_weight_sync_failing_in_the_background_fails_the_run(rt, workdir):
+    cfg = config(workdir, max_sync_retries=0, sync_timeout=10)
+    with pytest.raises(ParameterSyncError, match="unexpected parameters"):
+        run(cfg, engine=BadWeightsEngine())
