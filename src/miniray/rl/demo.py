@@ -148,7 +148,7 @@ def write_report(
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description="async RL on a tiny model, on this CPU")
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=900)
     parser.add_argument("--mode", choices=["async", "sync"], default="async")
     parser.add_argument("--name", default=None)
     parser.add_argument("--pretrain-steps", type=int, default=25)
