@@ -257,7 +257,7 @@ def load_rl_config(
     data: Mapping[str, Any] | None = None,
 ) -> RLConfig:
     """Dataclass defaults <- a bundled config name or a YAML path <- ``data`` <- overrides."""
-    return load(RLConfig, _config_file(config_name), data=data, overrides=overrides)
+    return load(RLConfig, config_file(config_name, config_names()), data=data, overrides=overrides)
 
 
 def parse_rl_args(argv: Sequence[str]) -> RLConfig:
@@ -268,45 +268,54 @@ def parse_rl_args(argv: Sequence[str]) -> RLConfig:
     ``--config-name`` is a bundled name or a YAML path (``--config-path`` is a directory to look
     it up in); every other word is a dotted override.
     """
-    name: str | Path = DEFAULT_CONFIG_NAME
+    name, overrides = split_config_args(argv, DEFAULT_CONFIG_NAME)
+    return load_rl_config(name, overrides=overrides)
+
+
+def split_config_args(argv: Sequence[str], default_name: str) -> tuple[str | Path, list[str]]:
+    """``(config name or YAML path, dotted overrides)`` from Hydra-style words:
+    ``--config-name=NAME [--config-path=DIR] key=value ...`` (a flag's value may also be the
+    next word). Shared by every entry point that takes a config."""
+    name: str | Path = default_name
     config_dir: Path | None = None
     overrides: list[str] = []
     words = list(argv)
     while words:
         word = words.pop(0)
-        if word.startswith("--"):
-            flag, eq, value = word.partition("=")
-            if flag not in ("--config-name", "--config-path"):
-                raise ValueError(
-                    f"unknown option {flag!r}: known options are ['--config-name', "
-                    "'--config-path']; everything else is key=value"
-                )
-            if not eq:
-                if not words:
-                    raise ValueError(f"option {flag} needs a value: {flag}=VALUE")
-                value = words.pop(0)
-            if flag == "--config-name":
-                name = value
-            else:
-                config_dir = Path(value)
-        else:
+        if not word.startswith("--"):
             overrides.append(word)
+            continue
+        flag, eq, value = word.partition("=")
+        if flag not in ("--config-name", "--config-path"):
+            raise ValueError(
+                f"unknown option {flag!r}: known options are ['--config-name', "
+                "'--config-path']; everything else is key=value"
+            )
+        if not eq:
+            if not words:
+                raise ValueError(f"option {flag} needs a value: {flag}=VALUE")
+            value = words.pop(0)
+        if flag == "--config-name":
+            name = value
+        else:
+            config_dir = Path(value)
     if config_dir is not None:
         name = config_dir / (name if str(name).endswith((".yaml", ".yml")) else f"{name}.yaml")
-    return load_rl_config(name, overrides=overrides)
+    return name, overrides
 
 
-def _config_file(config_name: str | Path) -> Path:
+def config_file(config_name: str | Path, known: Sequence[str]) -> Path:
+    """The YAML file of a bundled config name (one of ``known``) or of a path."""
     path = Path(config_name)
     if path.suffix in (".yaml", ".yml") or path.is_file():
         if not path.is_file():
             raise FileNotFoundError(f"config file {str(path)!r} does not exist")
         return path
     bundled = CONFIG_DIR / f"{config_name}.yaml"
-    if not bundled.is_file():
+    if str(config_name) not in known or not bundled.is_file():
         raise ValueError(
             f"config_name={str(config_name)!r} is unknown: must be a YAML path or one of "
-            f"{config_names()}"
+            f"{list(known)}"
         )
     return bundled
 

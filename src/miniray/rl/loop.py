@@ -321,8 +321,8 @@ class _Publisher:
             running.result(timeout=self.timeout)
         except FutureTimeoutError:
             raise TimeoutError(
-                f"the weight sync did not finish within {self.timeout:g}s (its own deadline "
-                "is async_training.sync_timeout per attempt set)"
+                f"the weight sync did not finish within {self.timeout:g}s; look for a hung "
+                "rollouter (pause_rollout/load_weights) or raise async_training.sync_timeout"
             ) from None
 
     def close(self) -> None:

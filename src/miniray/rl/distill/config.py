@@ -24,7 +24,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from miniray.config import Config, load, option
-from miniray.rl.config import CONFIG_DIR, DataConfig, OptimConfig, RolloutConfig
+from miniray.rl.config import (
+    DataConfig,
+    OptimConfig,
+    RolloutConfig,
+    config_file,
+    split_config_args,
+)
 
 __all__ = [
     "DEFAULT_CONFIG_NAME",
@@ -205,49 +211,11 @@ def load_distill_config(
     data: Mapping[str, Any] | None = None,
 ) -> DistillConfig:
     """Dataclass defaults <- a bundled config name or a YAML path <- ``data`` <- overrides."""
-    return load(DistillConfig, _config_file(config_name), data=data, overrides=overrides)
+    path = config_file(config_name, [DEFAULT_CONFIG_NAME])
+    return load(DistillConfig, path, data=data, overrides=overrides)
 
 
 def parse_distill_args(argv: Sequence[str]) -> DistillConfig:
     """``--config-name=NAME [--config-path=DIR] key=value ...`` (Hydra-style, as in the seed)."""
-    name: str | Path = DEFAULT_CONFIG_NAME
-    config_dir: Path | None = None
-    overrides: list[str] = []
-    words = list(argv)
-    while words:
-        word = words.pop(0)
-        if not word.startswith("--"):
-            overrides.append(word)
-            continue
-        flag, eq, value = word.partition("=")
-        if flag not in ("--config-name", "--config-path"):
-            raise ValueError(
-                f"unknown option {flag!r}: known options are ['--config-name', "
-                "'--config-path']; everything else is key=value"
-            )
-        if not eq:
-            if not words:
-                raise ValueError(f"option {flag} needs a value: {flag}=VALUE")
-            value = words.pop(0)
-        if flag == "--config-name":
-            name = value
-        else:
-            config_dir = Path(value)
-    if config_dir is not None:
-        name = config_dir / (name if str(name).endswith((".yaml", ".yml")) else f"{name}.yaml")
+    name, overrides = split_config_args(argv, DEFAULT_CONFIG_NAME)
     return load_distill_config(name, overrides=overrides)
-
-
-def _config_file(config_name: str | Path) -> Path:
-    path = Path(config_name)
-    if path.suffix in (".yaml", ".yml"):
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-        return path
-    bundled = CONFIG_DIR / f"{config_name}.yaml"
-    if not bundled.is_file():
-        raise ValueError(
-            f"config_name={str(config_name)!r} is unknown: must be a YAML path or "
-            f"{DEFAULT_CONFIG_NAME!r}"
-        )
-    return bundled

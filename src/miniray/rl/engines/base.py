@@ -32,3 +32,15 @@ class GenerationEngine(Protocol):
     def load_weights(self, state_dict: Mapping[str, Any]) -> None: ...
 
     def state_dict(self) -> dict[str, Any]: ...
+
+
+def check_generate_args(
+    prompts: Sequence[list[int]], max_new_tokens: int, temperature: float
+) -> None:
+    """The argument rules every engine's ``generate`` shares."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} must be >= 0")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from miniray.rl.engines.base import Generation
+from miniray.rl.engines.base import Generation, check_generate_args
 
 
 class HFGenerationEngine:
@@ -60,14 +60,9 @@ class HFGenerationEngine:
         should_stop: Callable[[], bool] | None = None,
     ) -> list[Generation]:
         """Sample one response per prompt; ``temperature=0`` is greedy."""
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
-        if temperature < 0:
-            raise ValueError(f"temperature={temperature} must be >= 0")
+        check_generate_args(prompts, max_new_tokens, temperature)
         if not prompts:
             return []
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token")
         batch = len(prompts)
         width = max(len(p) for p in prompts)
         input_ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long)

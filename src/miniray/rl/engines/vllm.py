@@ -28,7 +28,7 @@ import pathlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from miniray.rl.engines.base import Generation
+from miniray.rl.engines.base import Generation, check_generate_args
 
 __all__ = ["VLLMGenerationEngine", "import_vllm"]
 
@@ -86,12 +86,7 @@ class VLLMGenerationEngine:
         temperature: float = 1.0,
         should_stop: Callable[[], bool] | None = None,
     ) -> list[Generation]:
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
-        if temperature < 0:
-            raise ValueError(f"temperature={temperature} must be >= 0")
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token")
+        check_generate_args(prompts, max_new_tokens, temperature)
         params = self._vllm.SamplingParams(
             n=1,
             temperature=temperature,
