@@ -217,6 +217,9 @@ def main() -> None:
     parser.add_argument("--sim-steps", type=int, default=30)
     parser.add_argument("--eval-every", type=int, default=10, help="held-out evaluation cadence")
     parser.add_argument("--seeds", type=int, default=3, help="real-workload runs (medians)")
+    parser.add_argument(
+        "--staleness", type=int, default=None, help="staleness_threshold (default: the demo's)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -228,6 +231,8 @@ def main() -> None:
             root = prepare(pathlib.Path(tmp) / f"seed{seed}", pretrain_steps=25, seed=seed)
             cfg = demo_config(root, steps=args.steps, mode="async", lr=5e-4)
             cfg["data"]["seed"] = seed
+            if args.staleness is not None:
+                cfg["async_training"]["staleness_threshold"] = args.staleness
             real = measure(cfg, args.steps, eval_rows=eval_rows, eval_every=args.eval_every)
             gen, train = sync_parts(real["sync"])
             # Time to the same reward: 90% of the best smoothed reward both runs reached.

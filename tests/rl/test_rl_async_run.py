@@ -239,8 +239,10 @@ class TokenEngine:
         self.tag = state_dict["tag"]
 
 
-def run_with_one_sync(workdir, *, partial):
-    cfg = config(workdir, max_concurrent_rollouts=4, partial_rollout=partial)  # 1 group a call
+def run_with_one_sync(workdir, *, partial, pause_grace_s=0.0):
+    cfg = config(
+        workdir, max_concurrent_rollouts=4, partial_rollout=partial, pause_grace_s=pause_grace_s
+    )  # 1 group a call
     queue = MessageQueue(max_queue_size=100, staleness_threshold=3)
     rollouter = FullyAsyncRollouter(cfg, queue, engine=TokenEngine())
     rollouter.start()
@@ -283,6 +285,31 @@ def test_without_partial_rollouts_an_interrupted_group_is_generated_again(workdi
         assert sample.metadata["prompt_position"] == 0  # the same prompt, issued again
 
 
+def test_a_pause_with_grace_lets_a_short_call_finish_whole(workdir):
+    # The call makes 3 tokens of 50 ms; paused after the first, a 1 s grace lets it end on
+    # its own: the group is made whole by the old weights, nothing is continued.
+    group, stats = run_with_one_sync(workdir, partial=True, pause_grace_s=1.0)
+    assert stats["groups_partial"] == 0 and stats["groups_aborted"] == 0
+    for sample in group:
+        assert (sample.v_start, sample.v_end) == (0, 0)
+        assert sample.response_logprobs == [-0.0, -0.0, -0.0]
+
+
+def test_a_pause_grace_does_not_wait_for_a_long_call(workdir):
+    cfg = config(workdir, max_concurrent_rollouts=4, pause_grace_s=0.2)
+    cfg["data"]["max_response_length"] = 100  # a 5 s call
+    rollouter = FullyAsyncRollouter(cfg, MessageQueue(max_queue_size=10), engine=TokenEngine())
+    rollouter.start()
+    try:
+        time.sleep(0.1)
+        start = time.monotonic()
+        assert rollouter.pause_rollout(timeout=5) is True
+        assert 0.15 <= time.monotonic() - start < 1.0  # the grace, then the next token
+        assert rollouter.get_statistics()["groups_interrupted"] == 1
+    finally:
+        rollouter.stop()
+
+
 class BadWeightsEngine(RecordingEngine):
     """Generates, but refuses every weight load (e.g. weights of another architecture)."""
 
@@ -295,3 +322,55 @@ def test_a_weight_sync_failing_in_the_background_fails_the_run(rt, workdir):
     cfg = config(workdir, max_sync_retries=0, sync_timeout=10)
     with pytest.raises(ParameterSyncError, match="unexpected parameters"):
         run(cfg, engine=BadWeightsEngine())
+
+
+class SlowQueue:
+    """Accepts everything, answering each put only after ``delay_s``; notes when it answered."""
+
+    def __init__(self, delay_s: float):
+        self.delay_s = delay_s
+        self.answered: list[float] = []
+        self.received = 0
+
+    def put_many(self, groups, versions, timeout=None):
+        time.sleep(self.delay_s)
+        self.received += len(groups)
+        self.answered.append(time.monotonic())
+        return ["ACCEPTED"] * len(groups)
+
+    def report(self):
+        return self.answered, self.received
+
+    def close(self, reason=None):
+        return True
+
+
+class TimedEngine(RecordingEngine):
+    def __init__(self):
+        super().__init__()
+        self.started: list[float] = []
+
+    def generate(self, prompts, **kwargs):
+        self.started.append(time.monotonic())
+        return super().generate(prompts, **kwargs)
+
+
+def test_the_rollouter_generates_while_the_queue_answers_its_put(rt, workdir):
+    # One group per call; the queue takes 0.4 s to answer each put. The rollouter reads an
+    # answer only before its next put, so its second call starts long before the first answer.
+    queue = miniray.remote(SlowQueue).remote(0.4)
+    assert miniray.get(queue.report.remote(), timeout=60) == ([], 0)  # the actor is up
+    engine = TimedEngine()
+    rollouter = FullyAsyncRollouter(
+        config(workdir, max_concurrent_rollouts=4, staleness_threshold=3), queue, engine=engine
+    )
+    rollouter.start()
+    time.sleep(1.5)
+    rollouter.stop()
+    answered, received = miniray.get(queue.report.remote(), timeout=30)
+    assert len(engine.started) >= 2 and answered
+    assert engine.started[1] < answered[0] - 0.2
+    # Every answer is read, the last one at stop: what the queue took is what was counted.
+    stats = rollouter.get_statistics()
+    assert stats["groups_accepted"] == received >= 2
+    assert stats["error"] is None

@@ -319,3 +319,30 @@ def test_aliases_are_the_unified_class():
     assert isinstance(ParameterSyncManager, miniray.ActorClass)
     with pytest.raises(TypeError, match="remote"):
         ParameterSyncManager({})
+
+
+def test_weights_already_in_the_object_store_are_passed_by_reference():
+    # The async loop stages a snapshot with miniray.put before the sync pauses the rollouter;
+    # the synchronizer must hand the rollouter that ref, not fail on it or copy it again.
+    import torch
+
+    miniray.init(backend="local", num_workers=1)
+    try:
+
+        class StagedTrainer:
+            def __init__(self):
+                self.ref = miniray.put({"layer.weight": torch.full((4, 4), 3.0)})
+
+            def get_weights(self):
+                return self.ref
+
+        rollouter = miniray.remote(FakeRollouter).remote()
+        sync, _ = make(StagedTrainer(), rollouter)
+        assert sync.sync_to_rollouter(1) is True
+        assert sync.sync_to_rollouter(2) is True
+        state = miniray.get(rollouter.get_state.remote(), timeout=30)
+        assert state == {"paused": False, "version": 2, "value": 3.0}
+        assert sync.get_statistics()["last_result"]["bytes"] == 4 * 4 * 4
+        assert sync.get_weights_info()["layer.weight"]["shape"] == (4, 4)
+    finally:
+        miniray.shutdown()

@@ -98,3 +98,22 @@ def test_config_rejects_bad_values():
         PolicyUpdateConfig(lr=0)
     with pytest.raises(ValueError, match="ppo_epochs"):
         PolicyUpdateConfig(ppo_epochs=0)
+
+
+@pytest.mark.parametrize("ppo_epochs", [1, 3])
+def test_one_forward_pass_per_epoch_and_the_first_is_the_proximal_policy(tokenizer, ppo_epochs):
+    model = tiny_qwen2(tokenizer, hidden_size=32, intermediate_size=64, seed=4)
+    _, samples = scored_group(model, tokenizer, "2+5=", "7", "6")
+    passes = []
+    hook = model.register_forward_hook(lambda *args: passes.append(1))
+    config = PolicyUpdateConfig(lr=1e-2, ppo_epochs=ppo_epochs, behaviour_weight_cap=None)
+    try:
+        metrics = PolicyUpdater(model, pad_token_id=tokenizer.pad_token_id, config=config).step(
+            samples
+        )
+    finally:
+        hook.remove()
+    assert len(passes) == ppo_epochs  # no separate pass for the proximal log-probs
+    if ppo_epochs == 1:
+        # The proximal policy is theta itself: every ratio is exactly 1, nothing is clipped.
+        assert metrics["clip_fraction"] == 0.0

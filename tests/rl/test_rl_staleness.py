@@ -63,6 +63,17 @@ def test_admission_capacity_staleness_limit_grows_with_the_version():
     assert admission_capacity(current_version=0, **kw, accepted=9, running=3) == -4
 
 
+def test_admission_counts_offered_groups_against_staleness_not_concurrency():
+    # Groups sent to the queue whose answer is not back may still be accepted: they take
+    # staleness room, but they are not generating, so the next call may start.
+    kw = {"current_version": 0, "staleness_threshold": 1, "consumer_batch_size": 4}
+    assert admission_capacity(**kw, max_concurrent=2, accepted=0, running=0, offered=2) == 2
+    assert admission_capacity(**kw, max_concurrent=9, accepted=3, running=1, offered=2) == 2
+    assert admission_capacity(**kw, max_concurrent=9, accepted=3, running=1, offered=4) == 0
+    with pytest.raises(ValueError, match="offered=-1 is invalid"):
+        admission_capacity(**kw, max_concurrent=9, accepted=0, running=0, offered=-1)
+
+
 def test_zero_staleness_admits_exactly_one_batch_per_version():
     for v in range(3):
         cap = admission_capacity(

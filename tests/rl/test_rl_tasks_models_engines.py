@@ -177,3 +177,19 @@ def test_engine_from_a_model_directory(tmp_path, model, tokenizer):
     assert len(out) == 1
     with pytest.raises(ValueError, match="exactly one"):
         HFGenerationEngine()
+
+
+def test_engine_runs_no_forward_pass_whose_logits_nobody_reads(model, tokenizer):
+    engine = HFGenerationEngine(
+        model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    passes = []
+    hook = engine.model.register_forward_hook(lambda *args: passes.append(1))
+    try:
+        gens = engine.generate(prompts_for(tokenizer, ["1+2=", "13+4="]), max_new_tokens=3)
+    finally:
+        hook.remove()
+    # The prefill gives the first token's logits, each later pass the next token's: a
+    # response of L tokens needs L passes, and none after the last token.
+    assert any(g.finish_reason == "length" for g in gens)  # the case that wasted a pass
+    assert len(passes) == max(len(g.response_token_ids) for g in gens)

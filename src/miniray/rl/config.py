@@ -72,6 +72,13 @@ class AsyncTrainingConfig(Config):
         help="on a weight sync, interrupt generations and continue them with the new weights "
         "(then v_end > v_start) instead of waiting for them to finish",
     )
+    pause_grace_s: float = option(
+        0.0,
+        ge=0,
+        help="a pause lets the running engine call end on its own for up to this many seconds "
+        "before interrupting it: short calls then finish whole (a continued partial rollout "
+        "encodes its prompt again) while long ones are still cut; 0: interrupt at once",
+    )
     max_sync_retries: int = option(
         3, ge=0, help="extra attempts after a failed weight sync (attempts = 1 + retries)"
     )

@@ -61,6 +61,9 @@ def demo_config(root: pathlib.Path, *, steps: int, mode: str, lr: float) -> dict
             # 4 groups of 8 per engine call: batching amortizes the CPU engine's per-token
             # overhead, and balances generation with training (the async ideal is then ~2x).
             "max_concurrent_rollouts": 32,
+            # A weight sync lets the running call (about 20 ms) finish rather than cut it:
+            # a continued partial rollout would encode its prompt again, ~10% more generation.
+            "pause_grace_s": 0.05,
             "generation_timeout": 300,
         },
         "trainer": {"total_training_steps": steps, "trigger_parameter_sync_step": 1},

@@ -121,7 +121,7 @@ def run(
     sync = UnifiedParameterSynchronizer(
         cfg, trainer_actor=published if mode == "async" else trainer, rollouter_actor=rollouter
     )
-    publisher = _Publisher(sync, timeout=2 * cfg.async_training.sync_timeout + 30)
+    publisher = _Publisher(sync, published, timeout=2 * cfg.async_training.sync_timeout + 30)
     result = RunResult(summary={})
     max_new = cfg.data.max_response_length
 
@@ -287,6 +287,12 @@ class _Snapshot:
     def __init__(self) -> None:
         self.weights: Any = None
 
+    def stage(self) -> None:
+        """Put the weights in the object store before the sync pauses the rollouter: then
+        its pause lasts for the load alone, not for serializing the weights as well."""
+        if self.weights is not None and not isinstance(self.weights, miniray.ObjectRef):
+            self.weights = miniray.put(self.weights)
+
     def get_weights(self) -> Any:
         if self.weights is None:
             raise RuntimeError("no weights to publish yet: a snapshot is taken after a step")
@@ -302,8 +308,9 @@ class _Publisher:
     weights are loaded are one version older, which the staleness bound already allows.
     """
 
-    def __init__(self, sync: UnifiedParameterSynchronizer, *, timeout: float):
+    def __init__(self, sync: UnifiedParameterSynchronizer, snapshot: _Snapshot, *, timeout: float):
         self.sync = sync
+        self.snapshot = snapshot
         self.timeout = timeout
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weight-sync")
         self._running: Future[bool] | None = None
@@ -311,7 +318,11 @@ class _Publisher:
     def start(self, version: int) -> None:
         if self._running is not None:
             raise RuntimeError("a weight sync is still running: wait() for it first")
-        self._running = self._executor.submit(self.sync.sync_to_rollouter, version)
+        self._running = self._executor.submit(self._publish, version)
+
+    def _publish(self, version: int) -> bool:
+        self.snapshot.stage()
+        return self.sync.sync_to_rollouter(version)
 
     def wait(self) -> None:
         running, self._running = self._running, None

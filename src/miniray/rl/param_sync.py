@@ -375,25 +375,32 @@ class UnifiedParameterSynchronizer:
         any_plain = any(not isinstance(r, miniray.ActorHandle) for r in rollouters)
         if isinstance(trainer, miniray.ActorHandle):
             ref = trainer.get_weights.remote()
-            if self._weights_info is None or any_plain:
-                value = _wait(ref, deadline, f"get_weights() of {trainer!r}", self._clock)
+        else:
+            value = _wait(
+                _call(trainer, "get_weights"),
+                deadline,
+                f"get_weights() of {trainer!r}",
+                self._clock,
+            )
+            if not isinstance(value, miniray.ObjectRef):
                 self._weights_info = weights_info(value)
-                return (value if any_plain else ref), _total_bytes(self._weights_info)
-            ready, _ = miniray.wait([ref], timeout=max(0.0, deadline - self._clock()))
-            if not ready:
-                raise _PhaseTimeout(
-                    f"get_weights() of {trainer!r} did not finish within the sync deadline "
-                    f"(sync_timeout={self.config.sync_timeout}s)"
-                )
-            # The ref goes to every rollouter: the weights move trainer -> rollouter directly.
-            return ref, _total_bytes(self._weights_info)
-        value = _wait(
-            _call(trainer, "get_weights"), deadline, f"get_weights() of {trainer!r}", self._clock
-        )
-        self._weights_info = weights_info(value)
-        if len(rollouters) > 1 and not any_plain:
-            value = miniray.put(value)  # ship once, not once per rollouter
-        return value, _total_bytes(self._weights_info)
+                if len(rollouters) > 1 and not any_plain:
+                    value = miniray.put(value)  # ship once, not once per rollouter
+                return value, _total_bytes(self._weights_info)
+            # Already in the object store (a snapshot put while the rollouter generated).
+            ref = value
+        if self._weights_info is None or any_plain:
+            value = _wait(ref, deadline, f"get_weights() of {trainer!r}", self._clock)
+            self._weights_info = weights_info(value)
+            return (value if any_plain else ref), _total_bytes(self._weights_info)
+        ready, _ = miniray.wait([ref], timeout=max(0.0, deadline - self._clock()))
+        if not ready:
+            raise _PhaseTimeout(
+                f"get_weights() of {trainer!r} did not finish within the sync deadline "
+                f"(sync_timeout={self.config.sync_timeout}s)"
+            )
+        # The ref goes to every rollouter: the weights move trainer -> rollouter directly.
+        return ref, _total_bytes(self._weights_info)
 
     def _resume(self, rollouters: list[Any], deadline: float) -> str | None:
         errors = []

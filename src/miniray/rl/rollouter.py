@@ -5,6 +5,7 @@
           admit? (staleness room)                  generation at the next token, wait until
           generate a group at version v            the loop is idle; returns True
           score, stamp v_start=v, put(v) ------> queue (rejects what is already too stale)
+            (the answer is read before the next put: generation overlaps the round trip)
           on error: record it, close the queue   resume_rollout(): clear paused, wake the loop
                     with that error              load_weights(w, v): only while paused
 
@@ -103,10 +104,13 @@ class FullyAsyncRollouter:
         self.cursor = PromptCursor()
         self._resumed_groups = 0  # groups trained before the checkpoint this run resumed from
         self._unfinished: list[_Rollout] = []  # partial rollouts waiting for the next call
+        # Groups offered to the queue whose answer is not read yet, and that answer (pending).
+        self._in_flight: tuple[list[list[Sample]], Any] | None = None
         self.group_ids = itertools.count()
         self.version = 0
         self._cond = threading.Condition()
         self._paused = False
+        self._interrupt_at = 0.0  # monotonic time a pause interrupts the running engine call
         self._generating = False
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -146,35 +150,46 @@ class FullyAsyncRollouter:
         """``num_groups`` prompts, ``rollout.n`` responses each, in one engine call; scored and
         stamped. None if interrupted: then every prompt goes back to the cursor."""
         v = self.version if version is None else version
-        groups = [self._new_group(v) for _ in range(num_groups)]
+        groups = self._new_groups(num_groups, v)
         if self._sample(groups, v):
             self._drop(groups)
             return None
         return [self._finish(group) for group in groups]
 
-    def _new_group(self, version: int) -> _Rollout:
+    def _new_groups(self, count: int, version: int) -> list[_Rollout]:
+        """The next ``count`` prompts as groups of ``rollout.n`` empty samples (their prompts
+        tokenized in one call: a call per prompt cost the CPU rollouter ~4% of its time)."""
+        if count <= 0:
+            return []
         cfg = self.config
-        position = self.cursor.next()
-        row = self.rows[self.order.row(position)]
-        prompt_key = cfg.data.prompt_key if cfg.data.prompt_key in row else "prompt"
-        ids = [self.tokenizer.bos_token_id, *self.tokenizer(row[prompt_key])["input_ids"]]
-        prompt_ids = [t for t in ids if t is not None][: cfg.data.max_prompt_length]
-        group_id = f"g{next(self.group_ids)}"
-        now = time.time()
-        samples = [
-            Sample(
-                prompt_token_ids=list(prompt_ids),
-                response_token_ids=[],
-                response_logprobs=[],
-                v_start=version,
-                group_id=group_id,
-                created_at=now,
-                prompt=row[prompt_key],
-                metadata={"prompt_position": position},
-            )
-            for _ in range(cfg.actor_rollout_ref.rollout.n)
+        positions = [self.cursor.next() for _ in range(count)]
+        rows = [self.rows[self.order.row(position)] for position in positions]
+        texts = [
+            row[cfg.data.prompt_key if cfg.data.prompt_key in row else "prompt"] for row in rows
         ]
-        return _Rollout(position=position, row=row, samples=samples)
+        bos = self.tokenizer.bos_token_id
+        now = time.time()
+        groups = []
+        for position, row, text, ids in zip(
+            positions, rows, texts, self.tokenizer(texts)["input_ids"]
+        ):
+            prompt_ids = [t for t in (bos, *ids) if t is not None][: cfg.data.max_prompt_length]
+            group_id = f"g{next(self.group_ids)}"
+            samples = [
+                Sample(
+                    prompt_token_ids=list(prompt_ids),
+                    response_token_ids=[],
+                    response_logprobs=[],
+                    v_start=version,
+                    group_id=group_id,
+                    created_at=now,
+                    prompt=text,
+                    metadata={"prompt_position": position},
+                )
+                for _ in range(cfg.actor_rollout_ref.rollout.n)
+            ]
+            groups.append(_Rollout(position=position, row=row, samples=samples))
+        return groups
 
     def _sample(self, groups: list[_Rollout], version: int) -> bool:
         """One engine call continuing every unfinished response of ``groups`` at ``version``.
@@ -195,7 +210,7 @@ class FullyAsyncRollouter:
             [s.prompt_token_ids + s.response_token_ids for s in samples],
             max_new_tokens=max(budgets),  # rows with less room are cut below
             temperature=cfg.actor_rollout_ref.rollout.temperature,
-            should_stop=lambda: self._paused or self._stop,
+            should_stop=self._should_stop,
         )
         self.stats["generate_seconds"] += time.time() - started
         interrupted = False
@@ -212,6 +227,11 @@ class FullyAsyncRollouter:
         if interrupted:
             self.stats["groups_interrupted"] += sum(1 for g in groups if not all(g.done))
         return interrupted
+
+    def _should_stop(self) -> bool:
+        """Asked by the engine before every token: stop for a stop, or for a pause once its
+        grace (``async_training.pause_grace_s``) has passed."""
+        return self._stop or (self._paused and time.monotonic() >= self._interrupt_at)
 
     def _drop(self, groups: list[_Rollout]) -> None:
         """Give up on ``groups`` (no partial rollouts): their prompts are issued again."""
@@ -261,12 +281,15 @@ class FullyAsyncRollouter:
             max_concurrent=self.groups_per_call(),
             accepted=int(accepted) + self._resumed_groups,
             running=len(self._unfinished),
+            offered=len(self._in_flight[0]) if self._in_flight else 0,
         )
 
     def _loop(self) -> None:
         partial = self.config.async_training.partial_rollout
         try:
             while True:
+                if self._in_flight is not None and (self._paused or self._admission_room() <= 0):
+                    self._settle_offer()  # about to wait: read the queue's answer first
                 with self._cond:
                     waited = time.time()
                     # Unfinished groups were admitted already: they go on whatever the room.
@@ -278,13 +301,14 @@ class FullyAsyncRollouter:
                         self._cond.wait(1.0)
                     self.stats["idle_seconds"] += time.time() - waited
                     if self._stop:
-                        return
+                        break
                     self._generating = True
                     version = self.version
                     room = max(0, self._admission_room())
-                    groups = self._unfinished + [self._new_group(version) for _ in range(room)]
-                    self._unfinished = []
                 try:
+                    # Outside the lock: pause_rollout() is not kept waiting by tokenization.
+                    groups = self._unfinished + self._new_groups(room, version)
+                    self._unfinished = []
                     interrupted = self._sample(groups, version)
                 finally:
                     with self._cond:
@@ -294,32 +318,62 @@ class FullyAsyncRollouter:
                     self._drop(groups)
                     continue
                 self._unfinished = [g for g in groups if not all(g.done)]
-                self._put([self._finish(g) for g in groups if all(g.done)])
+                self._offer([self._finish(g) for g in groups if all(g.done)])
+            self._settle_offer()  # stopped: the last answer still counts
         except BaseException as exc:
             self._error = "".join(traceback.format_exception(exc))
             if self.queue is not None:
                 _call(self.queue, "close", f"the rollouter crashed:\n{self._error}")
 
+    def _offer(self, groups: list[list[Sample]]) -> None:
+        """Send finished groups to the queue in one call without waiting for its answer.
+
+        The answer of the previous offer is read first (by then an engine call has passed, so
+        it is there): one offer in flight keeps the groups in order and the accounting exact,
+        and the rollouter generates through the queue's round trip (about a tenth of its time
+        when it waited for every answer on 2 cores).
+        """
+        self._settle_offer()
+        if groups and not self._stop:
+            versions = [min(s.v_start for s in group) for group in groups]
+            pending = _start_call(self.queue, "put_many", groups, versions, timeout=1.0)
+            self._in_flight = (groups, pending)
+
+    def _settle_offer(self) -> None:
+        """Read the answer of the offer in flight; groups the full queue refused are put
+        again, waiting for room (backpressure)."""
+        if self._in_flight is None:
+            return
+        groups, pending = self._in_flight
+        retry = self._account(groups, _result(pending))
+        self._in_flight = None
+        self._put(retry)
+
     def _put(self, groups: list[list[Sample]]) -> None:
-        """Offer finished groups to the queue in one call; a full queue is retried."""
+        """Put finished groups in the queue in one call and wait; a full queue is retried."""
         while groups and not self._stop:
             versions = [min(s.v_start for s in group) for group in groups]
-            results = _call(self.queue, "put_many", groups, versions, timeout=1.0)
-            retry = []
-            for group, result in zip(groups, results):
-                name = getattr(result, "name", str(result))
-                if name == "ACCEPTED":
-                    self.stats["groups_accepted"] += 1
-                elif name == "REJECTED_STALE":
-                    self.stats["groups_rejected_stale"] += 1
-                    self.cursor.give_back(group[0].metadata["prompt_position"])
-                elif name == "CLOSED":
-                    self._stop = True
-                    return
-                else:
-                    self.stats["groups_rejected_full"] += 1  # full: try again after the wait
-                    retry.append(group)
-            groups = retry
+            groups = self._account(
+                groups, _call(self.queue, "put_many", groups, versions, timeout=1.0)
+            )
+
+    def _account(self, groups: list[list[Sample]], results: list[Any]) -> list[list[Sample]]:
+        """Count the queue's answers to a put; returns the groups refused because it was full."""
+        retry = []
+        for group, result in zip(groups, results):
+            name = getattr(result, "name", str(result))
+            if name == "ACCEPTED":
+                self.stats["groups_accepted"] += 1
+            elif name == "REJECTED_STALE":
+                self.stats["groups_rejected_stale"] += 1
+                self.cursor.give_back(group[0].metadata["prompt_position"])
+            elif name == "CLOSED":
+                self._stop = True
+                return []
+            else:
+                self.stats["groups_rejected_full"] += 1  # full: try again after the wait
+                retry.append(group)
+        return retry
 
     # -- control ----------------------------------------------------------------------------
     def restore_data_position(self, trained: dict[str, Any]) -> int:
@@ -334,9 +388,12 @@ class FullyAsyncRollouter:
         return positions.watermark
 
     def pause_rollout(self, timeout: float = 30.0) -> bool:
-        """Stop generating (the current generation stops at its next token); True when idle."""
+        """Stop generating; True when idle. The running engine call stops at its next token
+        once ``async_training.pause_grace_s`` has passed (at once by default)."""
         deadline = time.monotonic() + timeout
         with self._cond:
+            if not self._paused:
+                self._interrupt_at = time.monotonic() + self.config.async_training.pause_grace_s
             self._paused = True
             while self._generating:
                 remaining = deadline - time.monotonic()
@@ -386,6 +443,23 @@ class FullyAsyncRollouter:
 
 def _call(target: Any, method: str, *args: Any, **kwargs: Any) -> Any:
     """Call a method on a local object or an actor handle, waiting at most CALL_TIMEOUT_S."""
+    return _result(_start_call(target, method, *args, **kwargs))
+
+
+def _start_call(target: Any, method: str, *args: Any, **kwargs: Any) -> Any:
+    """Start a method call: an ObjectRef for an actor handle; a local object runs it now."""
     if isinstance(target, miniray.ActorHandle):
-        return miniray.get(getattr(target, method).remote(*args, **kwargs), timeout=CALL_TIMEOUT_S)
-    return getattr(target, method)(*args, **kwargs)
+        return getattr(target, method).remote(*args, **kwargs)
+    return _Done(getattr(target, method)(*args, **kwargs))
+
+
+def _result(pending: Any) -> Any:
+    """The value of a call ``_start_call`` started, waiting at most CALL_TIMEOUT_S."""
+    if isinstance(pending, _Done):
+        return pending.value
+    return miniray.get(pending, timeout=CALL_TIMEOUT_S)
+
+
+@dataclass
+class _Done:
+    value: Any

@@ -111,27 +111,31 @@ def admission_capacity(
     max_concurrent: int,
     accepted: int,
     running: int,
+    offered: int = 0,
 ) -> int:
     """How many new generations the rollouter may start now (may be <= 0: start none).
 
     The minimum of the concurrency room (``max_concurrent - running``) and the staleness room
-    (``max_admissible_samples - (accepted + running)``). Throttling the producer this way is
+    (``max_admissible_samples - (accepted + offered + running)``). Throttling the producer this way is
     what keeps the queue's stale rejections rare, so long responses are not systematically
     dropped (tinker-cookbook #822). ``accepted`` counts samples ever accepted by the queue in
-    this run (including those already consumed); ``running`` counts generations in flight.
+    this run (including those already consumed); ``running`` counts generations in flight;
+    ``offered`` counts finished ones sent to the queue whose answer is not back yet (they may
+    still be accepted, so they take staleness room, but no concurrency room).
     ``consumer_batch_size`` is samples consumed per version (batch size x sync interval).
     """
     for name, value in (
         ("max_concurrent", max_concurrent),
         ("accepted", accepted),
         ("running", running),
+        ("offered", offered),
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{name}={value!r} is invalid: must be an integer >= 0")
     concurrency_room = max_concurrent - running
     staleness_room = max_admissible_samples(
         current_version, staleness_threshold, consumer_batch_size
-    ) - (accepted + running)
+    ) - (accepted + offered + running)
     return min(concurrency_room, staleness_room)
 
 

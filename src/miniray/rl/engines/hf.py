@@ -80,7 +80,7 @@ class HFGenerationEngine:
         logprobs: list[list[float]] = [[] for _ in range(batch)]
         finished = torch.zeros(batch, dtype=torch.bool)
         reason = "length"
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             if should_stop is not None and should_stop():
                 reason = "aborted"
                 break
@@ -91,12 +91,14 @@ class HFGenerationEngine:
             else:
                 chosen = logp.argmax(-1)
             chosen_logp = logp.gather(-1, chosen[:, None]).squeeze(-1)
-            for row in range(batch):
-                if not finished[row]:
-                    tokens[row].append(int(chosen[row]))
-                    logprobs[row].append(float(chosen_logp[row]))
+            was_finished = finished.tolist()
+            for row, (token, token_logp) in enumerate(zip(chosen.tolist(), chosen_logp.tolist())):
+                if not was_finished[row]:
+                    tokens[row].append(token)
+                    logprobs[row].append(token_logp)
             finished |= chosen == self.eos_token_id
-            if bool(finished.all()):
+            # The last token needs no forward pass: nothing would read its logits.
+            if bool(finished.all()) or step == max_new_tokens - 1:
                 break
             chosen = torch.where(finished, torch.full_like(chosen, self.pad_token_id), chosen)
             mask = torch.cat([mask, (~finished).long()[:, None]], dim=1)
