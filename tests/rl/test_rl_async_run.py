@@ -147,6 +147,27 @@ def test_pause_and_resume_answer_true_while_generating_and_while_idle(workdir):
     assert item[0].v_start in (0, 1)
 
 
+@pytest.mark.parametrize("resume_on_load", [False, True])
+def test_resume_on_load_resumes_once_the_weights_are_in(workdir, resume_on_load):
+    cfg = config(workdir, resume_on_load=resume_on_load)
+    rollouter = FullyAsyncRollouter(cfg, MessageQueue(max_queue_size=100), engine=FakeEngine())
+    rollouter.start()
+    try:
+        assert rollouter.pause_rollout(timeout=5) is True
+        rollouter.engine = BadWeightsEngine()
+        with pytest.raises(ValueError, match="unexpected parameters"):
+            rollouter.load_weights({"w": 1}, 1)
+        assert rollouter.get_statistics()["paused"] is True  # a failed load resumes nothing
+        rollouter.engine = FakeEngine()
+        rollouter.load_weights({"w": 1}, 1)
+        stats = rollouter.get_statistics()
+        assert stats["version"] == 1 and stats["paused"] is (not resume_on_load)
+        assert rollouter.resume_rollout() is True  # the synchronizer's resume: fine either way
+        assert rollouter.get_statistics()["paused"] is False
+    finally:
+        rollouter.stop()
+
+
 def test_load_weights_while_generating_is_refused(workdir):
     rollouter = FullyAsyncRollouter(
         config(workdir), MessageQueue(max_queue_size=10), engine=FakeEngine()

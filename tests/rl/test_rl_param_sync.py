@@ -346,3 +346,15 @@ def test_weights_already_in_the_object_store_are_passed_by_reference():
         assert sync.get_weights_info()["layer.weight"]["shape"] == (4, 4)
     finally:
         miniray.shutdown()
+
+
+def test_a_resumed_run_restores_the_version_before_its_first_sync():
+    sync, _ = make()
+    assert sync.restore_version(5) == 5
+    assert sync.get_current_version() == sync.get_statistics()["current_param_version"] == 5
+    assert sync.sync_to_rollouter(5) is False  # not newer than the restored version
+    assert sync.sync_to_rollouter(6) is True
+    with pytest.raises(RuntimeError, match="after a sync"):
+        sync.restore_version(9)
+    with pytest.raises(ValueError, match="version=-1"):
+        make()[0].restore_version(-1)

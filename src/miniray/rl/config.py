@@ -79,6 +79,12 @@ class AsyncTrainingConfig(Config):
         "before interrupting it: short calls then finish whole (a continued partial rollout "
         "encodes its prompt again) while long ones are still cut; 0: interrupt at once",
     )
+    resume_on_load: bool = option(
+        False,
+        help="the rollouter resumes as soon as a weight load succeeds, a round trip before the "
+        "synchronizer's resume_rollout (which then finds it running); false: only "
+        "resume_rollout resumes it",
+    )
     max_sync_retries: int = option(
         3, ge=0, help="extra attempts after a failed weight sync (attempts = 1 + retries)"
     )

@@ -64,6 +64,8 @@ def demo_config(root: pathlib.Path, *, steps: int, mode: str, lr: float) -> dict
             # A weight sync lets the running call (about 20 ms) finish rather than cut it:
             # a continued partial rollout would encode its prompt again, ~10% more generation.
             "pause_grace_s": 0.05,
+            # ... and resumes it as soon as the new weights are in.
+            "resume_on_load": True,
             "generation_timeout": 300,
         },
         "trainer": {"total_training_steps": steps, "trigger_parameter_sync_step": 1},

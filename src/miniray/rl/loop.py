@@ -141,6 +141,7 @@ def run(
     wait_s = 0.0
     try:
         version, start_step, trained, resumed = _resume(cfg, trainer, rollouter, queue, timeout)
+        sync.restore_version(version)
         result.resumed_from = None if resumed is None else str(resumed)
         run_start = time.time()
         result.evals.append((start_step, 0.0, evaluate()))

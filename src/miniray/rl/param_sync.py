@@ -199,6 +199,19 @@ class UnifiedParameterSynchronizer:
     def get_current_version(self) -> int:
         return self._version
 
+    def restore_version(self, version: int) -> int:
+        """Start counting from ``version``: a run resumed from a checkpoint whose weights the
+        rollouter already runs. Only before the first sync (versions never go back)."""
+        check_version(version, "version")
+        with self._sync_lock:
+            if self._counts["sync_count"] or self._counts["sync_failures"]:
+                raise RuntimeError(
+                    f"restore_version({version}) after a sync: versions only move forward "
+                    "through sync_to_rollouter"
+                )
+            self._version = int(version)
+        return self._version
+
     # -- actor mode -------------------------------------------------------------------------
     def register_workers(self, actor_workers: Any, rollout_workers: Any) -> bool:
         """Remember the trainer workers (weights come from the first) and rollout workers."""

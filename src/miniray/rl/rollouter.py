@@ -411,10 +411,16 @@ class FullyAsyncRollouter:
         return True
 
     def load_weights(self, weights: Any, version: int) -> bool:
+        """Load new weights; only while paused. With ``async_training.resume_on_load`` a
+        successful load also resumes (a failed one leaves the rollouter paused)."""
         if not self._paused and self._thread is not None:
             raise RuntimeError("load_weights() while generating: call pause_rollout() first")
         self.engine.load_weights(weights)
         with self._cond:
+            if self.config.async_training.resume_on_load:
+                # The sync's resume_rollout is a round trip away and finds us running: that
+                # round trip was ~5% of the CPU rollouter's time at one sync per step.
+                self._paused = False
             self.version = int(version)
             self._cond.notify_all()
         return True
