@@ -20,6 +20,7 @@ not trained before the checkpoint: groups in flight or queued at the crash are r
 from __future__ import annotations
 
 import json
+import logging
 import pathlib
 import statistics
 import time
@@ -37,6 +38,8 @@ from miniray.rl.param_sync import UnifiedParameterSynchronizer
 from miniray.rl.queue import MessageQueue
 from miniray.rl.rollouter import FullyAsyncRollouter, RewardFn, as_rl_config
 from miniray.rl.trainer import FullyAsyncTrainer
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -342,7 +345,7 @@ class _Publisher:
         if self._running is not None:
             try:
                 self._running.result(timeout=self.timeout)
-            except Exception:  # the run is ending because of another error; keep that one
-                pass
+            except Exception as exc:  # the run is ending because of another error: keep that
+                logger.warning("the weight sync running at shutdown failed too: %s", exc)
             self._running = None
         self._executor.shutdown(wait=False)

@@ -288,14 +288,11 @@ class FullyAsyncRollouter:
         partial = self.config.async_training.partial_rollout
         try:
             while True:
-                if self._in_flight is not None and (self._paused or self._admission_room() <= 0):
+                if self._in_flight is not None and self._must_wait():
                     self._settle_offer()  # about to wait: read the queue's answer first
                 with self._cond:
                     waited = time.time()
-                    # Unfinished groups were admitted already: they go on whatever the room.
-                    while not self._stop and (
-                        self._paused or (self._admission_room() <= 0 and not self._unfinished)
-                    ):
+                    while not self._stop and self._must_wait():
                         # Woken by resume, stop and load_weights (a new version makes room);
                         # the timeout only bounds the wait should a wake-up ever be missed.
                         self._cond.wait(1.0)
@@ -325,6 +322,11 @@ class FullyAsyncRollouter:
             if self.queue is not None:
                 _call(self.queue, "close", f"the rollouter crashed:\n{self._error}")
 
+    def _must_wait(self) -> bool:
+        """Paused, or no admission room and nothing unfinished (unfinished groups were admitted
+        already: they go on whatever the room)."""
+        return self._paused or (self._admission_room() <= 0 and not self._unfinished)
+
     def _offer(self, groups: list[list[Sample]]) -> None:
         """Send finished groups to the queue in one call without waiting for its answer.
 
@@ -335,9 +337,7 @@ class FullyAsyncRollouter:
         """
         self._settle_offer()
         if groups and not self._stop:
-            versions = [min(s.v_start for s in group) for group in groups]
-            pending = _start_call(self.queue, "put_many", groups, versions, timeout=1.0)
-            self._in_flight = (groups, pending)
+            self._in_flight = (groups, self._start_put(groups))
 
     def _settle_offer(self) -> None:
         """Read the answer of the offer in flight; groups the full queue refused are put
@@ -352,10 +352,13 @@ class FullyAsyncRollouter:
     def _put(self, groups: list[list[Sample]]) -> None:
         """Put finished groups in the queue in one call and wait; a full queue is retried."""
         while groups and not self._stop:
-            versions = [min(s.v_start for s in group) for group in groups]
-            groups = self._account(
-                groups, _call(self.queue, "put_many", groups, versions, timeout=1.0)
-            )
+            groups = self._account(groups, _result(self._start_put(groups)))
+
+    def _start_put(self, groups: list[list[Sample]]) -> Any:
+        """Start one ``put_many`` of ``groups``, each at its oldest sample's version; the queue
+        waits up to 1 s for room."""
+        versions = [min(s.v_start for s in group) for group in groups]
+        return _start_call(self.queue, "put_many", groups, versions, timeout=1.0)
 
     def _account(self, groups: list[list[Sample]], results: list[Any]) -> list[list[Sample]]:
         """Count the queue's answers to a put; returns the groups refused because it was full."""

@@ -116,9 +116,9 @@ def admission_capacity(
     """How many new generations the rollouter may start now (may be <= 0: start none).
 
     The minimum of the concurrency room (``max_concurrent - running``) and the staleness room
-    (``max_admissible_samples - (accepted + offered + running)``). Throttling the producer this way is
-    what keeps the queue's stale rejections rare, so long responses are not systematically
-    dropped (tinker-cookbook #822). ``accepted`` counts samples ever accepted by the queue in
+    (``max_admissible_samples - (accepted + offered + running)``). Throttling the producer this
+    way is what keeps the queue's stale rejections rare, so long responses are not
+    systematically dropped (tinker-cookbook #822). ``accepted`` counts samples ever accepted by the queue in
     this run (including those already consumed); ``running`` counts generations in flight;
     ``offered`` counts finished ones sent to the queue whose answer is not back yet (they may
     still be accepted, so they take staleness room, but no concurrency room).
