@@ -47,6 +47,9 @@ from miniray.runtime.refs import (
 
 ENV_RAY_ADDRESS = "RAY_ADDRESS"
 
+# ray.kill only asks the GCS to kill the actor; kill() waits this long to see it dead.
+_KILL_CONFIRM_S = 30.0
+
 # Options that go to Ray unchanged when they are set (None means "Ray's default").
 _TASK_PASSTHROUGH = (
     "num_cpus",
@@ -205,6 +208,28 @@ def _map_error(exc: BaseException) -> BaseException:
     if isinstance(exc, rex.RayError):
         return errors.RaySystemError(f"{type(exc).__name__}: {message}")
     return exc
+
+
+def _wait_until_dead(ray_handle: Any, handle: ActorHandle) -> None:
+    """Return once the killed actor refuses calls, so that later calls raise ``ActorDiedError``.
+
+    ``ray.kill`` is asynchronous: a call made just after it may still run on the live actor
+    (seen on a busy 2-core machine). A ready-probe fails once the actor is dead.
+    """
+    import ray
+
+    deadline = time.monotonic() + _KILL_CONFIRM_S
+    while time.monotonic() < deadline:
+        try:
+            ray.get(ray_handle.__ray_ready__.remote(), timeout=1.0)
+        except ray.exceptions.GetTimeoutError:
+            continue
+        except ray.exceptions.RayError:
+            return  # dead (or unreachable, which later calls report the same way)
+        time.sleep(0.01)
+    raise errors.GetTimeoutError(
+        f"kill({handle!r}): Ray had not killed the actor after {_KILL_CONFIRM_S:.0f} s"
+    )
 
 
 def _raise_mapped(exc: BaseException) -> NoReturn:
@@ -522,10 +547,12 @@ class RayBackend:
     def kill(self, handle: ActorHandle, no_restart: bool) -> None:
         import ray
 
-        ray.kill(_ray_handle(handle), no_restart=no_restart)
+        ray_handle = _ray_handle(handle)
+        ray.kill(ray_handle, no_restart=no_restart)
         if no_restart:
             with self._lock:
                 self._actors.pop(handle.actor_id, None)
+            _wait_until_dead(ray_handle, handle)
 
     def get_actor(self, name: str, namespace: str | None) -> ActorHandle:
         import ray
