@@ -218,6 +218,18 @@ def pooled_time_to_reward(runs: list[dict[str, RunResult]]) -> tuple[float, dict
     return seconds["sync"] / seconds["async"], seconds
 
 
+def write_curves(runs: list[dict[str, RunResult]], path: pathlib.Path) -> None:
+    """Per seed and mode: (step, training seconds, held-out reward) at every evaluation."""
+    curves = []
+    for run_ in runs:
+        per_mode = {}
+        for mode, result in run_.items():
+            walls = dict(zip((m["step"] for m in result.history), active_walls(result)))
+            per_mode[mode] = [(step, walls[step], score) for step, _, score in result.evals[1:]]
+        curves.append(per_mode)
+    path.write_text(json.dumps(curves) + "\n")
+
+
 def measure(
     cfg: dict, steps: int, *, eval_rows=(), eval_every=10**6, make_engine=None, make_trainer=None
 ):
@@ -248,6 +260,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="real-workload runs (medians)")
     parser.add_argument(
         "--staleness", type=int, default=None, help="staleness_threshold (default: the demo's)"
+    )
+    parser.add_argument(
+        "--curves", type=pathlib.Path, default=None, help="write each run's held-out curve here"
     )
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -295,6 +310,8 @@ def main() -> None:
         ideal = statistics.median(r["ideal"] for r in per_seed)
         reward_speedup = statistics.median(r["reward_speedup"] for r in per_seed)
         pooled_speedup, pooled_seconds = pooled_time_to_reward(runs)
+        if args.curves is not None:
+            write_curves(runs, args.curves)
 
         root = pathlib.Path(tmp) / "seed0"
         sim_cfg = demo_config(root, steps=args.sim_steps, mode="async", lr=5e-4)
