@@ -2,7 +2,7 @@
 
 The foundations live here: the config tree (``config``), samples with version stamps
 (``types``), the staleness rules (``staleness``), the staleness-aware queue (``queue``), the
-versioned weight synchronizer (``param_sync``) and the loss functions (``losses``, imported on
+versioned weight synchronizer (``param_sync``), the errors (``errors``) and the loss functions (``losses``, imported on
 demand because it needs torch). Every name the seeds show is importable from this package.
 """
 
@@ -12,12 +12,16 @@ from miniray.rl.config import (
     async_training_config,
     load_rl_config,
 )
+from miniray.rl.errors import (
+    ParameterSyncError,
+    ParameterSyncTimeoutError,
+    ProducerCrashedError,
+    QueueTimeoutError,
+)
 from miniray.rl.param_sync import (
     AsyncParameterSynchronizer,
-    ParameterSyncError,
     ParameterSynchronizer,
     ParameterSyncManager,
-    ParameterSyncTimeoutError,
     RolloutEndpoint,
     SyncResult,
     TrainerEndpoint,
@@ -26,10 +30,8 @@ from miniray.rl.param_sync import (
 from miniray.rl.queue import (
     MessageQueue,
     MessageQueueClient,
-    ProducerCrashedError,
     PutResult,
     QueueFinished,
-    QueueTimeoutError,
 )
 from miniray.rl.types import Batch, Sample, collate
 

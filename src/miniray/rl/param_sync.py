@@ -44,6 +44,7 @@ import miniray
 from miniray.errors import GetTimeoutError, RayTaskError
 from miniray.rl._remote import actor_constructor
 from miniray.rl.config import async_training_config
+from miniray.rl.errors import ParameterSyncError, ParameterSyncTimeoutError
 from miniray.rl.staleness import check_version, is_valid_version_bump, version_after_sync
 
 __all__ = [
@@ -121,21 +122,6 @@ class SyncResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-class ParameterSyncError(RuntimeError):
-    """A weight sync failed after its retries; ``result`` holds the details."""
-
-    def __init__(self, message: str, result: SyncResult | None = None):
-        super().__init__(message)
-        self.result = result
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.args[0], self.result))
-
-
-class ParameterSyncTimeoutError(ParameterSyncError, TimeoutError):
-    """A weight sync ran past ``sync_timeout``; the rollouter was resumed regardless."""
 
 
 class _PhaseTimeout(TimeoutError):

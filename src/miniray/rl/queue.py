@@ -44,6 +44,7 @@ from typing import Any
 from miniray.config import from_dict
 from miniray.rl._remote import actor_constructor
 from miniray.rl.config import AsyncTrainingConfig, async_training_config
+from miniray.rl.errors import ProducerCrashedError, QueueTimeoutError
 from miniray.rl.staleness import check_version, sample_age
 
 __all__ = [
@@ -72,21 +73,6 @@ class PutResult(enum.Enum):
 
 class QueueFinished(Exception):
     """The producer closed the queue normally and every item has been consumed."""
-
-
-class ProducerCrashedError(RuntimeError):
-    """The producer closed the queue with an error; the error text is in the message."""
-
-    def __init__(self, message: str, producer_error: str = ""):
-        super().__init__(message)
-        self.producer_error = producer_error
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.args[0], self.producer_error))
-
-
-class QueueTimeoutError(TimeoutError):
-    """A blocking queue call ran out of time; the message says what it waited for."""
 
 
 @dataclass(order=True)

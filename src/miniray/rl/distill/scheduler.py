@@ -36,6 +36,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple, Protocol
 
+from miniray.rl.errors import GenerationTimeoutError, TeacherTimeoutError
+
 __all__ = [
     "SCHEDULERS",
     "DistillStages",
@@ -53,14 +55,6 @@ __all__ = [
 SchedulerName = Literal["serial", "one_step_off", "two_step_off"]
 # scheduler -> pipeline depth = how many batches generation runs ahead = the staleness bound
 SCHEDULERS: dict[str, int] = {"serial": 0, "one_step_off": 1, "two_step_off": 2}
-
-
-class GenerationTimeoutError(TimeoutError):
-    """A batch's generation did not finish within ``trainer.generation_timeout``."""
-
-
-class TeacherTimeoutError(TimeoutError):
-    """The teacher did not score a batch within ``actor_rollout_ref.teacher.request_timeout``."""
 
 
 class Pending(Protocol):

@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING, Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from miniray.errors import GetTimeoutError
 from miniray.rl.distill import wire
+from miniray.rl.errors import TeacherError, TeacherTimeoutError
 
 if TYPE_CHECKING:  # torch is imported on first use: the server's broker process never needs it
     import torch
@@ -44,40 +44,6 @@ if TYPE_CHECKING:  # torch is imported on first use: the server's broker process
 log = logging.getLogger("miniray.rl.distill.teacher_client")
 
 __all__ = ["TeacherClient", "TeacherError", "TeacherScores", "TeacherTimeoutError"]
-
-
-class TeacherError(Exception):
-    """The teacher did not score some sequences: it answered with an error, or failed.
-
-    ``code`` is the server's error code (``bad_request``, ``unauthorized``, ``too_large``,
-    ``busy``, ``internal``, ``worker_died``) or a client-side one (``timeout``,
-    ``disconnected``, ``start_failed``). ``scores`` holds what did arrive, when any did.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        code: str = "error",
-        address: str = "",
-        missing_microbatches: Sequence[int] = (),
-        elapsed_s: float = 0.0,
-        scores: TeacherScores | None = None,
-    ):
-        super().__init__(message)
-        self.code = code
-        self.address = address
-        self.missing_microbatches = list(missing_microbatches)
-        self.elapsed_s = elapsed_s
-        self.scores = scores
-
-
-class TeacherTimeoutError(TeacherError, GetTimeoutError):
-    """No answer before the deadline (also a builtin ``TimeoutError``)."""
-
-    def __init__(self, message: str, **kwargs: Any):
-        kwargs.setdefault("code", "timeout")
-        super().__init__(message, **kwargs)
 
 
 @dataclass

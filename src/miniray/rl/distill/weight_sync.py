@@ -27,14 +27,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
 import miniray
 from miniray.errors import RayActorError, RayTaskError
-from miniray.rl.param_sync import ParameterSyncError, weights_info
+from miniray.rl.errors import RolloutWeightSyncError, RolloutWeightSyncTimeoutError
+from miniray.rl.param_sync import weights_info
 
 __all__ = [
     "RolloutWeightSyncError",
@@ -44,37 +45,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-class RolloutWeightSyncError(ParameterSyncError):
-    """A rollout weight sync failed; ``failures`` maps each failed worker to why."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        failures: Mapping[str, str] | None = None,
-        elapsed_s: float = 0.0,
-        version: int = -1,
-    ):
-        super().__init__(message)
-        self.failures = dict(failures or {})
-        self.elapsed_s = elapsed_s
-        self.version = version
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (
-            _rebuild,
-            (type(self), self.args[0], self.failures, self.elapsed_s, self.version),
-        )
-
-
-class RolloutWeightSyncTimeoutError(RolloutWeightSyncError, TimeoutError):
-    """A side of the sync did not answer within ``actor_rollout_ref.nccl_timeout``."""
-
-
-def _rebuild(cls: type, message: str, failures: dict, elapsed_s: float, version: int) -> Any:
-    return cls(message, failures=failures, elapsed_s=elapsed_s, version=version)
 
 
 @dataclass
