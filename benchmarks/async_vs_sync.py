@@ -267,6 +267,7 @@ def main() -> None:
     parser.add_argument(
         "--staleness", type=int, default=None, help="staleness_threshold (default: the demo's)"
     )
+    parser.add_argument("--lr", type=float, default=5e-4, help="learning rate (the demo's)")
     parser.add_argument(
         "--curves", type=pathlib.Path, default=None, help="write each run's held-out curve here"
     )
@@ -280,7 +281,7 @@ def main() -> None:
             # One seed's held-out reward moves by ~0.05-0.1 between evaluations: the time to
             # a reward is only worth reading as a median over seeds.
             root = prepare(pathlib.Path(tmp) / f"seed{seed}", pretrain_steps=25, seed=seed)
-            cfg = demo_config(root, steps=args.steps, mode="async", lr=5e-4)
+            cfg = demo_config(root, steps=args.steps, mode="async", lr=args.lr)
             cfg["data"]["seed"] = seed
             if args.staleness is not None:
                 cfg["async_training"]["staleness_threshold"] = args.staleness

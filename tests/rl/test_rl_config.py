@@ -202,6 +202,12 @@ def test_bundled_defaults_file_equals_the_dataclass_defaults():
     assert sorted(leaves(raw)) == sorted(config_keys(RLConfig))
 
 
+def test_distillation_config_is_not_an_rl_config_and_says_where_it_belongs():
+    assert "on_policy_distill_trainer" not in config_names()
+    with pytest.raises(ValueError, match=r"python -m miniray\.rl\.distill\.main"):
+        load_rl_config("on_policy_distill_trainer")
+
+
 def test_seed_presets_and_command_line_overrides():
     assert {"fully_async_ppo", "e2e_minimal", "performance"} <= set(config_names())
     cfg = load_rl_config(

@@ -258,9 +258,13 @@ class RLConfig(Config):
             )
 
 
+# Bundled configs of another entry point, which shares this directory: name -> its command.
+_OTHER_ENTRY_POINTS = {"on_policy_distill_trainer": "python -m miniray.rl.distill.main"}
+
+
 def config_names() -> list[str]:
-    """Names of the bundled YAML configs (``load_rl_config(name)``)."""
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    """Names of the bundled YAML configs of async RL (``load_rl_config(name)``)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if p.stem not in _OTHER_ENTRY_POINTS)
 
 
 def load_rl_config(
@@ -326,9 +330,11 @@ def config_file(config_name: str | Path, known: Sequence[str]) -> Path:
         return path
     bundled = CONFIG_DIR / f"{config_name}.yaml"
     if str(config_name) not in known or not bundled.is_file():
+        command = _OTHER_ENTRY_POINTS.get(str(config_name))
+        hint = f" ({config_name} is the config of `{command}`)" if command else ""
         raise ValueError(
             f"config_name={str(config_name)!r} is unknown: must be a YAML path or one of "
-            f"{list(known)}"
+            f"{list(known)}{hint}"
         )
     return bundled
 
