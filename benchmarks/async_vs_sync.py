@@ -159,6 +159,11 @@ def active_walls(result: RunResult) -> list[float]:
     return walls
 
 
+def step_walls(result: RunResult) -> dict[int, float]:
+    """Step -> its ``active_walls`` time."""
+    return dict(zip((m["step"] for m in result.history), active_walls(result)))
+
+
 def span(result: RunResult) -> float:
     """Seconds from the end of step 1 to the end of the last step (start-up and evaluations
     excluded)."""
@@ -189,7 +194,7 @@ def smoothed_evals(result: RunResult, window: int = 3) -> list[tuple[int, float]
 def training_time_to(result: RunResult, reward: float) -> float:
     """Seconds of training (from the start, evaluations left out) until the smoothed held-out
     reward first reached ``reward``."""
-    walls = dict(zip((m["step"] for m in result.history), active_walls(result)))
+    walls = step_walls(result)
     return next(walls[step] for step, score in smoothed_evals(result) if score >= reward)
 
 
@@ -206,7 +211,7 @@ def pooled_time_to_reward(
     for mode in ("sync", "async"):
         per_run = []
         for run_ in runs:
-            walls = dict(zip((m["step"] for m in run_[mode].history), active_walls(run_[mode])))
+            walls = step_walls(run_[mode])
             per_run.append(
                 {step: (walls[step], score) for step, score in smoothed_evals(run_[mode])}
             )
@@ -230,7 +235,7 @@ def write_curves(runs: list[dict[str, RunResult]], path: pathlib.Path) -> None:
     for run_ in runs:
         per_mode = {}
         for mode, result in run_.items():
-            walls = dict(zip((m["step"] for m in result.history), active_walls(result)))
+            walls = step_walls(result)
             per_mode[mode] = [(step, walls[step], score) for step, _, score in result.evals[1:]]
         curves.append(per_mode)
     path.write_text(json.dumps(curves) + "\n")

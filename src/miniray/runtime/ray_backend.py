@@ -228,7 +228,8 @@ def _wait_until_dead(ray_handle: Any, handle: ActorHandle) -> None:
             return  # dead (or unreachable, which later calls report the same way)
         time.sleep(0.01)
     raise errors.GetTimeoutError(
-        f"kill({handle!r}): Ray had not killed the actor after {_KILL_CONFIRM_S:.0f} s"
+        f"kill({handle!r}): Ray had not killed the actor after {_KILL_CONFIRM_S:.0f} s; "
+        "the node may be overloaded: check `ray status` and the actor's logs"
     )
 
 
