@@ -1,6 +1,6 @@
 """Fully async RL against the synchronous baseline on the same workload and resources.
 
-    python benchmarks/async_vs_sync.py [--steps 900] [--seeds 3] [--sim-steps 30]
+    python benchmarks/async_vs_sync.py [--steps 900] [--seeds 3] [--sim-steps 30] [KEY=VALUE ...]
 
 Two measurements, each run once in async mode and once in sync mode:
 
@@ -39,6 +39,7 @@ import time
 import torch
 
 import miniray
+from miniray.config import apply_overrides
 from miniray.rl.demo import TASK, demo_config, prepare
 from miniray.rl.engines.base import Generation
 from miniray.rl.loop import RunResult, run
@@ -275,6 +276,15 @@ def main() -> None:
     )
     parser.add_argument("--lr", type=float, default=5e-4, help="learning rate (the demo's)")
     parser.add_argument(
+        "--pretrain-steps", type=int, default=25, help="supervised steps before RL (the demo's)"
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="config overrides for both modes, e.g. actor_rollout_ref.actor.optim.warmup_style=cosine",
+    )
+    parser.add_argument(
         "--curves", type=pathlib.Path, default=None, help="write each run's held-out curve here"
     )
     args = parser.parse_args()
@@ -286,9 +296,12 @@ def main() -> None:
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             # One seed's held-out reward moves by ~0.05-0.1 between evaluations: the time to
             # a reward is only worth reading as a median over seeds.
-            root = prepare(pathlib.Path(tmp) / f"seed{seed}", pretrain_steps=25, seed=seed)
+            root = prepare(
+                pathlib.Path(tmp) / f"seed{seed}", pretrain_steps=args.pretrain_steps, seed=seed
+            )
             cfg = demo_config(root, steps=args.steps, mode="async", lr=args.lr)
             cfg["data"]["seed"] = seed
+            cfg = apply_overrides(cfg, args.overrides)
             if args.staleness is not None:
                 cfg["async_training"]["staleness_threshold"] = args.staleness
             real = measure(cfg, args.steps, eval_rows=eval_rows, eval_every=args.eval_every)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -117,3 +118,152 @@ def test_one_forward_pass_per_epoch_and_the_first_is_the_proximal_policy(tokeniz
     if ppo_epochs == 1:
         # The proximal policy is theta itself: every ratio is exactly 1, nothing is clipped.
         assert metrics["clip_fraction"] == 0.0
+
+
+def test_learning_rate_schedule_warms_up_then_holds_or_decays():
+    from miniray.rl.policy import scheduled_lr
+
+    constant = PolicyUpdateConfig(lr=1.0, warmup_steps=4)
+    assert [scheduled_lr(constant, s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    cosine = PolicyUpdateConfig(
+        lr=1.0, warmup_steps=2, warmup_style="cosine", min_lr_ratio=0.1, total_steps=12
+    )
+    lrs = [scheduled_lr(cosine, s) for s in range(12)]
+    assert lrs[:3] == [0.5, 1.0, 1.0]  # warm-up, then the decay starts at the full lr
+    assert all(a > b for a, b in itertools.pairwise(lrs[2:]))  # strictly decreasing
+    assert lrs[-1] == pytest.approx(0.1)  # the last update runs at min_lr_ratio * lr
+    assert scheduled_lr(cosine, 50) == pytest.approx(0.1)  # and it stays there
+    with pytest.raises(ValueError, match="total_steps"):
+        PolicyUpdateConfig(warmup_style="cosine")
+    with pytest.raises(ValueError, match="warmup_style='linear'"):
+        PolicyUpdateConfig(warmup_style="linear")
+    with pytest.raises(ValueError, match="min_lr_ratio"):
+        PolicyUpdateConfig(min_lr_ratio=1.5)
+
+
+def test_each_update_runs_at_its_scheduled_learning_rate(tokenizer):
+    model = tiny_qwen2(tokenizer, hidden_size=32, intermediate_size=64, seed=5)
+    _, samples = scored_group(model, tokenizer, "2+2=", "4", "5")
+    config = PolicyUpdateConfig(lr=1e-2, warmup_steps=2)
+    updater = PolicyUpdater(model, pad_token_id=tokenizer.pad_token_id, config=config)
+    seen = [updater.step(samples)["lr"] for _ in range(3)]
+    assert seen == [5e-3, 1e-2, 1e-2]
+    assert updater.optimizer.param_groups[0]["lr"] == 1e-2
+
+
+def test_minibatches_take_one_optimizer_step_each_against_the_start_of_the_update(tokenizer):
+    model = tiny_qwen2(tokenizer, hidden_size=32, intermediate_size=64, seed=6)
+    _, samples = scored_group(model, tokenizer, "4+1=", "5", "6")  # 4 samples
+    config = PolicyUpdateConfig(lr=1e-2, ppo_epochs=2, ppo_mini_batch_size=3)
+    updater = PolicyUpdater(model, pad_token_id=tokenizer.pad_token_id, config=config)
+    steps = []
+    original = updater.optimizer.step
+    updater.optimizer.step = lambda *a, **k: (steps.append(1), original(*a, **k))[1]
+    passes = []
+    hook = model.register_forward_hook(
+        lambda module, args, kwargs, out: passes.append(kwargs["input_ids"].shape[0]),
+        with_kwargs=True,
+    )
+    try:
+        metrics = updater.step(samples)
+    finally:
+        hook.remove()
+    assert len(steps) == 2 * 2  # 2 epochs x minibatches of 3 and 1 samples
+    # One pass over the whole batch for the proximal policy, then one per minibatch.
+    assert passes == [4, 3, 1, 3, 1]
+    # Later minibatches run on moved weights: their ratio to the start is not 1 any more.
+    assert metrics["approx_kl"] != 0.0
+
+
+def test_behaviour_correction_options_change_the_loss(tokenizer):
+    model = tiny_qwen2(tokenizer, hidden_size=32, intermediate_size=64, seed=7)
+    _, samples = scored_group(model, tokenizer, "3+3=", "6", "7")
+    for sample in samples[:1]:  # recorded as far less likely than it is: weights > cap
+        sample.response_logprobs = [lp - 3.0 for lp in sample.response_logprobs]
+
+    def metrics_for(**options):
+        fresh = tiny_qwen2(tokenizer, hidden_size=32, intermediate_size=64, seed=7)
+        config = PolicyUpdateConfig(lr=1e-2, **options)
+        return PolicyUpdater(fresh, pad_token_id=tokenizer.pad_token_id, config=config).step(
+            samples
+        )
+
+    masked = metrics_for(behaviour_weight_mode="mask")
+    clamped = metrics_for(behaviour_weight_mode="clamp")
+    plain = metrics_for(use_rollout_log_probs=False)
+    assert masked["behaviour_filtered_fraction"] > 0
+    assert masked["loss"] != pytest.approx(clamped["loss"])
+    assert "behaviour_approx_kl" not in plain  # no correction towards the behaviour policy
+    assert plain["loss"] != pytest.approx(masked["loss"])
+
+
+def test_entropy_bonus_and_loss_aggregation_change_the_loss(tokenizer):
+    model = tiny_qwen2(tokenizer, hidden_size=32, intermediate_size=64, seed=8)
+    _, samples = scored_group(model, tokenizer, "5+4=", "9", "10")  # 2 and 3 tokens
+
+    def metrics_for(**options):
+        fresh = tiny_qwen2(tokenizer, hidden_size=32, intermediate_size=64, seed=8)
+        config = PolicyUpdateConfig(lr=1e-2, **options)
+        return PolicyUpdater(fresh, pad_token_id=tokenizer.pad_token_id, config=config).step(
+            samples
+        )
+
+    base = metrics_for()
+    bonus = metrics_for(entropy_coeff=0.1)
+    assert bonus["entropy"] > 0
+    assert bonus["loss"] == pytest.approx(base["loss"] - 0.1 * bonus["entropy"], abs=1e-5)
+    per_sequence = metrics_for(loss_agg_mode="seq-mean-token-sum")
+    assert per_sequence["loss"] != pytest.approx(base["loss"])
+
+
+def test_trainer_passes_every_actor_option_to_the_update():
+    """A config key the update ignores is a silent no-op: each actor/optim key, set to a
+    value other than its default, must change the update's config."""
+    import dataclasses
+
+    from miniray.rl.config import ActorConfig, RLConfig, ScheduledOptimConfig
+    from miniray.rl.trainer import policy_update_config
+
+    different = {
+        "optim.lr": 0.5,
+        "optim.weight_decay": 0.1,
+        "optim.grad_clip": 3.0,
+        "optim.lr_warmup_steps_ratio": 0.5,
+        "optim.warmup_style": "cosine",
+        "optim.min_lr_ratio": 0.5,
+        "ppo_epochs": 2,
+        "ppo_mini_batch_size": 4,
+        "clip_ratio_low": 0.1,
+        "clip_ratio_high": 0.3,
+        "loss_agg_mode": "seq-mean-token-sum",
+        "use_rollout_log_probs": False,
+        "behaviour_weight_cap": 2.0,
+        "behaviour_weight_mode": "clamp",
+        "entropy_coeff": 0.01,
+    }
+    actor_keys = {f.name for f in dataclasses.fields(ActorConfig) if f.name != "optim"} | {
+        f"optim.{f.name}" for f in dataclasses.fields(ScheduledOptimConfig)
+    }
+    assert actor_keys == set(different), "a new actor option: add it here and to the trainer"
+
+    def update_config(**actor):
+        data = {
+            "data": {"train_files": ["prompts.jsonl"]},
+            "trainer": {"total_training_steps": 10},
+            "actor_rollout_ref": {"model": {"path": "model"}, "actor": actor},
+        }
+        return policy_update_config(RLConfig.from_dict(data))
+
+    base = update_config()
+    for key, value in different.items():
+        actor: dict = {}
+        *parents, name = key.split(".")
+        target = actor
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[name] = value
+        reference = base
+        if key == "optim.min_lr_ratio":  # only read by the cosine decay
+            target["warmup_style"] = "cosine"
+            reference = update_config(optim={"warmup_style": "cosine"})
+        assert update_config(**actor) != reference, key

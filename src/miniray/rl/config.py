@@ -185,10 +185,23 @@ class OptimConfig(Config):
 
 
 @dataclass(kw_only=True)
+class ScheduledOptimConfig(OptimConfig):
+    """The RL actor's optimizer, with verl's learning-rate schedule keys."""
+
+    lr_warmup_steps_ratio: float = option(
+        0.0, ge=0, le=1, help="linear warm-up over this fraction of total_training_steps"
+    )
+    warmup_style: Literal["constant", "cosine"] = option(
+        "constant", help="after the warm-up: constant, or a cosine decay to min_lr_ratio * lr"
+    )
+    min_lr_ratio: float = option(0.0, ge=0, le=1, help="cosine: the last step's lr / lr")
+
+
+@dataclass(kw_only=True)
 class ActorConfig(Config):
     """The policy update: PPO clipping and the decoupled off-policy correction (AReaL)."""
 
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    optim: ScheduledOptimConfig = field(default_factory=ScheduledOptimConfig)
     ppo_epochs: int = option(1, ge=1)
     ppo_mini_batch_size: int | None = option(
         None, ge=1, help="samples per optimizer step; None: the whole batch"

@@ -58,10 +58,12 @@ def demo_config(root: pathlib.Path, *, steps: int, mode: str, lr: float) -> dict
             "mode": mode,
             "staleness_threshold": 1,
             "max_queue_size": 64,
-            # 4 groups of 8 per engine call: batching amortizes the CPU engine's per-token
-            # overhead, and balances generation with training (the async ideal is then ~2x).
-            "max_concurrent_rollouts": 32,
-            # A weight sync lets the running call (about 20 ms) finish rather than cut it:
+            # 8 groups of 8 per engine call: batching amortizes the CPU engine's per-token
+            # overhead. Generating a batch then takes ~1.3x a training step in sync mode (4
+            # groups per call: ~1.6x; 16: equal, but in async mode the trainer slowed the
+            # most next to the rollouter's larger calls). docs/benchmarks.md has the numbers.
+            "max_concurrent_rollouts": 64,
+            # A weight sync lets the running call (about 30 ms) finish rather than cut it:
             # a continued partial rollout would encode its prompt again, ~10% more generation.
             "pause_grace_s": 0.05,
             # ... and resumes it as soon as the new weights are in.

@@ -49,6 +49,7 @@ class RunResult:
     evals: list[tuple[int, float, float]] = field(default_factory=list)  # (step, wall_s, reward)
     ages: list[int] = field(default_factory=list)
     queue_stats: dict[str, Any] = field(default_factory=dict)
+    rollouter_stats: dict[str, Any] = field(default_factory=dict)
     # Prompt positions of the groups trained at each step of this run (resumed runs: from the
     # first step after the checkpoint).
     trained_positions: list[list[int]] = field(default_factory=list)
@@ -220,6 +221,7 @@ def run(
             rollouter_stats = miniray.get(rollouter.get_statistics.remote(), timeout=timeout)
         except Exception:
             rollouter_stats = {}
+        result.rollouter_stats = rollouter_stats
         if log_file is not None:
             log_file.close()
         if board is not None:

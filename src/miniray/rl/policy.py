@@ -11,40 +11,100 @@ tested on its own: samples in, an optimizer step and its metrics out.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from miniray.rl.losses import grpo_advantages, masked_mean, ppo_loss, token_advantages
+from miniray.rl.losses import (
+    aggregate_loss,
+    grpo_advantages,
+    masked_mean,
+    ppo_loss,
+    token_advantages,
+)
 from miniray.rl.types import Batch, Sample, collate
 
 
 @dataclass(kw_only=True)
 class PolicyUpdateConfig:
+    """The knobs of one update; the trainer fills them from ``actor_rollout_ref.actor``."""
+
     lr: float = 1e-3
+    weight_decay: float = 0.0
     ppo_epochs: int = 1
+    ppo_mini_batch_size: int | None = None  # samples per optimizer step; None: the whole batch
     clip_ratio_low: float = 0.2
     clip_ratio_high: float = 0.28
+    use_rollout_log_probs: bool = True  # False: plain PPO, no correction towards the behaviour
     behaviour_weight_cap: float | None = 5.0
+    behaviour_weight_mode: str = "mask"
+    entropy_coeff: float = 0.0
     max_grad_norm: float = 1.0
     loss_agg_mode: str = "token-mean"
     temperature: float = 1.0
+    # The learning-rate schedule, per update (``scheduled_lr``).
+    warmup_steps: int = 0
+    warmup_style: str = "constant"  # constant | cosine: what follows the warm-up
+    min_lr_ratio: float = 0.0  # cosine: the last update's lr as a fraction of ``lr``
+    total_steps: int | None = None  # cosine: the update the decay ends at
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
             raise ValueError(f"PolicyUpdateConfig.lr={self.lr} must be > 0")
         if self.ppo_epochs < 1:
             raise ValueError(f"PolicyUpdateConfig.ppo_epochs={self.ppo_epochs} must be >= 1")
+        if self.ppo_mini_batch_size is not None and self.ppo_mini_batch_size < 1:
+            raise ValueError(
+                f"PolicyUpdateConfig.ppo_mini_batch_size={self.ppo_mini_batch_size} must be "
+                ">= 1 or None (the whole batch)"
+            )
         if self.temperature <= 0:
             raise ValueError(
                 f"PolicyUpdateConfig.temperature={self.temperature} must be > 0 (the rollout's)"
             )
+        if self.warmup_style not in ("constant", "cosine"):
+            raise ValueError(
+                f"PolicyUpdateConfig.warmup_style={self.warmup_style!r} is unknown: must be "
+                "'constant' or 'cosine'"
+            )
+        if self.warmup_style == "cosine" and not self.total_steps:
+            raise ValueError(
+                "PolicyUpdateConfig.warmup_style='cosine' needs total_steps (the update the "
+                f"decay ends at), got {self.total_steps!r}"
+            )
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(
+                f"PolicyUpdateConfig.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]"
+            )
+        if self.warmup_steps < 0:
+            raise ValueError(f"PolicyUpdateConfig.warmup_steps={self.warmup_steps} must be >= 0")
 
 
-def response_logprobs(model: Any, batch: Batch, *, temperature: float = 1.0) -> torch.Tensor:
-    """Log-probs (B, R) of the batch's response tokens under ``model``."""
+def scheduled_lr(config: PolicyUpdateConfig, step: int) -> float:
+    """The learning rate of update ``step`` (0-based): a linear warm-up over
+    ``warmup_steps`` updates, then constant, or a cosine decay to ``min_lr_ratio * lr`` at
+    ``total_steps``. A function of the step alone, so a resumed run continues the schedule
+    from its checkpointed step count."""
+    base = config.lr
+    if step < config.warmup_steps:
+        return base * (step + 1) / config.warmup_steps
+    if config.warmup_style == "constant":
+        return base
+    assert config.total_steps is not None  # checked in __post_init__
+    span = max(1, config.total_steps - 1 - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    floor = config.min_lr_ratio
+    return base * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def response_logprobs(
+    model: Any, batch: Batch, *, temperature: float = 1.0, with_entropy: bool = False
+) -> Any:
+    """Log-probs (B, R) of the batch's response tokens under ``model``; with ``with_entropy``
+    also the entropy (B, R) of the whole next-token distribution at each response position."""
     positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
     logits = model(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=positions
@@ -52,7 +112,10 @@ def response_logprobs(model: Any, batch: Batch, *, temperature: float = 1.0) -> 
     start = batch.prompt_length
     logits = logits[:, start - 1 : -1].float() / temperature
     logp = torch.log_softmax(logits, dim=-1)
-    return logp.gather(-1, batch.response_ids[..., None]).squeeze(-1)
+    chosen = logp.gather(-1, batch.response_ids[..., None]).squeeze(-1)
+    if not with_entropy:
+        return chosen
+    return chosen, -(logp.exp() * logp).sum(-1)
 
 
 class PolicyUpdater:
@@ -62,42 +125,79 @@ class PolicyUpdater:
         self.model = model
         self.pad_token_id = pad_token_id
         self.config = config or PolicyUpdateConfig()
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=self.config.lr, weight_decay=0.0)
+        self.optimizer = torch.optim.AdamW(
+            model.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay
+        )
         self.steps = 0
 
     def step(self, samples: Sequence[Sample]) -> dict[str, float]:
+        """One update: ``ppo_epochs`` passes over the batch in minibatches of
+        ``ppo_mini_batch_size`` samples, an optimizer step per minibatch."""
         cfg = self.config
         batch = collate(samples, pad_token_id=self.pad_token_id)
         advantages = grpo_advantages(batch.rewards, batch.group_index)
         per_token = token_advantages(advantages, batch.response_mask)
+        behaviour = batch.behaviour_logprobs if cfg.use_rollout_log_probs else None
+        size = min(cfg.ppo_mini_batch_size or len(batch), len(batch))
+        minibatches = [
+            torch.arange(i, min(i + size, len(batch))) for i in range(0, len(batch), size)
+        ]
+        lr = scheduled_lr(cfg, self.steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         self.model.train()
-        metrics: dict[str, float] = {}
         proximal: torch.Tensor | None = None
+        if len(minibatches) > 1:
+            # The proximal policy is theta at the start of the update; with several optimizer
+            # steps per pass, later minibatches no longer see it, so it takes its own pass.
+            with torch.no_grad():
+                proximal = response_logprobs(self.model, batch, temperature=cfg.temperature)
+        metrics: dict[str, float] = {}
         for _ in range(cfg.ppo_epochs):
-            logprobs = response_logprobs(self.model, batch, temperature=cfg.temperature)
-            if proximal is None:
-                # Theta at the start of the step is the first epoch's theta: its log-probs,
-                # detached, with no extra forward pass (that pass was ~15% of a step).
-                proximal = logprobs.detach()
-            loss, metrics = ppo_loss(
-                logprobs,
-                proximal,
-                per_token,
-                batch.response_mask,
-                behaviour_logprobs=batch.behaviour_logprobs,
-                clip_ratio_low=cfg.clip_ratio_low,
-                clip_ratio_high=cfg.clip_ratio_high,
-                behaviour_weight_cap=cfg.behaviour_weight_cap,
-                loss_agg_mode=cfg.loss_agg_mode,  # type: ignore[arg-type]
-            )
-            self.optimizer.zero_grad()
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-            self.optimizer.step()
-            metrics["loss"] = loss.item()
-            metrics["grad_norm"] = float(grad_norm)
+            for rows in minibatches:
+                part = batch if len(minibatches) == 1 else batch.select(rows)
+                out = response_logprobs(
+                    self.model,
+                    part,
+                    temperature=cfg.temperature,
+                    with_entropy=cfg.entropy_coeff > 0,
+                )
+                logprobs, entropy = out if cfg.entropy_coeff > 0 else (out, None)
+                if proximal is None:
+                    # One minibatch: theta at the start is the first epoch's theta, its
+                    # log-probs detached, with no extra forward pass (~15% of a step).
+                    proximal = logprobs.detach()
+                loss, metrics = ppo_loss(
+                    logprobs,
+                    proximal[rows] if len(minibatches) > 1 else proximal,
+                    per_token[rows] if len(minibatches) > 1 else per_token,
+                    part.response_mask,
+                    behaviour_logprobs=(
+                        behaviour[rows]
+                        if behaviour is not None and len(minibatches) > 1
+                        else behaviour
+                    ),
+                    clip_ratio_low=cfg.clip_ratio_low,
+                    clip_ratio_high=cfg.clip_ratio_high,
+                    behaviour_weight_cap=cfg.behaviour_weight_cap,
+                    behaviour_weight_mode=cfg.behaviour_weight_mode,  # type: ignore[arg-type]
+                    loss_agg_mode=cfg.loss_agg_mode,  # type: ignore[arg-type]
+                )
+                if entropy is not None:
+                    mean_entropy = aggregate_loss(entropy, part.response_mask, cfg.loss_agg_mode)  # type: ignore[arg-type]
+                    loss = loss - cfg.entropy_coeff * mean_entropy
+                    metrics["entropy"] = mean_entropy.item()
+                self.optimizer.zero_grad()
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    self.model.parameters(), cfg.max_grad_norm
+                )
+                self.optimizer.step()
+                metrics["loss"] = loss.item()
+                metrics["grad_norm"] = float(grad_norm)
         self.model.eval()
         self.steps += 1
+        metrics["lr"] = lr
         metrics["reward_mean"] = batch.rewards.float().mean().item()
         metrics["advantage_abs_mean"] = advantages.abs().mean().item()
         metrics["response_length_mean"] = batch.response_mask.sum(-1).mean().item()

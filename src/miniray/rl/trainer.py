@@ -16,10 +16,36 @@ from typing import Any
 import torch
 
 from miniray.rl._remote import actor_constructor
+from miniray.rl.config import RLConfig
 from miniray.rl.policy import PolicyUpdateConfig, PolicyUpdater
 from miniray.rl.rollouter import as_rl_config
 from miniray.rl.staleness import sample_age
 from miniray.rl.types import Sample
+
+
+def policy_update_config(config: RLConfig) -> PolicyUpdateConfig:
+    """Every ``actor_rollout_ref.actor`` option, as the policy update takes it."""
+    actor, optim = config.actor_rollout_ref.actor, config.actor_rollout_ref.actor.optim
+    total = config.trainer.total_training_steps
+    return PolicyUpdateConfig(
+        lr=optim.lr,
+        weight_decay=optim.weight_decay,
+        max_grad_norm=optim.grad_clip,
+        warmup_steps=round(optim.lr_warmup_steps_ratio * total),
+        warmup_style=optim.warmup_style,
+        min_lr_ratio=optim.min_lr_ratio,
+        total_steps=total,
+        ppo_epochs=actor.ppo_epochs,
+        ppo_mini_batch_size=actor.ppo_mini_batch_size,
+        clip_ratio_low=actor.clip_ratio_low,
+        clip_ratio_high=actor.clip_ratio_high,
+        loss_agg_mode=actor.loss_agg_mode,
+        use_rollout_log_probs=actor.use_rollout_log_probs,
+        behaviour_weight_cap=actor.behaviour_weight_cap,
+        behaviour_weight_mode=actor.behaviour_weight_mode,
+        entropy_coeff=actor.entropy_coeff,
+        temperature=config.actor_rollout_ref.rollout.temperature or 1.0,
+    )
 
 
 class FullyAsyncTrainer:
@@ -30,21 +56,12 @@ class FullyAsyncTrainer:
         from miniray.rl.models import load
 
         self.config = as_rl_config(config)
-        actor = self.config.actor_rollout_ref.actor
         torch.manual_seed(seed)
         self.model, self.tokenizer = load(self.config.actor_rollout_ref.model.path)
         self.updater = PolicyUpdater(
             self.model,
             pad_token_id=self.tokenizer.pad_token_id,
-            config=PolicyUpdateConfig(
-                lr=actor.optim.lr,
-                ppo_epochs=actor.ppo_epochs,
-                clip_ratio_low=actor.clip_ratio_low,
-                clip_ratio_high=actor.clip_ratio_high,
-                behaviour_weight_cap=actor.behaviour_weight_cap,
-                max_grad_norm=actor.optim.grad_clip,
-                temperature=self.config.actor_rollout_ref.rollout.temperature or 1.0,
-            ),
+            config=policy_update_config(self.config),
         )
         self.version = 0
         self.samples_trained = 0

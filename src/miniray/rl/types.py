@@ -146,6 +146,24 @@ class Batch:
     def response_ids(self) -> torch.Tensor:
         return self.input_ids[:, self.prompt_length :]
 
+    def select(self, rows: torch.Tensor) -> Batch:
+        """The rows ``rows`` (a 1-D index tensor) as a batch of their own: a minibatch. The
+        padding stays as it is (every response still starts at ``prompt_length``)."""
+        index = rows.tolist()
+        return Batch(
+            samples=[self.samples[i] for i in index],
+            input_ids=self.input_ids[rows],
+            attention_mask=self.attention_mask[rows],
+            response_mask=self.response_mask[rows],
+            behaviour_logprobs=(
+                None if self.behaviour_logprobs is None else self.behaviour_logprobs[rows]
+            ),
+            rewards=self.rewards[rows],
+            v_start=self.v_start[rows],
+            group_index=self.group_index[rows],
+            prompt_length=self.prompt_length,
+        )
+
 
 def collate(samples: Sequence[Sample], *, pad_token_id: int) -> Batch:
     """Pad ``samples`` into one ``Batch``; every sample must have a reward."""
@@ -162,37 +180,39 @@ def collate(samples: Sequence[Sample], *, pad_token_id: int) -> Batch:
     with_logprobs = [s.response_logprobs is not None for s in samples]
     if any(with_logprobs) and not all(with_logprobs):
         raise ValueError("collate(): either every sample has response_logprobs or none does")
-    batch_size = len(samples)
     prompt_len = max(len(s.prompt_token_ids) for s in samples)
     response_len = max(1, max(s.num_response_tokens for s in samples))
-    input_ids = torch.full((batch_size, prompt_len + response_len), pad_token_id, dtype=torch.long)
-    attention = torch.zeros((batch_size, prompt_len + response_len), dtype=torch.long)
-    response_mask = torch.zeros((batch_size, response_len), dtype=torch.float32)
-    logprobs = (
-        torch.zeros((batch_size, response_len), dtype=torch.float32) if all(with_logprobs) else None
-    )
+    # Rows are padded as Python lists and turned into tensors once per field: writing them
+    # into preallocated tensors row by row took ~17 ms for 128 samples, a quarter of the demo's
+    # training step.
+    ids, attention, response_mask, logprobs = [], [], [], []
     groups: dict[str, int] = {}
-    group_index = torch.empty(batch_size, dtype=torch.long)
-    for i, s in enumerate(samples):
+    group_index = []
+    for s in samples:
         p, r = len(s.prompt_token_ids), s.num_response_tokens
+        left, right = prompt_len - p, response_len - r
         # Left-pad prompts so every response starts at the same column.
-        input_ids[i, prompt_len - p : prompt_len] = torch.tensor(s.prompt_token_ids)
-        attention[i, prompt_len - p : prompt_len] = 1
-        if r:
-            input_ids[i, prompt_len : prompt_len + r] = torch.tensor(s.response_token_ids)
-            attention[i, prompt_len : prompt_len + r] = 1
-            response_mask[i, :r] = 1.0
-            if logprobs is not None:
-                logprobs[i, :r] = torch.tensor(s.response_logprobs, dtype=torch.float32)
-        group_index[i] = groups.setdefault(s.group_id or s.sample_id, len(groups))
+        ids.append(
+            [pad_token_id] * left
+            + s.prompt_token_ids
+            + s.response_token_ids
+            + [pad_token_id] * right
+        )
+        attention.append([0] * left + [1] * (p + r) + [0] * right)
+        response_mask.append([1.0] * r + [0.0] * right)
+        if s.response_logprobs is not None:
+            logprobs.append([*s.response_logprobs, *([0.0] * right)])
+        group_index.append(groups.setdefault(s.group_id or s.sample_id, len(groups)))
     return Batch(
         samples=list(samples),
-        input_ids=input_ids,
-        attention_mask=attention,
-        response_mask=response_mask,
-        behaviour_logprobs=logprobs,
+        input_ids=torch.tensor(ids, dtype=torch.long),
+        attention_mask=torch.tensor(attention, dtype=torch.long),
+        response_mask=torch.tensor(response_mask, dtype=torch.float32),
+        behaviour_logprobs=(
+            torch.tensor(logprobs, dtype=torch.float32) if all(with_logprobs) else None
+        ),
         rewards=torch.tensor([float(s.reward or 0.0) for s in samples], dtype=torch.float32),
         v_start=torch.tensor([s.v_start for s in samples], dtype=torch.long),
-        group_index=group_index,
+        group_index=torch.tensor(group_index, dtype=torch.long),
         prompt_length=prompt_len,
     )
