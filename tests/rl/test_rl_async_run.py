@@ -395,3 +395,57 @@ def test_the_rollouter_generates_while_the_queue_answers_its_put(rt, workdir):
     stats = rollouter.get_statistics()
     assert stats["groups_accepted"] == received >= 2
     assert stats["error"] is None
+
+
+def test_idle_time_is_split_into_paused_and_throttled(workdir):
+    # Strictly on-policy, the version never advances: once one batch is admitted the
+    # rollouter has no room and waits (throttled); while paused it waits too (paused).
+    queue = MessageQueue(max_queue_size=100, staleness_threshold=0)
+    rollouter = FullyAsyncRollouter(
+        config(workdir, staleness_threshold=0), queue, engine=RecordingEngine()
+    )
+    rollouter.start()
+    try:
+        time.sleep(0.6)
+        throttled = rollouter.get_statistics()["idle_throttled_seconds"]
+        assert throttled > 0.3
+        assert rollouter.pause_rollout(timeout=5) is True
+        time.sleep(0.6)
+        assert rollouter.resume_rollout() is True
+        time.sleep(0.1)
+    finally:
+        rollouter.stop()
+    stats = rollouter.get_statistics()
+    assert stats["idle_paused_seconds"] > 0.4
+    assert stats["idle_seconds"] == pytest.approx(
+        stats["idle_paused_seconds"] + stats["idle_throttled_seconds"]
+    )
+    assert stats["groups_accepted"] == 2  # one batch of 2 groups, nothing beyond the bound
+
+
+class BrokenQueue:
+    """Refuses every put with an error; remembers why it was closed."""
+
+    def __init__(self):
+        self.closed_with = None
+
+    def put_many(self, groups, versions, timeout=None):
+        raise ConnectionError("queue unreachable")
+
+    def close(self, reason=None):
+        self.closed_with = reason
+        return True
+
+
+def test_a_failing_put_stops_the_rollouter_and_closes_the_queue_with_the_error(workdir):
+    queue = BrokenQueue()
+    rollouter = FullyAsyncRollouter(config(workdir), queue, engine=RecordingEngine())
+    rollouter.start()
+    deadline = time.monotonic() + 10
+    while rollouter.get_statistics()["alive"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    rollouter.stop()
+    stats = rollouter.get_statistics()
+    assert stats["alive"] is False  # the generation loop ended with the sender's failure
+    assert "queue unreachable" in stats["error"]
+    assert "queue unreachable" in queue.closed_with  # the trainer sees the error, not an end

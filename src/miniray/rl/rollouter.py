@@ -110,6 +110,7 @@ class FullyAsyncRollouter:
         self._sending = 0
         self._sender: threading.Thread | None = None
         self._sender_stop = False
+        self._waiting: tuple[str, float] | None = None  # (idle counter, since) while waiting
         self.group_ids = itertools.count()
         self.version = 0
         self._cond = threading.Condition()
@@ -300,13 +301,12 @@ class FullyAsyncRollouter:
                 with self._cond:
                     while not self._stop and self._must_wait():
                         why = "idle_paused_seconds" if self._paused else "idle_throttled_seconds"
-                        waited = time.time()
+                        self._waiting = (why, time.time())
                         # Woken by resume, stop and load_weights (a new version makes room);
                         # the timeout only bounds the wait should a wake-up ever be missed.
                         self._cond.wait(1.0)
-                        idle = time.time() - waited
-                        self.stats["idle_seconds"] += idle
-                        self.stats[why] += idle
+                        self._count_wait()
+                        self._waiting = None
                     if self._stop:
                         break
                     self._generating = True
@@ -342,6 +342,16 @@ class FullyAsyncRollouter:
             self._cond.notify_all()
         if self.queue is not None:
             _call(self.queue, "close", f"the rollouter crashed:\n{self._error}")
+
+    def _count_wait(self) -> None:
+        """Add the wait in progress, up to now, to the idle counters (under the lock): the
+        statistics include a wait that has not ended yet."""
+        if self._waiting is not None:
+            why, since = self._waiting
+            now = time.time()
+            self.stats["idle_seconds"] += now - since
+            self.stats[why] += now - since
+            self._waiting = (why, now)
 
     def _must_wait(self) -> bool:
         """Paused, or no admission room and nothing unfinished (unfinished groups were admitted
@@ -443,6 +453,7 @@ class FullyAsyncRollouter:
             if not self._paused:
                 self._interrupt_at = time.monotonic() + self.config.async_training.pause_grace_s
             self._paused = True
+            self._cond.notify_all()  # a waiting loop now counts its wait as paused
             while self._generating:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -483,6 +494,7 @@ class FullyAsyncRollouter:
 
     def get_statistics(self) -> dict[str, Any]:
         with self._cond:
+            self._count_wait()
             stats = dict(self.stats)
             stats.update(
                 version=self.version,
