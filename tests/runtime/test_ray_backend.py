@@ -7,6 +7,7 @@ with ``miniray.init(backend="ray")`` and its ``shutdown`` kills only what minira
 from __future__ import annotations
 
 import os
+import pathlib
 import subprocess
 import sys
 import textwrap
@@ -60,16 +61,6 @@ def double(x):
 def sleep_then(value, seconds):
     time.sleep(seconds)
     return value
-
-
-@miniray.remote
-def sleep_in_slices(seconds):
-    # Ray cancels a running task with a KeyboardInterrupt that Python delivers between
-    # bytecodes, so one long time.sleep() would not be interrupted; short slices are.
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        time.sleep(0.05)
-    return "finished"
 
 
 @miniray.remote(max_retries=0)
@@ -226,13 +217,29 @@ def test_crashed_task_without_retries_is_worker_crashed(on_ray):
         miniray.get(crash.remote(), timeout=60)
 
 
-def test_cancelled_running_task_raises_task_cancelled(on_ray):
-    ref = sleep_in_slices.remote(30)
-    ready, _ = miniray.wait([ref], timeout=1)  # give it time to start; pending is fine too
-    assert ready == []
+@miniray.remote
+def note_start_then_sleep_in_slices(marker, seconds):
+    # Ray cancels a running task with a KeyboardInterrupt that Python delivers between
+    # bytecodes, so one long time.sleep() would not be interrupted; short slices are.
+    pathlib.Path(marker).touch()
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        time.sleep(0.05)
+    return "finished"
+
+
+def test_cancelled_running_task_raises_task_cancelled(on_ray, tmp_path):
+    # Cancel only once the task runs: on a busy machine a cancel sent while Ray is still
+    # handing the task to a worker was lost now and then (the task then finished normally).
+    marker = tmp_path / "started"
+    ref = note_start_then_sleep_in_slices.remote(str(marker), 120)
+    deadline = time.monotonic() + 60
+    while not marker.exists():
+        assert time.monotonic() < deadline, "the task did not start within 60 s"
+        time.sleep(0.05)
     miniray.cancel(ref)
     with pytest.raises(TaskCancelledError):
-        miniray.get(ref, timeout=30)
+        miniray.get(ref, timeout=60)
 
 
 def test_restarted_actor_reruns_init_and_calls_fail_with_our_actor_errors(on_ray):
