@@ -237,14 +237,9 @@ def test_cancelled_running_task_raises_task_cancelled(on_ray, tmp_path):
     while not marker.exists():
         assert time.monotonic() < deadline, "the task did not start within 60 s"
         time.sleep(0.05)
-    # Ray delivers the cancel as a KeyboardInterrupt; on a busy machine one was lost now and
-    # then even with the task running (Ray's own behaviour), so it is re-sent until honoured.
+    miniray.cancel(ref)  # re-sent by the backend until honoured (Ray loses one now and then)
     with pytest.raises(TaskCancelledError):
-        for _ in range(30):
-            miniray.cancel(ref)
-            if miniray.wait([ref], timeout=2)[0]:
-                break
-        miniray.get(ref, timeout=10)
+        miniray.get(ref, timeout=60)
 
 
 def test_restarted_actor_reruns_init_and_calls_fail_with_our_actor_errors(on_ray):

@@ -100,22 +100,20 @@ def scheduled_lr(config: PolicyUpdateConfig, step: int) -> float:
     return base * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def response_logprobs(
-    model: Any, batch: Batch, *, temperature: float = 1.0, with_entropy: bool = False
-) -> Any:
-    """Log-probs (B, R) of the batch's response tokens under ``model``; with ``with_entropy``
-    also the entropy (B, R) of the whole next-token distribution at each response position."""
+def response_log_softmax(model: Any, batch: Batch, *, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probs (B, R, V) of the whole next-token distribution at each response position."""
     positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
     logits = model(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=positions
     ).logits
     start = batch.prompt_length
-    logits = logits[:, start - 1 : -1].float() / temperature
-    logp = torch.log_softmax(logits, dim=-1)
-    chosen = logp.gather(-1, batch.response_ids[..., None]).squeeze(-1)
-    if not with_entropy:
-        return chosen
-    return chosen, -(logp.exp() * logp).sum(-1)
+    return torch.log_softmax(logits[:, start - 1 : -1].float() / temperature, dim=-1)
+
+
+def response_logprobs(model: Any, batch: Batch, *, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probs (B, R) of the batch's response tokens under ``model``."""
+    logp = response_log_softmax(model, batch, temperature=temperature)
+    return logp.gather(-1, batch.response_ids[..., None]).squeeze(-1)
 
 
 class PolicyUpdater:
@@ -138,53 +136,55 @@ class PolicyUpdater:
         advantages = grpo_advantages(batch.rewards, batch.group_index)
         per_token = token_advantages(advantages, batch.response_mask)
         behaviour = batch.behaviour_logprobs if cfg.use_rollout_log_probs else None
-        size = min(cfg.ppo_mini_batch_size or len(batch), len(batch))
-        minibatches = [
-            torch.arange(i, min(i + size, len(batch))) for i in range(0, len(batch), size)
-        ]
         lr = scheduled_lr(cfg, self.steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
+        size = cfg.ppo_mini_batch_size or len(batch)
         proximal: torch.Tensor | None = None
-        if len(minibatches) > 1:
+        if size >= len(batch):
+            parts = [(batch, per_token, behaviour, slice(None))]
+        else:
             # The proximal policy is theta at the start of the update; with several optimizer
             # steps per pass, later minibatches no longer see it, so it takes its own pass.
             with torch.no_grad():
                 proximal = response_logprobs(self.model, batch, temperature=cfg.temperature)
+            parts = []
+            for first in range(0, len(batch), size):
+                rows = torch.arange(first, min(first + size, len(batch)))
+                parts.append(
+                    (
+                        batch.select(rows),
+                        per_token[rows],
+                        None if behaviour is None else behaviour[rows],
+                        rows,
+                    )
+                )
         metrics: dict[str, float] = {}
         for _ in range(cfg.ppo_epochs):
-            for rows in minibatches:
-                part = batch if len(minibatches) == 1 else batch.select(rows)
-                out = response_logprobs(
-                    self.model,
-                    part,
-                    temperature=cfg.temperature,
-                    with_entropy=cfg.entropy_coeff > 0,
-                )
-                logprobs, entropy = out if cfg.entropy_coeff > 0 else (out, None)
+            for part, part_advantages, part_behaviour, rows in parts:
+                logp = response_log_softmax(self.model, part, temperature=cfg.temperature)
+                logprobs = logp.gather(-1, part.response_ids[..., None]).squeeze(-1)
                 if proximal is None:
                     # One minibatch: theta at the start is the first epoch's theta, its
                     # log-probs detached, with no extra forward pass (~15% of a step).
                     proximal = logprobs.detach()
                 loss, metrics = ppo_loss(
                     logprobs,
-                    proximal[rows] if len(minibatches) > 1 else proximal,
-                    per_token[rows] if len(minibatches) > 1 else per_token,
+                    proximal[rows],
+                    part_advantages,
                     part.response_mask,
-                    behaviour_logprobs=(
-                        behaviour[rows]
-                        if behaviour is not None and len(minibatches) > 1
-                        else behaviour
-                    ),
+                    behaviour_logprobs=part_behaviour,
                     clip_ratio_low=cfg.clip_ratio_low,
                     clip_ratio_high=cfg.clip_ratio_high,
                     behaviour_weight_cap=cfg.behaviour_weight_cap,
                     behaviour_weight_mode=cfg.behaviour_weight_mode,  # type: ignore[arg-type]
                     loss_agg_mode=cfg.loss_agg_mode,  # type: ignore[arg-type]
                 )
-                if entropy is not None:
-                    mean_entropy = aggregate_loss(entropy, part.response_mask, cfg.loss_agg_mode)  # type: ignore[arg-type]
+                if cfg.entropy_coeff > 0:
+                    entropy = -(logp.exp() * logp).sum(-1)
+                    mode = cfg.loss_agg_mode
+                    mean_entropy = aggregate_loss(entropy, part.response_mask, mode)  # type: ignore[arg-type]
                     loss = loss - cfg.entropy_coeff * mean_entropy
                     metrics["entropy"] = mean_entropy.item()
                 self.optimizer.zero_grad()

@@ -386,7 +386,9 @@ class FullyAsyncRollouter:
                     # A full queue is retried after its wait for room (backpressure) until
                     # it takes them or the rollouter stops.
                     while groups:
-                        groups = self._account(groups, _result(self._start_put(groups)))
+                        answer = _result(self._start_put(groups))
+                        with self._cond:
+                            groups = self._account(groups, answer)
                         if self._stop:
                             break
                 finally:
@@ -412,11 +414,7 @@ class FullyAsyncRollouter:
 
     def _account(self, groups: list[list[Sample]], results: list[Any]) -> list[list[Sample]]:
         """Count the queue's answers to a put; returns the groups refused because it was full.
-        (Under the lock: the generation loop reads the counts and the cursor.)"""
-        with self._cond:
-            return self._account_locked(groups, results)
-
-    def _account_locked(self, groups: list[list[Sample]], results: list[Any]) -> list[list[Sample]]:
+        Under the lock: the generation loop reads the counts and the cursor."""
         retry = []
         for group, result in zip(groups, results):
             name = getattr(result, "name", str(result))
