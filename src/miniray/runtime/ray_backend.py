@@ -210,24 +210,6 @@ def _map_error(exc: BaseException) -> BaseException:
     return exc
 
 
-_CANCEL_RESEND_S = 2.0  # how often a cancel is re-sent while the task still runs
-_CANCEL_RESEND_FOR_S = 60.0  # and for how long at most
-
-
-def _resend_cancel(ray_ref: Any, force: bool) -> None:
-    import ray
-
-    deadline = time.monotonic() + _CANCEL_RESEND_FOR_S
-    try:
-        while time.monotonic() < deadline:
-            ready, _ = ray.wait([ray_ref], timeout=_CANCEL_RESEND_S)
-            if ready:
-                return
-            ray.cancel(ray_ref, force=force)
-    except Exception:  # Ray shut down meanwhile: nothing left to cancel
-        return
-
-
 def _wait_until_dead(ray_handle: Any, handle: ActorHandle) -> None:
     """Return once the killed actor refuses calls, so that later calls raise ``ActorDiedError``.
 
@@ -628,13 +610,7 @@ class RayBackend:
     def cancel(self, ref: ObjectRef, force: bool) -> None:
         import ray
 
-        ray_ref = _ray_ref(ref)
-        ray.cancel(ray_ref, force=force)
-        # Ray delivers a cancel as a KeyboardInterrupt and on a busy machine loses one now and
-        # then (the task then finishes normally): re-send it until the task has ended.
-        threading.Thread(
-            target=_resend_cancel, args=(ray_ref, force), name="miniray-cancel", daemon=True
-        ).start()
+        ray.cancel(_ray_ref(ref), force=force)
 
     def release(self, object_id: str) -> None:
         """Nothing to do: Ray counts references of the ray.ObjectRef inside our ref."""
