@@ -61,6 +61,8 @@ def test_async_run_trains_overlapping_and_respects_the_staleness_bound(rt, workd
     assert len(result.ages) == 6 * 2
     assert 0.0 <= summary["initial_reward"] <= 1.0 and 0.0 <= summary["final_reward"] <= 1.0
     assert [m["version"] for m in result.history] == [1, 2, 3, 4, 5, 6]
+    # The loop does not wait for the queue's answer to a version bump; it must still land.
+    assert result.queue_stats["current_param_version"] == 6
     assert summary["sync_ms_p50"] > 0
     assert summary["sync_phase_ms"]["pause_p50"] >= 0 and "load_p95" in summary["sync_phase_ms"]
 

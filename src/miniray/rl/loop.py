@@ -143,6 +143,7 @@ def run(
     run_start = time.time()
     sync_ms: list[float] = []
     wait_s = 0.0
+    version_ref: miniray.ObjectRef | None = None  # the queue's answer to the last version bump
     try:
         version, start_step, trained, resumed = _resume(cfg, trainer, rollouter, queue, timeout)
         sync.restore_version(version)
@@ -164,6 +165,11 @@ def run(
                 )
             waited = time.time() - t0
             wait_s += waited
+            # Answers travel through the driver, which is busy training: ask now, read after.
+            size_ref = queue.get_queue_size.remote()
+            if version_ref is not None:  # the queue took the last version bump (or raises)
+                miniray.get(version_ref, timeout=timeout)
+                version_ref = None
             metrics: dict[str, Any] = dict(trainer.train_step(groups))
             positions = [g[0].metadata["prompt_position"] for g in groups]
             for position in positions:
@@ -183,7 +189,9 @@ def run(
                     )
                 version += 1
                 trainer.set_version(version)
-                miniray.get(queue.update_param_version.remote(version), timeout=timeout)
+                # Not waited for: the queue's version only moves forward (the next get_batch
+                # passes it too), so the order of the two calls is moot; read at the next step.
+                version_ref = queue.update_param_version.remote(version)
                 sync_ms.append((time.time() - t1) * 1e3)
             if save_freq >= 0 and (
                 step == total_steps or (save_freq > 0 and step % save_freq == 0)
@@ -195,7 +203,7 @@ def run(
                 version=version,
                 wall_s=time.time() - run_start,
                 trainer_wait_s=waited,
-                queue_size=miniray.get(queue.get_queue_size.remote(), timeout=timeout),
+                queue_size=miniray.get(size_ref, timeout=timeout),
                 queue_capacity=cfg.async_training.max_queue_size,
             )
             if eval_rows and (step % eval_every == 0 or step == total_steps):
@@ -213,6 +221,8 @@ def run(
             if on_step is not None:
                 on_step(step, metrics)
         publisher.wait()  # a failed last sync fails the run
+        if version_ref is not None:
+            miniray.get(version_ref, timeout=timeout)
     finally:
         publisher.close()
         try:
