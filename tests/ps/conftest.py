@@ -8,18 +8,9 @@ cross-process behaviour use it. Tests of the server's arithmetic and bookkeeping
 
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 
 import miniray
-
-# The GAN example is the top-level package ``ml`` (the seed runs ``python -m ml.train``);
-# ``python -m pytest`` finds it through the working directory, plain ``pytest`` through this.
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
 
 
 @pytest.fixture

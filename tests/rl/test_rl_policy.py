@@ -66,6 +66,24 @@ def test_groups_with_equal_rewards_leave_the_policy_unchanged(tokenizer):
         assert torch.equal(value, before[key]), key
 
 
+def test_published_weights_are_a_copy_with_tied_entries_kept_as_one_tensor(tokenizer):
+    from miniray.runtime.serialization import serialize
+
+    model = tiny_qwen2(tokenizer, hidden_size=32, intermediate_size=64, seed=4)
+    assert model.config.tie_word_embeddings
+    weights = PolicyUpdater(model, pad_token_id=tokenizer.pad_token_id).state_dict()
+    embedding = model.get_input_embeddings().weight
+    assert weights["lm_head.weight"] is weights["model.embed_tokens.weight"]
+    assert weights["lm_head.weight"].data_ptr() != embedding.data_ptr()  # a copy, not a view
+    assert torch.equal(weights["lm_head.weight"], embedding)
+    # Shared once, the tied tensor is pickled once: the stream is as big as without lm_head.
+    alone = {k: v for k, v in weights.items() if k != "lm_head.weight"}
+    extra = len(serialize(weights, session_id=None).pickled) - len(
+        serialize(alone, session_id=None).pickled
+    )
+    assert extra < 200, extra
+
+
 def test_engine_and_trainer_agree_on_logprobs(tokenizer):
     """Behaviour log-probs from the engine equal the trainer's recomputation: ratio 1."""
     from miniray.rl.policy import response_logprobs

@@ -206,4 +206,13 @@ class PolicyUpdater:
         return metrics
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        """A copy of the weights. Tied entries (a causal LM's embedding and ``lm_head``) stay
+        one tensor under both names, so the copy and every sync move their bytes once."""
+        copies: dict[tuple, torch.Tensor] = {}
+        out = {}
+        for name, tensor in self.model.state_dict().items():
+            key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
+            if key not in copies:
+                copies[key] = tensor.detach().clone()
+            out[name] = copies[key]
+        return out
