@@ -110,10 +110,14 @@ def response_log_softmax(model: Any, batch: Batch, *, temperature: float = 1.0) 
     return torch.log_softmax(logits[:, start - 1 : -1].float() / temperature, dim=-1)
 
 
+def chosen_logprobs(log_softmax: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """The (B, R) entries of a (B, R, V) ``response_log_softmax`` at the response tokens."""
+    return log_softmax.gather(-1, batch.response_ids[..., None]).squeeze(-1)
+
+
 def response_logprobs(model: Any, batch: Batch, *, temperature: float = 1.0) -> torch.Tensor:
     """Log-probs (B, R) of the batch's response tokens under ``model``."""
-    logp = response_log_softmax(model, batch, temperature=temperature)
-    return logp.gather(-1, batch.response_ids[..., None]).squeeze(-1)
+    return chosen_logprobs(response_log_softmax(model, batch, temperature=temperature), batch)
 
 
 class PolicyUpdater:
@@ -164,7 +168,7 @@ class PolicyUpdater:
         for _ in range(cfg.ppo_epochs):
             for part, part_advantages, part_behaviour, rows in parts:
                 logp = response_log_softmax(self.model, part, temperature=cfg.temperature)
-                logprobs = logp.gather(-1, part.response_ids[..., None]).squeeze(-1)
+                logprobs = chosen_logprobs(logp, part)
                 if proximal is None:
                     # One minibatch: theta at the start is the first epoch's theta, its
                     # log-probs detached, with no extra forward pass (~15% of a step).
