@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import random
 import time
 
 import pytest
+import torch
 
 import miniray
 from miniray.rl.engines.base import Generation
-from miniray.rl.loop import run
+from miniray.rl.loop import extrapolate, run
 from miniray.rl.models import char_tokenizer, save, tiny_qwen2
 from miniray.rl.param_sync import ParameterSyncError
 from miniray.rl.queue import MessageQueue, ProducerCrashedError
 from miniray.rl.rollouter import FullyAsyncRollouter
 from miniray.rl.tasks import ArithmeticTask, write_prompts
+from miniray.rl.trainer import FullyAsyncTrainer
 
 TASK = ArithmeticTask(max_operand=9)
 
@@ -345,6 +348,72 @@ def test_a_weight_sync_failing_in_the_background_fails_the_run(rt, workdir):
     cfg = config(workdir, max_sync_retries=0, sync_timeout=10)
     with pytest.raises(ParameterSyncError, match="unexpected parameters"):
         run(cfg, engine=BadWeightsEngine())
+
+
+class WeightSavingEngine(RecordingEngine):
+    """Saves every state dict it is asked to load, in order, to ``directory``."""
+
+    def __init__(self, directory):
+        super().__init__()
+        self.directory = str(directory)
+        self.loads = 0
+
+    def load_weights(self, state_dict):
+        self.loads += 1
+        torch.save(dict(state_dict), f"{self.directory}/load_{self.loads:03d}.pt")
+
+
+def random_reward(response, truth):
+    """Rewards that differ within every group, so every step has advantages to follow."""
+    return random.random()
+
+
+class SnapshotKeepingTrainer(FullyAsyncTrainer):
+    """Keeps a copy of every state dict the loop takes for publishing."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.snapshots: list[dict[str, torch.Tensor]] = []
+
+    def get_weights(self):
+        weights = super().get_weights()
+        self.snapshots.append({k: v.clone() for k, v in weights.items()})
+        return weights
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("factor", [0.0, 0.5])
+def test_the_rollouter_gets_the_weights_extrapolated_along_the_last_step(
+    rt, workdir, tmp_path, factor
+):
+    cfg = config(workdir, staleness_threshold=1, weight_extrapolation=factor)
+    trainer = SnapshotKeepingTrainer(cfg)
+    run(cfg, trainer=trainer, engine=WeightSavingEngine(tmp_path), reward_fn=random_reward)
+    loads = sorted(tmp_path.glob("load_*.pt"))
+    assert len(loads) == len(trainer.snapshots) == 6
+    first = torch.load(loads[0])  # nothing to extrapolate from yet
+    for name, value in trainer.snapshots[0].items():
+        torch.testing.assert_close(first[name], value)
+    last, before = trainer.snapshots[-1], trainer.snapshots[-2]
+    loaded = torch.load(loads[-1])
+    moved = 0.0
+    for name, value in last.items():
+        torch.testing.assert_close(loaded[name], value + factor * (value - before[name]))
+        moved = max(moved, (value - before[name]).abs().max().item())
+    assert moved > 1e-4  # the step moved the weights, so the two cases differ
+
+
+def test_extrapolate_moves_floating_entries_and_keeps_tied_ones_shared():
+    shared = torch.tensor([1.0, 2.0])
+    weights = {"embed": shared, "lm_head": shared, "steps": torch.tensor([3])}
+    earlier_shared = torch.tensor([0.0, 4.0])
+    earlier = {"embed": earlier_shared, "lm_head": earlier_shared, "steps": torch.tensor([2])}
+    out = extrapolate(weights, earlier, 1.0)
+    torch.testing.assert_close(out["embed"], torch.tensor([2.0, 0.0]))
+    assert out["lm_head"] is out["embed"]
+    assert out["steps"] is weights["steps"]  # integer entries are counters, not weights
+    assert extrapolate(weights, None, 1.0) is weights  # nothing to extrapolate from yet
+    assert extrapolate(weights, earlier, 0.0) is weights
 
 
 class SlowQueue:

@@ -136,6 +136,76 @@ def test_weights_above_the_cap_are_masked_or_clamped():
     assert uncapped.item() == pytest.approx(-(10.0 + 1.0) / 2)
 
 
+def test_prefix_and_sequence_weights_multiply_the_ratios_over_the_response():
+    logprobs = torch.zeros(1, 3)
+    prox = torch.zeros(1, 3)
+    adv = torch.ones(1, 3)
+    mask = torch.tensor([[1.0, 1.0, 0.0]])  # the third position is padding
+    behaviour = torch.tensor([[math.log(0.5), math.log(0.5), math.log(8.0)]])  # ratios 2, 2
+
+    def loss_at(level: str) -> float:
+        loss, _ = ppo_loss(
+            logprobs,
+            prox,
+            adv,
+            mask,
+            behaviour_logprobs=behaviour,
+            behaviour_weight_level=level,
+            behaviour_weight_cap=None,
+        )
+        return loss.item()
+
+    assert loss_at("token") == pytest.approx(-(2.0 + 2.0) / 2)
+    assert loss_at("prefix") == pytest.approx(-(2.0 + 4.0) / 2)
+    assert loss_at("sequence") == pytest.approx(-(4.0 + 4.0) / 2)
+    with pytest.raises(ValueError, match="behaviour_weight_level='tokens'"):
+        loss_at("tokens")
+
+
+def _two_token_policy(logits: torch.Tensor) -> torch.Tensor:
+    """Log-probs (4, 2) of the four two-token responses over a vocabulary {0, 1}: the first
+    token from ``logits[0]``, the second from ``logits[1 + first]``."""
+    first = torch.log_softmax(logits[0], -1)
+    second = torch.log_softmax(logits[1:], -1)
+    rows = [torch.stack([first[a], second[a, b]]) for a in (0, 1) for b in (0, 1)]
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("level", ["token", "prefix", "sequence"])
+def test_only_sequence_weights_recover_the_on_policy_gradient(level):
+    # Exact enumeration of a two-token process whose reward is for the whole response: the
+    # expected update from behaviour samples, against the gradient of the current policy's
+    # expected reward. Weighting each response by b(response) turns the loss's mean over the
+    # four responses into the expectation under the behaviour policy.
+    torch.manual_seed(0)
+    theta = torch.randn(3, 2, requires_grad=True)
+    behaviour_logits = theta.detach() + 1.5 * torch.randn(3, 2)
+    reward = torch.tensor([1.0, 0.0, 0.2, 0.7])
+    with torch.no_grad():
+        behaviour = _two_token_policy(behaviour_logits)
+    logprobs = _two_token_policy(theta)
+    b = behaviour.sum(-1).exp()
+    adv = (4 * b * reward)[:, None].expand(4, 2)
+    loss, _ = ppo_loss(
+        logprobs,
+        logprobs.detach(),
+        adv,
+        torch.ones(4, 2),
+        behaviour_logprobs=behaviour,
+        behaviour_weight_level=level,
+        behaviour_weight_cap=None,
+        loss_agg_mode="seq-mean-token-sum",
+    )
+    (estimated,) = torch.autograd.grad(-loss, theta)
+    expected_reward = (_two_token_policy(theta).sum(-1).exp() * reward).sum()
+    (on_policy,) = torch.autograd.grad(expected_reward, theta)
+    if level == "sequence":
+        torch.testing.assert_close(estimated, on_policy)
+    else:
+        # The token and prefix levels judge tokens by how the behaviour policy would go on.
+        assert (estimated - on_policy).abs().max() > 0.1 * on_policy.abs().max()
+
+
 def test_padding_never_changes_the_loss():
     logprobs = torch.tensor([[0.1, 5.0]], requires_grad=True)
     prox = torch.zeros(1, 2)

@@ -257,6 +257,7 @@ def test_trainer_passes_every_actor_option_to_the_update():
         "use_rollout_log_probs": False,
         "behaviour_weight_cap": 2.0,
         "behaviour_weight_mode": "clamp",
+        "behaviour_weight_level": "sequence",
         "entropy_coeff": 0.01,
     }
     actor_keys = {f.name for f in dataclasses.fields(ActorConfig) if f.name != "optim"} | {

@@ -85,6 +85,14 @@ class AsyncTrainingConfig(Config):
         "synchronizer's resume_rollout (which then finds it running); false: only "
         "resume_rollout resumes it",
     )
+    weight_extrapolation: float = option(
+        0.0,
+        ge=0,
+        help="async: publish theta + c * (theta - theta_before_the_step), a guess of the "
+        "weights the samples will be trained at (c=1: one step ahead, the typical age at "
+        "staleness_threshold=1); the behaviour log-probs are the guess's, so the importance "
+        "weights stay exact. 0: publish theta",
+    )
     max_sync_retries: int = option(
         3, ge=0, help="extra attempts after a failed weight sync (attempts = 1 + retries)"
     )
@@ -219,6 +227,11 @@ class ActorConfig(Config):
         "behaviour_weight_mode; None: no cap",
     )
     behaviour_weight_mode: Literal["mask", "clamp"] = "mask"
+    behaviour_weight_level: Literal["token", "prefix", "sequence"] = option(
+        "token",
+        help="token: each token's own ratio; prefix: the product over the response so far; "
+        "sequence: the product over the whole response",
+    )
     entropy_coeff: float = option(0.0, ge=0)
 
 

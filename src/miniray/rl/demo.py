@@ -68,6 +68,10 @@ def demo_config(root: pathlib.Path, *, steps: int, mode: str, lr: float) -> dict
             "pause_grace_s": 0.05,
             # ... and resumes it as soon as the new weights are in.
             "resume_on_load": True,
+            # The rollouter generates with the weights one step further along the last step,
+            # a guess of the weights its samples are trained at: per step, async then learns
+            # as much as sync (docs/rl.md, "Staleness").
+            "weight_extrapolation": 1.0,
             "generation_timeout": 300,
         },
         "trainer": {"total_training_steps": steps, "trigger_parameter_sync_step": 1},

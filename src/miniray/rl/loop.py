@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 import miniray
 from miniray.rl import checkpoint
 from miniray.rl.data_position import TrainedPositions
@@ -121,7 +123,7 @@ def run(
     trainer = trainer if trainer is not None else FullyAsyncTrainer(cfg)
     # Async mode publishes a snapshot of the weights in the background (the next step runs
     # while they travel); the synchronizer reads them from here.
-    published = _Snapshot()
+    published = _Snapshot(cfg.async_training.weight_extrapolation if mode == "async" else 0.0)
     sync = UnifiedParameterSynchronizer(
         cfg, trainer_actor=published if mode == "async" else trainer, rollouter_actor=rollouter
     )
@@ -180,7 +182,7 @@ def run(
                 t1 = time.time()
                 if mode == "async":
                     publisher.wait()  # the previous version is in place: versions stay in order
-                    published.weights = trainer.get_weights()  # before the next step changes them
+                    published.take(trainer.get_weights())  # before the next step changes them
                     publisher.start(version + 1)
                 else:
                     weights = miniray.put(trainer.get_weights())
@@ -296,18 +298,56 @@ def _resume(
     return version, step, trained, path
 
 
+def extrapolate(
+    weights: dict[str, torch.Tensor],
+    earlier: dict[str, torch.Tensor] | None,
+    factor: float,
+) -> dict[str, torch.Tensor]:
+    """``weights + factor * (weights - earlier)`` for floating-point entries (others as they
+    are). Adam's momentum makes consecutive updates point much the same way, so one step
+    further along the last one is closer to the next weights than the current ones are
+    (SpecTrain's weight prediction for pipeline staleness). Entries that share a tensor
+    (tied embeddings) still share one in the result."""
+    if not factor or earlier is None:
+        return weights
+    out: dict[str, torch.Tensor] = {}
+    done: dict[int, torch.Tensor] = {}
+    for name, value in weights.items():
+        if id(value) in done:
+            out[name] = done[id(value)]
+            continue
+        if value.is_floating_point():
+            out[name] = torch.lerp(earlier[name], value, 1.0 + factor)
+        else:
+            out[name] = value
+        done[id(value)] = out[name]
+    return out
+
+
 class _Snapshot:
     """The weights the synchronizer publishes: a copy taken after a step, so the trainer can
-    take its next step while they travel to the rollouter."""
+    take its next step while they travel to the rollouter. With ``extrapolation`` c > 0 it
+    publishes ``theta + c * (theta - theta_before)`` (``extrapolate``), computed while
+    staging, in the sync's thread rather than on the trainer's path."""
 
-    def __init__(self) -> None:
+    def __init__(self, extrapolation: float = 0.0) -> None:
         self.weights: Any = None
+        self.extrapolation = extrapolation
+        # The last two snapshots as trained; kept only when extrapolating.
+        self._trained: dict[str, torch.Tensor] | None = None
+        self._before: dict[str, torch.Tensor] | None = None
+
+    def take(self, weights: dict[str, torch.Tensor]) -> None:
+        """A new snapshot; ``weights`` must be a copy (the next step changes the model)."""
+        if self.extrapolation:
+            self._before, self._trained = self._trained, weights
+        self.weights = weights
 
     def stage(self) -> None:
         """Put the weights in the object store before the sync pauses the rollouter: then
         its pause lasts for the load alone, not for serializing the weights as well."""
         if self.weights is not None and not isinstance(self.weights, miniray.ObjectRef):
-            self.weights = miniray.put(self.weights)
+            self.weights = miniray.put(extrapolate(self.weights, self._before, self.extrapolation))
 
     def get_weights(self) -> Any:
         if self.weights is None:

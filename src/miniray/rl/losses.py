@@ -141,6 +141,7 @@ def ppo_loss(
     clip_ratio_high: float | None = None,
     behaviour_weight_cap: float | None = 5.0,
     behaviour_weight_mode: Literal["mask", "clamp"] = "mask",
+    behaviour_weight_level: Literal["token", "prefix", "sequence"] = "token",
     loss_agg_mode: LossAggMode = "token-mean",
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The clipped PPO loss with AReaL's decoupled off-policy correction (module doc).
@@ -149,6 +150,19 @@ def ppo_loss(
     scalar loss and metrics: ``clip_fraction``, ``approx_kl`` (theta vs prox), and with
     behaviour log-probs ``behaviour_weight_mean``, ``behaviour_filtered_fraction``,
     ``behaviour_approx_kl`` (prox vs behaviour).
+
+    ``behaviour_weight_level`` says which ratios weigh a token:
+
+    * ``"token"``: its own (AReaL's choice; stays near 1 on long responses);
+    * ``"prefix"``: the product over the response up to and including it, which also
+      corrects for the earlier tokens having been drawn from the behaviour policy;
+    * ``"sequence"``: the product over the whole response. With a reward for the whole
+      response this is the exact correction: the later tokens, which decide the reward too,
+      were drawn from the behaviour policy as well. Its variance grows with the length.
+
+    The token level leaves out the context: on a policy that moves fast, later tokens are
+    learned in the contexts the old policy produced, and judged by how the old policy would
+    have finished the response.
     """
     for name, t in (
         ("proximal_logprobs", proximal_logprobs),
@@ -176,7 +190,18 @@ def ppo_loss(
     if behaviour_logprobs is not None:
         _check_same_shape(logprobs, behaviour_logprobs, "logprobs", "behaviour_logprobs")
         behave_log_ratio = prox - behaviour_logprobs.detach()
-        weight = torch.exp(behave_log_ratio)
+        if behaviour_weight_level == "token":
+            weight = torch.exp(behave_log_ratio)
+        elif behaviour_weight_level == "prefix":
+            weight = torch.exp(torch.cumsum(behave_log_ratio * mask, dim=-1))
+        elif behaviour_weight_level == "sequence":
+            total = (behave_log_ratio * mask).sum(-1, keepdim=True)
+            weight = torch.exp(total).expand_as(behave_log_ratio)
+        else:
+            raise ValueError(
+                f"behaviour_weight_level={behaviour_weight_level!r} is unknown: must be "
+                "'token', 'prefix' or 'sequence'"
+            )
         keep = torch.ones_like(mask)
         if behaviour_weight_cap is not None:
             if behaviour_weight_cap <= 1:

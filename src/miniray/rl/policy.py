@@ -41,6 +41,7 @@ class PolicyUpdateConfig:
     use_rollout_log_probs: bool = True  # False: plain PPO, no correction towards the behaviour
     behaviour_weight_cap: float | None = 5.0
     behaviour_weight_mode: str = "mask"
+    behaviour_weight_level: str = "token"  # token | prefix (losses.ppo_loss)
     entropy_coeff: float = 0.0
     max_grad_norm: float = 1.0
     loss_agg_mode: str = "token-mean"
@@ -183,6 +184,7 @@ class PolicyUpdater:
                     clip_ratio_high=cfg.clip_ratio_high,
                     behaviour_weight_cap=cfg.behaviour_weight_cap,
                     behaviour_weight_mode=cfg.behaviour_weight_mode,  # type: ignore[arg-type]
+                    behaviour_weight_level=cfg.behaviour_weight_level,  # type: ignore[arg-type]
                     loss_agg_mode=cfg.loss_agg_mode,  # type: ignore[arg-type]
                 )
                 if cfg.entropy_coeff > 0:

@@ -43,6 +43,7 @@ def policy_update_config(config: RLConfig) -> PolicyUpdateConfig:
         use_rollout_log_probs=actor.use_rollout_log_probs,
         behaviour_weight_cap=actor.behaviour_weight_cap,
         behaviour_weight_mode=actor.behaviour_weight_mode,
+        behaviour_weight_level=actor.behaviour_weight_level,
         entropy_coeff=actor.entropy_coeff,
         temperature=config.actor_rollout_ref.rollout.temperature or 1.0,
     )
