@@ -42,14 +42,23 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     return name, overrides
 
 
-def thirds(result: RunResult, steps: int) -> list[float]:
-    """Mean held-out reward over steps (0, steps/3], (steps/3, 2 steps/3], (2 steps/3, steps]."""
+def mean_or_none(values: list[float]) -> float | None:
+    """The mean, or None (JSON null) when there is nothing to average."""
+    return statistics.mean(values) if values else None
+
+
+def thirds(result: RunResult, steps: int) -> list[float | None]:
+    """Mean held-out reward over steps (0, steps/3], (steps/3, 2 steps/3], (2 steps/3, steps];
+    None for a third without an evaluation (runs shorter than 3 x ``--eval-every``)."""
     out = []
     for part in range(3):
         low, high = part * steps / 3, (part + 1) * steps / 3
-        scores = [score for step, _, score in result.evals if low < step <= high]
-        out.append(statistics.mean(scores) if scores else float("nan"))
+        out.append(mean_or_none([score for step, _, score in result.evals if low < step <= high]))
     return out
+
+
+def show(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def steps_per_s(result: RunResult) -> float:
@@ -57,9 +66,10 @@ def steps_per_s(result: RunResult) -> float:
     return (len(result.history) - 1) / span(result)
 
 
-def behaviour_kl(result: RunResult) -> float:
-    values = [m["behaviour_approx_kl"] for m in result.history if "behaviour_approx_kl" in m]
-    return statistics.mean(values) if values else float("nan")
+def behaviour_kl(result: RunResult) -> float | None:
+    return mean_or_none(
+        [m["behaviour_approx_kl"] for m in result.history if "behaviour_approx_kl" in m]
+    )
 
 
 def main() -> None:
@@ -69,6 +79,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=5e-4, help="learning rate (the demo's)")
+    parser.add_argument(
+        "--pretrain-steps", type=int, default=25, help="supervised steps before RL (the demo's)"
+    )
     parser.add_argument(
         "--variant",
         action="append",
@@ -82,7 +95,9 @@ def main() -> None:
     results: dict[str, list[RunResult]] = {name: [] for name, _ in variants}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in range(args.first_seed, args.first_seed + args.seeds):
-            root = prepare(pathlib.Path(tmp) / f"seed{seed}", pretrain_steps=25, seed=seed)
+            root = prepare(
+                pathlib.Path(tmp) / f"seed{seed}", pretrain_steps=args.pretrain_steps, seed=seed
+            )
             for name, overrides in variants:
                 cfg = demo_config(root, steps=args.steps, mode="async", lr=args.lr)
                 cfg["data"]["seed"] = seed
@@ -95,18 +110,22 @@ def main() -> None:
                 results[name].append(result)
                 print(
                     f"seed {seed} {name}: final {result.evals[-1][2]:.3f}, thirds "
-                    + " / ".join(f"{x:.3f}" for x in thirds(result, args.steps))
-                    + f", behaviour KL {behaviour_kl(result):.4f}, "
+                    + " / ".join(show(x) for x in thirds(result, args.steps))
+                    + f", behaviour KL {show(behaviour_kl(result), 4)}, "
                     f"{steps_per_s(result):.2f} steps/s",
                     flush=True,
                 )
     summary = {}
     for name, runs in results.items():
         per_third = [thirds(r, args.steps) for r in runs]
+        third_means = [
+            mean_or_none([t[i] for t in per_third if t[i] is not None]) for i in range(3)
+        ]
+        kl = mean_or_none([k for k in map(behaviour_kl, runs) if k is not None])
         summary[name] = {
             "final": round(statistics.mean(r.evals[-1][2] for r in runs), 3),
-            "thirds": [round(statistics.mean(t[i] for t in per_third), 3) for i in range(3)],
-            "behaviour_kl": round(statistics.mean(behaviour_kl(r) for r in runs), 5),
+            "thirds": [None if m is None else round(m, 3) for m in third_means],
+            "behaviour_kl": None if kl is None else round(kl, 5),
             "steps_per_s": round(statistics.median(steps_per_s(r) for r in runs), 2),
             "per_seed_final": [round(r.evals[-1][2], 3) for r in runs],
         }

@@ -123,7 +123,7 @@ def run(
     trainer = trainer if trainer is not None else FullyAsyncTrainer(cfg)
     # Async mode publishes a snapshot of the weights in the background (the next step runs
     # while they travel); the synchronizer reads them from here.
-    published = _Snapshot(cfg.async_training.weight_extrapolation if mode == "async" else 0.0)
+    published = _Snapshot(cfg.async_training.weight_extrapolation)
     sync = UnifiedParameterSynchronizer(
         cfg, trainer_actor=published if mode == "async" else trainer, rollouter_actor=rollouter
     )

@@ -41,7 +41,7 @@ class PolicyUpdateConfig:
     use_rollout_log_probs: bool = True  # False: plain PPO, no correction towards the behaviour
     behaviour_weight_cap: float | None = 5.0
     behaviour_weight_mode: str = "mask"
-    behaviour_weight_level: str = "token"  # token | prefix (losses.ppo_loss)
+    behaviour_weight_level: str = "token"  # token | prefix | sequence (losses.ppo_loss)
     entropy_coeff: float = 0.0
     max_grad_norm: float = 1.0
     loss_agg_mode: str = "token-mean"
