@@ -2,22 +2,30 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+# constraints.txt pins the exact set `make test` last passed with (`make upgrade` moves it).
+CONSTRAINTS := constraints.txt
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(CONSTRAINTS) | cksum | cut -d' ' -f1)
+# `make upgrade` runs the suite in a scratch virtualenv it filled itself, without the pins.
+ifeq ($(SKIP_INSTALL),1)
+INSTALL :=
+else
+INSTALL := setup
+endif
 
-.PHONY: demo ps-demo test lint setup clean
+.PHONY: demo ps-demo test lint setup upgrade test-min clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[torch,rl,ray,dev]'
+	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e '.[torch,rl,ray,dev]'
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
 setup: $(STAMP)
 
-LINT_PATHS := $(wildcard src tests benchmarks examples ml)
+LINT_PATHS := $(wildcard src tests benchmarks examples ml tools)
 
-lint: setup
+lint: $(INSTALL)
 	$(VENV)/bin/ruff check $(LINT_PATHS)
 	$(VENV)/bin/ruff format --check $(LINT_PATHS)
 	$(VENV)/bin/mypy src/miniray/runtime src/miniray/errors.py
@@ -32,5 +40,14 @@ demo: setup
 ps-demo: setup
 	$(PY) examples/parameter_server_demo.py
 
+# Newest versions pyproject.toml allows, in a scratch venv; constraints.txt is rewritten only
+# if the whole suite passes there.
+upgrade:
+	$(PYTHON) tools/refresh_constraints.py
+
+# pyproject.toml's lower bounds, installed exactly in .venv-min, against the test suite.
+test-min:
+	$(PYTHON) tools/refresh_constraints.py --minimum
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) .venv-upgrade .venv-min .pytest_cache .ruff_cache .mypy_cache

@@ -8,6 +8,7 @@ import os
 import pytest
 
 import miniray
+from deprecation_guard import install as install_deprecation_guard
 from ray_support import ray_instance
 
 # Every backend the conformance suite runs against; "ray" when the optional extra is installed.
@@ -73,6 +74,18 @@ def local_runtime():
         yield "local"
     finally:
         miniray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _deprecations_in_our_code_fail():
+    """A deprecation triggered from a ``miniray`` frame fails the test (deprecation_guard.py)."""
+    uninstall = install_deprecation_guard()
+    try:
+        yield
+    finally:
+        logged = uninstall()
+    if logged:
+        pytest.fail("our code triggered deprecation notices:\n" + "\n".join(logged))
 
 
 @pytest.fixture(autouse=True)

@@ -7,6 +7,7 @@ the log-probs the trainer divides by must be those of the distribution actually 
 
 from __future__ import annotations
 
+import inspect
 import pathlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -46,6 +47,7 @@ class HFGenerationEngine:
                 f"HFGenerationEngine: eos_token_id={self.eos_token_id} and "
                 f"pad_token_id={self.pad_token_id} must both be known (pass them explicitly)"
             )
+        self.cache_argument = cache_argument(self.model)
         self.generator = torch.Generator().manual_seed(seed)
         if num_threads is not None:
             torch.set_num_threads(num_threads)
@@ -71,10 +73,16 @@ class HFGenerationEngine:
             input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
             mask[row, width - len(prompt) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        # Our own cache object, filled in place by every forward pass: reading it back from the
+        # output would go through the deprecated ``past_key_values`` attribute on transformers 5.
+        cache = new_kv_cache(self.model)
         out = self.model(
-            input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            **{self.cache_argument: cache},
         )
-        past = out.past_key_values
         logits = out.logits[:, -1, :]
         tokens: list[list[int]] = [[] for _ in range(batch)]
         logprobs: list[list[float]] = [[] for _ in range(batch)]
@@ -107,10 +115,9 @@ class HFGenerationEngine:
                 input_ids=chosen[:, None],
                 attention_mask=mask,
                 position_ids=positions,
-                past_key_values=past,
                 use_cache=True,
+                **{self.cache_argument: cache},
             )
-            past = out.past_key_values
             logits = out.logits[:, -1, :]
         return [
             Generation(
@@ -134,6 +141,26 @@ class HFGenerationEngine:
 
     def state_dict(self) -> dict[str, Any]:
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+
+def cache_argument(model: Any) -> str:
+    """The name ``model.forward`` takes its KV cache under.
+
+    transformers 5.24 renamed ``past_key_values`` to ``cache`` and warns that the old name goes
+    in 5.40; the 4.x releases we support know only ``past_key_values``. ``inspect.signature``
+    sees through transformers' deprecation wrapper to the real parameters.
+    """
+    parameters = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def new_kv_cache(model: Any) -> Any:
+    """An empty ``DynamicCache`` for ``model`` (laid out from its config where supported)."""
+    from transformers import DynamicCache
+
+    if "config" in inspect.signature(DynamicCache).parameters:
+        return DynamicCache(config=model.config)
+    return DynamicCache()
 
 
 def sequence_logprobs(

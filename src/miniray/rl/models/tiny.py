@@ -143,6 +143,19 @@ def load(path: str | pathlib.Path, *, dtype: torch.dtype = torch.float32) -> tup
     from transformers import AutoModelForCausalLM
 
     tokenizer = load_tokenizer(path)
-    model = AutoModelForCausalLM.from_pretrained(_checked(path), dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(_checked(path), **dtype_argument(dtype))
     model.eval()
     return model, tokenizer
+
+
+def dtype_argument(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """``from_pretrained``'s dtype keyword for the installed transformers.
+
+    4.56 renamed ``torch_dtype`` to ``dtype`` and warns on the old name; the 4.45-4.55 releases
+    we support pass an unknown ``dtype`` on to the model's constructor, which refuses it.
+    """
+    import transformers
+    from packaging.version import Version
+
+    new = Version(transformers.__version__) >= Version("4.56")
+    return {"dtype": dtype} if new else {"torch_dtype": dtype}
