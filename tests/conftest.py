@@ -76,14 +76,26 @@ def local_runtime():
         miniray.shutdown()
 
 
-@pytest.fixture(autouse=True)
-def _deprecations_in_our_code_fail():
-    """A deprecation triggered from a ``miniray`` frame fails the test (deprecation_guard.py)."""
-    uninstall = install_deprecation_guard()
+_GUARD = pytest.StashKey()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """The deprecation guard (deprecation_guard.py) around each test's whole protocol, inside
+    pytest's own warning capture (which resets ``showwarning`` per test): fixtures of every
+    scope that a test sets up run under it too."""
+    item.stash[_GUARD] = install_deprecation_guard()
     try:
-        yield
+        return (yield)
     finally:
-        logged = uninstall()
+        item.stash[_GUARD]()
+
+
+@pytest.fixture(autouse=True)
+def _deprecations_in_our_code_fail(request):
+    """A logged deprecation notice while our code ran fails the test (warnings raise at once)."""
+    yield
+    logged = request.node.stash[_GUARD].found
     if logged:
         pytest.fail("our code triggered deprecation notices:\n" + "\n".join(logged))
 

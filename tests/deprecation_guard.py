@@ -94,4 +94,5 @@ def install(loggers: tuple[str, ...] = WATCHED_LOGGERS):
             logging.getLogger(name).removeHandler(log)
         return log.found
 
+    uninstall.found = log.found  # type: ignore[attr-defined]  # read while still installed
     return uninstall

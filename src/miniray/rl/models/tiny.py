@@ -37,6 +37,9 @@ def char_tokenizer(alphabet: str) -> Any:
         eos_token=SPECIAL_TOKENS["eos"],
         pad_token=SPECIAL_TOKENS["pad"],
         unk_token=SPECIAL_TOKENS["unk"],
+        # Said explicitly: transformers 4.45 warns that its default is about to change, and
+        # the decoder already joins characters without spaces.
+        clean_up_tokenization_spaces=False,
     )
 
 
