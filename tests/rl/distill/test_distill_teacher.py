@@ -22,6 +22,8 @@ from miniray.rl.distill import (
     start_teacher_server,
     wire,
 )
+from miniray.rl.distill.teacher_server import Broker, _Worker
+from miniray.rl.distill.teacher_worker import handle_request
 from miniray.rl.models.tiny import char_tokenizer, save, tiny_qwen2
 
 TOKEN = "s3cret-token"
@@ -208,6 +210,157 @@ def test_bad_requests_get_errors_and_the_server_keeps_serving(server):
         with pytest.raises(TeacherError, match=r"microbatch 1 \(sequences 2-2\)") as info:
             client.score([*good, [1, vocab + 5]])
         assert info.value.code == wire.BAD_REQUEST
+
+
+def _described(rid, dtype, shape, payload=b""):
+    """A score request whose one tensor has a hand-written descriptor (shape and dtype)."""
+    header = {"v": 1, "op": "score", "id": rid, "token": TOKEN, "lengths": [1], "topk": 0}
+    header |= {"temperature": 1.0, "token_logprobs": True}
+    header["tensors"] = [["input_ids", dtype, shape]]
+    return [msgpack.packb(header), payload]
+
+
+def test_requests_torch_cannot_build_get_errors_and_every_worker_keeps_serving(server):
+    """Zero-element shapes need zero bytes whatever their other dimensions: one over int64
+    made ``torch.empty`` raise TypeError, which ended the worker, and the broker then shut the
+    whole server down. Every such request must be answered, by the same server, which then
+    still scores."""
+    cases = [
+        (_described("g-0", "int64", [0, 2**63]), r"shape[1]=9223372036854775808"),
+        (_described("g-1", "int64", [2**64 - 1, 0]), r"shape[0]=18446744073709551615"),
+        (_described("g-2", "int64", [0, 2**15, 2**15]), "multiply to 1073741824"),
+        (_described("g-3", [1], [1], b"\0" * 8), "dtype [1] is not one of"),
+        (_described("g-4", {"a": 1}, [1], b"\0" * 8), "dtype {'a': 1} is not one of"),
+        (_described("g-5", "int64", "1", b"\0" * 8), "must be a list of at most 4"),
+    ]
+    sock = _raw_socket(server.port)
+    try:
+        # twice over: each worker gets at least one of each (the broker alternates idle ones)
+        for frames, match in cases * 2:
+            sock.send_multipart(frames)
+            reply, _ = _reply(sock)
+            assert (reply["op"], reply["code"]) == ("error", wire.BAD_REQUEST), reply
+            assert match in reply["message"], reply
+        sock.send_multipart(_request([[1, 2, 3]], "g-ok", topk=2))
+        reply, tensors = _reply(sock)
+        assert (reply["op"], reply["id"]) == ("scores", "g-ok") and tensors[
+            "topk_indices"
+        ].shape == (2, 2)
+    finally:
+        sock.close()
+    assert server.poll() is None and all(alive(pid) for pid in server.worker_pids)
+
+
+class _FakeTeacher:
+    """What ``handle_request`` needs of a model: its limits, and a ``score`` that raises."""
+
+    vocab_size, max_seq_len = 16, 8
+
+    def __init__(self, error):
+        self.error = error
+
+    def score(self, *args, **kwargs):
+        raise self.error
+
+
+@pytest.mark.parametrize("error", [ValueError("no"), IndexError("index 9"), TypeError("x")])
+def test_a_model_that_raises_anything_gets_an_internal_error_reply(error):
+    # only RuntimeError and MemoryError were answered; anything else ended the worker
+    frames = _frames(_request([[1, 2, 3]], "m-1"))
+    reply = handle_request(_FakeTeacher(error), frames, max_request_bytes=1 << 20, max_topk=None)
+    header, _ = wire.decode_message(_frames(reply), max_bytes=1 << 20)
+    assert (header["op"], header["id"], header["code"]) == ("error", "m-1", wire.INTERNAL)
+    assert type(error).__name__ in header["message"]
+
+
+def test_a_gap_in_validation_is_answered_not_raised(monkeypatch):
+    def parse(*args, **kwargs):
+        raise TypeError("a check the validator lacks")
+
+    monkeypatch.setattr(wire, "parse_score_request", parse)
+    frames = _frames(_request([[1, 2, 3]], "m-2"))
+    reply = handle_request(_FakeTeacher(None), frames, max_request_bytes=1 << 20, max_topk=None)
+    header, _ = wire.decode_message(_frames(reply), max_bytes=1 << 20)
+    assert (header["id"], header["code"]) == ("m-2", wire.INTERNAL)
+    assert (
+        "could not read the request (TypeError: a check the validator lacks)" in header["message"]
+    )
+
+
+def _frames(frames):
+    return [bytes(f) for f in frames]
+
+
+class _Sent:
+    """A socket stand-in that keeps what the broker sends."""
+
+    def __init__(self):
+        self.sent = []
+
+    def send_multipart(self, frames, copy=True):
+        self.sent.append(frames)
+
+
+def _broker(tmp_path, **kwargs):
+    (tmp_path / "config.json").write_text("{}")  # the broker checks only that it exists
+    return Broker(str(tmp_path), **kwargs)
+
+
+def test_the_brokers_queue_is_bounded_in_bytes(tmp_path):
+    """150 queued requests of 8 MiB took the broker from 29 MiB to 1 GiB: a count bound alone
+    (1024) allows 1024 requests of the largest size. Past the byte bound it answers busy."""
+    broker = _broker(tmp_path, max_request_bytes=4096, max_queued_bytes=10_000)
+    front = _Sent()
+    requests = [[zmq.Frame(f) for f in _frames(_request([[1] * 400], f"q-{i}"))] for i in range(5)]
+    size = sum(len(f.bytes) for f in requests[0])
+    assert 3 * size <= 10_000 < 4 * size  # three fit, the fourth does not
+    for request in requests[:4]:
+        broker._on_request(front, b"client", request)
+    assert [rid for _, rid, _, _ in broker.queue] == ["q-0", "q-1", "q-2"]
+    assert broker.queued_bytes == 3 * size
+    (refusal,) = front.sent
+    assert refusal[0] == b"client"
+    header, _ = wire.decode_message(refusal[1:], max_bytes=1 << 20)
+    assert (header["op"], header["id"], header["code"]) == ("error", "q-3", wire.BUSY)
+    assert f"{3 * size} bytes already queued; this request's {size}" in header["message"]
+    assert "limit of 10000 (--max-queued-bytes)" in header["message"]
+    # a worker taking a request makes room again
+    worker = _Worker(0, process=None, ready=True)
+    broker.idle.append(worker)
+    backend = _Sent()
+    broker._dispatch(backend)
+    assert backend.sent[0][:2] == [b"w0", b"client"]
+    assert broker.queued_bytes == 2 * size
+    broker._on_request(front, b"client", requests[4])
+    assert [rid for _, rid, _, _ in broker.queue] == ["q-1", "q-2", "q-4"]
+    assert broker.queued_bytes == 3 * size and len(front.sent) == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (
+            {"max_queued_bytes": 4095},
+            r"max_queued_bytes=4095 must be an int >= max_request_bytes \(4096\)",
+        ),
+        ({"max_queued_bytes": 1.5e9}, r"max_queued_bytes=1500000000.0 must be an int"),
+        ({"max_queued_requests": 0}, r"max_queued_requests=0 must be an int >= 1"),
+    ],
+)
+def test_queue_bounds_are_checked(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _broker(tmp_path, max_request_bytes=4096, **kwargs)
+
+
+def test_a_bad_queue_bound_stops_the_server_at_its_start(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(
+        TeacherError, match=r"max_queued_bytes=100 must be an int >= max_request_bytes"
+    ) as info:
+        start_teacher_server(
+            tmp_path, max_request_bytes=4096, max_queued_bytes=100, ready_timeout=60
+        )
+    assert info.value.code == "start_failed"
 
 
 def _forwarder(port, *, swallow):

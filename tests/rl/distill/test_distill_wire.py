@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 
@@ -90,12 +91,160 @@ def _message(descriptors, frames, **header):
         (_message([["a", "int32", [1]], ["a", "int32", [1]]], [b"\0" * 4] * 2), "appears twice"),
         (_message([["", "int32", [1]]], [b"\0" * 4]), "name ''"),
         (_message([["a", "int32"]], [b"\0" * 4]), "must be \\[name, dtype, shape\\]"),
+        (_message([["a", [1], [1]]], [b"\0" * 4]), "dtype \\[1\\] is not one of"),  # unhashable
+        (_message([["a", {}, [1]]], [b"\0" * 4]), "dtype \\{\\} is not one of"),
+        # zero elements, so the byte count matches, but no tensor can have such a dimension:
+        # torch.empty raised TypeError (over int64) or RuntimeError (its strides overflow)
+        (_message([["a", "float32", [0, 2**63]]], [b""]), r"shape\[1\]=9223372036854775808"),
+        (_message([["a", "int64", [2**64 - 1, 0]]], [b""]), r"shape\[0\]=18446744073709551615"),
+        (_message([["a", "float32", [0, 2**19, 2**19]]], [b""]), "multiply to 274877906944"),
+        (_message([["a", "float32", [0, 2**21]]], [b""]), r"shape\[1\]=2097152 .* 1048576"),
     ],
 )
 def test_malformed_messages_raise_wire_errors(frames, match):
     with pytest.raises(wire.WireError, match=match) as info:
         wire.decode_message(frames, max_bytes=1 << 20)
     assert info.value.code == wire.BAD_REQUEST
+
+
+def test_a_shape_within_the_limit_still_decodes():
+    # the dimension rule is the message's byte limit, so every shape a sender can fill passes
+    frames = _message(
+        [["a", "float16", [0, 1 << 20, 1]], ["b", "int64", [1, 2]]], [b"", b"\0" * 16]
+    )
+    _, got = wire.decode_message(frames, max_bytes=1 << 20)
+    assert got["a"].shape == (0, 1 << 20, 1) and got["b"].shape == (1, 2)
+
+
+# Anything msgpack can carry, so the header's fields are fuzzed with every wrong type.
+_INT64 = st.integers(min_value=-(2**63), max_value=2**64 - 1)  # what msgpack can encode
+_SCALARS = (
+    st.none() | st.booleans() | _INT64 | st.floats() | st.text(max_size=8) | st.binary(max_size=8)
+)
+_VALUES = st.recursive(
+    _SCALARS,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+def _mostly(good, bad, odds=3):
+    """``good`` ``odds`` draws in ``odds + 1``: each field then goes wrong alone, often enough
+    that a fault deep in the message (a bad dimension behind a valid header) is reached."""
+    return st.sampled_from([True] * odds + [False]).flatmap(lambda ok: good if ok else bad)
+
+
+# Zero-element tensors with huge dimensions need a 0 and a huge value in one shape: both are
+# drawn often, because that byte count (0) matches an empty frame and reaches torch.
+_DIMS = st.one_of(
+    st.integers(min_value=0, max_value=6),
+    st.just(0),
+    st.sampled_from([2**31, 2**32, 2**40, 2**62, 2**63 - 1, 2**63, 2**64 - 1]),
+    st.sampled_from([-1, -(2**63)]) | _INT64 | _VALUES,
+)
+_DESCRIPTORS = _mostly(
+    st.tuples(
+        _mostly(st.sampled_from(["a", "b", "input_ids"]), st.text(max_size=70) | _VALUES),
+        _mostly(
+            st.sampled_from(list(wire.DTYPE_SIZES)),
+            st.sampled_from(["float64", "object", "uint8", "torch.float32", ""]) | _VALUES,
+        ),
+        _mostly(st.lists(_DIMS, max_size=wire.MAX_NDIM), st.lists(_DIMS) | _VALUES),
+    ).map(list),
+    st.lists(_VALUES, max_size=4) | _VALUES,
+)
+_HEADERS = _mostly(
+    st.fixed_dictionaries(
+        {
+            "v": _mostly(st.just(wire.PROTOCOL_VERSION), _VALUES, odds=7),
+            "op": _mostly(st.sampled_from(["score", "ping"]), _VALUES, odds=7),
+            "tensors": _mostly(st.lists(_DESCRIPTORS, min_size=1, max_size=2), _VALUES, odds=7),
+        },
+        optional={
+            "id": _mostly(st.just("r1"), st.text(max_size=140) | _VALUES),
+            "lengths": _mostly(st.lists(st.integers(0, 9), max_size=4), _VALUES),
+            "topk": _mostly(st.integers(0, 5), _VALUES),
+            "temperature": _mostly(st.just(1.0), st.floats() | _VALUES),
+            "token_logprobs": _mostly(st.booleans(), _VALUES),
+            "token": _VALUES,
+        },
+    ),
+    st.dictionaries(_INT64 | st.text(max_size=3), _VALUES, max_size=3) | _VALUES,
+    odds=7,
+)
+
+
+def _fitting_frame(descriptor):
+    """The byte count a well-formed descriptor asks for, when small: the frame then matches."""
+    if not (isinstance(descriptor, list) and len(descriptor) == 3):
+        return None
+    _, dtype, shape = descriptor
+    if not (isinstance(dtype, str) and dtype in wire.DTYPE_SIZES and isinstance(shape, list)):
+        return None
+    if not all(type(d) is int for d in shape):
+        return None
+    nbytes = wire.DTYPE_SIZES[dtype] * math.prod(shape)
+    return nbytes if 0 <= nbytes <= 4096 else None
+
+
+@settings(max_examples=500, deadline=None)
+@given(data=st.data())
+def test_the_decoder_only_ever_decodes_or_raises_wire_error(data):
+    """Random headers and frames: the decoder (and the score parser behind it) must answer
+    every one with a result or a WireError; anything else would end a teacher worker."""
+    header = data.draw(_HEADERS)
+    head = msgpack.packb(header)
+    head = data.draw(_mostly(st.just(head), st.just(head[: len(head) // 2]) | st.binary(), 7))
+    tensors = header.get("tensors") if isinstance(header, dict) else None
+    descriptors = tensors if isinstance(tensors, list) else []
+    frames = [head]
+    for descriptor in descriptors:
+        fitting = _fitting_frame(descriptor)
+        if fitting is not None and data.draw(_mostly(st.just(True), st.just(False))):
+            frames.append(data.draw(st.binary(min_size=fitting, max_size=fitting)))
+        else:
+            frames.append(data.draw(st.binary(max_size=64)))
+    # the frame count off, at times: one too many, one too few, none at all
+    extra = data.draw(_mostly(st.just([]), st.lists(st.binary(max_size=16), max_size=2), 7))
+    frames = data.draw(_mostly(st.just(frames + extra), st.sampled_from([frames[:-1], []]), 7))
+    try:
+        decoded, tensors = wire.decode_message(frames, max_bytes=1 << 20)
+    except wire.WireError:
+        return
+    assert isinstance(decoded, dict)
+    assert all(isinstance(t, torch.Tensor) for t in tensors.values())
+    try:
+        wire.parse_score_request(decoded, tensors, vocab_size=16, max_seq_len=8, max_topk=4)
+    except wire.WireError:
+        pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    dtype=st.sampled_from(list(wire.DTYPE_SIZES)),
+    shape=st.lists(
+        st.one_of(
+            st.just(0),
+            st.integers(min_value=1, max_value=8),
+            st.sampled_from([2**31, 2**32, 2**40, 2**62, 2**63 - 1, 2**63, 2**64 - 1]),
+            _INT64,
+        ),
+        max_size=wire.MAX_NDIM + 1,
+    ),
+    payload=st.binary(max_size=32),
+)
+def test_any_shape_decodes_or_raises_wire_error(dtype, shape, payload):
+    """The shape alone, behind a valid header: with a frame of exactly the declared size
+    whenever that size is small (zero, above all), so the shape reaches the tensor builder."""
+    fitting = _fitting_frame(["a", dtype, shape])
+    frames = _message([["a", dtype, shape]], [b"\0" * fitting if fitting is not None else payload])
+    try:
+        _, tensors = wire.decode_message(frames, max_bytes=1 << 20)
+    except wire.WireError:
+        return
+    assert list(tensors["a"].shape) == shape
 
 
 def test_size_limits_are_checked_before_parsing():

@@ -5,7 +5,8 @@
 
     clients (DEALER) --tcp--> front ROUTER host:port          broker (this process):
                                    |                            token check, size check, ping,
-                                   |                            bounded queue, liveness checks
+                                   |                            queue bounded in count and bytes,
+                                   |                            liveness checks
                               backend ROUTER ipc://<0700 temp dir>/workers
                               /          \\
                      worker 0 DEALER ... worker N-1 DEALER       (teacher_worker.py)
@@ -18,6 +19,11 @@ makes the broker answer every request in flight or queued with a ``worker_died``
 the other workers and exit with status 3 (a teacher that lost a worker usually ran out of
 memory; failing loudly beats serving at reduced capacity unnoticed). SIGTERM/SIGINT stop it
 cleanly: workers terminated and reaped, the ipc directory removed.
+
+The queue holds whole requests (up to ``max_request_bytes`` each) in the broker's memory, so it
+is bounded in bytes as well as in count: ``max_queued_bytes`` (default 512 MiB) caps what a
+burst of large requests can make the broker hold, where a count alone let 1024 requests of
+256 MiB through. A request past either bound is answered ``busy`` at once, and never queued.
 
 The broker never unpickles and never runs the model: it reads only the msgpack header (auth,
 op, id) and forwards the frames untouched; workers validate the rest. It binds 127.0.0.1
@@ -58,6 +64,10 @@ TOKEN_ENV = "MINIRAY_TEACHER_TOKEN"
 TICK_MS = 200
 WORKER_DIED_EXIT = 3
 PARENT_GONE_EXIT = 4
+DEFAULT_MAX_QUEUED_REQUESTS = 1024
+# Twice the default request limit: two requests of the largest size fit, and a burst of small
+# microbatches (the usual traffic) is never refused for bytes before the count bound bites.
+DEFAULT_MAX_QUEUED_BYTES = 512 << 20
 
 
 @dataclass
@@ -87,7 +97,8 @@ class Broker:
         token: str | None = None,
         max_topk: int | None = None,
         max_request_bytes: int = wire.DEFAULT_MAX_REQUEST_BYTES,
-        max_queued_requests: int = 1024,
+        max_queued_requests: int = DEFAULT_MAX_QUEUED_REQUESTS,
+        max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
         num_threads: int | None = None,
         device: str = "cpu",
         dtype: str = "float32",
@@ -101,6 +112,14 @@ class Broker:
             raise ValueError(f"port={port} must be in [0, 65535] (0 picks a free port)")
         if max_request_bytes < 1024:
             raise ValueError(f"max_request_bytes={max_request_bytes} must be >= 1024")
+        if type(max_queued_requests) is not int or max_queued_requests < 1:
+            raise ValueError(f"max_queued_requests={max_queued_requests!r} must be an int >= 1")
+        if type(max_queued_bytes) is not int or max_queued_bytes < max_request_bytes:
+            # smaller, and a request this server accepts could never be queued: always "busy"
+            raise ValueError(
+                f"max_queued_bytes={max_queued_bytes!r} must be an int >= max_request_bytes "
+                f"({max_request_bytes}), or the largest request allowed could never be queued"
+            )
         if max_topk is not None and max_topk < 0:
             raise ValueError(f"max_topk={max_topk} must be >= 0")
         if token is not None and not token:
@@ -118,6 +137,7 @@ class Broker:
         self.max_topk = max_topk or None
         self.max_request_bytes = max_request_bytes
         self.max_queued_requests = max_queued_requests
+        self.max_queued_bytes = max_queued_bytes
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         # workers share the machine's cores: oversubscribing threads slows every one of them
         self.num_threads = num_threads or max(1, (cpus or 1) // n_server_workers)
@@ -126,7 +146,9 @@ class Broker:
         self.worker_start_timeout = worker_start_timeout
         self.exit_with_parent = exit_with_parent
         self.workers: list[_Worker] = []
-        self.queue: collections.deque[tuple[bytes, str, list[zmq.Frame]]] = collections.deque()
+        # (client identity, request id, frames, their byte count), oldest first
+        self.queue: collections.deque[tuple[bytes, str, list[zmq.Frame], int]] = collections.deque()
+        self.queued_bytes = 0  # the sum of the queue's byte counts
         self.idle: collections.deque[_Worker] = collections.deque()
         self.served = 0
         self.ipc_dir: str | None = None
@@ -193,6 +215,8 @@ class Broker:
                 self.dtype,
                 "--max-request-bytes",
                 str(self.max_request_bytes),
+                "--broker-pid",
+                str(os.getpid()),
             ]
             if self.max_topk is not None:
                 cmd += ["--max-topk", str(self.max_topk)]
@@ -257,6 +281,8 @@ class Broker:
             "max_seq_len": first.get("max_seq_len"),
             "n_server_workers": self.n_server_workers,
             "max_request_bytes": self.max_request_bytes,
+            "max_queued_requests": self.max_queued_requests,
+            "max_queued_bytes": self.max_queued_bytes,
             "max_topk": self.max_topk,
             "requests_served": self.served,
         }
@@ -354,13 +380,24 @@ class Broker:
                 wire.BUSY,
                 f"{len(self.queue)} requests already queued (limit {self.max_queued_requests})",
             )
+        elif self.queued_bytes + nbytes > self.max_queued_bytes:
+            self._reply_error(
+                front,
+                client,
+                rid,
+                wire.BUSY,
+                f"{self.queued_bytes} bytes already queued; this request's {nbytes} would pass "
+                f"the limit of {self.max_queued_bytes} (--max-queued-bytes)",
+            )
         else:
-            self.queue.append((client, rid, msg))
+            self.queue.append((client, rid, msg, nbytes))
+            self.queued_bytes += nbytes
 
     def _dispatch(self, backend: zmq.Socket) -> None:
         while self.queue and self.idle:
             worker = self.idle.popleft()
-            client, rid, msg = self.queue.popleft()
+            client, rid, msg, nbytes = self.queue.popleft()
+            self.queued_bytes -= nbytes
             worker.busy_with = (client, rid)
             backend.send_multipart([worker.identity, client, *msg], copy=False)
 
@@ -393,10 +430,11 @@ class Broker:
         why = _describe_dead(dead) + "; the teacher server is shutting down"
         log.error("teacher server: %s", why)
         pending = [w.busy_with for w in self.workers if w.busy_with is not None]
-        pending += [(client, rid) for client, rid, _ in self.queue]
+        pending += [(client, rid) for client, rid, _, _ in self.queue]
         for client, rid in pending:
             self._reply_error(front, client, rid, wire.WORKER_DIED, why)
         self.queue.clear()
+        self.queued_bytes = 0
 
     def _reply_error(
         self, front: zmq.Socket, client: bytes, rid: str | None, code: str, message: str
@@ -453,8 +491,9 @@ class TeacherServerHandle:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=10.0)
-        # A broker killed with -9 cannot stop its workers; they notice within a second
-        # (re-parented) and exit. Give them that second, then kill the stragglers by PID.
+        # A broker killed with -9 cannot stop its workers; an idle one notices within 0.2 s
+        # (re-parented) and exits. Give them a few seconds (one may be finishing a request),
+        # then kill the stragglers by PID.
         deadline = time.monotonic() + 3.0
         for pid in self.worker_pids:
             while _is_our_worker(pid) and time.monotonic() < deadline:
@@ -492,6 +531,7 @@ def start_teacher_server(
     ready_timeout: float = 60.0,
     max_topk: int | None = None,
     max_request_bytes: int = wire.DEFAULT_MAX_REQUEST_BYTES,
+    max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
     num_threads: int | None = None,
     device: str = "cpu",
     dtype: str = "float32",
@@ -521,6 +561,8 @@ def start_teacher_server(
         str(n_server_workers),
         "--max-request-bytes",
         str(max_request_bytes),
+        "--max-queued-bytes",
+        str(max_queued_bytes),
         "--device",
         device,
         "--dtype",
@@ -628,7 +670,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="largest top-k a request may ask for (default: the vocabulary size)",
     )  # fmt: skip
     parser.add_argument("--max-request-bytes", type=int, default=wire.DEFAULT_MAX_REQUEST_BYTES)
-    parser.add_argument("--max-queued-requests", type=int, default=1024)
+    parser.add_argument(
+        "--max-queued-requests", type=int, default=DEFAULT_MAX_QUEUED_REQUESTS,
+        help="requests the broker holds for busy workers; more are answered 'busy'",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-queued-bytes", type=int, default=DEFAULT_MAX_QUEUED_BYTES,
+        help="bytes of requests the broker holds for busy workers (>= --max-request-bytes); "
+        "a request past it is answered 'busy'",
+    )  # fmt: skip
     parser.add_argument("--num-threads", type=int, default=None, help="torch threads per worker")
     parser.add_argument("--device", default="cpu", help="cpu, cuda (workers spread over GPUs)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -655,6 +705,7 @@ def _broker_from_args(args: argparse.Namespace) -> Broker:
         max_topk=args.max_topk,
         max_request_bytes=args.max_request_bytes,
         max_queued_requests=args.max_queued_requests,
+        max_queued_bytes=args.max_queued_bytes,
         num_threads=args.num_threads,
         device=args.device,
         dtype=args.dtype,

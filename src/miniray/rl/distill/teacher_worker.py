@@ -8,8 +8,13 @@
 
 The broker hands a worker a request only when the worker is idle, so a worker never queues.
 A request that fails validation or makes the model raise gets an ``error`` reply; the worker
-keeps serving. A worker whose broker died (re-parented) exits on its own within a second, so a
-``kill -9`` of the broker leaves no orphans behind.
+keeps serving. A worker whose broker died (re-parented) exits on its own within a fraction of a
+second, so a ``kill -9`` of the broker leaves no orphans behind.
+
+A worker ends with ``os._exit`` once it has closed its socket and flushed its logs: it owns no
+state worth tearing down, and the interpreter's own teardown of torch and transformers (module
+dictionaries, objects, library destructors) costs about a second of CPU on an idle machine and
+several on a loaded one, during which the "exited" worker still holds its model's memory.
 
 ``TeacherModel.score`` is the computation itself, also used in-process by tests and by
 ``benchmarks/teacher_throughput.py`` as the floor the server is measured against.
@@ -24,7 +29,7 @@ import shutil
 import sys
 import traceback
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -33,6 +38,9 @@ from miniray.rl.distill import wire
 log = logging.getLogger("miniray.rl.distill.teacher_worker")
 
 DEFAULT_MAX_BATCH_TOKENS = 16384
+# How often an idle worker checks that its broker is alive: a killed broker's workers are gone
+# within about this long (plus the exit itself); the check is one getppid() call.
+WATCH_MS = 200
 
 
 class TeacherModel:
@@ -54,7 +62,11 @@ class TeacherModel:
     ) -> TeacherModel:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
+        from miniray.rl.models.tiny import dtype_argument
+
+        model = AutoModelForCausalLM.from_pretrained(
+            model_path, **dtype_argument(getattr(torch, dtype))
+        )
         return cls(model.to(device), **kwargs)
 
     @torch.inference_mode()
@@ -130,7 +142,14 @@ def handle_request(
     max_topk: int | None,
     worker: int | None = None,
 ) -> list[Any]:
-    """The reply frames for one request's frames; never raises for a bad request."""
+    """The reply frames for one request's frames; never raises for anything a request holds.
+
+    A worker that raised would exit, and the broker takes a dead worker for an OOM kill and
+    shuts the whole server down: one malformed request would end the service for everyone.
+    So a request that breaks the protocol gets its ``WireError`` as the reply, and anything
+    else a request makes the validation or the model raise (a gap in the checks, a model that
+    chokes on an input) is answered ``internal`` and logged with its traceback.
+    """
     header = None
     try:
         header = wire.decode_header(frames[0]) if frames else None  # for the id, first
@@ -144,6 +163,14 @@ def handle_request(
         )
     except wire.WireError as exc:
         return wire.encode_error(wire.request_id_of(header), exc.code, str(exc))
+    except Exception as exc:  # validation let something through that then raised
+        rid = wire.request_id_of(header)
+        log.error("reading request %s failed:\n%s", rid, traceback.format_exc())
+        return wire.encode_error(
+            rid,
+            wire.INTERNAL,
+            f"the server could not read the request ({type(exc).__name__}: {exc})",
+        )
     try:
         tok, top_lp, top_idx = teacher.score(
             request.input_ids,
@@ -152,23 +179,25 @@ def handle_request(
             temperature=request.temperature,
             token_logprobs=request.token_logprobs,
         )
-    except (RuntimeError, MemoryError) as exc:  # e.g. out of memory: answer it, keep serving
+        return wire.encode_scores_reply(
+            request.request_id,
+            token_logprobs=tok,
+            topk_logprobs=top_lp,
+            topk_indices=top_idx,
+            worker=worker,
+        )
+    except Exception as exc:  # e.g. out of memory (RuntimeError): answer it, keep serving
         log.error("scoring request %s failed:\n%s", request.request_id, traceback.format_exc())
         return wire.encode_error(request.request_id, wire.INTERNAL, f"{type(exc).__name__}: {exc}")
-    return wire.encode_scores_reply(
-        request.request_id,
-        token_logprobs=tok,
-        topk_logprobs=top_lp,
-        topk_indices=top_idx,
-        worker=worker,
-    )
 
 
 def serve(args: argparse.Namespace) -> int:
     import msgpack
     import zmq
 
-    parent = os.getppid()
+    # The broker passes its pid: a broker killed while this process was still importing torch or
+    # loading the model would otherwise go unnoticed (getppid() would already be the reaper's).
+    parent = os.getppid() if args.broker_pid is None else args.broker_pid
     torch.set_num_threads(args.num_threads)
     device = args.device
     if device == "cuda" and torch.cuda.device_count() > 1:  # spread workers over the GPUs
@@ -189,7 +218,7 @@ def serve(args: argparse.Namespace) -> int:
     sock.send_multipart([b"", b"READY", msgpack.packb(info)])  # empty first: a control message
     try:
         while True:
-            if not sock.poll(1000):
+            if not sock.poll(WATCH_MS):
                 if os.getppid() != parent:  # the broker is gone: nobody will ever ask again
                     log.error("teacher worker %d: broker %d died, exiting", args.index, parent)
                     _remove_ipc_dir(args.backend)
@@ -230,10 +259,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-batch-tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS)
     parser.add_argument("--max-request-bytes", type=int, default=wire.DEFAULT_MAX_REQUEST_BYTES)
     parser.add_argument("--max-topk", type=int, default=None)
+    parser.add_argument(
+        "--broker-pid",
+        type=int,
+        default=None,
+        help="exit when this process is gone (default: the parent)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
     return serve(args)
 
 
+def _exit_now(code: int) -> NoReturn:
+    """End the process without the interpreter's teardown (see the module docstring): logs and
+    stdio flushed here are all that teardown would have done for a worker."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken stream: nothing left to save
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit_now(main())

@@ -90,7 +90,7 @@ def encode_message(header: Mapping[str, Any], tensors: Mapping[str, torch.Tensor
     descriptors, frames = [], []
     for name, tensor in (tensors or {}).items():
         dtype = str(tensor.dtype).removeprefix("torch.")
-        if dtype not in DTYPE_SIZES:
+        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
             raise ValueError(
                 f"tensor {name!r} has dtype {dtype}; the wire carries only {sorted(DTYPE_SIZES)}"
             )
@@ -150,7 +150,7 @@ def decode_message(
     torch = _torch()
     tensors: dict[str, torch.Tensor] = {}
     for index, (descriptor, view) in enumerate(zip(descriptors, views[1:])):
-        name, dtype, shape = _check_descriptor(index, descriptor)
+        name, dtype, shape = _check_descriptor(index, descriptor, max_bytes=max_bytes)
         if name in tensors:
             raise WireError(f"tensor name {name!r} appears twice in header field 'tensors'")
         expected = math.prod(shape) * DTYPE_SIZES[dtype]
@@ -167,22 +167,39 @@ def decode_message(
     return header, tensors
 
 
-def _check_descriptor(index: int, descriptor: Any) -> tuple[str, str, list[int]]:
+def _check_descriptor(index: int, descriptor: Any, *, max_bytes: int) -> tuple[str, str, list[int]]:
     where = f"header field 'tensors'[{index}]"
     if not (isinstance(descriptor, list) and len(descriptor) == 3):
-        raise WireError(f"{where}={descriptor!r} must be [name, dtype, shape]")
+        raise WireError(f"{where}={_short(descriptor)} must be [name, dtype, shape]")
     name, dtype, shape = descriptor
     if not isinstance(name, str) or not name or len(name) > 64:
-        raise WireError(f"{where}: name {name!r} must be a non-empty string of <= 64 chars")
-    if dtype not in DTYPE_SIZES:
-        raise WireError(f"{where}: dtype {dtype!r} is not one of {sorted(DTYPE_SIZES)}")
+        raise WireError(f"{where}: name {_short(name)} must be a non-empty string of <= 64 chars")
+    # isinstance first: a list or map is unhashable, and the lookup would raise TypeError
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+        raise WireError(f"{where}: dtype {_short(dtype)} is not one of {sorted(DTYPE_SIZES)}")
     if (
         not isinstance(shape, list)
         or len(shape) > MAX_NDIM
         or not all(type(d) is int and d >= 0 for d in shape)
     ):
         raise WireError(
-            f"{where}: shape {shape!r} must be a list of at most {MAX_NDIM} non-negative ints"
+            f"{where}: shape {_short(shape)} must be a list of at most {MAX_NDIM} non-negative ints"
+        )
+    # The byte count alone does not bound a shape: with a 0 anywhere it needs 0 bytes whatever
+    # the other dimensions are, and torch refuses a dimension over int64 (TypeError) or one
+    # whose strides overflow (RuntimeError). A tensor that fits in the message has no dimension
+    # longer than the message, and its non-zero dimensions multiply to no more than that either.
+    for axis, d in enumerate(shape):
+        if d > max_bytes:
+            raise WireError(
+                f"{where}: shape[{axis}]={d} is larger than {max_bytes}, the message's byte "
+                "limit: no tensor that fits in the message has a longer dimension"
+            )
+    spread = math.prod(d for d in shape if d)
+    if spread > max_bytes:
+        raise WireError(
+            f"{where}: the non-zero dimensions of shape {shape} multiply to {spread}, more than "
+            f"{max_bytes}, the message's byte limit"
         )
     return name, dtype, shape
 
