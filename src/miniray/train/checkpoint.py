@@ -5,9 +5,14 @@
       worker_<i>.pt    worker i's ``state_dict()`` (model, optimizer, RNG...) or its weights
       ps/              the parameter server's own checkpoint (DataParallelTrainer)
 
-Everything is written into a temporary sibling directory which is then renamed, so a run
-killed mid-save leaves the previous checkpoint intact and never a half-written one under the
-final name. ``trainer.json`` is written last: a directory without it is not a checkpoint.
+Everything is written into a temporary sibling directory which is then renamed
+(``miniray.ps.atomic_dir``), so a run killed mid-save leaves the previous checkpoint intact and
+never a half-written one under the final name. ``trainer.json`` is written last: a directory
+without it is not a checkpoint. A killed save leaves its ``<name>.tmp-<host>-<pid>-<hex>``
+directory (and, killed while replacing a checkpoint, the previous one aside in
+``<name>.old-...``): the next ``save`` or ``resolve`` (a resume) in that directory puts a
+previous checkpoint aside back and deletes the leftovers of processes that have exited, never
+those of a live one, whose save may be in progress.
 
 Worker files are read with ``torch.load(weights_only=True)``: tensors, numbers, strings and
 containers only (what ``state_dict()`` of modules and optimizers return), so loading a
@@ -21,11 +26,12 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from miniray.ps import atomic_dir
 
 TRAINER_FILE = "trainer.json"
 LATEST_FILE = "latest"
@@ -48,7 +54,9 @@ def save(
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
+    atomic_dir.clean_stale(parent, is_checkpoint)
+    _check_replaceable(path)
+    tmp = atomic_dir.make_temp(path)
     try:
         for i, worker_state in enumerate(worker_states):
             torch.save(worker_state, worker_file(tmp, i))
@@ -56,17 +64,29 @@ def save(
             write_extra(tmp)
         with open(os.path.join(tmp, TRAINER_FILE), "w", encoding="utf-8") as f:
             json.dump({"format_version": FORMAT_VERSION, **state}, f, indent=1, sort_keys=True)
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(prefix=os.path.basename(path) + ".old-", dir=parent)
-            os.rename(path, os.path.join(old, "previous"))
-            os.rename(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, path)
+        atomic_dir.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def is_checkpoint(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, TRAINER_FILE))
+
+
+def _check_replaceable(path: str) -> None:
+    # Replacing means deleting what is there: only a checkpoint (or nothing) may be.
+    if not os.path.lexists(path):
+        return
+    entries = sorted(os.listdir(path)) if os.path.isdir(path) else None
+    if entries is None or (entries and not is_checkpoint(path)):
+        what = "a file" if entries is None else ", ".join(entries[:5])
+        raise ValueError(
+            f"save_checkpoint: {path} holds {what} and is not a checkpoint (no {TRAINER_FILE})"
+            "; a save replaces the whole directory, so the path must be absent, an empty "
+            "directory, or a checkpoint"
+        )
 
 
 def load(path: str) -> tuple[dict[str, Any], list[Any]]:
@@ -94,8 +114,17 @@ def read_state(path: str) -> dict[str, Any]:
 def resolve(path: str | os.PathLike[str]) -> str:
     """The checkpoint ``path`` means: itself, the one ``latest`` names, or its newest epoch_<k>."""
     path = os.path.abspath(os.fspath(path))
+    # A resume is the next run after a killed one: clean up what its saves left, here (the
+    # epoch_<k> saves into a checkpoint_dir) and beside (a save_checkpoint(path) onto path).
+    atomic_dir.clean_stale(os.path.dirname(path), is_checkpoint)
+    atomic_dir.clean_stale(path, is_checkpoint)
     if os.path.isfile(os.path.join(path, TRAINER_FILE)):
         return path
+    if not os.path.exists(path):
+        # Killed while replacing it, by a writer that may still be alive: the previous one.
+        previous = atomic_dir.find_previous(path, is_checkpoint)
+        if previous is not None:
+            return previous
     latest = os.path.join(path, LATEST_FILE)
     if os.path.isfile(latest):
         with open(latest, encoding="utf-8") as f:
