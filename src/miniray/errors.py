@@ -11,6 +11,7 @@ Names follow Ray's ``ray.exceptions`` so that ``except ray.exceptions.X`` code k
 
 from __future__ import annotations
 
+import pickle
 from typing import Any
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "ActorUnavailableError",
     "GetTimeoutError",
     "ObjectLostError",
+    "ObjectStoreFullError",
     "PendingCallsLimitExceeded",
     "RayActorError",
     "RayError",
@@ -51,6 +53,10 @@ class WorkerCrashedError(RayError):
 
 class ObjectLostError(RayError):
     """An object's value is gone (its process died before storing it, or it was freed)."""
+
+
+class ObjectStoreFullError(RayError):
+    """A value does not fit in the shared-memory directory (/dev/shm or $MINIRAY_SHM_DIR)."""
 
 
 class PendingCallsLimitExceeded(RayError):
@@ -109,9 +115,23 @@ class RayTaskError(RayError):
         return self._message()
 
     def __reduce__(self) -> tuple[Any, ...]:
+        # The cause travels as a pickle of its own, next to its type name and message: a user's
+        # exception can pickle and yet fail to unpickle (an ``__init__`` whose arguments differ
+        # from those it passes to ``Exception``), and whoever decodes it must then still learn
+        # what was raised and where. It is pickled in-band, so an error never owns a shared-
+        # memory segment (errors are copied to every dependent of the call that failed).
+        import cloudpickle  # lazily: only failures pay for it
+
         return (
             _rebuild_task_error,
-            (self.function_name, self.traceback_str, self.cause, self.pid),
+            (
+                self.function_name,
+                self.traceback_str,
+                cloudpickle.dumps(self.cause, protocol=5),
+                self.pid,
+                type(self.cause).__name__,
+                str(self.cause),
+            ),
         )
 
     def as_instanceof_cause(self) -> RayTaskError:
@@ -156,6 +176,24 @@ def _no_init(self: Any, *args: Any, **kwargs: Any) -> None:
 
 
 def _rebuild_task_error(
-    function_name: str, traceback_str: str, cause: BaseException, pid: int
+    function_name: str,
+    traceback_str: str,
+    cause_pickle: bytes,
+    pid: int,
+    cause_type: str,
+    cause_message: str,
 ) -> RayTaskError:
+    """Unpickle a ``RayTaskError``; a cause that does not unpickle here becomes a RuntimeError
+    with its type name and message, and the traceback text says why."""
+    cause: BaseException
+    try:
+        cause = pickle.loads(cause_pickle)
+    except Exception as exc:
+        cause = RuntimeError(f"{cause_type}: {cause_message}")
+        traceback_str = (
+            f"{traceback_str.rstrip()}\n\n(The {cause_type} raised remotely could not be "
+            f"unpickled here ({type(exc).__name__}: {exc}); it stands in as a RuntimeError "
+            "with its message. Exceptions must unpickle as well as pickle: see "
+            "BaseException.__reduce__.)"
+        )
     return RayTaskError(function_name, traceback_str, cause, pid=pid).as_instanceof_cause()

@@ -151,6 +151,71 @@ class TensorStore:
         return value
 
 
+@miniray.remote(max_retries=0)
+def fail_after(message, seconds):
+    """Fails late, so that its consumers are already queued waiting for it."""
+    time.sleep(seconds)
+    raise ValueError(message)
+
+
+@miniray.remote
+def get_first(refs):
+    return miniray.get(refs[0], timeout=30)
+
+
+@miniray.remote(num_returns=2)
+def two_failures():
+    raise ValueError("both returns fail")
+
+
+def _make_two_arg_error():
+    class TwoArgError(Exception):
+        """Pickles, but does not unpickle: unpickling calls ``TwoArgError(*args)`` with the one
+        message ``super().__init__`` stored, and ``__init__`` wants two."""
+
+        def __init__(self, code, detail):
+            super().__init__(f"code {code}: {detail}")
+
+    return TwoArgError
+
+
+# Made in a function so that cloudpickle ships the class by value: Ray's workers cannot import
+# this test module by name (the local backend's can).
+TwoArgError = _make_two_arg_error()
+
+
+@miniray.remote
+def raise_two_arg_error():
+    raise TwoArgError(7, "undecodable")
+
+
+@miniray.remote
+class TwoArgErrorInInit:
+    def __init__(self):
+        raise TwoArgError(8, "undecodable in init")
+
+    def anything(self):
+        return 1
+
+
+@miniray.remote
+class Echo:
+    def __init__(self, value=None):
+        self.value = value
+
+    def echo(self, value):
+        return value
+
+    def first_of(self, refs):
+        return miniray.get(refs[0], timeout=30)
+
+    def raise_two_arg_error(self):
+        raise TwoArgError(9, "undecodable in a method")
+
+    def read(self):
+        return self.value
+
+
 @miniray.remote(max_retries=2, retry_exceptions=[ConnectionError])
 def flaky(path):
     """Fails with ConnectionError twice (counted in a file), then succeeds."""
@@ -241,6 +306,125 @@ def test_error_propagates_to_dependent_task(runtime):
     failed = fail_with_value_error.remote("upstream broke")
     with pytest.raises(ValueError, match="upstream broke"):
         miniray.get(double.remote(failed), timeout=30)
+
+
+def assert_still_works():
+    """After a failure the runtime must still run tasks and actors."""
+    assert miniray.get(double.remote(21), timeout=30) == 42
+    counter = Counter.remote(1)
+    assert miniray.get(counter.increment.remote(), timeout=30) == 2
+
+
+def assert_is_the_upstream_value_error(error, message):
+    assert isinstance(error, RayTaskError)
+    assert isinstance(error.cause, ValueError)
+    assert message in str(error)
+    assert "fail_after" in str(error)  # the text names the function that raised
+
+
+def test_failed_temporary_argument_fails_the_consumer_and_later_calls_work(runtime):
+    # The failed ref is not held by the driver: the consumer is its last user.
+    with pytest.raises(ValueError) as info:
+        miniray.get(double.remote(fail_after.remote("no value", 0.3)), timeout=30)
+    assert_is_the_upstream_value_error(info.value, "no value")
+    assert_still_works()
+
+
+def test_error_propagates_through_a_chain_of_dependent_tasks(runtime):
+    ref = fail_after.remote("deep failure", 0.3)
+    for _ in range(3):
+        ref = identity.remote(ref)
+    with pytest.raises(ValueError) as info:
+        miniray.get(ref, timeout=30)
+    assert_is_the_upstream_value_error(info.value, "deep failure")
+    del ref
+    assert_still_works()
+
+
+def test_failed_argument_fails_the_actor_method_and_the_actor_goes_on(runtime):
+    actor = Echo.remote("kept")
+    assert miniray.get(actor.read.remote(), timeout=30) == "kept"  # alive, waiting for calls
+    with pytest.raises(ValueError) as info:
+        miniray.get(actor.echo.remote(fail_after.remote("bad method arg", 0.3)), timeout=30)
+    assert_is_the_upstream_value_error(info.value, "bad method arg")
+    assert miniray.get(actor.echo.remote(5), timeout=30) == 5
+    assert_still_works()
+
+
+def test_failed_argument_of_the_constructor_kills_the_actor_with_the_cause(runtime):
+    actor = Echo.remote(fail_after.remote("bad init arg", 0.3))
+    with pytest.raises(ActorDiedError) as info:
+        miniray.get(actor.read.remote(), timeout=30)
+    assert "bad init arg" in str(info.value)
+    assert "ValueError" in str(info.value)
+    assert_still_works()
+
+
+def test_failed_nested_ref_raises_where_it_is_got(runtime):
+    # Nested refs are passed as refs (Ray does not resolve them): get() inside raises.
+    with pytest.raises(ValueError) as info:
+        miniray.get(get_first.remote([fail_after.remote("nested task", 0.1)]), timeout=30)
+    assert_is_the_upstream_value_error(info.value, "nested task")
+    actor = Echo.remote()
+    with pytest.raises(ValueError) as info:
+        miniray.get(actor.first_of.remote([fail_after.remote("nested call", 0.1)]), timeout=30)
+    assert_is_the_upstream_value_error(info.value, "nested call")
+    assert_still_works()
+
+
+def test_each_failed_return_of_a_multi_return_task_propagates(runtime):
+    first, second = two_failures.remote()
+    with pytest.raises(ValueError, match="both returns fail"):
+        miniray.get(first, timeout=30)
+    with pytest.raises(ValueError, match="both returns fail"):
+        miniray.get(identity.remote(second), timeout=30)
+    del first, second
+    assert_still_works()
+
+
+def assert_undecodable_error_text(error, detail, function):
+    """An exception that cannot be unpickled still tells its type, message and traceback."""
+    from miniray.exceptions import RayError
+
+    assert isinstance(error, RayError)
+    text = str(error)
+    assert "TwoArgError" in text
+    assert detail in text
+    assert f", in {function}" in text  # a frame of the remote traceback
+
+
+@pytest.mark.parametrize("where", ["task", "method", "dependency"])
+def test_exception_that_does_not_unpickle_keeps_type_message_and_traceback(runtime, where):
+    actor = Echo.remote()
+    if where == "task":
+        ref = raise_two_arg_error.remote()
+    elif where == "method":
+        ref = actor.raise_two_arg_error.remote()
+    else:
+        ref = identity.remote(raise_two_arg_error.remote())
+    with pytest.raises(Exception) as info:
+        miniray.get(ref, timeout=30)
+    detail = "undecodable in a method" if where == "method" else "undecodable"
+    assert_undecodable_error_text(info.value, detail, "raise_two_arg_error")
+    assert isinstance(info.value, RayTaskError)
+    assert miniray.get(actor.echo.remote(3), timeout=30) == 3
+    assert_still_works()
+
+
+def test_exception_that_does_not_unpickle_raised_in_init_kills_only_that_actor(runtime):
+    actor = TwoArgErrorInInit.remote()
+    with pytest.raises(ActorDiedError) as info:
+        miniray.get(actor.anything.remote(), timeout=30)
+    assert_undecodable_error_text(info.value, "undecodable in init", "__init__")
+    assert_still_works()
+
+
+def test_exception_that_does_not_unpickle_given_to_init_kills_only_that_actor(runtime):
+    actor = Echo.remote(raise_two_arg_error.remote())
+    with pytest.raises(ActorDiedError) as info:
+        miniray.get(actor.read.remote(), timeout=30)
+    assert_undecodable_error_text(info.value, "undecodable", "raise_two_arg_error")
+    assert_still_works()
 
 
 def test_retry_exceptions_reruns_listed_exceptions(runtime, tmp_path):
@@ -540,3 +724,44 @@ def test_detached_lifetime_needs_ray(runtime):
         Counter.options(lifetime="detached").remote()
     with pytest.raises(ValueError, match="lifetime"):
         Counter.options(lifetime="forever")
+
+
+# -- timeouts at the edges: infinite, huge, NaN (issue 21, item 7) ----------------------------
+# inf and 1e10 used to reach the OS waits underneath (a condition variable, epoll) as a deadline
+# they cannot represent and raised OverflowError; NaN compared false with everything and so
+# waited forever. Now inf and huge values mean "no deadline", NaN is refused by name.
+
+# 3e6 s: past epoll's limit (2**31 ms, 24.8 days), which a wait inside a task reaches.
+FOREVER_TIMEOUTS = [float("inf"), 1e10, 10**30, 3e6]
+
+
+@miniray.remote
+def get_and_wait_without_deadline(timeout):
+    inner = sleep_then.remote("inner", 0.2)
+    ready, _ = miniray.wait([inner], timeout=timeout)
+    return miniray.get(ready[0], timeout=timeout)
+
+
+@pytest.mark.parametrize("timeout", FOREVER_TIMEOUTS, ids=["inf", "1e10", "1e30", "3e6"])
+def test_infinite_and_huge_timeouts_mean_no_deadline(runtime, timeout):
+    pending = sleep_then.remote("late", 0.3)  # still running when get/wait start waiting
+    assert miniray.get(pending, timeout=timeout) == "late"
+    assert miniray.get([miniray.put(1), double.remote(2)], timeout=timeout) == [1, 4]
+    slow = sleep_then.remote("slow", 0.3)
+    ready, not_ready = miniray.wait([slow], num_returns=1, timeout=timeout)
+    assert ready == [slow] and not_ready == []
+    # Inside a task too: there the call goes to the driver, which waits on its own clock.
+    assert miniray.get(get_and_wait_without_deadline.remote(timeout), timeout=60) == "inner"
+
+
+def test_nan_timeout_is_refused_by_name(runtime):
+    ref = miniray.put(1)
+    with pytest.raises(ValueError, match=r"get\(\): timeout=nan .*None .*>= 0"):
+        miniray.get(ref, timeout=float("nan"))
+    with pytest.raises(ValueError, match=r"wait\(\): timeout=nan"):
+        miniray.wait([ref], timeout=float("nan"))
+    with pytest.raises(ValueError, match=r"wait\(\): timeout=-1 "):
+        miniray.wait([ref], timeout=-1)
+    with pytest.raises(ValueError, match=r"get\(\): timeout='5' "):
+        miniray.get(ref, timeout="5")
+    assert miniray.get(ref, timeout=0) == 1  # the runtime is unharmed

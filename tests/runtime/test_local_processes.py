@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import psutil
@@ -28,6 +29,7 @@ from miniray.exceptions import (
     WorkerCrashedError,
 )
 from miniray.runtime import context, shm
+from miniray.runtime.local import lifeline
 
 
 def backend():
@@ -354,3 +356,168 @@ def test_a_failing_router_fails_waiting_calls_fast(monkeypatch, capsys):
     finally:
         miniray.shutdown()
     assert "router thread failed" in capsys.readouterr().err
+
+
+# -- children die with the driver, even when they cannot run Python (issue 21, item 6) --------
+
+STUCK_DRIVER = textwrap.dedent(
+    """
+    import ctypes, json, os, sys, time
+    import numpy as np
+    import miniray
+    from miniray.runtime import context
+
+    @miniray.remote(max_retries=0)
+    def hold_the_gil(path):
+        with open(path + ".part", "w") as f:
+            f.write(str(os.getpid()))
+        os.rename(path + ".part", path)
+        # libc sleep() called through PyDLL keeps the GIL for the whole call, as a long C
+        # extension call does: no Python thread of this worker runs until it returns.
+        ctypes.PyDLL(None).sleep(600)
+
+    miniray.init(backend="local", num_workers=2)
+    kept = miniray.put(np.ones(2_000_000))  # a segment for the clean-up to sweep
+    ref = hold_the_gil.remote(sys.argv[1])
+    while not os.path.exists(sys.argv[1]):
+        time.sleep(0.05)
+    head = context.current()
+    info = {"pids": head.child_pids(), "stuck": int(open(sys.argv[1]).read()),
+            "session": head.session_id}
+    print(json.dumps(info), flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def kill_if_alive(pids):
+    """Test clean-up: orphans of a killed driver are not our children, so conftest cannot see
+    them; kill the ones this test started by PID."""
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                os.kill(pid, signal.SIGKILL)
+        except (psutil.NoSuchProcess, ProcessLookupError):
+            pass
+
+
+def test_a_child_holding_the_gil_dies_with_a_killed_driver(tmp_path):
+    script = tmp_path / "driver.py"
+    script.write_text(STUCK_DRIVER)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "pid")],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    info = {"pids": []}
+    try:
+        line = proc.stdout.readline()
+        assert line, "the driver script printed nothing"
+        info = json.loads(line)
+        assert info["stuck"] in info["pids"]
+        assert shm.list_session(info["session"])
+        proc.kill()
+        proc.wait(timeout=10)
+        # Its receiver thread sees the driver go but cannot get the GIL to act on it: only the
+        # kernel (the parent-death signal) can end this process before sleep() returns.
+        wait_until(lambda: gone(info["pids"]), timeout=5, what="children to die with the driver")
+        wait_until(
+            lambda: shm.list_session(info["session"]) == [], timeout=5, what="segments swept"
+        )
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+        kill_if_alive(info["pids"])
+        if "session" in info:
+            shm.unlink_session(info["session"])
+
+
+def test_children_outlive_the_thread_that_started_them():
+    """The kernel sends the parent-death signal when the *thread* that forked a child ends, not
+    the process: children started from a thread that ends must not die with it."""
+    thread = threading.Thread(target=miniray.init, kwargs={"backend": "local", "num_workers": 1})
+    thread.start()
+    thread.join()  # init returns once the worker is up, so it asked for the signal already
+    try:
+        (worker,) = backend().child_pids()
+        made = []
+
+        def create_and_use():
+            made.append(Stateful.remote())
+            made.append(miniray.get(made[0].pid.remote(), timeout=30))
+
+        thread = threading.Thread(target=create_and_use)
+        thread.start()
+        thread.join()
+        actor, actor_pid = made
+        time.sleep(0.5)  # a parent-death signal would have arrived by now
+        assert not gone([worker, actor_pid])
+        assert miniray.get(actor.bump.remote(), timeout=30) == 1
+        assert miniray.get(worker_pid.remote(), timeout=30) == worker
+    finally:
+        miniray.shutdown()
+
+
+def test_a_child_whose_driver_died_before_it_asked_for_the_signal_exits():
+    """The race die_with_parent closes: the driver died between fork and prctl, so no signal
+    will ever come; the child sees that its parent is not the driver any more."""
+    code = "from miniray.runtime.local import lifeline; lifeline.die_with_parent(); print('ran')"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    ours = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**env, lifeline.ENV_PARENT_PID: str(os.getpid())},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (ours.returncode, ours.stdout) == (0, "ran\n")
+    orphaned = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**env, lifeline.ENV_PARENT_PID: str(os.getppid())},  # not its parent: "died"
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (orphaned.returncode, orphaned.stdout) == (0, "")
+
+
+# -- a full shared-memory directory (issue 21, item 3) ----------------------------------------
+
+
+@miniray.remote(max_retries=0)
+def make_ones(n):
+    return torch.ones(n)
+
+
+def test_a_value_too_large_for_shared_memory_is_a_clear_error(monkeypatch):
+    """Docker's 64 MB /dev/shm, in small: a 100 MB tensor used to SIGBUS the process writing it
+    (the driver, with no Python error; a worker, "killed by signal SIGBUS")."""
+    from miniray.exceptions import ObjectStoreFullError
+    from tmpfs_support import small_tmpfs
+
+    big = torch.ones(25 << 20)  # 100 MiB
+    with small_tmpfs(16) as directory:
+        monkeypatch.setenv(shm.ENV_SHM_DIR, directory)
+        miniray.init(backend="local", num_workers=2)
+        try:
+            workers = backend().child_pids()
+            with pytest.raises(ObjectStoreFullError, match=f"{directory} is full"):
+                miniray.put(big)
+            with pytest.raises(ObjectStoreFullError, match="--shm-size"):
+                make_ones.remote(big)  # as an argument: refused in the driver, never sent
+            # Returned by a worker: the task fails with the error (the worker lives on).
+            with pytest.raises(Exception, match=f"ObjectStoreFullError: .*{directory} is full"):
+                miniray.get(make_ones.remote(25 << 20), timeout=60)
+            # The runtime works on, through the same directory.
+            store = Holder.remote()
+            small = torch.full((1 << 20,), 2.0)  # 4 MiB: a segment
+            assert miniray.get(store.echo_sum.remote(small), timeout=30) == 2.0 * (1 << 20)
+            assert float(miniray.get(make_ones.remote(1 << 20), timeout=30).sum()) == 1 << 20
+            assert os.listdir(directory)  # the segments are there, not in /dev/shm
+            pids = backend().child_pids()
+            assert set(workers) <= set(pids)  # no process died of it
+        finally:
+            miniray.shutdown()
+        assert gone(pids)
+        assert os.listdir(directory) == []

@@ -1,12 +1,14 @@
 """The public runtime API (Ray's names and semantics); it picks a backend and validates input.
 
 Timeouts become one monotonic deadline here, at the public edge, so nested waits inside a
-backend can never add up to more than the caller asked for.
+backend can never add up to more than the caller asked for. ``None``, ``inf`` and anything
+longer than ``MAX_TIMEOUT_S`` mean no deadline at all; NaN and negative values are refused.
 """
 
 from __future__ import annotations
 
 import atexit
+import math
 import os
 import time
 from collections.abc import Callable
@@ -22,6 +24,11 @@ from miniray.runtime.refs import (
 
 BACKENDS = ("local", "inline", "ray")
 ENV_BACKEND = "MINIRAY_BACKEND"
+# Longer timeouts mean "no deadline". The waits underneath cannot hold an arbitrary deadline:
+# epoll takes milliseconds in a C int (24.8 days), a condition variable a time_t, Ray an int64
+# of milliseconds; ``inf`` or ``1e10`` passed through raised OverflowError. 11.6 days is
+# indistinguishable from forever for a blocking call, and stays below every one of those limits.
+MAX_TIMEOUT_S = 1e6
 
 
 def init(
@@ -126,17 +133,30 @@ def _make_remote(target: Any, options: dict[str, Any]) -> Any:
     )
 
 
-def _deadline(timeout: float | None, what: str) -> float | None:
+def deadline_of(timeout: float | None, what: str) -> float | None:
+    """The monotonic deadline of a ``timeout`` in seconds, or None for no deadline.
+
+    ``what`` names the call in the error, e.g. "get()". Every public call that takes a timeout
+    converts it here, so inf, huge values and NaN behave the same on every backend.
+    """
     if timeout is None:
         return None
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
-        raise ValueError(f"{what}: timeout={timeout!r} must be None or a number >= 0")
+    rule = "must be None (or float('inf')) to wait forever, or a number of seconds >= 0"
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise ValueError(f"{what}: timeout={timeout!r} {rule}")
+    if isinstance(timeout, float) and math.isnan(timeout):
+        # NaN compares false with everything, so it used to slip past "< 0" and wait forever.
+        raise ValueError(f"{what}: timeout={timeout!r} is not a number; it {rule}")
+    if timeout < 0:
+        raise ValueError(f"{what}: timeout={timeout!r} {rule}")
+    if timeout > MAX_TIMEOUT_S:
+        return None
     return time.monotonic() + timeout
 
 
 def get(object_refs: ObjectRef | list[ObjectRef], *, timeout: float | None = None) -> Any:
     """The value(s) of a ref or a list of refs. Re-raises remote errors; ``timeout`` in s."""
-    deadline = _deadline(timeout, "get")
+    deadline = deadline_of(timeout, "get()")
     if isinstance(object_refs, ObjectRef):
         return context.current().get([object_refs], deadline)[0]
     if isinstance(object_refs, (list, tuple)):
@@ -178,7 +198,7 @@ def wait(
         raise ValueError(
             f"wait(): num_returns={num_returns} exceeds the number of refs ({len(object_refs)})"
         )
-    deadline = _deadline(timeout, "wait")
+    deadline = deadline_of(timeout, "wait()")
     if not object_refs:
         return [], []
     return context.current().wait(list(object_refs), num_returns, deadline)

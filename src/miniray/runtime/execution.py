@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from miniray.errors import RayTaskError
+from miniray.errors import ObjectStoreFullError, RayTaskError
 from miniray.runtime import serialization
 from miniray.runtime.refs import ObjectRef
 
@@ -110,6 +110,8 @@ def serialize_args(args: tuple, kwargs: dict, label: str, session_id: str | None
     """Serialize call arguments; an unpicklable one is a TypeError naming which one."""
     try:
         return serialization.serialize((args, kwargs), session_id=session_id)
+    except ObjectStoreFullError:
+        raise  # the arguments pickle fine; shared memory has no room for them
     except Exception as exc:
         culprit = _unpicklable_argument(args, kwargs)
         raise TypeError(

@@ -15,6 +15,11 @@ segment is no longer mapped:
 A process reports a segment only when it has no mapping of it *and* no delivery of it still
 waiting to be deserialized; the report says how many deliveries it consumed, so the head, which
 counts what it sent, knows whether another delivery is still in flight.
+
+Pooled segments hold their pages, and in a small /dev/shm (Docker's 64 MB) every process's pool
+together could crowd out the next value. So a process pools only while the directory is less
+than half full (past that it deletes what is freed, its pool included), and a creation that
+finds the directory full first gives this process's pool back and tries once more.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import threading
 import weakref
 from collections.abc import Callable
 
+from miniray.errors import ObjectStoreFullError
 from miniray.runtime import shm
 
 POOL_LIMIT_BYTES = int(os.environ.get("MINIRAY_SHM_POOL_MB", "1024")) * 2**20
@@ -72,7 +78,12 @@ def acquire(session_id: str, size: int) -> tuple[str, mmap.mmap]:
                 _writers[name] = mapping
             return name, mapping
     name = shm.new_name(session_id)
-    mapping = shm.create(name, size)
+    try:
+        mapping = shm.create(name, size)
+    except ObjectStoreFullError:
+        if not _evict_pool():
+            raise
+        mapping = shm.create(name, size)
     with _lock:
         _capacity[name] = size
         _writers[name] = mapping
@@ -82,6 +93,10 @@ def acquire(session_id: str, size: int) -> tuple[str, mmap.mmap]:
 def reclaim(name: str) -> None:
     """The head says nobody maps ``name`` any more: keep it for reuse, or delete it."""
     global _free_bytes
+    if _space_is_short():
+        _evict_pool()
+        forget(name)
+        return
     with _lock:
         capacity = _capacity.get(name)
         if capacity is not None and capacity >= MIN_POOLED_BYTES:
@@ -98,6 +113,24 @@ def reclaim(name: str) -> None:
             evicted = [name]
     for old in evicted:
         forget(old)
+
+
+def _space_is_short() -> bool:
+    """Is the segment directory half full or more? (Then pooled pages are better given back.)"""
+    room = shm.space()
+    return room is not None and room[1] * 2 < room[0]
+
+
+def _evict_pool() -> bool:
+    """Delete every pooled segment of ours; False if there was none."""
+    global _free_bytes
+    with _lock:
+        evicted = [name for _cap, name in _free]
+        _free.clear()
+        _free_bytes = 0
+    for name in evicted:
+        forget(name)
+    return bool(evicted)
 
 
 def forget(name: str) -> None:

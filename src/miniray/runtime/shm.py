@@ -15,20 +15,41 @@ unlinks segments behind our back when the creating process exits.
 Consumers map with MAP_PRIVATE: reading costs no copy, and a consumer that writes into a tensor
 it received gets private pages instead of corrupting the object for everyone else (Ray gives
 read-only arrays for the same reason; we give writable ones that do not leak).
+
+Space is reserved when a segment is created (``posix_fallocate``), not when its pages are first
+written: a file in a full tmpfs maps fine, and the write that finds no page kills the process
+with SIGBUS. Docker gives a container 64 MB of /dev/shm, so that is an ordinary failure; here it
+is an ``ObjectStoreFullError`` that names the way out: a larger ``--shm-size``, or
+``$MINIRAY_SHM_DIR``, a directory on another file system where the segments go instead (set it
+before ``miniray.init()``; children inherit it, and the sweeps at shutdown and after a crash
+look there as they look in /dev/shm).
 """
 
 from __future__ import annotations
 
+import errno
 import glob
 import itertools
 import mmap
 import os
 
-SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else os.environ.get("TMPDIR", "/tmp")
+from miniray.errors import ObjectStoreFullError
+
+ENV_SHM_DIR = "MINIRAY_SHM_DIR"
+DEFAULT_SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else os.environ.get("TMPDIR", "/tmp")
 NAME_PREFIX = "miniray_"
 ALIGN = 64
 
 _counter = itertools.count()
+
+
+def directory() -> str:
+    """Where segments live: ``$MINIRAY_SHM_DIR`` if set, else /dev/shm.
+
+    Read at every use rather than at import, so that setting it in a script before
+    ``miniray.init()`` works; a child gets its driver's value in its environment.
+    """
+    return os.environ.get(ENV_SHM_DIR) or DEFAULT_SHM_DIR
 
 
 def session_prefix(session_id: str) -> str:
@@ -36,7 +57,7 @@ def session_prefix(session_id: str) -> str:
 
 
 def path_of(name: str) -> str:
-    return os.path.join(SHM_DIR, name)
+    return os.path.join(directory(), name)
 
 
 def new_name(session_id: str) -> str:
@@ -49,10 +70,20 @@ def aligned(n: int) -> int:
 
 def create(name: str, size: int) -> mmap.mmap:
     """Create a segment of ``size`` bytes and return a writable shared mapping of it
-    (the caller closes it)."""
-    fd = os.open(path_of(name), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    (the caller closes it). ``ObjectStoreFullError`` if the directory has no room for it."""
     try:
-        os.ftruncate(fd, size)
+        fd = os.open(path_of(name), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"the shared-memory directory {directory()} does not exist"
+            + (f" ({ENV_SHM_DIR}={os.environ[ENV_SHM_DIR]})" if os.environ.get(ENV_SHM_DIR) else "")
+        ) from None
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:  # out of inodes
+            raise _full_error(size) from None
+        raise
+    try:
+        _reserve(fd, size)
         # MAP_POPULATE faults every page in one syscall instead of one trap per 4 KiB page.
         return mmap.mmap(
             fd,
@@ -67,12 +98,53 @@ def create(name: str, size: int) -> mmap.mmap:
         os.close(fd)
 
 
+def _reserve(fd: int, size: int) -> None:
+    """Allocate the file's pages now, so that writing through a mapping cannot SIGBUS later."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise _full_error(size) from None
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+        # A file system that cannot reserve (glibc emulates it on most): size the file only.
+        if os.fstat(fd).st_size < size:
+            os.ftruncate(fd, size)
+
+
+def space() -> tuple[int, int] | None:
+    """(size, free bytes) of the segment directory's file system; None if it cannot tell."""
+    try:
+        stat = os.statvfs(directory())
+    except OSError:
+        return None
+    return stat.f_blocks * stat.f_frsize, stat.f_bavail * stat.f_frsize
+
+
+def _full_error(size: int) -> ObjectStoreFullError:
+    where = directory()
+    known = space()
+    room = "" if known is None else f" ({_mib(known[0])} in all, {_mib(known[1])} free)"
+    return ObjectStoreFullError(
+        f"the shared-memory directory {where} is full: a {_mib(size)} segment for a large "
+        f"value does not fit in it{room}. Free large objects still referenced (del the "
+        f"ObjectRefs), or make room: in Docker, /dev/shm is 64 MiB unless the container is "
+        f"started with a larger --shm-size (e.g. docker run --shm-size=8g); or set "
+        f"{ENV_SHM_DIR} to a directory on a larger file system (a tmpfs is fastest, a disk "
+        f"works) before miniray.init(), and large values go there instead."
+    )
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
 def open_shared(name: str, size: int) -> mmap.mmap:
     """A writable shared mapping of the first ``size`` bytes of an existing segment."""
     fd = os.open(path_of(name), os.O_RDWR)
     try:
         if os.fstat(fd).st_size < size:
-            os.ftruncate(fd, size)
+            _reserve(fd, size)
         return mmap.mmap(
             fd,
             size,

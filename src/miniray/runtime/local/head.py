@@ -46,7 +46,7 @@ from miniray.errors import (
 from miniray.runtime import execution, segments, serialization, shm
 from miniray.runtime import options as opts
 from miniray.runtime.execution import serialize_args
-from miniray.runtime.local import protocol
+from miniray.runtime.local import lifeline, protocol
 from miniray.runtime.local.protocol import Stored
 from miniray.runtime.local.values import raise_if_error, stored_error, value_of
 from miniray.runtime.local.worker import ENV_SESSION, ENV_SYS_PATH
@@ -206,6 +206,8 @@ class LocalBackend:
         self._local_unmaps: deque[str] = deque()
         segments.reset()
         segments.set_unmapped_hook(self._on_local_unmap)
+        # Sweeps this session's segments if the driver dies without shutdown (see lifeline.py).
+        self._janitor = lifeline.Janitor(shm.directory(), shm.session_prefix(self.session_id))
         self._router = threading.Thread(
             target=self._route_forever, name="miniray-router", daemon=True
         )
@@ -222,7 +224,10 @@ class LocalBackend:
         env[ENV_SESSION] = self.session_id
         env[ENV_SYS_PATH] = os.pathsep.join(sys.path)  # (json would cost the child 20 ms)
         env["PYTHONUNBUFFERED"] = "1"
-        popen = subprocess.Popen(
+        # The child asks the kernel to kill it when we die (a child stuck in a C call holding
+        # the GIL cannot notice by itself); lifeline.spawn forks it from a thread that lives
+        # as long as this process, because that signal follows the forking thread.
+        popen = lifeline.spawn(
             [sys.executable, *WORKER_COMMAND, str(child_sock.fileno())],
             pass_fds=[child_sock.fileno()],
             env=env,
@@ -230,6 +235,7 @@ class LocalBackend:
             start_new_session=True,  # Ctrl-C reaches the driver only; it shuts us down
         )
         child_sock.close()
+        self._janitor.watch(popen.pid)
         conn = protocol.Channel(parent_sock.detach())
         child = _Child(next(self._keys), kind, popen, conn)
         self._children[child.key] = child
@@ -415,6 +421,8 @@ class LocalBackend:
             self._free_segment(stored[1])
             return
         entry.stored = stored
+        # A waiter that fails with this value as its error releases its use of it, which may
+        # free the entry before we get to the _maybe_free below (that one is then a no-op).
         for task in self._waiting_tasks.pop(oid, ()):
             self._dep_ready(task, oid, stored)
         for actor in self._actors_waiting.pop(oid, ()):
@@ -434,7 +442,8 @@ class LocalBackend:
 
     def _maybe_free(self, oid: str, entry: _Object) -> None:
         if (
-            entry.stored is None
+            self._objects.get(oid) is not entry  # freed already, deeper in this same event
+            or entry.stored is None
             or entry.local_refs > 0
             or entry.holders
             or entry.pinned
@@ -469,10 +478,15 @@ class LocalBackend:
     def _deliver(self, child: _Child, *values: Any) -> None:
         """Count segments sent to ``child``: they stay unreusable until it reports them.
 
-        ``values`` are Serialized, or stored (is_error, Serialized) pairs, or None."""
+        ``values`` are Serialized, or stored (is_error, Serialized) pairs, or None, all sent in
+        one message: pickle sends an object that appears twice in it once (one argument passed
+        twice, one error for every ref of a get), so each is counted once, as the child will
+        report it consumed."""
+        seen: set[int] = set()
         for value in values:
             ser = value[1] if isinstance(value, tuple) else value
-            if ser is not None and ser.segment is not None:
+            if ser is not None and ser.segment is not None and id(ser) not in seen:
+                seen.add(id(ser))
                 out = self._seg_out.setdefault(ser.segment, {})
                 out[child.key] = out.get(child.key, 0) + 1
 
@@ -703,9 +717,23 @@ class LocalBackend:
         for oid in task.return_ids:
             self._new_object(oid, producer, owner=task.owner)
         self._tasks[task.task_id] = task
-        if self._take_deps(task.deps, task, self._waiting_tasks):
+        ready = self._take_deps(task.deps, task, self._waiting_tasks)
+        # An argument that failed before this call was made fails it now, as _dep_ready does
+        # for one that fails later; the worker must never get an error as an argument's value.
+        failed = self._failed_dep(task.deps)
+        if failed is not None:
+            self._finish_task(task, [failed] * max(1, len(task.return_ids)))
+        elif ready:
             self._ready_tasks.append(task)
             self._dispatch()
+
+    def _failed_dep(self, deps: list[str]) -> Stored | None:
+        """The stored error of the first argument that failed, if any did."""
+        for oid in deps:
+            stored = self._objects[oid].stored
+            if stored is not None and stored[0]:
+                return stored
+        return None
 
     def _take_deps(self, deps: list[str], waiter: Any, index: dict[str, list]) -> bool:
         """Count uses of the dependencies; True when all are ready already."""
@@ -891,17 +919,21 @@ class LocalBackend:
         if child is None or not child.ready or actor.state not in ("starting", "restarting"):
             return
         deps = [self._objects[oid].stored for oid in actor.deps]
-        failed = next((s for s in deps if s is not None and s[0]), None)
+        failed = self._failed_dep(actor.deps)
+        payload: serialization.Serialized | None
         if failed is not None:
-            error = serialization.deserialize(failed[1])
-            self._actor_dead(actor, f"an argument of its __init__ failed:\n{error}")
-            self._send(child, ("exit",))
-            return
-        missing = next((oid for oid, s in zip(actor.deps, deps) if s is None), None)
-        if missing is not None:
-            self._actors_waiting.setdefault(missing, []).append(actor)
-            return  # _store() calls us again when that argument arrives
-        self._deliver(child, actor.payload, *deps)
+            # The actor's process gets the failed argument alone and reports it as its __init__
+            # failing: unpickling a user's exception here, in the router thread, runs user code
+            # under the lock (and one that does not unpickle would kill the router).
+            payload, dep_values = None, {"failed": failed}  # the process reads nothing else
+            self._deliver(child, failed)
+        else:
+            missing = next((oid for oid, s in zip(actor.deps, deps) if s is None), None)
+            if missing is not None:
+                self._actors_waiting.setdefault(missing, []).append(actor)
+                return  # _store() calls us again when that argument arrives
+            payload, dep_values = actor.payload, self._dep_values(actor.deps)
+            self._deliver(child, actor.payload, *deps)
         self._send(
             child,
             (
@@ -909,20 +941,21 @@ class LocalBackend:
                 actor.actor_id,
                 actor.class_name,
                 actor.class_bytes,
-                actor.payload,
-                self._dep_values(actor.deps),
+                payload,
+                dep_values,
                 {"max_concurrency": actor.options["max_concurrency"]},
             ),
         )
         actor.state = "creating"
 
-    def _on_created(self, child: _Child, actor_id: str, error: Stored | None) -> None:
+    def _on_created(self, child: _Child, actor_id: str, failure: str | None) -> None:
+        """``failure``: why ``__init__`` failed, as text the actor's process made (the router
+        never decodes a user's exception)."""
         actor = self._actors.get(actor_id)
         if actor is None or actor.child is not child:
             return
-        if error is not None:
-            reason = f"its __init__ raised:\n{serialization.deserialize(error[1])}"
-            self._actor_dead(actor, reason)
+        if failure is not None:
+            self._actor_dead(actor, failure)
             self._send(child, ("exit",))
             return
         actor.state = "alive"
@@ -987,7 +1020,7 @@ class LocalBackend:
         while actor.pending:
             call = actor.pending[0]
             deps = [self._objects[oid].stored for oid in call.deps]
-            failed = next((s for s in deps if s is not None and s[0]), None)
+            failed = self._failed_dep(call.deps)
             if failed is not None:
                 actor.pending.popleft()
                 self._finish_call(call, [failed] * max(1, len(call.return_ids)))
@@ -1223,6 +1256,7 @@ class LocalBackend:
         self._wake_w.close()
         segments.reset()  # close our kept writer mappings before the files go
         shm.unlink_session(self.session_id)
+        self._janitor.stop()
 
     def child_pids(self) -> list[int]:
         """Process ids of every live child (for tests and benchmarks)."""

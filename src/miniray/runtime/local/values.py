@@ -14,13 +14,20 @@ def value_of(stored: Stored) -> Any:
 
 
 def raise_if_error(stored: Stored) -> None:
-    is_error, ser = stored
-    if not is_error:
-        return
-    error = serialization.deserialize(ser)
+    if stored[0]:
+        raise error_of(stored)
+
+
+def error_of(stored: Stored) -> BaseException:
+    """The exception a failed value raises, decoded in the process (and thread) that asks.
+
+    Only callers decode errors, never the head's router thread: unpickling runs user code, and
+    a user's exception that does not unpickle decodes as a ``RayTaskError`` naming it (see
+    ``RayTaskError.__reduce__``)."""
+    error = serialization.deserialize(stored[1])
     if isinstance(error, RayTaskError):
-        raise error.as_instanceof_cause()
-    raise error
+        return error.as_instanceof_cause()
+    return error
 
 
 def stored_value(value: Any, session_id: str, label: str) -> Stored:

@@ -20,9 +20,9 @@ import threading
 from typing import Any
 
 from miniray.runtime import context, execution, segments, serialization, shm
-from miniray.runtime.local import protocol
+from miniray.runtime.local import lifeline, protocol
 from miniray.runtime.local.client import WorkerClient
-from miniray.runtime.local.values import stored_error, stored_value, value_of
+from miniray.runtime.local.values import error_of, stored_error, stored_value, value_of
 
 ENV_SESSION = "MINIRAY_SESSION"
 ENV_SYS_PATH = "MINIRAY_SYS_PATH"
@@ -117,13 +117,23 @@ class Worker:
     def _create_actor(self, message: tuple) -> bool:
         _, actor_id, class_name, class_bytes, payload, deps, options = message
         self.actor_name = class_name
+        # The head only ever hears why __init__ failed as text: it must not decode (run) a
+        # user's exception in its router thread, so this process does, with the fallback of
+        # RayTaskError's unpickling for one that does not unpickle.
+        failure = None
         try:
-            cls = serialization.loads(class_bytes)
-            args, kwargs = self._args(payload, deps)
-            self.instance = cls(*args, **kwargs)
+            failed = next((stored for stored in deps.values() if stored[0]), None)
+            if failed is not None:  # then it is the only argument the head sent
+                failure = f"an argument of its __init__ failed:\n{error_of(failed)}"
+            else:
+                cls = serialization.loads(class_bytes)
+                args, kwargs = self._args(payload, deps)
+                self.instance = cls(*args, **kwargs)
         except BaseException as exc:
             error = execution.task_error(f"{class_name}.__init__", exc)
-            self.client.send(("created", actor_id, stored_error(error, self.session_id)))
+            failure = f"its __init__ raised:\n{error}"
+        if failure is not None:
+            self.client.send(("created", actor_id, failure))
             return False
         import inspect  # lazily: task workers never need it
 
@@ -193,6 +203,7 @@ class Worker:
 
 
 def main() -> None:
+    lifeline.die_with_parent()  # before any user code: that may never let Python run again
     fd = int(sys.argv[-1])
     session_id = os.environ[ENV_SESSION]
     sys.path[:] = os.environ[ENV_SYS_PATH].split(os.pathsep)
