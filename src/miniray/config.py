@@ -8,7 +8,10 @@ A config is a tree of ``Config`` dataclasses. Values come, later winning, from
 4. dotted overrides as typed on a command line: ``async_training.max_queue_size=500``.
 
 Everything is checked once, at construction, with errors that name the dotted key, the value
-and the rule (``async_training.max_queue_size=-1 is invalid: must be >= 1``). An unknown or
+and the rule (``async_training.max_queue_size=-1 is invalid: must be >= 1``). Every float is
+finite (``optim.lr=inf`` is an error, not a run that trains until its loss is NaN) unless its
+field says ``option(allow_inf=True)``, where ``inf`` means "no limit" (a timeout with no
+deadline); NaN is never a value, because every comparison with it is false. An unknown or
 mistyped key is an error that suggests the closest valid key, because a silently ignored typo
 (``max_queu_size=10``) is the most expensive config bug there is: the run goes on with the
 default. Wherever a config object is expected, a plain nested dict (or an OmegaConf
@@ -30,6 +33,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Iterable, Mapping, Sequence
@@ -45,6 +49,7 @@ __all__ = [
     "from_dict",
     "load",
     "merge_dicts",
+    "non_finite_rule",
     "option",
     "parse_override",
     "parse_overrides",
@@ -75,10 +80,15 @@ def option(
     gt: float | None = None,
     le: float | None = None,
     lt: float | None = None,
+    allow_inf: bool = False,
     help: str = "",
 ) -> Any:
-    """A config field with bounds (checked at construction) and a help text."""
-    metadata = {"ge": ge, "gt": gt, "le": le, "lt": lt, "help": help}
+    """A config field with bounds (checked at construction) and a help text.
+
+    ``allow_inf``: the field takes ``inf`` (say what it means in ``help``, e.g. "no deadline");
+    without it a float must be finite. NaN is refused either way.
+    """
+    metadata = {"ge": ge, "gt": gt, "le": le, "lt": lt, "allow_inf": allow_inf, "help": help}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -95,6 +105,8 @@ class Config:
         for f in dataclasses.fields(self):
             key = _join(path, f.name)
             value = _coerce(getattr(self, f.name), hints[f.name], key)
+            # Before the bounds: NaN fails every bound with a misleading rule ("must be > 0").
+            _check_finite(value, bool(f.metadata.get("allow_inf")), key)
             _check_bounds(value, f.metadata, key)
             object.__setattr__(self, f.name, value)
         self.validate()
@@ -455,6 +467,35 @@ def _to_float(value: Any, key: str) -> float:
         except ValueError:
             pass
     raise TypeError(f"{key}={value!r} is invalid: must be a number")
+
+
+def non_finite_rule(value: float, *, allow_inf: bool) -> str | None:
+    """The rule a float breaks by not being finite, or None when it breaks none.
+
+    NaN is never allowed: every comparison with it is false, so a NaN passes no bound, a NaN
+    deadline never arrives and a NaN learning rate trains until the loss is NaN. ``inf`` is
+    allowed only where the key declares it means "no limit"; ``-inf`` never is.
+    """
+    if math.isnan(value):
+        return "must be a number, not NaN"
+    if math.isinf(value) and not (allow_inf and value > 0):
+        return "must be finite or inf (no limit)" if allow_inf else "must be finite"
+    return None
+
+
+def _check_finite(value: Any, allow_inf: bool, key: str) -> None:
+    """Refuse a non-finite float anywhere in a field's value (lists and mappings included);
+    nested configs check their own fields."""
+    if isinstance(value, float):
+        rule = non_finite_rule(value, allow_inf=allow_inf)
+        if rule is not None:
+            raise ValueError(f"{key}={value!r} is invalid: {rule}")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_finite(item, allow_inf, f"{key}[{i}]")
+    elif isinstance(value, Mapping):
+        for name, item in value.items():
+            _check_finite(item, allow_inf, f"{key}.{name}")
 
 
 def _check_bounds(value: Any, metadata: Mapping[str, Any], key: str) -> None:

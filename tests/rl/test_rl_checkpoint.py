@@ -269,3 +269,59 @@ def test_old_checkpoints_are_pruned_and_a_trainer_without_save_is_named(workdir,
     assert steps == [2, 3]
     with pytest.raises(TypeError, match="has no save_checkpoint"):
         checkpoint.save_step(object(), cfg, 4, {})
+
+
+def writer_dir(directory, step, kind, pid):
+    """A directory named as ``checkpoint.write`` names its temporaries, for writer ``pid``."""
+    import socket
+
+    path = directory / f"global_step_{step}.{kind}-{pid}@{socket.gethostname()}-abcd1234"
+    path.mkdir(parents=True)
+    (path / "trainer.pt").write_bytes(b"half a checkpoint")
+    return path
+
+
+def dead_pid():
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return int(proc.stdout)  # exited and reaped: no process has it (until it is reused)
+
+
+def test_a_save_removes_temporaries_of_dead_writers_only(workdir, tmp_path, monkeypatch):
+    import os
+    import socket
+    from pathlib import Path
+
+    cfg = as_rl_config(config(workdir, tmp_path, "sync"))
+    trainer = FullyAsyncTrainer(cfg)
+    ckpt_dir = checkpoint.checkpoint_dir(cfg)
+    stale = writer_dir(ckpt_dir, 2, "tmp", dead_pid())
+    stale_old = writer_dir(ckpt_dir, 4, "old", dead_pid())
+    running = writer_dir(ckpt_dir, 3, "tmp", os.getpid())  # a save in progress: keep it
+    elsewhere = ckpt_dir / "global_step_3.tmp-1@another-host-abcd1234"  # cannot be asked
+    foreign = ckpt_dir / "global_step_3.tmp-notours"  # not this writer's naming
+    for path in (elsewhere, foreign):
+        path.mkdir()
+    written_in = []
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        written_in.append(Path(f).parent.name)
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    first = checkpoint.save_step(trainer, cfg, 1, {"step": 1, "data_position": {}})
+    assert not stale.exists() and not stale_old.exists()
+    assert running.exists() and elsewhere.exists() and foreign.exists()
+    # The writer names its temporaries with its pid and host, so a later run can tell whose.
+    owner = ("global_step_1", "tmp", os.getpid(), socket.gethostname())
+    assert checkpoint.temporary_owner(written_in[0]) == owner
+    assert checkpoint.latest_checkpoint(ckpt_dir) == first
+    assert not [p for p in ckpt_dir.iterdir() if p.name.startswith("global_step_1.")]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -309,3 +310,105 @@ def test_describe_lists_every_key_with_default_and_help():
     assert len(text.splitlines()) == len(config_keys(RLConfig))
     assert "async_training.staleness_threshold: int = 3  # k: a sample" in text
     assert "data.train_files: list[str] = (required)" in text
+
+
+# -- non-finite floats ------------------------------------------------------------------------
+# Keys that take inf, as "no limit". NaN is never a value: every comparison with it is false, so
+# a NaN deadline would be "never" and a NaN learning rate would run until the loss is NaN.
+INF_MEANS_NO_LIMIT = {"async_training.generation_timeout"}
+
+
+def float_keys(cls, prefix=""):
+    """Every dotted key whose type is float (or float | None), walking nested configs."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        tp = hints[f.name]
+        if isinstance(tp, type) and issubclass(tp, Config):
+            yield from float_keys(tp, key)
+        elif tp is float or float in typing.get_args(tp):
+            yield key
+
+
+def rl_tree(key, value):
+    return load(
+        RLConfig,
+        data={"data": {"train_files": ["a.jsonl"]}},
+        overrides=["actor_rollout_ref.model.path=/models/tiny", f"{key}={value}"],
+    )
+
+
+def distill_tree(key, value):
+    from miniray.rl.distill.config import DistillConfig
+
+    return load(
+        DistillConfig,
+        overrides=[
+            "data.train_files=[a.jsonl]",
+            "actor_rollout_ref.model.path=/m",
+            f"{key}={value}",
+        ],
+    )
+
+
+def non_finite_cases():
+    from miniray.rl.distill.config import DistillConfig
+
+    for tree, cls in ((rl_tree, RLConfig), (distill_tree, DistillConfig)):
+        for key in float_keys(cls):
+            for text in ("inf", "-inf", ".inf", "nan", ".nan"):
+                yield pytest.param(tree, key, text, id=f"{cls.__name__}:{key}={text}")
+
+
+def test_the_walk_finds_the_float_keys_of_both_trees():
+    from miniray.rl.distill.config import DistillConfig
+
+    rl, distill = set(float_keys(RLConfig)), set(float_keys(DistillConfig))
+    assert {
+        "actor_rollout_ref.actor.optim.lr",
+        "async_training.weight_extrapolation",
+        "async_training.generation_timeout",
+        "actor_rollout_ref.actor.behaviour_weight_cap",  # float | None
+    } <= rl
+    assert {"distill.beta", "trainer.generation_timeout", "actor_rollout_ref.nccl_timeout"} <= (
+        distill
+    )
+    assert rl >= INF_MEANS_NO_LIMIT
+
+
+@pytest.mark.parametrize(("tree", "key", "text"), list(non_finite_cases()))
+def test_every_float_key_refuses_nan_and_inf_unless_inf_means_no_limit(tree, key, text):
+    positive_inf = text in ("inf", ".inf")
+    if positive_inf and key in INF_MEANS_NO_LIMIT and tree is rl_tree:
+        cfg = tree(key, text)
+        section, _, name = key.rpartition(".")
+        assert getattr(cfg[section], name) == float("inf")
+        return
+    rule = "not NaN" if "nan" in text else "must be finite"
+    with pytest.raises(ValueError, match=rf"^{re.escape(key)}=.*is invalid: .*{rule}"):
+        tree(key, text)
+
+
+def test_python_floats_are_checked_as_overrides_are():
+    with pytest.raises(ValueError, match=r"async_training\.weight_extrapolation=inf .*finite"):
+        async_training_config({"weight_extrapolation": float("inf")})
+    with pytest.raises(ValueError, match=r"async_training\.generation_timeout=nan .*not NaN"):
+        async_training_config({"generation_timeout": float("nan")})
+    assert AsyncTrainingConfig(generation_timeout=float("inf")).generation_timeout == float("inf")
+
+
+def test_a_key_declares_that_it_takes_inf_and_the_help_says_so():
+    @dataclass(kw_only=True)
+    class Limits(Config):
+        deadline: float = option(1.0, gt=0, allow_inf=True, help="seconds; inf: none")
+        values: list[float] = option(default_factory=list)  # noqa: RUF009
+
+    assert Limits.from_dict({"deadline": "inf"}).deadline == float("inf")
+    with pytest.raises(ValueError, match=r"values\[1\]=inf is invalid: must be finite"):
+        Limits.from_dict({"values": [1.0, "inf"]})
+    with pytest.raises(ValueError, match=r"deadline=-inf is invalid"):
+        Limits.from_dict({"deadline": "-inf"})
+    assert "inf" in describe(AsyncTrainingConfig).split("generation_timeout")[1].splitlines()[0]

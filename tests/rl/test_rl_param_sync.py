@@ -10,6 +10,7 @@ import pytest
 from rl_fakes import SEED_STAT_KEYS, WEIGHT_BYTES, FakeClock, FakeRollouter, FakeTrainer, config
 
 import miniray
+from miniray.errors import ActorDiedError, ActorUnavailableError
 from miniray.rl import (
     AsyncParameterSynchronizer,
     ParameterSyncError,
@@ -155,6 +156,50 @@ def test_zero_retries_means_one_attempt():
         sync.sync_to_rollouter(1)
     assert rollouter.events == ["pause", "load:1", "resume"]
     assert clock.sleeps == []
+
+
+class DeadRollouter(FakeRollouter):
+    """Answers as a handle of a dead actor does: every call raises ``error``."""
+
+    def __init__(self, error):
+        super().__init__()
+        self.error = error
+
+    def pause_rollout(self):
+        self.events.append("pause")
+        raise self.error
+
+
+def test_a_dead_rollouter_is_not_retried():
+    rollouter = DeadRollouter(ActorDiedError("The actor FullyAsyncRollouter (a1) died: SIGKILL"))
+    sync, clock = make(rollouter=rollouter, max_sync_retries=3, sync_retry_delay=1.0)
+    with pytest.raises(ParameterSyncError, match=r"ActorDiedError.*SIGKILL") as info:
+        sync.sync_to_rollouter(1)
+    assert info.value.result.attempts == 1 and rollouter.events.count("pause") == 1
+    assert clock.sleeps == []  # no retry delay spent on an actor that cannot come back
+    assert sync.get_current_version() == 0
+
+
+def test_a_restarting_rollouter_is_still_retried():
+    rollouter = DeadRollouter(ActorUnavailableError("The actor (a1) is restarting"))
+    sync, clock = make(rollouter=rollouter, max_sync_retries=2, sync_retry_delay=1.0)
+    with pytest.raises(ParameterSyncError, match="ActorUnavailableError"):
+        sync.sync_to_rollouter(1)
+    assert rollouter.events.count("pause") == 3 and clock.sleeps == [1.0, 1.0]
+
+
+def test_a_killed_rollouter_actor_is_not_retried():
+    miniray.init(backend="inline")
+    try:
+        rollouter = miniray.remote(FakeRollouter).remote()
+        miniray.get(rollouter.get_state.remote(), timeout=30)
+        miniray.kill(rollouter)
+        sync, clock = make(rollouter=rollouter, max_sync_retries=3, sync_retry_delay=1.0)
+        with pytest.raises(ParameterSyncError, match="ActorDiedError") as info:
+            sync.sync_to_rollouter(1)
+        assert info.value.result.attempts == 1 and clock.sleeps == []
+    finally:
+        miniray.shutdown()
 
 
 @pytest.mark.parametrize("hang_on", ["load", "pause"])

@@ -104,7 +104,12 @@ class AsyncTrainingConfig(Config):
         60.0, gt=0, help="a sync is reported overdue when none succeeded for this many seconds"
     )
     generation_timeout: float = option(
-        30.0, gt=0, help="seconds one generation may take before it is reported as stuck"
+        30.0,
+        gt=0,
+        allow_inf=True,
+        help="seconds the trainer waits for a batch (and for each call to the rollouter and "
+        "queue) before reporting it stuck; inf: no deadline (a dead rollouter is still "
+        "reported at once)",
     )
 
 

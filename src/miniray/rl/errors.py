@@ -1,7 +1,10 @@
 """What can go wrong in RL post-training, one class per thing a caller can do about it.
 
-* ``ProducerCrashedError``: the rollouter closed the queue with an error. Read
-  ``producer_error``, fix the cause, resume from the last checkpoint.
+* ``ProducerCrashedError``: the rollouter closed the queue with an error, or its process died
+  (the loop learns of that at once, not at a timeout). Read ``producer_error``, fix the
+  cause, resume from the last checkpoint.
+* ``NonFiniteWeightsError``: a training step left NaN or inf in the weights; they were neither
+  published to the rollouter nor checkpointed. ``step`` and ``parameter`` say where.
 * ``QueueTimeoutError`` (a ``TimeoutError``): a blocking queue call ran out of time; the message
   says what it waited for.
 * ``ParameterSyncError``: a weight sync failed after its retries; the rollouter keeps the old
@@ -33,6 +36,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "GenerationTimeoutError",
+    "NonFiniteWeightsError",
     "ParameterSyncError",
     "ParameterSyncTimeoutError",
     "ProducerCrashedError",
@@ -53,6 +57,20 @@ class ProducerCrashedError(RuntimeError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.args[0], self.producer_error))
+
+
+class NonFiniteWeightsError(RuntimeError):
+    """The trainer's weights hold NaN or inf after ``step``; ``parameter`` is the first such
+    one. Raised before they reach the rollouter, whose sampling they would crash."""
+
+    def __init__(self, message: str, *, step: int = -1, parameter: str = ""):
+        super().__init__(message)
+        self.step = step
+        self.parameter = parameter
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        fields = {"step": self.step, "parameter": self.parameter}
+        return (_rebuild, (type(self), self.args[0], fields))
 
 
 class QueueTimeoutError(TimeoutError):

@@ -6,9 +6,16 @@
 
     sync:   trainer asks the rollouter for a batch at the current version, waits, trains.
 
-Every wait has a deadline (``async_training.generation_timeout`` for a batch); a crashed
-rollouter closes the queue with its traceback, which surfaces here as ``ProducerCrashedError``
-instead of a clean end.
+Every wait has a deadline (``async_training.generation_timeout`` for a batch; ``inf``: none);
+a crashed rollouter closes the queue with its traceback, which surfaces here as
+``ProducerCrashedError`` instead of a clean end. A rollouter whose process died cannot close
+the queue: the loop keeps a call to it in flight (``_ProducerWatch``) that the runtime fails at
+once, and every wait for a batch waits on that call too, so a dead rollouter is a
+``ProducerCrashedError`` within moments, not a timeout blaming a paused one.
+
+Weights that are not finite after a step (a diverged update) are never published or
+checkpointed: the run fails with ``NonFiniteWeightsError`` naming the step and the parameter,
+instead of the rollouter crashing later in its sampling.
 
 Checkpoints (``trainer.save_freq``) hold the trainer's state plus the step and the data
 position (``data_position.TrainedPositions``: which prompts were trained). A resumed run
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import pathlib
 import statistics
 import time
@@ -34,12 +42,14 @@ from typing import Any
 import torch
 
 import miniray
+from miniray.errors import RayActorError
 from miniray.rl import checkpoint
 from miniray.rl.data_position import TrainedPositions
+from miniray.rl.errors import NonFiniteWeightsError, ParameterSyncError, ProducerCrashedError
 from miniray.rl.param_sync import UnifiedParameterSynchronizer
 from miniray.rl.queue import MessageQueue
 from miniray.rl.rollouter import FullyAsyncRollouter, RewardFn, as_rl_config
-from miniray.rl.trainer import FullyAsyncTrainer
+from miniray.rl.trainer import FullyAsyncTrainer, non_finite_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -59,15 +69,23 @@ class RunResult:
 
 
 def evaluate_greedy(
-    model: Any, tokenizer: Any, rows: Sequence[dict], reward_fn: RewardFn, *, max_new_tokens: int
+    model: Any,
+    tokenizer: Any,
+    rows: Sequence[dict],
+    reward_fn: RewardFn,
+    *,
+    max_new_tokens: int,
+    prompt_key: str = "prompt",
 ) -> float:
-    """Mean reward of greedy answers on held-out rows."""
+    """Mean reward of greedy answers on held-out rows (prompts in ``row[prompt_key]``, the
+    config's ``data.prompt_key``; answers in ``row["ground_truth"]``, as ``load_prompts``
+    stores them)."""
     from miniray.rl.engines import HFGenerationEngine
 
     engine = HFGenerationEngine(
         model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )
-    prompts = [[tokenizer.bos_token_id, *tokenizer(r["prompt"])["input_ids"]] for r in rows]
+    prompts = [[tokenizer.bos_token_id, *tokenizer(r[prompt_key])["input_ids"]] for r in rows]
     gens = engine.generate(prompts, max_new_tokens=max_new_tokens, temperature=0)
     rewards = [
         reward_fn(
@@ -103,6 +121,9 @@ def run(
     batch_groups = cfg.data.train_batch_size
     trigger = cfg.trainer.trigger_parameter_sync_step
     timeout = cfg.async_training.generation_timeout
+    # How the runtime's waits take it: None is its "no deadline" (inf is not a number of
+    # seconds to every wait it reaches).
+    call_timeout = wait_limit(timeout)
     started_runtime = not miniray.is_initialized()
     if started_runtime:
         miniray.init(num_workers=1)
@@ -134,7 +155,12 @@ def run(
     def evaluate() -> float:
         return (
             evaluate_greedy(
-                trainer.model, trainer.tokenizer, eval_rows, reward_fn, max_new_tokens=max_new
+                trainer.model,
+                trainer.tokenizer,
+                eval_rows,
+                reward_fn,
+                max_new_tokens=max_new,
+                prompt_key=cfg.data.prompt_key,
             )
             if eval_rows
             else float("nan")
@@ -146,48 +172,65 @@ def run(
     sync_ms: list[float] = []
     wait_s = 0.0
     version_ref: miniray.ObjectRef | None = None  # the queue's answer to the last version bump
+    producer: _ProducerWatch | None = None  # async mode: learns at once that the rollouter died
+    finite_at = 0  # the last step whose weights were checked and found finite
     try:
-        version, start_step, trained, resumed = _resume(cfg, trainer, rollouter, queue, timeout)
+        version, start_step, trained, resumed = _resume(
+            cfg, trainer, rollouter, queue, call_timeout
+        )
+        finite_at = start_step
         sync.restore_version(version)
         result.resumed_from = None if resumed is None else str(resumed)
         run_start = time.time()
         result.evals.append((start_step, 0.0, evaluate()))
         if mode == "async":
-            miniray.get(rollouter.start.remote(), timeout=timeout)
+            miniray.get(rollouter.start.remote(), timeout=call_timeout)
+            producer = _ProducerWatch(rollouter, queue)
         for step in range(start_step + 1, total_steps + 1):
             t0 = time.time()
-            if mode == "async":
-                groups = miniray.get(
+            if producer is not None:
+                groups = producer.get(
                     queue.get_batch.remote(batch_groups, version, timeout=timeout),
-                    timeout=timeout + 30,
+                    timeout=wait_limit(timeout + 30),
                 )
             else:
-                groups = miniray.get(
-                    rollouter.generate_batch.remote(batch_groups, version), timeout=timeout
+                groups = _from_rollouter(
+                    rollouter.generate_batch.remote(batch_groups, version), call_timeout
                 )
             waited = time.time() - t0
             wait_s += waited
             # Answers travel through the driver, which is busy training: ask now, read after.
             size_ref = queue.get_queue_size.remote()
             if version_ref is not None:  # the queue took the last version bump (or raises)
-                miniray.get(version_ref, timeout=timeout)
+                miniray.get(version_ref, timeout=call_timeout)
                 version_ref = None
             metrics: dict[str, Any] = dict(trainer.train_step(groups))
+            saving = save_freq >= 0 and (
+                step == total_steps or (save_freq > 0 and step % save_freq == 0)
+            )
+            # The weights leave the trainer only when finite; a step whose loss or gradient
+            # norm is not finite is checked at once, so the error names the step it began at.
+            publishing = step % trigger == 0
+            t1 = time.time()  # the publishing's blocking time includes taking the weights
+            weights = None
+            if publishing or saving or not _finite_metrics(metrics):
+                weights = trainer.get_weights()
+                check_finite_weights(weights, step, finite_at, metrics)
+                finite_at = step
             positions = [g[0].metadata["prompt_position"] for g in groups]
             for position in positions:
                 trained.add(position)
             result.trained_positions.append(positions)
             result.ages.extend(version - g[0].v_start for g in groups)
-            if step % trigger == 0:
-                t1 = time.time()
+            if publishing:
                 if mode == "async":
                     publisher.wait()  # the previous version is in place: versions stay in order
-                    published.take(trainer.get_weights())  # before the next step changes them
+                    published.take(weights)  # taken before the next step changes them
                     publisher.start(version + 1)
                 else:
-                    weights = miniray.put(trainer.get_weights())
-                    miniray.get(
-                        rollouter.load_weights.remote(weights, version + 1), timeout=timeout
+                    _from_rollouter(
+                        rollouter.load_weights.remote(miniray.put(weights), version + 1),
+                        call_timeout,
                     )
                 version += 1
                 trainer.set_version(version)
@@ -195,9 +238,7 @@ def run(
                 # passes it too), so the order of the two calls is moot; read at the next step.
                 version_ref = queue.update_param_version.remote(version)
                 sync_ms.append((time.time() - t1) * 1e3)
-            if save_freq >= 0 and (
-                step == total_steps or (save_freq > 0 and step % save_freq == 0)
-            ):
+            if saving:
                 extra = {"step": step, "data_position": trained.to_dict()}
                 checkpoint.save_step(trainer, cfg, step, extra)
             metrics.update(
@@ -205,7 +246,7 @@ def run(
                 version=version,
                 wall_s=time.time() - run_start,
                 trainer_wait_s=waited,
-                queue_size=miniray.get(size_ref, timeout=timeout),
+                queue_size=miniray.get(size_ref, timeout=call_timeout),
                 queue_capacity=cfg.async_training.max_queue_size,
             )
             if eval_rows and (step % eval_every == 0 or step == total_steps):
@@ -224,13 +265,20 @@ def run(
                 on_step(step, metrics)
         publisher.wait()  # a failed last sync fails the run
         if version_ref is not None:
-            miniray.get(version_ref, timeout=timeout)
+            miniray.get(version_ref, timeout=call_timeout)
+    except Exception as exc:
+        # A failure that a dead rollouter caused (a sync or a call to it failing) is reported
+        # as what it is; the watch may take a moment longer than the failed call to resolve.
+        if producer is not None and not isinstance(exc, ProducerCrashedError):
+            about_actors = isinstance(exc, (ParameterSyncError, RayActorError))
+            producer.check(wait_s=1.0 if about_actors else 0.0, cause=exc)
+        raise
     finally:
         publisher.close()
         try:
-            miniray.get(rollouter.stop.remote(), timeout=timeout)
-            result.queue_stats = miniray.get(queue.get_statistics.remote(), timeout=timeout)
-            rollouter_stats = miniray.get(rollouter.get_statistics.remote(), timeout=timeout)
+            miniray.get(rollouter.stop.remote(), timeout=call_timeout)
+            result.queue_stats = miniray.get(queue.get_statistics.remote(), timeout=call_timeout)
+            rollouter_stats = miniray.get(rollouter.get_statistics.remote(), timeout=call_timeout)
         except Exception:
             rollouter_stats = {}
         result.rollouter_stats = rollouter_stats
@@ -266,12 +314,13 @@ def run(
         "sync_phase_ms": sync_phase_ms,
         "trainer_idle_ratio": round(wait_s / wall, 3),
         "rollouter_idle_ratio": round(rollouter_stats.get("idle_ratio", 0.0), 3),
+        "prompts_skipped_too_long": int(rollouter_stats.get("prompts_skipped_too_long", 0)),
     }
     return result
 
 
 def _resume(
-    cfg: Any, trainer: Any, rollouter: Any, queue: Any, timeout: float
+    cfg: Any, trainer: Any, rollouter: Any, queue: Any, timeout: float | None
 ) -> tuple[int, int, TrainedPositions, Path | None]:
     """(version, step, trained positions, checkpoint) to start from, restored from the
     checkpoint ``trainer.resume_mode`` picks (none: a fresh start).
@@ -280,6 +329,8 @@ def _resume(
     was built from the initial model) and the data position; the queue gets the version, so
     ages are measured against the resumed trainer.
     """
+    # Before looking for the newest checkpoint: a save killed mid-swap is restored here.
+    checkpoint.remove_stale_temporaries(checkpoint.checkpoint_dir(cfg))
     path = checkpoint.resume_path(cfg)
     if path is None:
         return 0, 0, TrainedPositions(), None
@@ -291,11 +342,112 @@ def _resume(
             f"trainer.total_training_steps={cfg.trainer.total_training_steps} is invalid: the "
             f"checkpoint {str(path)!r} is already at step {step}"
         )
-    miniray.get(rollouter.restore_data_position.remote(trained.to_dict()), timeout=timeout)
+    _from_rollouter(rollouter.restore_data_position.remote(trained.to_dict()), timeout)
     weights = miniray.put(trainer.get_weights())
-    miniray.get(rollouter.load_weights.remote(weights, version), timeout=timeout)
+    _from_rollouter(rollouter.load_weights.remote(weights, version), timeout)
     miniray.get(queue.update_param_version.remote(version), timeout=timeout)
     return version, step, trained, path
+
+
+def wait_limit(seconds: float) -> float | None:
+    """A config's seconds as the runtime's waits take them: inf ("no deadline") is None."""
+    return None if math.isinf(seconds) else seconds
+
+
+def _finite_metrics(metrics: dict[str, Any]) -> bool:
+    """False when the step's loss or gradient norm is NaN or inf: its update then poisoned
+    the weights (the gradient clip scales by a NaN norm), so they are checked at once."""
+    return all(
+        math.isfinite(metrics[key])
+        for key in ("loss", "grad_norm")
+        if isinstance(metrics.get(key), (int, float))
+    )
+
+
+def check_finite_weights(
+    weights: dict[str, Any], step: int, finite_at: int, metrics: dict[str, Any]
+) -> None:
+    """Raise ``NonFiniteWeightsError`` when ``weights`` (the trainer's after ``step``) hold NaN
+    or inf, naming the step and the first such parameter. ``finite_at``: the last step whose
+    weights were found finite, so the message bounds where the divergence began."""
+    bad = non_finite_parameters(weights)
+    if not bad:
+        return
+    since = (
+        f"step {step}"
+        if finite_at >= step - 1
+        else f"steps {finite_at + 1}-{step} (finite after step {finite_at}, not checked between)"
+    )
+    shown = {k: metrics[k] for k in ("loss", "grad_norm", "lr") if k in metrics}
+    raise NonFiniteWeightsError(
+        f"step {step}: the trainer's weights are not finite: {bad[0]!r} holds NaN or inf "
+        f"({len(bad)} of {len(weights)} entries do); the update diverged at {since} "
+        f"(metrics of step {step}: {shown}). They were not published to the rollouter nor "
+        "checkpointed. Lower actor_rollout_ref.actor.optim.lr (or look for a broken reward "
+        "or data), then resume from the last checkpoint",
+        step=step,
+        parameter=bad[0],
+    )
+
+
+def _from_rollouter(ref: miniray.ObjectRef, timeout: float | None) -> Any:
+    """The answer of a call to the rollouter; its death is ``ProducerCrashedError`` (sync mode,
+    and before the generation loop starts, where no ``_ProducerWatch`` runs)."""
+    try:
+        return miniray.get(ref, timeout=timeout)
+    except RayActorError as exc:
+        raise ProducerCrashedError(f"the rollouter died: {exc}", str(exc)) from exc
+
+
+class _ProducerWatch:
+    """Learns at once that the rollouter has gone: its process died, or its loop ended.
+
+    One call of ``rollouter.wait_loop_end()`` stays in flight for the whole run. It returns
+    when the generation loop ends (its traceback, or None for a stop) and the runtime fails it
+    with a ``RayActorError`` as soon as the rollouter's process dies. Without it a SIGKILLed
+    rollouter, which cannot close the queue with an error, was found only by the queue's
+    timeout (forever with ``generation_timeout=inf``), whose message blamed a paused rollouter.
+    """
+
+    def __init__(self, rollouter: Any, queue: Any):
+        self._ref = rollouter.wait_loop_end.remote()
+        self._queue = queue
+        self._error: ProducerCrashedError | None = None
+
+    def get(self, ref: miniray.ObjectRef, *, timeout: float | None) -> Any:
+        """``ref``'s value (a ``GetTimeoutError`` after ``timeout``), or
+        ``ProducerCrashedError`` as soon as the rollouter is gone."""
+        ready, _ = miniray.wait([ref, self._ref], num_returns=1, timeout=timeout)
+        if ref in ready or not ready:  # ready first (wait lists it first), or time is up
+            return miniray.get(ref, timeout=0)
+        raise self._ended()
+
+    def check(self, *, wait_s: float = 0.0, cause: BaseException | None = None) -> None:
+        """Raise ``ProducerCrashedError`` (from ``cause``) if the rollouter is gone, waiting
+        up to ``wait_s`` seconds for the watch to tell."""
+        ready, _ = miniray.wait([self._ref], timeout=wait_s)
+        if ready:
+            raise self._ended() from cause
+
+    def _ended(self) -> ProducerCrashedError:
+        if self._error is None:
+            try:
+                crash = miniray.get(self._ref, timeout=0)  # ready: no wait
+            except RayActorError as exc:
+                message, crash = f"the rollouter died: {exc}", str(exc)
+            except Exception as exc:  # the watch itself failed: the rollouter is unusable too
+                crash = f"{type(exc).__name__}: {exc}"
+                message = f"the rollouter's watch failed: {crash}"
+            else:
+                message = (
+                    f"the rollouter crashed:\n{crash}"
+                    if crash
+                    else "the rollouter's generation loop stopped before the run ended"
+                )
+            self._error = ProducerCrashedError(message, crash or "")
+            # A get_batch may still wait in the queue for a producer that will never close it.
+            self._queue.close.remote(message)
+        return self._error
 
 
 def extrapolate(

@@ -24,7 +24,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print(__doc__)
         return {}
     config = parse_rl_args(words)
-    eval_rows = [row for path in config.data.val_files for row in load_prompts(path)]
+    data = config.data
+    eval_rows = [
+        row
+        for path in data.val_files
+        for row in load_prompts(path, prompt_key=data.prompt_key, answer_key=data.answer_key)
+    ]
     result = run(config, eval_rows=eval_rows, log_dir=config.trainer.default_local_dir)
     print(json.dumps(result.summary))
     return result.summary

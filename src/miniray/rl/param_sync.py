@@ -8,7 +8,8 @@ One sync to version ``v``, and who waits for what::
         1. pause_rollout()     ---------->    stop starting work, answer True
         2. get_weights()       ------------------------------------------->    named tensors
         3. load_weights(w, v)  ---------->    load, then adopt version v
-         (a failed attempt sleeps sync_retry_delay, then retries; a timeout ends the sync)
+         (a failed attempt sleeps sync_retry_delay, then retries; a timeout ends the sync,
+          and so does an endpoint whose actor is dead: it cannot come back to answer)
       4. current version := v   (only once every rollouter loaded; a failed sync keeps the old)
       5. finally: resume_rollout() -------->  (always, with its own bounded wait)
 
@@ -41,7 +42,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import miniray
-from miniray.errors import GetTimeoutError, RayTaskError
+from miniray.errors import ActorDiedError, GetTimeoutError, RayTaskError
 from miniray.rl._remote import actor_constructor
 from miniray.rl.config import async_training_config
 from miniray.rl.errors import ParameterSyncError, ParameterSyncTimeoutError
@@ -297,7 +298,7 @@ class UnifiedParameterSynchronizer:
                     raise
                 except Exception as exc:  # a failed attempt: retrying is this class's policy
                     result.error = _describe(exc)
-                    if attempt == attempts:
+                    if attempt == attempts or is_dead_actor(exc):
                         raise
                     if self._clock() + cfg.sync_retry_delay >= deadline:
                         raise _PhaseTimeout(
@@ -534,6 +535,13 @@ ParameterSyncManager = miniray.remote(**_ACTOR_OPTIONS)(ParameterSynchronizerAct
 
 
 # -- helpers ------------------------------------------------------------------------------------
+def is_dead_actor(exc: BaseException) -> bool:
+    """True when ``exc`` says an endpoint's actor is dead for good (killed, out of restarts):
+    retrying it only spends ``sync_retry_delay`` and the sync's deadline before the same
+    answer. A restarting actor (``ActorUnavailableError``) may answer a retry, so it is not."""
+    return isinstance(exc, ActorDiedError)
+
+
 def weights_info(weights: Any) -> dict[str, dict[str, Any]]:
     """``{name: {"shape", "dtype", "nbytes"}}`` of a mapping (or pairs) of named tensors."""
     items = weights.items() if isinstance(weights, Mapping) else weights

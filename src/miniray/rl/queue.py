@@ -176,7 +176,7 @@ class MessageQueue:
                 if remaining <= 0:
                     self._counts["rejected_full"] += 1
                     return PutResult.REJECTED_FULL
-                self._not_full.wait(remaining)
+                self._not_full.wait(_wait_s(remaining))
             self._account_time()
             heapq.heappush(
                 self._heap, _Entry(v_start, next(self._seq), samples, self._clock(), tokens)
@@ -244,7 +244,7 @@ class MessageQueue:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return None
-                self._not_empty.wait(remaining)
+                self._not_empty.wait(_wait_s(remaining))
                 self._advance_locked(current_param_version)
             self._raise_if_crashed_locked()
             return self._pop_locked()
@@ -288,7 +288,7 @@ class MessageQueue:
                         f"{self.staleness_threshold}) but the queue holds {len(self._heap)}; "
                         "is the rollouter running and not paused?"
                     )
-                self._not_empty.wait(remaining)
+                self._not_empty.wait(_wait_s(remaining))
                 self._advance_locked(current_param_version)
             self._raise_if_crashed_locked()
             return [self._pop_locked() for _ in range(min(batch_size, len(self._heap)))]
@@ -437,8 +437,18 @@ MessageQueueClient = MessageQueue
 
 
 def _check_timeout(timeout: Any, what: str) -> None:
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
-        raise ValueError(f"{what}: timeout={timeout!r} is invalid: must be a number >= 0")
+    """A timeout is seconds >= 0 or inf (no deadline). Not NaN: every comparison with it is
+    false, so a NaN deadline would never arrive."""
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
+        raise ValueError(
+            f"{what}: timeout={timeout!r} is invalid: must be a number >= 0 (inf: no deadline)"
+        )
+
+
+def _wait_s(remaining: float) -> float:
+    """What ``Condition.wait`` takes for ``remaining`` seconds: it refuses more than
+    ``threading.TIMEOUT_MAX`` (OverflowError), and inf is a wait with no deadline."""
+    return min(remaining, threading.TIMEOUT_MAX)
 
 
 def _item_version(item: Any, param_version: int | None) -> int:

@@ -20,15 +20,19 @@ behaviour log-probs, and continues in the next call with the new weights
 thrown away, and long responses are not starved by frequent syncs. With ``partial_rollout``
 off, interrupted groups are dropped and their prompts issued again.
 
-Prompts come from ``data_position.PromptCursor`` in a fixed seeded order; each group records its
-prompt position in ``Sample.metadata["prompt_position"]``. A dropped or stale-rejected group
-gives its position back, so the prompt is generated again rather than lost, and a resumed run
+Prompts are read from the ``data.prompt_key`` column (answers from ``data.answer_key``);
+prompts longer than ``data.max_prompt_length`` tokens are skipped at start, never cut
+(``prompts_within_length``), and counted (``prompts_skipped_too_long``). They come from
+``data_position.PromptCursor`` in a fixed seeded order; each group records its prompt position
+in ``Sample.metadata["prompt_position"]``. A dropped or stale-rejected group gives its position
+back, so the prompt is generated again rather than lost, and a resumed run
 (``restore_data_position``) issues exactly the prompts not trained before its checkpoint.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 import traceback
@@ -47,6 +51,17 @@ from miniray.rl.types import Sample
 
 RewardFn = Callable[[str, str], float]
 CALL_TIMEOUT_S = 60.0
+
+logger = logging.getLogger(__name__)
+
+
+def prompts_within_length(lengths: list[int], max_prompt_length: int) -> list[bool]:
+    """Which prompts the run uses: those of at most ``data.max_prompt_length`` tokens.
+
+    Longer ones are skipped, never cut: a cut prompt (``"0+5="`` -> ``"0+"``) asks another
+    question than its row's answer answers, and the reward would train the policy on it.
+    """
+    return [length <= max_prompt_length for length in lengths]
 
 
 def as_rl_config(config: Any) -> RLConfig:
@@ -96,9 +111,34 @@ class FullyAsyncRollouter:
         from miniray.rl.models.tiny import load_tokenizer
 
         self.tokenizer = load_tokenizer(cfg.actor_rollout_ref.model.path)
-        self.rows = [row for path in cfg.data.train_files for row in load_prompts(path)]
+        data = cfg.data
+        rows = [
+            row
+            for path in data.train_files
+            for row in load_prompts(path, prompt_key=data.prompt_key, answer_key=data.answer_key)
+        ]
+        if not rows:
+            raise ValueError(f"data.train_files={data.train_files} hold no prompts")
+        # Tokenized once, here: the limit needs every length, and the loop then reuses them.
+        ids = self._prompt_token_ids([row[data.prompt_key] for row in rows])
+        keep = prompts_within_length([len(i) for i in ids], data.max_prompt_length)
+        self.rows = [row for row, kept in zip(rows, keep) if kept]
+        self.prompt_ids = [i for i, kept in zip(ids, keep) if kept]
+        skipped = len(rows) - len(self.rows)
         if not self.rows:
-            raise ValueError(f"data.train_files={cfg.data.train_files} hold no prompts")
+            raise ValueError(
+                f"data.max_prompt_length={data.max_prompt_length} is invalid for "
+                f"data.train_files={data.train_files}: every one of the {len(rows)} prompts is "
+                f"longer (the shortest has {min(len(i) for i in ids)} tokens, BOS included), "
+                "and longer prompts are skipped; raise data.max_prompt_length"
+            )
+        if skipped:
+            logger.warning(
+                "skipped %d of %d prompts longer than data.max_prompt_length=%d tokens",
+                skipped,
+                len(rows),
+                data.max_prompt_length,
+            )
         self.queue = queue
         self.reward_fn = reward_fn or exact_match_reward
         self.order = PromptOrder(len(self.rows), seed=cfg.data.seed, shuffle=cfg.data.shuffle)
@@ -133,6 +173,7 @@ class FullyAsyncRollouter:
             "idle_paused_seconds": 0.0,  # paused (a weight sync)
             "idle_throttled_seconds": 0.0,  # no admission room (staleness bound)
             "started_at": time.time(),
+            "prompts_skipped_too_long": skipped,  # of data.train_files, at start
         }
 
     # -- generation -------------------------------------------------------------------------
@@ -165,23 +206,18 @@ class FullyAsyncRollouter:
 
     def _new_groups(self, count: int, version: int) -> list[_Rollout]:
         """The next ``count`` prompts as groups of ``rollout.n`` empty samples (their prompts
-        tokenized in one call: a call per prompt cost the CPU rollouter ~4% of its time)."""
+        were tokenized at start: tokenizing per call cost the CPU rollouter ~4% of its time)."""
         if count <= 0:
             return []
         cfg = self.config
         with self._cond:  # the sender gives stale-rejected positions back to the cursor
             positions = [self.cursor.next() for _ in range(count)]
-        rows = [self.rows[self.order.row(position)] for position in positions]
-        texts = [
-            row[cfg.data.prompt_key if cfg.data.prompt_key in row else "prompt"] for row in rows
-        ]
-        bos = self.tokenizer.bos_token_id
         now = time.time()
         groups = []
-        for position, row, text, ids in zip(
-            positions, rows, texts, self.tokenizer(texts)["input_ids"]
-        ):
-            prompt_ids = [t for t in (bos, *ids) if t is not None][: cfg.data.max_prompt_length]
+        for position in positions:
+            index = self.order.row(position)
+            row, prompt_ids = self.rows[index], self.prompt_ids[index]
+            text = row[cfg.data.prompt_key]
             group_id = f"g{next(self.group_ids)}"
             samples = [
                 Sample(
@@ -198,6 +234,14 @@ class FullyAsyncRollouter:
             ]
             groups.append(_Rollout(position=position, row=row, samples=samples))
         return groups
+
+    def _prompt_token_ids(self, texts: list[str]) -> list[list[int]]:
+        """Each prompt's token ids as the engine gets them: BOS (if the tokenizer has one),
+        then the text's tokens (one tokenizer call for all: a call per prompt is slow)."""
+        bos = self.tokenizer.bos_token_id
+        return [
+            [t for t in (bos, *ids) if t is not None] for ids in self.tokenizer(texts)["input_ids"]
+        ]
 
     def _sample(self, groups: list[_Rollout], version: int) -> bool:
         """One engine call continuing every unfinished response of ``groups`` at ``version``.
@@ -249,9 +293,8 @@ class FullyAsyncRollouter:
 
     def _finish(self, group: _Rollout) -> list[Sample]:
         """Score a complete group; its samples get rewards and a finishing time."""
-        cfg = self.config
-        row = group.row
-        truth = str(row.get("ground_truth", row.get(cfg.data.answer_key, "")))
+        # load_prompts stored the data.answer_key column (or a fallback) as ground_truth.
+        truth = group.row["ground_truth"]
         now = time.time()
         for sample in group.samples:
             sample.response = self.tokenizer.decode(
@@ -280,6 +323,21 @@ class FullyAsyncRollouter:
             self._thread = threading.Thread(target=self._loop, name="rollouter", daemon=True)
             self._thread.start()
         return True
+
+    def wait_loop_end(self) -> str | None:
+        """Block until the generation loop ends; its error (a traceback), None for a stop.
+
+        The driver keeps one call of this in flight for the whole run (``loop._ProducerWatch``):
+        when this actor's process dies (SIGKILL, the OOM killer) it cannot close the queue with
+        an error, but the runtime fails the call in flight at once, so the trainer learns of
+        the death then instead of at the queue's timeout. Only after ``start()``.
+        """
+        thread = self._thread
+        if thread is None:
+            raise RuntimeError("wait_loop_end() before start(): no generation loop to wait for")
+        thread.join()
+        with self._cond:
+            return self._error
 
     def _admission_room(self) -> int:
         cfg = self.config

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pathlib
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -21,6 +21,26 @@ from miniray.rl.policy import PolicyUpdateConfig, PolicyUpdater
 from miniray.rl.rollouter import as_rl_config
 from miniray.rl.staleness import sample_age
 from miniray.rl.types import Sample
+
+
+def non_finite_parameters(weights: Mapping[str, Any]) -> list[str]:
+    """Names of the floating-point entries of ``weights`` holding NaN or inf, in order.
+
+    One diverged step (a NaN loss, an overflowing update) poisons every later one, and the
+    rollouter sampling from such weights crashes far from the cause (``torch.multinomial`` on
+    NaN probabilities); the loop checks what it publishes with this. Tensors and NumPy arrays.
+    """
+    bad = []
+    for name, value in weights.items():
+        if isinstance(value, torch.Tensor):
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                bad.append(name)
+        elif getattr(getattr(value, "dtype", None), "kind", "") in ("f", "c"):
+            import numpy as np
+
+            if not np.isfinite(value).all():
+                bad.append(name)
+    return bad
 
 
 def policy_update_config(config: RLConfig) -> PolicyUpdateConfig:

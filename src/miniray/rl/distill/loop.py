@@ -256,7 +256,7 @@ def run_distillation(
     model, tokenizer = load(cfg.actor_rollout_ref.model.path)
     rows = _load_rows(cfg, tokenizer)
     if eval_rows is None:
-        eval_rows = [r for path in cfg.data.val_files for r in load_prompts(path)]
+        eval_rows = [r for path in cfg.data.val_files for r in _read_prompts(cfg, path)]
     num_batches = cfg.trainer.total_epochs * len(rows) // cfg.data.train_batch_size
     if cfg.trainer.total_training_steps is not None:
         num_batches = min(num_batches, cfg.trainer.total_training_steps)
@@ -380,14 +380,15 @@ def _summary(
     return summary
 
 
+def _read_prompts(cfg: DistillConfig, path: str) -> list[dict]:
+    """Rows of one data file, the prompt and the answer read from the columns the config
+    names (``data.prompt_key``, ``data.answer_key``)."""
+    return load_prompts(path, prompt_key=cfg.data.prompt_key, answer_key=cfg.data.answer_key)
+
+
 def _load_rows(cfg: DistillConfig, tokenizer: Any) -> list[dict]:
-    rows = [r for path in cfg.data.train_files for r in load_prompts(path)]
+    rows = [r for path in cfg.data.train_files for r in _read_prompts(cfg, path)]
     key = cfg.data.prompt_key
-    if rows and key not in rows[0]:
-        raise ValueError(
-            f"data.prompt_key={key!r} is not a column of data.train_files (columns: "
-            f"{sorted(rows[0])})"
-        )
     limit = cfg.data.max_prompt_length
     kept = [r for r in rows if len(tokenizer(r[key])["input_ids"]) + 1 <= limit]
     if len(kept) < len(rows):

@@ -14,8 +14,6 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-REQUIRED_COLUMNS = ("prompt", "ground_truth")
-
 
 @dataclass(frozen=True, kw_only=True)
 class ArithmeticTask:
@@ -84,8 +82,16 @@ def write_prompts(rows: Sequence[dict[str, str]], path: str | pathlib.Path) -> p
     return path
 
 
-def load_prompts(path: str | pathlib.Path) -> list[dict[str, str]]:
-    """Read rows written by ``write_prompts`` (or by anyone with the same columns)."""
+def load_prompts(
+    path: str | pathlib.Path, *, prompt_key: str = "prompt", answer_key: str = "ground_truth"
+) -> list[dict[str, str]]:
+    """Read rows written by ``write_prompts``, or any file with a prompt and an answer column.
+
+    ``prompt_key``/``answer_key`` are the config's ``data.prompt_key``/``data.answer_key``: the
+    prompt is read from ``row[prompt_key]`` (the row is otherwise kept as it is), and the answer
+    is stored as ``row["ground_truth"]`` from the first of ``row[answer_key]``,
+    ``row["ground_truth"]`` or verl's nested ``row["reward_model"]["ground_truth"]``.
+    """
     path = pathlib.Path(path)
     if not path.exists():
         raise FileNotFoundError(f"data file {str(path)!r} does not exist")
@@ -99,12 +105,27 @@ def load_prompts(path: str | pathlib.Path) -> list[dict[str, str]]:
     else:
         raise ValueError(f"data file {str(path)!r}: suffix must be .parquet or .jsonl")
     for i, row in enumerate(rows):
-        ground_truth = row.get("ground_truth")
-        if ground_truth is None and isinstance(row.get("reward_model"), dict):
-            ground_truth = row["reward_model"].get("ground_truth")  # verl's nested layout
-            row["ground_truth"] = ground_truth
-        missing = [c for c in REQUIRED_COLUMNS if row.get(c) is None]
-        if missing:
-            raise ValueError(f"{path}: row {i} lacks column(s) {missing}; it has {sorted(row)}")
-        row["ground_truth"] = str(row["ground_truth"])
+        if not isinstance(row.get(prompt_key), str):
+            found = "lacks" if row.get(prompt_key) is None else "has a non-text"
+            raise ValueError(
+                f"{path}: row {i} {found} the column {prompt_key!r} (data.prompt_key); it has "
+                f"{sorted(row)}: set data.prompt_key to the column that holds the prompt text"
+            )
+        ground_truth = answer_of(row, answer_key)
+        if ground_truth is None:
+            raise ValueError(
+                f"{path}: row {i} lacks the column {answer_key!r} (data.answer_key) and has no "
+                f"ground_truth or reward_model.ground_truth; it has {sorted(row)}"
+            )
+        row["ground_truth"] = str(ground_truth)
     return rows
+
+
+def answer_of(row: dict, answer_key: str) -> object | None:
+    """What the reward compares a response against: the column the config names first, then
+    the layouts this package and verl write (``ground_truth``, ``reward_model.ground_truth``)."""
+    for value in (row.get(answer_key), row.get("ground_truth")):
+        if value is not None:
+            return value
+    nested = row.get("reward_model")
+    return nested.get("ground_truth") if isinstance(nested, dict) else None
