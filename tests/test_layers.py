@@ -12,10 +12,11 @@ ALLOWED = {
     "errors": {"errors"},
     "exceptions": {"errors"},
     "config": {"errors", "config"},
+    "atomic_dir": {"atomic_dir"},
     "runtime": {"errors", "runtime"},
-    "ps": {"miniray", "errors", "exceptions", "runtime", "ps"},
-    "train": {"miniray", "errors", "exceptions", "runtime", "config", "ps", "train"},
-    "rl": {"miniray", "errors", "exceptions", "runtime", "config", "train", "rl"},
+    "ps": {"miniray", "errors", "exceptions", "runtime", "atomic_dir", "ps"},
+    "train": {"miniray", "errors", "exceptions", "runtime", "config", "atomic_dir", "ps", "train"},
+    "rl": {"miniray", "errors", "exceptions", "runtime", "config", "atomic_dir", "train", "rl"},
     "cli": None,  # the top: anything
     "__init__": {"miniray", "errors", "exceptions", "runtime"},
 }

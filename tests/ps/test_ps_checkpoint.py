@@ -19,7 +19,7 @@ import sys
 import pytest
 import torch
 
-from miniray.ps import atomic_dir
+from miniray import atomic_dir
 from miniray.ps import checkpoint as ckpt
 
 

@@ -8,6 +8,7 @@ end with the same weights as an uninterrupted one.
 from __future__ import annotations
 
 import collections
+from pathlib import Path
 
 import pytest
 import torch
@@ -273,9 +274,9 @@ def test_old_checkpoints_are_pruned_and_a_trainer_without_save_is_named(workdir,
 
 def writer_dir(directory, step, kind, pid):
     """A directory named as ``checkpoint.write`` names its temporaries, for writer ``pid``."""
-    import socket
+    from miniray import atomic_dir
 
-    path = directory / f"global_step_{step}.{kind}-{pid}@{socket.gethostname()}-abcd1234"
+    path = Path(atomic_dir.temp_name(str(directory / f"global_step_{step}"), kind, pid=pid))
     path.mkdir(parents=True)
     (path / "trainer.pt").write_bytes(b"half a checkpoint")
     return path
@@ -296,8 +297,8 @@ def dead_pid():
 
 def test_a_save_removes_temporaries_of_dead_writers_only(workdir, tmp_path, monkeypatch):
     import os
-    import socket
-    from pathlib import Path
+
+    from miniray import atomic_dir
 
     cfg = as_rl_config(config(workdir, tmp_path, "sync"))
     trainer = FullyAsyncTrainer(cfg)
@@ -305,7 +306,7 @@ def test_a_save_removes_temporaries_of_dead_writers_only(workdir, tmp_path, monk
     stale = writer_dir(ckpt_dir, 2, "tmp", dead_pid())
     stale_old = writer_dir(ckpt_dir, 4, "old", dead_pid())
     running = writer_dir(ckpt_dir, 3, "tmp", os.getpid())  # a save in progress: keep it
-    elsewhere = ckpt_dir / "global_step_3.tmp-1@another-host-abcd1234"  # cannot be asked
+    elsewhere = ckpt_dir / "global_step_3.tmp-anotherhost-1-abcd1234"  # cannot be asked
     foreign = ckpt_dir / "global_step_3.tmp-notours"  # not this writer's naming
     for path in (elsewhere, foreign):
         path.mkdir()
@@ -321,7 +322,7 @@ def test_a_save_removes_temporaries_of_dead_writers_only(workdir, tmp_path, monk
     assert not stale.exists() and not stale_old.exists()
     assert running.exists() and elsewhere.exists() and foreign.exists()
     # The writer names its temporaries with its pid and host, so a later run can tell whose.
-    owner = ("global_step_1", "tmp", os.getpid(), socket.gethostname())
-    assert checkpoint.temporary_owner(written_in[0]) == owner
+    owner = ("global_step_1", "tmp", atomic_dir.HOST, os.getpid())
+    assert atomic_dir.owner(written_in[0]) == owner
     assert checkpoint.latest_checkpoint(ckpt_dir) == first
     assert not [p for p in ckpt_dir.iterdir() if p.name.startswith("global_step_1.")]

@@ -17,8 +17,8 @@ import pytest
 import torch
 from test_train_checkpoint import MomentumTrainer
 
+from miniray import atomic_dir
 from miniray.errors import RayTaskError
-from miniray.ps import atomic_dir
 from miniray.train import checkpoint as ckpt
 
 

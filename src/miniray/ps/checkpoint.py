@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from miniray.ps import atomic_dir
+from miniray import atomic_dir
 
 log = logging.getLogger(__name__)
 

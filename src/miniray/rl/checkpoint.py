@@ -6,13 +6,14 @@
         trainer.pt       model, optimizer and RNG states (tensors and plain containers only)
       latest             names the newest complete checkpoint
 
-``write`` fills a temporary sibling directory, fsyncs it, and renames it into place, writing
-``state.json`` last: a crash mid-write leaves only a ``global_step_<N>.tmp-<pid>@<host>-*``
-directory, which is never taken for a checkpoint, and ``latest`` still names the previous one.
-Replacing a checkpoint moves the old one aside first (``global_step_<N>.old-<pid>@<host>-*``).
-The next save or resume removes what a killed writer left (``remove_stale_temporaries``): only
-directories of this writer's naming, and only those whose writing process is gone, so a save
-still running in another process keeps its directory. ``trainer`` objects provide
+``write`` fills a temporary sibling directory and switches it into place with
+``miniray.atomic_dir`` (fsynced, one rename; the trainer's and the parameter server's
+checkpoints are written the same way), writing ``state.json`` last: a crash mid-write leaves
+only a ``global_step_<N>.tmp-<host>-<pid>-*`` directory, which is never taken for a checkpoint,
+and ``latest`` still names the previous one. The next save or resume removes what a killed
+writer left (``remove_stale_temporaries``): only directories whose writing process of this host
+is gone, so a save still running in another process keeps its directory; a checkpoint a killed
+replacement had moved aside is put back first. ``trainer`` objects provide
 ``save_checkpoint(path, extra)`` and ``load_checkpoint(path) -> extra``. (rl sits beside
 ``miniray.train``, not above it, so it has its own small writer.)
 """
@@ -20,16 +21,15 @@ still running in another process keeps its directory. ``trainer`` objects provid
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import shutil
-import socket
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from miniray import atomic_dir
 
 __all__ = [
     "checkpoint_dir",
@@ -47,107 +47,33 @@ TENSORS_FILE = "trainer.pt"
 LATEST_FILE = "latest"
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^global_step_(\d+)$")
-# What ``write`` names its temporary directories: the target, then who writes it (pid and host,
-# so a later run can tell a killed writer's leftovers from a save in progress), then the eight
-# characters ``tempfile.mkdtemp`` adds.
-_TEMP_DIR = re.compile(
-    r"^(?P<target>global_step_\d+)\.(?P<kind>tmp|old)-(?P<pid>\d+)@(?P<host>.+)-[a-z0-9_]{8}$"
-)
-
-logger = logging.getLogger(__name__)
 
 
 def write(path: str | os.PathLike[str], state: dict[str, Any], tensors: dict[str, Any]) -> Path:
     """Write one checkpoint directory at ``path`` atomically (replacing one already there)."""
     path = Path(path).absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path, "tmp"), dir=path.parent))
+    tmp = Path(atomic_dir.make_temp(str(path)))
     try:
         torch.save(tensors, tmp / TENSORS_FILE)
         with open(tmp / STATE_FILE, "w", encoding="utf-8") as f:
             json.dump({"format_version": FORMAT_VERSION, **state}, f, indent=1, sort_keys=True)
-        for name in (TENSORS_FILE, STATE_FILE):  # on disk before the rename makes them visible
-            with open(tmp / name, "rb") as f:
-                os.fsync(f.fileno())
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=_temp_prefix(path, "old"), dir=path.parent))
-            os.rename(path, old / "previous")
-            os.rename(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, path)
-        _fsync_dir(path.parent)
+        atomic_dir.replace(str(tmp), str(path))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
 
 
-def _temp_prefix(path: Path, kind: str) -> str:
-    return f"{path.name}.{kind}-{os.getpid()}@{socket.gethostname()}-"
-
-
-def temporary_owner(name: str) -> tuple[str, str, int, str] | None:
-    """``(target, kind, pid, host)`` of a directory ``write`` names (kind ``tmp``: a checkpoint
-    being written; ``old``: the one it replaces, moved aside), else None."""
-    match = _TEMP_DIR.match(name)
-    if match is None:
-        return None
-    return match["target"], match["kind"], int(match["pid"]), match["host"]
-
-
-def process_alive(pid: int) -> bool:
-    """True while process ``pid`` of this host runs (a zombie, killed but not yet reaped by
-    its parent, is not running). A reused pid reads as alive: the safe side, a leftover is
-    then only kept longer."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: it exists
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
-    except (OSError, IndexError):  # no /proc (macOS): the signal said it exists
-        return True
+def is_complete(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` holds a whole checkpoint (``write`` puts ``state.json`` in last)."""
+    return (Path(path) / STATE_FILE).is_file()
 
 
 def remove_stale_temporaries(directory: str | os.PathLike[str]) -> list[Path]:
-    """Remove what killed ``write`` calls left in ``directory``; returns what it removed.
-
-    Stale means written by a process of this host that is no longer running: a save running
-    in another process (or thread) keeps its directory, and so does one of another host (its
-    process cannot be asked). A stale ``old`` directory whose checkpoint was never replaced
-    (the writer died between its two renames) is moved back into place first, so the step is
-    not lost. Directories of another naming (a pre-pid writer's) are left alone.
-    """
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    host = socket.gethostname()
-    removed = []
-    for entry in sorted(directory.iterdir()):
-        owner = temporary_owner(entry.name)
-        if owner is None or not entry.is_dir():
-            continue
-        target, kind, pid, writer_host = owner
-        if writer_host != host or process_alive(pid):
-            continue
-        previous, destination = entry / "previous", directory / target
-        if kind == "old" and (previous / STATE_FILE).is_file() and not destination.exists():
-            os.rename(previous, destination)
-            logger.warning("restored %s, which a killed checkpoint save had moved aside", target)
-        shutil.rmtree(entry, ignore_errors=True)
-        removed.append(entry)
-    if removed:
-        logger.warning(
-            "removed %d directories that killed checkpoint saves left in %s: %s",
-            len(removed),
-            directory,
-            [p.name for p in removed],
-        )
-    return removed
+    """Remove what killed ``write`` calls left in ``directory``; returns what it removed
+    (``atomic_dir.clean_stale``: dead writers of this host only)."""
+    return [Path(p) for p in atomic_dir.clean_stale(str(directory), is_complete)]
 
 
 def read(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -172,14 +98,6 @@ def mark_latest(directory: Path, path: Path) -> None:
     tmp = directory / (LATEST_FILE + ".tmp")
     tmp.write_text(path.name + "\n", encoding="utf-8")
     os.replace(tmp, directory / LATEST_FILE)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def checkpoint_dir(config: Any) -> Path:

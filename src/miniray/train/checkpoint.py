@@ -6,7 +6,7 @@
       ps/              the parameter server's own checkpoint (DataParallelTrainer)
 
 Everything is written into a temporary sibling directory which is then renamed
-(``miniray.ps.atomic_dir``), so a run killed mid-save leaves the previous checkpoint intact and
+(``miniray.atomic_dir``), so a run killed mid-save leaves the previous checkpoint intact and
 never a half-written one under the final name. ``trainer.json`` is written last: a directory
 without it is not a checkpoint. A killed save leaves its ``<name>.tmp-<host>-<pid>-<hex>``
 directory (and, killed while replacing a checkpoint, the previous one aside in
@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from miniray.ps import atomic_dir
+from miniray import atomic_dir
 
 TRAINER_FILE = "trainer.json"
 LATEST_FILE = "latest"

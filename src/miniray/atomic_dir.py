@@ -1,7 +1,8 @@
 """Directories written whole or not at all, and what writers that were killed leave behind.
 
-The parameter server's checkpoints (``ps/checkpoint.py``) and the trainer's
-(``train/checkpoint.py``, a layer above) are written this way:
+The parameter server's checkpoints (``ps/checkpoint.py``), the trainer's (``train/checkpoint.py``)
+and the RL loop's (``rl/checkpoint.py``) are written this way; the module imports nothing of
+miniray, so every layer may use it:
 
     make_temp(path)      a fresh ``<name>.tmp-<host>-<pid>-<hex>`` beside ``path``; fill it
     replace(tmp, path)   fsync it, rename it to ``path``
@@ -45,6 +46,14 @@ def temp_name(path: str, kind: str, *, pid: int | None = None) -> str:
         raise ValueError(f"temp_name: kind={kind!r}; it is 'tmp' or 'old'")
     pid = os.getpid() if pid is None else pid
     return f"{path}.{kind}-{HOST}-{pid}-{secrets.token_hex(4)}"
+
+
+def owner(name: str) -> tuple[str, str, str, int] | None:
+    """``(target, kind, host, pid)`` of a name ``temp_name`` made, else None."""
+    match = _LEFTOVER.match(name)
+    if match is None:
+        return None
+    return match["target"], match["kind"], match["host"], int(match["pid"])
 
 
 def make_temp(path: str, kind: str = "tmp") -> str:
