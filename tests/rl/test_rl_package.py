@@ -12,6 +12,9 @@ import miniray.rl
 SRC = Path(miniray.rl.__file__).parent.parent
 
 SEED_NAMES = [
+    "FullyAsyncRollouter",
+    "FullyAsyncTrainer",
+    "TeacherClient",
     "UnifiedParameterSynchronizer",
     "ParameterSynchronizer",
     "AsyncParameterSynchronizer",
@@ -26,6 +29,27 @@ def test_every_seed_name_is_importable_from_miniray_rl():
         assert hasattr(miniray.rl, name), name
         assert name in miniray.rl.__all__
     assert set(miniray.rl.__all__) <= set(dir(miniray.rl))
+
+
+def test_names_that_need_torch_import_on_first_use_as_their_modules_classes():
+    code = (
+        "import sys, miniray.rl\n"
+        "assert 'torch' not in sys.modules\n"
+        "from miniray.rl import FullyAsyncRollouter, FullyAsyncTrainer, TeacherClient\n"
+        "from miniray.rl.rollouter import FullyAsyncRollouter as R\n"
+        "from miniray.rl.trainer import FullyAsyncTrainer as T\n"
+        "from miniray.rl.distill.teacher_client import TeacherClient as C\n"
+        "assert (FullyAsyncRollouter, FullyAsyncTrainer, TeacherClient) == (R, T, C)\n"
+        "try:\n"
+        "    miniray.rl.NoSuchName\n"
+        "except AttributeError as e:\n"
+        "    assert 'NoSuchName' in str(e)\n"
+        "else:\n"
+        "    raise SystemExit('a missing name did not raise AttributeError')\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
 def _project_imports(path: Path) -> set[str]:
