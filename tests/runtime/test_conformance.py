@@ -765,3 +765,176 @@ def test_nan_timeout_is_refused_by_name(runtime):
     with pytest.raises(ValueError, match=r"get\(\): timeout='5' "):
         miniray.get(ref, timeout="5")
     assert miniray.get(ref, timeout=0) == 1  # the runtime is unharmed
+
+
+# -- arguments are bound to the signature at .remote() (issue 22, item 2) ---------------------
+# Ray binds every .remote() call to the function's, constructor's or method's signature and
+# raises TypeError at the call site. miniray used to accept any arguments: the task failed later
+# in its worker (a RayTaskError at get), and a bad constructor call gave a dead actor.
+
+
+@miniray.remote
+def sig_pair(a, b):
+    return (a, b)
+
+
+@miniray.remote
+def sig_anything(*args, **kwargs):
+    return [list(args), sorted(kwargs.items())]
+
+
+@miniray.remote
+def sig_head(first, *rest, **named):
+    return [first, list(rest), sorted(named.items())]
+
+
+@miniray.remote
+def sig_scaled(value, /, *, scale, offset=0):
+    return value * scale + offset
+
+
+# max has no signature inspect can read (a C builtin): such functions are not checked.
+sig_builtin_max = miniray.remote(max)
+
+
+@miniray.remote
+class SigActor:
+    limit = 5  # a class attribute: not a method, so not reachable through a handle
+
+    def __init__(self, start, *, step=1):
+        self.value = start
+        self.step = step
+        self.label = "an instance attribute"
+
+    def bump(self, times):
+        self.value += self.step * times
+        return self.value
+
+    @property
+    def doubled(self):
+        return self.value * 2
+
+    @classmethod
+    def kind(cls, suffix):
+        return "SigActor" + suffix
+
+    @staticmethod
+    def twice(x):
+        return 2 * x
+
+
+@miniray.remote
+def sig_bad_call_through(handle):
+    """A handle that crossed into a worker still binds (its methods carry their signatures)."""
+    try:
+        handle.bump.remote(1, 2)
+    except TypeError as exc:
+        return str(exc)
+    return "accepted"
+
+
+def test_too_many_positional_arguments_raise_at_the_call(runtime):
+    with pytest.raises(TypeError, match="too many positional arguments"):
+        sig_pair.remote(1, 2, 3)
+    # ObjectRefs bind like any value, before they are resolved.
+    with pytest.raises(TypeError, match="too many positional arguments"):
+        sig_pair.remote(miniray.put(1), 2, miniray.put(3))
+    assert miniray.get(sig_pair.remote(miniray.put(1), b=miniray.put(2)), timeout=30) == (1, 2)
+
+
+def test_unknown_keyword_argument_raises_at_the_call(runtime):
+    with pytest.raises(TypeError, match="unexpected keyword argument 'c'"):
+        sig_pair.remote(1, 2, c=3)
+    with pytest.raises(TypeError, match="multiple values for argument 'a'"):
+        sig_pair.remote(1, a=2)
+
+
+def test_missing_required_argument_raises_at_the_call(runtime):
+    with pytest.raises(TypeError, match="missing a required argument: 'b'"):
+        sig_pair.remote(1)
+    with pytest.raises(TypeError, match="missing a required argument: 'a'"):
+        sig_pair.remote(b=2)
+    assert miniray.get(sig_pair.remote(b=2, a=1), timeout=30) == (1, 2)
+
+
+def test_star_args_and_kwargs_accept_anything_but_what_is_required(runtime):
+    assert miniray.get(sig_anything.remote(), timeout=30) == [[], []]
+    assert miniray.get(sig_anything.remote(1, 2, x=3), timeout=30) == [[1, 2], [("x", 3)]]
+    assert miniray.get(sig_head.remote(1, 2, 3, k=4), timeout=30) == [1, [2, 3], [("k", 4)]]
+    with pytest.raises(TypeError, match="missing a required argument: 'first'"):
+        sig_head.remote(k=4)
+    assert miniray.get(sig_builtin_max.remote(3, 7), timeout=30) == 7
+
+
+def test_keyword_only_and_positional_only_arguments_are_enforced(runtime):
+    assert miniray.get(sig_scaled.remote(2, scale=3), timeout=30) == 6
+    with pytest.raises(TypeError, match="too many positional arguments"):
+        sig_scaled.remote(2, 3)
+    with pytest.raises(TypeError, match="missing a required argument: 'scale'"):
+        sig_scaled.remote(2)
+    with pytest.raises(TypeError, match="positional only"):
+        sig_scaled.remote(value=2, scale=3)
+
+
+def test_actor_constructor_with_wrong_arguments_raises_at_the_call(runtime):
+    with pytest.raises(TypeError, match="missing a required argument: 'start'"):
+        SigActor.remote()
+    with pytest.raises(TypeError, match="too many positional arguments"):
+        SigActor.remote(1, 2)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'stride'"):
+        SigActor.remote(1, stride=2)
+    actor = SigActor.remote(1, step=2)
+    assert miniray.get(actor.bump.remote(3), timeout=30) == 7
+
+
+def test_actor_method_with_wrong_arguments_raises_at_the_call(runtime):
+    actor = SigActor.remote(0)
+    with pytest.raises(TypeError, match="missing a required argument: 'times'"):
+        actor.bump.remote()
+    with pytest.raises(TypeError, match="too many positional arguments"):
+        actor.bump.remote(1, 2)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'by'"):
+        actor.bump.remote(times=1, by=2)
+    # Class and static methods bind without cls/self, as in Ray.
+    with pytest.raises(TypeError, match="missing a required argument: 'suffix'"):
+        actor.kind.remote()
+    with pytest.raises(TypeError, match="too many positional arguments"):
+        actor.twice.remote(1, 2)
+    assert miniray.get([actor.kind.remote("!"), actor.twice.remote(4)], timeout=30) == [
+        "SigActor!",
+        8,
+    ]
+    assert "too many positional arguments" in miniray.get(
+        sig_bad_call_through.remote(actor), timeout=30
+    )
+    # None of the refused calls ran: the actor has seen only this one.
+    assert miniray.get(actor.bump.remote(times=1), timeout=30) == 1
+
+
+def test_named_actor_found_by_get_actor_binds_its_methods(runtime):
+    SigActor.options(name="sig-named").remote(0)
+    found = miniray.get_actor("sig-named")
+    with pytest.raises(TypeError, match="too many positional arguments"):
+        found.bump.remote(1, 2)
+    assert miniray.get(found.bump.remote(2), timeout=30) == 2
+
+
+def test_non_method_attribute_of_an_actor_is_an_attribute_error(runtime):
+    actor = SigActor.remote(0)
+    for name in ("limit", "label", "doubled"):
+        with pytest.raises(AttributeError, match=name):
+            getattr(actor, name)
+    assert miniray.get(actor.bump.remote(1), timeout=30) == 1
+
+
+def test_options_then_remote_binds_too(runtime):
+    with pytest.raises(TypeError, match="missing a required argument: 'b'"):
+        sig_pair.options(num_returns=2).remote(1)
+    first, second = sig_pair.options(num_returns=2).remote(1, 2)
+    assert miniray.get([first, second], timeout=30) == [1, 2]
+    with pytest.raises(TypeError, match="missing a required argument: 'start'"):
+        SigActor.options(max_restarts=1).remote()
+    actor = SigActor.options(max_restarts=1).remote(5)
+    with pytest.raises(TypeError, match="too many positional arguments"):
+        actor.bump.options(num_returns=1).remote(1, 2)
+    assert miniray.get(actor.bump.options(num_returns=1).remote(1), timeout=30) == 6

@@ -40,6 +40,7 @@ from miniray.runtime import context, execution
 from miniray.runtime.refs import (
     ActorClass,
     ActorHandle,
+    ArgumentCheck,
     ObjectRef,
     RemoteFunction,
     returns_of,
@@ -305,7 +306,7 @@ def worker_backend_or_none() -> RayBackend | None:
 def _task_function(fn: Any, label: str) -> Any:
     """The function Ray runs for a remote function: enter the worker, call, wrap errors."""
 
-    # *args keeps the user's own signature errors inside the call, where local reports them.
+    # *args: RemoteFunction.remote (refs.py) has already bound the arguments to fn's signature.
     def run(*args: Any, **kwargs: Any) -> Any:
         _enter_worker()
         try:
@@ -385,6 +386,15 @@ def _wrap_method(user_cls: type, name: str, class_name: str, method_options: dic
         method = sync_method
     method.__name__ = name
     method.__qualname__ = label
+    check = method_options.get("argument_check")
+    if check is not None:
+        # Ray reads each method's signature (dropping the first parameter) when it makes the
+        # class and keeps it in every handle of the actor: with the user's parameters instead of
+        # our *args, a handle found by get_actor carries them too (see _metadata_of).
+        receiver = inspect.Parameter("_miniray_self", inspect.Parameter.POSITIONAL_ONLY)
+        method.__signature__ = check.signature.replace(
+            parameters=[receiver, *check.signature.parameters.values()]
+        )
     return method
 
 
@@ -740,7 +750,7 @@ def _metadata_of(ray_handle: Any) -> tuple[str, dict[str, dict[str, Any]]]:
     num_returns = ray_handle._ray_method_num_returns
     retry = ray_handle._ray_method_retry_exceptions
     methods = {}
-    for name in ray_handle._ray_method_signatures:
+    for name, parameters in ray_handle._ray_method_signatures.items():
         if name.startswith("__") and name != "__call__":  # Ray's own __ray_*__ methods
             continue
         returns = num_returns.get(name)
@@ -750,5 +760,7 @@ def _metadata_of(ray_handle: Any) -> tuple[str, dict[str, dict[str, Any]]]:
             "retry_exceptions": retry.get(name) or False,
             "concurrency_group": None,
             "is_async": False,
+            # The user's parameters, which _wrap_method gave Ray (a list of inspect.Parameter).
+            "argument_check": ArgumentCheck(inspect.Signature(parameters)),
         }
     return class_name, methods

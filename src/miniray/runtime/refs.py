@@ -2,6 +2,10 @@
 
 They carry ids and options only; every action goes to the backend of the current process
 (``context.current()``), so a handle pickled into another process works there unchanged.
+
+Every ``.remote()`` binds its arguments to the target's signature here, before any backend sees
+the call: Ray raises ``TypeError`` at the call site for arguments that do not fit, and doing it
+in these shared types keeps the inline, local and Ray backends alike.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from miniray.runtime import context
 from miniray.runtime import options as opts
 
 if TYPE_CHECKING:
+    import inspect
     from concurrent.futures import Future
 
 _ids = itertools.count()
@@ -78,6 +83,108 @@ def _rebuild_ref(object_id: str) -> ObjectRef:
     return ObjectRef(object_id, counted=False)
 
 
+class _HasDefault:
+    """Stands for a parameter's default in the signatures we keep: only *having* one matters
+    to ``bind``, and the user's value could be large or not picklable (handles carry these)."""
+
+    def __repr__(self) -> str:
+        return "..."
+
+    def __reduce__(self) -> str:
+        return "HAS_DEFAULT"  # pickled by reference: one marker in every process
+
+
+HAS_DEFAULT = _HasDefault()
+
+
+class ArgumentCheck:
+    """A callable's signature, made once, that every ``.remote()`` binds its arguments to.
+
+    Ray raises ``TypeError`` at the call site for arguments that do not fit; so do we, for the
+    same reasons (``inspect.Signature.bind``'s messages). Per call, measured with timeit on the
+    2-core dev machine (Python 3.11): ``bind`` alone is 1.9 µs for ``(a, b)`` and 3.4 µs for
+    five parameters with keywords, 9% of a local-backend ``.remote()`` (22 µs; 85 µs inline).
+    Calls with positional arguments only, the common case, skip ``bind`` when their count
+    fits: 0.08 µs.
+    """
+
+    __slots__ = ("_fewest", "_most", "signature")
+
+    def __init__(self, signature: inspect.Signature):
+        import inspect  # lazily, as in call_signature
+
+        self.signature = signature
+        kinds = [p.kind for p in signature.parameters.values()]
+        positional = [
+            p
+            for p in signature.parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+        # Without keywords, n positional arguments bind exactly when n covers the positional
+        # parameters without a default (they come first) and does not exceed all of them (any
+        # number with *args), and no keyword-only parameter is required.
+        self._fewest = sum(p.default is p.empty for p in positional)
+        self._most = 1 << 62 if inspect.Parameter.VAR_POSITIONAL in kinds else len(positional)
+        if any(
+            p.kind is p.KEYWORD_ONLY and p.default is p.empty for p in signature.parameters.values()
+        ):
+            self._most = -1  # always bind: it reports the missing keyword by name
+
+    def check(self, label: str, args: tuple, kwargs: dict) -> None:
+        if not kwargs and self._fewest <= len(args) <= self._most:
+            return
+        try:
+            self.signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(
+                f"{label}.remote(): {exc}; the signature is {label}{self.signature}"
+            ) from None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (ArgumentCheck, (self.signature,))
+
+
+def call_signature(fn: Any, *, drop_first: bool = False) -> inspect.Signature | None:
+    """The signature ``.remote()`` arguments are bound to, or None when it cannot be checked.
+
+    Only names, kinds and whether a default exists are kept (annotations and default values
+    dropped), so it pickles small and always. ``drop_first`` removes ``self`` of an instance
+    method. None, and so no check, for callables inspect cannot read (C builtins such as
+    ``max``) and for a method without a parameter for ``self``: the call then fails where it
+    runs, as before.
+    """
+    import inspect  # lazily: 5-9 ms of a worker's start-up, and most workers never need it
+
+    try:
+        parameters = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    if drop_first:
+        if not parameters or parameters[0].kind is inspect.Parameter.KEYWORD_ONLY:
+            return None
+        if parameters[0].kind is not inspect.Parameter.VAR_POSITIONAL:  # (*args) takes self
+            parameters = parameters[1:]
+    return inspect.Signature(
+        [
+            p.replace(
+                annotation=inspect.Parameter.empty,
+                default=inspect.Parameter.empty if p.default is p.empty else HAS_DEFAULT,
+            )
+            for p in parameters
+        ]
+    )
+
+
+def argument_check(fn: Any, *, drop_first: bool = False) -> ArgumentCheck | None:
+    signature = call_signature(fn, drop_first=drop_first)
+    return None if signature is None else ArgumentCheck(signature)
+
+
+def check_arguments(check: ArgumentCheck | None, label: str, args: tuple, kwargs: dict) -> None:
+    if check is not None:
+        check.check(label, args, kwargs)
+
+
 def method(**method_options: Any) -> Callable[[Callable], Callable]:
     """Decorate an actor method with options, e.g. ``@miniray.method(num_returns=2)``."""
     opts.validate("method", method_options)
@@ -92,10 +199,19 @@ def method(**method_options: Any) -> Callable[[Callable], Callable]:
 class RemoteFunction:
     """``@remote`` on a function. Call ``.remote(...)``; the function runs in a worker."""
 
-    def __init__(self, fn: Callable, task_options: dict[str, Any], function_id: str = ""):
+    def __init__(
+        self,
+        fn: Callable,
+        task_options: dict[str, Any],
+        function_id: str = "",
+        _check: tuple[ArgumentCheck | None] | None = None,
+    ):
         self._function = fn
         self._options = opts.validate("task", dict(task_options))
         self._function_id = function_id or new_id("f")
+        # (check,) once the signature is read: at the first .remote(), not at decoration, so a
+        # worker importing a module of remote functions does not pay. .options() copies share it.
+        self._check = _check
         self.__name__ = getattr(fn, "__name__", "remote_function")
         self.__qualname__ = getattr(fn, "__qualname__", self.__name__)
         self.__doc__ = getattr(fn, "__doc__", None)
@@ -113,12 +229,21 @@ class RemoteFunction:
     def task_options(self) -> dict[str, Any]:
         return opts.resolved("task", self._options)
 
+    def _argument_check(self) -> tuple[ArgumentCheck | None]:
+        if self._check is None:
+            self._check = (argument_check(self._function),)
+        return self._check
+
     def remote(self, *args: Any, **kwargs: Any) -> Any:
+        check_arguments(self._argument_check()[0], self.__name__, args, kwargs)
         return context.current().submit_task(self, args, kwargs, self.task_options)
 
     def options(self, **overrides: Any) -> RemoteFunction:
         return RemoteFunction(
-            self._function, opts.merged("task", self._options, overrides), self._function_id
+            self._function,
+            opts.merged("task", self._options, overrides),
+            self._function_id,
+            self._argument_check(),
         )
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -132,6 +257,8 @@ class RemoteFunction:
 
 
 def _actor_methods(cls: type) -> dict[str, dict[str, Any]]:
+    """Each method's options, ``is_async`` and ``argument_check`` (the handle carries it: one
+    passed to another process or found with ``get_actor`` checks its calls too)."""
     import inspect  # lazily: a worker process that never defines actors skips it
 
     methods: dict[str, dict[str, Any]] = {}
@@ -144,6 +271,11 @@ def _actor_methods(cls: type) -> dict[str, dict[str, Any]]:
         method_options["is_async"] = inspect.iscoroutinefunction(
             member
         ) or inspect.isasyncgenfunction(member)
+        # As in Ray: a classmethod comes bound to the class and a staticmethod has no self, so
+        # only a plain method loses its first parameter.
+        stored = inspect.getattr_static(cls, name, None)
+        plain = not isinstance(stored, (classmethod, staticmethod))
+        method_options["argument_check"] = argument_check(member, drop_first=plain)
         methods[name] = method_options
     return methods
 
@@ -151,11 +283,22 @@ def _actor_methods(cls: type) -> dict[str, dict[str, Any]]:
 class ActorClass:
     """``@remote`` on a class. ``.remote(...)`` starts an actor and returns its handle."""
 
-    def __init__(self, cls: type, actor_options: dict[str, Any], class_id: str = ""):
+    def __init__(
+        self,
+        cls: type,
+        actor_options: dict[str, Any],
+        class_id: str = "",
+        _described: tuple[dict[str, dict[str, Any]], ArgumentCheck | None] | None = None,
+    ):
         self._cls = cls
         self._options = opts.validate("actor", dict(actor_options))
         self._class_id = class_id or new_id("c")
-        self._methods = _actor_methods(cls)
+        # .options() copies reuse the parent's description instead of inspecting the class again.
+        if _described is None:
+            # The class's, as Python reads it: __init__ without self, () for a class without
+            # one (Ray refuses arguments there too).
+            _described = (_actor_methods(cls), argument_check(cls))
+        self._methods, self._init_check = _described
         self.__name__ = cls.__name__
         self.__qualname__ = cls.__qualname__
         self.__doc__ = cls.__doc__
@@ -185,10 +328,16 @@ class ActorClass:
         return resolved
 
     def remote(self, *args: Any, **kwargs: Any) -> ActorHandle:
+        check_arguments(self._init_check, self.__name__, args, kwargs)
         return context.current().create_actor(self, args, kwargs, self.actor_options)
 
     def options(self, **overrides: Any) -> ActorClass:
-        return ActorClass(self._cls, opts.merged("actor", self._options, overrides), self._class_id)
+        return ActorClass(
+            self._cls,
+            opts.merged("actor", self._options, overrides),
+            self._class_id,
+            (self._methods, self._init_check),
+        )
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError(
@@ -249,6 +398,12 @@ class ActorMethod:
         self._options = method_options
 
     def remote(self, *args: Any, **kwargs: Any) -> Any:
+        check_arguments(
+            self._options.get("argument_check"),
+            f"{self._handle.class_name}.{self._name}",
+            args,
+            kwargs,
+        )
         return context.current().submit_actor_call(
             self._handle, self._name, args, kwargs, self._options
         )
