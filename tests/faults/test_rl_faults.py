@@ -18,9 +18,9 @@ import pytest
 import torch
 
 import miniray
+from engine_fakes import echo_generations
 from miniray.rl import checkpoint
 from miniray.rl.data_position import TrainedPositions
-from miniray.rl.engines.base import Generation
 from miniray.rl.errors import NonFiniteWeightsError, ProducerCrashedError
 from miniray.rl.loop import run
 from miniray.rl.models import char_tokenizer, save, tiny_qwen2
@@ -85,15 +85,7 @@ class PidEngine:
                 f.write(str(os.getpid()))
             os.rename(self.pid_file + ".part", self.pid_file)
         time.sleep(0.02)
-        return [
-            Generation(
-                prompt_token_ids=list(p),
-                response_token_ids=[p[-1]],
-                response_logprobs=[-0.5],
-                finish_reason="length",
-            )
-            for p in prompts
-        ]
+        return echo_generations(prompts)
 
     def load_weights(self, state_dict):
         pass
@@ -244,15 +236,7 @@ def test_the_next_save_removes_a_killed_saves_directory_but_not_a_save_in_progre
 
 class EchoEngine:
     def generate(self, prompts, **kwargs):
-        return [
-            Generation(
-                prompt_token_ids=list(p),
-                response_token_ids=[p[-1]],
-                response_logprobs=[-0.5],
-                finish_reason="length",
-            )
-            for p in prompts
-        ]
+        return echo_generations(prompts)
 
     def load_weights(self, state_dict):
         pass

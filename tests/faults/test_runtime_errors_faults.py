@@ -19,6 +19,7 @@ import pytest
 import miniray
 from miniray.exceptions import ActorDiedError, RayTaskError
 from miniray.runtime import context, shm
+from process_support import wait_until
 
 LARGE = 1_000_000  # float64s: 8 MB, far above serialization.INLINE_LIMIT
 
@@ -216,15 +217,6 @@ def test_user_exceptions_are_never_unpickled_in_the_router_thread(local_runtime)
     assert [threading.current_thread().name] == DECODED_IN  # the get() above, in its caller
 
 
-def wait_until(predicate, timeout=15.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 def fail_every_way_once(keeper):
     """Each failure that used to break the head, once; ``keeper`` is a live actor."""
     with pytest.raises(ValueError):
@@ -263,7 +255,9 @@ def test_runtime_keeps_working_after_20_rounds_of_failures_and_leaks_nothing(loc
     # and no segment was created for an error.
     assert len(backend._objects) == objects_before
     assert not backend._tasks
-    wait_until(lambda: len(backend.child_pids()) == 3, what="dead actors' processes to exit")
+    wait_until(
+        lambda: len(backend.child_pids()) == 3, timeout=15.0, what="dead actors' processes to exit"
+    )
     # (At most one new segment: the one filled(7.0) wrote, if no freed one was free to reuse.)
     assert len(set(shm.list_session(backend.session_id)) - segments_before) <= 1
 

@@ -24,28 +24,10 @@ import psutil
 import pytest
 
 from miniray.runtime import shm
+from process_support import gone, wait_until
 from tmpfs_support import small_tmpfs
 
 pytestmark = pytest.mark.slow
-
-
-def wait_until(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-def gone(pids):
-    def dead(pid):
-        try:
-            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return True
-
-    return all(dead(pid) for pid in pids)
 
 
 def kill_if_alive(pids):

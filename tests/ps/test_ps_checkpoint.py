@@ -21,16 +21,11 @@ import torch
 
 from miniray import atomic_dir
 from miniray.ps import checkpoint as ckpt
+from process_support import dead_pid
 
 
 class Killed(BaseException):
     """The simulated SIGKILL: a BaseException, so no ``except Exception`` handles it."""
-
-
-def dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()  # reaped: no process has this pid now (until the kernel reuses it)
-    return proc.pid
 
 
 def tensors_of(version: int) -> dict[str, torch.Tensor]:

@@ -23,6 +23,7 @@ from miniray.rl.models import char_tokenizer, save, tiny_qwen2
 from miniray.rl.rollouter import as_rl_config
 from miniray.rl.tasks import ArithmeticTask, write_prompts
 from miniray.rl.trainer import FullyAsyncTrainer
+from process_support import dead_pid
 
 TASK = ArithmeticTask(max_operand=9)
 STEPS, BATCH = 6, 2
@@ -280,19 +281,6 @@ def writer_dir(directory, step, kind, pid):
     path.mkdir(parents=True)
     (path / "trainer.pt").write_bytes(b"half a checkpoint")
     return path
-
-
-def dead_pid():
-    import subprocess
-    import sys
-
-    proc = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    return int(proc.stdout)  # exited and reaped: no process has it (until it is reused)
 
 
 def test_a_save_removes_temporaries_of_dead_writers_only(workdir, tmp_path, monkeypatch):

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import miniray
-from miniray.rl.engines.base import Generation
+from engine_fakes import echo_generations
 from miniray.rl.errors import NonFiniteWeightsError, ProducerCrashedError
 from miniray.rl.loop import _ProducerWatch, run
 from miniray.rl.models import char_tokenizer, save, tiny_qwen2
@@ -70,15 +70,7 @@ class EchoEngine:
 
     def generate(self, prompts, *, max_new_tokens, temperature=1.0, should_stop=None):
         self.prompts.extend(list(p) for p in prompts)
-        return [
-            Generation(
-                prompt_token_ids=list(p),
-                response_token_ids=[p[-1]],
-                response_logprobs=[-0.5],
-                finish_reason="length",
-            )
-            for p in prompts
-        ]
+        return echo_generations(prompts)
 
     def load_weights(self, state_dict):
         LOADED.setdefault(self.key, []).append(state_dict)

@@ -30,23 +30,11 @@ from miniray.exceptions import (
 )
 from miniray.runtime import context, shm
 from miniray.runtime.local import lifeline
+from process_support import gone, wait_until
 
 
 def backend():
     return context.current()
-
-
-def wait_until(predicate, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-def gone(pids):
-    return all(not psutil.pid_exists(p) or psutil.Process(p).status() == "zombie" for p in pids)
 
 
 @miniray.remote(max_retries=0)

@@ -20,16 +20,11 @@ from test_train_checkpoint import MomentumTrainer
 from miniray import atomic_dir
 from miniray.errors import RayTaskError
 from miniray.train import checkpoint as ckpt
+from process_support import dead_pid
 
 
 class Killed(BaseException):
     """The simulated SIGKILL: a BaseException, so no ``except Exception`` handles it."""
-
-
-def dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()  # reaped: no process has this pid now (until the kernel reuses it)
-    return proc.pid
 
 
 def leftovers(directory) -> list[str]:

@@ -6,9 +6,9 @@
 
     sync:   trainer asks the rollouter for a batch at the current version, waits, trains.
 
-Every wait has a deadline (``async_training.generation_timeout`` for a batch; ``inf``: none);
-a crashed rollouter closes the queue with its traceback, which surfaces here as
-``ProducerCrashedError`` instead of a clean end. A rollouter whose process died cannot close
+Every wait has a deadline (``async_training.generation_timeout`` for a batch; ``inf``: none,
+which the runtime's ``get``/``wait`` take as it is); a crashed rollouter closes the queue with
+its traceback, which surfaces here as ``ProducerCrashedError`` instead of a clean end. A rollouter whose process died cannot close
 the queue: the loop keeps a call to it in flight (``_ProducerWatch``) that the runtime fails at
 once, and every wait for a batch waits on that call too, so a dead rollouter is a
 ``ProducerCrashedError`` within moments, not a timeout blaming a paused one.
@@ -121,9 +121,6 @@ def run(
     batch_groups = cfg.data.train_batch_size
     trigger = cfg.trainer.trigger_parameter_sync_step
     timeout = cfg.async_training.generation_timeout
-    # How the runtime's waits take it: None is its "no deadline" (inf is not a number of
-    # seconds to every wait it reaches).
-    call_timeout = wait_limit(timeout)
     started_runtime = not miniray.is_initialized()
     if started_runtime:
         miniray.init(num_workers=1)
@@ -175,34 +172,32 @@ def run(
     producer: _ProducerWatch | None = None  # async mode: learns at once that the rollouter died
     finite_at = 0  # the last step whose weights were checked and found finite
     try:
-        version, start_step, trained, resumed = _resume(
-            cfg, trainer, rollouter, queue, call_timeout
-        )
+        version, start_step, trained, resumed = _resume(cfg, trainer, rollouter, queue, timeout)
         finite_at = start_step
         sync.restore_version(version)
         result.resumed_from = None if resumed is None else str(resumed)
         run_start = time.time()
         result.evals.append((start_step, 0.0, evaluate()))
         if mode == "async":
-            miniray.get(rollouter.start.remote(), timeout=call_timeout)
+            miniray.get(rollouter.start.remote(), timeout=timeout)
             producer = _ProducerWatch(rollouter, queue)
         for step in range(start_step + 1, total_steps + 1):
             t0 = time.time()
             if producer is not None:
                 groups = producer.get(
                     queue.get_batch.remote(batch_groups, version, timeout=timeout),
-                    timeout=wait_limit(timeout + 30),
+                    timeout=timeout + 30,
                 )
             else:
                 groups = _from_rollouter(
-                    rollouter.generate_batch.remote(batch_groups, version), call_timeout
+                    rollouter.generate_batch.remote(batch_groups, version), timeout
                 )
             waited = time.time() - t0
             wait_s += waited
             # Answers travel through the driver, which is busy training: ask now, read after.
             size_ref = queue.get_queue_size.remote()
             if version_ref is not None:  # the queue took the last version bump (or raises)
-                miniray.get(version_ref, timeout=call_timeout)
+                miniray.get(version_ref, timeout=timeout)
                 version_ref = None
             metrics: dict[str, Any] = dict(trainer.train_step(groups))
             saving = save_freq >= 0 and (
@@ -230,7 +225,7 @@ def run(
                 else:
                     _from_rollouter(
                         rollouter.load_weights.remote(miniray.put(weights), version + 1),
-                        call_timeout,
+                        timeout,
                     )
                 version += 1
                 trainer.set_version(version)
@@ -246,7 +241,7 @@ def run(
                 version=version,
                 wall_s=time.time() - run_start,
                 trainer_wait_s=waited,
-                queue_size=miniray.get(size_ref, timeout=call_timeout),
+                queue_size=miniray.get(size_ref, timeout=timeout),
                 queue_capacity=cfg.async_training.max_queue_size,
             )
             if eval_rows and (step % eval_every == 0 or step == total_steps):
@@ -265,7 +260,7 @@ def run(
                 on_step(step, metrics)
         publisher.wait()  # a failed last sync fails the run
         if version_ref is not None:
-            miniray.get(version_ref, timeout=call_timeout)
+            miniray.get(version_ref, timeout=timeout)
     except Exception as exc:
         # A failure that a dead rollouter caused (a sync or a call to it failing) is reported
         # as what it is; the watch may take a moment longer than the failed call to resolve.
@@ -276,9 +271,9 @@ def run(
     finally:
         publisher.close()
         try:
-            miniray.get(rollouter.stop.remote(), timeout=call_timeout)
-            result.queue_stats = miniray.get(queue.get_statistics.remote(), timeout=call_timeout)
-            rollouter_stats = miniray.get(rollouter.get_statistics.remote(), timeout=call_timeout)
+            miniray.get(rollouter.stop.remote(), timeout=timeout)
+            result.queue_stats = miniray.get(queue.get_statistics.remote(), timeout=timeout)
+            rollouter_stats = miniray.get(rollouter.get_statistics.remote(), timeout=timeout)
         except Exception:
             rollouter_stats = {}
         result.rollouter_stats = rollouter_stats
@@ -320,7 +315,7 @@ def run(
 
 
 def _resume(
-    cfg: Any, trainer: Any, rollouter: Any, queue: Any, timeout: float | None
+    cfg: Any, trainer: Any, rollouter: Any, queue: Any, timeout: float
 ) -> tuple[int, int, TrainedPositions, Path | None]:
     """(version, step, trained positions, checkpoint) to start from, restored from the
     checkpoint ``trainer.resume_mode`` picks (none: a fresh start).
@@ -347,11 +342,6 @@ def _resume(
     _from_rollouter(rollouter.load_weights.remote(weights, version), timeout)
     miniray.get(queue.update_param_version.remote(version), timeout=timeout)
     return version, step, trained, path
-
-
-def wait_limit(seconds: float) -> float | None:
-    """A config's seconds as the runtime's waits take them: inf ("no deadline") is None."""
-    return None if math.isinf(seconds) else seconds
 
 
 def _finite_metrics(metrics: dict[str, Any]) -> bool:
@@ -390,7 +380,7 @@ def check_finite_weights(
     )
 
 
-def _from_rollouter(ref: miniray.ObjectRef, timeout: float | None) -> Any:
+def _from_rollouter(ref: miniray.ObjectRef, timeout: float) -> Any:
     """The answer of a call to the rollouter; its death is ``ProducerCrashedError`` (sync mode,
     and before the generation loop starts, where no ``_ProducerWatch`` runs)."""
     try:
@@ -414,7 +404,7 @@ class _ProducerWatch:
         self._queue = queue
         self._error: ProducerCrashedError | None = None
 
-    def get(self, ref: miniray.ObjectRef, *, timeout: float | None) -> Any:
+    def get(self, ref: miniray.ObjectRef, *, timeout: float) -> Any:
         """``ref``'s value (a ``GetTimeoutError`` after ``timeout``), or
         ``ProducerCrashedError`` as soon as the rollouter is gone."""
         ready, _ = miniray.wait([ref, self._ref], num_returns=1, timeout=timeout)
