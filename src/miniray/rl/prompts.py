@@ -1,0 +1,155 @@
+"""Prompt rows in verl's layout, and the one way a row's prompt becomes token ids.
+
+A row, as verl's parquet files hold it::
+
+    {"prompt": [{"role": "user", "content": "12+7="}],        # or a plain string
+     "data_source": "arithmetic",
+     "reward_model": {"ground_truth": "19", "style": "rule"},
+     "extra_info": {"split": "train", "index": 0}}
+
+``load_rows`` reads parquet or JSON lines and checks every row once, at start: the prompt column
+(``data.prompt_key``) holds text or a list of ``{"role", "content"}`` messages, and the answer is
+found (``data.answer_key``, ``ground_truth`` or ``reward_model.ground_truth``); a row that breaks
+a rule is an error naming the file, the row and the column. Rows keep their other fields.
+
+``prompt_token_ids`` is used by every reader of prompts (the rollouter, the held-out evaluation,
+distillation, pre-training examples), so a prompt is tokenized the same way everywhere:
+
+* text: BOS (when the tokenizer has one) followed by the text's tokens, no other special tokens;
+* chat messages: ``tokenizer.apply_chat_template(messages, add_generation_prompt=True)``, as
+  verl does; the template decides the special tokens, so no BOS is added here.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+__all__ = [
+    "answer_of",
+    "check_prompt",
+    "load_rows",
+    "prompt_text",
+    "prompt_token_ids",
+    "row_extra_info",
+]
+
+Prompt = str | list[dict[str, str]]
+
+
+def load_rows(
+    path: str | pathlib.Path, *, prompt_key: str = "prompt", answer_key: str = "ground_truth"
+) -> list[dict[str, Any]]:
+    """Every row of ``path`` (``.parquet`` or ``.jsonl``), checked; the answer is also stored
+    as ``row["ground_truth"]`` (text) for the reward."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"data file {str(path)!r} does not exist")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(path).to_pylist()
+    elif path.suffix == ".jsonl":
+        with path.open() as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    else:
+        raise ValueError(f"data file {str(path)!r}: suffix must be .parquet or .jsonl")
+    for i, row in enumerate(rows):
+        where = f"{path}: row {i}"
+        if prompt_key not in row or row[prompt_key] is None:
+            raise ValueError(
+                f"{where} lacks the column {prompt_key!r} (data.prompt_key); it has "
+                f"{sorted(row)}: set data.prompt_key to the column that holds the prompt"
+            )
+        check_prompt(row[prompt_key], where=f"{where}, column {prompt_key!r}")
+        ground_truth = answer_of(row, answer_key)
+        if ground_truth is None:
+            raise ValueError(
+                f"{where} lacks the column {answer_key!r} (data.answer_key) and has no "
+                f"ground_truth or reward_model.ground_truth; it has {sorted(row)}"
+            )
+        row["ground_truth"] = str(ground_truth)
+    return rows
+
+
+def check_prompt(prompt: Any, *, where: str) -> None:
+    """A prompt is non-empty text or a non-empty list of ``{"role": str, "content": str}``."""
+    if isinstance(prompt, str):
+        return
+    if not isinstance(prompt, list | tuple) or not prompt:
+        raise ValueError(
+            f"{where} holds {type(prompt).__name__} {_short(prompt)}; a prompt is text or a "
+            "non-empty list of chat messages ({'role': ..., 'content': ...})"
+        )
+    for j, message in enumerate(prompt):
+        ok = (
+            isinstance(message, Mapping)
+            and isinstance(message.get("role"), str)
+            and isinstance(message.get("content"), str)
+        )
+        if not ok:
+            raise ValueError(
+                f"{where}, message {j} is {_short(message)}; each chat message needs a text "
+                "'role' and a text 'content'"
+            )
+
+
+def answer_of(row: Mapping[str, Any], answer_key: str) -> object | None:
+    """What the reward compares a response against: the column the config names first, then
+    the layouts this package and verl write (``ground_truth``, ``reward_model.ground_truth``)."""
+    for value in (row.get(answer_key), row.get("ground_truth")):
+        if value is not None:
+            return value
+    nested = row.get("reward_model")
+    return nested.get("ground_truth") if isinstance(nested, Mapping) else None
+
+
+def row_extra_info(row: Mapping[str, Any]) -> dict[str, Any]:
+    """verl's ``extra_info`` (a dict; absent or null is empty)."""
+    extra = row.get("extra_info")
+    return dict(extra) if isinstance(extra, Mapping) else {}
+
+
+def prompt_text(tokenizer: Any, prompt: Prompt) -> str:
+    """The prompt as the model sees it, as text (chat messages rendered by the template)."""
+    if isinstance(prompt, str):
+        return prompt
+    return _render(tokenizer, prompt, tokenize=False)
+
+
+def prompt_token_ids(tokenizer: Any, prompts: Sequence[Prompt]) -> list[list[int]]:
+    """Token ids of each prompt (see the module docstring); text prompts in one tokenizer call
+    (one call per prompt cost the CPU rollouter ~4% of its time)."""
+    out: list[list[int] | None] = [None] * len(prompts)
+    texts = [(i, p) for i, p in enumerate(prompts) if isinstance(p, str)]
+    if texts:
+        bos = tokenizer.bos_token_id
+        encoded = tokenizer([p for _, p in texts], add_special_tokens=False)["input_ids"]
+        for (i, _), ids in zip(texts, encoded):
+            out[i] = [t for t in (bos, *ids) if t is not None]
+    for i, p in enumerate(prompts):
+        if out[i] is None:
+            out[i] = list(_render(tokenizer, p, tokenize=True))
+    return [ids for ids in out if ids is not None]
+
+
+def _render(tokenizer: Any, messages: Sequence[Mapping[str, str]], *, tokenize: bool) -> Any:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            "a prompt is a list of chat messages but the tokenizer of "
+            "actor_rollout_ref.model.path has no chat_template: give the model directory a "
+            "tokenizer with one (tokenizer_config.json 'chat_template'), or use text prompts"
+        )
+    rendered = tokenizer.apply_chat_template(
+        [dict(m) for m in messages], add_generation_prompt=True, tokenize=tokenize
+    )
+    if tokenize and isinstance(rendered, Mapping):  # transformers 5 returns a BatchEncoding
+        rendered = rendered["input_ids"]
+    return rendered
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,297 @@
+"""Rewards: a user's ``compute_score`` file (verl's ``custom_reward_function``), run off the
+generation thread with a per-call deadline.
+
+This module owns three things:
+
+* ``load_reward_function(path, name)``: import a Python file by path and return the function
+  named ``name``, checked to accept verl's keywords ``data_source, solution_str, ground_truth,
+  extra_info``. Every way that can fail is an error naming the file and the function.
+* ``Reward``: what one call returns, normalised. verl's functions return a number or a dict with
+  a ``score`` and other fields (``acc``, ``pred``, ...); the score trains, numeric fields are
+  logged as ``reward_extra/<field>``, other fields ride along on the sample's metadata.
+* ``RewardScorer``: scores the responses of one group on a small thread pool, so a slow or hung
+  function meets a deadline instead of stalling generation silently. A function that raises,
+  returns no number, a non-finite one, or does not return in ``timeout_s`` is a
+  ``RewardFunctionError`` naming the function and the prompt: never a silent 0.
+
+Who waits for whom::
+
+    rollouter generation thread --submit(group)--> pool thread(s): compute_score(...)
+              |  waits <= timeout_s for every sample of the group
+              v
+    Reward per sample, or RewardFunctionError (the rollouter closes its queue with it and the
+    loop raises ProducerCrashedError naming the function and the prompt)
+
+A hung call cannot be stopped from Python: its thread is abandoned (a daemon thread, so it
+does not keep the process alive) and the scorer refuses further work, since the function
+evidently cannot be trusted to return.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import importlib.util
+import inspect
+import math
+import numbers
+import pathlib
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "VERL_SCORE_KEYWORDS",
+    "Reward",
+    "RewardFunctionError",
+    "RewardRequest",
+    "RewardScorer",
+    "load_reward_function",
+    "pair_reward",
+    "reward_of",
+]
+
+VERL_SCORE_KEYWORDS = ("data_source", "solution_str", "ground_truth", "extra_info")
+
+
+class RewardFunctionError(RuntimeError):
+    """The reward function failed for a prompt; the message names the function and the prompt."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), self.args)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RewardRequest:
+    """One response to score, with the row fields verl's ``compute_score`` receives."""
+
+    solution_str: str
+    ground_truth: str
+    data_source: str = ""
+    extra_info: Mapping[str, Any] = field(default_factory=dict)
+    prompt: str = ""  # for error messages only
+
+
+@dataclass(frozen=True)
+class Reward:
+    """A normalised reward: ``score`` trains; ``metrics`` (numeric fields) are logged;
+    ``fields`` (the rest) are kept on the sample."""
+
+    score: float
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    fields: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real)  # int, float, bool and numpy's scalars
+
+
+def reward_of(value: Any, *, where: str) -> Reward:
+    """``value`` as a ``Reward``: a finite number, or a dict with a finite number under
+    ``score``. ``where`` names the function and the prompt in errors."""
+    if isinstance(value, Mapping):
+        if "score" not in value:
+            raise RewardFunctionError(
+                f"{where} returned a dict without 'score' (keys {sorted(map(str, value))}); "
+                "return a number or a dict with a numeric 'score'"
+            )
+        score = value["score"]
+        extras = {str(k): v for k, v in value.items() if k != "score"}
+    else:
+        score, extras = value, {}
+    if not _is_number(score) or not math.isfinite(float(score)):
+        raise RewardFunctionError(
+            f"{where} returned the score {score!r} ({type(score).__name__}); a reward must be a "
+            "finite int, float or bool"
+        )
+    metrics = {k: float(v) for k, v in extras.items() if _is_number(v) and math.isfinite(v)}
+    fields = {k: v for k, v in extras.items() if k not in metrics}
+    return Reward(float(score), metrics, fields)
+
+
+def load_reward_function(path: str | pathlib.Path, name: str = "compute_score") -> Callable:
+    """The function ``name`` from the Python file ``path`` (verl's ``custom_reward_function``).
+
+    It must accept ``data_source, solution_str, ground_truth, extra_info`` by keyword (extra
+    parameters need defaults); the file is imported once under a private module name."""
+    path = pathlib.Path(path)
+    label = f"custom_reward_function.path={str(path)!r}"
+    if not path.is_file():
+        raise FileNotFoundError(f"{label} is not a file")
+    module_name = f"_miniray_reward_{abs(hash(str(path.resolve())))}"
+    module = sys.modules.get(module_name)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"{label} cannot be imported as a Python file")
+        module = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as e:
+            raise ImportError(f"{label} failed to import: {type(e).__name__}: {e}") from e
+        sys.modules[module_name] = module
+    fn = getattr(module, name, None)
+    if fn is None or not callable(fn):
+        found = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
+        raise AttributeError(
+            f"{label} has no function custom_reward_function.name={name!r}; it defines {found}"
+        )
+    _check_signature(fn, f"{label} function {name!r}")
+    return fn
+
+
+def _check_signature(fn: Callable, label: str) -> None:
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return  # a builtin or C function: nothing to check
+    try:
+        signature.bind(**dict.fromkeys(VERL_SCORE_KEYWORDS))
+    except TypeError as e:
+        raise TypeError(
+            f"{label} must accept the keywords {', '.join(VERL_SCORE_KEYWORDS)} as verl's "
+            f"compute_score does; its signature is {name_of(fn)}{signature} ({e})"
+        ) from None
+
+
+def name_of(fn: Callable) -> str:
+    return getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
+
+
+def pair_reward(fn: Callable[[str, str], float]) -> Callable[..., float]:
+    """Adapt a ``(response, ground_truth) -> float`` function (the built-in tasks' form) to
+    verl's keyword form."""
+
+    def compute_score(data_source, solution_str, ground_truth, extra_info=None):
+        return fn(solution_str, ground_truth)
+
+    compute_score.__qualname__ = name_of(fn)
+    return compute_score
+
+
+class RewardScorer:
+    """Scores responses with ``fn(data_source=, solution_str=, ground_truth=, extra_info=)`` on
+    ``max_workers`` daemon threads; each call must return within ``timeout_s`` of starting."""
+
+    def __init__(self, fn: Callable, *, timeout_s: float = 60.0, max_workers: int = 4):
+        if not (isinstance(timeout_s, int | float) and math.isfinite(timeout_s) and timeout_s > 0):
+            raise ValueError(
+                f"custom_reward_function.timeout_s={timeout_s!r} must be a finite number > 0"
+            )
+        if not (isinstance(max_workers, int) and max_workers >= 1):
+            raise ValueError(f"RewardScorer.max_workers={max_workers!r} must be an int >= 1")
+        self.fn = fn
+        self.name = name_of(fn)
+        self.timeout_s = float(timeout_s)
+        self._pool = _DaemonPool(max_workers, f"reward:{self.name}")
+        self._broken: str | None = None
+
+    def score(self, requests: Sequence[RewardRequest]) -> list[Reward]:
+        """One ``Reward`` per request, in order, or ``RewardFunctionError``."""
+        if self._broken is not None:
+            raise RewardFunctionError(self._broken)
+        futures = [self._pool.submit(self._call, r) for r in requests]
+        late = self._first_late(futures)
+        rewards = []
+        for request, future in zip(requests, futures):
+            where = f"reward function {self.name} for the prompt {_short(request.prompt)}"
+            if future is late:
+                self._broken = (
+                    f"{where} did not return within custom_reward_function.timeout_s="
+                    f"{self.timeout_s:g} s; its thread is abandoned and the scorer refuses "
+                    "further work (make the function return, or raise the timeout)"
+                )
+                raise RewardFunctionError(self._broken)
+            error = future.exception()
+            if error is not None:
+                raise RewardFunctionError(
+                    f"{where} raised {type(error).__name__}: {error}"
+                ) from error
+            rewards.append(reward_of(future.result(), where=where))
+        return rewards
+
+    def _first_late(self, futures: list[_Call]) -> _Call | None:
+        """Wait until every call returned (None) or one ran past ``timeout_s`` (that one).
+        A call's clock starts when a thread picks it up, not when it was queued."""
+        pending = set(futures)
+        while pending:
+            now = time.monotonic()
+            running = [f.started_at for f in pending if f.started_at is not None]
+            wake = min(running) + self.timeout_s if running else now + self.timeout_s
+            _, pending = concurrent.futures.wait(
+                pending, timeout=max(0.0, wake - now), return_when="FIRST_COMPLETED"
+            )
+            now = time.monotonic()
+            for f in futures:
+                if f in pending and f.started_at is not None:
+                    if now >= f.started_at + self.timeout_s:
+                        return f
+        return None
+
+    def _call(self, request: RewardRequest) -> Any:
+        return self.fn(
+            data_source=request.data_source,
+            solution_str=request.solution_str,
+            ground_truth=request.ground_truth,
+            extra_info=dict(request.extra_info),
+        )
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+def _short(text: str, limit: int = 80) -> str:
+    return repr(text if len(text) <= limit else text[: limit - 3] + "...")
+
+
+class _Call(concurrent.futures.Future):
+    """A future that knows when a pool thread started running it."""
+
+    started_at: float | None = None
+
+
+class _DaemonPool:
+    """A fixed pool of daemon threads: ``concurrent.futures.ThreadPoolExecutor`` joins its
+    threads at interpreter exit, so one hung reward call would keep a finished run alive."""
+
+    def __init__(self, workers: int, name: str):
+        self._tasks: list[tuple[_Call, Callable, tuple]] = []
+        self._cond = threading.Condition()
+        self._closed = False
+        for i in range(workers):
+            threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True).start()
+
+    def submit(self, fn: Callable, *args: Any) -> _Call:
+        future = _Call()
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the reward scorer is closed")
+            self._tasks.append((future, fn, args))
+            self._cond.notify()
+        return future
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._tasks and not self._closed:
+                    self._cond.wait()
+                if not self._tasks:
+                    return
+                future, fn, args = self._tasks.pop(0)
+            if not future.set_running_or_notify_cancel():
+                continue
+            future.started_at = time.monotonic()
+            try:
+                future.set_result(fn(*args))
+            except BaseException as e:  # the caller re-raises it, named
+                future.set_exception(e)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            for future, _, _ in self._tasks:
+                future.cancel()
+            self._tasks.clear()
+            self._cond.notify_all()
