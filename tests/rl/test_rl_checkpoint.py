@@ -314,3 +314,32 @@ def test_a_save_removes_temporaries_of_dead_writers_only(workdir, tmp_path, monk
     assert atomic_dir.owner(written_in[0]) == owner
     assert checkpoint.latest_checkpoint(ckpt_dir) == first
     assert not [p for p in ckpt_dir.iterdir() if p.name.startswith("global_step_1.")]
+
+
+def test_a_hugging_face_export_rides_in_the_atomic_write_and_loads_with_from_pretrained(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = char_tokenizer("0123456789+=")
+    model = tiny_qwen2(tokenizer, seed=3)
+    path = checkpoint.write(
+        tmp_path / "global_step_1", {"step": 1}, {"x": torch.ones(1)}, hf_model=(model, tokenizer)
+    )
+    export = path / checkpoint.HF_DIR
+    assert (export / "model.safetensors").is_file()
+    loaded = AutoModelForCausalLM.from_pretrained(export)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    assert (
+        AutoTokenizer.from_pretrained(export)("1+2")["input_ids"] == tokenizer("1+2")["input_ids"]
+    )
+    assert not list(tmp_path.glob("*.tmp-*"))  # written inside the temporary directory
+
+
+def test_a_failing_export_leaves_no_checkpoint_behind(tmp_path):
+    class Unsaveable:
+        def save_pretrained(self, *args, **kwargs):
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.write(tmp_path / "global_step_1", {}, {}, hf_model=(Unsaveable(), None))
+    assert list(tmp_path.iterdir()) == []

@@ -226,3 +226,38 @@ def test_bad_inputs_name_the_argument():
         ppo_loss(logprobs, prox, adv, mask, clip_ratio_low=1.0)
     with pytest.raises(ValueError, match=r"behaviour_weight_cap=0\.5"):
         ppo_loss(logprobs, prox, adv, mask, behaviour_logprobs=prox, behaviour_weight_cap=0.5)
+
+
+def test_kl_estimators_match_the_exact_kl_on_samples_of_the_policy():
+    from miniray.rl.losses import kl_penalty
+
+    gen = torch.Generator().manual_seed(0)
+    policy = torch.log_softmax(torch.randn(6, generator=gen) * 0.5, dim=0)
+    ref = torch.log_softmax(torch.randn(6, generator=gen) * 0.5, dim=0)
+    exact = float((policy.exp() * (policy - ref)).sum())
+    tokens = torch.multinomial(policy.exp(), 200_000, replacement=True, generator=gen)
+    logp, ref_logp = policy[tokens].reshape(400, 500), ref[tokens].reshape(400, 500)
+    for kind in ("k1", "k3", "low_var_kl"):  # unbiased
+        assert float(kl_penalty(logp, ref_logp, kind).mean()) == pytest.approx(exact, rel=0.05)
+    # k2 is biased but close for nearby distributions, and k3 is never negative
+    assert float(kl_penalty(logp, ref_logp, "k2").mean()) == pytest.approx(exact, rel=0.3)
+    assert float(kl_penalty(logp, ref_logp, "k3").min()) >= 0.0
+    assert float(kl_penalty(logp, ref_logp, "k1").min()) < 0.0
+
+
+def test_kl_is_zero_against_itself_and_low_var_kl_is_bounded():
+    from miniray.rl.losses import kl_penalty
+
+    logp = torch.tensor([[-1.0, -0.5, -3.0]])
+    for kind in ("k1", "k2", "k3", "low_var_kl"):
+        assert torch.equal(kl_penalty(logp, logp, kind), torch.zeros_like(logp))
+    far = torch.tensor([[60.0, -60.0]])
+    assert float(kl_penalty(torch.zeros_like(far), far, "low_var_kl").max()) == 10.0
+    assert float(kl_penalty(torch.zeros_like(far), far, "k3").max()) > 1e20  # unclamped
+
+
+def test_an_unknown_kl_type_names_the_key_and_the_choices():
+    from miniray.rl.losses import kl_penalty
+
+    with pytest.raises(ValueError, match=r"kl_loss_type='mse'.*low_var_kl"):
+        kl_penalty(torch.zeros(1, 2), torch.zeros(1, 2), "mse")

@@ -4,6 +4,9 @@
       global_step_<N>/   one checkpoint, written whole or not at all (``write``)
         state.json       step, version, data position (``data_position.TrainedPositions``), ...
         trainer.pt       model, optimizer and RNG states (tensors and plain containers only)
+        huggingface/     with ``hf_model`` in ``actor.checkpoint.save_contents``: the model's
+                         ``save_pretrained`` weights (safetensors) and its tokenizer, loadable
+                         by ``AutoModelForCausalLM.from_pretrained`` as verl's export is
       latest             names the newest complete checkpoint
 
 ``write`` fills a temporary sibling directory and switches it into place with
@@ -44,18 +47,32 @@ __all__ = [
 
 STATE_FILE = "state.json"
 TENSORS_FILE = "trainer.pt"
+HF_DIR = "huggingface"
 LATEST_FILE = "latest"
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^global_step_(\d+)$")
 
 
-def write(path: str | os.PathLike[str], state: dict[str, Any], tensors: dict[str, Any]) -> Path:
-    """Write one checkpoint directory at ``path`` atomically (replacing one already there)."""
+def write(
+    path: str | os.PathLike[str],
+    state: dict[str, Any],
+    tensors: dict[str, Any],
+    *,
+    hf_model: tuple[Any, Any] | None = None,
+) -> Path:
+    """Write one checkpoint directory at ``path`` atomically (replacing one already there);
+    ``hf_model=(model, tokenizer)`` adds a Hugging Face export under ``huggingface/``, inside
+    the same atomic write, so an export never outlives or precedes its checkpoint."""
     path = Path(path).absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(atomic_dir.make_temp(str(path)))
     try:
         torch.save(tensors, tmp / TENSORS_FILE)
+        if hf_model is not None:
+            model, tokenizer = hf_model
+            model.save_pretrained(tmp / HF_DIR, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp / HF_DIR)
         with open(tmp / STATE_FILE, "w", encoding="utf-8") as f:
             json.dump({"format_version": FORMAT_VERSION, **state}, f, indent=1, sort_keys=True)
         atomic_dir.replace(str(tmp), str(path))

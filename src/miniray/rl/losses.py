@@ -28,6 +28,7 @@ __all__ = [
     "aggregate_loss",
     "entropy_from_logits",
     "grpo_advantages",
+    "kl_penalty",
     "logprobs_from_logits",
     "masked_mean",
     "ppo_loss",
@@ -35,6 +36,8 @@ __all__ = [
 ]
 
 LossAggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
+KLType = Literal["k1", "k2", "k3", "low_var_kl"]
+KL_TYPES: tuple[str, ...] = ("k1", "k2", "k3", "low_var_kl")
 
 
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -232,3 +235,31 @@ def _check_same_shape(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str
             f"{name_b} has shape {tuple(b.shape)} but {name_a} has {tuple(a.shape)}: "
             "they must match"
         )
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-token estimate of KL(pi_theta || pi_ref) from the sampled tokens' log-probs
+    (Schulman's estimators; ``d = ref - logprobs``):
+
+    * ``k1``: ``-d``, unbiased, high variance, can be negative;
+    * ``k2``: ``d**2 / 2``, biased, low variance, its gradient is that of the true KL's
+      second-order term;
+    * ``k3``: ``exp(d) - d - 1``, unbiased and always >= 0;
+    * ``low_var_kl``: ``k3`` with ``d`` clamped to [-20, 20] and the result to [0, 10], as
+      verl's ``actor.kl_loss_type=low_var_kl`` does, so one token the reference finds nearly
+      impossible cannot blow the loss up.
+    """
+    _check_same_shape(logprobs, ref_logprobs, "logprobs", "ref_logprobs")
+    d = ref_logprobs - logprobs
+    if kind == "k1":
+        return -d
+    if kind == "k2":
+        return 0.5 * d.square()
+    if kind == "k3":
+        return torch.expm1(d) - d
+    if kind == "low_var_kl":
+        d = d.clamp(-20.0, 20.0)
+        return (torch.expm1(d) - d).clamp(0.0, 10.0)
+    raise ValueError(
+        f"actor_rollout_ref.actor.kl_loss_type={kind!r} is not supported; use one of {KL_TYPES}"
+    )
