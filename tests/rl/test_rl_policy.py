@@ -286,3 +286,66 @@ def test_trainer_passes_every_actor_option_to_the_update():
             target["warmup_style"] = "cosine"
             reference = update_config(optim={"warmup_style": "cosine"})
         assert update_config(**actor) != reference, key
+
+
+def test_reference_logprobs_in_chunks_equal_one_pass(tokenizer):
+    from miniray.rl.policy import reference_logprobs
+    from miniray.rl.types import collate
+
+    model = tiny_qwen2(tokenizer, hidden_size=32, intermediate_size=64, seed=4)
+    _, samples = scored_group(model, tokenizer, "2+5=", "7", "71")
+    batch = collate(samples, pad_token_id=tokenizer.pad_token_id)
+    whole = reference_logprobs(model, batch, micro_batch_size=None)
+    for size in (1, 3):
+        chunked = reference_logprobs(model, batch, micro_batch_size=size)
+        torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
+    assert not whole.requires_grad
+
+
+def test_kl_loss_pulls_the_policy_back_towards_the_reference(tokenizer):
+    """Equal rewards give zero advantage, so only the KL term moves the weights: towards the
+    reference, and a reference equal to the policy gives KL 0."""
+    from miniray.rl.policy import reference_logprobs
+    from miniray.rl.types import collate
+
+    model = tiny_qwen2(tokenizer, hidden_size=32, intermediate_size=64, seed=5)
+    reference = tiny_qwen2(tokenizer, hidden_size=32, intermediate_size=64, seed=6)
+    _, samples = scored_group(model, tokenizer, "4+4=", "8", "9")
+    for sample in samples:
+        sample.reward = 1.0
+    batch = collate(samples, pad_token_id=tokenizer.pad_token_id)
+
+    def kl_to_reference():
+        with torch.no_grad():
+            ours = reference_logprobs(model, batch, micro_batch_size=None)
+            ref = reference_logprobs(reference, batch, micro_batch_size=None)
+        return float((ours - ref).abs().mean())
+
+    config = PolicyUpdateConfig(
+        lr=1e-2, use_kl_loss=True, kl_loss_coef=1.0, kl_loss_type="k3", ref_micro_batch_size=2
+    )
+    updater = PolicyUpdater(
+        model, pad_token_id=tokenizer.pad_token_id, config=config, ref_model=reference
+    )
+    before = kl_to_reference()
+    first = updater.step(samples)
+    for _ in range(4):
+        updater.step(samples)
+    assert first["kl_loss"] > 0 and first["kl_coef"] == 1.0
+    assert kl_to_reference() < 0.8 * before
+    assert all(not p.requires_grad for p in reference.parameters())
+
+    same = tiny_qwen2(tokenizer, hidden_size=32, intermediate_size=64, seed=5)
+    twin = tiny_qwen2(tokenizer, hidden_size=32, intermediate_size=64, seed=5)
+    zero = PolicyUpdater(same, pad_token_id=tokenizer.pad_token_id, config=config, ref_model=twin)
+    assert zero.step(samples)["kl_loss"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_kl_loss_needs_a_reference_and_a_known_type(tokenizer):
+    model = tiny_qwen2(tokenizer, hidden_size=32, intermediate_size=64, seed=7)
+    with pytest.raises(ValueError, match="use_kl_loss=true needs a reference model"):
+        PolicyUpdater(
+            model, pad_token_id=tokenizer.pad_token_id, config=PolicyUpdateConfig(use_kl_loss=True)
+        )
+    with pytest.raises(ValueError, match="kl_loss_type='kl'"):
+        PolicyUpdateConfig(kl_loss_type="kl")

@@ -6,7 +6,9 @@ tested on its own: samples in, an optimizer step and its metrics out.
     samples --collate--> Batch --forward--> logprobs (theta)
                            |                 proximal logprobs (theta at the start of the step)
                            +-- rewards --> group-relative advantages
-    ppo_loss(theta, prox, advantages, behaviour logprobs recorded at generation) -> step
+    ppo_loss(theta, prox, advantages, behaviour logprobs recorded at generation)
+      + kl_loss_coef * KL(theta || reference)   (with use_kl_loss: a frozen copy of the start)
+      -> step
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from typing import Any
 import torch
 
 from miniray.rl.losses import (
+    KL_TYPES,
     aggregate_loss,
     grpo_advantages,
+    kl_penalty,
     masked_mean,
     ppo_loss,
     token_advantages,
@@ -51,8 +55,25 @@ class PolicyUpdateConfig:
     warmup_style: str = "constant"  # constant | cosine: what follows the warm-up
     min_lr_ratio: float = 0.0  # cosine: the last update's lr as a fraction of ``lr``
     total_steps: int | None = None  # cosine: the update the decay ends at
+    # KL to a frozen reference policy, added to the loss (verl's actor.use_kl_loss).
+    use_kl_loss: bool = False
+    kl_loss_coef: float = 0.001
+    kl_loss_type: str = "low_var_kl"  # k1 | k2 | k3 | low_var_kl (losses.kl_penalty)
+    ref_micro_batch_size: int | None = None  # rows per reference forward; None: the batch
 
     def __post_init__(self) -> None:
+        if self.kl_loss_type not in KL_TYPES:
+            raise ValueError(
+                f"PolicyUpdateConfig.kl_loss_type={self.kl_loss_type!r} is unknown: must be one "
+                f"of {KL_TYPES}"
+            )
+        if self.kl_loss_coef < 0:
+            raise ValueError(f"PolicyUpdateConfig.kl_loss_coef={self.kl_loss_coef} must be >= 0")
+        if self.ref_micro_batch_size is not None and self.ref_micro_batch_size < 1:
+            raise ValueError(
+                f"PolicyUpdateConfig.ref_micro_batch_size={self.ref_micro_batch_size} must be "
+                ">= 1 or None (the whole batch)"
+            )
         if self.lr <= 0:
             raise ValueError(f"PolicyUpdateConfig.lr={self.lr} must be > 0")
         if self.ppo_epochs < 1:
@@ -121,13 +142,44 @@ def response_logprobs(model: Any, batch: Batch, *, temperature: float = 1.0) -> 
     return chosen_logprobs(response_log_softmax(model, batch, temperature=temperature), batch)
 
 
-class PolicyUpdater:
-    """Owns the optimizer of ``model`` and applies updates from lists of samples."""
+@torch.no_grad()
+def reference_logprobs(
+    model: Any, batch: Batch, *, micro_batch_size: int | None, temperature: float = 1.0
+) -> torch.Tensor:
+    """Log-probs (B, R) of the response tokens under a frozen ``model``, ``micro_batch_size``
+    rows per forward pass: only one chunk's (rows, R, V) distribution exists at a time."""
+    size = micro_batch_size or len(batch)
+    parts = []
+    for first in range(0, len(batch), size):
+        rows = torch.arange(first, min(first + size, len(batch)))
+        parts.append(response_logprobs(model, batch.select(rows), temperature=temperature))
+    return torch.cat(parts)
 
-    def __init__(self, model: Any, *, pad_token_id: int, config: PolicyUpdateConfig | None = None):
+
+class PolicyUpdater:
+    """Owns the optimizer of ``model`` and applies updates from lists of samples; with
+    ``use_kl_loss`` it also holds ``ref_model``, frozen, for the KL term."""
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        pad_token_id: int,
+        config: PolicyUpdateConfig | None = None,
+        ref_model: Any = None,
+    ):
         self.model = model
         self.pad_token_id = pad_token_id
         self.config = config or PolicyUpdateConfig()
+        if self.config.use_kl_loss and ref_model is None:
+            raise ValueError(
+                "actor_rollout_ref.actor.use_kl_loss=true needs a reference model "
+                "(PolicyUpdater(ref_model=...)); the trainer loads one from model.path"
+            )
+        self.ref_model = ref_model if self.config.use_kl_loss else None
+        if self.ref_model is not None:
+            self.ref_model.eval()
+            self.ref_model.requires_grad_(False)
         self.optimizer = torch.optim.AdamW(
             model.parameters(), lr=self.config.lr, weight_decay=self.config.weight_decay
         )
@@ -144,6 +196,14 @@ class PolicyUpdater:
         lr = scheduled_lr(cfg, self.steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        reference = None
+        if self.ref_model is not None:
+            reference = reference_logprobs(
+                self.ref_model,
+                batch,
+                micro_batch_size=cfg.ref_micro_batch_size,
+                temperature=cfg.temperature,
+            )
         self.model.train()
         size = cfg.ppo_mini_batch_size or len(batch)
         proximal: torch.Tensor | None = None
@@ -193,6 +253,12 @@ class PolicyUpdater:
                     mean_entropy = aggregate_loss(entropy, part.response_mask, mode)  # type: ignore[arg-type]
                     loss = loss - cfg.entropy_coeff * mean_entropy
                     metrics["entropy"] = mean_entropy.item()
+                if reference is not None:
+                    kl = kl_penalty(logprobs, reference[rows], cfg.kl_loss_type)
+                    kl_loss = aggregate_loss(kl, part.response_mask, cfg.loss_agg_mode)  # type: ignore[arg-type]
+                    loss = loss + cfg.kl_loss_coef * kl_loss
+                    metrics["kl_loss"] = kl_loss.item()
+                    metrics["kl_coef"] = cfg.kl_loss_coef
                 self.optimizer.zero_grad()
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(
