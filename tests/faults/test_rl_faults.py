@@ -87,7 +87,7 @@ class PidEngine:
         time.sleep(0.02)
         return echo_generations(prompts)
 
-    def load_weights(self, state_dict):
+    def load_weights(self, state_dict, *, take=False):
         pass
 
 
@@ -238,7 +238,7 @@ class EchoEngine:
     def generate(self, prompts, **kwargs):
         return echo_generations(prompts)
 
-    def load_weights(self, state_dict):
+    def load_weights(self, state_dict, *, take=False):
         pass
 
 

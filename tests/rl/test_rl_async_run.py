@@ -124,7 +124,7 @@ class FakeEngine:
             for p in prompts
         ]
 
-    def load_weights(self, state_dict):
+    def load_weights(self, state_dict, *, take=False):
         self.loaded = state_dict
 
 
@@ -205,7 +205,7 @@ class RecordingEngine:
             for p in prompts
         ]
 
-    def load_weights(self, state_dict):
+    def load_weights(self, state_dict, *, take=False):
         pass
 
 
@@ -261,7 +261,7 @@ class TokenEngine:
             for p in prompts
         ]
 
-    def load_weights(self, state_dict):
+    def load_weights(self, state_dict, *, take=False):
         self.tag = state_dict["tag"]
 
 
@@ -339,7 +339,7 @@ def test_a_pause_grace_does_not_wait_for_a_long_call(workdir):
 class BadWeightsEngine(RecordingEngine):
     """Generates, but refuses every weight load (e.g. weights of another architecture)."""
 
-    def load_weights(self, state_dict):
+    def load_weights(self, state_dict, *, take=False):
         raise ValueError("load_weights: unexpected parameters ['lm_head.bias']")
 
 
@@ -358,7 +358,7 @@ class WeightSavingEngine(RecordingEngine):
         self.directory = str(directory)
         self.loads = 0
 
-    def load_weights(self, state_dict):
+    def load_weights(self, state_dict, *, take=False):
         self.loads += 1
         torch.save(dict(state_dict), f"{self.directory}/load_{self.loads:03d}.pt")
 

@@ -147,7 +147,7 @@ class DeterministicEngine:
             )
         return out
 
-    def load_weights(self, state_dict):
+    def load_weights(self, state_dict, *, take=False):
         pass
 
     def state_dict(self):

@@ -72,7 +72,7 @@ class EchoEngine:
         self.prompts.extend(list(p) for p in prompts)
         return echo_generations(prompts)
 
-    def load_weights(self, state_dict):
+    def load_weights(self, state_dict, *, take=False):
         LOADED.setdefault(self.key, []).append(state_dict)
 
 

@@ -193,3 +193,56 @@ def test_engine_runs_no_forward_pass_whose_logits_nobody_reads(model, tokenizer)
     # response of L tokens needs L passes, and none after the last token.
     assert any(g.finish_reason == "length" for g in gens)  # the case that wasted a pass
     assert len(passes) == max(len(g.response_token_ids) for g in gens)
+
+
+def test_taking_weights_adopts_the_tensors_without_a_copy_and_keeps_the_tie(model, tokenizer):
+    engine = HFGenerationEngine(
+        tiny_qwen2(tokenizer, hidden_size=32, intermediate_size=64, seed=8),
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    embed = "model.embed_tokens.weight"
+    weights["lm_head.weight"] = weights[embed]  # published tied entries are one tensor
+    engine.load_weights(weights, take=True)
+    params = dict(engine.model.named_parameters())
+    assert params[embed].data_ptr() == weights[embed].data_ptr()  # adopted, not copied
+    assert engine.model.lm_head.weight is engine.model.model.embed_tokens.weight
+    prompt = prompts_for(tokenizer, ["2+3="])[0]
+    gen = engine.generate([prompt], max_new_tokens=3, temperature=0)[0]
+    expected = sequence_logprobs(model, prompt, gen.response_token_ids)
+    assert torch.allclose(torch.tensor(gen.response_logprobs), expected, atol=1e-4)
+
+
+def test_loading_without_take_copies_and_a_dtype_mismatch_is_copied_even_when_taken(
+    model, tokenizer
+):
+    engine = HFGenerationEngine(
+        tiny_qwen2(tokenizer, hidden_size=32, intermediate_size=64, seed=9),
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    embed = "model.embed_tokens.weight"
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    engine.load_weights(weights)
+    weights[embed].add_(1.0)  # the caller keeps its tensors: the engine must not see this
+    assert not torch.equal(engine.model.model.embed_tokens.weight, weights[embed])
+    doubles = {k: v.double() for k, v in model.state_dict().items()}
+    engine.load_weights(doubles, take=True)
+    assert engine.model.model.embed_tokens.weight.dtype == torch.float32
+    assert torch.equal(engine.model.model.embed_tokens.weight, model.model.embed_tokens.weight)
+    assert engine.model.lm_head.weight is engine.model.model.embed_tokens.weight
+
+
+def test_a_wrong_name_is_refused_before_anything_is_loaded(model, tokenizer):
+    engine = HFGenerationEngine(
+        tiny_qwen2(tokenizer, hidden_size=32, intermediate_size=64, seed=10),
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    before = engine.model.model.embed_tokens.weight.clone()
+    weights = {k: v + 1 for k, v in model.state_dict().items()}
+    weights["extra.weight"] = torch.zeros(1)
+    with pytest.raises(ValueError, match=r"unexpected \['extra.weight'\]"):
+        engine.load_weights(weights, take=True)
+    assert torch.equal(engine.model.model.embed_tokens.weight, before)

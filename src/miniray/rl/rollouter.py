@@ -527,10 +527,16 @@ class FullyAsyncRollouter:
 
     def load_weights(self, weights: Any, version: int) -> bool:
         """Load new weights; only while paused. With ``async_training.resume_on_load`` a
-        successful load also resumes (a failed one leaves the rollouter paused)."""
+        successful load also resumes (a failed one leaves the rollouter paused).
+
+        The rollouter keeps ``weights``: the engine may adopt the tensors as its parameters
+        (``take=True``), so a caller in the same process must pass tensors it will not touch
+        again. Through the runtime that always holds: an actor receives private copies (a
+        copy-on-write mapping on the local backend), and the trainer publishes a copy of its
+        parameters (``PolicyUpdater.state_dict``), so writing into them never reaches it."""
         if not self._paused and self._thread is not None:
             raise RuntimeError("load_weights() while generating: call pause_rollout() first")
-        self.engine.load_weights(weights)
+        self.engine.load_weights(weights, take=True)
         with self._cond:
             if self.config.async_training.resume_on_load:
                 # The sync's resume_rollout is a round trip away and finds us running: that

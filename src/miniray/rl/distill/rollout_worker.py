@@ -40,12 +40,14 @@ class RolloutWorker:
         return version, gens
 
     def load_weights(self, weights: Mapping[str, Any], version: int) -> int:
-        """Load ``weights`` (strict names and shapes), then adopt ``version``; returns it."""
+        """Load ``weights`` (strict names and shapes), then adopt ``version``; returns it.
+        The engine may adopt the tensors (``take=True``): they arrive as private copies
+        through the runtime, as ``FullyAsyncRollouter.load_weights`` explains."""
         if not isinstance(version, int) or version < self.version:
             raise ValueError(
                 f"{self.name}: version={version!r} is invalid: must be an int >= the version "
                 f"it holds ({self.version})"
             )
-        self.engine.load_weights(weights)
+        self.engine.load_weights(weights, take=True)
         self.version = version
         return version

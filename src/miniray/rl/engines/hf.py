@@ -129,18 +129,58 @@ class HFGenerationEngine:
             for row, prompt in enumerate(prompts)
         ]
 
-    def load_weights(self, state_dict: Mapping[str, Any]) -> None:
-        """Replace the weights (strict: a missing or unexpected name is an error)."""
-        result = self.model.load_state_dict(dict(state_dict), strict=False)
-        missing = [k for k in result.missing_keys if not k.endswith("lm_head.weight")]
-        if missing or result.unexpected_keys:
+    def load_weights(self, state_dict: Mapping[str, Any], *, take: bool = False) -> None:
+        """Replace the weights (strict: a missing or unexpected name is an error, raised
+        before anything is loaded).
+
+        ``take=True`` hands the tensors over: the caller will not use them again (the
+        rollouter's sync gives fresh private copies). Those already of the parameter's dtype,
+        device and shape then become the parameters as they are (``load_state_dict(assign=
+        True)``), with no second copy; the rest are copied into the existing parameters.
+        Measured at Qwen2.5-0.5B size in bf16 (benchmarks/weight_sync.py): copying cost 604 ms
+        of a 610 ms sync; taking them costs the tie and the bookkeeping.
+        """
+        current = self.model.state_dict()
+        tied = _tied_names(self.model)
+        missing = [k for k in current if k not in state_dict and k not in tied]
+        unexpected = [k for k in state_dict if k not in current]
+        if missing or unexpected:
             raise ValueError(
                 f"load_weights: missing parameters {missing[:5]}, unexpected "
-                f"{list(result.unexpected_keys)[:5]} (is this the same architecture?)"
+                f"{unexpected[:5]} (is this the same architecture?)"
             )
+        assign, copy = {}, {}
+        for name, tensor in state_dict.items():
+            target = current[name]
+            same = (
+                isinstance(tensor, torch.Tensor)
+                and tensor.dtype == target.dtype
+                and tensor.device == target.device
+                and tensor.shape == target.shape
+            )
+            (assign if take and same else copy)[name] = tensor
+        if assign:
+            self.model.load_state_dict(assign, strict=False, assign=True)
+        if copy:
+            self.model.load_state_dict(copy, strict=False)
+        if tied or assign:
+            # assign replaced the Parameter objects: the output embedding must again be the
+            # input embedding's tensor, not the one it had before.
+            self.model.tie_weights()
 
     def state_dict(self) -> dict[str, Any]:
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+
+def _tied_names(model: Any) -> set[str]:
+    """State-dict names that share their tensor with an earlier name (tied embeddings)."""
+    seen: set[int] = set()
+    tied = set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in seen:
+            tied.add(name)
+        seen.add(id(tensor))
+    return tied
 
 
 def cache_argument(model: Any) -> str:

@@ -117,8 +117,9 @@ class VLLMGenerationEngine:
                 )
         return [_generation(prompt, done[i].outputs[0]) for i, prompt in zip(ids, prompts)]
 
-    def load_weights(self, state_dict: Mapping[str, Any]) -> None:
-        """Give every vLLM worker the new weights (HF names; vLLM maps them to its layers)."""
+    def load_weights(self, state_dict: Mapping[str, Any], *, take: bool = False) -> None:
+        """Give every vLLM worker the new weights (HF names; vLLM maps them to its layers).
+        vLLM copies them into its own (GPU) memory, so ``take`` changes nothing here."""
         items = [(name, tensor.detach().cpu()) for name, tensor in state_dict.items()]
         if callable(getattr(self.llm, "collective_rpc", None)):
             self.llm.collective_rpc(_load_on_worker, args=(items,))
