@@ -64,6 +64,19 @@ def prompts_within_length(lengths: list[int], max_prompt_length: int) -> list[bo
     return [length <= max_prompt_length for length in lengths]
 
 
+def sampling_filters(cfg: RLConfig) -> dict[str, Any]:
+    """``top_p`` / ``top_k`` for the engine when ``actor_rollout_ref.rollout`` sets them: an
+    engine that cannot filter (a test's fake, a custom one) then fails on the keyword instead
+    of sampling unfiltered, and one that never gets asked need not know the keywords."""
+    rollout = cfg.actor_rollout_ref.rollout
+    filters: dict[str, Any] = {}
+    if rollout.top_p < 1.0:
+        filters["top_p"] = rollout.top_p
+    if rollout.top_k > 0:
+        filters["top_k"] = rollout.top_k
+    return filters
+
+
 def as_rl_config(config: Any) -> RLConfig:
     return config if isinstance(config, RLConfig) else from_dict(RLConfig, dict(config))
 
@@ -263,6 +276,7 @@ class FullyAsyncRollouter:
             max_new_tokens=max(budgets),  # rows with less room are cut below
             temperature=cfg.actor_rollout_ref.rollout.temperature,
             should_stop=self._should_stop,
+            **sampling_filters(cfg),
         )
         self.stats["generate_seconds"] += time.time() - started
         interrupted = False
