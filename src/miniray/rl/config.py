@@ -297,9 +297,15 @@ class ActorRolloutRefConfig(Config):
 
 @dataclass(kw_only=True)
 class AlgorithmConfig(Config):
-    adv_estimator: Literal["grpo"] = "grpo"
+    adv_estimator: Literal["grpo"] = option(
+        "grpo",
+        help="the advantage: grpo (group-relative); verl's gae, rloo, reinforce_plus_plus ... "
+        "are refused (no critic, no other estimator here)",
+    )
     norm_adv_by_std_in_grpo: bool = option(
-        True, help="divide group-centred rewards by the group's std (Dr. GRPO sets false)"
+        True,
+        help="divide group-centred rewards by the group's std; false: Dr. GRPO (reward minus "
+        "the group mean)",
     )
 
 

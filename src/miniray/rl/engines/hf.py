@@ -32,13 +32,15 @@ class HFGenerationEngine:
         pad_token_id: int | None = None,
         seed: int = 0,
         num_threads: int | None = None,
+        dtype: str | torch.dtype = torch.float32,
+        trust_remote_code: bool = False,
     ):
         if (model is None) == (model_path is None):
             raise ValueError("HFGenerationEngine needs exactly one of model= or model_path=")
         if model_path is not None:
             from miniray.rl.models.tiny import load
 
-            model, tokenizer = load(model_path)
+            model, tokenizer = load(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
             eos_token_id = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
             pad_token_id = tokenizer.pad_token_id if pad_token_id is None else pad_token_id
         config = model.config

@@ -61,6 +61,7 @@ class VLLMGenerationEngine:
         seed: int = 0,
         dtype: str = "auto",
         gpu_memory_utilization: float = 0.5,
+        trust_remote_code: bool = False,
         **llm_kwargs: Any,
     ):
         if (llm is None) == (model_path is None):
@@ -75,6 +76,7 @@ class VLLMGenerationEngine:
                 seed=seed,
                 dtype=dtype,
                 gpu_memory_utilization=gpu_memory_utilization,
+                trust_remote_code=trust_remote_code,
                 logprobs_mode="processed_logprobs",
                 **llm_kwargs,
             )
