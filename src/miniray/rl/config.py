@@ -164,8 +164,14 @@ class TrainerConfig(Config):
     )
     nnodes: int = option(1, ge=1)
     n_gpus_per_node: int = option(0, ge=0, help="GPUs for the trainer; 0 trains on the CPU")
-    project_name: str = "miniray_rl"
-    experiment_name: str = "fully_async"
+    project_name: str = option(
+        "miniray_rl", help="the console prefix, wandb's project and mlflow's experiment"
+    )
+    experiment_name: str = option(
+        "fully_async",
+        help="the run's name: <default_local_dir>/<experiment_name>/checkpoints, the console "
+        "prefix, the wandb and mlflow run name",
+    )
     default_local_dir: str = option(
         "runs", help="runs/<experiment_name>/ gets logs and checkpoints"
     )
@@ -186,10 +192,24 @@ class TrainerConfig(Config):
     max_actor_ckpt_to_keep: int | None = option(
         None, ge=1, help="keep only the newest N checkpoints; null keeps every one"
     )
-    logger: list[str] = option(default_factory=lambda: ["console", "jsonl"])  # noqa: RUF009
-    seed: int = 0
+    logger: list[str] = option(  # noqa: RUF009
+        default_factory=lambda: ["console", "jsonl"],
+        help="where per-step metrics go: console, jsonl, tensorboard, wandb (offline), mlflow "
+        "(local file store); wandb and mlflow are extras (pip install 'miniray[wandb]')",
+    )
+    seed: int = option(
+        0, help="seeds torch in the trainer and the engine's sampling (same seed, same tokens)"
+    )
 
     def validate(self) -> None:
+        from miniray.rl.tracking import LOGGER_NAMES
+
+        for name in self.logger:
+            if name not in LOGGER_NAMES:
+                raise ValueError(
+                    f"{self.key('logger')}={self.logger} is invalid: {name!r} is not a logger; "
+                    f"the loggers are {list(LOGGER_NAMES)}"
+                )
         if self.resume_mode == "resume_path" and not self.resume_from_path:
             raise ValueError(
                 f"{self.key('resume_mode')}='resume_path' is invalid without "

@@ -183,7 +183,7 @@ def fit_prompt_lengths(
       first ones. A cut prompt may ask another question than its row's answer answers; verl
       allows it and so do we, on request.
     """
-    limit = data.max_prompt_length
+    limit, mode = data.max_prompt_length, data.truncation
     if data.filter_overlong_prompts:
         kept = [i for i, ids in enumerate(token_ids) if len(ids) <= limit]
         return FittedPrompts(
@@ -191,7 +191,6 @@ def fit_prompt_lengths(
             token_ids=[list(token_ids[i]) for i in kept],
             dropped=len(token_ids) - len(kept),
         )
-    mode = data.truncation
     fitted, truncated = [], 0
     for i, ids in enumerate(token_ids):
         if len(ids) > limit:

@@ -43,6 +43,27 @@ def non_finite_parameters(weights: Mapping[str, Any]) -> list[str]:
     return bad
 
 
+def enable_activation_checkpointing(model: Any) -> None:
+    """``actor_rollout_ref.model.enable_gradient_checkpointing``: activations are recomputed
+    in the backward pass instead of kept (less memory for long responses, ~30% more compute).
+    Non-reentrant, torch's recommended variant. transformers 5.24 renamed the method to
+    ``activation_checkpointing_enable`` and warns on the old name, which 4.x alone knows."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def is_activation_checkpointing(model: Any) -> bool:
+    """Whether ``enable_activation_checkpointing`` is on (either transformers' name)."""
+    return bool(
+        getattr(model, "is_activation_checkpointing", None)
+        if hasattr(model, "activation_checkpointing_enable")
+        else model.is_gradient_checkpointing
+    )
+
+
 def policy_update_config(config: RLConfig) -> PolicyUpdateConfig:
     """Every ``actor_rollout_ref.actor`` and ``algorithm`` option, as the update takes it."""
     actor, optim = config.actor_rollout_ref.actor, config.actor_rollout_ref.actor.optim
@@ -84,11 +105,7 @@ class FullyAsyncTrainer:
         torch.manual_seed(self.config.trainer.seed if seed is None else seed)
         self.model, self.tokenizer = load(model.path, **load_options(model, device="cpu"))
         if model.enable_gradient_checkpointing:
-            # Activations are recomputed in the backward pass instead of kept: less memory for
-            # long responses, ~30% more compute. Non-reentrant: torch's recommended variant.
-            self.model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
+            enable_activation_checkpointing(self.model)
         self.updater = PolicyUpdater(
             self.model,
             pad_token_id=self.tokenizer.pad_token_id,
