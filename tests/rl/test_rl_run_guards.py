@@ -167,6 +167,60 @@ def test_prompts_longer_than_the_limit_are_skipped_not_truncated(workdir):
     assert all(len(p) <= 4 for p in engine.prompts)
 
 
+MIXED = [{"prompt": p, "ground_truth": "1"} for p in ("1=", "0+5=", "2=", "12+3=")]
+
+
+@pytest.mark.parametrize("truncation", ["left", "right"])
+def test_without_the_filter_overlong_prompts_are_cut_from_the_side_asked(workdir, truncation):
+    write_prompts(MIXED, workdir / "cut.jsonl")
+    data = {"max_prompt_length": 4, "filter_overlong_prompts": False, "truncation": truncation}
+    rollouter = FullyAsyncRollouter(
+        config(workdir, "cut.jsonl", data=data), MessageQueue(max_queue_size=8), engine=EchoEngine()
+    )
+    stats = rollouter.get_statistics()
+    assert (stats["prompts_skipped_too_long"], stats["prompts_truncated"]) == (0, 2)
+    tokenizer = rollouter.tokenizer
+    full = [[tokenizer.bos_token_id, *tokenizer(r["prompt"])["input_ids"]] for r in MIXED]
+    expected = [ids[-4:] if truncation == "left" else ids[:4] for ids in full]
+    assert rollouter.prompt_ids == expected  # every row kept, in order; the long ones cut
+
+
+def test_truncation_error_names_the_row_and_its_length(workdir):
+    write_prompts(MIXED, workdir / "refused.jsonl")
+    data = {"max_prompt_length": 4, "filter_overlong_prompts": False, "truncation": "error"}
+    with pytest.raises(ValueError, match=r"refused\.jsonl: row 1: the prompt has 5 tokens.*=4"):
+        FullyAsyncRollouter(
+            config(workdir, "refused.jsonl", data=data),
+            MessageQueue(max_queue_size=8),
+            engine=EchoEngine(),
+        )
+
+
+def test_distillation_fits_prompts_the_same_way(workdir):
+    from miniray.rl.distill.config import load_distill_config
+    from miniray.rl.distill.loop import PROMPT_IDS, _load_rows
+
+    write_prompts(MIXED, workdir / "distill_cut.jsonl")
+    tokenizer = char_tokenizer(TASK.alphabet)
+
+    def rows(*overrides):
+        cfg = load_distill_config(
+            overrides=[
+                f"data.train_files=[{workdir / 'distill_cut.jsonl'}]",
+                "actor_rollout_ref.model.path=/m",
+                "data.max_prompt_length=4",
+                *overrides,
+            ]
+        )
+        return [r[PROMPT_IDS] for r in _load_rows(cfg, tokenizer)]
+
+    assert len(rows()) == 2  # filtered
+    cut = rows("data.filter_overlong_prompts=false", "data.truncation=right")
+    assert len(cut) == 4 and all(len(ids) <= 4 for ids in cut)
+    with pytest.raises(ValueError, match=r"row 1: the prompt has 5 tokens"):
+        rows("data.filter_overlong_prompts=false")
+
+
 def test_every_prompt_too_long_is_an_error_naming_the_key(workdir):
     cfg = config(workdir, data={"max_prompt_length": 2})
     with pytest.raises(ValueError, match=r"data\.max_prompt_length=2 .*every one of the 40"):

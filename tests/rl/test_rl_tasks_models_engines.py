@@ -142,6 +142,53 @@ def test_engine_logprobs_are_the_sampling_distributions(model, tokenizer):
                 assert gen.finish_reason == "length" and len(gen.response_token_ids) == 5
 
 
+def test_top_k_one_samples_the_argmax_with_log_prob_zero(model, tokenizer):
+    engine = HFGenerationEngine(
+        model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, seed=1
+    )
+    prompts = prompts_for(tokenizer, ["1+2=", "12+3=", "9+9="])
+    sampled = engine.generate(prompts, max_new_tokens=5, temperature=1.0, top_k=1)
+    greedy = engine.generate(prompts, max_new_tokens=5, temperature=0)
+    for gen, best in zip(sampled, greedy):
+        assert gen.response_token_ids == best.response_token_ids
+        assert gen.response_logprobs == [0.0] * len(gen.response_token_ids)
+
+
+def test_top_p_and_top_k_logprobs_are_of_the_filtered_distribution(model, tokenizer):
+    from miniray.rl.engines.hf import sampling_log_probs
+
+    engine = HFGenerationEngine(
+        model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, seed=2
+    )
+    prompts = prompts_for(tokenizer, ["3+4=", "15+2="])
+    for filters in ({"top_k": 3}, {"top_p": 0.5}, {"top_k": 4, "top_p": 0.8}):
+        for gen in engine.generate(prompts, max_new_tokens=4, temperature=0.9, **filters):
+            ids = torch.tensor([gen.prompt_token_ids + gen.response_token_ids])
+            with torch.no_grad():
+                logits = model(input_ids=ids).logits[0, len(gen.prompt_token_ids) - 1 : -1]
+            logp = sampling_log_probs(logits, temperature=0.9, **filters)
+            kept = torch.isfinite(logp)
+            limit = filters.get("top_k", logp.shape[-1])
+            assert bool((kept.sum(-1) <= limit).all())  # something was cut
+            assert bool((kept.sum(-1) < logp.shape[-1]).all())
+            chosen = logp.gather(-1, torch.tensor(gen.response_token_ids)[:, None]).squeeze(-1)
+            assert torch.allclose(torch.tensor(gen.response_logprobs), chosen, atol=1e-4)
+            # Renormalised: the kept tokens' probabilities sum to one.
+            assert torch.allclose(logp.exp().sum(-1), torch.ones(len(chosen)), atol=1e-5)
+
+
+def test_top_p_keeps_the_smallest_set_reaching_it():
+    from miniray.rl.engines.hf import sampling_log_probs
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = torch.isfinite(sampling_log_probs(logits, top_p=0.7))
+    assert kept.tolist() == [[True, True, False, False]]  # 0.5 < 0.7 <= 0.5 + 0.3
+    assert torch.isfinite(sampling_log_probs(logits, top_p=0.5)).tolist() == [
+        [True, False, False, False]
+    ]
+    assert torch.isfinite(sampling_log_probs(logits, top_k=3)).sum() == 3
+
+
 def test_engine_greedy_is_deterministic_and_stop_aborts(model, tokenizer):
     engine = HFGenerationEngine(
         model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id

@@ -223,6 +223,24 @@ def test_sampling_params_filter_nothing_and_ask_for_the_sampled_logprob(fake_vll
     ]
 
 
+def test_top_p_and_top_k_go_to_sampling_params(fake_vllm, monkeypatch):
+    seen = []
+    original = fake_vllm.SamplingParams
+
+    def recording(**kwargs):
+        seen.append(kwargs)
+        return original(**kwargs)
+
+    monkeypatch.setattr(fake_vllm, "SamplingParams", recording)
+    engine = VLLMGenerationEngine("/m")
+    engine.generate([[1]], max_new_tokens=2, temperature=1.0, top_p=0.9, top_k=3)
+    engine.generate([[1]], max_new_tokens=2, temperature=1.0, top_k=0)  # 0: off, as -1
+    assert (seen[0]["top_p"], seen[0]["top_k"]) == (0.9, 3)
+    assert (seen[1]["top_p"], seen[1]["top_k"]) == (1.0, -1)
+    with pytest.raises(ValueError, match=r"top_p=0 must be in \(0, 1\]"):
+        engine.generate([[1]], max_new_tokens=2, top_p=0)
+
+
 def test_should_stop_aborts_every_running_request(fake_vllm):
     engine = VLLMGenerationEngine("/m")
     llm = LLM.instances[-1]

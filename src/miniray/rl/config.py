@@ -18,15 +18,21 @@ dataclass defaults below.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+import dataclasses
+import sys
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from miniray import config as config_machinery
 from miniray.config import Config, from_dict, load, option
 
 __all__ = [
     "CONFIG_DIR",
+    "REFUSED",
     "ActorConfig",
     "ActorRolloutRefConfig",
     "AlgorithmConfig",
@@ -39,9 +45,11 @@ __all__ = [
     "RolloutSamplingConfig",
     "TrainerConfig",
     "async_training_config",
+    "check_refused",
     "config_names",
     "load_rl_config",
     "parse_rl_args",
+    "record_reads",
 ]
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -123,7 +131,22 @@ class DataConfig(Config):
     train_batch_size: int = option(
         16, ge=1, help="prompts per training step; each yields actor_rollout_ref.rollout.n samples"
     )
-    max_prompt_length: int = option(512, ge=1, help="prompt tokens; longer prompts are skipped")
+    max_prompt_length: int = option(
+        512,
+        ge=1,
+        help="most prompt tokens (BOS and chat template included); longer prompts are "
+        "filtered (filter_overlong_prompts) or cut/refused (truncation)",
+    )
+    filter_overlong_prompts: bool = option(
+        True,
+        help="drop prompts longer than max_prompt_length at start and count them; false: "
+        "apply data.truncation to them",
+    )
+    truncation: Literal["error", "left", "right"] = option(
+        "error",
+        help="with filter_overlong_prompts=false, an overlong prompt is an error naming its "
+        "row (error), or loses its first (left) or last (right) tokens",
+    )
     max_response_length: int = option(1024, ge=1, help="most generated tokens per response")
     prompt_key: str = option("prompt", help="column holding the prompt text")
     answer_key: str = option("answer", help="column holding what the reward compares against")
@@ -141,8 +164,14 @@ class TrainerConfig(Config):
     )
     nnodes: int = option(1, ge=1)
     n_gpus_per_node: int = option(0, ge=0, help="GPUs for the trainer; 0 trains on the CPU")
-    project_name: str = "miniray_rl"
-    experiment_name: str = "fully_async"
+    project_name: str = option(
+        "miniray_rl", help="the console prefix, wandb's project and mlflow's experiment"
+    )
+    experiment_name: str = option(
+        "fully_async",
+        help="the run's name: <default_local_dir>/<experiment_name>/checkpoints, the console "
+        "prefix, the wandb and mlflow run name",
+    )
     default_local_dir: str = option(
         "runs", help="runs/<experiment_name>/ gets logs and checkpoints"
     )
@@ -163,10 +192,24 @@ class TrainerConfig(Config):
     max_actor_ckpt_to_keep: int | None = option(
         None, ge=1, help="keep only the newest N checkpoints; null keeps every one"
     )
-    logger: list[str] = option(default_factory=lambda: ["console", "jsonl"])  # noqa: RUF009
-    seed: int = 0
+    logger: list[str] = option(  # noqa: RUF009
+        default_factory=lambda: ["console", "jsonl"],
+        help="where per-step metrics go: console, jsonl, tensorboard, wandb (offline), mlflow "
+        "(local file store); wandb and mlflow are extras (pip install 'miniray[wandb]')",
+    )
+    seed: int = option(
+        0, help="seeds torch in the trainer and the engine's sampling (same seed, same tokens)"
+    )
 
     def validate(self) -> None:
+        from miniray.rl.tracking import LOGGER_NAMES
+
+        for name in self.logger:
+            if name not in LOGGER_NAMES:
+                raise ValueError(
+                    f"{self.key('logger')}={self.logger} is invalid: {name!r} is not a logger; "
+                    f"the loggers are {list(LOGGER_NAMES)}"
+                )
         if self.resume_mode == "resume_path" and not self.resume_from_path:
             raise ValueError(
                 f"{self.key('resume_mode')}='resume_path' is invalid without "
@@ -247,9 +290,22 @@ class RolloutSamplingConfig(Config):
     )
     n: int = option(4, ge=1, help="responses per prompt (the GRPO group size)")
     temperature: float = option(1.0, ge=0)
-    top_p: float = option(1.0, gt=0, le=1)
-    top_k: int = option(-1, ge=-1, help="-1 disables top-k")
+    top_p: float = option(
+        1.0,
+        gt=0,
+        le=1,
+        help="nucleus sampling: sample from the smallest set of tokens holding this much "
+        "probability (renormalised; the behaviour log-probs are of that distribution); 1: off",
+    )
+    top_k: int = option(
+        -1,
+        ge=-1,
+        help="sample from the k most likely tokens (renormalised, as top_p); -1 or 0: off",
+    )
     calculate_log_probs: bool = True
+    tensor_model_parallel_size: int = option(
+        1, ge=1, help="GPUs one engine is split over; only 1 (one process, one device)"
+    )
 
 
 @dataclass(kw_only=True)
@@ -261,9 +317,15 @@ class ActorRolloutRefConfig(Config):
 
 @dataclass(kw_only=True)
 class AlgorithmConfig(Config):
-    adv_estimator: Literal["grpo"] = "grpo"
+    adv_estimator: Literal["grpo"] = option(
+        "grpo",
+        help="the advantage: grpo (group-relative); verl's gae, rloo, reinforce_plus_plus ... "
+        "are refused (no critic, no other estimator here)",
+    )
     norm_adv_by_std_in_grpo: bool = option(
-        True, help="divide group-centred rewards by the group's std (Dr. GRPO sets false)"
+        True,
+        help="divide group-centred rewards by the group's std; false: Dr. GRPO (reward minus "
+        "the group mean)",
     )
 
 
@@ -279,6 +341,7 @@ class RLConfig(Config):
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
 
     def validate(self) -> None:
+        check_refused(self, REFUSED)
         # The trainer takes train_batch_size items at once; a smaller queue could never hold
         # a whole batch and the trainer would wait forever.
         if self.async_training.max_queue_size < self.data.train_batch_size:
@@ -406,3 +469,134 @@ def async_training_config(config: Any = None) -> AsyncTrainingConfig:
     if config and set(config) <= _TOP_LEVEL:
         return AsyncTrainingConfig()
     return from_dict(AsyncTrainingConfig, config, path="async_training")
+
+
+# -- which keys the code reads ----------------------------------------------------------------
+# A key that nothing reads is a silent no-op: the user sets it and the run ignores it. Every
+# key is therefore read by the code it names, or listed in ``REFUSED`` (values above what this
+# version supports are errors); tests/rl/test_rl_config_reads.py checks both trees.
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """The values of a key this version supports (``allowed``, said as ``rule``), and why
+    the others are refused rather than ignored."""
+
+    allowed: Any  # value -> bool
+    rule: str
+    why: str
+
+
+def at_most(limit: int, why: str) -> Refusal:
+    return Refusal(lambda value: value <= limit, f"must be <= {limit}", why)
+
+
+def check_refused(root: Config, refused: Mapping[str, Refusal]) -> None:
+    """Raise for the first key of ``refused`` whose value in the tree ``root`` this version
+    does not support, naming the key, the value, the rule and why."""
+    for key, refusal in refused.items():
+        node: Any = root
+        for part in key.split("."):
+            node = object.__getattribute__(node, part)  # not a read by the code: a check
+        if not refusal.allowed(node):
+            raise ValueError(f"{key}={node!r} is refused: {refusal.rule}; {refusal.why}")
+
+
+_MACHINERY_FILES = {config_machinery.__file__, dataclasses.__file__, "<string>"}
+_PACKAGE_DIR = str(Path(__file__).resolve().parents[1])
+# Methods of a config that read their own fields to check or show them, not to act on them.
+_NOT_READERS = {"validate", "__post_init__", "__eq__", "__repr__", "__hash__"}
+
+
+class _ReadRecorder:
+    """Collects ``Config`` field reads made by miniray's code, from every thread."""
+
+    def __init__(self) -> None:
+        self.keys: set[str] = set()
+        self.lock = threading.Lock()
+        self.fields: dict[type, frozenset[str]] = {}
+
+    def field_names(self, cls: type) -> frozenset[str]:
+        names = self.fields.get(cls)
+        if names is None:
+            names = self.fields[cls] = frozenset(f.name for f in dataclasses.fields(cls))
+        return names
+
+    def reader_is_code(self) -> bool:
+        """Whether the read two frames up (past our hook) is by miniray's code acting on the
+        value: dict-style reads (``cfg.get``, ``cfg[...]``) count for their caller."""
+        frame = sys._getframe(2)
+        code = frame.f_code
+        if code.co_filename == config_machinery.__file__ and code.co_name in ("get", "__getitem__"):
+            frame = frame.f_back
+            if frame is None:
+                return False
+            code = frame.f_code
+        return (
+            code.co_filename not in _MACHINERY_FILES
+            and code.co_name not in _NOT_READERS
+            and code.co_filename.startswith(_PACKAGE_DIR)
+        )
+
+
+_recorders: list[_ReadRecorder] = []
+_recording_lock = threading.Lock()
+
+
+def _recording_getattribute(self: Config, name: str) -> Any:
+    value = object.__getattribute__(self, name)
+    if _recorders and not name.startswith("_"):
+        for recorder in list(_recorders):
+            if name in recorder.field_names(type(self)) and recorder.reader_is_code():
+                path = self.__dict__.get("_config_path", "")
+                key = f"{path}.{name}" if path else name
+                with recorder.lock:
+                    recorder.keys.add(key)
+    return value
+
+
+@contextlib.contextmanager
+def record_reads() -> Iterator[set[str]]:
+    """Record the dotted keys miniray's code reads from any ``Config`` while the block runs,
+    in every thread of this process (the inline backend runs actors in threads; actors in
+    other processes are not seen). Yields the set, filled as reads happen.
+
+    Reads by the config machinery and by ``validate`` do not count: they check a value, they
+    do not act on it. For the tests; it slows every attribute read of a config.
+    """
+    recorder = _ReadRecorder()
+    with _recording_lock:
+        if not _recorders:
+            Config.__getattribute__ = _recording_getattribute  # type: ignore[method-assign]
+        _recorders.append(recorder)
+    try:
+        yield recorder.keys
+    finally:
+        with _recording_lock:
+            _recorders.remove(recorder)
+            if not _recorders:
+                del Config.__getattribute__
+
+
+SCALE_OUT = (
+    "this version runs each role in one process on one device; more arrives with the "
+    "scale-out issues (multi-GPU, multi-node), until then set 1"
+)
+
+
+# Keys accepted only at the values this version supports (``check_refused``).
+REFUSED: dict[str, Refusal] = {
+    "trainer.nnodes": at_most(1, SCALE_OUT),
+    "trainer.n_gpus_per_node": at_most(1, SCALE_OUT),
+    "rollout.nnodes": at_most(1, SCALE_OUT),
+    "rollout.n_gpus_per_node": at_most(1, SCALE_OUT),
+    "actor_rollout_ref.rollout.tensor_model_parallel_size": at_most(
+        1, "tensor parallelism splits one engine over several GPUs; " + SCALE_OUT
+    ),
+    "actor_rollout_ref.rollout.calculate_log_probs": Refusal(
+        bool,
+        "must be true",
+        "the rollouter always records the behaviour log-probs: the decoupled off-policy "
+        "correction (actor.use_rollout_log_probs) and the importance weights need them",
+    ),
+}

@@ -74,7 +74,11 @@ def demo_config(root: pathlib.Path, *, steps: int, mode: str, lr: float) -> dict
             "weight_extrapolation": 1.0,
             "generation_timeout": 300,
         },
-        "trainer": {"total_training_steps": steps, "trigger_parameter_sync_step": 1},
+        "trainer": {
+            "total_training_steps": steps,
+            "trigger_parameter_sync_step": 1,
+            "logger": ["jsonl", "tensorboard"],  # the progress bar is the console
+        },
     }
 
 

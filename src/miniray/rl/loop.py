@@ -26,7 +26,6 @@ not trained before the checkpoint: groups in flight or queued at the crash are r
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import pathlib
@@ -49,6 +48,7 @@ from miniray.rl.errors import NonFiniteWeightsError, ParameterSyncError, Produce
 from miniray.rl.param_sync import UnifiedParameterSynchronizer
 from miniray.rl.queue import MessageQueue
 from miniray.rl.rollouter import FullyAsyncRollouter, RewardFn, as_rl_config
+from miniray.rl.tracking import build_loggers, check_logger_names
 from miniray.rl.trainer import FullyAsyncTrainer, non_finite_parameters
 
 logger = logging.getLogger(__name__)
@@ -124,18 +124,21 @@ def run(
     started_runtime = not miniray.is_initialized()
     if started_runtime:
         miniray.init(num_workers=1)
-    log_file = None
-    board = None
-    if log_dir is not None:
-        log_dir = pathlib.Path(log_dir)
-        log_dir.mkdir(parents=True, exist_ok=True)
-        log_file = (log_dir / "metrics.jsonl").open("w")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            board = SummaryWriter(str(log_dir / "tensorboard"))
-        except ImportError:  # tensorboard is optional: JSONL always works
-            board = None
+    # Checked before anything starts: an unknown or uninstalled logger is an error now, not
+    # after the first step.
+    check_logger_names(cfg.trainer.logger)
+    check_devices(cfg)
+    sinks = (
+        []
+        if log_dir is None
+        else build_loggers(
+            cfg.trainer.logger,
+            run_dir=log_dir,
+            project=cfg.trainer.project_name,
+            experiment=cfg.trainer.experiment_name,
+            config=cfg.to_dict(),
+        )
+    )
     queue = MessageQueue.remote(cfg)
     rollouter = FullyAsyncRollouter.remote(cfg, queue, reward_fn=reward_fn, engine=engine)
     trainer = trainer if trainer is not None else FullyAsyncTrainer(cfg)
@@ -249,13 +252,8 @@ def run(
                 result.evals.append((step, time.time() - run_start, reward))
                 metrics["eval_reward"] = reward
             result.history.append(metrics)
-            if log_file is not None:
-                log_file.write(json.dumps(metrics) + "\n")
-                log_file.flush()
-            if board is not None:
-                for key, value in metrics.items():
-                    if isinstance(value, (int, float)) and key != "step":
-                        board.add_scalar(key, value, step)
+            for sink in sinks:
+                sink.log(metrics, step)
             if on_step is not None:
                 on_step(step, metrics)
         publisher.wait()  # a failed last sync fails the run
@@ -277,10 +275,8 @@ def run(
         except Exception:
             rollouter_stats = {}
         result.rollouter_stats = rollouter_stats
-        if log_file is not None:
-            log_file.close()
-        if board is not None:
-            board.close()
+        for sink in sinks:
+            sink.close()
         if started_runtime:
             miniray.shutdown()
     wall = time.time() - run_start
@@ -312,6 +308,23 @@ def run(
         "prompts_skipped_too_long": int(rollouter_stats.get("prompts_skipped_too_long", 0)),
     }
     return result
+
+
+def check_devices(cfg: Any) -> None:
+    """``n_gpus_per_node`` of the trainer and the rollouter: 0 runs on the CPU; 1 (the most
+    the config accepts until the scale-out issues land) is said to run on the CPU too, since
+    this loop places nothing on a GPU yet."""
+    for key, value in (
+        ("trainer.n_gpus_per_node", cfg.trainer.n_gpus_per_node),
+        ("rollout.n_gpus_per_node", cfg.rollout.n_gpus_per_node),
+    ):
+        if value:
+            logger.warning(
+                "%s=%d: the RL loop places nothing on a GPU yet (the scale-out issues add "
+                "that); this role runs on the CPU in its process",
+                key,
+                value,
+            )
 
 
 def _resume(

@@ -31,6 +31,9 @@ from miniray.rl.losses import (
 )
 from miniray.rl.types import Batch, Sample, collate
 
+# The advantage estimators the update knows (``algorithm.adv_estimator``).
+ADV_ESTIMATORS = ("grpo",)
+
 
 @dataclass(kw_only=True)
 class PolicyUpdateConfig:
@@ -50,6 +53,10 @@ class PolicyUpdateConfig:
     max_grad_norm: float = 1.0
     loss_agg_mode: str = "token-mean"
     temperature: float = 1.0
+    # The advantage (``algorithm``): GRPO's group-relative one; without the std division
+    # (norm_adv_by_std_in_grpo=False) it is Dr. GRPO's reward minus the group mean.
+    adv_estimator: str = "grpo"
+    norm_adv_by_std_in_grpo: bool = True
     # The learning-rate schedule, per update (``scheduled_lr``).
     warmup_steps: int = 0
     warmup_style: str = "constant"  # constant | cosine: what follows the warm-up
@@ -62,6 +69,11 @@ class PolicyUpdateConfig:
     ref_micro_batch_size: int | None = None  # rows per reference forward; None: the batch
 
     def __post_init__(self) -> None:
+        if self.adv_estimator not in ADV_ESTIMATORS:
+            raise ValueError(
+                f"PolicyUpdateConfig.adv_estimator={self.adv_estimator!r} is unknown: must be "
+                f"one of {list(ADV_ESTIMATORS)}"
+            )
         if self.kl_loss_type not in KL_TYPES:
             raise ValueError(
                 f"PolicyUpdateConfig.kl_loss_type={self.kl_loss_type!r} is unknown: must be one "
@@ -190,7 +202,9 @@ class PolicyUpdater:
         ``ppo_mini_batch_size`` samples, an optimizer step per minibatch."""
         cfg = self.config
         batch = collate(samples, pad_token_id=self.pad_token_id)
-        advantages = grpo_advantages(batch.rewards, batch.group_index)
+        advantages = grpo_advantages(
+            batch.rewards, batch.group_index, norm_by_std=self.config.norm_adv_by_std_in_grpo
+        )
         per_token = token_advantages(advantages, batch.response_mask)
         behaviour = batch.behaviour_logprobs if cfg.use_rollout_log_probs else None
         lr = scheduled_lr(cfg, self.steps)

@@ -24,12 +24,15 @@ from __future__ import annotations
 
 import json
 import pathlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "FittedPrompts",
     "answer_of",
     "check_prompt",
+    "fit_prompt_lengths",
     "load_rows",
     "prompt_text",
     "prompt_token_ids",
@@ -153,3 +156,53 @@ def _render(tokenizer: Any, messages: Sequence[Mapping[str, str]], *, tokenize: 
 def _short(value: Any, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@dataclass
+class FittedPrompts:
+    """The prompts a run uses after ``data.max_prompt_length``: which rows (``kept``, indices
+    into the rows given), their token ids, and how many were dropped or cut."""
+
+    kept: list[int]
+    token_ids: list[list[int]]
+    dropped: int = 0
+    truncated: int = 0
+
+
+def fit_prompt_lengths(
+    token_ids: Sequence[list[int]],
+    data: Any,
+    *,
+    row_name: Callable[[int], str],
+) -> FittedPrompts:
+    """Apply ``data.max_prompt_length`` to tokenized prompts as verl does.
+
+    * ``data.filter_overlong_prompts=true``: overlong prompts are dropped (and counted);
+    * else ``data.truncation``: ``error`` raises naming the row (``row_name(i)``: its file and
+      row) and its length; ``left`` keeps the last ``max_prompt_length`` tokens, ``right`` the
+      first ones. A cut prompt may ask another question than its row's answer answers; verl
+      allows it and so do we, on request.
+    """
+    limit, mode = data.max_prompt_length, data.truncation
+    if data.filter_overlong_prompts:
+        kept = [i for i, ids in enumerate(token_ids) if len(ids) <= limit]
+        return FittedPrompts(
+            kept=kept,
+            token_ids=[list(token_ids[i]) for i in kept],
+            dropped=len(token_ids) - len(kept),
+        )
+    fitted, truncated = [], 0
+    for i, ids in enumerate(token_ids):
+        if len(ids) > limit:
+            if mode == "error":
+                raise ValueError(
+                    f"{row_name(i)}: the prompt has {len(ids)} tokens, more than "
+                    f"data.max_prompt_length={limit} (data.truncation='error', "
+                    "data.filter_overlong_prompts=false): raise the limit, set "
+                    "data.filter_overlong_prompts=true to drop such prompts, or "
+                    "data.truncation=left|right to cut them"
+                )
+            ids = ids[len(ids) - limit :] if mode == "left" else ids[:limit]
+            truncated += 1
+        fitted.append(list(ids))
+    return FittedPrompts(kept=list(range(len(token_ids))), token_ids=fitted, truncated=truncated)

@@ -21,8 +21,9 @@ thrown away, and long responses are not starved by frequent syncs. With ``partia
 off, interrupted groups are dropped and their prompts issued again.
 
 Prompts are read from the ``data.prompt_key`` column (answers from ``data.answer_key``);
-prompts longer than ``data.max_prompt_length`` tokens are skipped at start, never cut
-(``prompts_within_length``), and counted (``prompts_skipped_too_long``). They come from
+prompts longer than ``data.max_prompt_length`` tokens are dropped at start and counted
+(``prompts_skipped_too_long``) with ``data.filter_overlong_prompts`` (the default), else
+refused or cut as ``data.truncation`` says (``prompts.fit_prompt_lengths``). They come from
 ``data_position.PromptCursor`` in a fixed seeded order; each group records its prompt position
 in ``Sample.metadata["prompt_position"]``. A dropped or stale-rejected group gives its position
 back, so the prompt is generated again rather than lost, and a resumed run
@@ -45,6 +46,7 @@ from miniray.config import from_dict
 from miniray.rl._remote import actor_constructor
 from miniray.rl.config import RLConfig
 from miniray.rl.data_position import PromptCursor, PromptOrder, TrainedPositions
+from miniray.rl.prompts import fit_prompt_lengths
 from miniray.rl.staleness import admission_capacity
 from miniray.rl.tasks import exact_match_reward, load_prompts
 from miniray.rl.types import Sample
@@ -55,13 +57,17 @@ CALL_TIMEOUT_S = 60.0
 logger = logging.getLogger(__name__)
 
 
-def prompts_within_length(lengths: list[int], max_prompt_length: int) -> list[bool]:
-    """Which prompts the run uses: those of at most ``data.max_prompt_length`` tokens.
-
-    Longer ones are skipped, never cut: a cut prompt (``"0+5="`` -> ``"0+"``) asks another
-    question than its row's answer answers, and the reward would train the policy on it.
-    """
-    return [length <= max_prompt_length for length in lengths]
+def sampling_filters(cfg: RLConfig) -> dict[str, Any]:
+    """``top_p`` / ``top_k`` for the engine when ``actor_rollout_ref.rollout`` sets them: an
+    engine that cannot filter (a test's fake, a custom one) then fails on the keyword instead
+    of sampling unfiltered, and one that never gets asked need not know the keywords."""
+    rollout = cfg.actor_rollout_ref.rollout
+    filters: dict[str, Any] = {}
+    if rollout.top_p < 1.0:
+        filters["top_p"] = rollout.top_p
+    if rollout.top_k > 0:
+        filters["top_k"] = rollout.top_k
+    return filters
 
 
 def as_rl_config(config: Any) -> RLConfig:
@@ -95,49 +101,65 @@ class FullyAsyncRollouter:
         *,
         engine: Any = None,
         reward_fn: RewardFn | None = None,
-        seed: int = 0,
+        seed: int | None = None,
     ):
+        """``seed``: the engine's sampling seed; None: ``trainer.seed`` (the same seed samples
+        the same tokens)."""
         self.config = as_rl_config(config)
         cfg = self.config
+        from miniray.rl.models.tiny import load_options, load_tokenizer
+
+        model = cfg.actor_rollout_ref.model
+        options = load_options(model, device="cpu")
         if engine is None:
             from miniray.rl.engines import build_engine
 
             engine = build_engine(
                 cfg.actor_rollout_ref.rollout.name,
-                model_path=cfg.actor_rollout_ref.model.path,
-                seed=seed,
+                model_path=model.path,
+                seed=cfg.trainer.seed if seed is None else seed,
+                **options,
             )
         self.engine = engine
-        from miniray.rl.models.tiny import load_tokenizer
-
-        self.tokenizer = load_tokenizer(cfg.actor_rollout_ref.model.path)
+        self.tokenizer = load_tokenizer(model.path, trust_remote_code=options["trust_remote_code"])
         data = cfg.data
-        rows = [
-            row
-            for path in data.train_files
-            for row in load_prompts(path, prompt_key=data.prompt_key, answer_key=data.answer_key)
-        ]
+        rows, names = [], []
+        for path in data.train_files:
+            read = load_prompts(path, prompt_key=data.prompt_key, answer_key=data.answer_key)
+            rows.extend(read)
+            names.extend(f"{path}: row {i}" for i in range(len(read)))
         if not rows:
             raise ValueError(f"data.train_files={data.train_files} hold no prompts")
         # Tokenized once, here: the limit needs every length, and the loop then reuses them.
         ids = self._prompt_token_ids([row[data.prompt_key] for row in rows])
-        keep = prompts_within_length([len(i) for i in ids], data.max_prompt_length)
-        self.rows = [row for row, kept in zip(rows, keep) if kept]
-        self.prompt_ids = [i for i, kept in zip(ids, keep) if kept]
-        skipped = len(rows) - len(self.rows)
+        fitted = fit_prompt_lengths(ids, data, row_name=names.__getitem__)
+        self.rows = [rows[i] for i in fitted.kept]
+        self.prompt_ids = fitted.token_ids
+        skipped = fitted.dropped
         if not self.rows:
             raise ValueError(
                 f"data.max_prompt_length={data.max_prompt_length} is invalid for "
                 f"data.train_files={data.train_files}: every one of the {len(rows)} prompts is "
                 f"longer (the shortest has {min(len(i) for i in ids)} tokens, BOS included), "
-                "and longer prompts are skipped; raise data.max_prompt_length"
+                "and data.filter_overlong_prompts=true drops longer prompts; raise "
+                "data.max_prompt_length (or cut them: data.filter_overlong_prompts=false "
+                "data.truncation=left|right)"
             )
         if skipped:
             logger.warning(
-                "skipped %d of %d prompts longer than data.max_prompt_length=%d tokens",
+                "dropped %d of %d prompts longer than data.max_prompt_length=%d tokens "
+                "(data.filter_overlong_prompts=true)",
                 skipped,
                 len(rows),
                 data.max_prompt_length,
+            )
+        if fitted.truncated:
+            logger.warning(
+                "cut %d of %d prompts to data.max_prompt_length=%d tokens (data.truncation=%s)",
+                fitted.truncated,
+                len(rows),
+                data.max_prompt_length,
+                data.truncation,
             )
         self.queue = queue
         self.reward_fn = reward_fn or exact_match_reward
@@ -174,6 +196,7 @@ class FullyAsyncRollouter:
             "idle_throttled_seconds": 0.0,  # no admission room (staleness bound)
             "started_at": time.time(),
             "prompts_skipped_too_long": skipped,  # of data.train_files, at start
+            "prompts_truncated": fitted.truncated,  # cut to the limit (data.truncation)
         }
 
     # -- generation -------------------------------------------------------------------------
@@ -263,6 +286,7 @@ class FullyAsyncRollouter:
             max_new_tokens=max(budgets),  # rows with less room are cut below
             temperature=cfg.actor_rollout_ref.rollout.temperature,
             should_stop=self._should_stop,
+            **sampling_filters(cfg),
         )
         self.stats["generate_seconds"] += time.time() - started
         interrupted = False

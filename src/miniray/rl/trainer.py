@@ -43,11 +43,34 @@ def non_finite_parameters(weights: Mapping[str, Any]) -> list[str]:
     return bad
 
 
+def enable_activation_checkpointing(model: Any) -> None:
+    """``actor_rollout_ref.model.enable_gradient_checkpointing``: activations are recomputed
+    in the backward pass instead of kept (less memory for long responses, ~30% more compute).
+    Non-reentrant, torch's recommended variant. transformers 5.24 renamed the method to
+    ``activation_checkpointing_enable`` and warns on the old name, which 4.x alone knows."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def is_activation_checkpointing(model: Any) -> bool:
+    """Whether ``enable_activation_checkpointing`` is on (either transformers' name)."""
+    return bool(
+        getattr(model, "is_activation_checkpointing", None)
+        if hasattr(model, "activation_checkpointing_enable")
+        else model.is_gradient_checkpointing
+    )
+
+
 def policy_update_config(config: RLConfig) -> PolicyUpdateConfig:
-    """Every ``actor_rollout_ref.actor`` option, as the policy update takes it."""
+    """Every ``actor_rollout_ref.actor`` and ``algorithm`` option, as the update takes it."""
     actor, optim = config.actor_rollout_ref.actor, config.actor_rollout_ref.actor.optim
     total = config.trainer.total_training_steps
     return PolicyUpdateConfig(
+        adv_estimator=config.algorithm.adv_estimator,
+        norm_adv_by_std_in_grpo=config.algorithm.norm_adv_by_std_in_grpo,
         lr=optim.lr,
         weight_decay=optim.weight_decay,
         max_grad_norm=optim.grad_clip,
@@ -73,12 +96,16 @@ class FullyAsyncTrainer:
     remote = actor_constructor(kind="remote", max_concurrency=2)
     options = actor_constructor(kind="options", max_concurrency=2)
 
-    def __init__(self, config: Any, *, seed: int = 0):
-        from miniray.rl.models import load
+    def __init__(self, config: Any, *, seed: int | None = None):
+        """``seed``: torch's seed for the update; None: ``trainer.seed``."""
+        from miniray.rl.models.tiny import load, load_options
 
         self.config = as_rl_config(config)
-        torch.manual_seed(seed)
-        self.model, self.tokenizer = load(self.config.actor_rollout_ref.model.path)
+        model = self.config.actor_rollout_ref.model
+        torch.manual_seed(self.config.trainer.seed if seed is None else seed)
+        self.model, self.tokenizer = load(model.path, **load_options(model, device="cpu"))
+        if model.enable_gradient_checkpointing:
+            enable_activation_checkpointing(self.model)
         self.updater = PolicyUpdater(
             self.model,
             pad_token_id=self.tokenizer.pad_token_id,

@@ -25,9 +25,13 @@ from typing import Any, Literal
 
 from miniray.config import Config, load, option
 from miniray.rl.config import (
+    SCALE_OUT,
     DataConfig,
     OptimConfig,
+    Refusal,
     RolloutConfig,
+    at_most,
+    check_refused,
     config_file,
     split_config_args,
 )
@@ -198,10 +202,23 @@ class DistillConfig(Config):
     trainer: DistillTrainerConfig = field(default_factory=DistillTrainerConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
 
+    def validate(self) -> None:
+        check_refused(self, DISTILL_REFUSED)
+
     @property
     def num_rollout_workers(self) -> int:
         """On the CPU each of ``rollout.n_gpus_per_node`` is one rollout worker process."""
         return max(1, self.rollout.nnodes * self.rollout.n_gpus_per_node)
+
+
+# Keys accepted only at the values this version supports (``check_refused``). The rollout's
+# nnodes * n_gpus_per_node is its number of worker processes, so those two are read, not refused.
+DISTILL_REFUSED: dict[str, Refusal] = {
+    "trainer.nnodes": at_most(1, SCALE_OUT),
+    "trainer.n_gpus_per_node": at_most(
+        1, "the student trains in one process, on one GPU (or the CPU); " + SCALE_OUT
+    ),
+}
 
 
 def load_distill_config(

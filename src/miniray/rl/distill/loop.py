@@ -38,6 +38,7 @@ from miniray.rl.distill.rollout_worker import RolloutWorker
 from miniray.rl.distill.scheduler import StepRecord, run_schedule
 from miniray.rl.distill.trainer import DistillBatch, DistillTrainer, Teacher
 from miniray.rl.distill.weight_sync import sync_rollout_weights
+from miniray.rl.prompts import fit_prompt_lengths
 from miniray.rl.tasks import exact_match_reward, load_prompts
 
 __all__ = ["DistillResult", "DistillRun", "run_distillation"]
@@ -112,6 +113,10 @@ class DistillRun:
         return [self.rows[self.order.row(batch_index * size + j)] for j in range(size)]
 
     def prompt_ids(self, row: dict) -> list[int]:
+        """The row's prompt tokens: as ``_load_rows`` fitted them to data.max_prompt_length
+        (training rows), or BOS + text (held-out rows)."""
+        if PROMPT_IDS in row:
+            return list(row[PROMPT_IDS])
         ids = [
             self.tokenizer.bos_token_id,
             *self.tokenizer(row[self.cfg.data.prompt_key])["input_ids"],
@@ -352,6 +357,7 @@ def _summary(
     h = result.history
     ages = [m["staleness"] for m in h]
     summary: dict[str, Any] = {
+        "run": f"{cfg.trainer.project_name}/{cfg.trainer.experiment_name}",
         "steps": len(h),
         "scheduler": cfg.trainer.scheduler,
         "loss": cfg.distill.loss,
@@ -386,18 +392,42 @@ def _read_prompts(cfg: DistillConfig, path: str) -> list[dict]:
     return load_prompts(path, prompt_key=cfg.data.prompt_key, answer_key=cfg.data.answer_key)
 
 
+# Where a training row keeps its prompt's token ids, fitted to data.max_prompt_length.
+PROMPT_IDS = "_prompt_token_ids"
+
+
 def _load_rows(cfg: DistillConfig, tokenizer: Any) -> list[dict]:
-    rows = [r for path in cfg.data.train_files for r in _read_prompts(cfg, path)]
-    key = cfg.data.prompt_key
+    """The training rows, each with its prompt tokens (BOS + text) fitted to
+    ``data.max_prompt_length`` as ``data.filter_overlong_prompts`` / ``data.truncation`` say."""
+    rows, names = [], []
+    for path in cfg.data.train_files:
+        read = _read_prompts(cfg, path)
+        rows.extend(read)
+        names.extend(f"{path}: row {i}" for i in range(len(read)))
+    bos = tokenizer.bos_token_id
+    ids = [
+        [t for t in (bos, *tokenizer(r[cfg.data.prompt_key])["input_ids"]) if t is not None]
+        for r in rows
+    ]
+    fitted = fit_prompt_lengths(ids, cfg.data, row_name=names.__getitem__)
     limit = cfg.data.max_prompt_length
-    kept = [r for r in rows if len(tokenizer(r[key])["input_ids"]) + 1 <= limit]
-    if len(kept) < len(rows):
+    if fitted.dropped:
         logger.warning(
-            "skipped %d of %d prompts longer than data.max_prompt_length=%d",
-            len(rows) - len(kept),
+            "dropped %d of %d prompts longer than data.max_prompt_length=%d "
+            "(data.filter_overlong_prompts=true)",
+            fitted.dropped,
             len(rows),
             limit,
         )
+    if fitted.truncated:
+        logger.warning(
+            "cut %d of %d prompts to data.max_prompt_length=%d (data.truncation=%s)",
+            fitted.truncated,
+            len(rows),
+            limit,
+            cfg.data.truncation,
+        )
+    kept = [{**rows[i], PROMPT_IDS: t} for i, t in zip(fitted.kept, fitted.token_ids)]
     if not kept:
         raise ValueError(f"data.train_files={cfg.data.train_files} hold no usable prompts")
     return kept
@@ -434,8 +464,9 @@ def _make_trainer(cfg: DistillConfig, model: Any, tokenizer: Any) -> DistillTrai
 def _start_workers(cfg: DistillConfig) -> list[Any]:
     actor = miniray.remote(RolloutWorker)
     path = cfg.actor_rollout_ref.model.path
+    engine = cfg.actor_rollout_ref.rollout.name
     workers = [
-        actor.remote(path, seed=cfg.trainer.seed + i, name=f"rollout_worker_{i}")
+        actor.remote(path, seed=cfg.trainer.seed + i, name=f"rollout_worker_{i}", engine=engine)
         for i in range(cfg.num_rollout_workers)
     ]
     try:

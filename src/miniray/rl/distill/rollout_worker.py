@@ -19,10 +19,22 @@ class RolloutWorker:
     """Samples from the student with exact behaviour log-probs; takes versioned weights."""
 
     def __init__(
-        self, model_path: str, *, seed: int = 0, num_threads: int = 1, name: str = "rollout"
+        self,
+        model_path: str,
+        *,
+        seed: int = 0,
+        num_threads: int = 1,
+        name: str = "rollout",
+        engine: str = "transformers",
     ):
+        """``engine``: ``actor_rollout_ref.rollout.name``; only transformers here."""
         from miniray.rl.engines import HFGenerationEngine
 
+        if engine != "transformers":
+            raise ValueError(
+                f"actor_rollout_ref.rollout.name={engine!r} is invalid for distillation: its "
+                "rollout workers generate with 'transformers' only"
+            )
         self.name = name
         # One thread per worker: several workers and the trainer share the machine's cores.
         self.engine = HFGenerationEngine(model_path=model_path, seed=seed, num_threads=num_threads)

@@ -22,14 +22,30 @@ __all__ = [
 ENGINE_NAMES = ("transformers", "vllm")
 
 
-def build_engine(name: str, *, model_path: str, seed: int = 0) -> Any:
-    """The engine ``actor_rollout_ref.rollout.name`` names, loaded from ``model_path``."""
+def build_engine(
+    name: str,
+    *,
+    model_path: str,
+    seed: int = 0,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+) -> Any:
+    """The engine ``actor_rollout_ref.rollout.name`` names, loaded from ``model_path`` in
+    ``dtype`` (``actor_rollout_ref.model``), sampling with the random seed ``seed``."""
     if name == "transformers":
-        return HFGenerationEngine(model_path=model_path, seed=seed, num_threads=1)
+        return HFGenerationEngine(
+            model_path=model_path,
+            seed=seed,
+            num_threads=1,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+        )
     if name == "vllm":
         from miniray.rl.engines.vllm import VLLMGenerationEngine
 
-        return VLLMGenerationEngine(model_path, seed=seed)
+        return VLLMGenerationEngine(
+            model_path, seed=seed, dtype=dtype, trust_remote_code=trust_remote_code
+        )
     raise ValueError(
         f"actor_rollout_ref.rollout.name={name!r} is invalid: must be one of {list(ENGINE_NAMES)}"
     )

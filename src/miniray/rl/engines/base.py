@@ -11,7 +11,8 @@ from typing import Any, Protocol
 class Generation:
     """One sampled response. ``response_logprobs[i]`` is the behaviour policy's log-prob of
     ``response_token_ids[i]`` (at the sampling temperature): the trainer's off-policy correction
-    needs exactly these numbers, so engines must not apply hidden top-k/top-p filtering."""
+    needs exactly these numbers, so engines apply no filtering but the ``top_k`` / ``top_p``
+    they are asked for, and report the log-probs of that filtered, renormalised distribution."""
 
     prompt_token_ids: list[int]
     response_token_ids: list[int]
@@ -26,6 +27,8 @@ class GenerationEngine(Protocol):
         *,
         max_new_tokens: int,
         temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = -1,
         should_stop: Callable[[], bool] | None = None,
     ) -> list[Generation]: ...
 
@@ -39,9 +42,18 @@ class GenerationEngine(Protocol):
 
 
 def check_generate_args(
-    prompts: Sequence[list[int]], max_new_tokens: int, temperature: float
+    prompts: Sequence[list[int]],
+    max_new_tokens: int,
+    temperature: float,
+    *,
+    top_p: float = 1.0,
+    top_k: int = -1,
 ) -> None:
     """The argument rules every engine's ``generate`` shares."""
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p={top_p} must be in (0, 1]")
+    if top_k < -1:
+        raise ValueError(f"top_k={top_k} must be >= 1, or -1 / 0 for no top-k")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
     if temperature < 0:

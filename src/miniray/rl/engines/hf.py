@@ -2,7 +2,10 @@
 
 We write the sampling loop (prefill, then one token at a time with the KV cache) rather than
 call ``model.generate``: its default generation config may add top-k or top-p filtering, and
-the log-probs the trainer divides by must be those of the distribution actually sampled.
+the log-probs the trainer divides by must be those of the distribution actually sampled. With
+``top_k`` / ``top_p`` (``actor_rollout_ref.rollout``) that distribution is the filtered one,
+renormalised (``sampling_log_probs``), and the recorded log-probs are its: with ``top_k=1``
+every sampled token's log-prob is 0.
 """
 
 from __future__ import annotations
@@ -29,13 +32,15 @@ class HFGenerationEngine:
         pad_token_id: int | None = None,
         seed: int = 0,
         num_threads: int | None = None,
+        dtype: str | torch.dtype = torch.float32,
+        trust_remote_code: bool = False,
     ):
         if (model is None) == (model_path is None):
             raise ValueError("HFGenerationEngine needs exactly one of model= or model_path=")
         if model_path is not None:
             from miniray.rl.models.tiny import load
 
-            model, tokenizer = load(model_path)
+            model, tokenizer = load(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
             eos_token_id = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
             pad_token_id = tokenizer.pad_token_id if pad_token_id is None else pad_token_id
         config = model.config
@@ -59,10 +64,13 @@ class HFGenerationEngine:
         *,
         max_new_tokens: int,
         temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = -1,
         should_stop: Callable[[], bool] | None = None,
     ) -> list[Generation]:
-        """Sample one response per prompt; ``temperature=0`` is greedy."""
-        check_generate_args(prompts, max_new_tokens, temperature)
+        """Sample one response per prompt; ``temperature=0`` is greedy. ``top_k`` > 0 keeps the
+        k most likely tokens, ``top_p`` < 1 the smallest set holding that much probability."""
+        check_generate_args(prompts, max_new_tokens, temperature, top_p=top_p, top_k=top_k)
         if not prompts:
             return []
         batch = len(prompts)
@@ -92,8 +100,7 @@ class HFGenerationEngine:
             if should_stop is not None and should_stop():
                 reason = "aborted"
                 break
-            scaled = logits.float() / (temperature if temperature > 0 else 1.0)
-            logp = torch.log_softmax(scaled, dim=-1)
+            logp = sampling_log_probs(logits, temperature=temperature, top_p=top_p, top_k=top_k)
             if temperature > 0:
                 chosen = torch.multinomial(logp.exp(), 1, generator=self.generator).squeeze(-1)
             else:
@@ -181,6 +188,27 @@ def _tied_names(model: Any) -> set[str]:
             tied.add(name)
         seen.add(id(tensor))
     return tied
+
+
+def sampling_log_probs(
+    logits: torch.Tensor, *, temperature: float = 1.0, top_p: float = 1.0, top_k: int = -1
+) -> torch.Tensor:
+    """Log-probs (``(B, V)``) of the distribution sampled from ``logits``: scaled by
+    ``temperature`` (0: greedy, unscaled), then cut to the ``top_k`` most likely tokens and to
+    the smallest set whose probability reaches ``top_p``, renormalised. Tokens cut are -inf.
+    Ties at the k-th logit are all kept; the most likely token always is."""
+    scaled = logits.float() / (temperature if temperature > 0 else 1.0)
+    if 0 < top_k < scaled.shape[-1]:
+        kth = torch.topk(scaled, top_k, dim=-1).values[..., -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if top_p < 1.0:
+        ordered, order = torch.sort(scaled, dim=-1, descending=True)
+        probs = torch.softmax(ordered, dim=-1)
+        # A token is cut when the tokens before it already hold top_p: the first never is.
+        before = torch.cumsum(probs, dim=-1) - probs
+        cut = torch.zeros_like(scaled, dtype=torch.bool).scatter(-1, order, before >= top_p)
+        scaled = scaled.masked_fill(cut, float("-inf"))
+    return torch.log_softmax(scaled, dim=-1)
 
 
 def cache_argument(model: Any) -> str:

@@ -9,8 +9,11 @@ How each promise of the protocol maps onto vLLM's offline API::
     behaviour log-probs SamplingParams(logprobs=0): each position's dict {token_id: Logprob}
                         always holds the sampled token; LLM(logprobs_mode="processed_logprobs")
                         makes them log-probs of the temperature-scaled distribution actually
-                        sampled (vLLM V1 otherwise reports the raw model's); top_p=1 and top_k
-                        disabled, so nothing is filtered out of that distribution
+                        sampled (vLLM V1 otherwise reports the raw model's); top_p and top_k
+                        go to SamplingParams as the rollouter is given them (top_k 0 or -1:
+                        off). Whether vLLM's processed log-probs are those of the top-k/top-p
+                        filtered distribution depends on its release (the transformers engine's
+                        are, tested); with both off there is nothing to differ
     should_stop         checked between engine steps; abort_request drops the requests and the
                         whole batch is reported "aborted" (the rollouter then re-issues it)
     load_weights        model.load_weights([(name, tensor), ...]) on every worker through
@@ -58,6 +61,7 @@ class VLLMGenerationEngine:
         seed: int = 0,
         dtype: str = "auto",
         gpu_memory_utilization: float = 0.5,
+        trust_remote_code: bool = False,
         **llm_kwargs: Any,
     ):
         if (llm is None) == (model_path is None):
@@ -72,6 +76,7 @@ class VLLMGenerationEngine:
                 seed=seed,
                 dtype=dtype,
                 gpu_memory_utilization=gpu_memory_utilization,
+                trust_remote_code=trust_remote_code,
                 logprobs_mode="processed_logprobs",
                 **llm_kwargs,
             )
@@ -84,14 +89,16 @@ class VLLMGenerationEngine:
         *,
         max_new_tokens: int,
         temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = -1,
         should_stop: Callable[[], bool] | None = None,
     ) -> list[Generation]:
-        check_generate_args(prompts, max_new_tokens, temperature)
+        check_generate_args(prompts, max_new_tokens, temperature, top_p=top_p, top_k=top_k)
         params = self._vllm.SamplingParams(
             n=1,
             temperature=temperature,
-            top_p=1.0,
-            top_k=-1,
+            top_p=top_p,
+            top_k=top_k if top_k > 0 else -1,
             max_tokens=max_new_tokens,
             logprobs=0,
         )

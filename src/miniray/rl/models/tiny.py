@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pathlib
 import random
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -132,23 +133,63 @@ def _checked(path: str | pathlib.Path) -> pathlib.Path:
     return path
 
 
-def load_tokenizer(path: str | pathlib.Path) -> Any:
+def load_tokenizer(path: str | pathlib.Path, *, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(_checked(path))
+    tokenizer = AutoTokenizer.from_pretrained(_checked(path), trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def load(path: str | pathlib.Path, *, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
-    """Load any Hugging Face causal LM and its tokenizer from a local directory."""
+# from_pretrained builds the model under a context that swaps torch's parameter registration
+# for the whole process (weights start on the "meta" device, then get loaded). Two threads
+# loading at once (the inline backend runs the rollouter's engine and the trainer in one
+# process) saw each other's swap: "expected device meta but got cpu". One load at a time.
+_LOAD_LOCK = threading.Lock()
+
+
+def load(
+    path: str | pathlib.Path,
+    *,
+    dtype: torch.dtype | str = torch.float32,
+    trust_remote_code: bool = False,
+) -> tuple[Any, Any]:
+    """Load any Hugging Face causal LM and its tokenizer from a local directory, in ``dtype``
+    (a torch dtype or its name, ``"bfloat16"``); ``trust_remote_code`` as transformers takes it
+    (a model whose code lives in its directory needs it)."""
     from transformers import AutoModelForCausalLM
 
-    tokenizer = load_tokenizer(path)
-    model = AutoModelForCausalLM.from_pretrained(_checked(path), **dtype_argument(dtype))
+    if isinstance(dtype, str):
+        dtype = torch_dtype(dtype)
+    with _LOAD_LOCK:
+        tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            _checked(path), trust_remote_code=trust_remote_code, **dtype_argument(dtype)
+        )
     model.eval()
     return model, tokenizer
+
+
+def load_options(model_config: Any, *, device: str = "cpu") -> dict[str, Any]:
+    """``load``'s keywords from ``actor_rollout_ref.model`` (dtype, trust_remote_code), for a
+    model that runs on ``device``. float16 is refused on the CPU: its matmuls are emulated
+    (slow, and some kernels are missing) and its range overflows in training; bfloat16 keeps
+    float32's range."""
+    if model_config.dtype == "float16" and device == "cpu":
+        raise ValueError(
+            f"{model_config.key('dtype')}='float16' is refused on the CPU (this run trains and "
+            "generates there): use bfloat16 (the same memory, float32's range) or float32"
+        )
+    return {"dtype": model_config.dtype, "trust_remote_code": model_config.trust_remote_code}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of ``actor_rollout_ref.model.dtype`` (float32, bfloat16, float16)."""
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype={name!r} is not a floating-point torch dtype")
+    return dtype
 
 
 def dtype_argument(dtype: torch.dtype) -> dict[str, torch.dtype]:

@@ -1,0 +1,182 @@
+"""Where an RL run's per-step metrics go: ``trainer.logger``, a list of sink names.
+
+    console      one line per step on stdout, prefixed ``[project_name/experiment_name]``
+    jsonl        ``<run dir>/metrics.jsonl``, one JSON object per step
+    tensorboard  ``<run dir>/tensorboard/`` event files (tensorboard is in the ``rl`` extra)
+    wandb        an offline Weights & Biases run in ``<run dir>/wandb`` (project_name, name
+                 experiment_name); needs ``pip install 'miniray[wandb]'``
+    mlflow       an MLflow run in the local file store ``<run dir>/mlruns`` (experiment
+                 project_name, run experiment_name); needs ``pip install 'miniray[mlflow]'``
+
+``build_loggers`` checks every name before any sink is opened: an unknown name or a sink
+whose package is missing is an error naming it (and what to install), not a run that quietly
+logs less than asked. Only numeric metrics go to tensorboard, wandb and mlflow.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import pathlib
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+__all__ = ["LOGGER_NAMES", "MetricsLogger", "build_loggers", "check_logger_names"]
+
+LOGGER_NAMES = ("console", "jsonl", "tensorboard", "wandb", "mlflow")
+
+# sink -> (module it imports, what to install when it is missing)
+_NEEDS = {
+    "tensorboard": ("tensorboard", "pip install 'miniray[rl]' (or pip install tensorboard)"),
+    "wandb": ("wandb", "pip install 'miniray[wandb]' (or pip install wandb)"),
+    "mlflow": ("mlflow", "pip install 'miniray[mlflow]' (or pip install mlflow)"),
+}
+
+
+class MetricsLogger(Protocol):
+    def log(self, metrics: Mapping[str, Any], step: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def check_logger_names(names: Sequence[str], *, key: str = "trainer.logger") -> None:
+    """Raise naming ``key`` for an unknown sink name or one whose package is not installed."""
+    for name in names:
+        if name not in LOGGER_NAMES:
+            raise ValueError(
+                f"{key}={list(names)} is invalid: {name!r} is not a logger; the loggers are "
+                f"{list(LOGGER_NAMES)}"
+            )
+        module, install = _NEEDS.get(name, (None, ""))
+        if module is not None and importlib.util.find_spec(module) is None:
+            raise ImportError(
+                f"{key}={list(names)}: the {name!r} logger needs the {module} package, which "
+                f"is not installed: {install}; or leave {name!r} out of {key}"
+            )
+
+
+def build_loggers(
+    names: Sequence[str],
+    *,
+    run_dir: str | pathlib.Path,
+    project: str,
+    experiment: str,
+    config: Mapping[str, Any] | None = None,
+) -> list[MetricsLogger]:
+    """The sinks ``names`` asks for, writing under ``run_dir`` (created); all or none."""
+    check_logger_names(names)
+    run_dir = pathlib.Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    makers = {
+        "console": lambda: _Console(f"{project}/{experiment}"),
+        "jsonl": lambda: _Jsonl(run_dir / "metrics.jsonl"),
+        "tensorboard": lambda: _TensorBoard(run_dir / "tensorboard"),
+        "wandb": lambda: _Wandb(run_dir, project, experiment, config),
+        "mlflow": lambda: _MLflow(run_dir, project, experiment),
+    }
+    opened: list[MetricsLogger] = []
+    try:
+        for name in dict.fromkeys(names):  # a name given twice logs once
+            opened.append(makers[name]())
+    except BaseException:
+        for sink in opened:
+            sink.close()
+        raise
+    return opened
+
+
+def _numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
+    return {
+        key: float(value)
+        for key, value in metrics.items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step"
+    }
+
+
+class _Console:
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        shown = " ".join(
+            f"{k}={v:.4g}" if math.isfinite(v) else f"{k}={v}" for k, v in _numeric(metrics).items()
+        )
+        print(f"[{self.prefix}] step {step}: {shown}", file=sys.stdout, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+class _Jsonl:
+    def __init__(self, path: pathlib.Path) -> None:
+        self.file = path.open("w")
+
+    def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        self.file.write(json.dumps(dict(metrics)) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class _TensorBoard:
+    def __init__(self, path: pathlib.Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(path))
+
+    def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        for key, value in _numeric(metrics).items():
+            self.writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _Wandb:
+    def __init__(
+        self,
+        run_dir: pathlib.Path,
+        project: str,
+        experiment: str,
+        config: Mapping[str, Any] | None,
+    ) -> None:
+        import wandb
+
+        # Offline: nothing leaves the machine; `wandb sync <run dir>/wandb` uploads later.
+        self.run = wandb.init(
+            project=project,
+            name=experiment,
+            dir=str(run_dir),
+            mode="offline",
+            config=dict(config or {}),
+        )
+
+    def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        self.run.log(_numeric(metrics), step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class _MLflow:
+    def __init__(self, run_dir: pathlib.Path, project: str, experiment: str) -> None:
+        import mlflow
+
+        self.client = mlflow.tracking.MlflowClient(
+            tracking_uri=(run_dir / "mlruns").resolve().as_uri()
+        )
+        found = self.client.get_experiment_by_name(project)
+        experiment_id = (
+            found.experiment_id if found is not None else self.client.create_experiment(project)
+        )
+        self.run_id = self.client.create_run(experiment_id, run_name=experiment).info.run_id
+
+    def log(self, metrics: Mapping[str, Any], step: int) -> None:
+        for key, value in _numeric(metrics).items():
+            self.client.log_metric(self.run_id, key, value, step=step)
+
+    def close(self) -> None:
+        self.client.set_terminated(self.run_id)
