@@ -32,6 +32,7 @@ import torch
 from miniray.rl.distill.loop import DistillResult, run_distillation
 from miniray.rl.loop import evaluate_greedy
 from miniray.rl.models import char_tokenizer, pretrain, save, tiny_qwen2
+from miniray.rl.rewards import RewardScorer, pair_reward
 from miniray.rl.tasks import ArithmeticTask, exact_match_reward, load_prompts, write_prompts
 
 TASK = ArithmeticTask(max_operand=9)
@@ -58,7 +59,11 @@ def prepare(root: pathlib.Path, *, teacher_steps: int, student_steps: int, seed:
     write_prompts(TASK.rows(4000), root / "train.parquet")
     write_prompts(TASK.rows(100, split="test"), root / "test.parquet")
     rows = load_prompts(root / "test.parquet")
-    return evaluate_greedy(teacher, tokenizer, rows, exact_match_reward, max_new_tokens=4)
+    scorer = RewardScorer(pair_reward(exact_match_reward))
+    try:
+        return evaluate_greedy(teacher, tokenizer, rows, scorer, max_new_tokens=4)
+    finally:
+        scorer.close()
 
 
 def demo_config(root: pathlib.Path, args: argparse.Namespace) -> dict[str, Any]:

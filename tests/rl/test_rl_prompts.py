@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from miniray.rl.models.tiny import char_tokenizer
-from miniray.rl.prompts import load_rows, prompt_text, prompt_token_ids, row_extra_info
+from miniray.rl.prompts import load_prompts, prompt_text, prompt_token_ids, row_extra_info
 
 # Renders only characters the tiny tokenizer knows; the trailing '=' marks the generation prompt.
 TEMPLATE = (
@@ -45,7 +45,7 @@ def verl_rows():
 def test_verl_parquet_rows_load_with_chat_prompts_answers_and_extra_info(tmp_path, tokenizer):
     path = tmp_path / "train.parquet"
     pq.write_table(pa.Table.from_pylist(verl_rows()), path)
-    rows = load_rows(path)
+    rows = load_prompts(path)
     assert [r["ground_truth"] for r in rows] == ["3", "8"]
     assert row_extra_info(rows[0]) == {"split": "train", "index": 0}
     assert row_extra_info(rows[1]) == {}
@@ -86,7 +86,7 @@ def test_a_malformed_prompt_names_the_file_the_row_and_the_column(tmp_path, prom
     rows = [{"question": "1+1=", "ground_truth": "2"}, {"question": prompt, "ground_truth": "2"}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(ValueError, match=message) as info:
-        load_rows(path, prompt_key="question")
+        load_prompts(path, prompt_key="question")
     assert f"{path}: row 1, column 'question'" in str(info.value)
 
 
@@ -94,11 +94,11 @@ def test_a_row_without_the_prompt_column_names_the_columns_it_has(tmp_path):
     path = tmp_path / "noprompt.jsonl"
     path.write_text(json.dumps({"prompt": "1+1=", "ground_truth": "2"}) + "\n")
     with pytest.raises(ValueError, match=r"row 0 lacks the column 'question'.*'prompt'"):
-        load_rows(path, prompt_key="question")
+        load_prompts(path, prompt_key="question")
 
 
 def test_a_row_without_an_answer_names_the_columns_it_has(tmp_path):
     path = tmp_path / "noanswer.jsonl"
     path.write_text(json.dumps({"prompt": "1+1=", "data_source": "x"}) + "\n")
     with pytest.raises(ValueError, match=r"row 0 lacks the column 'answer'.*\['data_source'"):
-        load_rows(path, answer_key="answer")
+        load_prompts(path, answer_key="answer")

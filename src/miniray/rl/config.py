@@ -253,6 +253,33 @@ class ScheduledOptimConfig(OptimConfig):
     min_lr_ratio: float = option(0.0, ge=0, le=1, help="cosine: the last step's lr / lr")
 
 
+CHECKPOINT_CONTENTS = ("model", "optimizer", "extra", "hf_model")
+
+
+@dataclass(kw_only=True)
+class ActorCheckpointConfig(Config):
+    save_contents: list[str] = option(  # noqa: RUF009
+        default_factory=lambda: ["model", "optimizer", "extra"],
+        help="what a checkpoint holds: model, optimizer and extra (always: a resume needs all "
+        "three), and hf_model: a save_pretrained export under global_step_<N>/huggingface",
+    )
+
+    def validate(self) -> None:
+        unknown = [c for c in self.save_contents if c not in CHECKPOINT_CONTENTS]
+        if unknown:
+            raise ValueError(
+                f"{self.key('save_contents')}={self.save_contents} is invalid: {unknown} "
+                f"unknown; the contents are {list(CHECKPOINT_CONTENTS)}"
+            )
+        needed = [c for c in ("model", "optimizer", "extra") if c not in self.save_contents]
+        if needed:
+            raise ValueError(
+                f"{self.key('save_contents')}={self.save_contents} is refused: it must include "
+                f"{needed}, since a miniray checkpoint is always resumable (verl allows "
+                "partial checkpoints; add hf_model for an export to load elsewhere)"
+            )
+
+
 @dataclass(kw_only=True)
 class ActorConfig(Config):
     """The policy update: PPO clipping and the decoupled off-policy correction (AReaL)."""
@@ -281,6 +308,17 @@ class ActorConfig(Config):
         "sequence: the product over the whole response",
     )
     entropy_coeff: float = option(0.0, ge=0)
+    use_kl_loss: bool = option(
+        False,
+        help="add kl_loss_coef * KL(policy || reference) to the loss; the reference is the "
+        "model at actor_rollout_ref.model.path, frozen",
+    )
+    kl_loss_coef: float = option(0.001, ge=0, help="the KL term's weight (use_kl_loss)")
+    kl_loss_type: Literal["low_var_kl", "k1", "k2", "k3"] = option(
+        "low_var_kl",
+        help="the per-token KL estimator (losses.kl_penalty); low_var_kl is k3, clamped",
+    )
+    checkpoint: ActorCheckpointConfig = field(default_factory=lambda: ActorCheckpointConfig())
 
 
 @dataclass(kw_only=True)
@@ -309,10 +347,53 @@ class RolloutSamplingConfig(Config):
 
 
 @dataclass(kw_only=True)
+class RefConfig(Config):
+    """The frozen reference policy of actor.use_kl_loss."""
+
+    log_prob_micro_batch_size_per_gpu: int | None = option(
+        None,
+        ge=1,
+        help="samples per reference forward pass (per process on the CPU); null: the batch",
+    )
+
+
+@dataclass(kw_only=True)
 class ActorRolloutRefConfig(Config):
     model: ModelConfig
     actor: ActorConfig = field(default_factory=ActorConfig)
     rollout: RolloutSamplingConfig = field(default_factory=RolloutSamplingConfig)
+    ref: RefConfig = field(default_factory=RefConfig)
+
+
+@dataclass(kw_only=True)
+class FilterGroupsConfig(Config):
+    """Dynamic sampling (DAPO): train only on groups whose rewards differ."""
+
+    enable: bool = option(
+        False, help="drop groups whose metric is the same for every response; refill the batch"
+    )
+    metric: str = option(
+        "score",
+        help="what must differ: score (also seq_reward, seq_final_reward) or a numeric field "
+        "of the reward function's dict (e.g. acc)",
+    )
+    max_num_gen_batches: int = option(
+        0, ge=0, help="most batches fetched to fill one training batch; 0: no limit"
+    )
+
+
+@dataclass(kw_only=True)
+class CustomRewardFunctionConfig(Config):
+    """verl's custom_reward_function: compute_score(data_source, solution_str, ground_truth,
+    extra_info) -> float | dict with 'score', in a Python file."""
+
+    path: str | None = option(
+        None, help="the Python file; null: the built-in exact-match reward (arithmetic rows)"
+    )
+    name: str = option("compute_score", help="the function's name in that file")
+    timeout_s: float = option(
+        60.0, gt=0, help="seconds one call may take; a longer call is an error naming it"
+    )
 
 
 @dataclass(kw_only=True)
@@ -327,6 +408,7 @@ class AlgorithmConfig(Config):
         help="divide group-centred rewards by the group's std; false: Dr. GRPO (reward minus "
         "the group mean)",
     )
+    filter_groups: FilterGroupsConfig = field(default_factory=lambda: FilterGroupsConfig())
 
 
 @dataclass(kw_only=True)
@@ -339,6 +421,9 @@ class RLConfig(Config):
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    custom_reward_function: CustomRewardFunctionConfig = field(
+        default_factory=CustomRewardFunctionConfig
+    )
 
     def validate(self) -> None:
         check_refused(self, REFUSED)
@@ -433,7 +518,15 @@ def config_file(config_name: str | Path, known: Sequence[str]) -> Path:
     return bundled
 
 
-_TOP_LEVEL = {"data", "actor_rollout_ref", "async_training", "trainer", "rollout", "algorithm"}
+_TOP_LEVEL = {
+    "data",
+    "actor_rollout_ref",
+    "async_training",
+    "trainer",
+    "rollout",
+    "algorithm",
+    "custom_reward_function",
+}
 
 
 def async_training_config(config: Any = None) -> AsyncTrainingConfig:

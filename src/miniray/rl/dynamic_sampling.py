@@ -8,6 +8,8 @@ such groups and draws more from the stream until the batch is full::
     loop --fill_batch(need)--> fetch(k) --> queue.get_batch(k)  (as many times as needed,
       ^                                                          at most max_num_gen_batches)
       |  kept groups (spread > 0), and the dropped ones
+      +-- after each fetch: the rollouter gets the dropped groups' staleness room back
+      |   (``discard_groups``), or it would stop at its admission bound short of the batch
       +-- marks the dropped groups' prompt positions trained, like the kept ones, so a resumed
           run does not issue them again and every prompt is consumed exactly once
 
@@ -62,11 +64,19 @@ class Filled:
 
 
 def fill_batch(
-    fetch: Callable[[int], list[Any]], need: int, *, metric: str, max_num_gen_batches: int
+    fetch: Callable[[int], list[Any]],
+    need: int,
+    *,
+    metric: str,
+    max_num_gen_batches: int,
+    on_drop: Callable[[list[Any]], None] | None = None,
 ) -> Filled:
     """Fetch groups until ``need`` of them have spread; ``max_num_gen_batches`` (> 0) bounds
     the fetches, 0 leaves them unbounded (verl's meaning). More groups than needed are never
-    fetched, so nothing is generated only to be thrown away."""
+    fetched, so nothing is generated only to be thrown away. ``on_drop`` hears of each
+    fetch's drops before the next fetch: the rollouter must hand their staleness room back
+    at once, or a producer held at its admission bound would never send the groups the next
+    fetch waits for."""
     filled = Filled()
     while len(filled.kept) < need:
         if max_num_gen_batches > 0 and filled.fetches >= max_num_gen_batches:
@@ -79,6 +89,10 @@ def fill_batch(
                 "(actor_rollout_ref.rollout.n) or other data"
             )
         filled.fetches += 1
+        dropped = []
         for group in fetch(need - len(filled.kept)):
-            (filled.kept if has_spread(group, metric) else filled.dropped).append(group)
+            (filled.kept if has_spread(group, metric) else dropped).append(group)
+        filled.dropped.extend(dropped)
+        if dropped and on_drop is not None:
+            on_drop(dropped)
     return filled

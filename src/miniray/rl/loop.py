@@ -26,6 +26,7 @@ not trained before the checkpoint: groups in flight or queued at the crash are r
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import pathlib
@@ -44,9 +45,12 @@ import miniray
 from miniray.errors import RayActorError
 from miniray.rl import checkpoint
 from miniray.rl.data_position import TrainedPositions
+from miniray.rl.dynamic_sampling import REWARD_METRICS_KEY, fill_batch
 from miniray.rl.errors import NonFiniteWeightsError, ParameterSyncError, ProducerCrashedError
 from miniray.rl.param_sync import UnifiedParameterSynchronizer
+from miniray.rl.prompts import prompt_text, prompt_token_ids
 from miniray.rl.queue import MessageQueue
+from miniray.rl.rewards import RewardScorer, build_scorer, requests_for
 from miniray.rl.rollouter import FullyAsyncRollouter, RewardFn, as_rl_config
 from miniray.rl.tracking import build_loggers, check_logger_names
 from miniray.rl.trainer import FullyAsyncTrainer, non_finite_parameters
@@ -65,6 +69,8 @@ class RunResult:
     # Prompt positions of the groups trained at each step of this run (resumed runs: from the
     # first step after the checkpoint).
     trained_positions: list[list[int]] = field(default_factory=list)
+    # Prompt positions consumed but not trained at each step (dynamic sampling's drops).
+    dropped_positions: list[list[int]] = field(default_factory=list)
     resumed_from: str | None = None
 
 
@@ -72,27 +78,28 @@ def evaluate_greedy(
     model: Any,
     tokenizer: Any,
     rows: Sequence[dict],
-    reward_fn: RewardFn,
+    scorer: RewardScorer,
     *,
     max_new_tokens: int,
     prompt_key: str = "prompt",
 ) -> float:
     """Mean reward of greedy answers on held-out rows (prompts in ``row[prompt_key]``, the
-    config's ``data.prompt_key``; answers in ``row["ground_truth"]``, as ``load_prompts``
-    stores them)."""
+    config's ``data.prompt_key``, text or chat messages; answers in ``row["ground_truth"]``,
+    as ``load_prompts`` stores them), scored by the run's reward function."""
     from miniray.rl.engines import HFGenerationEngine
 
     engine = HFGenerationEngine(
         model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )
-    prompts = [[tokenizer.bos_token_id, *tokenizer(r[prompt_key])["input_ids"]] for r in rows]
-    gens = engine.generate(prompts, max_new_tokens=max_new_tokens, temperature=0)
-    rewards = [
-        reward_fn(
-            tokenizer.decode(g.response_token_ids, skip_special_tokens=True), str(r["ground_truth"])
-        )
-        for g, r in zip(gens, rows)
-    ]
+    prompts = [r[prompt_key] for r in rows]
+    gens = engine.generate(
+        prompt_token_ids(tokenizer, prompts), max_new_tokens=max_new_tokens, temperature=0
+    )
+    rewards = []
+    for g, r, p in zip(gens, rows, prompts):
+        response = tokenizer.decode(g.response_token_ids, skip_special_tokens=True)
+        (reward,) = scorer.score(requests_for(r, [response], prompt_text(tokenizer, p)))
+        rewards.append(reward.score)
     return sum(rewards) / max(1, len(rewards))
 
 
@@ -113,10 +120,7 @@ def run(
     fakes of known timing in benchmarks (their interfaces: ``engines.base.GenerationEngine``,
     and ``train_step``/``get_weights``/``set_version`` of ``FullyAsyncTrainer``).
     """
-    from miniray.rl.tasks import exact_match_reward
-
     cfg = as_rl_config(config)
-    reward_fn = reward_fn or exact_match_reward
     mode = cfg.async_training.mode
     batch_groups = cfg.data.train_batch_size
     trigger = cfg.trainer.trigger_parameter_sync_step
@@ -151,6 +155,10 @@ def run(
     publisher = _Publisher(sync, published, timeout=2 * cfg.async_training.sync_timeout + 30)
     result = RunResult(summary={})
     max_new = cfg.data.max_response_length
+    eval_scorer = build_scorer(cfg, reward_fn, eval_rows)
+    filters = cfg.algorithm.filter_groups
+    # Read here, whether or not enabled: the settings are checked even when off.
+    metric, max_batches = filters.metric, filters.max_num_gen_batches
 
     def evaluate() -> float:
         return (
@@ -158,7 +166,7 @@ def run(
                 trainer.model,
                 trainer.tokenizer,
                 eval_rows,
-                reward_fn,
+                eval_scorer,
                 max_new_tokens=max_new,
                 prompt_key=cfg.data.prompt_key,
             )
@@ -174,8 +182,25 @@ def run(
     version_ref: miniray.ObjectRef | None = None  # the queue's answer to the last version bump
     producer: _ProducerWatch | None = None  # async mode: learns at once that the rollouter died
     finite_at = 0  # the last step whose weights were checked and found finite
+    discard_refs: list[miniray.ObjectRef] = []  # the rollouter's answers to discard_groups
+
+    def discard(groups: list) -> None:
+        """Dynamic sampling dropped ``groups``: their staleness room goes back now."""
+        discard_refs.append(rollouter.discard_groups.remote(len(groups)))
+
+    def fetch_groups(count: int, *, at: int) -> list:
+        """``count`` groups for a trainer at version ``at``: from the queue (async), or
+        generated now (sync)."""
+        if producer is not None:
+            return producer.get(
+                queue.get_batch.remote(count, at, timeout=timeout), timeout=timeout + 30
+            )
+        return _from_rollouter(rollouter.generate_batch.remote(count, at), timeout)
+
     try:
-        version, start_step, trained, resumed = _resume(cfg, trainer, rollouter, queue, timeout)
+        version, start_step, trained, resumed, dropped_total = _resume(
+            cfg, trainer, rollouter, queue, timeout
+        )
         finite_at = start_step
         sync.restore_version(version)
         result.resumed_from = None if resumed is None else str(resumed)
@@ -186,15 +211,20 @@ def run(
             producer = _ProducerWatch(rollouter, queue)
         for step in range(start_step + 1, total_steps + 1):
             t0 = time.time()
-            if producer is not None:
-                groups = producer.get(
-                    queue.get_batch.remote(batch_groups, version, timeout=timeout),
-                    timeout=timeout + 30,
+            fetch = functools.partial(fetch_groups, at=version)
+            dropped: list = []
+            if filters.enable:
+                filled = fill_batch(
+                    fetch,
+                    batch_groups,
+                    metric=metric,
+                    max_num_gen_batches=max_batches,
+                    on_drop=discard,
                 )
+                groups, dropped = filled.kept, filled.dropped
+                dropped_total += len(dropped)
             else:
-                groups = _from_rollouter(
-                    rollouter.generate_batch.remote(batch_groups, version), timeout
-                )
+                groups = fetch(batch_groups)
             waited = time.time() - t0
             wait_s += waited
             # Answers travel through the driver, which is busy training: ask now, read after.
@@ -202,7 +232,15 @@ def run(
             if version_ref is not None:  # the queue took the last version bump (or raises)
                 miniray.get(version_ref, timeout=timeout)
                 version_ref = None
+            for ref in discard_refs:  # the rollouter took the discarded groups (or raises)
+                _from_rollouter(ref, timeout)
+            discard_refs.clear()
             metrics: dict[str, Any] = dict(trainer.train_step(groups))
+            metrics.update(reward_metrics(groups))
+            if filters.enable:
+                metrics["filter_groups/dropped"] = len(dropped)
+                metrics["filter_groups/dropped_total"] = dropped_total
+                metrics["filter_groups/fetches"] = filled.fetches
             saving = save_freq >= 0 and (
                 step == total_steps or (save_freq > 0 and step % save_freq == 0)
             )
@@ -216,9 +254,11 @@ def run(
                 check_finite_weights(weights, step, finite_at, metrics)
                 finite_at = step
             positions = [g[0].metadata["prompt_position"] for g in groups]
-            for position in positions:
+            gone = [g[0].metadata["prompt_position"] for g in dropped]
+            for position in positions + gone:  # a dropped prompt is consumed, never re-issued
                 trained.add(position)
             result.trained_positions.append(positions)
+            result.dropped_positions.append(gone)
             result.ages.extend(version - g[0].v_start for g in groups)
             if publishing:
                 if mode == "async":
@@ -237,7 +277,11 @@ def run(
                 version_ref = queue.update_param_version.remote(version)
                 sync_ms.append((time.time() - t1) * 1e3)
             if saving:
-                extra = {"step": step, "data_position": trained.to_dict()}
+                extra = {
+                    "step": step,
+                    "data_position": trained.to_dict(),
+                    "groups_discarded": dropped_total,
+                }
                 checkpoint.save_step(trainer, cfg, step, extra)
             metrics.update(
                 step=step,
@@ -268,6 +312,7 @@ def run(
         raise
     finally:
         publisher.close()
+        eval_scorer.close()
         try:
             miniray.get(rollouter.stop.remote(), timeout=timeout)
             result.queue_stats = miniray.get(queue.get_statistics.remote(), timeout=timeout)
@@ -329,9 +374,9 @@ def check_devices(cfg: Any) -> None:
 
 def _resume(
     cfg: Any, trainer: Any, rollouter: Any, queue: Any, timeout: float
-) -> tuple[int, int, TrainedPositions, Path | None]:
-    """(version, step, trained positions, checkpoint) to start from, restored from the
-    checkpoint ``trainer.resume_mode`` picks (none: a fresh start).
+) -> tuple[int, int, TrainedPositions, Path | None, int]:
+    """(version, step, trained positions, checkpoint, groups discarded) to start from,
+    restored from the checkpoint ``trainer.resume_mode`` picks (none: a fresh start).
 
     Before the rollouter starts: it gets the checkpoint's weights and version (its own engine
     was built from the initial model) and the data position; the queue gets the version, so
@@ -341,8 +386,9 @@ def _resume(
     checkpoint.remove_stale_temporaries(checkpoint.checkpoint_dir(cfg))
     path = checkpoint.resume_path(cfg)
     if path is None:
-        return 0, 0, TrainedPositions(), None
+        return 0, 0, TrainedPositions(), None, 0
     extra = trainer.load_checkpoint(path)
+    discarded = int(extra.get("groups_discarded", 0))  # absent before dynamic sampling
     step, version = int(extra["step"]), int(trainer.version)
     trained = TrainedPositions.from_dict(extra["data_position"])
     if step > cfg.trainer.total_training_steps:
@@ -350,11 +396,22 @@ def _resume(
             f"trainer.total_training_steps={cfg.trainer.total_training_steps} is invalid: the "
             f"checkpoint {str(path)!r} is already at step {step}"
         )
-    _from_rollouter(rollouter.restore_data_position.remote(trained.to_dict()), timeout)
+    _from_rollouter(rollouter.restore_data_position.remote(trained.to_dict(), discarded), timeout)
     weights = miniray.put(trainer.get_weights())
     _from_rollouter(rollouter.load_weights.remote(weights, version), timeout)
     miniray.get(queue.update_param_version.remote(version), timeout=timeout)
-    return version, step, trained, path
+    return version, step, trained, path, discarded
+
+
+def reward_metrics(groups: Sequence[Sequence[Any]]) -> dict[str, float]:
+    """The mean of each numeric field the reward function returned beside its score, as
+    ``reward_extra/<field>`` (verl logs them the same way), over the samples trained on."""
+    sums: dict[str, list[float]] = {}
+    for group in groups:
+        for sample in group:
+            for key, value in sample.metadata.get(REWARD_METRICS_KEY, {}).items():
+                sums.setdefault(key, []).append(value)
+    return {f"reward_extra/{k}": sum(v) / len(v) for k, v in sums.items()}
 
 
 def _finite_metrics(metrics: dict[str, Any]) -> bool:

@@ -7,7 +7,7 @@ A row, as verl's parquet files hold it::
      "reward_model": {"ground_truth": "19", "style": "rule"},
      "extra_info": {"split": "train", "index": 0}}
 
-``load_rows`` reads parquet or JSON lines and checks every row once, at start: the prompt column
+``load_prompts`` reads parquet or JSON lines and checks every row once, at start: the prompt column
 (``data.prompt_key``) holds text or a list of ``{"role", "content"}`` messages, and the answer is
 found (``data.answer_key``, ``ground_truth`` or ``reward_model.ground_truth``); a row that breaks
 a rule is an error naming the file, the row and the column. Rows keep their other fields.
@@ -33,7 +33,7 @@ __all__ = [
     "answer_of",
     "check_prompt",
     "fit_prompt_lengths",
-    "load_rows",
+    "load_prompts",
     "prompt_text",
     "prompt_token_ids",
     "row_extra_info",
@@ -42,7 +42,7 @@ __all__ = [
 Prompt = str | list[dict[str, str]]
 
 
-def load_rows(
+def load_prompts(
     path: str | pathlib.Path, *, prompt_key: str = "prompt", answer_key: str = "ground_truth"
 ) -> list[dict[str, Any]]:
     """Every row of ``path`` (``.parquet`` or ``.jsonl``), checked; the answer is also stored

@@ -43,17 +43,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "BUILT_IN_DATA_SOURCES",
     "VERL_SCORE_KEYWORDS",
     "Reward",
     "RewardFunctionError",
     "RewardRequest",
     "RewardScorer",
+    "build_scorer",
     "load_reward_function",
     "pair_reward",
+    "requests_for",
     "reward_of",
 ]
 
 VERL_SCORE_KEYWORDS = ("data_source", "solution_str", "ground_truth", "extra_info")
+# Rows the built-in exact-match reward knows how to score ("" or null: no data_source given).
+BUILT_IN_DATA_SOURCES = ("", "arithmetic")
 
 
 class RewardFunctionError(RuntimeError):
@@ -295,3 +300,55 @@ class _DaemonPool:
                 future.cancel()
             self._tasks.clear()
             self._cond.notify_all()
+
+
+def build_scorer(
+    config: Any, reward_fn: Callable[[str, str], float] | None = None, rows: Sequence[Any] = ()
+) -> RewardScorer:
+    """The scorer a run uses: ``reward_fn`` (a ``(response, ground_truth)`` function passed in
+    code), else ``custom_reward_function.path``/``.name``, else the built-in exact match, which
+    only rows of the built-in tasks may use: verl scores other data sources with rules we do
+    not have, so a row of one is an error saying to name a reward function."""
+    custom = config.custom_reward_function
+    path, name, timeout_s = custom.path, custom.name, custom.timeout_s
+    workers = max(1, min(8, config.actor_rollout_ref.rollout.n))
+    if reward_fn is not None:
+        if path:
+            raise ValueError(
+                f"custom_reward_function.path={path!r} and a reward_fn passed in code "
+                "both name the reward: keep one"
+            )
+        return RewardScorer(pair_reward(reward_fn), timeout_s=timeout_s, max_workers=workers)
+    if path:
+        fn = load_reward_function(path, name)
+        return RewardScorer(fn, timeout_s=timeout_s, max_workers=workers)
+    from miniray.rl.tasks import exact_match_reward
+
+    for i, row in enumerate(rows):
+        source = row.get("data_source") or ""
+        if source not in BUILT_IN_DATA_SOURCES:
+            raise ValueError(
+                f"prompt row {i} has data_source={source!r}, which the built-in exact-match "
+                "reward does not score: set custom_reward_function.path to a file with "
+                "compute_score(data_source, solution_str, ground_truth, extra_info)"
+            )
+    return RewardScorer(pair_reward(exact_match_reward), timeout_s=timeout_s, max_workers=workers)
+
+
+def requests_for(
+    row: Mapping[str, Any], responses: Sequence[str], prompt: str
+) -> list[RewardRequest]:
+    """One request per response to the prompt of ``row`` (``load_prompts`` stored its answer
+    as ``ground_truth``)."""
+    from miniray.rl.prompts import row_extra_info
+
+    return [
+        RewardRequest(
+            solution_str=response,
+            ground_truth=str(row["ground_truth"]),
+            data_source=row.get("data_source") or "",
+            extra_info=row_extra_info(row),
+            prompt=prompt,
+        )
+        for response in responses
+    ]

@@ -46,9 +46,10 @@ from miniray.config import from_dict
 from miniray.rl._remote import actor_constructor
 from miniray.rl.config import RLConfig
 from miniray.rl.data_position import PromptCursor, PromptOrder, TrainedPositions
-from miniray.rl.prompts import fit_prompt_lengths
+from miniray.rl.dynamic_sampling import REWARD_METRICS_KEY
+from miniray.rl.prompts import fit_prompt_lengths, load_prompts, prompt_text, prompt_token_ids
+from miniray.rl.rewards import build_scorer, requests_for
 from miniray.rl.staleness import admission_capacity
-from miniray.rl.tasks import exact_match_reward, load_prompts
 from miniray.rl.types import Sample
 
 RewardFn = Callable[[str, str], float]
@@ -131,7 +132,7 @@ class FullyAsyncRollouter:
         if not rows:
             raise ValueError(f"data.train_files={data.train_files} hold no prompts")
         # Tokenized once, here: the limit needs every length, and the loop then reuses them.
-        ids = self._prompt_token_ids([row[data.prompt_key] for row in rows])
+        ids = prompt_token_ids(self.tokenizer, [row[data.prompt_key] for row in rows])
         fitted = fit_prompt_lengths(ids, data, row_name=names.__getitem__)
         self.rows = [rows[i] for i in fitted.kept]
         self.prompt_ids = fitted.token_ids
@@ -162,10 +163,16 @@ class FullyAsyncRollouter:
                 data.truncation,
             )
         self.queue = queue
-        self.reward_fn = reward_fn or exact_match_reward
+        # Rewards are scored on the scorer's threads, each call within its deadline.
+        self.scorer = build_scorer(cfg, reward_fn, self.rows)
+        # The prompt as the model sees it (chat messages rendered once, here), for samples.
+        self.prompt_texts = [prompt_text(self.tokenizer, r[data.prompt_key]) for r in self.rows]
         self.order = PromptOrder(len(self.rows), seed=cfg.data.seed, shuffle=cfg.data.shuffle)
         self.cursor = PromptCursor()
         self._resumed_groups = 0  # groups trained before the checkpoint this run resumed from
+        # Groups the trainer consumed and discarded (dynamic sampling): they trained no
+        # version, so they give their staleness room back (``discard_groups``).
+        self._discarded_groups = 0
         self._unfinished: list[_Rollout] = []  # partial rollouts waiting for the next call
         # Finished groups the sender thread has not put yet, and how many it is putting now.
         self._outbox: list[list[Sample]] = []
@@ -240,7 +247,7 @@ class FullyAsyncRollouter:
         for position in positions:
             index = self.order.row(position)
             row, prompt_ids = self.rows[index], self.prompt_ids[index]
-            text = row[cfg.data.prompt_key]
+            text = self.prompt_texts[index]
             group_id = f"g{next(self.group_ids)}"
             samples = [
                 Sample(
@@ -257,14 +264,6 @@ class FullyAsyncRollouter:
             ]
             groups.append(_Rollout(position=position, row=row, samples=samples))
         return groups
-
-    def _prompt_token_ids(self, texts: list[str]) -> list[list[int]]:
-        """Each prompt's token ids as the engine gets them: BOS (if the tokenizer has one),
-        then the text's tokens (one tokenizer call for all: a call per prompt is slow)."""
-        bos = self.tokenizer.bos_token_id
-        return [
-            [t for t in (bos, *ids) if t is not None] for ids in self.tokenizer(texts)["input_ids"]
-        ]
 
     def _sample(self, groups: list[_Rollout], version: int) -> bool:
         """One engine call continuing every unfinished response of ``groups`` at ``version``.
@@ -316,15 +315,24 @@ class FullyAsyncRollouter:
             self.cursor.give_back(group.position)
 
     def _finish(self, group: _Rollout) -> list[Sample]:
-        """Score a complete group; its samples get rewards and a finishing time."""
-        # load_prompts stored the data.answer_key column (or a fallback) as ground_truth.
-        truth = group.row["ground_truth"]
-        now = time.time()
+        """Score a complete group; its samples get rewards and a finishing time. The reward
+        function's other numeric fields go to ``metadata["reward_metrics"]``, the rest to
+        ``metadata["reward_fields"]``."""
         for sample in group.samples:
             sample.response = self.tokenizer.decode(
                 sample.response_token_ids, skip_special_tokens=True
             )
-            sample.finish(self.reward_fn(sample.response, truth), now=now)
+        prompt = group.samples[0].prompt
+        rewards = self.scorer.score(
+            requests_for(group.row, [s.response for s in group.samples], prompt)
+        )
+        now = time.time()
+        for sample, reward in zip(group.samples, rewards):
+            if reward.metrics:
+                sample.metadata[REWARD_METRICS_KEY] = dict(reward.metrics)
+            if reward.fields:
+                sample.metadata["reward_fields"] = dict(reward.fields)
+            sample.finish(reward.score, now=now)
         self.stats["groups_generated"] += 1
         if any(s.v_end > s.v_start for s in group.samples):
             self.stats["groups_partial"] += 1
@@ -371,7 +379,9 @@ class FullyAsyncRollouter:
             staleness_threshold=cfg.async_training.staleness_threshold,
             consumer_batch_size=cfg.data.train_batch_size * cfg.trainer.trigger_parameter_sync_step,
             max_concurrent=self.groups_per_call(),
-            accepted=int(accepted) + self._resumed_groups,
+            # The trainer can take (and discard) a group before the sender hears that the
+            # queue accepted it: the difference may lag below zero for that moment.
+            accepted=max(0, int(accepted) + self._resumed_groups - self._discarded_groups),
             running=len(self._unfinished),
             offered=len(self._outbox) + self._sending,
         )
@@ -514,16 +524,33 @@ class FullyAsyncRollouter:
         return retry
 
     # -- control ----------------------------------------------------------------------------
-    def restore_data_position(self, trained: dict[str, Any]) -> int:
+    def restore_data_position(self, trained: dict[str, Any], discarded: int = 0) -> int:
         """Resume the prompt stream after a checkpoint (``TrainedPositions.to_dict()``): issue
         every position not trained yet, and count the trained groups for admission control as
-        if this run had produced them. Only before ``start()``; returns the next position."""
+        if this run had produced them (less ``discarded``: consumed groups that dynamic
+        sampling dropped). Only before ``start()``; returns the next position."""
         if self._thread is not None:
             raise RuntimeError("restore_data_position() after start(): call it before start()")
         positions = TrainedPositions.from_dict(trained)
+        if not 0 <= discarded <= len(positions):
+            raise ValueError(
+                f"restore_data_position(): discarded={discarded} must be in [0, "
+                f"{len(positions)}] (the groups the checkpoint consumed)"
+            )
         self.cursor = PromptCursor(positions)
-        self._resumed_groups = len(positions)
+        self._resumed_groups = len(positions) - discarded
         return positions.watermark
+
+    def discard_groups(self, count: int) -> int:
+        """The trainer consumed ``count`` groups and trained on none of them (dynamic
+        sampling): they no longer take staleness room, or a batch that needs more groups than
+        the admission bound lets through would wait for ever. Returns the total."""
+        if not isinstance(count, int) or count < 0:
+            raise ValueError(f"discard_groups(): count={count!r} must be an int >= 0")
+        with self._cond:
+            self._discarded_groups += count
+            self._cond.notify_all()  # room for the generation loop waiting on admission
+        return self._discarded_groups
 
     def pause_rollout(self, timeout: float = 30.0) -> bool:
         """Stop generating; True when idle. The running engine call stops at its next token
@@ -576,6 +603,7 @@ class FullyAsyncRollouter:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
+        self.scorer.close()
         return True
 
     def get_statistics(self) -> dict[str, Any]:

@@ -89,6 +89,10 @@ def policy_update_config(config: RLConfig) -> PolicyUpdateConfig:
         behaviour_weight_level=actor.behaviour_weight_level,
         entropy_coeff=actor.entropy_coeff,
         temperature=config.actor_rollout_ref.rollout.temperature or 1.0,
+        use_kl_loss=actor.use_kl_loss,
+        kl_loss_coef=actor.kl_loss_coef,
+        kl_loss_type=actor.kl_loss_type,
+        ref_micro_batch_size=config.actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu,
     )
 
 
@@ -106,10 +110,17 @@ class FullyAsyncTrainer:
         self.model, self.tokenizer = load(model.path, **load_options(model, device="cpu"))
         if model.enable_gradient_checkpointing:
             enable_activation_checkpointing(self.model)
+        update = policy_update_config(self.config)
+        # actor.use_kl_loss: the reference is the model the run starts from, loaded again and
+        # frozen (a resumed run keeps the same reference: model.path, not the checkpoint).
+        reference = (
+            load(model.path, **load_options(model, device="cpu"))[0] if update.use_kl_loss else None
+        )
         self.updater = PolicyUpdater(
             self.model,
             pad_token_id=self.tokenizer.pad_token_id,
-            config=policy_update_config(self.config),
+            config=update,
+            ref_model=reference,
         )
         self.version = 0
         self.samples_trained = 0
@@ -157,7 +168,9 @@ class FullyAsyncTrainer:
             "samples_trained": self.samples_trained,
             "extra": extra,
         }
-        return checkpoint.write(path, state, tensors)
+        contents = self.config.actor_rollout_ref.actor.checkpoint.save_contents
+        hf_model = (self.model, self.tokenizer) if "hf_model" in contents else None
+        return checkpoint.write(path, state, tensors, hf_model=hf_model)
 
     def load_checkpoint(self, path: str | pathlib.Path) -> dict[str, Any]:
         """Restore everything ``save_checkpoint`` wrote; returns its ``extra``."""

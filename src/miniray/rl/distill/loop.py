@@ -38,7 +38,7 @@ from miniray.rl.distill.rollout_worker import RolloutWorker
 from miniray.rl.distill.scheduler import StepRecord, run_schedule
 from miniray.rl.distill.trainer import DistillBatch, DistillTrainer, Teacher
 from miniray.rl.distill.weight_sync import sync_rollout_weights
-from miniray.rl.prompts import fit_prompt_lengths
+from miniray.rl.prompts import fit_prompt_lengths, prompt_token_ids
 from miniray.rl.tasks import exact_match_reward, load_prompts
 
 __all__ = ["DistillResult", "DistillRun", "run_distillation"]
@@ -114,14 +114,10 @@ class DistillRun:
 
     def prompt_ids(self, row: dict) -> list[int]:
         """The row's prompt tokens: as ``_load_rows`` fitted them to data.max_prompt_length
-        (training rows), or BOS + text (held-out rows)."""
+        (training rows), or as ``prompts.prompt_token_ids`` makes them (held-out rows)."""
         if PROMPT_IDS in row:
             return list(row[PROMPT_IDS])
-        ids = [
-            self.tokenizer.bos_token_id,
-            *self.tokenizer(row[self.cfg.data.prompt_key])["input_ids"],
-        ]
-        return [t for t in ids if t is not None]
+        return prompt_token_ids(self.tokenizer, [row[self.cfg.data.prompt_key]])[0]
 
     def answer_of(self, row: dict) -> str:
         key = self.cfg.data.answer_key
@@ -397,18 +393,15 @@ PROMPT_IDS = "_prompt_token_ids"
 
 
 def _load_rows(cfg: DistillConfig, tokenizer: Any) -> list[dict]:
-    """The training rows, each with its prompt tokens (BOS + text) fitted to
+    """The training rows, each with its prompt tokens (``prompts.prompt_token_ids``: BOS +
+    text, or chat messages through the tokenizer's template) fitted to
     ``data.max_prompt_length`` as ``data.filter_overlong_prompts`` / ``data.truncation`` say."""
     rows, names = [], []
     for path in cfg.data.train_files:
         read = _read_prompts(cfg, path)
         rows.extend(read)
         names.extend(f"{path}: row {i}" for i in range(len(read)))
-    bos = tokenizer.bos_token_id
-    ids = [
-        [t for t in (bos, *tokenizer(r[cfg.data.prompt_key])["input_ids"]) if t is not None]
-        for r in rows
-    ]
+    ids = prompt_token_ids(tokenizer, [r[cfg.data.prompt_key] for r in rows])
     fitted = fit_prompt_lengths(ids, cfg.data, row_name=names.__getitem__)
     limit = cfg.data.max_prompt_length
     if fitted.dropped:

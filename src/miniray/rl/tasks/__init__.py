@@ -1,10 +1,6 @@
 """Synthetic tasks with rule-based rewards, generated locally (no data set is downloaded)."""
 
-from miniray.rl.tasks.arithmetic import (
-    ArithmeticTask,
-    exact_match_reward,
-    load_prompts,
-    write_prompts,
-)
+from miniray.rl.prompts import load_prompts  # the one reader of prompt files, re-exported
+from miniray.rl.tasks.arithmetic import ArithmeticTask, exact_match_reward, write_prompts
 
 __all__ = ["ArithmeticTask", "exact_match_reward", "load_prompts", "write_prompts"]

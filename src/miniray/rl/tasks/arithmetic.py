@@ -2,8 +2,8 @@
 
 Rows follow the layout verl users know from its parquet files: a ``prompt`` column and the
 ground truth under ``reward_model.ground_truth`` (flattened here to ``ground_truth``), plus
-``data_source``. ``write_prompts`` writes parquet or JSONL; ``load_prompts`` reads either, so the
-real file-loading path is the one the demo and the tests exercise.
+``data_source``. ``write_prompts`` writes parquet or JSONL; ``miniray.rl.prompts.load_prompts``
+reads either, so the real file-loading path is the one the demo and the tests exercise.
 """
 
 from __future__ import annotations
@@ -80,52 +80,3 @@ def write_prompts(rows: Sequence[dict[str, str]], path: str | pathlib.Path) -> p
     else:
         raise ValueError(f"data file {str(path)!r}: suffix must be .parquet or .jsonl")
     return path
-
-
-def load_prompts(
-    path: str | pathlib.Path, *, prompt_key: str = "prompt", answer_key: str = "ground_truth"
-) -> list[dict[str, str]]:
-    """Read rows written by ``write_prompts``, or any file with a prompt and an answer column.
-
-    ``prompt_key``/``answer_key`` are the config's ``data.prompt_key``/``data.answer_key``: the
-    prompt is read from ``row[prompt_key]`` (the row is otherwise kept as it is), and the answer
-    is stored as ``row["ground_truth"]`` from the first of ``row[answer_key]``,
-    ``row["ground_truth"]`` or verl's nested ``row["reward_model"]["ground_truth"]``.
-    """
-    path = pathlib.Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"data file {str(path)!r} does not exist")
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        rows = pq.read_table(path).to_pylist()
-    elif path.suffix == ".jsonl":
-        with path.open() as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-    else:
-        raise ValueError(f"data file {str(path)!r}: suffix must be .parquet or .jsonl")
-    for i, row in enumerate(rows):
-        if not isinstance(row.get(prompt_key), str):
-            found = "lacks" if row.get(prompt_key) is None else "has a non-text"
-            raise ValueError(
-                f"{path}: row {i} {found} the column {prompt_key!r} (data.prompt_key); it has "
-                f"{sorted(row)}: set data.prompt_key to the column that holds the prompt text"
-            )
-        ground_truth = answer_of(row, answer_key)
-        if ground_truth is None:
-            raise ValueError(
-                f"{path}: row {i} lacks the column {answer_key!r} (data.answer_key) and has no "
-                f"ground_truth or reward_model.ground_truth; it has {sorted(row)}"
-            )
-        row["ground_truth"] = str(ground_truth)
-    return rows
-
-
-def answer_of(row: dict, answer_key: str) -> object | None:
-    """What the reward compares a response against: the column the config names first, then
-    the layouts this package and verl write (``ground_truth``, ``reward_model.ground_truth``)."""
-    for value in (row.get(answer_key), row.get("ground_truth")):
-        if value is not None:
-            return value
-    nested = row.get("reward_model")
-    return nested.get("ground_truth") if isinstance(nested, dict) else None
