@@ -34,6 +34,21 @@ def call_all(
             refs[wid] = getattr(handle, method).remote(*args)
         except RayActorError as exc:  # some backends refuse calls to a known-dead actor at once
             excluded[wid] = f"died: {_first_line(exc)}"
+            log.warning("worker %s left out of %s round: %s", wid, method, excluded[wid])
+    values, ready_refs, late = collect(refs, deadline, f"{method} round", "worker")
+    excluded.update(late)
+    return values, ready_refs, excluded
+
+
+def collect(
+    refs: dict[int, miniray.ObjectRef], deadline: float, what: str, who: str
+) -> tuple[dict[int, Any], dict[int, miniray.ObjectRef], dict[int, str]]:
+    """Wait for ``refs`` until ``deadline``: ``(values, ready refs, failed)`` keyed like ``refs``.
+
+    ``failed`` says 'timeout', 'died: ...' or 'error: ...'; each failure is logged as
+    "<who> <key> left out of <what>".
+    """
+    excluded: dict[int, str] = {}
     pending = list(refs.values())
     if pending:
         miniray.wait(
@@ -54,7 +69,7 @@ def call_all(
         except miniray.exceptions.RayTaskError as exc:
             excluded[wid] = f"error: {_first_line(exc)}"
     for wid, why in excluded.items():
-        log.warning("worker %s left out of %s round: %s", wid, method, why)
+        log.warning("%s %s left out of %s: %s", who, wid, what, why)
     return values, ready_refs, excluded
 
 
