@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -44,6 +45,9 @@ class ListWorker:
 
     def times_set(self):
         return self.num_set
+
+    def pid(self):
+        return os.getpid()
 
 
 @miniray.remote
