@@ -422,7 +422,7 @@ class ParameterServer:
                 accumulation_dtype(g.dtype) if torch.is_floating_point(g) else None
                 for g in shard.weights
             ]
-            dtypes = [u or t.dtype for u, t in zip(upcast, sample)]
+            dtypes = [t.dtype if u is None else u for u, t in zip(upcast, sample)]
         layout = sliced.Layout.of([tuple(t.shape) for t in sample], dtypes)
         check_after = self.config.mode == "weights" and getattr(
             self.strategy_cls, "propagates_nonfinite", False

@@ -217,8 +217,8 @@ class OuterOptimizerStrategy(SyncStrategy):
     def reduce(self, weight_lists: Sequence[WeightList], worker_ids: Sequence[int]) -> WeightList:
         return self.reducer.reduce(weight_lists, worker_ids)
 
-    @property  # type: ignore[override]
-    def elementwise(self) -> bool:
+    @property
+    def elementwise(self) -> bool:  # type: ignore[override]
         # The optimizer step is elementwise; whether the reduction is depends on the reducer.
         return sliceable(self.reducer)
 
