@@ -27,13 +27,14 @@ the result is a private buffer and the server reduces alone (``num_slices`` is 1
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
 import mmap
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,6 +106,9 @@ class SliceTask:
     check_inputs: bool
     worker_weights: dict[int, float] = field(default_factory=dict)
     segment: str | None = None  # the shared result segment (helpers map it by name)
+    # torch intra-op threads per participant: the CPUs divided among the P processes, so that
+    # they do not oversubscribe the machine (spinning OpenMP threads on a busy core are slow).
+    threads: int = 1
 
 
 def plan_slices(
@@ -151,6 +155,28 @@ def reduce_slice(
 ) -> dict[int, int]:
     """Reduce ``task.pieces`` of ``weight_lists`` into ``buffer``; returns, for each worker
     with NaN/Inf in these pieces, the first such parameter index."""
+    with _threads(task.threads):
+        return _reduce_pieces(strategy, task, weight_lists, buffer)
+
+
+@contextlib.contextmanager
+def _threads(count: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    if count != before:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if count != before:
+            torch.set_num_threads(before)
+
+
+def _reduce_pieces(
+    strategy: SyncStrategy,
+    task: SliceTask,
+    weight_lists: Sequence[WeightList],
+    buffer: torch.Tensor,
+) -> dict[int, int]:
     outs = [v.reshape(-1) for v in task.layout.views(buffer)]
     bad: dict[int, int] = {}
     for piece in task.pieces:
@@ -189,7 +215,7 @@ class SliceReducer:
     """A helper process of the sliced path (an actor the server starts and owns)."""
 
     def __init__(self, strategy_cls: type[SyncStrategy], strategy_kwargs: dict[str, Any]):
-        # Parallelism comes from the processes; intra-op threads would only contend with them.
+        # Parallelism comes from the processes (SliceTask.threads sets each call's share).
         torch.set_num_threads(1)
         self.strategy = strategy_cls(**strategy_kwargs)
         if not hasattr(self.strategy, "worker_weights"):
@@ -327,6 +353,7 @@ class SlicedReduction:
             check_inputs=check_inputs,
             worker_weights=dict(strategy.worker_weights),
             segment=buffer.name,
+            threads=max(1, (os.cpu_count() or 1) // num),
         )
         tasks = [dataclasses.replace(base, pieces=tuple(pieces)) for pieces in slices]
         self._ensure_helpers(num - 1)
@@ -342,7 +369,9 @@ class SlicedReduction:
         if failed:
             buffer = self._recover(failed)
             everything = tuple(p for pieces in slices for p in pieces)
-            whole = dataclasses.replace(base, pieces=everything, segment=buffer.name)
+            whole = dataclasses.replace(
+                base, pieces=everything, segment=buffer.name, threads=os.cpu_count() or 1
+            )
             nonfinite = reduce_slice(strategy, whole, values, buffer.flat)
         else:
             for report in answers.values():
