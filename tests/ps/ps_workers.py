@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 import miniray
+from miniray.ps.strategies import AverageStrategy
 
 
 @miniray.remote
@@ -74,3 +75,22 @@ class TrainingWorker:
             for p in self.model.parameters():
                 p -= 0.1 * p.grad
                 p.grad = None
+
+
+class SlowInHelpers(AverageStrategy):
+    """'average', but a helper process of the sliced path hangs on its first chunk (the server
+    process, ``server_pid``, does not): for the reducer-timeout test."""
+
+    elementwise = True
+    hung = False
+
+    def __init__(self, server_pid: int, hang_s: float = 30.0):
+        super().__init__()
+        self.server_pid = server_pid
+        self.hang_s = hang_s
+
+    def reduce_into(self, out, weight_lists, worker_ids):
+        if os.getpid() != self.server_pid and not SlowInHelpers.hung:
+            SlowInHelpers.hung = True
+            time.sleep(self.hang_s)
+        super().reduce_into(out, weight_lists, worker_ids)

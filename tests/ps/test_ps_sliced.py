@@ -11,7 +11,7 @@ import os
 
 import pytest
 import torch
-from ps_workers import ListWorker
+from ps_workers import ListWorker, SlowInHelpers
 
 import miniray
 from miniray.ps import STRATEGIES, create_parameter_server, sliced
@@ -311,6 +311,37 @@ def test_a_helper_that_dies_is_replaced_and_the_round_still_completes():
         assert_close(ps.pull_weights(), expected_mean(lists))
         ps.close()
         assert ps.sliced.buffer is None and old_segment not in session_segments()
+    finally:
+        miniray.shutdown()
+
+
+def test_a_helper_that_misses_the_deadline_is_killed_and_its_segment_retired():
+    miniray.init(backend="local", num_workers=1)
+    try:
+        config = ServerConfig(sliced_min_bytes=0, reduce_processes=2, sync_timeout_s=3.0)
+        ps = ParameterServer(SlowInHelpers, {"server_pid": os.getpid()}, config)
+        lists = [model(i) for i in range(2)]
+        workers = [ListWorker.remote(w) for w in lists]
+        miniray.get([w.times_set.remote() for w in workers], timeout=T)  # started
+        assert ps.sliced is not None
+        ps.sliced._ensure_helpers(1)
+        miniray.get(ps.sliced.helpers[0].ready.remote(), timeout=T)  # started, not yet hung
+        hung = ps.sliced.helpers[0]
+        made, make = [], ps.sliced._buffer
+        ps.sliced._buffer = lambda size: made.append(make(size)) or made[-1]
+        result = ps.sync_from_workers(workers)
+        assert result.applied and result.reduce_failed == {1: "timeout"}
+        assert_close(ps.pull_weights(), expected_mean(lists))
+        # The segment the hung helper may still write into is gone; the result came from a new one.
+        names = [m.name for m in made]
+        assert len(set(names)) == 2 and names[0] not in session_segments()
+        assert ps.sliced.buffer is made[-1] and names[-1] in session_segments()
+        assert hung not in ps.sliced.helpers
+        with pytest.raises(miniray.exceptions.RayActorError):
+            miniray.get(hung.ready.remote(), timeout=T)  # killed, not left hanging
+        again = ps.sync_from_workers(workers)  # a fresh helper, which hangs no more
+        assert again.applied and again.reduce_failed in ({}, {1: "timeout"})
+        assert_close(ps.pull_weights(), expected_mean(lists))
     finally:
         miniray.shutdown()
 
