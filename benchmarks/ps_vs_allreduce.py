@@ -1,15 +1,24 @@
-"""One weight synchronization of N workers holding a 100 MB fp32 model: PS vs gloo vs memcpy.
+"""One weight synchronization of N workers holding an fp32 model: PS vs gloo vs memcpy.
+
+For each configuration (N workers x M MB; by default 4x100, the goal's, then 2x100, 8x100
+and 4x1000):
 
 * ``ps_sync_s``: ``miniray.get(ps.sync_from_workers.remote(workers))`` with the 'average'
-  strategy: collect N x 100 MB, average, push the result back to all N workers.
+  strategy: collect N x M MB, average, push the result back to all N workers; ``phases_ms``
+  splits it as the server reports it (gather, validate, aggregate, push) and ``aggregation``
+  says which path ran ('sliced' or 'gather', see docs/ps.md "Performance").
 * ``gloo_allreduce_s``: ``torch.distributed.all_reduce`` (SUM, then divide by N) over gloo on
   loopback in N processes; the time of the slowest rank, after a barrier.
-* ``memcpy_s``: one 100 MB ``Tensor.copy_``, the floor for moving the bytes once.
+* ``memcpy_s``: one M MB ``Tensor.copy_``, the floor for moving the bytes once;
+  ``memcpys`` is ``ps_sync_s / memcpy_s`` and ``vs_gloo`` is ``ps_sync_s / gloo_allreduce_s``.
 
 Each figure is the median of ``--reps`` timed repetitions after one warm-up. The last line
-printed is JSON: ``{"ps_sync_s", "gloo_allreduce_s", "memcpy_s", "workers", "mbytes", ...}``.
+printed is JSON: the first configuration's ``ps_sync_s``, ``gloo_allreduce_s``, ``memcpy_s``,
+``workers``, ``mbytes``... at the top level, and every configuration under ``"results"``.
 
-    python benchmarks/ps_vs_allreduce.py [--workers 4] [--mbytes 100] [--reps 5] [--backend local]
+    python benchmarks/ps_vs_allreduce.py [--configs 4x100,2x100,8x100,4x1000] [--reps 5]
+        [--backend local] [--aggregation auto|sliced|gather] [--num-shards 1]
+    python benchmarks/ps_vs_allreduce.py --workers 2 --mbytes 10     # one configuration
 """
 
 from __future__ import annotations
@@ -57,28 +66,48 @@ class BenchWorker:
 
 
 def time_ps(
-    num_workers: int, mbytes: int, reps: int, backend: str | None, num_shards: int = 1
-) -> tuple[float, str]:
+    num_workers: int,
+    mbytes: int,
+    reps: int,
+    backend: str | None,
+    num_shards: int = 1,
+    aggregation: str = "auto",
+) -> dict:
+    """Median round time, median per phase, the path taken and the backend's name."""
     miniray.init(backend=backend, num_workers=num_workers)
     try:
         name = miniray.backend_name() or "?"
         ps = create_parameter_server(
-            "average", sync_timeout_s=TIMEOUT_S, push_timeout_s=TIMEOUT_S, num_shards=num_shards
+            "average",
+            sync_timeout_s=TIMEOUT_S,
+            push_timeout_s=TIMEOUT_S,
+            num_shards=num_shards,
+            aggregation=aggregation,
         )
         workers = [BenchWorker.remote(mbytes, i) for i in range(num_workers)]
         miniray.get([w.ready.remote() for w in workers], timeout=TIMEOUT_S)
         miniray.get(ps.get_stats.remote(), timeout=TIMEOUT_S)
-        times = []
+        times, phases, paths = [], [], set()
         for rep in range(reps + 1):
             start = time.perf_counter()
             result = miniray.get(ps.sync_from_workers.remote(workers), timeout=TIMEOUT_S)
             elapsed = time.perf_counter() - start
             assert result.applied and len(result.included) == num_workers, result
-            if rep:  # the first round also allocates the server's buffers
+            if rep:  # the first round also starts helpers and allocates the server's buffers
                 times.append(elapsed)
-                phases = " ".join(f"{k}={v * 1e3:.0f}ms" for k, v in result.timings.items())
-                print(f"    ps round {rep}: {elapsed * 1e3:.0f} ms ({phases})")
-        return statistics.median(times), name
+                phases.append(result.timings)
+                paths.add(result.aggregation)
+                split = " ".join(f"{k}={v * 1e3:.0f}ms" for k, v in result.timings.items())
+                print(f"    ps round {rep}: {elapsed * 1e3:.0f} ms ({result.aggregation}: {split})")
+        del workers, ps
+        return {
+            "ps_sync_s": statistics.median(times),
+            "phases_ms": {
+                k: round(statistics.median(p[k] for p in phases) * 1e3, 1) for k in phases[0]
+            },
+            "aggregation": "/".join(sorted(paths)),
+            "backend": name,
+        }
     finally:
         miniray.shutdown()
 
@@ -142,37 +171,78 @@ def time_memcpy(mbytes: int, reps: int) -> float:
     return statistics.median(times)
 
 
+DEFAULT_CONFIGS = "4x100,2x100,8x100,4x1000"
+
+
+def parse_configs(text: str) -> list[tuple[int, int]]:
+    """'4x100,2x100' -> [(4, 100), (2, 100)] (workers x MB)."""
+    configs = []
+    for item in text.split(","):
+        workers, sep, mbytes = item.strip().partition("x")
+        if not sep or not workers.isdigit() or not mbytes.isdigit() or int(workers) < 1:
+            raise SystemExit(
+                f"--configs: {item!r} is not WORKERSxMBYTES (e.g. 4x100), workers >= 1"
+            )
+        configs.append((int(workers), int(mbytes)))
+    return configs
+
+
+def run_config(workers: int, mbytes: int, args: argparse.Namespace) -> dict:
+    print(f"sync of {workers} workers x {mbytes} MB fp32, median of {args.reps} reps")
+    memcpy_s = time_memcpy(mbytes, args.reps)
+    print(f"  memcpy {mbytes} MB             {memcpy_s * 1e3:8.1f} ms")
+    gloo_s = time_gloo(workers, mbytes, args.reps)
+    print(f"  gloo all_reduce (avg)       {gloo_s * 1e3:8.1f} ms")
+    ps = time_ps(workers, mbytes, args.reps, args.backend, args.num_shards, args.aggregation)
+    ps_s = ps["ps_sync_s"]
+    print(
+        f"  miniray PS sync ({ps['backend']:<6})    {ps_s * 1e3:8.1f} ms  = "
+        f"{ps_s / memcpy_s:.1f} memcpys, {ps_s / gloo_s:.2f}x gloo ({ps['aggregation']}; "
+        f"phases ms {ps['phases_ms']})"
+    )
+    return {
+        "ps_sync_s": round(ps_s, 4),
+        "gloo_allreduce_s": round(gloo_s, 4),
+        "memcpy_s": round(memcpy_s, 4),
+        "memcpys": round(ps_s / memcpy_s, 2),
+        "vs_gloo": round(ps_s / gloo_s, 3),
+        "workers": workers,
+        "mbytes": mbytes,
+        "backend": ps["backend"],
+        "aggregation": ps["aggregation"],
+        "phases_ms": ps["phases_ms"],
+        "num_shards": args.num_shards,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workers", type=int, default=4)
-    parser.add_argument("--mbytes", type=int, default=100)
+    parser.add_argument("--configs", default=None, help=f"default {DEFAULT_CONFIGS}")
+    parser.add_argument("--workers", type=int, default=None, help="one configuration: workers")
+    parser.add_argument("--mbytes", type=int, default=None, help="one configuration: MB")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--backend", default=None, help="miniray backend (default: local)")
     parser.add_argument("--num-shards", type=int, default=1, help="parameter-server shards")
+    parser.add_argument(
+        "--aggregation", default="auto", choices=["auto", "sliced", "gather"], help="PS path"
+    )
     args = parser.parse_args()
-    print(
-        f"sync of {args.workers} workers x {args.mbytes} MB fp32, median of {args.reps} reps, "
-        f"{os.cpu_count()} CPUs, torch {torch.__version__}"
-    )
-    memcpy_s = time_memcpy(args.mbytes, args.reps)
-    print(f"  memcpy {args.mbytes} MB           {memcpy_s * 1e3:8.1f} ms")
-    gloo_s = time_gloo(args.workers, args.mbytes, args.reps)
-    print(f"  gloo all_reduce (avg)     {gloo_s * 1e3:8.1f} ms")
-    ps_s, backend = time_ps(args.workers, args.mbytes, args.reps, args.backend, args.num_shards)
-    print(f"  miniray PS sync ({backend:<6})  {ps_s * 1e3:8.1f} ms")
-    print(
-        json.dumps(
-            {
-                "ps_sync_s": round(ps_s, 4),
-                "gloo_allreduce_s": round(gloo_s, 4),
-                "memcpy_s": round(memcpy_s, 4),
-                "workers": args.workers,
-                "mbytes": args.mbytes,
-                "backend": backend,
-                "num_shards": args.num_shards,
-            }
+    if args.workers is not None or args.mbytes is not None:
+        if args.configs is not None:
+            raise SystemExit("give --configs or --workers/--mbytes, not both")
+        configs = [(args.workers or 4, args.mbytes or 100)]
+    else:
+        configs = parse_configs(args.configs or DEFAULT_CONFIGS)
+    print(f"{os.cpu_count()} CPUs, torch {torch.__version__}, configs {configs}")
+    results = [run_config(workers, mbytes, args) for workers, mbytes in configs]
+    print("  workers x MB   PS (s)  gloo (s)  memcpys  vs gloo  path")
+    for r in results:
+        print(
+            f"  {r['workers']:>7} x {r['mbytes']:<5} {r['ps_sync_s']:7.3f} "
+            f"{r['gloo_allreduce_s']:8.3f} {r['memcpys']:8.1f} {r['vs_gloo']:8.2f}  "
+            f"{r['aggregation']}"
         )
-    )
+    print(json.dumps({**results[0], "results": results}))
 
 
 if __name__ == "__main__":

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
 import torch.nn as nn
 
 import miniray
+from miniray.ps.strategies import AverageStrategy
 
 
 @miniray.remote
@@ -45,6 +47,9 @@ class ListWorker:
     def times_set(self):
         return self.num_set
 
+    def pid(self):
+        return os.getpid()
+
 
 @miniray.remote
 class TrainingWorker:
@@ -70,3 +75,22 @@ class TrainingWorker:
             for p in self.model.parameters():
                 p -= 0.1 * p.grad
                 p.grad = None
+
+
+class SlowInHelpers(AverageStrategy):
+    """'average', but a helper process of the sliced path hangs on its first chunk (the server
+    process, ``server_pid``, does not): for the reducer-timeout test."""
+
+    elementwise = True
+    hung = False
+
+    def __init__(self, server_pid: int, hang_s: float = 30.0):
+        super().__init__()
+        self.server_pid = server_pid
+        self.hang_s = hang_s
+
+    def reduce_into(self, out, weight_lists, worker_ids):
+        if os.getpid() != self.server_pid and not SlowInHelpers.hung:
+            SlowInHelpers.hung = True
+            time.sleep(self.hang_s)
+        super().reduce_into(out, weight_lists, worker_ids)

@@ -34,28 +34,57 @@ def call_all(
             refs[wid] = getattr(handle, method).remote(*args)
         except RayActorError as exc:  # some backends refuse calls to a known-dead actor at once
             excluded[wid] = f"died: {_first_line(exc)}"
+            log.warning("worker %s left out of %s round: %s", wid, method, excluded[wid])
+    values, ready_refs, late = collect(refs, deadline, f"{method} round", "worker")
+    excluded.update(late)
+    return values, ready_refs, excluded
+
+
+def collect(
+    refs: dict[int, miniray.ObjectRef], deadline: float, what: str, who: str
+) -> tuple[dict[int, Any], dict[int, miniray.ObjectRef], dict[int, str]]:
+    """Wait for ``refs`` until ``deadline``: ``(values, ready refs, failed)`` keyed like ``refs``.
+
+    ``failed`` says 'timeout', 'died: ...' or 'error: ...'; each failure is logged as
+    "<who> <key> left out of <what>".
+    """
+    excluded: dict[int, str] = {}
     pending = list(refs.values())
+    ready_ids: set[str] = set()
     if pending:
-        miniray.wait(
+        ready, _ = miniray.wait(
             pending, num_returns=len(pending), timeout=max(0.0, deadline - time.monotonic())
         )
+        ready_ids = {r.id for r in ready}
+    ready_refs = {wid: ref for wid, ref in refs.items() if ref.id in ready_ids}
+    excluded.update({wid: "timeout" for wid in refs if wid not in ready_refs})
+    values, ready_refs = _get_each(ready_refs, deadline, excluded)
+    for wid, why in excluded.items():
+        log.warning("%s %s left out of %s: %s", who, wid, what, why)
+    return values, ready_refs, excluded
+
+
+def _get_each(
+    refs: dict[int, miniray.ObjectRef], deadline: float, excluded: dict[int, str]
+) -> tuple[dict[int, Any], dict[int, miniray.ObjectRef]]:
+    """The values of ready refs, one ``get`` each: a batched get that raises for one failed
+    result would leave the others' deliveries unread, and their segments never reused."""
     values: dict[int, Any] = {}
-    ready_refs: dict[int, miniray.ObjectRef] = {}
+    good: dict[int, miniray.ObjectRef] = {}
     for wid, ref in refs.items():
-        ready, _ = miniray.wait([ref], timeout=0)
-        if not ready:
-            excluded[wid] = "timeout"
-            continue
         try:
-            values[wid] = miniray.get(ref, timeout=max(0.0, deadline - time.monotonic()) + 1.0)
-            ready_refs[wid] = ref
+            values[wid] = miniray.get(ref, timeout=_remaining(deadline))
+            good[wid] = ref
         except (RayActorError, WorkerCrashedError) as exc:
             excluded[wid] = f"died: {_first_line(exc)}"
         except miniray.exceptions.RayTaskError as exc:
             excluded[wid] = f"error: {_first_line(exc)}"
-    for wid, why in excluded.items():
-        log.warning("worker %s left out of %s round: %s", wid, method, why)
-    return values, ready_refs, excluded
+    return values, good
+
+
+def _remaining(deadline: float) -> float:
+    # The results are ready (wait said so): the extra second covers only the transfer.
+    return max(0.0, deadline - time.monotonic()) + 1.0
 
 
 def _first_line(exc: BaseException) -> str:

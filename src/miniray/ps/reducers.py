@@ -46,6 +46,17 @@ def mean(tensors: list[Tensor]) -> Tensor:
     return acc.div_(len(tensors))
 
 
+def mean_into(out: Tensor, tensors: list[Tensor]) -> Tensor:
+    """``mean(tensors)`` written into ``out`` (fp32/fp64: it is also the accumulator)."""
+    if len(tensors) > 1:
+        torch.add(tensors[0], tensors[1], out=out)
+    else:
+        out.copy_(tensors[0])
+    for t in tensors[2:]:
+        out.add_(t)
+    return out.div_(len(tensors))
+
+
 def weighted_mean(tensors: list[Tensor], weights: Sequence[float]) -> Tensor:
     total = float(sum(weights))
     acc = tensors[0] * (weights[0] / total)

@@ -5,7 +5,10 @@ Synchronous round (``sync_from_workers``), all waits bounded by ``sync_timeout_s
     server --get_weights()/get_gradients()--> workers      (gather.call_all, one deadline)
        | validate: structure (ValueError), NaN/Inf (worker left out, counted)
        | fewer than `quorum` usable workers -> round discarded, weights and version unchanged
-       | shards: strategy.step (weights) or reduce + server optimizer (gradients)
+       | sliced (elementwise strategy, one shard, local backend, model >= sliced_min_bytes):
+       |     P processes reduce one slice each into one shared segment (miniray.ps.sliced),
+       |     then strategy.apply / the server optimizer on the whole result
+       | gather (everything else): strategy.step (weights) or reduce + server optimizer
        | version += 1
        +--put(new weights) once--> ref --set_weights(ref)--> every worker that answered
 
@@ -29,13 +32,15 @@ from typing import Any
 import torch
 
 import miniray
-from miniray.ps import checkpoint, gather, staleness, validation
+from miniray.ps import checkpoint, gather, sliced, staleness, validation
 from miniray.ps.outer import OuterSGD
+from miniray.ps.reducers import accumulation_dtype
 from miniray.ps.results import PushResult, SyncResult
 from miniray.ps.shard import ParameterShard, assign
-from miniray.ps.strategies import SyncStrategy, resolve_strategy
+from miniray.ps.strategies import SyncStrategy, resolve_strategy, sliceable
 
 MODES = ("weights", "gradients")
+AGGREGATIONS = ("auto", "sliced", "gather")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,10 +58,33 @@ class ServerConfig:
     server_momentum: float = 0.0
     nesterov: bool = False
     num_shards: int = 1
+    # 'auto': sliced reduction when it applies (see the module docstring), else gather;
+    # 'sliced': whenever the strategy allows (on backends without shared segments the server
+    # then reduces alone); 'gather': always the server alone, whole models (the old path).
+    aggregation: str = "auto"
+    reduce_processes: int | None = None  # slices of a sliced round; None: min(workers, CPUs)
+    sliced_min_bytes: int = 8 * 2**20  # 'auto' gathers smaller models (helpers cost a process)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r} is unknown; known modes are {list(MODES)}")
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(
+                f"aggregation={self.aggregation!r} is unknown; known: {list(AGGREGATIONS)}"
+            )
+        if self.aggregation == "sliced" and self.num_shards > 1:
+            raise ValueError(
+                f"aggregation='sliced' works on one shard, not num_shards={self.num_shards}; "
+                "shards already spread the arithmetic by parameter"
+            )
+        processes = self.reduce_processes
+        if processes is not None and (
+            isinstance(processes, bool) or not isinstance(processes, int) or processes < 1
+        ):
+            raise ValueError(f"reduce_processes={processes!r} must be None or an integer >= 1")
+        low_bytes = self.sliced_min_bytes
+        if isinstance(low_bytes, bool) or not isinstance(low_bytes, int) or low_bytes < 0:
+            raise ValueError(f"sliced_min_bytes={low_bytes!r} must be an integer >= 0")
         for name in ("sync_timeout_s", "push_timeout_s"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
@@ -134,13 +162,22 @@ class ParameterServer:
             "num_pushes_buffered": 0,
             "num_pushes_rejected_stale": 0,
             "num_pushes_rejected_nonfinite": 0,
+            "num_reducer_failures": 0,
         }
         self.last_round: SyncResult | None = None
         self.local_shard: ParameterShard | None = None
         self.remote: _RemoteShards | None = None
+        self.sliced: sliced.SlicedReduction | None = None
         if self.config.num_shards == 1:
             self.local_shard = ParameterShard(
                 self.strategy_cls, self.strategy_kwargs, self.config.server_opt
+            )
+            _check_aggregation(self.local_shard.strategy, self.config)
+            self.sliced = sliced.SlicedReduction(
+                self.strategy_cls,
+                self.strategy_kwargs,
+                self.config.reduce_processes,
+                self.config.sync_timeout_s,
             )
         else:
             _check_shardable(self.strategy_cls, self.config.num_shards)
@@ -240,6 +277,13 @@ class ParameterServer:
         values, refs, excluded = gather.call_all(handles, method, deadline)
         lap("gather")
         self._validate(values, method)
+        if self._use_sliced(values):
+            lap("validate")  # NaN/Inf checks run inside the sliced reduction, chunk by chunk
+            new, reduce_failed = self._sliced_aggregate(values, refs, excluded)
+            lap("aggregate")
+            return self._finish_round(
+                handles, values, excluded, new, start, timings, clock, "sliced", reduce_failed
+            )
         # For a mean, NaN/Inf in any input shows up in the output, so checking the one aggregate
         # replaces scanning all K inputs (a full extra pass over K x model bytes). Stateful
         # strategies must not see a NaN at all (it would enter their buffers): they scan first.
@@ -256,9 +300,25 @@ class ParameterServer:
             if new is None and self.weights is not None:
                 self._set_global(self.weights)  # the shards hold the NaN result: undo it
         lap("aggregate")
+        return self._finish_round(handles, values, excluded, new, start, timings, clock, "gather")
+
+    def _finish_round(
+        self,
+        handles: dict[int, Any],
+        values: dict[int, Any],
+        excluded: dict[int, str],
+        new: list[torch.Tensor] | None,
+        start: float,
+        timings: dict[str, float],
+        clock: float,
+        aggregation: str,
+        reduce_failed: dict[int, str] | None = None,
+    ) -> SyncResult:
+        """Count, commit (version += 1) and push ``new``, or record the discarded round."""
         self._count_exclusions(excluded)
         included = tuple(sorted(w for w in values if w not in excluded))
         bytes_in = sum(_nbytes(values[w]) for w in values)
+        reduce_failed = dict(reduce_failed or {})
         if new is None:
             self.counters["num_discarded_rounds"] += 1
             result = SyncResult(
@@ -273,14 +333,24 @@ class ParameterServer:
                 duration_s=time.monotonic() - start,
                 timings=timings,
                 bytes_in=bytes_in,
+                aggregation=aggregation,
+                reduce_failed=reduce_failed,
             )
             self.last_round = result
             return result
+        ref = None
+        if aggregation == "sliced":
+            # `new` may be views of the shared result segment, which the next round rewrites:
+            # the one `put` copies it, and the global weights become that object's own mapping.
+            ref = miniray.put(new)
+            new = miniray.get(ref, timeout=self.config.push_timeout_s)
+            assert self.local_shard is not None
+            self.local_shard.weights = new
         self.weights = new
         self.version += 1
         self.counters["num_syncs"] += 1
-        push_failed = self._push_to([handles[w] for w in sorted(values)], sorted(values))
-        lap("push")
+        push_failed = self._push_to([handles[w] for w in sorted(values)], sorted(values), ref)
+        timings["push"] = time.monotonic() - clock
         result = SyncResult(
             applied=True,
             version=self.version,
@@ -291,9 +361,89 @@ class ParameterServer:
             timings=timings,
             bytes_in=bytes_in,
             bytes_out=_nbytes(new),
+            aggregation=aggregation,
+            reduce_failed=reduce_failed,
         )
         self.last_round = result
         return result
+
+    # -- the sliced path -------------------------------------------------------------------
+    def _use_sliced(self, values: dict[int, Any]) -> bool:
+        config = self.config
+        if self.local_shard is None or config.aggregation == "gather" or not values:
+            return False
+        if not sliceable(self.local_shard.strategy):
+            return False
+        if config.aggregation == "sliced":
+            return True
+        model_bytes = _nbytes(next(iter(values.values())))
+        return sliced.session_id() is not None and model_bytes >= config.sliced_min_bytes
+
+    def _sliced_aggregate(
+        self, values: dict[int, Any], refs: dict[int, Any], excluded: dict[int, str]
+    ) -> tuple[list[torch.Tensor] | None, dict[int, str]]:
+        """``(new global weights or None below quorum, failed reducers)``; commits nothing.
+
+        Workers found holding NaN/Inf are excluded and the reduction runs again without them;
+        the strategy's state (``apply``) only ever sees a finite round.
+        """
+        shard, reduction = self.local_shard, self.sliced
+        assert shard is not None and reduction is not None
+        included = sorted(w for w in values if w not in excluded)
+        failed: dict[int, str] = {}
+        while True:
+            if len(included) < self.config.quorum:
+                return None, failed
+            run = self._sliced_run(values, refs, included)
+            failed.update(run.failed)
+            self.counters["num_reducer_failures"] += len(run.failed)
+            if not run.nonfinite:
+                break
+            for wid in sorted(run.nonfinite):
+                excluded[wid] = f"nonfinite: parameter {run.nonfinite[wid]}"
+            included = [w for w in included if w not in run.nonfinite]
+        if self.config.mode == "weights":
+            return shard.strategy.apply(shard.weights, run.reduced), failed
+        assert shard.weights is not None
+        return shard.server_opt.step(shard.weights, run.reduced), failed
+
+    def _sliced_run(
+        self, values: dict[int, Any], refs: dict[int, Any], included: list[int]
+    ) -> sliced.RunResult:
+        shard, reduction = self.local_shard, self.sliced
+        assert shard is not None and reduction is not None
+        sample = values[included[0]]
+        if self.config.mode == "weights":
+            dtypes = [t.dtype for t in sample]
+            upcast: list[torch.dtype | None] = [None] * len(sample)
+        else:  # gradients are reduced in the global weights' accumulation dtype
+            assert shard.weights is not None
+            upcast = [
+                accumulation_dtype(g.dtype) if torch.is_floating_point(g) else None
+                for g in shard.weights
+            ]
+            dtypes = [t.dtype if u is None else u for u, t in zip(upcast, sample)]
+        layout = sliced.Layout.of([tuple(t.shape) for t in sample], dtypes)
+        check_after = self.config.mode == "weights" and getattr(
+            self.strategy_cls, "propagates_nonfinite", False
+        )
+        return reduction.run(
+            shard.strategy,
+            layout,
+            included,
+            [values[w] for w in included],
+            [refs[w] for w in included],
+            upcast=upcast,
+            check_inputs=not check_after,
+        )
+
+    def close(self) -> None:
+        """Stop the sliced path's helper processes and remove its shared result segment.
+
+        Optional: the runtime removes the segment at shutdown, or when this process dies.
+        """
+        if self.sliced is not None:
+            self.sliced.close()
 
     def _exclude_nonfinite(self, values: dict[int, Any], excluded: dict[int, str]) -> None:
         for wid in sorted(values):
@@ -351,10 +501,12 @@ class ParameterServer:
             kind = why.split(":")[0]
             self.counters[f"num_excluded_{kind}"] += 1
 
-    def _push_to(self, targets: list[Any], ids: list[int]) -> dict[int, str]:
-        """Ship the new weights once (``put``) and let every worker load them from that ref."""
+    def _push_to(self, targets: list[Any], ids: list[int], ref: Any = None) -> dict[int, str]:
+        """Ship the new weights once (``put``, unless ``ref`` holds them already) and let every
+        worker load them from that ref."""
         assert self.weights is not None
-        ref = miniray.put(self.weights)
+        if ref is None:
+            ref = miniray.put(self.weights)
         deadline = time.monotonic() + self.config.push_timeout_s
         _, _, failed = gather.call_all(dict(zip(ids, targets)), "set_weights", deadline, ref)
         self.counters["num_push_failures"] += len(failed)
@@ -544,6 +696,15 @@ def _check_shardable(strategy_cls: type[SyncStrategy], num_shards: int) -> None:
         )
 
 
+def _check_aggregation(strategy: SyncStrategy, config: ServerConfig) -> None:
+    if config.aggregation == "sliced" and not sliceable(strategy):
+        raise ValueError(
+            f"aggregation='sliced' needs a strategy that declares elementwise = True; "
+            f"{type(strategy).__name__} does not (its aggregate may need whole models), so it "
+            "runs on the gather path: use aggregation='auto' or 'gather'"
+        )
+
+
 def _nbytes(weights: Sequence[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in weights)
 
@@ -566,12 +727,13 @@ def create_parameter_server(
     _check_shardable(strategy_cls, config.num_shards)
     strategy_kwargs = {k: v for k, v in kwargs.items() if k not in CONFIG_FIELDS}
     try:
-        strategy_cls(**strategy_kwargs)  # validate now: the actor would only fail on first use
+        probe = strategy_cls(**strategy_kwargs)  # validate now, not on first use in the actor
     except TypeError as exc:
         raise ValueError(
             f"strategy {strategy_cls.__name__} does not accept {sorted(strategy_kwargs)}: {exc}; "
             f"server options are {sorted(CONFIG_FIELDS)}"
         ) from exc
+    _check_aggregation(probe, config)
     actor = ParameterServerActor if name is None else ParameterServerActor.options(name=name)
     # Pass the class, not the name: a strategy registered in the driver's STRATEGIES does not
     # exist in the registry of a freshly started server process.

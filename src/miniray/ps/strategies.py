@@ -8,8 +8,17 @@ Two optional hooks let a strategy do more:
   the server also uses it to combine gradients and asynchronous deltas, so every reducer
   (median, trimmed mean, Krum...) works in every mode.
 * ``step(global_weights, weight_lists, worker_ids)``: the new global weights of a round
-  (defaults to ``reduce``, i.e. replace the global weights). Stateful strategies (EMA, DiLoCo)
-  override it and expose their state through ``state_dict``/``load_state_dict`` for checkpoints.
+  (defaults to ``apply(global_weights, reduce(...))``, and ``apply`` defaults to replacing the
+  global weights). Stateful strategies (EMA, DiLoCo) override ``apply`` and expose their state
+  through ``state_dict``/``load_state_dict`` for checkpoints.
+
+A strategy whose ``reduce`` computes each element of its result from that element of every
+input alone (a mean, a median, a trimmed mean) declares ``elementwise = True`` in the class that
+defines its arithmetic. The server may then cut the flattened parameters into slices and have
+several processes reduce one slice each (``miniray.ps.sliced``), then call ``apply`` once on the
+whole result. Only built-ins declare it; a custom strategy, or a subclass that overrides
+``aggregate``/``reduce``/``step``/``apply`` without declaring it again, runs on the gather path,
+where ``aggregate`` sees every worker's whole model at once (``sliceable`` decides).
 
 Every built-in strategy is an outer optimizer on the pseudo-gradient ``global - reduce(...)``:
 average is SGD(lr=1), momentum (EMA, factor b) is SGD(lr=1-b), DiLoCo is Nesterov SGD.
@@ -38,6 +47,9 @@ class SyncStrategy(ABC):
     # True when NaN/Inf in any worker's weights always reaches the aggregate and the strategy
     # keeps no state: the server may then check the one aggregate instead of every worker.
     propagates_nonfinite = False
+    # True when reduce() is elementwise across workers and step() is apply(global, reduce(...)):
+    # see the module docstring. Read through ``sliceable``, never inherited by an override.
+    elementwise = False
 
     def __init__(self) -> None:
         # Per-worker weights (e.g. sample counts) set through ParameterServer.set_worker_weight;
@@ -51,13 +63,24 @@ class SyncStrategy(ABC):
     def reduce(self, weight_lists: Sequence[WeightList], worker_ids: Sequence[int]) -> WeightList:
         return self.aggregate(weight_lists)
 
+    def reduce_into(
+        self, out: WeightList, weight_lists: Sequence[WeightList], worker_ids: Sequence[int]
+    ) -> None:
+        """Write ``reduce(weight_lists, worker_ids)`` into ``out`` (the sliced path's buffers)."""
+        for target, value in zip(out, self.reduce(weight_lists, worker_ids)):
+            target.copy_(value)
+
+    def apply(self, global_weights: WeightList | None, reduced: WeightList) -> WeightList:
+        """The new global weights given the round's reduced weights; default: adopt them."""
+        return reduced
+
     def step(
         self,
         global_weights: WeightList | None,
         weight_lists: Sequence[WeightList],
         worker_ids: Sequence[int],
     ) -> WeightList:
-        return self.reduce(weight_lists, worker_ids)
+        return self.apply(global_weights, self.reduce(weight_lists, worker_ids))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {}
@@ -75,15 +98,28 @@ class AverageStrategy(SyncStrategy):
     """Plain mean of every worker's weights (the default)."""
 
     propagates_nonfinite = True
+    elementwise = True
 
     def aggregate(self, weight_lists: Sequence[WeightList]) -> WeightList:
         return reducers.per_parameter(weight_lists, reducers.mean)
+
+    def reduce_into(
+        self, out: WeightList, weight_lists: Sequence[WeightList], worker_ids: Sequence[int]
+    ) -> None:
+        # The hot path of a sliced round: sum straight into the shared buffer, no temporaries.
+        for p_idx, target in enumerate(out):
+            tensors = [w[p_idx] for w in weight_lists]
+            if target.dtype in (torch.float32, torch.float64):
+                reducers.mean_into(target, tensors)
+            else:
+                target.copy_(reducers.per_parameter([[t] for t in tensors], reducers.mean)[0])
 
 
 class WeightedStrategy(SyncStrategy):
     """Mean weighted by ``worker_weights`` (e.g. sample counts); unset workers weigh 1."""
 
     propagates_nonfinite = True  # 0 x NaN and 0 x Inf are NaN: even a weight-0 worker shows
+    elementwise = True
 
     def aggregate(
         self, weight_lists: Sequence[WeightList], weights: Sequence[float] | None = None
@@ -105,12 +141,16 @@ class WeightedStrategy(SyncStrategy):
 class MedianStrategy(SyncStrategy):
     """Coordinate-wise median (mean of the two middle values for an even count)."""
 
+    elementwise = True
+
     def aggregate(self, weight_lists: Sequence[WeightList]) -> WeightList:
         return reducers.per_parameter(weight_lists, reducers.median)
 
 
 class TrimmedMeanStrategy(SyncStrategy):
     """Per coordinate, drop ``floor(trim_fraction * K)`` largest and smallest, average the rest."""
+
+    elementwise = True
 
     def __init__(self, trim_fraction: float = 0.2):
         super().__init__()
@@ -177,13 +217,17 @@ class OuterOptimizerStrategy(SyncStrategy):
     def reduce(self, weight_lists: Sequence[WeightList], worker_ids: Sequence[int]) -> WeightList:
         return self.reducer.reduce(weight_lists, worker_ids)
 
-    def step(
-        self,
-        global_weights: WeightList | None,
-        weight_lists: Sequence[WeightList],
-        worker_ids: Sequence[int],
-    ) -> WeightList:
-        target = self.reduce(weight_lists, worker_ids)
+    @property
+    def elementwise(self) -> bool:  # type: ignore[override]
+        # The optimizer step is elementwise; whether the reduction is depends on the reducer.
+        return sliceable(self.reducer)
+
+    def reduce_into(
+        self, out: WeightList, weight_lists: Sequence[WeightList], worker_ids: Sequence[int]
+    ) -> None:
+        self.reducer.reduce_into(out, weight_lists, worker_ids)
+
+    def apply(self, global_weights: WeightList | None, target: WeightList) -> WeightList:
         if global_weights is None:
             return target
         deltas = [
@@ -217,6 +261,24 @@ class MomentumStrategy(OuterOptimizerStrategy):
             lr=1.0 - momentum, momentum=0.0, nesterov=False, reducer=reducer, **reducer_kwargs
         )
         self.momentum = float(momentum)
+
+
+_ARITHMETIC = ("aggregate", "reduce", "reduce_into", "step", "apply")
+
+
+def sliceable(strategy: SyncStrategy) -> bool:
+    """May the server reduce slices of the parameters separately with this strategy?
+
+    The class nearest in the MRO that defines any arithmetic method must itself declare
+    ``elementwise``: a subclass of ``AverageStrategy`` with its own ``aggregate`` does not inherit
+    the promise, so it gets the gather path (its ``aggregate`` sees whole models).
+    """
+    for cls in type(strategy).__mro__:
+        if any(name in vars(cls) for name in _ARITHMETIC):
+            if "elementwise" not in vars(cls):
+                return False
+            return bool(strategy.elementwise)
+    return False
 
 
 STRATEGIES: dict[str, type[SyncStrategy]] = {
