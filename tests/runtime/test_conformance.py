@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import threading
 import time
 
@@ -19,6 +20,7 @@ import miniray
 from miniray.exceptions import (
     ActorAlreadyExistsError,
     ActorDiedError,
+    ActorUnavailableError,
     GetTimeoutError,
     RayActorError,
     RayTaskError,
@@ -226,6 +228,120 @@ def flaky(path):
     if attempts < 3:
         raise ConnectionError(f"attempt {attempts}")
     return attempts
+
+
+def _make_task_helpers():
+    def touch(path):
+        with open(path, "w"):
+            pass
+
+    def spin(seconds):
+        """Busy for ``seconds`` in short sleeps: a cancel's KeyboardInterrupt lands between
+        bytecodes (on Ray and inline it does not cut a long ``time.sleep`` short)."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    return touch, spin
+
+
+# Made in a function so that cloudpickle ships them by value with the tasks that call them
+# (as TwoArgError below): Ray's workers cannot import this module by name.
+touch, spin = _make_task_helpers()
+
+
+@miniray.remote
+def spin_marked(started, seconds=60, interrupted=None, finished=None):
+    """Touches ``started``, spins, touches ``finished``; ``interrupted`` if cancelled."""
+    touch(started)
+    try:
+        spin(seconds)
+    except KeyboardInterrupt:
+        if interrupted is not None:
+            touch(interrupted)
+        raise
+    if finished is not None:
+        touch(finished)
+    return "finished"
+
+
+@miniray.remote
+def catch_cancel(started):
+    touch(started)
+    try:
+        spin(60)
+    except KeyboardInterrupt:
+        return "caught"
+    return "finished"
+
+
+@miniray.remote
+def parent_of_spinner(started, child_started, child_seconds, interrupted, finished):
+    """Submits a spinning child and waits for it (a task blocked in get on its child)."""
+    child = spin_marked.remote(child_started, child_seconds, interrupted, finished)
+    touch(started)
+    return miniray.get(child, timeout=120)
+
+
+def wait_until(*args, **kwargs):
+    # Imported here, in the driver: Ray's workers import this module and cannot import that one.
+    from process_support import wait_until as poll
+
+    poll(*args, **kwargs)
+
+
+def started(ref, marker):
+    """Wait until the task behind ``ref`` touched ``marker``: a cancel then meets it running."""
+    wait_until(lambda: os.path.exists(marker), timeout=60, what=f"{ref!r} to start")
+    return ref
+
+
+@miniray.remote(max_task_retries=2)
+class FlakyActor:
+    """Counts attempts in its state; ``fail_until(n)`` raises until its n-th attempt."""
+
+    def __init__(self):
+        self.attempts = 0
+
+    def fail_until(self, succeed_at):
+        self.attempts += 1
+        if self.attempts < succeed_at:
+            raise ValueError(f"attempt {self.attempts}")
+        return self.attempts
+
+    @miniray.method(retry_exceptions=True)
+    def fail_until_retried(self, succeed_at):
+        return self.fail_until(succeed_at)
+
+    def made(self):
+        attempts, self.attempts = self.attempts, 0
+        return attempts
+
+
+@miniray.remote(max_task_retries=2)
+class AsyncFlakyActor:
+    def __init__(self):
+        self.attempts = 0
+
+    async def fail_until(self, succeed_at):
+        self.attempts += 1
+        await asyncio.sleep(0)
+        if self.attempts < succeed_at:
+            raise ValueError(f"attempt {self.attempts}")
+        return self.attempts
+
+
+@miniray.remote
+class Exiter:
+    def __init__(self):
+        self.calls = 0
+
+    def bump(self):
+        self.calls += 1
+        return self.calls
+
+    def exit(self, code):
+        sys.exit(code)
 
 
 # ------------------------------------------------------------------------------- tasks
@@ -615,6 +731,198 @@ def test_cancel_pending_task(runtime):
     if runtime == "local":
         assert result == "cancelled"
     miniray.get(blockers, timeout=30)
+
+
+def test_cancel_running_tasks_raises_and_frees_their_slots(runtime, tmp_path):
+    # Both slots (2 workers, 2 CPUs on Ray) are held; the queued task runs only once the
+    # cancelled ones let go. A cancelled task is never retried, even with retry_exceptions.
+    holders = [
+        started(spin_marked.remote(str(tmp_path / "a")), str(tmp_path / "a")),
+        started(
+            spin_marked.options(max_retries=3, retry_exceptions=True).remote(str(tmp_path / "b")),
+            str(tmp_path / "b"),
+        ),
+    ]
+    queued = double.remote(21)
+    for ref in holders:
+        miniray.cancel(ref)
+    for ref in holders:
+        with pytest.raises(TaskCancelledError):
+            miniray.get(ref, timeout=30)
+    assert miniray.get(queued, timeout=30) == 42
+
+
+def test_cancel_fails_the_dependents_of_a_running_task(runtime, tmp_path):
+    marker = str(tmp_path / "started")
+    running = started(spin_marked.remote(marker), marker)
+    dependent = identity.remote(running)
+    chain = identity.remote(identity.remote(dependent))
+    miniray.cancel(running)
+    for ref in (running, dependent, chain):
+        with pytest.raises(TaskCancelledError):
+            miniray.get(ref, timeout=30)
+
+
+def test_cancel_a_task_waiting_for_its_argument_fails_it_and_its_dependents(runtime, tmp_path):
+    marker = str(tmp_path / "started")
+    upstream = started(spin_marked.remote(marker, 60, None, None), marker)
+    waiting = identity.remote(upstream)
+    dependent = identity.remote(waiting)
+    miniray.cancel(waiting)
+    for ref in (waiting, dependent):
+        with pytest.raises(TaskCancelledError):
+            miniray.get(ref, timeout=30)
+    with pytest.raises(GetTimeoutError):  # what it waited for is untouched
+        miniray.get(upstream, timeout=0)
+    miniray.cancel(upstream)
+    with pytest.raises(TaskCancelledError):
+        miniray.get(upstream, timeout=30)
+
+
+def test_cancelled_task_can_catch_the_keyboard_interrupt(runtime, tmp_path):
+    marker = str(tmp_path / "started")
+    ref = started(catch_cancel.remote(marker), marker)
+    miniray.cancel(ref)
+    assert miniray.get(ref, timeout=30) == "caught"
+
+
+def test_cancel_of_a_finished_task_changes_nothing(runtime):
+    ref = double.remote(4)
+    assert miniray.get(ref, timeout=30) == 8
+    miniray.cancel(ref)
+    miniray.cancel(ref, force=True)
+    assert miniray.get(ref, timeout=30) == 8
+    assert miniray.get(double.remote(ref), timeout=30) == 16
+
+
+def test_force_cancel_stops_a_running_task(runtime, tmp_path):
+    marker = str(tmp_path / "started")
+    ref = started(spin_marked.remote(marker), marker)
+    dependent = identity.remote(ref)
+    miniray.cancel(ref, force=True)
+    for each in (ref, dependent):
+        with pytest.raises(TaskCancelledError):
+            miniray.get(each, timeout=30)
+    assert miniray.get(double.remote(5), timeout=30) == 10
+
+
+def test_recursive_cancel_cancels_what_the_task_submitted(runtime, tmp_path):
+    paths = [str(tmp_path / name) for name in ("parent", "child", "interrupted", "finished")]
+    parent = parent_of_spinner.remote(paths[0], paths[1], 60, paths[2], paths[3])
+    started(started(parent, paths[0]), paths[1])
+    miniray.cancel(parent)  # recursive=True is the default, as in Ray
+    with pytest.raises(TaskCancelledError):
+        miniray.get(parent, timeout=30)
+    wait_until(lambda: os.path.exists(paths[2]), timeout=30, what="the child to be interrupted")
+    assert not os.path.exists(paths[3])
+
+
+def test_non_recursive_cancel_leaves_the_submitted_tasks_running(runtime, tmp_path):
+    paths = [str(tmp_path / name) for name in ("parent", "child", "interrupted", "finished")]
+    parent = parent_of_spinner.remote(paths[0], paths[1], 1.0, paths[2], paths[3])
+    started(started(parent, paths[0]), paths[1])
+    miniray.cancel(parent, recursive=False)
+    with pytest.raises(TaskCancelledError):
+        miniray.get(parent, timeout=30)
+    wait_until(lambda: os.path.exists(paths[3]), timeout=30, what="the child to finish")
+    assert not os.path.exists(paths[2])
+
+
+def test_cancel_refuses_non_bool_flags(runtime):
+    ref = miniray.put(1)
+    with pytest.raises(TypeError, match="force"):
+        miniray.cancel(ref, force="yes")
+    with pytest.raises(TypeError, match="recursive"):
+        miniray.cancel(ref, recursive=None)
+
+
+# ------------------------------------------------------------------------------- actor retries
+
+
+def test_actor_method_exceptions_are_not_retried_without_retry_exceptions(runtime):
+    actor = FlakyActor.remote()  # max_task_retries=2 covers actor deaths only
+    with pytest.raises(ValueError, match="attempt 1"):
+        miniray.get(actor.fail_until.remote(2), timeout=30)
+    assert miniray.get(actor.made.remote(), timeout=30) == 1
+
+
+def test_actor_method_retries_listed_exceptions_up_to_max_task_retries(runtime):
+    actor = FlakyActor.remote()
+    retried = actor.fail_until.options(retry_exceptions=True)
+    assert miniray.get(retried.remote(3), timeout=30) == 3
+    assert miniray.get(actor.made.remote(), timeout=30) == 3
+    # Never more attempts than asked: 1 + max_task_retries.
+    with pytest.raises(ValueError, match="attempt 3"):
+        miniray.get(retried.remote(5), timeout=30)
+    assert miniray.get(actor.made.remote(), timeout=30) == 3
+    assert miniray.get(actor.fail_until_retried.remote(3), timeout=30) == 3  # @method option
+    assert miniray.get(actor.made.remote(), timeout=30) == 3
+
+
+def test_actor_retry_exceptions_list_retries_only_those(runtime):
+    actor = FlakyActor.remote()
+    listed = actor.fail_until.options(retry_exceptions=[ValueError])
+    assert miniray.get(listed.remote(2), timeout=30) == 2
+    assert miniray.get(actor.made.remote(), timeout=30) == 2
+    other = actor.fail_until.options(retry_exceptions=[KeyError])
+    with pytest.raises(ValueError, match="attempt 1"):
+        miniray.get(other.remote(2), timeout=30)
+    assert miniray.get(actor.made.remote(), timeout=30) == 1
+
+
+def test_per_call_max_task_retries_overrides_the_actor_class(runtime):
+    actor = FlakyActor.remote()
+    more = actor.fail_until.options(max_task_retries=4, retry_exceptions=True)
+    assert miniray.get(more.remote(5), timeout=30) == 5
+    assert miniray.get(actor.made.remote(), timeout=30) == 5
+    none = actor.fail_until.options(max_task_retries=0, retry_exceptions=True)
+    with pytest.raises(ValueError, match="attempt 1"):
+        miniray.get(none.remote(2), timeout=30)
+    assert miniray.get(actor.made.remote(), timeout=30) == 1
+    fewer = FlakyActor.options(max_task_retries=1).remote().fail_until
+    with pytest.raises(ValueError, match="attempt 2"):
+        miniray.get(fewer.options(retry_exceptions=True).remote(3), timeout=30)
+
+
+def test_async_actor_method_retries_listed_exceptions(runtime):
+    actor = AsyncFlakyActor.remote()
+    assert miniray.get(actor.fail_until.options(retry_exceptions=True).remote(3), timeout=30) == 3
+    with pytest.raises(ValueError, match="attempt 6"):  # attempts 4, 5, 6: 1 + 2 retries
+        miniray.get(actor.fail_until.options(retry_exceptions=True).remote(99), timeout=30)
+
+
+def call_once_restarted(method, timeout=30):
+    """Ray refuses calls with ActorUnavailableError while the actor restarts (the embedded
+    backends queue them): call again until the restarted actor answers."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return miniray.get(method.remote(), timeout=timeout)
+        except ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def test_sys_exit_zero_in_a_method_ends_the_actor_for_good(runtime):
+    actor = Exiter.options(max_restarts=1).remote()
+    assert miniray.get(actor.bump.remote(), timeout=30) == 1
+    with pytest.raises(ActorDiedError):
+        miniray.get(actor.exit.remote(0), timeout=30)
+    with pytest.raises(ActorDiedError):  # an intended exit is never restarted, as in Ray
+        miniray.get(actor.bump.remote(), timeout=30)
+
+
+def test_sys_exit_with_an_error_code_restarts_the_actor_per_max_restarts(runtime):
+    actor = Exiter.options(max_restarts=1).remote()
+    assert miniray.get(actor.bump.remote(), timeout=30) == 1
+    with pytest.raises(ActorUnavailableError):
+        miniray.get(actor.exit.remote(3), timeout=30)
+    assert call_once_restarted(actor.bump) == 1  # a fresh instance
+    with pytest.raises(ActorDiedError):  # no restarts left
+        miniray.get(actor.exit.remote(3), timeout=30)
+    with pytest.raises(ActorDiedError):
+        miniray.get(actor.bump.remote(), timeout=30)
 
 
 # ------------------------------------------------------------------------------- bad input

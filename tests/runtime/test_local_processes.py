@@ -26,6 +26,7 @@ from miniray.exceptions import (
     ActorDiedError,
     ActorUnavailableError,
     RayActorError,
+    TaskCancelledError,
     WorkerCrashedError,
 )
 from miniray.runtime import context, shm
@@ -87,6 +88,91 @@ def test_killed_worker_fails_its_task_fast_without_retries(local_runtime, tmp_pa
     assert time.monotonic() - start < 2.5
     # The pool replaced the worker: new work still runs.
     assert miniray.get(die_on_first_attempt.remote(str(tmp_path / "m")), timeout=30)
+
+
+def test_cancel_interrupts_a_long_sleep_and_keeps_the_worker(local_runtime, tmp_path):
+    path = str(tmp_path / "pid")
+    ref = report_pid_then_sleep.remote(path, 60)
+    pid = read_pid(path)
+    start = time.monotonic()
+    miniray.cancel(ref)
+    with pytest.raises(TaskCancelledError):
+        miniray.get(ref, timeout=10)
+    assert time.monotonic() - start < 5  # the signal cuts time.sleep short
+    assert pid in backend().child_pids()  # the worker lives on and takes the next task
+    assert miniray.get(report_pid_then_sleep.remote(str(tmp_path / "next"), 0), timeout=30)
+
+
+def test_force_cancel_kills_the_worker_and_the_pool_replaces_it(local_runtime, tmp_path):
+    path = str(tmp_path / "pid")
+    ref = report_pid_then_sleep.remote(path, 60)
+    pid = read_pid(path)
+    miniray.cancel(ref, force=True)
+    with pytest.raises(TaskCancelledError):
+        miniray.get(ref, timeout=10)
+    wait_until(lambda: gone([pid]), timeout=10, what=f"worker {pid} to be killed")
+    assert miniray.get(report_pid_then_sleep.remote(str(tmp_path / "next"), 0), timeout=30)
+
+
+@miniray.remote
+def nested_sleeper(path):
+    """Blocks in a nested get on a child that sleeps (the child is cancelled with it)."""
+    return miniray.get(report_pid_then_sleep.remote(path, 60), timeout=120)
+
+
+def test_cancel_with_the_only_worker_busy_frees_it_and_fails_the_queue(tmp_path):
+    miniray.init(backend="local", num_workers=1)
+    try:
+        path = str(tmp_path / "pid")
+        holder = report_pid_then_sleep.remote(path, 60)
+        read_pid(path)
+        dependent = echo_value.remote(holder)
+        independent = echo_value.remote("runs")
+        miniray.cancel(holder)
+        for ref in (holder, dependent):
+            with pytest.raises(TaskCancelledError):
+                miniray.get(ref, timeout=10)
+        assert miniray.get(independent, timeout=10) == "runs"
+        # A task blocked in get() on its child: recursive cancel stops both, the worker that
+        # was lent while it blocked included, and the pool is whole again.
+        parent = nested_sleeper.remote(str(tmp_path / "child"))
+        read_pid(str(tmp_path / "child"))
+        miniray.cancel(parent)
+        with pytest.raises(TaskCancelledError):
+            miniray.get(parent, timeout=10)
+        assert miniray.get(echo_value.remote("again"), timeout=10) == "again"
+    finally:
+        miniray.shutdown()
+
+
+@miniray.remote
+def echo_value(value):
+    return value
+
+
+@miniray.remote(max_task_retries=1)
+class CrashesOnSecondAttempt:
+    """Attempt 1 raises (a listed exception), attempt 2 kills the process; counted in a file."""
+
+    def attempt(self, path):
+        with open(path, "a") as f:
+            f.write("x")
+        attempts = len(pathlib.Path(path).read_text())
+        if attempts == 1:
+            raise ConnectionError("first attempt")
+        if attempts == 2:
+            os._exit(1)
+        return attempts
+
+
+def test_exception_retries_and_crash_retries_share_max_task_retries(local_runtime, tmp_path):
+    path = str(tmp_path / "attempts")
+    actor = CrashesOnSecondAttempt.options(max_restarts=2).remote()
+    call = actor.attempt.options(retry_exceptions=[ConnectionError])
+    with pytest.raises(ActorUnavailableError):  # the one retry went to the exception
+        miniray.get(call.remote(path), timeout=30)
+    assert pathlib.Path(path).read_text() == "xx"
+    assert miniray.get(actor.attempt.remote(path), timeout=30) == 3  # restarted, and alive
 
 
 def test_killed_worker_task_is_retried(local_runtime, tmp_path):

@@ -226,10 +226,18 @@ def get_actor(name: str, namespace: str | None = None) -> ActorHandle:
 
 
 def cancel(object_ref: ObjectRef, *, force: bool = False, recursive: bool = True) -> None:
-    """Cancel a task: not started yet -> never runs; ``force=True`` kills its worker."""
+    """Cancel a task; its ``get`` and those of its dependents raise ``TaskCancelledError``.
+
+    Not started yet: it never runs. Running: it sees a ``KeyboardInterrupt`` (user code may
+    catch it and return); ``force=True`` kills its worker instead. Finished: nothing happens.
+    ``recursive=True`` also cancels the tasks it submitted.
+    """
     if not isinstance(object_ref, ObjectRef):
         raise TypeError(f"cancel() expects an ObjectRef, got {type(object_ref).__name__}")
-    context.current().cancel(object_ref, force)
+    for name, value in (("force", force), ("recursive", recursive)):
+        if not isinstance(value, bool):
+            raise TypeError(f"cancel(): {name}={value!r} must be a bool")
+    context.current().cancel(object_ref, force, recursive)
 
 
 def method(**options: Any) -> Callable[[Callable], Callable]:

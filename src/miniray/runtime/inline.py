@@ -10,11 +10,17 @@ event loop, and ``get``/``wait`` honour their deadlines. What it cannot do: isol
     caller thread --submit--> per-task thread | actor thread / actor event loop
          |                                 |
          +--get(deadline)-- waits on --> _Entry.done (threading.Event), set when stored
+
+``cancel`` stores ``TaskCancelledError`` for a task still waiting for its arguments; a running
+one gets a ``KeyboardInterrupt`` raised asynchronously in its thread (PyThreadState_SetAsyncExc),
+which Python checks between bytecodes: a thread inside a C call (``time.sleep``, a blocking
+``get``) sees it when the call returns. A thread cannot be killed, so ``force=True`` does the same.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import queue
 import threading
 import time
@@ -25,8 +31,10 @@ from typing import Any
 from miniray.errors import (
     ActorAlreadyExistsError,
     ActorDiedError,
+    ActorUnavailableError,
     GetTimeoutError,
     PendingCallsLimitExceeded,
+    RayActorError,
     RayTaskError,
     TaskCancelledError,
 )
@@ -45,13 +53,34 @@ SHUTDOWN_JOIN_S = 5.0
 
 
 class _Entry:
-    __slots__ = ("callbacks", "done", "error", "value")
+    __slots__ = ("callbacks", "done", "error", "task", "value")
 
     def __init__(self) -> None:
         self.done = threading.Event()
         self.value: serialization.Serialized | None = None
         self.error: BaseException | None = None
         self.callbacks: list[Callable[[], None]] = []
+        self.task: _Task | None = None  # the task that produces it (for cancel)
+
+
+class _Task:
+    """What ``cancel`` needs of a task: its state, its thread and the tasks it submitted.
+
+    queued (waiting for arguments) -> running -> finishing, or queued -> cancelled. State
+    changes happen under the backend's lock."""
+
+    __slots__ = ("children", "interrupted", "name", "outs", "state", "thread_id")
+
+    def __init__(self, name: str, outs: list[_Entry]):
+        self.name = name
+        self.outs = outs
+        self.state = "queued"
+        self.thread_id = 0
+        self.interrupted = False  # a KeyboardInterrupt was raised in its thread
+        self.children: list[_Task] = []
+
+    def cancelled_error(self) -> TaskCancelledError:
+        return TaskCancelledError(f"task {self.name}() was cancelled")
 
 
 class _Actor:
@@ -80,7 +109,7 @@ class InlineBackend:
         self._objects: dict[str, _Entry] = {}
         self._actors: dict[str, _Actor] = {}
         self._names: dict[str, str] = {}
-        self._cancelled: set[str] = set()
+        self._current = threading.local()  # .task: the task this thread runs
         self._pinned: set[str] = set()
         self._threads: list[threading.Thread] = []
         self._closed = False
@@ -193,6 +222,15 @@ class InlineBackend:
             values[oid] = self._value(entry)
         return values
 
+    def _failed_dep(self, entries: dict[str, _Entry]) -> BaseException | None:
+        """Wait for the arguments; the error of the first that failed, passed on as it is (as
+        on the local backend: a cancelled argument cancels its consumers)."""
+        for entry in entries.values():
+            entry.done.wait()
+            if entry.error is not None:
+                return entry.error
+        return None
+
     def submit_task(
         self, fn: RemoteFunction, args: tuple, kwargs: dict, options: dict[str, Any]
     ) -> Any:
@@ -203,38 +241,97 @@ class InlineBackend:
         num_returns = options["num_returns"]
         outs = [self._new_entry() for _ in range(num_returns)]
         name = fn.__qualname__
+        task = _Task(name, [entry for _, entry in outs])
+        for entry in task.outs:
+            entry.task = task
+        parent = getattr(self._current, "task", None)
+        if parent is not None:
+            parent.children.append(task)
 
-        def run() -> None:
+        def attempts() -> list[Any] | BaseException:
             attempts_left = options["max_retries"]
             while True:
-                if outs and outs[0][0] in self._cancelled:
-                    error: BaseException = TaskCancelledError(f"task {name} was cancelled")
-                    for _, entry in outs:
-                        self._store(entry, error=error)
-                    return
                 try:
                     a, k = serialization.deserialize(payload)
                     a, k = execution.decode_args(a, k, self._resolve(deps))
-                    values = execution.split_returns(fn.function(*a, **k), num_returns, name)
+                    return execution.split_returns(fn.function(*a, **k), num_returns, name)
                 except BaseException as exc:
+                    if task.interrupted:  # cancelled: never retried, as in Ray
+                        if isinstance(exc, KeyboardInterrupt):
+                            return task.cancelled_error()
+                        return execution.task_error(name, exc)
                     if attempts_left != 0 and execution.should_retry_exception(
                         exc, options["retry_exceptions"]
                     ):
                         attempts_left -= 1
                         continue
-                    error = execution.task_error(name, exc)
-                    for _, entry in outs:
-                        self._store(entry, error=error)
-                    return
-                for (_, entry), value in zip(outs, values):
-                    self._store(entry, value)
+                    return execution.task_error(name, exc)
+
+        def run() -> None:
+            self._current.task = task
+            failed = self._failed_dep(deps)
+            with self._lock:
+                if task.state != "queued":
+                    return  # cancelled while it waited; cancel stored the error
+                task.state = "running" if failed is None else "finishing"
+                task.thread_id = threading.get_ident()
+            outcome = failed if failed is not None else self._interruptible(task, attempts)
+            if isinstance(outcome, BaseException):
+                for entry in task.outs:
+                    self._store(entry, error=outcome)
                 return
+            for entry, value in zip(task.outs, outcome):
+                self._store(entry, value)
 
         self._start_thread(run, f"miniray-task-{name}")
         return returns_of([ObjectRef(oid) for oid, _ in outs], num_returns) if outs else None
 
-    def cancel(self, ref: ObjectRef, force: bool) -> None:
-        self._cancelled.add(ref.id)
+    def _interruptible(
+        self, task: _Task, body: Callable[[], list[Any] | BaseException]
+    ) -> list[Any] | BaseException:
+        """Run ``body`` where a cancel may interrupt it; no interrupt escapes this frame.
+
+        A cancel raises at most one KeyboardInterrupt, between any two bytecodes: inside
+        ``body`` it makes the task cancelled; after ``body`` the result stands. Once the state
+        is "finishing" (set under the lock that cancel takes) no new one comes, and a pending
+        one is withdrawn."""
+        try:
+            outcome = body()
+        except KeyboardInterrupt:
+            outcome = task.cancelled_error()
+        while True:
+            try:
+                with self._lock:
+                    task.state = "finishing"
+                    if task.interrupted:
+                        _set_async_exc(task.thread_id, None)
+                return outcome
+            except KeyboardInterrupt:
+                continue
+
+    def cancel(self, ref: ObjectRef, force: bool, recursive: bool) -> None:
+        entry = self._objects.get(ref.id)
+        task = entry.task if entry is not None else None
+        if task is not None:  # not a task's result (put, an actor call): nothing to cancel
+            self._cancel_task(task, recursive)
+
+    def _cancel_task(self, task: _Task, recursive: bool) -> None:
+        if task.state in ("finishing", "cancelled"):
+            return  # finished (or finishing) tasks are left alone, as in Ray
+        if recursive:
+            for child in list(task.children):
+                self._cancel_task(child, recursive)
+        with self._lock:
+            state = task.state
+            if state == "queued":
+                task.state = "cancelled"
+            elif state == "running" and not task.interrupted:
+                task.interrupted = True
+                _set_async_exc(task.thread_id, KeyboardInterrupt)
+        if state == "queued":
+            error = task.cancelled_error()
+            for entry in task.outs:
+                self._store(entry, error=error)
 
     # -- actors ----------------------------------------------------------------------------
     def create_actor(
@@ -304,7 +401,14 @@ class InlineBackend:
             job()
 
     def _enqueue(
-        self, actor: _Actor, call: Callable[[], Any], num_returns: int, *, is_init: bool = False
+        self,
+        actor: _Actor,
+        call: Callable[[], Any],
+        num_returns: int,
+        *,
+        is_init: bool = False,
+        retries: int = 0,
+        retry_exceptions: Any = False,
     ) -> Any:
         outs = [self._new_entry() for _ in range(num_returns)]
         actor.outstanding += 1
@@ -323,18 +427,33 @@ class InlineBackend:
             for (_, entry), v in zip(outs, values):
                 self._store(entry, v)
 
+        def retry(exc: BaseException, attempts_left: int) -> tuple[bool, BaseException]:
+            """Whether to run the call again after ``exc``, and else the error it ends with."""
+            if isinstance(exc, SystemExit) and not is_init:
+                error: BaseException = self._actor_exited(actor, exc)
+                return attempts_left != 0 and isinstance(error, ActorUnavailableError), error
+            error = execution.task_error(getattr(call, "__name__", "actor method"), exc)
+            allowed = execution.should_retry_exception(exc, retry_exceptions)
+            return attempts_left != 0 and allowed, error
+
         def run_sync() -> None:
             if not is_init:
                 actor.constructed.wait()
-            if actor.dead_reason is not None:
-                return finish(error=self._died(actor))
-            try:
-                value = call()
-            except BaseException as exc:
-                if actor.dead_reason is not None and actor.instance is None:
+            attempts_left = retries
+            while True:
+                if actor.dead_reason is not None:
                     return finish(error=self._died(actor))
-                return finish(error=execution.task_error(getattr(call, "__name__", "call"), exc))
-            finish(value)
+                try:
+                    value = call()
+                except BaseException as exc:
+                    if actor.dead_reason is not None and actor.instance is None:
+                        return finish(error=self._died(actor))
+                    again, error = retry(exc, attempts_left)
+                    if again:
+                        attempts_left -= 1
+                        continue
+                    return finish(error=error)
+                return finish(value)
 
         if actor.loop is not None:
             loop = actor.loop
@@ -342,15 +461,21 @@ class InlineBackend:
             async def run_async() -> None:
                 assert actor.semaphore is not None
                 async with actor.semaphore:
-                    if actor.dead_reason is not None:
-                        return finish(error=self._died(actor))
-                    try:
-                        value = call()
-                        if asyncio.iscoroutine(value):
-                            value = await value
-                    except BaseException as exc:
-                        return finish(error=execution.task_error("actor method", exc))
-                    finish(value)
+                    attempts_left = retries
+                    while True:
+                        if actor.dead_reason is not None:
+                            return finish(error=self._died(actor))
+                        try:
+                            value = call()
+                            if asyncio.iscoroutine(value):
+                                value = await value
+                        except BaseException as exc:
+                            again, error = retry(exc, attempts_left)
+                            if again:
+                                attempts_left -= 1
+                                continue
+                            return finish(error=error)
+                        return finish(value)
 
             loop.call_soon_threadsafe(lambda: loop.create_task(run_async()))
         elif actor.pool is not None:
@@ -360,6 +485,35 @@ class InlineBackend:
             actor.fifo.put(run_sync)
         refs = [ObjectRef(oid) for oid, _ in outs]
         return returns_of(refs, num_returns) if refs else None
+
+    def _actor_exited(self, actor: _Actor, exc: SystemExit) -> RayActorError:
+        """``sys.exit()`` in a method: the actor's process would end. Code 0 is an intended
+        exit (dead for good); another code is a crash, restarted here, on the actor's own
+        thread, so that calls queued behind it run on the new instance (as on local)."""
+        code = exc.code if isinstance(exc.code, int) or exc.code is None else 1
+        if code and actor.restarts_left != 0:
+            if actor.restarts_left > 0:
+                actor.restarts_left -= 1
+            try:
+                self._construct(actor)
+            except BaseException:
+                return self._died(actor)  # _construct recorded why
+            return ActorUnavailableError(
+                f"The actor {actor.cls.__name__} ({actor.actor_id}) exited with code {code} "
+                "while running this call; it was restarted",
+                actor_id=actor.actor_id,
+            )
+        actor.dead_reason = (
+            "a method called sys.exit()" if not code else f"a method exited with code {code}"
+        )
+        self._forget_name(actor)
+        return self._died(actor)
+
+    def _forget_name(self, actor: _Actor) -> None:
+        with self._lock:
+            name = actor.options["name"]
+            if name is not None and self._names.get(name) == actor.actor_id:
+                del self._names[name]
 
     def _died(self, actor: _Actor) -> ActorDiedError:
         return ActorDiedError(
@@ -390,7 +544,14 @@ class InlineBackend:
             return getattr(actor.instance, method)(*a, **k)
 
         call.__name__ = f"{actor.cls.__name__}.{method}"
-        return self._enqueue(actor, call, options["num_returns"])
+        retries = options.get("max_task_retries")
+        return self._enqueue(
+            actor,
+            call,
+            options["num_returns"],
+            retries=actor.options["max_task_retries"] if retries is None else retries,
+            retry_exceptions=options.get("retry_exceptions", False),
+        )
 
     def kill(self, handle: ActorHandle, no_restart: bool) -> None:
         actor = self._actors.get(handle.actor_id)
@@ -402,10 +563,7 @@ class InlineBackend:
             self._enqueue(actor, lambda: self._construct(actor), 1, is_init=True)
             return
         actor.dead_reason = "it was killed with miniray.kill()"
-        with self._lock:
-            name = actor.options["name"]
-            if name is not None and self._names.get(name) == actor.actor_id:
-                del self._names[name]
+        self._forget_name(actor)
 
     def get_actor(self, name: str, namespace: str | None) -> ActorHandle:
         with self._lock:
@@ -441,6 +599,13 @@ class InlineBackend:
             thread.join(max(0.0, deadline - time.monotonic()))
         self._actors.clear()
         self._objects.clear()
+
+
+def _set_async_exc(thread_id: int, exc_type: type[BaseException] | None) -> None:
+    """Raise ``exc_type`` in that thread at its next bytecode (None withdraws a pending one)."""
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_ulong(thread_id), ctypes.py_object(exc_type) if exc_type else None
+    )
 
 
 def _reraisable(error: BaseException) -> BaseException:

@@ -617,10 +617,10 @@ class RayBackend:
         ray_future.add_done_callback(complete)
         return fut
 
-    def cancel(self, ref: ObjectRef, force: bool) -> None:
+    def cancel(self, ref: ObjectRef, force: bool, recursive: bool) -> None:
         import ray
 
-        ray.cancel(_ray_ref(ref), force=force)
+        ray.cancel(_ray_ref(ref), force=force, recursive=recursive)
 
     def release(self, object_id: str) -> None:
         """Nothing to do: Ray counts references of the ray.ObjectRef inside our ref."""

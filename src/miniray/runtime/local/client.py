@@ -91,11 +91,20 @@ class WorkerClient:
         self._requests[request_id] = request
         self.send(make(request_id))
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-        if not request.event.wait(remaining):
-            self._requests.pop(request_id, None)
-            self.send(("cancel_request", request_id))
+        try:
+            answered = request.event.wait(remaining)
+        except BaseException:  # the KeyboardInterrupt of a cancel: the head must stop waiting too
+            self._give_up(request_id)
+            raise
+        if not answered:
+            self._give_up(request_id)
             raise GetTimeoutError(f"{what} timed out")
         return request.payload
+
+    def _give_up(self, request_id: int) -> None:
+        """The caller no longer waits for this answer (its reply, if any, is dropped)."""
+        self._requests.pop(request_id, None)
+        self.send(("cancel_request", request_id))
 
     # -- objects ---------------------------------------------------------------------------
     def get(self, refs: list[ObjectRef], deadline: float | None) -> list[Any]:
@@ -239,8 +248,8 @@ class WorkerClient:
         answer = self._request(lambda rid: ("get_actor", rid, name), None, "get_actor()")
         return _handle_or_raise(answer)
 
-    def cancel(self, ref: ObjectRef, force: bool) -> None:
-        self.send(("cancel", ref.id, force))
+    def cancel(self, ref: ObjectRef, force: bool, recursive: bool) -> None:
+        self.send(("cancel", ref.id, force, recursive))
 
     def shutdown(self) -> None:
         raise RaySystemError("shutdown() can only be called by the driver, not inside a worker")

@@ -118,6 +118,7 @@ class _Task:
         self.retries_left: int = options["max_retries"]
         self.missing = 0
         self.owner = owner
+        self.parent: str | None = None  # the task that submitted it (for recursive cancel)
         self.cancelled = False
         self.done = False
 
@@ -344,9 +345,9 @@ class LocalBackend:
             _, task_id, fn_id, fn_bytes, name, payload, deps, return_ids, options = message
             if fn_bytes is not None:
                 self._functions[fn_id] = fn_bytes
-            self._submit_task(
-                _Task(task_id, fn_id, name, payload, deps, return_ids, options, child.key)
-            )
+            task = _Task(task_id, fn_id, name, payload, deps, return_ids, options, child.key)
+            task.parent = child.task.task_id if child.task is not None else None
+            self._submit_task(task)
         elif kind == "submit_call":
             _, actor_id, call_id, method, payload, deps, return_ids, options = message
             call = _Call(call_id, method, payload, deps, return_ids, options)
@@ -403,7 +404,9 @@ class LocalBackend:
                 answer = ("error", exc)
             self._send(child, ("reply", rid, answer))
         elif kind == "cancel":
-            self._cancel(message[1], message[2])
+            self._cancel(message[1], message[2], message[3])
+        elif kind == "retried":
+            self._on_retried(child, message[1])
         else:
             raise RaySystemError(f"unknown message kind {kind!r} from pid {child.popen.pid}")
 
@@ -857,24 +860,52 @@ class LocalBackend:
         elif child.actor is not None:
             self._send_create(child.actor)
 
-    def cancel(self, ref: ObjectRef, force: bool) -> None:
+    def cancel(self, ref: ObjectRef, force: bool, recursive: bool) -> None:
         with self._cond:
-            self._cancel(ref.id, force)
+            self._check_open()
+            self._cancel(ref.id, force, recursive)
             self._cond.notify_all()
 
-    def _cancel(self, oid: str, force: bool) -> None:
+    def _cancel(self, oid: str, force: bool, recursive: bool) -> None:
+        """Cancel the task producing ``oid`` (a finished one, or an actor call: no-op).
+
+        Its dependents fail with the same error as its results (see ``_dep_ready``)."""
         task = next((t for t in self._tasks.values() if oid in t.return_ids), None)
-        if task is None or task.done:
+        if task is not None:
+            self._cancel_task(task, force, recursive)
+
+    def _cancel_task(self, task: _Task, force: bool, recursive: bool) -> None:
+        if task.done:
             return
+        # Its children first: the parent, blocked in get() on one, then fails as cancelled
+        # rather than see a child's error (and no child outlives it running).
+        if recursive:
+            for child_task in [t for t in self._tasks.values() if t.parent == task.task_id]:
+                self._cancel_task(child_task, force, recursive)
         running = next((c for c in self._children.values() if c.task is task), None)
-        error = stored_error(
-            TaskCancelledError(f"task {task.name}() was cancelled"), self.session_id
-        )
         if running is None:
+            error = stored_error(
+                TaskCancelledError(f"task {task.name}() was cancelled"), self.session_id
+            )
             self._finish_task(task, [error] * max(1, len(task.return_ids)))
         elif force:
-            task.cancelled = True
+            task.cancelled = True  # _task_lost stores TaskCancelledError, no retry
             running.popen.kill()
+        elif not task.cancelled:
+            # The worker raises KeyboardInterrupt in it; its result (TaskCancelledError, or a
+            # value if user code caught the interrupt) comes back as any other.
+            task.cancelled = True
+            self._send(running, ("cancel", task.task_id))
+
+    def _on_retried(self, child: _Child, call_id: str) -> None:
+        """A child re-ran a call after a listed exception: one retry fewer if its process dies."""
+        if child.actor is not None:
+            call = child.actor.inflight.get(call_id)
+            if call is not None and call.retries_left > 0:
+                call.retries_left -= 1
+        elif child.task is not None and child.task.task_id == call_id:
+            if child.task.retries_left > 0:
+                child.task.retries_left -= 1
 
     # ======================================================================= actors
     def create_actor(
@@ -1006,6 +1037,8 @@ class LocalBackend:
             return
         if call.retries_left == 0 and call.options.get("max_task_retries") is None:
             call.retries_left = actor.options["max_task_retries"]
+        # The actor's process retries listed exceptions itself: tell it the resolved budget.
+        call.options["max_task_retries"] = call.retries_left
         self._take_deps(call.deps, call, {})
         if actor.state == "dead":
             self._fail_call_dead(call, actor, actor_id, actor.death_reason)
@@ -1159,6 +1192,8 @@ class LocalBackend:
             error = TaskCancelledError(f"task {task.name}() was cancelled (force=True)")
         elif task.retries_left != 0:
             task.retries_left -= 1
+            # The next attempt may retry exceptions only with what is left of the same budget.
+            task.options = {**task.options, "max_retries": task.retries_left}
             self._ready_tasks.appendleft(task)
             return
         else:
@@ -1172,6 +1207,9 @@ class LocalBackend:
     def _actor_lost(self, actor: _Actor, child: _Child, reason: str) -> None:
         if actor.child is not child or actor.state == "dead":
             return
+        if child.popen.returncode == 0:  # sys.exit(0) in a method: an intended exit, as in Ray
+            self._actor_dead(actor, f"exited (pid {child.popen.pid}): a method called sys.exit()")
+            return
         text = f"died unexpectedly (pid {child.popen.pid}, {reason})"
         if actor.restarts_left == 0:
             self._actor_dead(actor, text)
@@ -1184,6 +1222,7 @@ class LocalBackend:
         for call in actor.inflight.values():
             if call.retries_left != 0:
                 call.retries_left -= 1
+                call.options["max_task_retries"] = call.retries_left
                 retry.append(call)
             else:
                 self._fail_call_dead(

@@ -4,9 +4,9 @@ Every message is a tuple whose first item names its kind. They travel pickled ov
 socketpair created by the driver for each child: never over a network socket, and only between
 processes of one session (see docs/design.md, "What crosses a process boundary").
 
-    head -> child : task, create, call, reply, exit
-    child -> head : ready, result, created, submit, submit_call, create_actor, put, get, wait,
-                    cancel_request, release, pin, kill, get_actor, cancel
+    head -> child : task, create, call, cancel, reply, exit
+    child -> head : ready, result, retried, created, submit, submit_call, create_actor, put, get,
+                    wait, cancel_request, release, pin, kill, get_actor, cancel
 """
 
 from __future__ import annotations

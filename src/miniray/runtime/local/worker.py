@@ -6,6 +6,8 @@
     executor: sync actor or task worker -> main thread, one call at a time, in order
               threaded actor (max_concurrency > 1) -> thread pool
               async actor -> asyncio loop in the main thread, max_concurrency at once
+    cancel of the running task -> receiver thread sends SIGINT to the main thread, whose
+              handler raises KeyboardInterrupt in the task (only in that task: see _on_sigint)
 
 Started as ``python -m miniray.runtime.local.worker FD`` with the session in the environment.
 """
@@ -17,8 +19,9 @@ import queue
 import signal
 import sys
 import threading
-from typing import Any
+from typing import Any, NoReturn
 
+from miniray.errors import TaskCancelledError
 from miniray.runtime import context, execution, segments, serialization, shm
 from miniray.runtime.local import lifeline, protocol
 from miniray.runtime.local.client import WorkerClient
@@ -40,6 +43,9 @@ class Worker:
         self.pool: Any = None  # ThreadPoolExecutor of a threaded actor
         self.loop: Any = None  # asyncio loop of an async actor
         self.semaphore: Any = None
+        # Cancellation: the task the main thread runs, and the last task the head cancelled.
+        self.current_task: str | None = None
+        self.cancel_id: str | None = None
 
     # -- receiving -------------------------------------------------------------------------
     def receive_forever(self) -> None:
@@ -54,6 +60,8 @@ class Worker:
                 self.client.on_reply(message[1], message[2])
             elif kind == "exit":
                 os._exit(0)
+            elif kind == "cancel":
+                self._interrupt(message[1])
             elif kind == "reclaim":
                 for name in message[1]:
                     segments.reclaim(name)
@@ -63,6 +71,23 @@ class Worker:
                 self.pool.submit(self._run_call, message)
             else:
                 self.inbox.put(message)
+
+    def _interrupt(self, task_id: str) -> None:
+        """Receiver thread: the head cancelled ``task_id``, which this worker runs or will run.
+
+        cancel_id is set before current_task is read, and _run_task sets current_task before it
+        reads cancel_id: whichever comes second sees the other, so the cancel is never lost."""
+        self.cancel_id = task_id
+        if self.current_task == task_id:
+            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+
+    def on_sigint(self, signum: int, frame: Any) -> None:
+        """SIGINT handler (main thread, between bytecodes): interrupt the cancelled task only.
+
+        A signal that lands after that task ended, or a stray Ctrl-C, is ignored: a worker dying
+        of it would look like a crash."""
+        if self.current_task is not None and self.current_task == self.cancel_id:
+            raise KeyboardInterrupt(f"task {self.current_task} was cancelled")
 
     def _driver_gone(self) -> None:
         # The driver died without shutdown() (e.g. SIGKILL): nobody else will clean up.
@@ -93,26 +118,56 @@ class Worker:
         _, task_id, fn_id, fn_bytes, name, payload, deps, return_ids, options = message
         if fn_bytes is not None:
             self.functions[fn_id] = serialization.loads(fn_bytes)
+        self.current_task = task_id  # from here a cancel interrupts us (see _interrupt)
+        try:
+            outcome = self._attempts(task_id, fn_id, name, payload, deps, return_ids, options)
+        except KeyboardInterrupt:  # the cancel's interrupt, landing in our code around the call
+            outcome = TaskCancelledError(f"task {name}() was cancelled")
+        finally:
+            self.current_task = None  # (no call here: a pending signal cannot run before it)
+        if isinstance(outcome, BaseException):
+            error = stored_error(outcome, self.session_id)
+            self.client.send(("result", task_id, [error] * max(1, len(return_ids))))
+            return
+        stored = [stored_value(v, self.session_id, name) for v in outcome]
+        # Drop our views of the arguments first, so the send also reports them unmapped.
+        del outcome
+        self.client.send(("result", task_id, stored))
+
+    def _attempts(
+        self,
+        task_id: str,
+        fn_id: str,
+        name: str,
+        payload: Any,
+        deps: dict[str, protocol.Stored],
+        return_ids: list[str],
+        options: dict[str, Any],
+    ) -> list[Any] | BaseException:
+        """Run the task, retrying listed exceptions: its return values, or the error to store.
+
+        Each retry is reported to the head, which counts it against the same ``max_retries``
+        that covers this process dying: never more attempts than asked."""
         attempts_left = options["max_retries"]
         while True:
+            if self.cancel_id == task_id:  # cancelled before it started, or between attempts
+                return TaskCancelledError(f"task {name}() was cancelled")
             try:
                 fn = self.functions[fn_id]
                 args, kwargs = self._args(payload, deps)
-                values = execution.split_returns(fn(*args, **kwargs), len(return_ids), name)
+                return execution.split_returns(fn(*args, **kwargs), len(return_ids), name)
             except BaseException as exc:
+                if self.cancel_id == task_id:  # Ray never retries a cancelled task
+                    if isinstance(exc, KeyboardInterrupt):
+                        return TaskCancelledError(f"task {name}() was cancelled")
+                    return execution.task_error(name, exc)
                 if attempts_left != 0 and execution.should_retry_exception(
                     exc, options["retry_exceptions"]
                 ):
                     attempts_left -= 1
+                    self.client.send(("retried", task_id))
                     continue
-                error = stored_error(execution.task_error(name, exc), self.session_id)
-                self.client.send(("result", task_id, [error] * max(1, len(return_ids))))
-                return
-            stored = [stored_value(v, self.session_id, name) for v in values]
-            # Drop our views of the arguments first, so the send also reports them unmapped.
-            del values, args, kwargs
-            self.client.send(("result", task_id, stored))
-            return
+                return execution.task_error(name, exc)
 
     def _create_actor(self, message: tuple) -> bool:
         _, actor_id, class_name, class_bytes, payload, deps, options = message
@@ -174,15 +229,36 @@ class Worker:
         self.client.send(("result", call_id, [error] * max(1, len(return_ids))))
 
     def _run_call(self, message: tuple) -> None:
-        call_id, method, return_ids = message[1], message[2], message[5]
+        call_id, method, return_ids, options = message[1], message[2], message[5], message[6]
         label = f"{self.actor_name}.{method}"
-        try:
-            value = self._invoke(message)
-        except BaseException as exc:
-            return self._fail_call(call_id, label, return_ids, exc)
+        retries_left = options["max_task_retries"]
+        while True:
+            try:
+                value = self._invoke(message)
+            except SystemExit as exc:
+                _exit_actor(exc)
+            except BaseException as exc:
+                if self._may_retry(call_id, exc, options, retries_left):
+                    retries_left -= 1
+                    continue
+                return self._fail_call(call_id, label, return_ids, exc)
+            break
         self._finish_call(call_id, label, return_ids, value)
         del value
         self.client.flush()
+
+    def _may_retry(
+        self, call_id: str, exc: BaseException, options: dict[str, Any], retries_left: int
+    ) -> bool:
+        """Re-run a call that raised a listed exception while ``max_task_retries`` lasts (the
+        head resolved it: the call's own, else the actor's). The head hears of each retry, so
+        that one after this process dies counts against the same budget."""
+        if retries_left == 0 or not execution.should_retry_exception(
+            exc, options["retry_exceptions"]
+        ):
+            return False
+        self.client.send(("retried", call_id))
+        return True
 
     def _start_async_call(self, message: tuple) -> None:
         assert self.loop is not None
@@ -190,16 +266,38 @@ class Worker:
 
     async def _run_async_call(self, message: tuple) -> None:
         assert self.semaphore is not None
-        call_id, method, return_ids = message[1], message[2], message[5]
+        call_id, method, return_ids, options = message[1], message[2], message[5], message[6]
         label = f"{self.actor_name}.{method}"
+        retries_left = options["max_task_retries"]
         async with self.semaphore:
-            try:
-                value = self._invoke(message)
-                if hasattr(value, "__await__"):
-                    value = await value
-            except BaseException as exc:
-                return self._fail_call(call_id, label, return_ids, exc)
+            while True:
+                try:
+                    value = self._invoke(message)
+                    if hasattr(value, "__await__"):
+                        value = await value
+                except SystemExit as exc:
+                    _exit_actor(exc)
+                except BaseException as exc:
+                    if self._may_retry(call_id, exc, options, retries_left):
+                        retries_left -= 1
+                        continue
+                    return self._fail_call(call_id, label, return_ids, exc)
+                break
             self._finish_call(call_id, label, return_ids, value)
+
+
+def _exit_actor(exc: SystemExit) -> NoReturn:
+    """``sys.exit()`` in an actor method ends the actor's process with that code, as in Ray.
+
+    The head tells the two apart by the exit code: 0 (or None) is an intended exit, so the
+    actor is dead for good; any other code is a crash, restarted per ``max_restarts``."""
+    code = exc.code
+    if code is not None and not isinstance(code, int):
+        print(code, file=sys.stderr)  # sys.exit("message") prints it and exits with 1
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
 
 
 def main() -> None:
@@ -207,10 +305,11 @@ def main() -> None:
     fd = int(sys.argv[-1])
     session_id = os.environ[ENV_SESSION]
     sys.path[:] = os.environ[ENV_SYS_PATH].split(os.pathsep)
-    # Ctrl-C goes to the driver, which shuts us down; a worker dying of it would look like a crash.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     conn = protocol.Channel(fd)
     worker = Worker(conn, session_id)
+    # SIGINT is how a cancel interrupts a running task; Ctrl-C goes to the driver (we run in a
+    # session of our own), which shuts us down.
+    signal.signal(signal.SIGINT, worker.on_sigint)
     context.set_backend(worker.client)
     segments.set_unmapped_hook(worker.client.unmapped)
     worker.run()
