@@ -938,3 +938,110 @@ def test_options_then_remote_binds_too(runtime):
     with pytest.raises(TypeError, match="too many positional arguments"):
         actor.bump.options(num_returns=1).remote(1, 2)
     assert miniray.get(actor.bump.options(num_returns=1).remote(1), timeout=30) == 6
+
+
+# ------------------------------------------------------------------------------- asyncio
+
+
+@miniray.remote
+def filled(value, size):
+    """A large array (a shared-memory segment on the local backend) filled with ``value``."""
+    return np.full(size, value, dtype=np.int64)
+
+
+@miniray.remote
+class Awaiter:
+    """An async actor that awaits refs it was given (nested, so they arrive as refs)."""
+
+    async def total(self, refs):
+        values = await asyncio.gather(*refs)
+        return sum(values) + await refs[0]
+
+    async def failure_type(self, refs):
+        try:
+            await refs[0]
+        except ValueError as exc:  # the cause's class, as get raises it
+            return [type(exc).__name__, isinstance(exc, RayTaskError), "boom" in str(exc)]
+        return "no error"
+
+    async def own_call(self):
+        return await double.remote(21)
+
+
+def test_await_refs_in_a_driver_event_loop(runtime):
+    async def main():
+        single = await double.remote(5)
+        gathered = await asyncio.gather(*[double.remote(i) for i in range(4)])
+        fast = double.remote(1).as_future()
+        slow = sleep_then.remote("late", 30).as_future()
+        done, pending = await asyncio.wait([fast, slow], timeout=10)
+        for fut in pending:
+            fut.cancel()  # cancels our future only, not the task (as in Ray)
+        return single, gathered, done == {fast}, pending == {slow}, isinstance(fast, asyncio.Future)
+
+    assert asyncio.run(asyncio.wait_for(main(), 60)) == (10, [0, 2, 4, 6], True, True, True)
+
+
+def test_awaiting_a_failed_ref_raises_what_get_raises(runtime):
+    failing = fail_with_value_error.remote("boom")
+    with pytest.raises(ValueError) as from_get:
+        miniray.get(failing, timeout=30)
+
+    async def main():
+        with pytest.raises(ValueError) as from_await:
+            await failing
+        with pytest.raises(ValueError) as from_as_future:
+            await failing.as_future()
+        return from_await.value, from_as_future.value
+
+    for error in [*asyncio.run(asyncio.wait_for(main(), 60)), failing.future().exception(30)]:
+        assert type(error) is type(from_get.value)
+        assert isinstance(error, RayTaskError)
+        assert str(error) == str(from_get.value)
+
+
+def test_await_inside_an_async_actor_method(runtime):
+    actor = Awaiter.remote()
+    refs = [double.remote(i) for i in range(3)]
+    assert miniray.get(actor.total.remote(refs), timeout=30) == 0 + 2 + 4 + 0
+    failing = [fail_with_value_error.remote("boom")]
+    assert miniray.get(actor.failure_type.remote(failing), timeout=30) == [
+        "RayTaskError(ValueError)",
+        True,
+        True,
+    ]
+    assert miniray.get(actor.own_call.remote(), timeout=30) == 42
+
+
+def test_future_done_callback_that_blocks_does_not_stall_the_runtime(runtime):
+    release = threading.Event()
+    seen = []
+
+    def blocking_callback(fut):
+        seen.append(fut.result())
+        release.wait(60)  # a user's callback may block; the runtime must keep going
+
+    ref = sleep_then.remote(4, 1.0)  # registered before it is done: the runtime runs it
+    ref.future().add_done_callback(blocking_callback)
+    try:
+        deadline = time.monotonic() + 30
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert seen == [4]
+        # While that callback still blocks, new work completes and is received.
+        assert miniray.get(double.remote(3), timeout=15) == 6
+        assert miniray.get(miniray.put("stored"), timeout=15) == "stored"
+    finally:
+        release.set()
+
+
+def test_futures_of_dropped_refs_read_their_own_large_values(runtime):
+    # The refs go away at once: only the futures keep the values. On the local backend each
+    # array is a shared-memory segment the producing worker reuses once it is freed, so a value
+    # decoded after its segment went back would read a later task's numbers.
+    size = 300_000  # 2.4 MB: pooled for reuse on the local backend
+    pending = [filled.remote(i, size).future() for i in range(12)]
+    for i, fut in enumerate(pending):
+        array = fut.result(timeout=60)
+        assert array.shape == (size,)
+        assert int(array.min()) == i and int(array.max()) == i, i

@@ -30,7 +30,7 @@ from miniray.errors import (
     RayTaskError,
     TaskCancelledError,
 )
-from miniray.runtime import execution, serialization
+from miniray.runtime import execution, futures, serialization
 from miniray.runtime import options as opts
 from miniray.runtime.refs import (
     ActorClass,
@@ -156,17 +156,16 @@ class InlineBackend:
     def future(self, ref: ObjectRef) -> Future:
         entry = self._entry(ref)
         fut: Future = Future()
+        once = threading.Lock()
 
         def complete() -> None:
-            if fut.done():
-                return
-            try:
-                fut.set_result(self._value(entry))
-            except BaseException as exc:
-                fut.set_exception(exc)
+            # Runs in the thread that stored the value (a task's or an actor's): only queue, so
+            # a done-callback that blocks cannot stall that actor (see futures.py).
+            if once.acquire(blocking=False):
+                futures.settle(fut, lambda: self._value(entry))
 
         entry.callbacks.append(complete)
-        if entry.done.is_set():
+        if entry.done.is_set():  # stored before (or while) we appended: _store may miss us
             complete()
         return fut
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from miniray.errors import GetTimeoutError, RaySystemError
-from miniray.runtime import execution, serialization
+from miniray.runtime import execution, futures, serialization
 from miniray.runtime import options as opts
 from miniray.runtime.execution import serialize_args
 from miniray.runtime.local import protocol
@@ -133,11 +133,9 @@ class WorkerClient:
         fut: Future = Future()
 
         def complete(stored: list) -> None:
-            try:
-                raise_if_error(stored[0])
-                fut.set_result(value_of(stored[0]))
-            except BaseException as exc:
-                fut.set_exception(exc)
+            # On the receiver thread: only queue. The reply's value is a pending delivery (see
+            # Serialized), so its segment is not reused before the completer decodes it.
+            futures.settle(fut, lambda: _decoded(stored[0]))
 
         request_id = next(self._request_ids)
         self._requests[request_id] = _Request(complete)
@@ -244,6 +242,11 @@ class WorkerClient:
 
     def shutdown(self) -> None:
         raise RaySystemError("shutdown() can only be called by the driver, not inside a worker")
+
+
+def _decoded(stored: protocol.Stored) -> Any:
+    raise_if_error(stored)
+    return value_of(stored)
 
 
 def _handle_or_raise(answer: tuple) -> ActorHandle:

@@ -43,7 +43,7 @@ from miniray.errors import (
     TaskCancelledError,
     WorkerCrashedError,
 )
-from miniray.runtime import execution, segments, serialization, shm
+from miniray.runtime import execution, futures, segments, serialization, shm
 from miniray.runtime import options as opts
 from miniray.runtime.execution import serialize_args
 from miniray.runtime.local import lifeline, protocol
@@ -469,9 +469,10 @@ class LocalBackend:
             if entry is None or entry.stored is not None:
                 self._watched.discard(oid)
             if entry is not None and entry.stored is not None:
+                # Each watcher holds a use until its future has decoded the value (futures.py).
+                entry.uses += len(entry.watchers)
                 callbacks.extend(entry.watchers)
                 entry.watchers = []
-                self._maybe_free(oid, entry)
         return callbacks
 
     # ----------------------------------------------------------------- segment reuse
@@ -612,24 +613,24 @@ class LocalBackend:
         from concurrent.futures import Future  # lazily: it imports logging
 
         fut: Future = Future()
-
-        def complete() -> None:
-            try:
-                assert entry.stored is not None
-                raise_if_error(entry.stored)
-                fut.set_result(value_of(entry.stored))
-            except BaseException as exc:
-                fut.set_exception(exc)
-
+        oid = ref.id
         with self._lock:
             self._check_open()
             entry = self._entries([ref])[0]
             if entry.stored is None:
+                # Called by the router once stored, with a use taken for it (_take_callbacks).
+                def complete() -> None:
+                    futures.settle(fut, lambda: _decoded(entry), lambda: self._release_use(oid))
+
                 entry.watchers.append(complete)
-                self._watched.add(ref.id)
+                self._watched.add(oid)
                 return fut
-        complete()
+        futures.settle_now(fut, lambda: _decoded(entry))  # our caller's ref keeps it stored
         return fut
+
+    def _release_use(self, oid: str) -> None:
+        with self._lock:
+            self._release_uses([oid])
 
     # ======================================================================= child requests
     def _make_request(self, child: _Child, message: tuple) -> _WorkerRequest:
@@ -1251,7 +1252,11 @@ class LocalBackend:
         with self._lock:
             self._children.clear()
             self._idle.clear()
+            # A future still waiting fails now, as get() does, rather than never completing.
+            waiting = [w for entry in self._objects.values() for w in entry.watchers]
             self._objects.clear()
+        for complete in waiting:
+            complete()
         self._wake_r.close()
         self._wake_w.close()
         segments.reset()  # close our kept writer mappings before the files go
@@ -1269,6 +1274,15 @@ class LocalBackend:
             if actor is None or actor.child is None:
                 return None
             return actor.child.popen.pid
+
+
+def _decoded(entry: _Object) -> Any:
+    if entry.stored is None:  # only when shutdown() completes the futures still waiting
+        raise RaySystemError(
+            f"the runtime was shut down before the result of {entry.producer} was ready"
+        )
+    raise_if_error(entry.stored)
+    return value_of(entry.stored)
 
 
 def _exit_reason(popen: subprocess.Popen) -> str:
