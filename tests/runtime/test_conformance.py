@@ -21,6 +21,7 @@ from miniray.exceptions import (
     ActorDiedError,
     GetTimeoutError,
     RayActorError,
+    RaySystemError,
     RayTaskError,
     TaskCancelledError,
 )
@@ -471,6 +472,21 @@ def test_wait_input_errors(runtime):
         miniray.wait([ref, ref])
     with pytest.raises(ValueError, match="num_returns"):
         miniray.wait([ref], num_returns=2)
+    with pytest.raises(ValueError, match="num_returns=0"):
+        miniray.wait([ref], num_returns=0)
+
+
+def test_wait_on_no_refs_returns_two_empty_lists_whatever_num_returns(runtime):
+    for num_returns in (1, 0, 3):
+        assert miniray.wait([], num_returns=num_returns) == ([], [])
+        assert miniray.wait([], num_returns=num_returns, timeout=0) == ([], [])
+    if runtime == "ray":  # the expectation is Ray's own
+        import ray
+
+        for num_returns in (1, 0, 3):
+            assert ray.wait([], num_returns=num_returns) == ([], [])
+        with pytest.raises(ValueError):
+            ray.wait([miniray.put(1).ray_ref], num_returns=0)
 
 
 # ------------------------------------------------------------------------------- actors
@@ -1045,3 +1061,30 @@ def test_futures_of_dropped_refs_read_their_own_large_values(runtime):
         array = fut.result(timeout=60)
         assert array.shape == (size,)
         assert int(array.min()) == i and int(array.max()) == i, i
+
+
+# ------------------------------------------------------------------------------- smaller semantics
+
+
+def test_driver_only_session_with_num_cpus_zero(runtime_backend):
+    if runtime_backend == "ray":
+        # The module's Ray instance has 2 CPUs. Plain Ray 2.60 started with num_cpus=0, checked
+        # by hand: put/get work, an actor with num_cpus=0 runs, a task or a default actor stays
+        # pending forever (get(timeout=5) raises GetTimeoutError). We fail the task instead.
+        pytest.skip("needs a Ray instance of its own with num_cpus=0")
+    miniray.init(backend=runtime_backend, num_cpus=0)
+    try:
+        assert miniray.get(miniray.put([1, 2]), timeout=10) == [1, 2]
+        counter = Counter.options(num_cpus=0).remote()
+        assert miniray.get(counter.increment.remote(), timeout=30) == 1
+        start = time.monotonic()
+        with pytest.raises(RaySystemError, match=r"double\(\) cannot run: .*num_cpus=0"):
+            miniray.get(double.remote(1))  # no timeout: it must fail, not hang
+        # A task submitted inside an actor fails the same way.
+        with pytest.raises(RaySystemError, match="num_cpus=0"):
+            miniray.get(Awaiter.remote().own_call.remote(), timeout=30)
+        assert time.monotonic() - start < 20
+    finally:
+        miniray.shutdown()
+    with pytest.raises(ValueError, match="num_workers=-1"):
+        miniray.init(backend=runtime_backend, num_cpus=-1)

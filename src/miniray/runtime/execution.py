@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from miniray.errors import ObjectStoreFullError, RayTaskError
+from miniray.errors import ObjectStoreFullError, RaySystemError, RayTaskError
 from miniray.runtime import serialization
 from miniray.runtime.refs import ObjectRef
 
@@ -137,3 +137,12 @@ def _picklable(value: Any) -> bool:
     except Exception:
         return False
     return True
+
+
+def no_cpus_error(task_name: str) -> RaySystemError:
+    """Why a task of a driver-only session (``init(num_cpus=0)``) fails: Ray would leave it
+    pending forever, and a ``get`` without a timeout would hang."""
+    return RaySystemError(
+        f"task {task_name}() cannot run: miniray.init(num_cpus=0) started a driver-only session "
+        "with no CPU for tasks (put, get and actors work); pass num_cpus >= 1 to run tasks"
+    )

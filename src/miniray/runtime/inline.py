@@ -75,7 +75,8 @@ class _Actor:
 class InlineBackend:
     name = "inline"
 
-    def __init__(self) -> None:
+    def __init__(self, runs_tasks: bool = True) -> None:
+        self._runs_tasks = runs_tasks  # False: init(num_cpus=0), a driver-only session
         self._lock = threading.Lock()
         self._objects: dict[str, _Entry] = {}
         self._actors: dict[str, _Actor] = {}
@@ -202,6 +203,11 @@ class InlineBackend:
         num_returns = options["num_returns"]
         outs = [self._new_entry() for _ in range(num_returns)]
         name = fn.__qualname__
+
+        if not self._runs_tasks:
+            for _, entry in outs:
+                self._store(entry, error=execution.no_cpus_error(name))
+            return returns_of([ObjectRef(oid) for oid, _ in outs], num_returns) if outs else None
 
         def run() -> None:
             attempts_left = options["max_retries"]

@@ -722,6 +722,8 @@ class LocalBackend:
         # An argument that failed before this call was made fails it now, as _dep_ready does
         # for one that fails later; the worker must never get an error as an argument's value.
         failed = self._failed_dep(task.deps)
+        if failed is None and self.num_workers == 0:
+            failed = stored_error(execution.no_cpus_error(task.name), self.session_id)
         if failed is not None:
             self._finish_task(task, [failed] * max(1, len(task.return_ids)))
         elif ready:
