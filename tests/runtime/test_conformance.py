@@ -1088,3 +1088,18 @@ def test_driver_only_session_with_num_cpus_zero(runtime_backend):
         miniray.shutdown()
     with pytest.raises(ValueError, match="num_workers=-1"):
         miniray.init(backend=runtime_backend, num_cpus=-1)
+
+
+def test_values_that_contain_themselves_round_trip(runtime):
+    looped = []
+    looped.append(looped)
+    back = miniray.get(miniray.put(looped), timeout=30)
+    assert isinstance(back, list) and len(back) == 1 and back[0] is back
+    mapping = {"n": 1}
+    mapping["self"] = mapping
+    back = miniray.get(identity.remote(mapping), timeout=30)
+    assert back["self"] is back and back["n"] == 1
+    pair = [1, 2]
+    nested = (pair, [pair, pair])  # shared, not looped: still one list on the other side
+    back = miniray.get(TensorStore.remote().echo.remote(nested), timeout=30)
+    assert back == ([1, 2], [[1, 2], [1, 2]]) and back[1][0] is back[1][1] is back[0]
