@@ -77,6 +77,9 @@ class InlineBackend:
 
     def __init__(self, runs_tasks: bool = True) -> None:
         self._runs_tasks = runs_tasks  # False: init(num_cpus=0), a driver-only session
+        # Functions and classes whose pickled size was checked (nothing here ships them, but
+        # one that Ray and the local backend refuse as too large is refused here too).
+        self._sized: set[str] = set()
         self._lock = threading.Lock()
         self._objects: dict[str, _Entry] = {}
         self._actors: dict[str, _Actor] = {}
@@ -197,6 +200,9 @@ class InlineBackend:
         self, fn: RemoteFunction, args: tuple, kwargs: dict, options: dict[str, Any]
     ) -> Any:
         opts.check_embedded(options, self.name)
+        if fn.function_id not in self._sized:
+            execution.pickled_definition(fn.function, "remote function", fn.__qualname__)
+            self._sized.add(fn.function_id)
         call_args, call_kwargs, dep_ids = execution.encode_args(args, kwargs)
         deps = self._dep_entries(dep_ids)
         payload = execution.serialize_args(call_args, call_kwargs, fn.__qualname__, None)
@@ -246,6 +252,9 @@ class InlineBackend:
         self, cls: ActorClass, args: tuple, kwargs: dict, options: dict[str, Any]
     ) -> ActorHandle:
         opts.check_embedded(options, self.name)
+        if cls.class_id not in self._sized:
+            execution.pickled_definition(cls.cls, "actor", cls.__name__)
+            self._sized.add(cls.class_id)
         name = options["name"]
         with self._lock:
             if name is not None and name in self._names:

@@ -165,7 +165,7 @@ class WorkerClient:
         payload = serialize_args(call_args, call_kwargs, fn.__qualname__, self._session_id)
         fn_bytes = None
         if fn.function_id not in self._sent_functions:
-            fn_bytes = serialization.dumps(fn.function)
+            fn_bytes = execution.pickled_definition(fn.function, "remote function", fn.__qualname__)
             self._sent_functions.add(fn.function_id)
         task_id = new_id("t")
         return_ids = [new_id("o") for _ in range(options["num_returns"])]
@@ -213,7 +213,7 @@ class WorkerClient:
         opts.check_embedded(options, self.name)
         init_args, init_kwargs, deps = execution.encode_args(args, kwargs)
         payload = serialize_args(init_args, init_kwargs, cls.__name__, self._session_id)
-        class_bytes = serialization.dumps(cls.cls)
+        class_bytes = execution.pickled_definition(cls.cls, "actor", cls.__name__)
         answer = self._request(
             lambda rid: (
                 "create_actor",

@@ -707,7 +707,9 @@ class LocalBackend:
         with self._cond:
             self._check_open()
             if fn.function_id not in self._functions:
-                self._functions[fn.function_id] = serialization.dumps(fn.function)
+                self._functions[fn.function_id] = execution.pickled_definition(
+                    fn.function, "remote function", fn.__qualname__
+                )
             self._submit_task(task)
             self._cond.notify_all()
         refs = [ObjectRef(oid) for oid in return_ids]
@@ -886,7 +888,7 @@ class LocalBackend:
         opts.check_embedded(options, self.name)
         init_args, init_kwargs, deps = execution.encode_args(args, kwargs)
         payload = serialize_args(init_args, init_kwargs, cls.__name__, self.session_id)
-        class_bytes = serialization.dumps(cls.cls)
+        class_bytes = execution.pickled_definition(cls.cls, "actor", cls.__name__)
         with self._cond:
             self._check_open()
             return self._create_actor(
