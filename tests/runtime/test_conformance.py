@@ -1105,12 +1105,10 @@ def test_values_that_contain_themselves_round_trip(runtime):
     assert back == ([1, 2], [[1, 2], [1, 2]]) and back[1][0] is back[1][1] is back[0]
 
 
-_LARGE_CAPTURE = b"x" * (101 * 10**6)  # over Ray's FUNCTION_SIZE_ERROR_THRESHOLD of 10**8 bytes
-
-
 def test_a_function_or_actor_class_over_ray_size_limit_is_refused(runtime):
-    # Captured by a closure: pickled with the function (a module global would be imported).
-    large = _LARGE_CAPTURE
+    # Over Ray's FUNCTION_SIZE_ERROR_THRESHOLD of 10**8 bytes, captured by a closure: pickled
+    # with the function (a module global would be imported where it runs instead).
+    large = b"x" * (101 * 10**6)
 
     @miniray.remote
     def closes_over_it():
@@ -1125,7 +1123,5 @@ def test_a_function_or_actor_class_over_ray_size_limit_is_refused(runtime):
     with pytest.raises(ValueError, match="too large"):
         miniray.remote(HoldsIt).remote()
     # A large argument is not refused: it travels as a value.
-    assert (
-        miniray.get(identity.remote(_LARGE_CAPTURE[: 20 * 10**6]), timeout=60)
-        == (_LARGE_CAPTURE[: 20 * 10**6])
-    )
+    argument = large[: 20 * 10**6]
+    assert miniray.get(identity.remote(argument), timeout=60) == argument
