@@ -1125,3 +1125,22 @@ def test_a_function_or_actor_class_over_ray_size_limit_is_refused(runtime):
     # A large argument is not refused: it travels as a value.
     argument = large[: 20 * 10**6]
     assert miniray.get(identity.remote(argument), timeout=60) == argument
+
+
+def test_task_errors_keep_ray_helpers_and_survive_pickling(runtime):
+    import pickle
+
+    with pytest.raises(ValueError) as caught:
+        miniray.get(fail_with_value_error.remote("broken"), timeout=30)
+    dual = caught.value
+    plain = RayTaskError("f", "Traceback: (remote)", KeyError("k"))
+    assert type(plain) is RayTaskError and not isinstance(plain, KeyError)
+    for made in (plain.as_instanceof_cause(), plain.make_dual_exception_instance()):
+        assert isinstance(made, RayTaskError) and isinstance(made, KeyError)
+        assert made.cause is plain.cause and str(made) == str(plain)
+    assert isinstance(dual.as_instanceof_cause(), ValueError)
+    for error in (dual, plain, plain.as_instanceof_cause()):
+        back = pickle.loads(pickle.dumps(error))
+        assert type(back) is type(error)
+        assert type(back.cause) is type(error.cause) and back.cause.args == error.cause.args
+        assert str(back) == str(error)
