@@ -1144,3 +1144,70 @@ def test_task_errors_keep_ray_helpers_and_survive_pickling(runtime):
         assert type(back) is type(error)
         assert type(back.cause) is type(error.cause) and back.cause.args == error.cause.args
         assert str(back) == str(error)
+
+
+@miniray.remote
+class SyncOrderLog:
+    """Logs the order in which calls ran; ``note`` takes an argument that may not be ready.
+    (Three classes written out: Ray workers cannot import a base class from a test module.)"""
+
+    def __init__(self):
+        self.log = []
+
+    def note(self, value):
+        self.log.append(value)
+        return value
+
+    def read(self):
+        return self.log
+
+
+@miniray.remote(max_concurrency=4)
+class ThreadedOrderLog:
+    def __init__(self):
+        self.log = []
+
+    def note(self, value):
+        self.log.append(value)
+        return value
+
+    def read(self):
+        return self.log
+
+
+@miniray.remote
+class AsyncOrderLog:
+    def __init__(self):
+        self.log = []
+
+    async def note(self, value):
+        self.log.append(value)
+        return value
+
+    async def read(self):
+        return self.log
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        ("sync", ["late", "early"]),  # submission order: the waiting call holds back the next
+        ("threaded", ["early", "late"]),  # a call runs once its arguments are ready
+        ("async", ["early", "late"]),
+        ("async, max_concurrency=1", ["early", "late"]),
+    ],
+)
+def test_actor_call_waiting_on_an_argument_holds_back_later_calls_only_on_sync_actors(
+    runtime, kind, expected
+):
+    actor = {
+        "sync": lambda: SyncOrderLog.remote(),
+        "threaded": lambda: ThreadedOrderLog.remote(),
+        "async": lambda: AsyncOrderLog.remote(),
+        "async, max_concurrency=1": lambda: AsyncOrderLog.options(max_concurrency=1).remote(),
+    }[kind]()
+    miniray.get(actor.read.remote(), timeout=30)  # started
+    late = actor.note.remote(sleep_then.remote("late", 1.5))
+    early = actor.note.remote("early")
+    assert miniray.get([late, early], timeout=30) == ["late", "early"]
+    assert miniray.get(actor.read.remote(), timeout=30) == expected

@@ -318,7 +318,13 @@ class InlineBackend:
             job()
 
     def _enqueue(
-        self, actor: _Actor, call: Callable[[], Any], num_returns: int, *, is_init: bool = False
+        self,
+        actor: _Actor,
+        call: Callable[[], Any],
+        num_returns: int,
+        *,
+        is_init: bool = False,
+        deps: dict[str, _Entry] | None = None,
     ) -> Any:
         outs = [self._new_entry() for _ in range(num_returns)]
         actor.outstanding += 1
@@ -355,6 +361,8 @@ class InlineBackend:
 
             async def run_async() -> None:
                 assert actor.semaphore is not None
+                if deps:  # as in Ray, a call whose arguments are ready does not wait behind it
+                    await _all_stored(loop, deps.values())
                 async with actor.semaphore:
                     if actor.dead_reason is not None:
                         return finish(error=self._died(actor))
@@ -404,7 +412,7 @@ class InlineBackend:
             return getattr(actor.instance, method)(*a, **k)
 
         call.__name__ = f"{actor.cls.__name__}.{method}"
-        return self._enqueue(actor, call, options["num_returns"])
+        return self._enqueue(actor, call, options["num_returns"], deps=deps)
 
     def kill(self, handle: ActorHandle, no_restart: bool) -> None:
         actor = self._actors.get(handle.actor_id)
@@ -455,6 +463,25 @@ class InlineBackend:
             thread.join(max(0.0, deadline - time.monotonic()))
         self._actors.clear()
         self._objects.clear()
+
+
+async def _all_stored(loop: asyncio.AbstractEventLoop, entries: Any) -> None:
+    """Wait on ``loop`` (without blocking it) until every entry is stored."""
+    for entry in entries:
+        if entry.done.is_set():
+            continue
+        stored = loop.create_future()
+
+        def settle(stored: asyncio.Future = stored) -> None:
+            if not stored.done():
+                stored.set_result(None)
+
+        def wake(stored: asyncio.Future = stored) -> None:
+            loop.call_soon_threadsafe(settle, stored)
+
+        entry.callbacks.append(wake)
+        if not entry.done.is_set():  # _store may have run its callbacks before we appended
+            await stored
 
 
 def _reraisable(error: BaseException) -> BaseException:

@@ -144,6 +144,11 @@ class _Actor:
         self.deps: list[str] = deps
         self.options: dict[str, Any] = options
         self.restarts_left: int = options["max_restarts"]
+        # As in Ray: a sync actor runs one caller's calls in submission order, a threaded or
+        # async one runs a call as soon as its arguments are ready (see _pump).
+        self.out_of_order = options["max_concurrency"] > 1 or any(
+            m.get("is_async") for m in methods.values()
+        )
         self.state = "starting"  # starting -> alive -> (restarting -> alive)* -> dead
         self.child: _Child | None = None
         self.pending: deque[_Call] = deque()
@@ -1019,22 +1024,28 @@ class LocalBackend:
         self._pump(actor)
 
     def _pump(self, actor: _Actor) -> None:
-        """Send queued calls in submission order while their arguments are ready."""
+        """Send queued calls whose arguments are ready: in submission order, stopping at the
+        first that waits (a sync actor), or each as soon as it can go (``out_of_order``)."""
         if actor.state != "alive" or actor.child is None:
             return
+        held: deque[_Call] = deque()  # out-of-order calls still waiting, in submission order
         while actor.pending:
-            call = actor.pending[0]
+            call = actor.pending.popleft()
             deps = [self._objects[oid].stored for oid in call.deps]
             failed = self._failed_dep(call.deps)
             if failed is not None:
-                actor.pending.popleft()
                 self._finish_call(call, [failed] * max(1, len(call.return_ids)))
                 continue
             missing = next((oid for oid, s in zip(call.deps, deps) if s is None), None)
             if missing is not None:
-                self._actors_waiting.setdefault(missing, []).append(actor)
-                return
-            actor.pending.popleft()
+                waiting = self._actors_waiting.setdefault(missing, [])
+                if actor not in waiting:
+                    waiting.append(actor)
+                if not actor.out_of_order:
+                    actor.pending.appendleft(call)
+                    break
+                held.append(call)
+                continue
             actor.inflight[call.call_id] = call
             self._deliver(actor.child, call.payload, *deps)
             self._send(
@@ -1049,6 +1060,7 @@ class LocalBackend:
                     call.options,
                 ),
             )
+        actor.pending.extendleft(reversed(held))
 
     def _finish_call(self, call: _Call, stored: list[Stored]) -> None:
         self._release_uses(call.deps)
