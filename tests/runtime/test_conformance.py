@@ -1211,3 +1211,12 @@ def test_actor_call_waiting_on_an_argument_holds_back_later_calls_only_on_sync_a
     early = actor.note.remote("early")
     assert miniray.get([late, early], timeout=30) == ["late", "early"]
     assert miniray.get(actor.read.remote(), timeout=30) == expected
+
+
+def test_a_future_still_waiting_at_shutdown_fails_instead_of_hanging(runtime):
+    if runtime == "ray":
+        pytest.skip("Ray's own futures: shutdown cancels the task (TaskCancelledError or a value)")
+    fut = sleep_then.remote("too late", 8).future()
+    miniray.shutdown()
+    assert isinstance(fut.exception(timeout=10), RaySystemError)
+    assert "shut down" in str(fut.exception())

@@ -27,6 +27,7 @@ from miniray.errors import (
     ActorDiedError,
     GetTimeoutError,
     PendingCallsLimitExceeded,
+    RaySystemError,
     RayTaskError,
     TaskCancelledError,
 )
@@ -80,6 +81,7 @@ class InlineBackend:
         # Functions and classes whose pickled size was checked (nothing here ships them, but
         # one that Ray and the local backend refuse as too large is refused here too).
         self._sized: set[str] = set()
+        self._awaited: dict[int, _Entry] = {}  # entries that futures wait on
         self._lock = threading.Lock()
         self._objects: dict[str, _Entry] = {}
         self._actors: dict[str, _Actor] = {}
@@ -166,8 +168,11 @@ class InlineBackend:
             # Runs in the thread that stored the value (a task's or an actor's): only queue, so
             # a done-callback that blocks cannot stall that actor (see futures.py).
             if once.acquire(blocking=False):
+                self._awaited.pop(id(entry), None)
                 futures.settle(fut, lambda: self._value(entry))
 
+        # Kept for shutdown to fail: the ref, and so its _objects entry, may be gone already.
+        self._awaited[id(entry)] = entry
         entry.callbacks.append(complete)
         if entry.done.is_set():  # stored before (or while) we appended: _store may miss us
             complete()
@@ -462,7 +467,16 @@ class InlineBackend:
         for thread in [*self._threads, *(t for p in pools for t in p._threads)]:
             thread.join(max(0.0, deadline - time.monotonic()))
         self._actors.clear()
-        self._objects.clear()
+        with self._lock:
+            entries = {id(e): e for e in self._objects.values()} | dict(self._awaited)
+            waiting = [entry for entry in entries.values() if not entry.done.is_set()]
+            self._objects.clear()
+        # A future or get still waiting fails now, as on the local backend, rather than never
+        # returning (a task still running past the join would store into a forgotten entry).
+        for entry in waiting:
+            self._store(
+                entry, error=RaySystemError("the runtime was shut down before it was ready")
+            )
 
 
 async def _all_stored(loop: asyncio.AbstractEventLoop, entries: Any) -> None:
