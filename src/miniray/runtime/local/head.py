@@ -1028,7 +1028,7 @@ class LocalBackend:
         first that waits (a sync actor), or each as soon as it can go (``out_of_order``)."""
         if actor.state != "alive" or actor.child is None:
             return
-        held: deque[_Call] = deque()  # out-of-order calls still waiting, in submission order
+        held: list[_Call] = []  # out-of-order calls still waiting, in submission order
         while actor.pending:
             call = actor.pending.popleft()
             deps = [self._objects[oid].stored for oid in call.deps]
@@ -1060,7 +1060,8 @@ class LocalBackend:
                     call.options,
                 ),
             )
-        actor.pending.extendleft(reversed(held))
+        if held:
+            actor.pending.extendleft(reversed(held))
 
     def _finish_call(self, call: _Call, stored: list[Stored]) -> None:
         self._release_uses(call.deps)
