@@ -131,21 +131,28 @@ class RayTaskError(RayError):
                 self.pid,
                 type(self.cause).__name__,
                 str(self.cause),
+                type(self)
+                is not RayTaskError,  # a dual instance unpickles as one, a plain one plain
             ),
         )
 
     def as_instanceof_cause(self) -> RayTaskError:
-        """Return an error that is both a ``RayTaskError`` and an instance of ``type(cause)``."""
-        cause_cls = type(self.cause)
-        if issubclass(cause_cls, RayTaskError):
-            return self.cause  # type: ignore[return-value]
+        """An error that is both a ``RayTaskError`` and an instance of ``type(cause)``; this
+        error itself when the cause's class cannot be subclassed (as Ray does)."""
+        if isinstance(self.cause, RayTaskError):
+            return self.cause
         if not isinstance(self.cause, Exception):
             return self
         try:
-            dual = _dual_class(cause_cls)
-            err = dual.__new__(dual)  # type: ignore[call-overload]
+            return self.make_dual_exception_instance()
         except TypeError:  # final classes, or an incompatible C layout
             return self
+
+    def make_dual_exception_instance(self) -> RayTaskError:
+        """A new instance of the class deriving from ``RayTaskError`` and ``type(cause)``, with
+        this error's fields; ``TypeError`` when that class cannot be made (as in Ray)."""
+        dual = _dual_class(type(self.cause))
+        err = dual.__new__(dual)  # type: ignore[call-overload]
         err.function_name = self.function_name
         err.traceback_str = self.traceback_str
         err.cause = self.cause
@@ -182,6 +189,7 @@ def _rebuild_task_error(
     pid: int,
     cause_type: str,
     cause_message: str,
+    dual: bool = True,
 ) -> RayTaskError:
     """Unpickle a ``RayTaskError``; a cause that does not unpickle here becomes a RuntimeError
     with its type name and message, and the traceback text says why."""
@@ -196,4 +204,5 @@ def _rebuild_task_error(
             "with its message. Exceptions must unpickle as well as pickle: see "
             "BaseException.__reduce__.)"
         )
-    return RayTaskError(function_name, traceback_str, cause, pid=pid).as_instanceof_cause()
+    error = RayTaskError(function_name, traceback_str, cause, pid=pid)
+    return error.as_instanceof_cause() if dual else error

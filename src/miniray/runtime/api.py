@@ -44,7 +44,9 @@ def init(
 
     ``backend`` is 'local' (processes on this machine, the default), 'inline' (one process, for
     debugging) or 'ray'; without it ``$MINIRAY_BACKEND`` decides. An ``address`` means Ray.
-    ``num_workers`` (alias ``num_cpus``) is the size of the task worker pool.
+    ``num_workers`` (alias ``num_cpus``) is the size of the task worker pool; 0 starts a
+    driver-only session (put, get and actors work; a task fails at once, where Ray would keep it
+    pending forever).
     """
     if context.current_or_none() is not None:
         if ignore_reinit_error:
@@ -58,8 +60,12 @@ def init(
             f"num_workers={num_workers} and num_cpus={num_cpus} disagree; pass only one"
         )
     workers = num_workers if num_workers is not None else num_cpus
-    if workers is not None and (not isinstance(workers, int) or workers < 1):
-        raise ValueError(f"num_workers={workers!r} must be a positive integer")
+    if workers is not None and (
+        not isinstance(workers, int) or isinstance(workers, bool) or workers < 0
+    ):
+        raise ValueError(
+            f"num_workers={workers!r} must be an integer >= 0 (0: a driver-only session)"
+        )
     name = backend or (None if address else os.environ.get(ENV_BACKEND)) or "local"
     if address and name != "ray":
         if backend is not None:
@@ -76,11 +82,13 @@ def _make_backend(
     if name == "inline":
         from miniray.runtime.inline import InlineBackend
 
-        return InlineBackend(**options)
+        return InlineBackend(runs_tasks=num_workers != 0, **options)
     if name == "local":
         from miniray.runtime.local.head import LocalBackend
 
-        return LocalBackend(num_workers=num_workers or os.cpu_count() or 1, **options)
+        if num_workers is None:
+            num_workers = os.cpu_count() or 1
+        return LocalBackend(num_workers=num_workers, **options)
     try:
         from miniray.runtime.ray_backend import RayBackend  # type: ignore[import-not-found]
     except ImportError as exc:
@@ -192,15 +200,17 @@ def wait(
             raise TypeError(f"wait(): item {i} is a {type(ref).__name__}, not an ObjectRef")
     if len(set(object_refs)) != len(object_refs):
         raise ValueError("wait() expects unique ObjectRefs; the list has duplicates")
-    if not isinstance(num_returns, int) or isinstance(num_returns, bool) or num_returns < 1:
+    if not isinstance(num_returns, int) or isinstance(num_returns, bool) or num_returns < 0:
         raise ValueError(f"wait(): num_returns={num_returns!r} must be a positive integer")
+    deadline = deadline_of(timeout, "wait()")
+    if not object_refs:
+        return [], []  # whatever num_returns asks for, as Ray 2.x does
+    if num_returns == 0:
+        raise ValueError("wait(): num_returns=0 must be a positive integer")
     if num_returns > len(object_refs):
         raise ValueError(
             f"wait(): num_returns={num_returns} exceeds the number of refs ({len(object_refs)})"
         )
-    deadline = deadline_of(timeout, "wait()")
-    if not object_refs:
-        return [], []
     return context.current().wait(list(object_refs), num_returns, deadline)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from miniray.errors import ObjectStoreFullError, RayTaskError
+from miniray.errors import ObjectStoreFullError, RaySystemError, RayTaskError
 from miniray.runtime import serialization
 from miniray.runtime.refs import ObjectRef
 
@@ -137,3 +137,33 @@ def _picklable(value: Any) -> bool:
     except Exception:
         return False
     return True
+
+
+def no_cpus_error(task_name: str) -> RaySystemError:
+    """Why a task of a driver-only session (``init(num_cpus=0)``) fails: Ray would leave it
+    pending forever, and a ``get`` without a timeout would hang."""
+    return RaySystemError(
+        f"task {task_name}() cannot run: miniray.init(num_cpus=0) started a driver-only session "
+        "with no CPU for tasks (put, get and actors work); pass num_cpus >= 1 to run tasks"
+    )
+
+
+# Ray's limit on a pickled remote function or actor class, under Ray's name for it (in bytes):
+# what is bigger almost always captured a large object by accident, and would be copied to
+# every process that runs it.
+FUNCTION_SIZE_ERROR_THRESHOLD = int(os.environ.get("FUNCTION_SIZE_ERROR_THRESHOLD", 10**8))
+
+
+def pickled_definition(target: Any, kind: str, name: str) -> bytes:
+    """``target`` (a function or class) pickled by value; a ``ValueError`` as Ray raises when
+    it is over ``FUNCTION_SIZE_ERROR_THRESHOLD``. ``kind`` is "remote function" or "actor"."""
+    pickled = serialization.dumps(target)
+    if len(pickled) >= FUNCTION_SIZE_ERROR_THRESHOLD:
+        mib = 1024 * 1024
+        raise ValueError(
+            f"The {kind} {name} is too large to ship: it pickles to {len(pickled) // mib} MiB, over "
+            f"FUNCTION_SIZE_ERROR_THRESHOLD={FUNCTION_SIZE_ERROR_THRESHOLD // mib} MiB (Ray's "
+            "limit). It probably captures a large object from its scope (a global or a "
+            "closure variable): pass it as an argument or through put() instead."
+        )
+    return pickled

@@ -35,10 +35,11 @@ from miniray.errors import (
     GetTimeoutError,
     PendingCallsLimitExceeded,
     RayActorError,
+    RaySystemError,
     RayTaskError,
     TaskCancelledError,
 )
-from miniray.runtime import execution, serialization
+from miniray.runtime import execution, futures, serialization
 from miniray.runtime import options as opts
 from miniray.runtime.refs import (
     ActorClass,
@@ -104,7 +105,12 @@ class _Actor:
 class InlineBackend:
     name = "inline"
 
-    def __init__(self) -> None:
+    def __init__(self, runs_tasks: bool = True) -> None:
+        self._runs_tasks = runs_tasks  # False: init(num_cpus=0), a driver-only session
+        # Functions and classes whose pickled size was checked (nothing here ships them, but
+        # one that Ray and the local backend refuse as too large is refused here too).
+        self._sized: set[str] = set()
+        self._awaited: dict[int, _Entry] = {}  # entries that futures wait on
         self._lock = threading.Lock()
         self._objects: dict[str, _Entry] = {}
         self._actors: dict[str, _Actor] = {}
@@ -185,17 +191,19 @@ class InlineBackend:
     def future(self, ref: ObjectRef) -> Future:
         entry = self._entry(ref)
         fut: Future = Future()
+        once = threading.Lock()
 
         def complete() -> None:
-            if fut.done():
-                return
-            try:
-                fut.set_result(self._value(entry))
-            except BaseException as exc:
-                fut.set_exception(exc)
+            # Runs in the thread that stored the value (a task's or an actor's): only queue, so
+            # a done-callback that blocks cannot stall that actor (see futures.py).
+            if once.acquire(blocking=False):
+                self._awaited.pop(id(entry), None)
+                futures.settle(fut, lambda: self._value(entry))
 
+        # Kept for shutdown to fail: the ref, and so its _objects entry, may be gone already.
+        self._awaited[id(entry)] = entry
         entry.callbacks.append(complete)
-        if entry.done.is_set():
+        if entry.done.is_set():  # stored before (or while) we appended: _store may miss us
             complete()
         return fut
 
@@ -235,6 +243,9 @@ class InlineBackend:
         self, fn: RemoteFunction, args: tuple, kwargs: dict, options: dict[str, Any]
     ) -> Any:
         opts.check_embedded(options, self.name)
+        if fn.function_id not in self._sized:
+            execution.pickled_definition(fn.function, "remote function", fn.__qualname__)
+            self._sized.add(fn.function_id)
         call_args, call_kwargs, dep_ids = execution.encode_args(args, kwargs)
         deps = self._dep_entries(dep_ids)
         payload = execution.serialize_args(call_args, call_kwargs, fn.__qualname__, None)
@@ -247,6 +258,11 @@ class InlineBackend:
         parent = getattr(self._current, "task", None)
         if parent is not None:
             parent.children.append(task)
+
+        if not self._runs_tasks:
+            for _, entry in outs:
+                self._store(entry, error=execution.no_cpus_error(name))
+            return returns_of([ObjectRef(oid) for oid, _ in outs], num_returns) if outs else None
 
         def attempts() -> list[Any] | BaseException:
             attempts_left = options["max_retries"]
@@ -338,6 +354,9 @@ class InlineBackend:
         self, cls: ActorClass, args: tuple, kwargs: dict, options: dict[str, Any]
     ) -> ActorHandle:
         opts.check_embedded(options, self.name)
+        if cls.class_id not in self._sized:
+            execution.pickled_definition(cls.cls, "actor", cls.__name__)
+            self._sized.add(cls.class_id)
         name = options["name"]
         with self._lock:
             if name is not None and name in self._names:
@@ -409,6 +428,7 @@ class InlineBackend:
         is_init: bool = False,
         retries: int = 0,
         retry_exceptions: Any = False,
+        deps: dict[str, _Entry] | None = None,
     ) -> Any:
         outs = [self._new_entry() for _ in range(num_returns)]
         actor.outstanding += 1
@@ -460,6 +480,8 @@ class InlineBackend:
 
             async def run_async() -> None:
                 assert actor.semaphore is not None
+                if deps:  # as in Ray, a call whose arguments are ready does not wait behind it
+                    await _all_stored(loop, deps.values())
                 async with actor.semaphore:
                     attempts_left = retries
                     while True:
@@ -551,6 +573,7 @@ class InlineBackend:
             options["num_returns"],
             retries=actor.options["max_task_retries"] if retries is None else retries,
             retry_exceptions=options.get("retry_exceptions", False),
+            deps=deps,
         )
 
     def kill(self, handle: ActorHandle, no_restart: bool) -> None:
@@ -598,7 +621,35 @@ class InlineBackend:
         for thread in [*self._threads, *(t for p in pools for t in p._threads)]:
             thread.join(max(0.0, deadline - time.monotonic()))
         self._actors.clear()
-        self._objects.clear()
+        with self._lock:
+            entries = {id(e): e for e in self._objects.values()} | dict(self._awaited)
+            waiting = [entry for entry in entries.values() if not entry.done.is_set()]
+            self._objects.clear()
+        # A future or get still waiting fails now, as on the local backend, rather than never
+        # returning (a task still running past the join would store into a forgotten entry).
+        for entry in waiting:
+            self._store(
+                entry, error=RaySystemError("the runtime was shut down before it was ready")
+            )
+
+
+async def _all_stored(loop: asyncio.AbstractEventLoop, entries: Any) -> None:
+    """Wait on ``loop`` (without blocking it) until every entry is stored."""
+    for entry in entries:
+        if entry.done.is_set():
+            continue
+        stored = loop.create_future()
+
+        def settle(stored: asyncio.Future = stored) -> None:
+            if not stored.done():
+                stored.set_result(None)
+
+        def wake(stored: asyncio.Future = stored) -> None:
+            loop.call_soon_threadsafe(settle, stored)
+
+        entry.callbacks.append(wake)
+        if not entry.done.is_set():  # _store may have run its callbacks before we appended
+            await stored
 
 
 def _set_async_exc(thread_id: int, exc_type: type[BaseException] | None) -> None:

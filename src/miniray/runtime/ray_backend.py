@@ -36,7 +36,7 @@ from concurrent.futures import Future
 from typing import Any, NoReturn
 
 import miniray.errors as errors  # the module, not the package: runtime sits below it
-from miniray.runtime import context, execution
+from miniray.runtime import context, execution, futures
 from miniray.runtime.refs import (
     ActorClass,
     ActorHandle,
@@ -606,15 +606,15 @@ class RayBackend:
         ray_future = _ray_ref(ref).future()
         fut: Future = Future()
 
-        def complete(done: Future) -> None:
+        def read(done: Future) -> Any:
             try:
-                value = done.result()
+                return done.result()
             except BaseException as exc:
-                fut.set_exception(_map_error(exc))
-            else:
-                fut.set_result(value)
+                raise _map_error(exc) from None
 
-        ray_future.add_done_callback(complete)
+        # Ray calls this on the thread that receives its replies, where a user's callback that
+        # blocks would stall every later get(): only queue (futures.py).
+        ray_future.add_done_callback(lambda done: futures.settle(fut, lambda: read(done)))
         return fut
 
     def cancel(self, ref: ObjectRef, force: bool, recursive: bool) -> None:

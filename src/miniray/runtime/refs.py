@@ -19,6 +19,7 @@ from miniray.runtime import context
 from miniray.runtime import options as opts
 
 if TYPE_CHECKING:
+    import asyncio
     import inspect
     from concurrent.futures import Future
 
@@ -51,10 +52,16 @@ class ObjectRef:
         """A ``concurrent.futures.Future`` completed with the value (or its error)."""
         return context.current().future(self)
 
-    def __await__(self) -> Any:
+    def as_future(self) -> asyncio.Future:
+        """An ``asyncio.Future`` of the value, on the current event loop (as ``await ref``).
+
+        Cancelling it does not cancel the task, as in Ray."""
         import asyncio  # lazily: workers start faster without it
 
-        return asyncio.wrap_future(self.future()).__await__()
+        return asyncio.wrap_future(self.future())
+
+    def __await__(self) -> Any:
+        return self.as_future().__await__()
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, ObjectRef) and other._id == self._id

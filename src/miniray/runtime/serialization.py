@@ -143,8 +143,10 @@ def _is_plain(value: Any, budget: int = 64) -> bool:
         return len(value) < INLINE_LIMIT
     if kind not in _PLAIN_CONTAINERS or len(value) > budget:
         return False
+    # The budget halves at each level and reaches 0, so the walk ends: a value that contains
+    # itself (``a = []; a.append(a)``) is not plain, and pickle's memo handles it.
     items = value.items() if kind is dict else ((None, v) for v in value)
-    return all(type(k) in _PLAIN_TYPES and _is_plain(v, budget // 2 or 1) for k, v in items)
+    return all(type(k) in _PLAIN_TYPES and _is_plain(v, budget // 2) for k, v in items)
 
 
 def serialize(value: Any, *, session_id: str | None) -> Serialized:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from miniray.errors import GetTimeoutError, RaySystemError
-from miniray.runtime import execution, serialization
+from miniray.runtime import execution, futures, serialization
 from miniray.runtime import options as opts
 from miniray.runtime.execution import serialize_args
 from miniray.runtime.local import protocol
@@ -142,11 +142,9 @@ class WorkerClient:
         fut: Future = Future()
 
         def complete(stored: list) -> None:
-            try:
-                raise_if_error(stored[0])
-                fut.set_result(value_of(stored[0]))
-            except BaseException as exc:
-                fut.set_exception(exc)
+            # On the receiver thread: only queue. The reply's value is a pending delivery (see
+            # Serialized), so its segment is not reused before the completer decodes it.
+            futures.settle(fut, lambda: _decoded(stored[0]))
 
         request_id = next(self._request_ids)
         self._requests[request_id] = _Request(complete)
@@ -176,7 +174,7 @@ class WorkerClient:
         payload = serialize_args(call_args, call_kwargs, fn.__qualname__, self._session_id)
         fn_bytes = None
         if fn.function_id not in self._sent_functions:
-            fn_bytes = serialization.dumps(fn.function)
+            fn_bytes = execution.pickled_definition(fn.function, "remote function", fn.__qualname__)
             self._sent_functions.add(fn.function_id)
         task_id = new_id("t")
         return_ids = [new_id("o") for _ in range(options["num_returns"])]
@@ -224,7 +222,7 @@ class WorkerClient:
         opts.check_embedded(options, self.name)
         init_args, init_kwargs, deps = execution.encode_args(args, kwargs)
         payload = serialize_args(init_args, init_kwargs, cls.__name__, self._session_id)
-        class_bytes = serialization.dumps(cls.cls)
+        class_bytes = execution.pickled_definition(cls.cls, "actor", cls.__name__)
         answer = self._request(
             lambda rid: (
                 "create_actor",
@@ -253,6 +251,11 @@ class WorkerClient:
 
     def shutdown(self) -> None:
         raise RaySystemError("shutdown() can only be called by the driver, not inside a worker")
+
+
+def _decoded(stored: protocol.Stored) -> Any:
+    raise_if_error(stored)
+    return value_of(stored)
 
 
 def _handle_or_raise(answer: tuple) -> ActorHandle:

@@ -43,7 +43,7 @@ from miniray.errors import (
     TaskCancelledError,
     WorkerCrashedError,
 )
-from miniray.runtime import execution, segments, serialization, shm
+from miniray.runtime import execution, futures, segments, serialization, shm
 from miniray.runtime import options as opts
 from miniray.runtime.execution import serialize_args
 from miniray.runtime.local import lifeline, protocol
@@ -145,6 +145,11 @@ class _Actor:
         self.deps: list[str] = deps
         self.options: dict[str, Any] = options
         self.restarts_left: int = options["max_restarts"]
+        # As in Ray: a sync actor runs one caller's calls in submission order, a threaded or
+        # async one runs a call as soon as its arguments are ready (see _pump).
+        self.out_of_order = options["max_concurrency"] > 1 or any(
+            m.get("is_async") for m in methods.values()
+        )
         self.state = "starting"  # starting -> alive -> (restarting -> alive)* -> dead
         self.child: _Child | None = None
         self.pending: deque[_Call] = deque()
@@ -472,9 +477,10 @@ class LocalBackend:
             if entry is None or entry.stored is not None:
                 self._watched.discard(oid)
             if entry is not None and entry.stored is not None:
+                # Each watcher holds a use until its future has decoded the value (futures.py).
+                entry.uses += len(entry.watchers)
                 callbacks.extend(entry.watchers)
                 entry.watchers = []
-                self._maybe_free(oid, entry)
         return callbacks
 
     # ----------------------------------------------------------------- segment reuse
@@ -615,24 +621,24 @@ class LocalBackend:
         from concurrent.futures import Future  # lazily: it imports logging
 
         fut: Future = Future()
-
-        def complete() -> None:
-            try:
-                assert entry.stored is not None
-                raise_if_error(entry.stored)
-                fut.set_result(value_of(entry.stored))
-            except BaseException as exc:
-                fut.set_exception(exc)
-
+        oid = ref.id
         with self._lock:
             self._check_open()
             entry = self._entries([ref])[0]
             if entry.stored is None:
+                # Called by the router once stored, with a use taken for it (_take_callbacks).
+                def complete() -> None:
+                    futures.settle(fut, lambda: _decoded(entry), lambda: self._release_use(oid))
+
                 entry.watchers.append(complete)
-                self._watched.add(ref.id)
+                self._watched.add(oid)
                 return fut
-        complete()
+        futures.settle_now(fut, lambda: _decoded(entry))  # our caller's ref keeps it stored
         return fut
+
+    def _release_use(self, oid: str) -> None:
+        with self._lock:
+            self._release_uses([oid])
 
     # ======================================================================= child requests
     def _make_request(self, child: _Child, message: tuple) -> _WorkerRequest:
@@ -709,7 +715,9 @@ class LocalBackend:
         with self._cond:
             self._check_open()
             if fn.function_id not in self._functions:
-                self._functions[fn.function_id] = serialization.dumps(fn.function)
+                self._functions[fn.function_id] = execution.pickled_definition(
+                    fn.function, "remote function", fn.__qualname__
+                )
             self._submit_task(task)
             self._cond.notify_all()
         refs = [ObjectRef(oid) for oid in return_ids]
@@ -724,6 +732,8 @@ class LocalBackend:
         # An argument that failed before this call was made fails it now, as _dep_ready does
         # for one that fails later; the worker must never get an error as an argument's value.
         failed = self._failed_dep(task.deps)
+        if failed is None and self.num_workers == 0:
+            failed = stored_error(execution.no_cpus_error(task.name), self.session_id)
         if failed is not None:
             self._finish_task(task, [failed] * max(1, len(task.return_ids)))
         elif ready:
@@ -914,7 +924,7 @@ class LocalBackend:
         opts.check_embedded(options, self.name)
         init_args, init_kwargs, deps = execution.encode_args(args, kwargs)
         payload = serialize_args(init_args, init_kwargs, cls.__name__, self.session_id)
-        class_bytes = serialization.dumps(cls.cls)
+        class_bytes = execution.pickled_definition(cls.cls, "actor", cls.__name__)
         with self._cond:
             self._check_open()
             return self._create_actor(
@@ -1047,22 +1057,28 @@ class LocalBackend:
         self._pump(actor)
 
     def _pump(self, actor: _Actor) -> None:
-        """Send queued calls in submission order while their arguments are ready."""
+        """Send queued calls whose arguments are ready: in submission order, stopping at the
+        first that waits (a sync actor), or each as soon as it can go (``out_of_order``)."""
         if actor.state != "alive" or actor.child is None:
             return
+        held: list[_Call] = []  # out-of-order calls still waiting, in submission order
         while actor.pending:
-            call = actor.pending[0]
+            call = actor.pending.popleft()
             deps = [self._objects[oid].stored for oid in call.deps]
             failed = self._failed_dep(call.deps)
             if failed is not None:
-                actor.pending.popleft()
                 self._finish_call(call, [failed] * max(1, len(call.return_ids)))
                 continue
             missing = next((oid for oid, s in zip(call.deps, deps) if s is None), None)
             if missing is not None:
-                self._actors_waiting.setdefault(missing, []).append(actor)
-                return
-            actor.pending.popleft()
+                waiting = self._actors_waiting.setdefault(missing, [])
+                if actor not in waiting:
+                    waiting.append(actor)
+                if not actor.out_of_order:
+                    actor.pending.appendleft(call)
+                    break
+                held.append(call)
+                continue
             actor.inflight[call.call_id] = call
             self._deliver(actor.child, call.payload, *deps)
             self._send(
@@ -1077,6 +1093,8 @@ class LocalBackend:
                     call.options,
                 ),
             )
+        if held:
+            actor.pending.extendleft(reversed(held))
 
     def _finish_call(self, call: _Call, stored: list[Stored]) -> None:
         self._release_uses(call.deps)
@@ -1290,7 +1308,11 @@ class LocalBackend:
         with self._lock:
             self._children.clear()
             self._idle.clear()
+            # A future still waiting fails now, as get() does, rather than never completing.
+            waiting = [w for entry in self._objects.values() for w in entry.watchers]
             self._objects.clear()
+        for complete in waiting:
+            complete()
         self._wake_r.close()
         self._wake_w.close()
         segments.reset()  # close our kept writer mappings before the files go
@@ -1308,6 +1330,15 @@ class LocalBackend:
             if actor is None or actor.child is None:
                 return None
             return actor.child.popen.pid
+
+
+def _decoded(entry: _Object) -> Any:
+    if entry.stored is None:  # only when shutdown() completes the futures still waiting
+        raise RaySystemError(
+            f"the runtime was shut down before the result of {entry.producer} was ready"
+        )
+    raise_if_error(entry.stored)
+    return value_of(entry.stored)
 
 
 def _exit_reason(popen: subprocess.Popen) -> str:
