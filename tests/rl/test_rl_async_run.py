@@ -380,6 +380,11 @@ class SnapshotKeepingTrainer(FullyAsyncTrainer):
         self.snapshots.append({k: v.clone() for k, v in weights.items()})
         return weights
 
+    def live_weights(self):  # the loop's path when it copies the weights out itself
+        weights = super().live_weights()
+        self.snapshots.append({k: v.clone() for k, v in weights.items()})
+        return weights
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("factor", [0.0, 0.5])
@@ -520,3 +525,29 @@ def test_a_failing_put_stops_the_rollouter_and_closes_the_queue_with_the_error(w
     assert stats["alive"] is False  # the generation loop ended with the sender's failure
     assert "queue unreachable" in stats["error"]
     assert "queue unreachable" in queue.closed_with  # the trainer sees the error, not an end
+
+
+def test_the_loop_publishes_the_live_weights_once_and_a_later_step_does_not_change_them(
+    workdir,
+):
+    """The snapshot a sync sends is the one copy out of the trainer (a put of the live
+    tensors): the next step must not change what was published, and the put must not alias."""
+    from miniray.rl.loop import weights_of
+
+    miniray.init(backend="local", num_workers=1)
+    try:
+        trainer = FullyAsyncTrainer(config(workdir))
+        live = weights_of(trainer, copy=False)
+        params = {p.data_ptr() for p in trainer.model.parameters()}
+        assert all(t.data_ptr() in params for t in live.values())  # no clone was made
+        ref = miniray.put(live)
+        with torch.no_grad():
+            for p in trainer.model.parameters():
+                p.add_(1.0)  # what the next optimizer step does to the live tensors
+        published = miniray.get(ref, timeout=60)
+        for name, tensor in published.items():
+            assert torch.equal(tensor + 1.0, trainer.model.state_dict()[name]), name
+        copied = weights_of(trainer, copy=True)
+        assert all(t.data_ptr() not in params for t in copied.values())
+    finally:
+        miniray.shutdown()

@@ -153,6 +153,7 @@ def run(
         cfg, trainer_actor=published if mode == "async" else trainer, rollouter_actor=rollouter
     )
     publisher = _Publisher(sync, published, timeout=2 * cfg.async_training.sync_timeout + 30)
+    extrapolating = bool(cfg.async_training.weight_extrapolation) and mode == "async"
     result = RunResult(summary={})
     max_new = cfg.data.max_response_length
     eval_scorer = build_scorer(cfg, reward_fn, eval_rows)
@@ -250,7 +251,7 @@ def run(
             t1 = time.time()  # the publishing's blocking time includes taking the weights
             weights = None
             if publishing or saving or not _finite_metrics(metrics):
-                weights = trainer.get_weights()
+                weights = weights_of(trainer, copy=extrapolating)
                 check_finite_weights(weights, step, finite_at, metrics)
                 finite_at = step
             positions = [g[0].metadata["prompt_position"] for g in groups]
@@ -261,9 +262,12 @@ def run(
             result.dropped_positions.append(gone)
             result.ages.extend(version - g[0].v_start for g in groups)
             if publishing:
+                assert weights is not None
                 if mode == "async":
                     publisher.wait()  # the previous version is in place: versions stay in order
-                    published.take(weights)  # taken before the next step changes them
+                    # Taken before the next step changes them: into shared memory now (the
+                    # sync's one copy), or kept as a copy to extrapolate from.
+                    published.take(weights if extrapolating else miniray.put(weights))
                     publisher.start(version + 1)
                 else:
                     _from_rollouter(
@@ -401,6 +405,17 @@ def _resume(
     _from_rollouter(rollouter.load_weights.remote(weights, version), timeout)
     miniray.get(queue.update_param_version.remote(version), timeout=timeout)
     return version, step, trained, path, discarded
+
+
+def weights_of(trainer: Any, *, copy: bool) -> dict[str, Any]:
+    """The trainer's weights to check and publish: its live tensors when it offers them
+    (``FullyAsyncTrainer.live_weights``) and the caller copies them out at once, else (or with
+    ``copy``) ``get_weights()``, a copy. Measured at Qwen2.5-0.5B size in bf16
+    (benchmarks/weight_sync.py): the clone was one of the sync's two memcpys of the model."""
+    live = getattr(trainer, "live_weights", None)
+    if copy or not callable(live):
+        return trainer.get_weights()
+    return live()
 
 
 def reward_metrics(groups: Sequence[Sequence[Any]]) -> dict[str, float]:
@@ -549,8 +564,9 @@ class _Snapshot:
         self._trained: dict[str, torch.Tensor] | None = None
         self._before: dict[str, torch.Tensor] | None = None
 
-    def take(self, weights: dict[str, torch.Tensor]) -> None:
-        """A new snapshot; ``weights`` must be a copy (the next step changes the model)."""
+    def take(self, weights: Any) -> None:
+        """A new snapshot: an ``ObjectRef`` of weights already put, or (to extrapolate from)
+        a copy of them; never the live parameters, which the next step changes."""
         if self.extrapolation:
             self._before, self._trained = self._trained, weights
         self.weights = weights

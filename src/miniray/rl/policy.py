@@ -291,14 +291,15 @@ class PolicyUpdater:
         metrics["entropy_proxy"] = -masked_mean(proximal, batch.response_mask).item()
         return metrics
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """A copy of the weights. Tied entries (a causal LM's embedding and ``lm_head``) stay
-        one tensor under both names, so the copy and every sync move their bytes once."""
-        copies: dict[tuple, torch.Tensor] = {}
+    def state_dict(self, *, copy: bool = True) -> dict[str, torch.Tensor]:
+        """The weights: a copy, or with ``copy=False`` the live tensors (detached; valid until
+        the next step changes them). Tied entries (a causal LM's embedding and ``lm_head``)
+        stay one tensor under both names, so the copy and every sync move their bytes once."""
+        tensors: dict[tuple, torch.Tensor] = {}
         out = {}
         for name, tensor in self.model.state_dict().items():
             key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
-            if key not in copies:
-                copies[key] = tensor.detach().clone()
-            out[name] = copies[key]
+            if key not in tensors:
+                tensors[key] = tensor.detach().clone() if copy else tensor.detach()
+            out[name] = tensors[key]
         return out

@@ -141,7 +141,14 @@ class FullyAsyncTrainer:
         return metrics
 
     def get_weights(self) -> dict[str, torch.Tensor]:
+        """A copy of the weights (safe to hand to anyone, in any process)."""
         return self.updater.state_dict()
+
+    def live_weights(self) -> dict[str, torch.Tensor]:
+        """The parameters themselves, detached: for a caller that copies them out (a ``put``)
+        before the next ``train_step``. The loop publishes through this, so the one copy of a
+        sync is the one into shared memory, not a clone and then that copy."""
+        return self.updater.state_dict(copy=False)
 
     def set_version(self, version: int) -> int:
         self.version = int(version)
