@@ -148,7 +148,7 @@ def run(
     trainer = trainer if trainer is not None else FullyAsyncTrainer(cfg)
     # Async mode publishes a snapshot of the weights in the background (the next step runs
     # while they travel); the synchronizer reads them from here.
-    published = _Snapshot(cfg.async_training.weight_extrapolation)
+    published = PublishedWeights(cfg.async_training.weight_extrapolation)
     sync = UnifiedParameterSynchronizer(
         cfg, trainer_actor=published if mode == "async" else trainer, rollouter_actor=rollouter
     )
@@ -551,7 +551,7 @@ def extrapolate(
     return out
 
 
-class _Snapshot:
+class PublishedWeights:
     """The weights the synchronizer publishes: a copy taken after a step, so the trainer can
     take its next step while they travel to the rollouter. With ``extrapolation`` c > 0 it
     publishes ``theta + c * (theta - theta_before)`` (``extrapolate``), computed while
@@ -592,7 +592,9 @@ class _Publisher:
     weights are loaded are one version older, which the staleness bound already allows.
     """
 
-    def __init__(self, sync: UnifiedParameterSynchronizer, snapshot: _Snapshot, *, timeout: float):
+    def __init__(
+        self, sync: UnifiedParameterSynchronizer, snapshot: PublishedWeights, *, timeout: float
+    ):
         self.sync = sync
         self.snapshot = snapshot
         self.timeout = timeout
