@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from miniray.runtime import context
+from miniray.runtime import context, runtime_context
 from miniray.runtime.refs import (
     ActorClass,
     ActorHandle,
@@ -38,13 +38,16 @@ def init(
     num_cpus: int | None = None,
     backend: str | None = None,
     ignore_reinit_error: bool = False,
+    namespace: str | None = None,
     **backend_options: Any,
 ) -> None:
     """Start the runtime.
 
     ``backend`` is 'local' (processes on this machine, the default), 'inline' (one process, for
     debugging) or 'ray'; without it ``$MINIRAY_BACKEND`` decides. An ``address`` means Ray.
-    ``num_workers`` (alias ``num_cpus``) is the size of the task worker pool.
+    ``num_workers`` (alias ``num_cpus``) is the size of the task worker pool. ``namespace`` is
+    where this driver's named actors live and ``get_actor`` looks (default: an anonymous
+    namespace of its own, as in Ray).
     """
     if context.current_or_none() is not None:
         if ignore_reinit_error:
@@ -67,6 +70,9 @@ def init(
         name = "ray"
     if name not in BACKENDS:
         raise ValueError(f"backend={name!r} is unknown; known backends are {list(BACKENDS)}")
+    runtime_context.check_namespace(namespace, "init()")
+    if namespace is not None:
+        backend_options["namespace"] = namespace
     context.set_backend(_make_backend(name, address, workers, backend_options))
 
 
@@ -219,10 +225,19 @@ def kill(actor: ActorHandle, *, no_restart: bool = True) -> None:
 
 
 def get_actor(name: str, namespace: str | None = None) -> ActorHandle:
-    """The handle of the named actor; ``ValueError`` if there is none."""
+    """The handle of the named actor in ``namespace`` (default: this job's); ``ValueError`` if
+    no live actor has that name there, at once (as in Ray: a name is registered when
+    ``.remote()`` returns, before the constructor has run)."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"get_actor(): name={name!r} must be a non-empty string")
+    runtime_context.check_namespace(namespace, "get_actor()")
     return context.current().get_actor(name, namespace)
+
+
+def get_runtime_context() -> Any:
+    """What is running here: ``get_job_id()``, ``get_task_id()``, ``get_actor_id()``,
+    ``get_node_id()``, ``namespace``, ``current_actor``... (Ray's names and semantics)."""
+    return context.current().runtime_context()
 
 
 def cancel(object_ref: ObjectRef, *, force: bool = False, recursive: bool = True) -> None:

@@ -19,20 +19,23 @@ import sys
 import threading
 from typing import Any
 
-from miniray.runtime import context, execution, segments, serialization, shm
+from miniray.runtime import context, execution, runtime_context, segments, serialization, shm
 from miniray.runtime.local import lifeline, protocol
 from miniray.runtime.local.client import WorkerClient
 from miniray.runtime.local.values import error_of, stored_error, stored_value, value_of
+from miniray.runtime.refs import new_id
+from miniray.runtime.runtime_context import ActorExit, ActorIdentity
 
 ENV_SESSION = "MINIRAY_SESSION"
+ENV_NAMESPACE = "MINIRAY_NAMESPACE"  # the driver's namespace: get_actor(name) looks there
 ENV_SYS_PATH = "MINIRAY_SYS_PATH"
 
 
 class Worker:
-    def __init__(self, conn: protocol.Channel, session_id: str):
+    def __init__(self, conn: protocol.Channel, session_id: str, namespace: str):
         self.conn = conn
         self.session_id = session_id
-        self.client = WorkerClient(conn, session_id)
+        self.client = WorkerClient(conn, session_id, namespace)
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.functions: dict[str, Any] = {}
         self.instance: Any = None
@@ -40,6 +43,8 @@ class Worker:
         self.pool: Any = None  # ThreadPoolExecutor of a threaded actor
         self.loop: Any = None  # asyncio loop of an async actor
         self.semaphore: Any = None
+        self.identity: ActorIdentity | None = None  # the actor this process hosts
+        self.exiting = False  # exit_actor() was called: run no more calls
 
     # -- receiving -------------------------------------------------------------------------
     def receive_forever(self) -> None:
@@ -58,9 +63,15 @@ class Worker:
                 for name in message[1]:
                     segments.reclaim(name)
             elif kind == "call" and self.loop is not None:
-                self.loop.call_soon_threadsafe(self._start_async_call, message)
+                try:
+                    self.loop.call_soon_threadsafe(self._start_async_call, message)
+                except RuntimeError:  # closed by exit_actor(): the head failed this call
+                    pass
             elif kind == "call" and self.pool is not None:
-                self.pool.submit(self._run_call, message)
+                try:
+                    self.pool.submit(self._run_call, message)
+                except RuntimeError:  # shut down by exit_actor(): the head failed this call
+                    pass
             else:
                 self.inbox.put(message)
 
@@ -94,6 +105,7 @@ class Worker:
         if fn_bytes is not None:
             self.functions[fn_id] = serialization.loads(fn_bytes)
         attempts_left = options["max_retries"]
+        runtime_context.set_executing(task_id, None)
         while True:
             try:
                 fn = self.functions[fn_id]
@@ -117,6 +129,9 @@ class Worker:
     def _create_actor(self, message: tuple) -> bool:
         _, actor_id, class_name, class_bytes, payload, deps, options = message
         self.actor_name = class_name
+        self.identity = ActorIdentity(actor_id, class_name, options["methods"], options["name"])
+        runtime_context.set_process_actor(self.identity)
+        runtime_context.set_executing(new_id("t"), self.identity)  # the creation task
         # The head only ever hears why __init__ failed as text: it must not decode (run) a
         # user's exception in its router thread, so this process does, with the fallback of
         # RayTaskError's unpickling for one that does not unpickle.
@@ -158,7 +173,8 @@ class Worker:
     def _invoke(self, message: tuple) -> Any:
         method, payload, deps = message[2], message[3], message[4]
         args, kwargs = self._args(payload, deps)
-        return getattr(self.instance, method)(*args, **kwargs)
+        runtime_context.set_executing(message[1], self.identity)
+        return execution.actor_method(self.instance, method)(*args, **kwargs)
 
     def _finish_call(self, call_id: str, label: str, return_ids: list[str], value: Any) -> None:
         try:
@@ -176,8 +192,12 @@ class Worker:
     def _run_call(self, message: tuple) -> None:
         call_id, method, return_ids = message[1], message[2], message[5]
         label = f"{self.actor_name}.{method}"
+        if self.exiting:
+            return  # queued behind the exit_actor() call: the head failed it already
         try:
             value = self._invoke(message)
+        except ActorExit:
+            return self._exit_actor(call_id)
         except BaseException as exc:
             return self._fail_call(call_id, label, return_ids, exc)
         self._finish_call(call_id, label, return_ids, value)
@@ -186,31 +206,81 @@ class Worker:
 
     def _start_async_call(self, message: tuple) -> None:
         assert self.loop is not None
-        self.loop.create_task(self._run_async_call(message))
+        if not self.exiting:
+            self.loop.create_task(self._run_async_call(message))
 
     async def _run_async_call(self, message: tuple) -> None:
         assert self.semaphore is not None
         call_id, method, return_ids = message[1], message[2], message[5]
         label = f"{self.actor_name}.{method}"
         async with self.semaphore:
+            if self.exiting:
+                return
             try:
                 value = self._invoke(message)
                 if hasattr(value, "__await__"):
                     value = await value
+            except ActorExit:
+                return self._exit_actor(call_id)
             except BaseException as exc:
                 return self._fail_call(call_id, label, return_ids, exc)
             self._finish_call(call_id, label, return_ids, value)
+
+    # -- exit_actor() ----------------------------------------------------------------------
+    def _exit_actor(self, call_id: str) -> None:
+        """A method called exit_actor(): the head fails this call and every later one with
+        ActorDiedError and never restarts the actor; calls running alongside it (threaded or
+        async actors) run to their end first, queued ones never start, as in Ray."""
+        self.exiting = True
+        self.client.send(("actor_exit", call_id))
+        if self.pool is not None:
+            pool = self.pool
+
+            def drain_then_end() -> None:
+                pool.shutdown(wait=True, cancel_futures=True)
+                _end_process()
+
+            # Not from this pool thread: shutdown(wait=True) would wait for itself.
+            threading.Thread(target=drain_then_end, daemon=True).start()
+        elif self.loop is not None:
+            self.loop.create_task(self._exit_when_others_end())
+        else:
+            _end_process()
+
+    async def _exit_when_others_end(self) -> None:
+        import asyncio
+
+        current = asyncio.current_task()
+        others = [t for t in asyncio.all_tasks() if t is not current]
+        if others:
+            await asyncio.wait(others)
+        _end_process()
+
+
+def _end_process() -> None:
+    """End an actor's process as a normal exit would: atexit handlers run (Ray runs them)."""
+    import atexit
+
+    context.set_backend(None)  # miniray's own atexit shutdown() is the driver's business
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(0)
 
 
 def main() -> None:
     lifeline.die_with_parent()  # before any user code: that may never let Python run again
     fd = int(sys.argv[-1])
     session_id = os.environ[ENV_SESSION]
+    namespace = os.environ[ENV_NAMESPACE]
     sys.path[:] = os.environ[ENV_SYS_PATH].split(os.pathsep)
     # Ctrl-C goes to the driver, which shuts us down; a worker dying of it would look like a crash.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     conn = protocol.Channel(fd)
-    worker = Worker(conn, session_id)
+    worker = Worker(conn, session_id, namespace)
     context.set_backend(worker.client)
     segments.set_unmapped_hook(worker.client.unmapped)
     worker.run()
