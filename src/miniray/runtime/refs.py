@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import types
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -367,11 +368,18 @@ class ActorClass:
         if cls is None or (name.startswith("__") and name.endswith("__")):
             raise AttributeError(name)  # unpickling or copying, before __init__ ran
         try:
-            return getattr(cls, name)
+            value = getattr(cls, name)
         except AttributeError:
             raise AttributeError(
                 f"actor class {cls.__name__!r} has no attribute {name!r}"
             ) from None
+        if isinstance(value, types.FunctionType):
+            # A fresh wrapper, never the function itself: cloudpickle pickles a function by
+            # reference when ``module.Qualname`` resolves to that very object, and through this
+            # method ``module.Counter.read`` would, so the class's methods would travel by
+            # name to processes that cannot import the module (Ray's workers and test modules).
+            return _forwarding(value)
+        return value
 
     def __mro_entries__(self, bases: tuple) -> tuple:
         raise ActorClassInheritanceException(
@@ -465,6 +473,16 @@ class ActorMethod:
             f"Actor methods cannot be called directly. Instead of running "
             f"'{self._name}()', try '{self._name}.remote()'."
         )
+
+
+def _forwarding(fn: Callable) -> Callable:
+    import functools  # lazily: only reading a function through an actor class needs it
+
+    @functools.wraps(fn)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    return forward
 
 
 def returns_of(refs: list[ObjectRef], num_returns: int) -> Any:
