@@ -1094,18 +1094,13 @@ def test_exit_actor_ends_the_actor_for_good(runtime):
     for ref in (exiting, queued, actor.bump.remote()):
         with pytest.raises(ActorDiedError):
             miniray.get(ref, timeout=30)
-    # max_restarts=2 does not bring it back; its name is free (Ray frees it a moment later).
+    # max_restarts=2 does not bring it back.
     time.sleep(0.5)
     with pytest.raises(ActorDiedError):
         miniray.get(actor.bump.remote(), timeout=30)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
+    if runtime != "ray":  # Ray 2.60 keeps the name taken (see docs/runtime.md)
+        with pytest.raises(ValueError, match="exiter"):
             miniray.get_actor("exiter")
-        except ValueError:
-            break
-        assert time.monotonic() < deadline, "the name of an exited actor was never freed"
-        time.sleep(0.2)
 
 
 def test_exit_actor_is_not_swallowed_by_except_exception(runtime):
@@ -1141,16 +1136,24 @@ def test_exit_actor_outside_an_actor_is_a_type_error(runtime):
 # -- get_runtime_context() ----------------------------------------------------------------------
 
 
-def _context_of_here():
-    ctx = miniray.get_runtime_context()
-    return {
-        "job": ctx.get_job_id(),
-        "task": ctx.get_task_id(),
-        "actor": ctx.get_actor_id(),
-        "node": ctx.get_node_id(),
-        "namespace": ctx.namespace,
-        "actor_name": ctx.get_actor_name(),
-    }
+def _make_context_reader():
+    """Made in a function so that cloudpickle ships it by value (see _make_plain_classes)."""
+
+    def context_of_here():
+        ctx = miniray.get_runtime_context()
+        return {
+            "job": ctx.get_job_id(),
+            "task": ctx.get_task_id(),
+            "actor": ctx.get_actor_id(),
+            "node": ctx.get_node_id(),
+            "namespace": ctx.namespace,
+            "actor_name": ctx.get_actor_name(),
+        }
+
+    return context_of_here
+
+
+_context_of_here = _make_context_reader()
 
 
 @miniray.remote
