@@ -6,12 +6,13 @@ The runtime lives in ``miniray.runtime``; the parameter server in ``miniray.ps``
 framework in ``miniray.train`` and asynchronous RL post-training in ``miniray.rl``.
 """
 
-from miniray import exceptions
+from miniray import actor, exceptions
 from miniray.runtime.api import (
     backend_name,
     cancel,
     get,
     get_actor,
+    get_runtime_context,
     init,
     is_initialized,
     kill,
@@ -30,11 +31,13 @@ __all__ = [
     "ActorHandle",
     "ObjectRef",
     "RemoteFunction",
+    "actor",
     "backend_name",
     "cancel",
     "exceptions",
     "get",
     "get_actor",
+    "get_runtime_context",
     "init",
     "is_initialized",
     "kill",

@@ -1528,3 +1528,406 @@ def test_a_future_still_waiting_at_shutdown_fails_instead_of_hanging(runtime):
     miniray.shutdown()
     assert isinstance(fut.exception(timeout=10), RaySystemError)
     assert "shut down" in str(fut.exception())
+
+
+# -- actor classes behave like classes (issue 22, item 6) -------------------------------------
+# Ray's actor class reads as the class it wraps (class attributes, static and class methods),
+# exposes the original as __ray_actor_class__ (subclass that, not the actor class), runs the
+# methods of the whole MRO, and every actor has __ray_ready__ / __ray_call__ / __ray_terminate__.
+
+
+def _make_plain_classes():
+    """Made in a function so that cloudpickle ships them by value (Ray's workers cannot import
+    this test module by name)."""
+
+    class PlainBase:
+        LIMIT = 7
+
+        def __init__(self, start=0):
+            self.value = start
+
+        @staticmethod
+        def scaled(x):
+            return x * PlainBase.LIMIT
+
+        @classmethod
+        def limit(cls):
+            return cls.LIMIT
+
+        def read(self):
+            return self.value
+
+        def describe(self):
+            return f"base {self.value}"
+
+    class FromPlainCls(PlainBase):
+        LIMIT = 9
+
+        def describe(self):
+            return "derived, " + super().describe()
+
+        def bump(self):
+            self.value += 1
+            return self.value
+
+    return PlainBase, FromPlainCls
+
+
+PlainBase, FromPlainCls = _make_plain_classes()
+FromPlain = miniray.remote(FromPlainCls)
+
+
+def _make_subclass_of_actor_original():
+    class SubOfActor(FromPlain.__ray_actor_class__):
+        LIMIT = 11
+
+        def describe(self):
+            return "sub, " + super().describe()
+
+    return SubOfActor
+
+
+SubOfActor = miniray.remote(_make_subclass_of_actor_original())
+
+
+def test_actor_class_reads_as_the_class_it_wraps(runtime):
+    assert FromPlain.LIMIT == 9
+    assert FromPlain.scaled(2) == 14  # a static method, called here, not remotely
+    assert FromPlain.limit() == 9  # a class method, bound to the original class
+    assert FromPlain.__ray_actor_class__ is FromPlainCls
+    assert SubOfActor.limit() == 11
+    with pytest.raises(AttributeError, match="no_such_thing"):
+        FromPlain.no_such_thing  # noqa: B018
+
+
+def test_subclassing_the_actor_class_itself_is_a_type_error(runtime):
+    with pytest.raises(TypeError, match="__ray_actor_class__") as info:
+
+        class Bad(FromPlain):
+            pass
+
+    assert isinstance(info.value, miniray.actor.ActorClassInheritanceException)
+
+
+def test_actor_runs_methods_from_the_whole_mro(runtime):
+    actor = FromPlain.remote(3)
+    assert miniray.get(actor.read.remote(), timeout=30) == 3  # defined on the plain base only
+    assert miniray.get(actor.bump.remote(), timeout=30) == 4  # on the subclass only
+    assert miniray.get(actor.describe.remote(), timeout=30) == "derived, base 4"  # super()
+    assert miniray.get(actor.limit.remote(), timeout=30) == 9
+    sub = SubOfActor.remote(1)
+    assert miniray.get(sub.describe.remote(), timeout=30) == "sub, derived, base 1"
+    assert miniray.get([sub.bump.remote(), sub.limit.remote()], timeout=30) == [2, 11]
+
+
+@miniray.remote
+class SlowStart:
+    def __init__(self, seconds):
+        time.sleep(seconds)
+        self.value = "started"
+
+    def read(self):
+        return self.value
+
+
+def test_readiness_by_any_method_and_ray_ready(runtime):
+    actor = SlowStart.remote(0.3)
+    assert miniray.get(actor.__ray_ready__.remote(), timeout=30) is True
+    assert miniray.get(actor.read.remote(), timeout=30) == "started"
+    broken = BrokenInit.remote()
+    with pytest.raises(ActorDiedError, match="cannot start"):
+        miniray.get(broken.__ray_ready__.remote(), timeout=30)
+
+
+def test_ray_call_runs_a_function_on_the_instance(runtime):
+    actor = FromPlain.remote(5)
+    assert (
+        miniray.get(actor.__ray_call__.remote(lambda self, x: self.value + x, 2), timeout=30) == 7
+    )
+
+
+# -- exit_actor() -------------------------------------------------------------------------------
+
+
+@miniray.remote(max_restarts=2)
+class SelfExiter:
+    def __init__(self):
+        self.value = 0
+
+    def bump(self):
+        self.value += 1
+        return self.value
+
+    def slow(self, seconds):
+        time.sleep(seconds)
+        return self.value
+
+    def quit(self):
+        miniray.actor.exit_actor()
+        return "unreachable"
+
+    def quit_catching_exceptions(self):
+        try:
+            miniray.actor.exit_actor()
+        except Exception:  # exit_actor raises a SystemExit, as Ray's: not caught here
+            return "swallowed"
+        return "unreachable"
+
+
+def test_exit_actor_ends_the_actor_for_good(runtime):
+    actor = SelfExiter.options(name="exiter").remote()
+    assert miniray.get(actor.bump.remote(), timeout=30) == 1
+    running = actor.slow.remote(0.3)
+    exiting = actor.quit.remote()
+    queued = actor.bump.remote()
+    assert miniray.get(running, timeout=30) == 1  # submitted before: runs to its end
+    for ref in (exiting, queued, actor.bump.remote()):
+        with pytest.raises(ActorDiedError):
+            miniray.get(ref, timeout=30)
+    # max_restarts=2 does not bring it back.
+    time.sleep(0.5)
+    with pytest.raises(ActorDiedError):
+        miniray.get(actor.bump.remote(), timeout=30)
+    if runtime != "ray":  # Ray 2.60 keeps the name taken (see docs/runtime.md)
+        with pytest.raises(ValueError, match="exiter"):
+            miniray.get_actor("exiter")
+
+
+def test_exit_actor_is_not_swallowed_by_except_exception(runtime):
+    actor = SelfExiter.remote()
+    with pytest.raises(ActorDiedError):
+        miniray.get(actor.quit_catching_exceptions.remote(), timeout=30)
+
+
+def test_ray_terminate_queues_an_exit(runtime):
+    actor = SelfExiter.remote()
+    first = actor.bump.remote()
+    actor.__ray_terminate__.remote()
+    assert miniray.get(first, timeout=30) == 1
+    with pytest.raises(ActorDiedError):
+        miniray.get(actor.bump.remote(), timeout=30)
+
+
+@miniray.remote
+def exit_actor_in_a_task():
+    try:
+        miniray.actor.exit_actor()
+    except TypeError as exc:
+        return f"TypeError: {exc}"
+    return "no error"
+
+
+def test_exit_actor_outside_an_actor_is_a_type_error(runtime):
+    with pytest.raises(TypeError, match="exit_actor"):
+        miniray.actor.exit_actor()
+    assert miniray.get(exit_actor_in_a_task.remote(), timeout=30).startswith("TypeError")
+
+
+# -- get_runtime_context() ----------------------------------------------------------------------
+
+
+def _make_context_reader():
+    """Made in a function so that cloudpickle ships it by value (see _make_plain_classes)."""
+
+    def context_of_here():
+        ctx = miniray.get_runtime_context()
+        return {
+            "job": ctx.get_job_id(),
+            "task": ctx.get_task_id(),
+            "actor": ctx.get_actor_id(),
+            "node": ctx.get_node_id(),
+            "namespace": ctx.namespace,
+            "actor_name": ctx.get_actor_name(),
+        }
+
+    return context_of_here
+
+
+_context_of_here = _make_context_reader()
+
+
+@miniray.remote
+def context_in_task():
+    return _context_of_here()
+
+
+@miniray.remote
+class ContextActor:
+    def __init__(self):
+        self.at_init = _context_of_here()
+
+    def init_context(self):
+        return self.at_init
+
+    def context(self):
+        return _context_of_here()
+
+    def myself(self):
+        return miniray.get_runtime_context().current_actor
+
+
+def test_runtime_context_in_driver_task_and_actor(runtime):
+    driver = _context_of_here()
+    assert isinstance(driver["job"], str) and driver["job"]
+    assert isinstance(driver["node"], str) and driver["node"]
+    assert driver["task"] is None and driver["actor"] is None and driver["actor_name"] is None
+    with pytest.raises(RuntimeError, match="actor"):
+        miniray.get_runtime_context().current_actor  # noqa: B018
+
+    task = miniray.get(context_in_task.remote(), timeout=30)
+    assert (task["job"], task["node"], task["namespace"]) == (
+        driver["job"],
+        driver["node"],
+        driver["namespace"],
+    )
+    assert isinstance(task["task"], str) and task["actor"] is None
+    assert miniray.get(context_in_task.remote(), timeout=30)["task"] != task["task"]
+
+    actor = ContextActor.options(name="context-actor").remote()
+    first, second, at_init = miniray.get(
+        [actor.context.remote(), actor.context.remote(), actor.init_context.remote()], timeout=30
+    )
+    for seen in (first, second, at_init):
+        assert seen["actor"] == actor.actor_id
+        assert seen["job"] == driver["job"] and seen["namespace"] == driver["namespace"]
+        assert seen["actor_name"] == "context-actor"
+        assert isinstance(seen["task"], str)
+    assert len({first["task"], second["task"], at_init["task"]}) == 3
+    assert miniray.get(actor.myself.remote(), timeout=30) == actor
+    unnamed = ContextActor.remote()
+    assert miniray.get(unnamed.context.remote(), timeout=30)["actor_name"] == ""
+
+
+@miniray.remote
+def assigned_resources():
+    try:
+        return miniray.get_runtime_context().get_assigned_resources()
+    except NotImplementedError as exc:
+        return f"NotImplementedError: {exc}"
+
+
+def test_assigned_resources_are_ray_only(runtime):
+    got = miniray.get(assigned_resources.remote(), timeout=30)
+    if runtime == "ray":
+        assert got == {"CPU": 1.0}
+    else:
+        assert got.startswith("NotImplementedError") and "backend='ray'" in got
+
+
+# -- named actors and namespaces (issue 22, item 7) --------------------------------------------
+
+
+def test_names_in_different_namespaces_do_not_collide(runtime):
+    first = Counter.options(name="ns-counter", namespace="ns-one").remote(1)
+    second = Counter.options(name="ns-counter", namespace="ns-two").remote(2)
+    assert first != second
+    one = miniray.get_actor("ns-counter", namespace="ns-one")
+    two = miniray.get_actor("ns-counter", namespace="ns-two")
+    assert miniray.get([one.read.remote(), two.read.remote()], timeout=30) == [1, 2]
+    with pytest.raises(ValueError, match="ns-counter"):
+        miniray.get_actor("ns-counter")  # not in this driver's own namespace
+    with pytest.raises(ActorAlreadyExistsError):
+        Counter.options(name="ns-counter", namespace="ns-one").remote()
+
+
+@miniray.remote
+def lookup_and_read(name, namespace=None):
+    return miniray.get(miniray.get_actor(name, namespace=namespace).read.remote(), timeout=30)
+
+
+def test_default_namespace_is_the_drivers_own_and_tasks_share_it(runtime):
+    namespace = miniray.get_runtime_context().namespace
+    assert isinstance(namespace, str) and namespace
+    Counter.options(name="in-default-ns").remote(4)
+    assert (
+        miniray.get(
+            miniray.get_actor("in-default-ns", namespace=namespace).read.remote(), timeout=30
+        )
+        == 4
+    )
+    assert miniray.get(lookup_and_read.remote("in-default-ns"), timeout=30) == 4
+    Counter.options(name="in-other-ns", namespace="elsewhere").remote(5)
+    assert miniray.get(lookup_and_read.remote("in-other-ns", "elsewhere"), timeout=30) == 5
+    with pytest.raises(ValueError, match="in-other-ns"):
+        miniray.get(lookup_and_read.remote("in-other-ns"), timeout=30)
+
+
+def test_a_name_is_found_as_soon_as_remote_returns(runtime):
+    # The constructor is still sleeping when the task looks the name up: the name is
+    # registered at .remote(), and the call waits for the constructor (as in Ray).
+    SlowStart.options(name="slow-start").remote(1.0)
+    assert miniray.get(lookup_and_read.remote("slow-start"), timeout=30) == "started"
+
+
+def test_missing_name_is_a_value_error_at_once(runtime):
+    start = time.monotonic()
+    with pytest.raises(ValueError, match="never-created"):
+        miniray.get(lookup_and_read.remote("never-created"), timeout=30)
+    with pytest.raises(ValueError, match="never-created"):
+        miniray.get_actor("never-created", namespace="some-namespace")
+    assert time.monotonic() - start < 10
+
+
+def test_bad_namespace_is_refused_by_name(runtime):
+    with pytest.raises(ValueError, match="namespace"):
+        Counter.options(name="x", namespace="")
+    with pytest.raises(ValueError, match="namespace"):
+        miniray.get_actor("x", namespace="")
+
+
+@miniray.remote
+class ConstructionRecorder:
+    def __init__(self, path):
+        with open(path, "a") as f:
+            f.write("constructed\n")
+
+    def pid(self):
+        return os.getpid()
+
+
+def test_get_if_exists_from_many_threads_makes_one_actor(runtime, tmp_path):
+    path = str(tmp_path / "constructions")
+    threads = 8
+    barrier = threading.Barrier(threads)
+    handles = [None] * threads
+    errors = []
+
+    def create(i):
+        try:
+            barrier.wait(timeout=30)
+            handles[i] = ConstructionRecorder.options(name="only-one", get_if_exists=True).remote(
+                path
+            )
+        except Exception as exc:  # reported below: a thread's error must fail the test
+            errors.append(exc)
+
+    workers = [threading.Thread(target=create, args=(i,)) for i in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=60)
+    assert not errors, errors
+    assert len({h.actor_id for h in handles}) == 1
+    assert len(set(miniray.get([h.pid.remote() for h in handles], timeout=30))) == 1
+    with open(path) as f:
+        assert f.read() == "constructed\n"
+
+
+@pytest.mark.parametrize("backend", ["local", "inline"])
+def test_init_namespace_is_where_names_live(backend):
+    with pytest.raises(ValueError, match="namespace"):
+        miniray.init(backend=backend, namespace="")
+    miniray.init(backend=backend, num_workers=1, namespace="team")
+    try:
+        assert miniray.get_runtime_context().namespace == "team"
+        Counter.options(name="team-counter").remote(3)
+        assert (
+            miniray.get(
+                miniray.get_actor("team-counter", namespace="team").read.remote(), timeout=30
+            )
+            == 3
+        )
+        assert miniray.get(context_in_task.remote(), timeout=30)["namespace"] == "team"
+        assert miniray.get(lookup_and_read.remote("team-counter"), timeout=30) == 3
+    finally:
+        miniray.shutdown()

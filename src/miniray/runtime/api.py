@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from miniray.runtime import context
+from miniray.runtime import context, runtime_context
 from miniray.runtime.refs import (
     ActorClass,
     ActorHandle,
@@ -38,6 +38,7 @@ def init(
     num_cpus: int | None = None,
     backend: str | None = None,
     ignore_reinit_error: bool = False,
+    namespace: str | None = None,
     **backend_options: Any,
 ) -> None:
     """Start the runtime.
@@ -46,7 +47,8 @@ def init(
     debugging) or 'ray'; without it ``$MINIRAY_BACKEND`` decides. An ``address`` means Ray.
     ``num_workers`` (alias ``num_cpus``) is the size of the task worker pool; 0 starts a
     driver-only session (put, get and actors work; a task fails at once, where Ray would keep it
-    pending forever).
+    pending forever). ``namespace`` is where this driver's named actors live and ``get_actor``
+    looks (default: an anonymous namespace of its own, as in Ray).
     """
     if context.current_or_none() is not None:
         if ignore_reinit_error:
@@ -73,6 +75,9 @@ def init(
         name = "ray"
     if name not in BACKENDS:
         raise ValueError(f"backend={name!r} is unknown; known backends are {list(BACKENDS)}")
+    runtime_context.check_namespace(namespace, "init()")
+    if namespace is not None:
+        backend_options["namespace"] = namespace
     context.set_backend(_make_backend(name, address, workers, backend_options))
 
 
@@ -229,10 +234,19 @@ def kill(actor: ActorHandle, *, no_restart: bool = True) -> None:
 
 
 def get_actor(name: str, namespace: str | None = None) -> ActorHandle:
-    """The handle of the named actor; ``ValueError`` if there is none."""
+    """The handle of the named actor in ``namespace`` (default: this job's); ``ValueError`` if
+    no live actor has that name there, at once (as in Ray: a name is registered when
+    ``.remote()`` returns, before the constructor has run)."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"get_actor(): name={name!r} must be a non-empty string")
+    runtime_context.check_namespace(namespace, "get_actor()")
     return context.current().get_actor(name, namespace)
+
+
+def get_runtime_context() -> Any:
+    """What is running here: ``get_job_id()``, ``get_task_id()``, ``get_actor_id()``,
+    ``get_node_id()``, ``namespace``, ``current_actor``... (Ray's names and semantics)."""
+    return context.current().runtime_context()
 
 
 def cancel(object_ref: ObjectRef, *, force: bool = False, recursive: bool = True) -> None:

@@ -7,6 +7,7 @@ resolution, error wrapping and ``num_returns`` behave the same everywhere.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 from miniray.errors import ObjectStoreFullError, RaySystemError, RayTaskError
@@ -167,3 +168,38 @@ def pickled_definition(target: Any, kind: str, name: str) -> bytes:
             "closure variable): pass it as an argument or through put() instead."
         )
     return pickled
+
+
+def _ray_ready(instance: Any) -> bool:
+    return True
+
+
+def _ray_call(instance: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    return fn(instance, *args, **kwargs)
+
+
+def _ray_terminate(instance: Any) -> None:
+    from miniray.runtime.runtime_context import exit_actor_here
+
+    exit_actor_here()
+
+
+# refs.BUILTIN_METHODS: what handles offer; these run them.
+_BUILTIN_METHODS: dict[str, Callable[..., Any]] = {
+    "__ray_ready__": _ray_ready,
+    "__ray_call__": _ray_call,
+    "__ray_terminate__": _ray_terminate,
+}
+
+
+def actor_method(instance: Any, name: str) -> Any:
+    """``instance.name``, or the built-in method of that name every actor has (as in Ray).
+
+    The built-ins are looked up only when the attribute is missing: user methods pay nothing."""
+    try:
+        return getattr(instance, name)
+    except AttributeError:
+        builtin = _BUILTIN_METHODS.get(name)
+        if builtin is None:
+            raise
+        return lambda *args, **kwargs: builtin(instance, *args, **kwargs)

@@ -39,7 +39,7 @@ from miniray.errors import (
     RayTaskError,
     TaskCancelledError,
 )
-from miniray.runtime import execution, futures, serialization
+from miniray.runtime import execution, futures, runtime_context, serialization
 from miniray.runtime import options as opts
 from miniray.runtime.refs import (
     ActorClass,
@@ -49,6 +49,7 @@ from miniray.runtime.refs import (
     new_id,
     returns_of,
 )
+from miniray.runtime.runtime_context import ActorExit, ActorIdentity
 
 SHUTDOWN_JOIN_S = 5.0
 
@@ -100,21 +101,26 @@ class _Actor:
         self.init_payload: tuple[Any, dict[str, _Entry]] = (None, {})  # args of __init__
         # A threaded actor's pool could start a method before __init__ ends: methods wait.
         self.constructed = threading.Event()
+        self.name_key: tuple[str, str] | None = None  # (namespace, name) of a named actor
+        self.identity = ActorIdentity(actor_id, cls.__name__, cls.methods, options["name"])
 
 
 class InlineBackend:
     name = "inline"
 
-    def __init__(self, runs_tasks: bool = True) -> None:
+    def __init__(self, runs_tasks: bool = True, namespace: str | None = None) -> None:
         self._runs_tasks = runs_tasks  # False: init(num_cpus=0), a driver-only session
         # Functions and classes whose pickled size was checked (nothing here ships them, but
         # one that Ray and the local backend refuse as too large is refused here too).
         self._sized: set[str] = set()
         self._awaited: dict[int, _Entry] = {}  # entries that futures wait on
+        self.session_id = new_id("j")
+        # Named actors are found by (namespace, name); see runtime_context.
+        self.namespace = namespace or runtime_context.anonymous_namespace()
         self._lock = threading.Lock()
         self._objects: dict[str, _Entry] = {}
         self._actors: dict[str, _Actor] = {}
-        self._names: dict[str, str] = {}
+        self._names: dict[tuple[str, str], str] = {}  # (namespace, name) -> actor id
         self._current = threading.local()  # .task: the task this thread runs
         self._pinned: set[str] = set()
         self._threads: list[threading.Thread] = []
@@ -263,6 +269,7 @@ class InlineBackend:
             for _, entry in outs:
                 self._store(entry, error=execution.no_cpus_error(name))
             return returns_of([ObjectRef(oid) for oid, _ in outs], num_returns) if outs else None
+        task_id = new_id("t")
 
         def attempts() -> list[Any] | BaseException:
             attempts_left = options["max_retries"]
@@ -284,6 +291,7 @@ class InlineBackend:
                     return execution.task_error(name, exc)
 
         def run() -> None:
+            runtime_context.set_executing(task_id, None)
             self._current.task = task
             failed = self._failed_dep(deps)
             with self._lock:
@@ -357,19 +365,25 @@ class InlineBackend:
         if cls.class_id not in self._sized:
             execution.pickled_definition(cls.cls, "actor", cls.__name__)
             self._sized.add(cls.class_id)
-        name = options["name"]
+        key = self._name_key(options["name"], options["namespace"])
+        # Check and register in one step: of concurrent get_if_exists=True creations exactly
+        # one constructs, the others get its handle.
         with self._lock:
-            if name is not None and name in self._names:
-                existing = self._actors[self._names[name]]
+            if key is not None and key in self._names:
+                existing = self._actors[self._names[key]]
                 if options["get_if_exists"]:
                     return ActorHandle(
                         existing.actor_id, existing.cls.__name__, existing.cls.methods
                     )
-                raise ActorAlreadyExistsError(f"an actor named {name!r} already exists")
+                raise ActorAlreadyExistsError(
+                    f"an actor named {key[1]!r} already exists in namespace {key[0]!r}; pass "
+                    "get_if_exists=True to reuse it, or another name or namespace"
+                )
             actor = _Actor(new_id("a"), cls, options)
             self._actors[actor.actor_id] = actor
-            if name is not None:
-                self._names[name] = actor.actor_id
+            if key is not None:
+                actor.name_key = key
+                self._names[key] = actor.actor_id
         init_args, init_kwargs, dep_ids = execution.encode_args(args, kwargs)
         deps = self._dep_entries(dep_ids)
         payload = execution.serialize_args(init_args, init_kwargs, cls.__name__, None)
@@ -387,6 +401,7 @@ class InlineBackend:
         return ActorHandle(actor.actor_id, cls.__name__, cls.methods)
 
     def _construct(self, actor: _Actor) -> None:
+        runtime_context.set_executing(new_id("t"), actor.identity)  # the creation task
         try:
             payload, deps = actor.init_payload
             a, k = serialization.deserialize(payload)
@@ -465,6 +480,9 @@ class InlineBackend:
                     return finish(error=self._died(actor))
                 try:
                     value = call()
+                except ActorExit:  # before SystemExit, which it is: exit_actor() ends for good
+                    self._exited(actor, call)
+                    return finish(error=self._died(actor))
                 except BaseException as exc:
                     if actor.dead_reason is not None and actor.instance is None:
                         return finish(error=self._died(actor))
@@ -491,6 +509,9 @@ class InlineBackend:
                             value = call()
                             if asyncio.iscoroutine(value):
                                 value = await value
+                        except ActorExit:
+                            self._exited(actor, call)
+                            return finish(error=self._died(actor))
                         except BaseException as exc:
                             again, error = retry(exc, attempts_left)
                             if again:
@@ -531,12 +552,6 @@ class InlineBackend:
         self._forget_name(actor)
         return self._died(actor)
 
-    def _forget_name(self, actor: _Actor) -> None:
-        with self._lock:
-            name = actor.options["name"]
-            if name is not None and self._names.get(name) == actor.actor_id:
-                del self._names[name]
-
     def _died(self, actor: _Actor) -> ActorDiedError:
         return ActorDiedError(
             f"The actor {actor.cls.__name__} ({actor.actor_id}) is dead: {actor.dead_reason}",
@@ -560,10 +575,13 @@ class InlineBackend:
         label = f"{actor.cls.__name__}.{method}"
         payload = execution.serialize_args(call_args, call_kwargs, label, None)
 
+        call_id = new_id("m")
+
         def call() -> Any:
             a, k = serialization.deserialize(payload)
             a, k = execution.decode_args(a, k, self._resolve(deps))
-            return getattr(actor.instance, method)(*a, **k)
+            runtime_context.set_executing(call_id, actor.identity)
+            return execution.actor_method(actor.instance, method)(*a, **k)
 
         call.__name__ = f"{actor.cls.__name__}.{method}"
         retries = options.get("max_task_retries")
@@ -588,13 +606,43 @@ class InlineBackend:
         actor.dead_reason = "it was killed with miniray.kill()"
         self._forget_name(actor)
 
-    def get_actor(self, name: str, namespace: str | None) -> ActorHandle:
+    def _exited(self, actor: _Actor, call: Callable[[], Any]) -> None:
+        """A method called exit_actor(): dead for good, no restart; queued calls fail."""
+        actor.dead_reason = (
+            f"it exited: {getattr(call, '__name__', 'a method')}() called exit_actor()"
+        )
+        self._forget_name(actor)
+
+    def _forget_name(self, actor: _Actor) -> None:
         with self._lock:
-            actor_id = self._names.get(name)
+            key = actor.name_key
+            if key is not None and self._names.get(key) == actor.actor_id:
+                del self._names[key]
+
+    def _name_key(self, name: str | None, namespace: str | None) -> tuple[str, str] | None:
+        return None if name is None else (namespace or self.namespace, name)
+
+    def get_actor(self, name: str, namespace: str | None) -> ActorHandle:
+        key = self._name_key(name, namespace)
+        assert key is not None
+        with self._lock:
+            actor_id = self._names.get(key)
+            names = sorted(n for ns, n in self._names if ns == key[0])
         if actor_id is None:
-            raise ValueError(f"Failed to look up actor with name {name!r}: no such actor")
+            raise ValueError(
+                f"Failed to look up actor with name {name!r} in namespace {key[0]!r}: no live "
+                f"actor has that name there (named actors in it: {names})"
+            )
         actor = self._actors[actor_id]
         return ActorHandle(actor_id, actor.cls.__name__, actor.cls.methods)
+
+    def runtime_context(self) -> runtime_context.RuntimeContext:
+        return runtime_context.RuntimeContext(
+            self.name, self.session_id, runtime_context.node_id_of(self.session_id), self.namespace
+        )
+
+    def exit_actor(self) -> None:
+        runtime_context.exit_actor_here()
 
     def _start_thread(self, target: Callable[[], Any], name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)

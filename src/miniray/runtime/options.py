@@ -69,6 +69,9 @@ def validate(kind: str, options: dict[str, Any]) -> dict[str, Any]:
     name = options.get("name")
     if name is not None and (not isinstance(name, str) or not name):
         raise ValueError(f"option name={name!r} must be a non-empty string")
+    namespace = options.get("namespace")
+    if namespace is not None and (not isinstance(namespace, str) or not namespace):
+        raise ValueError(f"option namespace={namespace!r} must be None or a non-empty string")
     lifetime = options.get("lifetime")
     if lifetime not in (None, "non_detached", "detached"):
         raise ValueError(f"option lifetime={lifetime!r} must be None, 'non_detached' or 'detached'")

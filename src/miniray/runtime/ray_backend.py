@@ -575,6 +575,24 @@ class RayBackend:
         class_name, methods = _metadata_of(ray_handle)
         return RayActorHandle(ray_handle, class_name, methods)
 
+    def runtime_context(self) -> RayRuntimeContext:
+        import ray
+
+        return RayRuntimeContext(ray.get_runtime_context())
+
+    def exit_actor(self) -> None:
+        import ray
+
+        worker = ray._private.worker.global_worker
+        if worker.mode != ray._private.worker.WORKER_MODE or worker.actor_id.is_nil():
+            # Ray's own TypeError, in the words the embedded backends use.
+            raise TypeError(
+                "exit_actor() was called outside an actor (in the driver or a task); call it "
+                "inside an actor's method, or use miniray.kill(handle) to end an actor from "
+                "outside"
+            )
+        ray.actor.exit_actor()
+
     # -- objects ---------------------------------------------------------------------------
     def get(self, refs: list[ObjectRef], deadline: float | None) -> list[Any]:
         import ray
@@ -735,6 +753,45 @@ def _wrap_refs(out: Any, num_returns: int) -> list[ObjectRef]:
     if num_returns == 1:
         return [RayObjectRef(out)]
     return [RayObjectRef(r) for r in out]
+
+
+class RayRuntimeContext:
+    """``miniray.get_runtime_context()`` on Ray: Ray's answers, with our handle types."""
+
+    def __init__(self, ray_context: Any):
+        self._ray_context = ray_context
+
+    @property
+    def namespace(self) -> str:
+        return self._ray_context.namespace
+
+    def get_job_id(self) -> str:
+        return self._ray_context.get_job_id()
+
+    def get_node_id(self) -> str:
+        return self._ray_context.get_node_id()
+
+    def get_task_id(self) -> str | None:
+        return self._ray_context.get_task_id()
+
+    def get_actor_id(self) -> str | None:
+        return self._ray_context.get_actor_id()
+
+    def get_actor_name(self) -> str | None:
+        return self._ray_context.get_actor_name()
+
+    @property
+    def current_actor(self) -> ActorHandle:
+        ray_handle = self._ray_context.current_actor
+        class_name, methods = _metadata_of(ray_handle)
+        return RayActorHandle(ray_handle, class_name, methods)
+
+    def get_assigned_resources(self) -> dict[str, float]:
+        return self._ray_context.get_assigned_resources()
+
+    def __getattr__(self, name: str) -> Any:
+        # Ray's other accessors (get_worker_id, get_accelerator_ids, ...) unchanged.
+        return getattr(self._ray_context, name)
 
 
 def _metadata_of(ray_handle: Any) -> tuple[str, dict[str, dict[str, Any]]]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import types
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -287,8 +288,26 @@ def _actor_methods(cls: type) -> dict[str, dict[str, Any]]:
     return methods
 
 
+# Methods every actor has, as in Ray (``handle.__ray_ready__.remote()`` and the like); the
+# executors run them (execution.actor_method) unless the user's class defines its own.
+BUILTIN_METHODS: dict[str, dict[str, Any]] = {
+    name: {**opts.METHOD_DEFAULTS, "is_async": False, "argument_check": None}
+    for name in ("__ray_ready__", "__ray_call__", "__ray_terminate__")
+}
+
+
+class ActorClassInheritanceException(TypeError):
+    """``class B(SomeActorClass)``: subclass the original class instead (Ray's rule and name)."""
+
+
 class ActorClass:
-    """``@remote`` on a class. ``.remote(...)`` starts an actor and returns its handle."""
+    """``@remote`` on a class. ``.remote(...)`` starts an actor and returns its handle.
+
+    Like Ray's, it reads as the class it wraps: class attributes, static and class methods are
+    reachable through it (``Cls.LIMIT``, ``Cls.helper(...)``), ``Cls.__ray_actor_class__`` is
+    the original class (subclass that one), and subclassing the actor class itself is a
+    ``TypeError``.
+    """
 
     def __init__(
         self,
@@ -346,6 +365,36 @@ class ActorClass:
             (self._methods, self._init_check),
         )
 
+    @property
+    def __ray_actor_class__(self) -> type:
+        return self._cls
+
+    def __getattr__(self, name: str) -> Any:
+        # Only called for names ActorClass itself lacks: the original class's attributes.
+        cls = self.__dict__.get("_cls")
+        if cls is None or (name.startswith("__") and name.endswith("__")):
+            raise AttributeError(name)  # unpickling or copying, before __init__ ran
+        try:
+            value = getattr(cls, name)
+        except AttributeError:
+            raise AttributeError(
+                f"actor class {cls.__name__!r} has no attribute {name!r}"
+            ) from None
+        if isinstance(value, types.FunctionType):
+            # A fresh wrapper, never the function itself: cloudpickle pickles a function by
+            # reference when ``module.Qualname`` resolves to that very object, and through this
+            # method ``module.Counter.read`` would, so the class's methods would travel by
+            # name to processes that cannot import the module (Ray's workers and test modules).
+            return _forwarding(value)
+        return value
+
+    def __mro_entries__(self, bases: tuple) -> tuple:
+        raise ActorClassInheritanceException(
+            f"cannot subclass the actor class {self.__name__!r}: subclass the original class "
+            f"({self.__name__}.__ray_actor_class__) and decorate the subclass with "
+            "@miniray.remote"
+        )
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError(
             f"Actors cannot be instantiated directly. Instead of '{self.__name__}()', "
@@ -374,7 +423,13 @@ class ActorHandle:
 
     def __getattr__(self, name: str) -> ActorMethod:
         methods = self.__dict__.get("_methods")
-        if methods is None or name.startswith("__"):
+        if methods is None:
+            raise AttributeError(name)
+        if name.startswith("__"):
+            if name in methods:  # the user's own __call__ (or a __ray_*__ of theirs)
+                return ActorMethod(self, name, methods[name])
+            if name in BUILTIN_METHODS:
+                return ActorMethod(self, name, BUILTIN_METHODS[name])
             raise AttributeError(name)
         if name not in methods:
             raise AttributeError(
@@ -425,6 +480,16 @@ class ActorMethod:
             f"Actor methods cannot be called directly. Instead of running "
             f"'{self._name}()', try '{self._name}.remote()'."
         )
+
+
+def _forwarding(fn: Callable) -> Callable:
+    import functools  # lazily: only reading a function through an actor class needs it
+
+    @functools.wraps(fn)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    return forward
 
 
 def returns_of(refs: list[ObjectRef], num_returns: int) -> Any:

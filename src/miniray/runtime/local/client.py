@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from miniray.errors import GetTimeoutError, RaySystemError
-from miniray.runtime import execution, futures, serialization
+from miniray.runtime import execution, futures, runtime_context, serialization
 from miniray.runtime import options as opts
 from miniray.runtime.execution import serialize_args
 from miniray.runtime.local import protocol
@@ -46,9 +46,10 @@ class _Request:
 class WorkerClient:
     name = "local"
 
-    def __init__(self, conn: protocol.Channel, session_id: str):
+    def __init__(self, conn: protocol.Channel, session_id: str, namespace: str):
         self._conn = conn
         self._session_id = session_id
+        self.namespace = namespace
         self._send_lock = threading.Lock()
         self._requests: dict[int, _Request] = {}
         self._request_ids = itertools.count()
@@ -243,8 +244,19 @@ class WorkerClient:
         self._request(lambda rid: ("kill", rid, handle.actor_id, no_restart), None, "kill()")
 
     def get_actor(self, name: str, namespace: str | None) -> ActorHandle:
-        answer = self._request(lambda rid: ("get_actor", rid, name), None, "get_actor()")
+        answer = self._request(lambda rid: ("get_actor", rid, name, namespace), None, "get_actor()")
         return _handle_or_raise(answer)
+
+    def runtime_context(self) -> runtime_context.RuntimeContext:
+        return runtime_context.RuntimeContext(
+            self.name,
+            self._session_id,
+            runtime_context.node_id_of(self._session_id),
+            self.namespace,
+        )
+
+    def exit_actor(self) -> None:
+        runtime_context.exit_actor_here()
 
     def cancel(self, ref: ObjectRef, force: bool, recursive: bool) -> None:
         self.send(("cancel", ref.id, force, recursive))

@@ -43,13 +43,13 @@ from miniray.errors import (
     TaskCancelledError,
     WorkerCrashedError,
 )
-from miniray.runtime import execution, futures, segments, serialization, shm
+from miniray.runtime import execution, futures, runtime_context, segments, serialization, shm
 from miniray.runtime import options as opts
 from miniray.runtime.execution import serialize_args
 from miniray.runtime.local import lifeline, protocol
 from miniray.runtime.local.protocol import Stored
 from miniray.runtime.local.values import raise_if_error, stored_error, value_of
-from miniray.runtime.local.worker import ENV_SESSION, ENV_SYS_PATH
+from miniray.runtime.local.worker import ENV_NAMESPACE, ENV_SESSION, ENV_SYS_PATH
 from miniray.runtime.refs import (
     ActorClass,
     ActorHandle,
@@ -155,6 +155,7 @@ class _Actor:
         self.pending: deque[_Call] = deque()
         self.inflight: dict[str, _Call] = {}
         self.death_reason = ""
+        self.name_key: tuple[str, str] | None = None  # (namespace, name) of a named actor
 
     def handle(self) -> ActorHandle:
         return ActorHandle(self.actor_id, self.class_name, self.methods)
@@ -175,10 +176,18 @@ class _WorkerRequest:
 class LocalBackend:
     name = "local"
 
-    def __init__(self, num_workers: int, start_timeout_s: float = START_TIMEOUT_S):
+    def __init__(
+        self,
+        num_workers: int,
+        start_timeout_s: float = START_TIMEOUT_S,
+        namespace: str | None = None,
+    ):
         self.session_id = f"{os.getpid():x}{os.urandom(3).hex()}"
         SESSIONS.append(self.session_id)
         self.num_workers = num_workers
+        # Named actors are found by (namespace, name); the driver's own namespace is an
+        # anonymous one unless init() names it, and every child gets it (ENV_NAMESPACE).
+        self.namespace = namespace or runtime_context.anonymous_namespace()
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         self._objects: dict[str, _Object] = {}
@@ -188,7 +197,7 @@ class LocalBackend:
         self._children: dict[int, _Child] = {}
         self._idle: list[_Child] = []
         self._actors: dict[str, _Actor] = {}
-        self._names: dict[str, str] = {}
+        self._names: dict[tuple[str, str], str] = {}  # (namespace, name) -> actor id
         self._functions: dict[str, bytes] = {}
         self._requests: dict[tuple[int, int], _WorkerRequest] = {}
         self._releases: deque[str] = deque()
@@ -228,6 +237,7 @@ class LocalBackend:
         parent_sock, child_sock = socket.socketpair()
         env = dict(os.environ)
         env[ENV_SESSION] = self.session_id
+        env[ENV_NAMESPACE] = self.namespace
         env[ENV_SYS_PATH] = os.pathsep.join(sys.path)  # (json would cost the child 20 ms)
         env["PYTHONUNBUFFERED"] = "1"
         # The child asks the kernel to kill it when we die (a child stuck in a C call holding
@@ -402,9 +412,9 @@ class LocalBackend:
             self._kill(actor_id, no_restart)
             self._send(child, ("reply", rid, None))
         elif kind == "get_actor":
-            _, rid, name = message
+            _, rid, name, namespace = message
             try:
-                answer = ("ok", self._lookup_actor(name))
+                answer = ("ok", self._lookup_actor(name, namespace))
             except ValueError as exc:
                 answer = ("error", exc)
             self._send(child, ("reply", rid, answer))
@@ -412,6 +422,8 @@ class LocalBackend:
             self._cancel(message[1], message[2], message[3])
         elif kind == "retried":
             self._on_retried(child, message[1])
+        elif kind == "actor_exit":
+            self._on_actor_exit(child, message[1])
         else:
             raise RaySystemError(f"unknown message kind {kind!r} from pid {child.popen.pid}")
 
@@ -934,18 +946,22 @@ class LocalBackend:
     def _create_actor(
         self, class_name, methods, class_bytes, payload, deps, options
     ) -> ActorHandle:
-        name = options.get("name")
-        if name is not None and name in self._names:
+        # Check and register in one step under the lock: of concurrent get_if_exists=True
+        # creations (threads, tasks) exactly one constructs, the others get its handle.
+        key = self._name_key(options.get("name"), options.get("namespace"))
+        if key is not None and key in self._names:
             if options.get("get_if_exists"):
-                return self._actors[self._names[name]].handle()
+                return self._actors[self._names[key]].handle()
             raise ActorAlreadyExistsError(
-                f"an actor named {name!r} already exists; pass get_if_exists=True to reuse it"
+                f"an actor named {key[1]!r} already exists in namespace {key[0]!r}; pass "
+                "get_if_exists=True to reuse it, or another name or namespace"
             )
         actor = _Actor(new_id("a"), class_name, methods, class_bytes, payload, deps, options)
         self._take_deps(deps, actor, {})
         self._actors[actor.actor_id] = actor
-        if name is not None:
-            self._names[name] = actor.actor_id
+        if key is not None:
+            actor.name_key = key
+            self._names[key] = actor.actor_id
         self._start_actor(actor)
         return actor.handle()
 
@@ -984,7 +1000,11 @@ class LocalBackend:
                 actor.class_bytes,
                 payload,
                 dep_values,
-                {"max_concurrency": actor.options["max_concurrency"]},
+                {
+                    "max_concurrency": actor.options["max_concurrency"],
+                    "methods": actor.methods,  # for get_runtime_context().current_actor
+                    "name": actor.options.get("name"),
+                },
             ),
         )
         actor.state = "creating"
@@ -1114,9 +1134,9 @@ class LocalBackend:
     def _actor_dead(self, actor: _Actor, reason: str) -> None:
         actor.state = "dead"
         actor.death_reason = reason
-        name = actor.options.get("name")
-        if name is not None and self._names.get(name) == actor.actor_id:
-            del self._names[name]
+        key = actor.name_key
+        if key is not None and self._names.get(key) == actor.actor_id:
+            del self._names[key]
         calls = list(actor.inflight.values()) + list(actor.pending)
         actor.inflight.clear()
         actor.pending.clear()
@@ -1141,21 +1161,44 @@ class LocalBackend:
         if child is not None and not child.dead:
             child.popen.kill()
 
+    def _on_actor_exit(self, child: _Child, call_id: str) -> None:
+        """A method of the actor called exit_actor(): it is dead for good (no restart)."""
+        actor = child.actor
+        if actor is None or actor.child is not child or actor.state == "dead":
+            return
+        call = actor.inflight.get(call_id)
+        method = call.method if call is not None else "a method"
+        self._actor_dead(actor, f"exited: {method}() called exit_actor()")
+
     def get_actor(self, name: str, namespace: str | None) -> ActorHandle:
         with self._lock:
             self._check_open()
-            actor_id, class_name, methods = self._lookup_actor(name)
+            actor_id, class_name, methods = self._lookup_actor(name, namespace)
         return ActorHandle(actor_id, class_name, methods)
 
-    def _lookup_actor(self, name: str) -> tuple[str, str, dict]:
-        actor_id = self._names.get(name)
+    def _name_key(self, name: str | None, namespace: str | None) -> tuple[str, str] | None:
+        return None if name is None else (namespace or self.namespace, name)
+
+    def _lookup_actor(self, name: str, namespace: str | None) -> tuple[str, str, dict]:
+        key = self._name_key(name, namespace)
+        assert key is not None
+        actor_id = self._names.get(key)
         if actor_id is None:
+            names = sorted(n for ns, n in self._names if ns == key[0])
             raise ValueError(
-                f"Failed to look up actor with name {name!r}: no live actor has that name "
-                f"(named actors: {sorted(self._names)})"
+                f"Failed to look up actor with name {name!r} in namespace {key[0]!r}: no live "
+                f"actor has that name there (named actors in it: {names})"
             )
         actor = self._actors[actor_id]
         return actor.actor_id, actor.class_name, actor.methods
+
+    def runtime_context(self) -> runtime_context.RuntimeContext:
+        return runtime_context.RuntimeContext(
+            self.name, self.session_id, runtime_context.node_id_of(self.session_id), self.namespace
+        )
+
+    def exit_actor(self) -> None:
+        runtime_context.exit_actor_here()  # the driver hosts no actor: a TypeError
 
     # ======================================================================= deaths
     def _on_child_died(self, child: _Child) -> None:

@@ -22,20 +22,23 @@ import threading
 from typing import Any, NoReturn
 
 from miniray.errors import TaskCancelledError
-from miniray.runtime import context, execution, segments, serialization, shm
+from miniray.runtime import context, execution, runtime_context, segments, serialization, shm
 from miniray.runtime.local import lifeline, protocol
 from miniray.runtime.local.client import WorkerClient
 from miniray.runtime.local.values import error_of, stored_error, stored_value, value_of
+from miniray.runtime.refs import new_id
+from miniray.runtime.runtime_context import ActorExit, ActorIdentity
 
 ENV_SESSION = "MINIRAY_SESSION"
+ENV_NAMESPACE = "MINIRAY_NAMESPACE"  # the driver's namespace: get_actor(name) looks there
 ENV_SYS_PATH = "MINIRAY_SYS_PATH"
 
 
 class Worker:
-    def __init__(self, conn: protocol.Channel, session_id: str):
+    def __init__(self, conn: protocol.Channel, session_id: str, namespace: str):
         self.conn = conn
         self.session_id = session_id
-        self.client = WorkerClient(conn, session_id)
+        self.client = WorkerClient(conn, session_id, namespace)
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.functions: dict[str, Any] = {}
         self.instance: Any = None
@@ -46,6 +49,8 @@ class Worker:
         # Cancellation: the task the main thread runs, and the last task the head cancelled.
         self.current_task: str | None = None
         self.cancel_id: str | None = None
+        self.identity: ActorIdentity | None = None  # the actor this process hosts
+        self.exiting = False  # exit_actor() was called: run no more calls
 
     # -- receiving -------------------------------------------------------------------------
     def receive_forever(self) -> None:
@@ -66,9 +71,15 @@ class Worker:
                 for name in message[1]:
                     segments.reclaim(name)
             elif kind == "call" and self.loop is not None:
-                self.loop.call_soon_threadsafe(self._start_async_call, message)
+                try:
+                    self.loop.call_soon_threadsafe(self._start_async_call, message)
+                except RuntimeError:  # closed by exit_actor(): the head failed this call
+                    pass
             elif kind == "call" and self.pool is not None:
-                self.pool.submit(self._run_call, message)
+                try:
+                    self.pool.submit(self._run_call, message)
+                except RuntimeError:  # shut down by exit_actor(): the head failed this call
+                    pass
             else:
                 self.inbox.put(message)
 
@@ -149,6 +160,7 @@ class Worker:
         Each retry is reported to the head, which counts it against the same ``max_retries``
         that covers this process dying: never more attempts than asked."""
         attempts_left = options["max_retries"]
+        runtime_context.set_executing(task_id, None)
         while True:
             if self.cancel_id == task_id:  # cancelled before it started, or between attempts
                 return TaskCancelledError(f"task {name}() was cancelled")
@@ -172,6 +184,9 @@ class Worker:
     def _create_actor(self, message: tuple) -> bool:
         _, actor_id, class_name, class_bytes, payload, deps, options = message
         self.actor_name = class_name
+        self.identity = ActorIdentity(actor_id, class_name, options["methods"], options["name"])
+        runtime_context.set_process_actor(self.identity)
+        runtime_context.set_executing(new_id("t"), self.identity)  # the creation task
         # The head only ever hears why __init__ failed as text: it must not decode (run) a
         # user's exception in its router thread, so this process does, with the fallback of
         # RayTaskError's unpickling for one that does not unpickle.
@@ -213,7 +228,8 @@ class Worker:
     def _invoke(self, message: tuple) -> Any:
         method, payload, deps = message[2], message[3], message[4]
         args, kwargs = self._args(payload, deps)
-        return getattr(self.instance, method)(*args, **kwargs)
+        runtime_context.set_executing(message[1], self.identity)
+        return execution.actor_method(self.instance, method)(*args, **kwargs)
 
     def _finish_call(self, call_id: str, label: str, return_ids: list[str], value: Any) -> None:
         try:
@@ -231,10 +247,14 @@ class Worker:
     def _run_call(self, message: tuple) -> None:
         call_id, method, return_ids, options = message[1], message[2], message[5], message[6]
         label = f"{self.actor_name}.{method}"
+        if self.exiting:
+            return  # queued behind the exit_actor() call: the head failed it already
         retries_left = options["max_task_retries"]
         while True:
             try:
                 value = self._invoke(message)
+            except ActorExit:  # before SystemExit, which it is: exit_actor() ends for good
+                return self._exit_actor(call_id)
             except SystemExit as exc:
                 _exit_actor(exc)
             except BaseException as exc:
@@ -262,7 +282,8 @@ class Worker:
 
     def _start_async_call(self, message: tuple) -> None:
         assert self.loop is not None
-        self.loop.create_task(self._run_async_call(message))
+        if not self.exiting:
+            self.loop.create_task(self._run_async_call(message))
 
     async def _run_async_call(self, message: tuple) -> None:
         assert self.semaphore is not None
@@ -270,11 +291,15 @@ class Worker:
         label = f"{self.actor_name}.{method}"
         retries_left = options["max_task_retries"]
         async with self.semaphore:
+            if self.exiting:
+                return
             while True:
                 try:
                     value = self._invoke(message)
                     if hasattr(value, "__await__"):
                         value = await value
+                except ActorExit:
+                    return self._exit_actor(call_id)
                 except SystemExit as exc:
                     _exit_actor(exc)
                 except BaseException as exc:
@@ -284,6 +309,50 @@ class Worker:
                     return self._fail_call(call_id, label, return_ids, exc)
                 break
             self._finish_call(call_id, label, return_ids, value)
+
+    # -- exit_actor() ----------------------------------------------------------------------
+    def _exit_actor(self, call_id: str) -> None:
+        """A method called exit_actor(): the head fails this call and every later one with
+        ActorDiedError and never restarts the actor; calls running alongside it (threaded or
+        async actors) run to their end first, queued ones never start, as in Ray."""
+        self.exiting = True
+        self.client.send(("actor_exit", call_id))
+        if self.pool is not None:
+            pool = self.pool
+
+            def drain_then_end() -> None:
+                pool.shutdown(wait=True, cancel_futures=True)
+                _end_process()
+
+            # Not from this pool thread: shutdown(wait=True) would wait for itself.
+            threading.Thread(target=drain_then_end, daemon=True).start()
+        elif self.loop is not None:
+            self.loop.create_task(self._exit_when_others_end())
+        else:
+            _end_process()
+
+    async def _exit_when_others_end(self) -> None:
+        import asyncio
+
+        current = asyncio.current_task()
+        others = [t for t in asyncio.all_tasks() if t is not current]
+        if others:
+            await asyncio.wait(others)
+        _end_process()
+
+
+def _end_process() -> None:
+    """End an actor's process as a normal exit would: atexit handlers run (Ray runs them)."""
+    import atexit
+
+    context.set_backend(None)  # miniray's own atexit shutdown() is the driver's business
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(0)
 
 
 def _exit_actor(exc: SystemExit) -> NoReturn:
@@ -304,9 +373,10 @@ def main() -> None:
     lifeline.die_with_parent()  # before any user code: that may never let Python run again
     fd = int(sys.argv[-1])
     session_id = os.environ[ENV_SESSION]
+    namespace = os.environ[ENV_NAMESPACE]
     sys.path[:] = os.environ[ENV_SYS_PATH].split(os.pathsep)
     conn = protocol.Channel(fd)
-    worker = Worker(conn, session_id)
+    worker = Worker(conn, session_id, namespace)
     # SIGINT is how a cancel interrupts a running task; Ctrl-C goes to the driver (we run in a
     # session of our own), which shuts us down.
     signal.signal(signal.SIGINT, worker.on_sigint)
