@@ -268,8 +268,8 @@ def spin_marked(started, seconds=60, interrupted=None, finished=None):
 
 @miniray.remote
 def catch_cancel(started):
-    touch(started)
-    try:
+    try:  # the marker is inside: the interrupt may land as soon as it exists
+        touch(started)
         spin(60)
     except KeyboardInterrupt:
         return "caught"
@@ -780,6 +780,12 @@ def test_cancel_fails_the_dependents_of_a_running_task(runtime, tmp_path):
 
 
 def test_cancel_a_task_waiting_for_its_argument_fails_it_and_its_dependents(runtime, tmp_path):
+    if runtime == "ray":
+        # Ray 2.60's driver dies (RAY_CHECK submitted_task_ref_count > 0 in
+        # OnTaskDependenciesInlined, ray-project/ray#55131) when a task cancelled while
+        # resolving its arguments later gets them inlined: seen twice here in the full
+        # conformance run, taking the whole pytest process with it. Checked by hand.
+        pytest.skip("crashes Ray 2.60's driver (ray-project/ray#55131)")
     marker = str(tmp_path / "started")
     upstream = started(spin_marked.remote(marker, 60, None, None), marker)
     waiting = identity.remote(upstream)
