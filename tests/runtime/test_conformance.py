@@ -334,6 +334,8 @@ class AsyncFlakyActor:
 
 @miniray.remote
 class Exiter:
+    """Ends itself by sys.exit (a crash or a clean exit, by code) or by exit_actor()."""
+
     def __init__(self):
         self.calls = 0
 
@@ -341,8 +343,23 @@ class Exiter:
         self.calls += 1
         return self.calls
 
+    def slow(self, seconds):
+        time.sleep(seconds)
+        return self.calls
+
     def exit(self, code):
         sys.exit(code)
+
+    def quit(self):
+        miniray.actor.exit_actor()
+        return "unreachable"
+
+    def quit_catching_exceptions(self):
+        try:
+            miniray.actor.exit_actor()
+        except Exception:  # exit_actor raises a SystemExit, as Ray's: not caught here
+            return "swallowed"
+        return "unreachable"
 
 
 # ------------------------------------------------------------------------------- tasks
@@ -1655,33 +1672,8 @@ def test_ray_call_runs_a_function_on_the_instance(runtime):
 # -- exit_actor() -------------------------------------------------------------------------------
 
 
-@miniray.remote(max_restarts=2)
-class SelfExiter:
-    def __init__(self):
-        self.value = 0
-
-    def bump(self):
-        self.value += 1
-        return self.value
-
-    def slow(self, seconds):
-        time.sleep(seconds)
-        return self.value
-
-    def quit(self):
-        miniray.actor.exit_actor()
-        return "unreachable"
-
-    def quit_catching_exceptions(self):
-        try:
-            miniray.actor.exit_actor()
-        except Exception:  # exit_actor raises a SystemExit, as Ray's: not caught here
-            return "swallowed"
-        return "unreachable"
-
-
 def test_exit_actor_ends_the_actor_for_good(runtime):
-    actor = SelfExiter.options(name="exiter").remote()
+    actor = Exiter.options(name="exiter", max_restarts=2).remote()
     assert miniray.get(actor.bump.remote(), timeout=30) == 1
     running = actor.slow.remote(0.3)
     exiting = actor.quit.remote()
@@ -1700,13 +1692,13 @@ def test_exit_actor_ends_the_actor_for_good(runtime):
 
 
 def test_exit_actor_is_not_swallowed_by_except_exception(runtime):
-    actor = SelfExiter.remote()
+    actor = Exiter.options(max_restarts=2).remote()
     with pytest.raises(ActorDiedError):
         miniray.get(actor.quit_catching_exceptions.remote(), timeout=30)
 
 
 def test_ray_terminate_queues_an_exit(runtime):
-    actor = SelfExiter.remote()
+    actor = Exiter.options(max_restarts=2).remote()
     first = actor.bump.remote()
     actor.__ray_terminate__.remote()
     assert miniray.get(first, timeout=30) == 1
