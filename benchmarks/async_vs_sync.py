@@ -104,7 +104,7 @@ class LongTailEngine:
             )
         return out
 
-    def load_weights(self, state_dict):
+    def load_weights(self, state_dict, *, take=False):
         pass
 
     def state_dict(self):

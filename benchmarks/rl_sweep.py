@@ -87,7 +87,7 @@ class ThreadedHFEngine:
     def generate(self, prompts, **kwargs):
         return self._get().generate(prompts, **kwargs)
 
-    def load_weights(self, state_dict):
+    def load_weights(self, state_dict, *, take=False):
         self._get().load_weights(state_dict)
 
     def state_dict(self):
