@@ -8,6 +8,7 @@ off-policy correction against the behaviour log-probs recorded at generation), a
 
 from __future__ import annotations
 
+import math
 import pathlib
 import random
 from collections.abc import Mapping, Sequence
@@ -33,7 +34,11 @@ def non_finite_parameters(weights: Mapping[str, Any]) -> list[str]:
     bad = []
     for name, value in weights.items():
         if isinstance(value, torch.Tensor):
-            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            # The smallest and largest entries are finite exactly when every entry is (NaN
+            # propagates through both): one pass, no mask the size of the model. isfinite().all()
+            # took 4.0 s on a bf16 Qwen2.5-0.5B on one thread, the sync's largest phase;
+            # aminmax takes ~0.16 s.
+            if value.is_floating_point() and value.numel() and not _finite_range(value):
                 bad.append(name)
         elif getattr(getattr(value, "dtype", None), "kind", "") in ("f", "c"):
             import numpy as np
@@ -62,6 +67,11 @@ def is_activation_checkpointing(model: Any) -> bool:
         if hasattr(model, "activation_checkpointing_enable")
         else model.is_gradient_checkpointing
     )
+
+
+def _finite_range(value: torch.Tensor) -> bool:
+    low, high = torch.aminmax(value.detach())
+    return math.isfinite(float(low)) and math.isfinite(float(high))
 
 
 def policy_update_config(config: RLConfig) -> PolicyUpdateConfig:
