@@ -1492,21 +1492,9 @@ def test_task_errors_keep_ray_helpers_and_survive_pickling(runtime):
 @miniray.remote
 class SyncOrderLog:
     """Logs the order in which calls ran; ``note`` takes an argument that may not be ready.
-    (Three classes written out: Ray workers cannot import a base class from a test module.)"""
+    ``.options(max_concurrency=4)`` makes it the threaded case. (The async one is written out:
+    Ray workers cannot import a base class from a test module.)"""
 
-    def __init__(self):
-        self.log = []
-
-    def note(self, value):
-        self.log.append(value)
-        return value
-
-    def read(self):
-        return self.log
-
-
-@miniray.remote(max_concurrency=4)
-class ThreadedOrderLog:
     def __init__(self):
         self.log = []
 
@@ -1545,7 +1533,7 @@ def test_actor_call_waiting_on_an_argument_holds_back_later_calls_only_on_sync_a
 ):
     actor = {
         "sync": lambda: SyncOrderLog.remote(),
-        "threaded": lambda: ThreadedOrderLog.remote(),
+        "threaded": lambda: SyncOrderLog.options(max_concurrency=4).remote(),
         "async": lambda: AsyncOrderLog.remote(),
         "async, max_concurrency=1": lambda: AsyncOrderLog.options(max_concurrency=1).remote(),
     }[kind]()
