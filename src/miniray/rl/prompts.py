@@ -83,7 +83,7 @@ def check_prompt(prompt: Any, *, where: str) -> None:
         return
     if not isinstance(prompt, list | tuple) or not prompt:
         raise ValueError(
-            f"{where} holds {type(prompt).__name__} {_short(prompt)}; a prompt is text or a "
+            f"{where} holds {type(prompt).__name__} {short_repr(prompt)}; a prompt is text or a "
             "non-empty list of chat messages ({'role': ..., 'content': ...})"
         )
     for j, message in enumerate(prompt):
@@ -94,7 +94,7 @@ def check_prompt(prompt: Any, *, where: str) -> None:
         )
         if not ok:
             raise ValueError(
-                f"{where}, message {j} is {_short(message)}; each chat message needs a text "
+                f"{where}, message {j} is {short_repr(message)}; each chat message needs a text "
                 "'role' and a text 'content'"
             )
 
@@ -153,7 +153,8 @@ def _render(tokenizer: Any, messages: Sequence[Mapping[str, str]], *, tokenize: 
     return rendered
 
 
-def _short(value: Any, limit: int = 60) -> str:
+def short_repr(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters for error messages."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 

@@ -42,6 +42,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from miniray.rl.prompts import row_extra_info, short_repr
+
 __all__ = [
     "BUILT_IN_DATA_SOURCES",
     "VERL_SCORE_KEYWORDS",
@@ -201,7 +203,7 @@ class RewardScorer:
         late = self._first_late(futures)
         rewards = []
         for request, future in zip(requests, futures):
-            where = f"reward function {self.name} for the prompt {_short(request.prompt)}"
+            where = f"reward function {self.name} for the prompt {short_repr(request.prompt, 80)}"
             if future is late:
                 self._broken = (
                     f"{where} did not return within custom_reward_function.timeout_s="
@@ -245,10 +247,6 @@ class RewardScorer:
 
     def close(self) -> None:
         self._pool.close()
-
-
-def _short(text: str, limit: int = 80) -> str:
-    return repr(text if len(text) <= limit else text[: limit - 3] + "...")
 
 
 class _Call(concurrent.futures.Future):
@@ -340,8 +338,6 @@ def requests_for(
 ) -> list[RewardRequest]:
     """One request per response to the prompt of ``row`` (``load_prompts`` stored its answer
     as ``ground_truth``)."""
-    from miniray.rl.prompts import row_extra_info
-
     return [
         RewardRequest(
             solution_str=response,
