@@ -5,7 +5,7 @@
 A model of Qwen2.5-0.5B's shape with random weights (no download) is saved with
 ``save_pretrained`` and loaded back by the real classes: ``FullyAsyncTrainer`` in the driver,
 ``FullyAsyncRollouter`` in an actor with its transformers engine, and the loop's publishing
-(``loop.weights_of`` + ``put`` into a ``PublishedWeights`` snapshot) feeding the
+(``weight_publisher.weights_of`` + ``put`` into a ``PublishedWeights`` snapshot) feeding the
 ``UnifiedParameterSynchronizer``, as a run does. Each round: one real optimizer step (not
 timed in the ratio), then the timed publish = take the weights (the one copy, into shared
 memory) + sync (pause, transfer, load, resume), then the rollouter generates with them; its
@@ -29,12 +29,12 @@ import torch
 
 import miniray
 from miniray.rl.engines.hf import sequence_logprobs
-from miniray.rl.loop import PublishedWeights, check_finite_weights, weights_of
 from miniray.rl.models import char_tokenizer, save
 from miniray.rl.param_sync import UnifiedParameterSynchronizer
 from miniray.rl.rollouter import FullyAsyncRollouter
 from miniray.rl.tasks import ArithmeticTask, write_prompts
 from miniray.rl.trainer import FullyAsyncTrainer
+from miniray.rl.weight_publisher import PublishedWeights, check_finite_weights, weights_of
 
 QWEN25_05B = {
     "vocab_size": 151936,

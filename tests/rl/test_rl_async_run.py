@@ -10,13 +10,14 @@ import torch
 
 import miniray
 from miniray.rl.engines.base import Generation
-from miniray.rl.loop import extrapolate, run
+from miniray.rl.loop import run
 from miniray.rl.models import char_tokenizer, save, tiny_qwen2
 from miniray.rl.param_sync import ParameterSyncError
 from miniray.rl.queue import MessageQueue, ProducerCrashedError
 from miniray.rl.rollouter import FullyAsyncRollouter
 from miniray.rl.tasks import ArithmeticTask, write_prompts
 from miniray.rl.trainer import FullyAsyncTrainer
+from miniray.rl.weight_publisher import extrapolate
 
 TASK = ArithmeticTask(max_operand=9)
 
@@ -532,7 +533,7 @@ def test_the_loop_publishes_the_live_weights_once_and_a_later_step_does_not_chan
 ):
     """The snapshot a sync sends is the one copy out of the trainer (a put of the live
     tensors): the next step must not change what was published, and the put must not alias."""
-    from miniray.rl.loop import weights_of
+    from miniray.rl.weight_publisher import weights_of
 
     miniray.init(backend="local", num_workers=1)
     try:

@@ -17,8 +17,9 @@ import torch
 
 import miniray
 from engine_fakes import echo_generations
+from miniray.rl.batch_source import _ProducerWatch
 from miniray.rl.errors import NonFiniteWeightsError, ProducerCrashedError
-from miniray.rl.loop import _ProducerWatch, run
+from miniray.rl.loop import run
 from miniray.rl.models import char_tokenizer, save, tiny_qwen2
 from miniray.rl.queue import MessageQueue
 from miniray.rl.rollouter import FullyAsyncRollouter

@@ -1,0 +1,285 @@
+"""How the RL loop hands the trainer's weights to the rollouter: ``WeightPublisher``.
+
+It owns everything between a trained step and the rollouter running its weights::
+
+    publish(v, step)  take the weights (live tensors, or a copy to extrapolate from)
+                      check them: NaN/inf -> NonFiniteWeightsError naming step and parameter
+      async mode:     wait for the previous sync (versions stay in order), snapshot them
+                      (PublishedWeights), start the sync to version v in a background thread:
+                      stage (extrapolate, put) -> pause -> load(v) -> resume
+      sync mode:      load them into the rollouter now, blocking (the rollouter is idle)
+
+    check()           raise the error of a background sync that failed (the loop polls it
+                      while it waits for a batch, so a failure does not wait for a publish)
+    wait() / close()  the last sync done (its error raised) / stopped, both bounded
+
+Weights that are not finite after a step (a diverged update) are never published: the sync
+would load them and the rollouter crash later in its sampling, far from the cause.
+``blocking_ms`` is the time each publish held the trainer (taking, checking, snapshotting;
+in sync mode the whole load); the sync's own phases are in ``statistics()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeoutError
+from typing import Any
+
+import torch
+
+import miniray
+from miniray.rl.batch_source import rollouter_result
+from miniray.rl.errors import NonFiniteWeightsError
+from miniray.rl.param_sync import UnifiedParameterSynchronizer
+from miniray.rl.trainer import non_finite_parameters
+
+__all__ = [
+    "PublishedWeights",
+    "WeightPublisher",
+    "check_finite_weights",
+    "extrapolate",
+    "finite_metrics",
+    "weights_of",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class WeightPublisher:
+    """Publishes ``trainer``'s weights to ``rollouter`` as versions, in order.
+
+    ``background``: async mode's sync in a thread (the trainer's next step runs while the
+    weights travel); otherwise a blocking ``load_weights`` with ``load_timeout``.
+    ``extrapolation`` (background only): publish ``theta + c * (theta - theta_before)``.
+    ``wait_timeout`` bounds every wait for a background sync.
+    """
+
+    def __init__(
+        self,
+        trainer: Any,
+        rollouter: Any,
+        *,
+        config: Any,
+        background: bool,
+        extrapolation: float = 0.0,
+        wait_timeout: float,
+        load_timeout: float,
+    ) -> None:
+        self.trainer = trainer
+        self.rollouter = rollouter
+        self.background = bool(background)
+        self.extrapolating = bool(extrapolation) and self.background
+        self.snapshot = PublishedWeights(extrapolation if self.background else 0.0)
+        # Async mode: the synchronizer reads the snapshot, not the trainer, so the trainer's
+        # next step cannot change what travels. Sync mode loads inline; the synchronizer then
+        # only keeps the version and the statistics.
+        self.sync = UnifiedParameterSynchronizer(
+            config,
+            trainer_actor=self.snapshot if self.background else trainer,
+            rollouter_actor=rollouter,
+        )
+        self.wait_timeout = wait_timeout
+        self.load_timeout = load_timeout
+        self.blocking_ms: list[float] = []
+        self.finite_at = 0  # the last step whose weights were checked and found finite
+        self._executor: ThreadPoolExecutor | None = None
+        self._running: Future[bool] | None = None
+
+    @classmethod
+    def for_run(cls, cfg: Any, trainer: Any, rollouter: Any) -> WeightPublisher:
+        """The publisher an ``RLConfig`` asks for (``async_training.mode``, its timeouts)."""
+        a = cfg.async_training
+        return cls(
+            trainer,
+            rollouter,
+            config=cfg,
+            background=a.mode == "async",
+            extrapolation=a.weight_extrapolation,
+            wait_timeout=2 * a.sync_timeout + 30,
+            load_timeout=a.generation_timeout,
+        )
+
+    def restore(self, version: int, step: int) -> None:
+        """A resumed run: the rollouter runs ``version`` (the checkpoint's weights, found
+        finite when they were saved after ``step``)."""
+        self.sync.restore_version(version)
+        self.finite_at = step
+
+    def publish(self, version: int, *, step: int, metrics: dict[str, Any]) -> None:
+        """Publish the weights after ``step`` (its ``metrics`` name the cause if they are not
+        finite) as ``version``. Async mode returns once the sync has started."""
+        t0 = time.time()  # the blocking time includes taking and checking the weights
+        weights = self._checked(step, metrics, copy=self.extrapolating)
+        if self.background:
+            self.wait()  # the previous version is in place: versions stay in order
+            # Taken before the next step changes them: into shared memory now (the sync's
+            # one copy), or kept as a copy to extrapolate from.
+            self.snapshot.take(weights if self.extrapolating else miniray.put(weights))
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(1, thread_name_prefix="weight-sync")
+            self._running = self._executor.submit(self._sync, version)
+        else:
+            load = self.rollouter.load_weights.remote(miniray.put(weights), version)
+            rollouter_result(load, self.load_timeout)
+        self.blocking_ms.append((time.time() - t0) * 1e3)
+
+    def check_weights(self, step: int, metrics: dict[str, Any], *, always: bool) -> None:
+        """A step not published: its weights are checked when ``always`` (a checkpoint is
+        written from them) or when its loss or gradient norm is not finite, so that the error
+        names the step the divergence began at rather than the next published one."""
+        if always or not finite_metrics(metrics):
+            self._checked(step, metrics, copy=False)
+
+    def check(self) -> None:
+        """Raise the error of a background sync that has failed; returns at once."""
+        if self._running is not None and self._running.done():
+            self.wait()
+
+    def wait(self) -> None:
+        """Block until the running sync is done (``wait_timeout``), raising its error: a sync
+        that failed after its retries stops the run, as when it ran inline."""
+        running, self._running = self._running, None
+        if running is None:
+            return
+        try:
+            running.result(timeout=self.wait_timeout)
+        except FutureTimeoutError:
+            raise TimeoutError(
+                f"the weight sync did not finish within {self.wait_timeout:g}s; look for a "
+                "hung rollouter (pause_rollout/load_weights) or raise async_training.sync_timeout"
+            ) from None
+
+    def close(self) -> None:
+        """Let a running sync finish (it resumes the rollouter in any case), then stop."""
+        if self._running is not None:
+            try:
+                self._running.result(timeout=self.wait_timeout)
+            except Exception as exc:  # the run is ending because of another error: keep that
+                logger.warning("the weight sync running at shutdown failed too: %s", exc)
+            self._running = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+
+    def statistics(self) -> dict[str, Any]:
+        return self.sync.get_statistics()
+
+    def _checked(self, step: int, metrics: dict[str, Any], *, copy: bool) -> dict[str, Any]:
+        weights = weights_of(self.trainer, copy=copy)
+        check_finite_weights(weights, step, self.finite_at, metrics)
+        self.finite_at = step
+        return weights
+
+    def _sync(self, version: int) -> bool:
+        # The trainer's version moves on when the sync starts: samples made until the new
+        # weights are loaded are one version older, which the staleness bound allows.
+        self.snapshot.stage()
+        return self.sync.sync_to_rollouter(version)
+
+
+def weights_of(trainer: Any, *, copy: bool) -> dict[str, Any]:
+    """The trainer's weights to check and publish: its live tensors when it offers them
+    (``FullyAsyncTrainer.live_weights``) and the caller copies them out at once, else (or with
+    ``copy``) ``get_weights()``, a copy. Measured at Qwen2.5-0.5B size in bf16
+    (benchmarks/weight_sync.py): the clone was one of the sync's two memcpys of the model."""
+    live = getattr(trainer, "live_weights", None)
+    if copy or not callable(live):
+        return trainer.get_weights()
+    return live()
+
+
+def finite_metrics(metrics: dict[str, Any]) -> bool:
+    """False when the step's loss or gradient norm is NaN or inf: its update then poisoned
+    the weights (the gradient clip scales by a NaN norm), so they are checked at once."""
+    return all(
+        math.isfinite(metrics[key])
+        for key in ("loss", "grad_norm")
+        if isinstance(metrics.get(key), (int, float))
+    )
+
+
+def check_finite_weights(
+    weights: dict[str, Any], step: int, finite_at: int, metrics: dict[str, Any]
+) -> None:
+    """Raise ``NonFiniteWeightsError`` when ``weights`` (the trainer's after ``step``) hold NaN
+    or inf, naming the step and the first such parameter. ``finite_at``: the last step whose
+    weights were found finite, so the message bounds where the divergence began."""
+    bad = non_finite_parameters(weights)
+    if not bad:
+        return
+    since = (
+        f"step {step}"
+        if finite_at >= step - 1
+        else f"steps {finite_at + 1}-{step} (finite after step {finite_at}, not checked between)"
+    )
+    shown = {k: metrics[k] for k in ("loss", "grad_norm", "lr") if k in metrics}
+    raise NonFiniteWeightsError(
+        f"step {step}: the trainer's weights are not finite: {bad[0]!r} holds NaN or inf "
+        f"({len(bad)} of {len(weights)} entries do); the update diverged at {since} "
+        f"(metrics of step {step}: {shown}). They were not published to the rollouter nor "
+        "checkpointed. Lower actor_rollout_ref.actor.optim.lr (or look for a broken reward "
+        "or data), then resume from the last checkpoint",
+        step=step,
+        parameter=bad[0],
+    )
+
+
+def extrapolate(
+    weights: dict[str, torch.Tensor],
+    earlier: dict[str, torch.Tensor] | None,
+    factor: float,
+) -> dict[str, torch.Tensor]:
+    """``weights + factor * (weights - earlier)`` for floating-point entries (others as they
+    are). Adam's momentum makes consecutive updates point much the same way, so one step
+    further along the last one is closer to the next weights than the current ones are
+    (SpecTrain's weight prediction for pipeline staleness). Entries that share a tensor
+    (tied embeddings) still share one in the result."""
+    if not factor or earlier is None:
+        return weights
+    out: dict[str, torch.Tensor] = {}
+    done: dict[int, torch.Tensor] = {}
+    for name, value in weights.items():
+        if id(value) in done:
+            out[name] = done[id(value)]
+            continue
+        if value.is_floating_point():
+            out[name] = torch.lerp(earlier[name], value, 1.0 + factor)
+        else:
+            out[name] = value
+        done[id(value)] = out[name]
+    return out
+
+
+class PublishedWeights:
+    """The weights the synchronizer publishes: a copy taken after a step, so the trainer can
+    take its next step while they travel to the rollouter. With ``extrapolation`` c > 0 it
+    publishes ``theta + c * (theta - theta_before)`` (``extrapolate``), computed while
+    staging, in the sync's thread rather than on the trainer's path."""
+
+    def __init__(self, extrapolation: float = 0.0) -> None:
+        self.weights: Any = None
+        self.extrapolation = extrapolation
+        # The last two snapshots as trained; kept only when extrapolating.
+        self._trained: dict[str, torch.Tensor] | None = None
+        self._before: dict[str, torch.Tensor] | None = None
+
+    def take(self, weights: Any) -> None:
+        """A new snapshot: an ``ObjectRef`` of weights already put, or (to extrapolate from)
+        a copy of them; never the live parameters, which the next step changes."""
+        if self.extrapolation:
+            self._before, self._trained = self._trained, weights
+        self.weights = weights
+
+    def stage(self) -> None:
+        """Put the weights in the object store before the sync pauses the rollouter: then
+        its pause lasts for the load alone, not for serializing the weights as well."""
+        if self.weights is not None and not isinstance(self.weights, miniray.ObjectRef):
+            self.weights = miniray.put(extrapolate(self.weights, self._before, self.extrapolation))
+
+    def get_weights(self) -> Any:
+        if self.weights is None:
+            raise RuntimeError("no weights to publish yet: a snapshot is taken after a step")
+        return self.weights
