@@ -28,11 +28,12 @@ not only at the next publish.
 
 from __future__ import annotations
 
+import abc
 import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import miniray
 from miniray.errors import RayActorError
@@ -61,26 +62,6 @@ class Batch:
     metrics: dict[str, Any] = field(default_factory=dict)  # filter_groups/* when enabled
 
 
-class BatchSource(Protocol):
-    """What the loop drives (see the module docstring)."""
-
-    groups_discarded: int  # over the run, a resumed run's before the checkpoint included
-
-    def start(self) -> None: ...
-
-    def next_batch(self, version: int) -> Batch: ...
-
-    def hand_off(self, version: int) -> None: ...
-
-    def queue_size(self) -> int: ...
-
-    def finish(self) -> None: ...
-
-    def check(self, cause: BaseException) -> None: ...
-
-    def stop(self) -> tuple[dict[str, Any], dict[str, Any]]: ...
-
-
 def batch_source(
     cfg: Any, rollouter: Any, queue: Any, *, poll: Callable[[], None] | None = None
 ) -> BatchSource:
@@ -91,8 +72,9 @@ def batch_source(
     return GeneratedSource(cfg, rollouter, queue)
 
 
-class _RolloutSource:
-    """What both modes share: dynamic sampling, the version hand-off, the queue's size."""
+class BatchSource(abc.ABC):
+    """What the loop drives (the module docstring); what both modes share lives here:
+    dynamic sampling, the version hand-off, the queue's size. A mode supplies ``fetch``."""
 
     def __init__(self, cfg: Any, rollouter: Any, queue: Any) -> None:
         self.rollouter = rollouter
@@ -109,10 +91,12 @@ class _RolloutSource:
         self._size_ref: miniray.ObjectRef | None = None
 
     def start(self) -> None:
-        pass
+        """Begin producing (sync mode: nothing to start, batches are made when asked)."""
+        return None
 
+    @abc.abstractmethod
     def fetch(self, count: int, *, version: int) -> list[Any]:
-        raise NotImplementedError
+        """``count`` groups for a trainer at ``version``."""
 
     def next_batch(self, version: int) -> Batch:
         t0 = time.time()
@@ -166,7 +150,9 @@ class _RolloutSource:
         self._discard_refs.clear()
 
     def check(self, cause: BaseException) -> None:
-        pass
+        """Turn ``cause`` into ``ProducerCrashedError`` if a dead rollouter caused it (sync
+        mode: its calls already raise that, ``rollouter_result``)."""
+        return None
 
     def stop(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """Stop the rollouter; (the queue's statistics, the rollouter's), empty if gone."""
@@ -186,7 +172,7 @@ class _RolloutSource:
         self._discard_refs.append(self.rollouter.discard_groups.remote(len(groups)))
 
 
-class QueueSource(_RolloutSource):
+class QueueSource(BatchSource):
     """Async mode: the rollouter generates all along; batches come from the queue actor."""
 
     def __init__(
@@ -215,7 +201,7 @@ class QueueSource(_RolloutSource):
             self._watch.check(wait_s=1.0 if about_actors else 0.0, cause=cause)
 
 
-class GeneratedSource(_RolloutSource):
+class GeneratedSource(BatchSource):
     """Sync mode: the rollouter generates a batch when asked, at the trainer's version."""
 
     def fetch(self, count: int, *, version: int) -> list[Any]:
