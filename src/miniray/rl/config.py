@@ -289,6 +289,12 @@ class ActorConfig(Config):
     ppo_mini_batch_size: int | None = option(
         None, ge=1, help="samples per optimizer step; None: the whole batch"
     )
+    ppo_micro_batch_size_per_gpu: int | None = option(
+        None,
+        ge=1,
+        help="rows per forward/backward on each trainer rank, gradients accumulated over a "
+        "minibatch: peak memory follows this, not the batch; None: a rank's whole share",
+    )
     clip_ratio_low: float = option(0.2, ge=0, lt=1)
     clip_ratio_high: float = option(0.2, ge=0, help="larger than low gives DAPO's clip-higher")
     loss_agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"

@@ -13,8 +13,9 @@ tested on its own: samples in, an optimizer step and its metrics out.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,9 +26,11 @@ from miniray.rl.losses import (
     aggregate_loss,
     grpo_advantages,
     kl_penalty,
+    loss_denominator,
     masked_mean,
     ppo_loss,
     token_advantages,
+    token_logprobs,
 )
 from miniray.rl.types import Batch, Sample, collate
 
@@ -43,6 +46,10 @@ class PolicyUpdateConfig:
     weight_decay: float = 0.0
     ppo_epochs: int = 1
     ppo_mini_batch_size: int | None = None  # samples per optimizer step; None: the whole batch
+    # Rows per forward/backward (gradients accumulate over a minibatch's micro-batches): peak
+    # memory is set by this, not by the minibatch. Per rank, as verl's key says. None: a
+    # rank's whole share of the minibatch at once.
+    ppo_micro_batch_size: int | None = None
     clip_ratio_low: float = 0.2
     clip_ratio_high: float = 0.28
     use_rollout_log_probs: bool = True  # False: plain PPO, no correction towards the behaviour
@@ -95,6 +102,11 @@ class PolicyUpdateConfig:
                 f"PolicyUpdateConfig.ppo_mini_batch_size={self.ppo_mini_batch_size} must be "
                 ">= 1 or None (the whole batch)"
             )
+        if self.ppo_micro_batch_size is not None and self.ppo_micro_batch_size < 1:
+            raise ValueError(
+                f"PolicyUpdateConfig.ppo_micro_batch_size={self.ppo_micro_batch_size} must be "
+                ">= 1 or None (a rank's whole share of the minibatch)"
+            )
         if self.temperature <= 0:
             raise ValueError(
                 f"PolicyUpdateConfig.temperature={self.temperature} must be > 0 (the rollout's)"
@@ -134,24 +146,58 @@ def scheduled_lr(config: PolicyUpdateConfig, step: int) -> float:
     return base * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def response_log_softmax(model: Any, batch: Batch, *, temperature: float = 1.0) -> torch.Tensor:
-    """Log-probs (B, R, V) of the whole next-token distribution at each response position."""
+def response_logits(model: Any, batch: Batch) -> torch.Tensor:
+    """The model's logits (B, R, V) at the positions that predict the response tokens.
+
+    Models that take ``logits_to_keep`` (transformers' causal LMs) compute the head on the
+    last R + 1 positions only: the prompt's logits, (B, P, V), are never made.
+    """
     positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    width = batch.input_ids.shape[1] - batch.prompt_length
+    extra = {"logits_to_keep": width + 1} if _takes_logits_to_keep(model) else {}
     logits = model(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=positions
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=positions,
+        **extra,
     ).logits
-    start = batch.prompt_length
-    return torch.log_softmax(logits[:, start - 1 : -1].float() / temperature, dim=-1)
+    return logits[:, -(width + 1) : -1]
 
 
-def chosen_logprobs(log_softmax: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """The (B, R) entries of a (B, R, V) ``response_log_softmax`` at the response tokens."""
-    return log_softmax.gather(-1, batch.response_ids[..., None]).squeeze(-1)
+_LOGITS_TO_KEEP: dict[type, bool] = {}
+
+
+def _takes_logits_to_keep(model: Any) -> bool:
+    import inspect
+
+    inner = getattr(model, "module", model)  # DDP wraps; FSDP2 keeps the class's forward
+    kind = type(inner)
+    if kind not in _LOGITS_TO_KEEP:
+        try:
+            params = inspect.signature(inner.forward).parameters
+        except (TypeError, ValueError):
+            params = {}
+        _LOGITS_TO_KEEP[kind] = "logits_to_keep" in params
+    return _LOGITS_TO_KEEP[kind]
+
+
+def response_token_logprobs(
+    model: Any, batch: Batch, *, temperature: float = 1.0, with_entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs (B, R) of the response tokens under ``model`` and, with ``with_entropy``,
+    the entropy (B, R) of each position's distribution; chunked over tokens
+    (``losses.token_logprobs``), so no (tokens x vocab) fp32 tensor is made."""
+    return token_logprobs(
+        response_logits(model, batch),
+        batch.response_ids,
+        temperature=temperature,
+        with_entropy=with_entropy,
+    )
 
 
 def response_logprobs(model: Any, batch: Batch, *, temperature: float = 1.0) -> torch.Tensor:
     """Log-probs (B, R) of the batch's response tokens under ``model``."""
-    return chosen_logprobs(response_log_softmax(model, batch, temperature=temperature), batch)
+    return response_token_logprobs(model, batch, temperature=temperature)[0]
 
 
 @torch.no_grad()
@@ -168,6 +214,61 @@ def reference_logprobs(
     return torch.cat(parts)
 
 
+@dataclass(frozen=True)
+class MicroBatch:
+    """Rows of the batch one forward/backward takes. ``weight`` 0: a stand-in for a rank whose
+    share ran out, run (its loss times 0) only so that every rank makes the same collectives
+    (FSDP2 gathers parameters in every forward)."""
+
+    rows: torch.Tensor
+    weight: int = 1
+
+
+def shard_rows(rows: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """Rank ``rank``'s share of a minibatch's rows: contiguous, sizes differing by at most one."""
+    return torch.tensor_split(rows, world_size)[rank]
+
+
+def micro_batches(
+    rows: torch.Tensor, *, rank: int, world_size: int, micro_batch_size: int | None
+) -> list[MicroBatch]:
+    """Rank ``rank``'s share of the minibatch ``rows`` in micro-batches of at most
+    ``micro_batch_size`` rows (None: one). Every rank gets the same number, the largest
+    share's, so their collectives pair up; a rank with fewer rows gets stand-ins."""
+    share = shard_rows(rows, rank, world_size)
+    largest = -(-len(rows) // world_size)
+    count = 1 if micro_batch_size is None else max(1, -(-largest // micro_batch_size))
+    return [
+        MicroBatch(part) if len(part) else MicroBatch(rows[:1], weight=0)
+        for part in torch.tensor_split(share, count)
+    ]
+
+
+def gradient_sync(model: Any, *, enabled: bool) -> contextlib.AbstractContextManager:
+    """Gradients are reduced over the ranks in this backward (``enabled``), or only kept for
+    a later one: DDP's ``no_sync``, FSDP2's ``set_requires_gradient_sync``; a plain module
+    has nothing to reduce."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(enabled)
+        return contextlib.nullcontext()
+    if not enabled and hasattr(model, "no_sync"):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def _reduced(
+    totals: dict[str, float], all_reduce: Callable[[torch.Tensor], None] | None
+) -> dict[str, float]:
+    """``totals`` summed over the ranks by ``all_reduce`` (one collective; every rank has the
+    same keys, since they run the same config); as they are without one."""
+    if all_reduce is None:
+        return dict(totals)
+    keys = sorted(totals)
+    values = torch.tensor([totals[k] for k in keys], dtype=torch.float64)
+    all_reduce(values)
+    return dict(zip(keys, values.tolist()))
+
+
 class PolicyUpdater:
     """Owns the optimizer of ``model`` and applies updates from lists of samples; with
     ``use_kl_loss`` it also holds ``ref_model``, frozen, for the KL term."""
@@ -179,8 +280,13 @@ class PolicyUpdater:
         pad_token_id: int,
         config: PolicyUpdateConfig | None = None,
         ref_model: Any = None,
+        device: torch.device | str = "cpu",
     ):
+        """``model`` may be wrapped for data parallelism (DDP, FSDP2) and live on
+        ``device``; batches are collated on the CPU and moved there one micro-batch at a
+        time."""
         self.model = model
+        self.device = torch.device(device)
         self.pad_token_id = pad_token_id
         self.config = config or PolicyUpdateConfig()
         if self.config.use_kl_loss and ref_model is None:
@@ -197,10 +303,30 @@ class PolicyUpdater:
         )
         self.steps = 0
 
-    def step(self, samples: Sequence[Sample]) -> dict[str, float]:
+    def step(
+        self,
+        samples: Sequence[Sample],
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        all_reduce: Callable[[torch.Tensor], None] | None = None,
+    ) -> dict[str, float]:
         """One update: ``ppo_epochs`` passes over the batch in minibatches of
-        ``ppo_mini_batch_size`` samples, an optimizer step per minibatch."""
+        ``ppo_mini_batch_size`` samples, an optimizer step per minibatch, each minibatch's
+        gradient accumulated over micro-batches of ``ppo_micro_batch_size`` rows.
+
+        Data parallel (``world_size`` > 1, ``model`` wrapped by DDP or FSDP2): every rank gets
+        the whole sample list, computes the advantages over whole groups, and trains on its
+        share of each minibatch (``shard_rows``). Each share's loss is its part of the
+        minibatch's (the denominator is the whole minibatch's), times ``world_size`` since
+        the wrapper averages gradients over ranks: N ranks take the step one rank takes on
+        the whole batch. ``all_reduce`` (a SUM in place over the ranks) makes the metrics the
+        whole minibatch's; without it they are this rank's share's.
+        """
         cfg = self.config
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} is invalid for world_size={world_size}")
+        mode = cfg.loss_agg_mode
         batch = collate(samples, pad_token_id=self.pad_token_id)
         advantages = grpo_advantages(
             batch.rewards, batch.group_index, norm_by_std=self.config.norm_adv_by_std_in_grpo
@@ -210,86 +336,161 @@ class PolicyUpdater:
         lr = scheduled_lr(cfg, self.steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        size = cfg.ppo_mini_batch_size or len(batch)
+        minibatches = [
+            torch.arange(first, min(first + size, len(batch)))
+            for first in range(0, len(batch), size)
+        ]
+        plans = [
+            micro_batches(
+                rows, rank=rank, world_size=world_size, micro_batch_size=cfg.ppo_micro_batch_size
+            )
+            for rows in minibatches
+        ]
+        mine_parts = [m.rows for plan in plans for m in plan if m.weight]
+        mine = torch.cat(mine_parts) if mine_parts else torch.zeros(0, dtype=torch.long)
         reference = None
         if self.ref_model is not None:
-            reference = reference_logprobs(
-                self.ref_model,
-                batch,
-                micro_batch_size=cfg.ref_micro_batch_size,
-                temperature=cfg.temperature,
-            )
+            reference = torch.zeros_like(batch.response_mask)
+            reference[mine] = self._frozen_logprobs(self.ref_model, batch, mine)
         self.model.train()
-        size = cfg.ppo_mini_batch_size or len(batch)
-        proximal: torch.Tensor | None = None
-        if size >= len(batch):
-            parts = [(batch, per_token, behaviour, slice(None))]
-        else:
-            # The proximal policy is theta at the start of the update; with several optimizer
-            # steps per pass, later minibatches no longer see it, so it takes its own pass.
-            with torch.no_grad():
-                proximal = response_logprobs(self.model, batch, temperature=cfg.temperature)
-            parts = []
-            for first in range(0, len(batch), size):
-                rows = torch.arange(first, min(first + size, len(batch)))
-                parts.append(
-                    (
-                        batch.select(rows),
-                        per_token[rows],
-                        None if behaviour is None else behaviour[rows],
-                        rows,
-                    )
-                )
-        metrics: dict[str, float] = {}
-        for _ in range(cfg.ppo_epochs):
-            for part, part_advantages, part_behaviour, rows in parts:
-                logp = response_log_softmax(self.model, part, temperature=cfg.temperature)
-                logprobs = chosen_logprobs(logp, part)
-                if proximal is None:
-                    # One minibatch: theta at the start is the first epoch's theta, its
-                    # log-probs detached, with no extra forward pass (~15% of a step).
-                    proximal = logprobs.detach()
-                loss, metrics = ppo_loss(
-                    logprobs,
-                    proximal[rows],
-                    part_advantages,
-                    part.response_mask,
-                    behaviour_logprobs=part_behaviour,
-                    clip_ratio_low=cfg.clip_ratio_low,
-                    clip_ratio_high=cfg.clip_ratio_high,
-                    behaviour_weight_cap=cfg.behaviour_weight_cap,
-                    behaviour_weight_mode=cfg.behaviour_weight_mode,  # type: ignore[arg-type]
-                    behaviour_weight_level=cfg.behaviour_weight_level,  # type: ignore[arg-type]
-                    loss_agg_mode=cfg.loss_agg_mode,  # type: ignore[arg-type]
-                )
-                if cfg.entropy_coeff > 0:
-                    entropy = -(logp.exp() * logp).sum(-1)
-                    mode = cfg.loss_agg_mode
-                    mean_entropy = aggregate_loss(entropy, part.response_mask, mode)  # type: ignore[arg-type]
-                    loss = loss - cfg.entropy_coeff * mean_entropy
-                    metrics["entropy"] = mean_entropy.item()
-                if reference is not None:
-                    kl = kl_penalty(logprobs, reference[rows], cfg.kl_loss_type)
-                    kl_loss = aggregate_loss(kl, part.response_mask, cfg.loss_agg_mode)  # type: ignore[arg-type]
-                    loss = loss + cfg.kl_loss_coef * kl_loss
-                    metrics["kl_loss"] = kl_loss.item()
-                    metrics["kl_coef"] = cfg.kl_loss_coef
+        proximal = torch.zeros_like(batch.response_mask)
+        # The proximal policy is theta at the start of the update. With one minibatch it is
+        # the first epoch's theta, its log-probs detached, with no extra forward pass (~15% of
+        # a step); with several, later minibatches no longer see it: it takes its own pass.
+        proximal_in_first_epoch = len(minibatches) == 1
+        if not proximal_in_first_epoch:
+            proximal[mine] = self._frozen_logprobs(self.model, batch, mine)
+        totals: dict[str, float] = {}
+        for epoch in range(cfg.ppo_epochs):
+            for rows, plan in zip(minibatches, plans):
+                denominator = loss_denominator(batch.response_mask[rows], mode)  # type: ignore[arg-type]
+                totals = {}
                 self.optimizer.zero_grad()
-                loss.backward()
+                for index, micro in enumerate(plan):
+                    with gradient_sync(self.model, enabled=index == len(plan) - 1):
+                        fill = proximal_in_first_epoch and epoch == 0
+                        loss, terms = self._micro_loss(
+                            batch,
+                            micro,
+                            per_token,
+                            behaviour,
+                            proximal,
+                            reference,
+                            denominator=denominator,
+                            fill_proximal=fill,
+                        )
+                        (loss * (micro.weight * world_size)).backward()
+                    if micro.weight:
+                        for key, value in terms.items():
+                            totals[key] = totals.get(key, 0.0) + value
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     self.model.parameters(), cfg.max_grad_norm
                 )
+                if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor over the shards
+                    grad_norm = grad_norm.full_tensor()
                 self.optimizer.step()
-                metrics["loss"] = loss.item()
-                metrics["grad_norm"] = float(grad_norm)
+                # The same on every rank: summed below, so each adds its share.
+                totals["grad_norm"] = float(grad_norm) / (world_size if all_reduce else 1)
         self.model.eval()
         self.steps += 1
+        mask = batch.response_mask
+        totals["entropy_proxy"] = -float((proximal[mine] * mask[mine]).sum())
+        totals["tokens_mine"] = float(mask[mine].sum())
+        metrics = _reduced(totals, all_reduce)
+        tokens = max(1.0, metrics.pop("tokens"))
+        for key in [k for k in metrics if k.startswith("weighted/")]:
+            metrics[key.removeprefix("weighted/")] = metrics.pop(key) / tokens
+        metrics["entropy_proxy"] /= max(1.0, metrics.pop("tokens_mine"))
         metrics["lr"] = lr
         metrics["reward_mean"] = batch.rewards.float().mean().item()
         metrics["advantage_abs_mean"] = advantages.abs().mean().item()
-        metrics["response_length_mean"] = batch.response_mask.sum(-1).mean().item()
-        assert proximal is not None  # ppo_epochs >= 1
-        metrics["entropy_proxy"] = -masked_mean(proximal, batch.response_mask).item()
+        metrics["response_length_mean"] = mask.sum(-1).mean().item()
+        if self.ref_model is not None:
+            metrics["kl_coef"] = cfg.kl_loss_coef
         return metrics
+
+    def _micro_loss(
+        self,
+        batch: Batch,
+        micro: MicroBatch,
+        per_token: torch.Tensor,
+        behaviour: torch.Tensor | None,
+        proximal: torch.Tensor,
+        reference: torch.Tensor | None,
+        *,
+        denominator: float,
+        fill_proximal: bool,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss of one micro-batch as its part of the minibatch's (``denominator``) and
+        its metric sums: ``loss`` (its part), ``weighted/<metric>`` (a mean over its tokens
+        times their number, over ``tokens`` in all: the metrics are token means)."""
+        cfg, rows = self.config, micro.rows
+        part = batch.select(rows).trimmed()
+        width = part.response_mask.shape[1]
+        device = self.device
+        logprobs, entropy = response_token_logprobs(
+            self.model,
+            part.to(device),
+            temperature=cfg.temperature,
+            with_entropy=cfg.entropy_coeff > 0,
+        )
+        logprobs = logprobs.cpu() if device.type != "cpu" else logprobs
+        if fill_proximal:
+            proximal[rows, :width] = logprobs.detach()
+        loss, metrics = ppo_loss(
+            logprobs,
+            proximal[rows, :width],
+            per_token[rows, :width],
+            part.response_mask,
+            behaviour_logprobs=None if behaviour is None else behaviour[rows, :width],
+            clip_ratio_low=cfg.clip_ratio_low,
+            clip_ratio_high=cfg.clip_ratio_high,
+            behaviour_weight_cap=cfg.behaviour_weight_cap,
+            behaviour_weight_mode=cfg.behaviour_weight_mode,  # type: ignore[arg-type]
+            behaviour_weight_level=cfg.behaviour_weight_level,  # type: ignore[arg-type]
+            loss_agg_mode=cfg.loss_agg_mode,  # type: ignore[arg-type]
+            denominator=denominator,
+        )
+        mode = cfg.loss_agg_mode
+        if entropy is not None:
+            entropy = entropy.cpu() if device.type != "cpu" else entropy
+            part_entropy = aggregate_loss(
+                entropy, part.response_mask, mode, denominator=denominator
+            )  # type: ignore[arg-type]
+            loss = loss - cfg.entropy_coeff * part_entropy
+            metrics["entropy"] = masked_mean(entropy.detach(), part.response_mask).item()
+        if reference is not None:
+            kl = kl_penalty(logprobs, reference[rows, :width], cfg.kl_loss_type)
+            kl_loss = aggregate_loss(kl, part.response_mask, mode, denominator=denominator)  # type: ignore[arg-type]
+            loss = loss + cfg.kl_loss_coef * kl_loss
+            metrics["kl_loss"] = masked_mean(kl.detach(), part.response_mask).item()
+        tokens = float(part.response_mask.sum())
+        terms = {f"weighted/{k}": v * tokens for k, v in metrics.items()}
+        terms.update(loss=float(loss.detach()), tokens=tokens)
+        return loss, terms
+
+    @torch.no_grad()
+    def _frozen_logprobs(self, model: Any, batch: Batch, rows: torch.Tensor) -> torch.Tensor:
+        """Log-probs (len(rows), R) of ``rows`` under ``model`` without gradient, in
+        micro-batches (the reference model's own size if set, else the update's)."""
+        cfg = self.config
+        size = (
+            (cfg.ref_micro_batch_size if model is self.ref_model else None)
+            or cfg.ppo_micro_batch_size
+            or len(rows)
+        )
+        out = torch.zeros(len(rows), batch.response_mask.shape[1])
+        was_training = model.training
+        model.eval()
+        for first in range(0, len(rows), size):
+            chunk = rows[first : first + size]
+            part = batch.select(chunk).trimmed()
+            width = part.response_mask.shape[1]
+            logp = response_logprobs(model, part.to(self.device), temperature=cfg.temperature)
+            out[first : first + len(chunk), :width] = logp.cpu()
+        model.train(was_training)
+        return out
 
     def state_dict(self, *, copy: bool = True) -> dict[str, torch.Tensor]:
         """The weights: a copy, or with ``copy=False`` the live tensors (detached; valid until

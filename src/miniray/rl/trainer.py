@@ -90,6 +90,7 @@ def policy_update_config(config: RLConfig) -> PolicyUpdateConfig:
         total_steps=total,
         ppo_epochs=actor.ppo_epochs,
         ppo_mini_batch_size=actor.ppo_mini_batch_size,
+        ppo_micro_batch_size=actor.ppo_micro_batch_size_per_gpu,
         clip_ratio_low=actor.clip_ratio_low,
         clip_ratio_high=actor.clip_ratio_high,
         loss_agg_mode=actor.loss_agg_mode,

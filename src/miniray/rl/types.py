@@ -164,6 +164,44 @@ class Batch:
             prompt_length=self.prompt_length,
         )
 
+    def trimmed(self) -> Batch:
+        """The same rows without the padding columns no row of theirs needs: the prompt's left
+        padding every row has and the response's right padding every row has (a micro-batch
+        of short responses should not pay for the batch's longest). Responses keep starting
+        at column ``prompt_length``; (B, R) tensors shrink to the new R from the right."""
+        lengths = self.response_mask.sum(-1)
+        keep_r = max(1, int(lengths.max().item())) if len(self) else 1
+        prompt_real = self.attention_mask[:, : self.prompt_length].sum(-1)
+        keep_p = max(1, int(prompt_real.max().item())) if len(self) else self.prompt_length
+        drop = self.prompt_length - keep_p
+        end = self.prompt_length + keep_r
+        return Batch(
+            samples=self.samples,
+            input_ids=self.input_ids[:, drop:end],
+            attention_mask=self.attention_mask[:, drop:end],
+            response_mask=self.response_mask[:, :keep_r],
+            behaviour_logprobs=(
+                None if self.behaviour_logprobs is None else self.behaviour_logprobs[:, :keep_r]
+            ),
+            rewards=self.rewards,
+            v_start=self.v_start,
+            group_index=self.group_index,
+            prompt_length=keep_p,
+        )
+
+    def to(self, device: Any) -> Batch:
+        """The batch with its tensors on ``device`` (the trainer rank's)."""
+        import dataclasses
+
+        import torch
+
+        moved = {
+            f.name: value.to(device)
+            for f in dataclasses.fields(self)
+            if isinstance(value := getattr(self, f.name), torch.Tensor)
+        }
+        return dataclasses.replace(self, **moved)
+
 
 def collate(samples: Sequence[Sample], *, pad_token_id: int) -> Batch:
     """Pad ``samples`` into one ``Batch``; every sample must have a reward."""
