@@ -265,12 +265,14 @@ def test_check_finite_weights_counts_the_bad_entries_and_names_the_first():
 
 # -- the background sync -----------------------------------------------------------------------
 def test_publish_returns_while_the_sync_runs_and_the_snapshot_is_what_travels(inline):
-    trainer, rollouter = TorchTrainer(1.0), SlowLoadRollouter(hang_limit=10)
+    # The pause waits for release(): the sync reads its weights only after the trainer
+    # has moved on, so weights read from the trainer rather than the snapshot would show.
+    trainer, rollouter = TorchTrainer(1.0), FakeRollouter(hang_on="pause", hang_limit=10)
     publisher = background(trainer, rollouter)
     try:
         start = time.monotonic()
         publisher.publish(1, step=1, metrics={})
-        assert time.monotonic() - start < 2  # did not wait for the slow load
+        assert time.monotonic() - start < 2  # did not wait for the slow sync
         wait_for(lambda: "pause" in rollouter.get_events())
         assert "resume" not in rollouter.get_events()  # the sync is still running
         trainer.set_value(9.0)  # the next step changes the live weights meanwhile
