@@ -13,7 +13,8 @@ Either way a source owns, for the loop::
                          dropped ones handed back (``fill_batch``, ``discard_groups``)
     hand_off(version)    a new version for the queue (not waited for: read at the next batch)
     check(cause)         a failure the dead rollouter caused becomes ``ProducerCrashedError``
-    stop()               the rollouter stopped; the queue's and the rollouter's statistics
+    stop()               the rollouter stopped, the queue closed; the queue's and the
+                         rollouter's statistics
 
 Every wait has a deadline (``async_training.generation_timeout`` for a batch; ``inf``: none,
 which the runtime's ``get``/``wait`` take as it is). A crashed rollouter closes the queue with
@@ -155,16 +156,28 @@ class BatchSource(abc.ABC):
         return None
 
     def stop(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Stop the rollouter; (the queue's statistics, the rollouter's), empty if gone."""
+        """Stop the rollouter and close the queue; (the queue's statistics, the rollouter's),
+        each empty if it cannot be read."""
         queue_stats: dict[str, Any] = {}
+        rollouter_stats: dict[str, Any] = {}
         try:
             miniray.get(self.rollouter.stop.remote(), timeout=self.timeout)
-            queue_stats = miniray.get(self.queue.get_statistics.remote(), timeout=self.timeout)
             rollouter_stats = miniray.get(
                 self.rollouter.get_statistics.remote(), timeout=self.timeout
             )
-        except Exception:
-            rollouter_stats = {}
+        except Exception:  # the run is ending (maybe because of this rollouter): keep that
+            pass
+        try:
+            queue_stats = miniray.get(self.queue.get_statistics.remote(), timeout=self.timeout)
+        except Exception:  # read apart from the rollouter's: a failed stop does not lose them
+            pass
+        try:
+            # Closed whatever the rollouter did: a producer waiting in a put on a full queue
+            # (a rollouter whose stop failed, a sender mid-put) has no consumer left to make
+            # room, and would otherwise wait out its whole timeout.
+            miniray.get(self.queue.close.remote(), timeout=self.timeout)
+        except Exception:  # a queue that is gone has no producer waiting in it either
+            pass
         return queue_stats, rollouter_stats
 
     def _discard(self, groups: list[Any]) -> None:

@@ -147,21 +147,42 @@ class WeightPublisher:
         try:
             running.result(timeout=self.wait_timeout)
         except FutureTimeoutError:
+            # concurrent.futures' TimeoutError is the builtin one, and so is the sync's own
+            # ParameterSyncTimeoutError: a sync that timed out (done) is raised as itself,
+            # naming the phase that hung, not relabelled as this wait running out.
+            if running.done():
+                raise
+            # Still running: kept, so that close() waits for it rather than leaving its
+            # thread calling a rollouter the run is about to stop.
+            self._running = running
             raise TimeoutError(
                 f"the weight sync did not finish within {self.wait_timeout:g}s; look for a "
                 "hung rollouter (pause_rollout/load_weights) or raise async_training.sync_timeout"
             ) from None
 
     def close(self) -> None:
-        """Let a running sync finish (it resumes the rollouter in any case), then stop."""
-        if self._running is not None:
+        """Let a running sync finish (it resumes the rollouter in any case), then stop; a
+        sync still running after ``wait_timeout`` is left to its own deadline, with a warning."""
+        running, self._running = self._running, None
+        finished = True
+        if running is not None:
             try:
-                self._running.result(timeout=self.wait_timeout)
+                running.result(timeout=self.wait_timeout)
             except Exception as exc:  # the run is ending because of another error: keep that
-                logger.warning("the weight sync running at shutdown failed too: %s", exc)
-            self._running = None
+                if isinstance(exc, FutureTimeoutError) and not running.done():
+                    finished = False
+                    logger.warning(
+                        "the weight sync running at shutdown did not finish within %gs; its "
+                        "thread ends at the sync's own deadline (async_training.sync_timeout)",
+                        self.wait_timeout,
+                    )
+                else:
+                    logger.warning("the weight sync running at shutdown failed too: %s", exc)
         if self._executor is not None:
-            self._executor.shutdown(wait=False)
+            # cancel_futures: a sync not yet started must not start after the run ended.
+            # Joined when nothing runs (then at once), so no thread outlives close(); not when
+            # a sync hangs, or close() would hang with it.
+            self._executor.shutdown(wait=finished, cancel_futures=True)
             self._executor = None
 
     def statistics(self) -> dict[str, Any]:
