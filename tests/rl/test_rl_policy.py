@@ -251,6 +251,7 @@ def test_trainer_passes_every_actor_option_to_the_update():
         "optim.min_lr_ratio": 0.5,
         "ppo_epochs": 2,
         "ppo_mini_batch_size": 4,
+        "ppo_micro_batch_size_per_gpu": 2,
         "clip_ratio_low": 0.1,
         "clip_ratio_high": 0.3,
         "loss_agg_mode": "seq-mean-token-sum",
@@ -263,8 +264,9 @@ def test_trainer_passes_every_actor_option_to_the_update():
         "kl_loss_coef": 0.5,
         "kl_loss_type": "k2",
     }
-    # actor.checkpoint is the trainer's save_checkpoint's (tests/rl/test_rl_verl_recipe.py).
-    not_update = ("optim", "checkpoint")
+    # actor.checkpoint is the trainer's save_checkpoint's (tests/rl/test_rl_verl_recipe.py);
+    # actor.strategy is the trainer group's wrapper (tests/rl/test_rl_trainer_group.py).
+    not_update = ("optim", "checkpoint", "strategy")
     actor_keys = {f.name for f in dataclasses.fields(ActorConfig) if f.name not in not_update} | {
         f"optim.{f.name}" for f in dataclasses.fields(ScheduledOptimConfig)
     }

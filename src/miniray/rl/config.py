@@ -162,8 +162,20 @@ class TrainerConfig(Config):
     trigger_parameter_sync_step: int = option(
         1, ge=1, help="optimizer steps between two published weight versions"
     )
-    nnodes: int = option(1, ge=1)
-    n_gpus_per_node: int = option(0, ge=0, help="GPUs for the trainer; 0 trains on the CPU")
+    nnodes: int = option(
+        1, ge=1, help="nodes of the trainer group (ranks: nnodes x n_gpus_per_node)"
+    )
+    n_gpus_per_node: int = option(
+        0,
+        ge=0,
+        help="trainer ranks per node, one GPU each; without CUDA they are CPU ranks (gloo) "
+        "and 0 means one CPU rank",
+    )
+    device: Literal["auto", "cpu", "cuda"] = option(
+        "auto",
+        help="where each trainer rank runs: cuda:<local rank> or the CPU; auto takes CUDA "
+        "when there is some and says so when n_gpus_per_node counts CPU ranks",
+    )
     project_name: str = option(
         "miniray_rl", help="the console prefix, wandb's project and mlflow's experiment"
     )
@@ -285,6 +297,11 @@ class ActorConfig(Config):
     """The policy update: PPO clipping and the decoupled off-policy correction (AReaL)."""
 
     optim: ScheduledOptimConfig = field(default_factory=ScheduledOptimConfig)
+    strategy: Literal["ddp", "fsdp2"] = option(
+        "ddp",
+        help="data parallelism of the trainer group: ddp (every rank holds the model) or "
+        "fsdp2 (torch's fully_shard: weights, gradients and optimizer state sharded)",
+    )
     ppo_epochs: int = option(1, ge=1)
     ppo_mini_batch_size: int | None = option(
         None, ge=1, help="samples per optimizer step; None: the whole batch"
@@ -369,6 +386,13 @@ class ActorRolloutRefConfig(Config):
     actor: ActorConfig = field(default_factory=ActorConfig)
     rollout: RolloutSamplingConfig = field(default_factory=RolloutSamplingConfig)
     ref: RefConfig = field(default_factory=RefConfig)
+    nccl_timeout: float = option(
+        600.0,
+        gt=0,
+        help="seconds any collective of the trainer group may wait (gloo too), and how long "
+        "the driver waits for the other ranks once one has answered; past it the run fails "
+        "naming the rank",
+    )
 
 
 @dataclass(kw_only=True)
@@ -685,8 +709,6 @@ SCALE_OUT = (
 
 # Keys accepted only at the values this version supports (``check_refused``).
 REFUSED: dict[str, Refusal] = {
-    "trainer.nnodes": at_most(1, SCALE_OUT),
-    "trainer.n_gpus_per_node": at_most(1, SCALE_OUT),
     "rollout.nnodes": at_most(1, SCALE_OUT),
     "rollout.n_gpus_per_node": at_most(1, SCALE_OUT),
     "actor_rollout_ref.rollout.tensor_model_parallel_size": at_most(

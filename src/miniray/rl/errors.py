@@ -15,6 +15,9 @@
   a side did not answer within ``actor_rollout_ref.nccl_timeout``.
 * ``TeacherError``: the teacher did not score some sequences (``code`` says why);
   ``TeacherTimeoutError`` (a ``GetTimeoutError``, hence a ``TimeoutError``): no answer in time.
+* ``TrainerRankError``: a rank of the RL trainer group died, failed or did not finish within
+  ``actor_rollout_ref.nccl_timeout`` of the others; ``rank`` and ``pid`` name it. The group is
+  closed (every rank killed); resume from the last checkpoint.
 * ``GenerationTimeoutError`` (a ``TimeoutError``): a distillation batch was not generated
   within ``trainer.generation_timeout``.
 
@@ -45,6 +48,7 @@ __all__ = [
     "RolloutWeightSyncTimeoutError",
     "TeacherError",
     "TeacherTimeoutError",
+    "TrainerRankError",
 ]
 
 
@@ -57,6 +61,19 @@ class ProducerCrashedError(RuntimeError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.args[0], self.producer_error))
+
+
+class TrainerRankError(RuntimeError):
+    """A rank of the trainer group died, failed or hung; ``rank`` and ``pid`` name it (-1 and
+    None for a group already closed)."""
+
+    def __init__(self, rank: int, pid: int | None, message: str):
+        super().__init__(message)
+        self.rank = rank
+        self.pid = pid
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.rank, self.pid, str(self)))
 
 
 class NonFiniteWeightsError(RuntimeError):

@@ -46,7 +46,7 @@ from miniray.rl.rewards import RewardScorer, build_scorer, requests_for
 from miniray.rl.rollouter import FullyAsyncRollouter, RewardFn, as_rl_config
 from miniray.rl.summary import build_summary, trainer_placement
 from miniray.rl.tracking import MetricsLogger, build_loggers, check_logger_names
-from miniray.rl.trainer import FullyAsyncTrainer
+from miniray.rl.trainer_group import TrainerGroup
 from miniray.rl.weight_publisher import WeightPublisher
 
 logger = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class RunResult:
 
 
 def evaluate_greedy(
-    model: Any,
+    policy: Any,
     tokenizer: Any,
     rows: Sequence[dict],
     scorer: RewardScorer,
@@ -79,19 +79,27 @@ def evaluate_greedy(
 ) -> float:
     """Mean reward of greedy answers on held-out rows (prompts in ``row[prompt_key]``, the
     config's ``data.prompt_key``, text or chat messages; answers in ``row["ground_truth"]``,
-    as ``load_prompts`` stores them), scored by the run's reward function."""
-    from miniray.rl.engines import HFGenerationEngine
+    as ``load_prompts`` stores them), scored by the run's reward function in this process.
 
-    engine = HFGenerationEngine(
-        model, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
-    )
+    ``policy``: a causal LM here, or a trainer offering ``greedy_tokens`` (the trainer group
+    generates on its ranks and only the token ids come back)."""
     prompts = [r[prompt_key] for r in rows]
-    gens = engine.generate(
-        prompt_token_ids(tokenizer, prompts), max_new_tokens=max_new_tokens, temperature=0
-    )
+    generate = getattr(policy, "greedy_tokens", None)
+    if generate is None:
+        from miniray.rl.engines import HFGenerationEngine
+
+        engine = HFGenerationEngine(
+            policy, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+        )
+
+        def generate(ids: list, new_tokens: int) -> list:
+            gens = engine.generate(ids, max_new_tokens=new_tokens, temperature=0)
+            return [g.response_token_ids for g in gens]
+
+    responses = generate(prompt_token_ids(tokenizer, prompts), max_new_tokens)
     rewards = []
-    for g, r, p in zip(gens, rows, prompts):
-        response = tokenizer.decode(g.response_token_ids, skip_special_tokens=True)
+    for tokens, r, p in zip(responses, rows, prompts):
+        response = tokenizer.decode(tokens, skip_special_tokens=True)
         (reward,) = scorer.score(requests_for(r, [response], prompt_text(tokenizer, p)))
         rewards.append(reward.score)
     return sum(rewards) / max(1, len(rewards))
@@ -110,9 +118,11 @@ def run(
 ) -> RunResult:
     """Train for ``trainer.total_training_steps`` steps; returns the summary and the curves.
 
-    ``engine`` (shipped to the rollouter) and ``trainer`` replace the real ones, e.g. with
-    fakes of known timing in benchmarks (their interfaces: ``engines.base.GenerationEngine``,
-    and ``train_step``/``get_weights``/``set_version`` of ``FullyAsyncTrainer``).
+    The trainer is a ``TrainerGroup`` of rank actors (``trainer.nnodes x n_gpus_per_node``),
+    closed when the run ends. ``engine`` (shipped to the rollouter) and ``trainer`` replace
+    the real ones, e.g. with fakes of known timing in benchmarks (their interfaces:
+    ``engines.base.GenerationEngine``, and ``train_step``/``get_weights``/``set_version`` of
+    ``FullyAsyncTrainer``; the caller keeps a trainer it passes).
     """
     cfg = as_rl_config(config)
     trigger, save_freq = cfg.trainer.trigger_parameter_sync_step, cfg.trainer.save_freq
@@ -127,7 +137,8 @@ def run(
     sinks = _open_sinks(cfg, log_dir)
     queue = MessageQueue.remote(cfg)
     rollouter = FullyAsyncRollouter.remote(cfg, queue, reward_fn=reward_fn, engine=engine)
-    trainer = trainer if trainer is not None else FullyAsyncTrainer(cfg)
+    own_trainer = trainer is None
+    trainer = TrainerGroup.start(cfg) if trainer is None else trainer
     publisher = WeightPublisher.for_run(cfg, trainer, rollouter)
     source = batch_source(cfg, rollouter, queue, poll=publisher.check)
     placement = trainer_placement(trainer)
@@ -138,7 +149,7 @@ def run(
         if not eval_rows:
             return float("nan")
         return evaluate_greedy(
-            trainer.model,
+            trainer,
             trainer.tokenizer,
             eval_rows,
             eval_scorer,
@@ -206,6 +217,8 @@ def run(
         publisher.close()
         eval_scorer.close()
         result.queue_stats, result.rollouter_stats = source.stop()
+        if own_trainer:
+            trainer.close()
         for sink in sinks:
             sink.close()
         if started_runtime:
@@ -258,20 +271,15 @@ def _write_metrics(sinks: Sequence[MetricsLogger], metrics: dict[str, Any], step
 
 
 def check_devices(cfg: Any) -> None:
-    """``n_gpus_per_node`` of the trainer and the rollouter: 0 runs on the CPU; 1 (the most
-    the config accepts until the scale-out issues land) is said to run on the CPU too, since
-    this loop places nothing on a GPU yet."""
-    for key, value in (
-        ("trainer.n_gpus_per_node", cfg.trainer.n_gpus_per_node),
-        ("rollout.n_gpus_per_node", cfg.rollout.n_gpus_per_node),
-    ):
-        if value:
-            logger.warning(
-                "%s=%d: the RL loop places nothing on a GPU yet (the scale-out issues add "
-                "that); this role runs on the CPU in its process",
-                key,
-                value,
-            )
+    """The rollouter's ``n_gpus_per_node``: 0 runs on the CPU; 1 (the most the config accepts
+    until the rollout replicas land) is said to run on the CPU too, since generation is placed
+    on no GPU yet. The trainer's devices are the trainer group's (``trainer_group.group_plan``)."""
+    if cfg.rollout.n_gpus_per_node:
+        logger.warning(
+            "rollout.n_gpus_per_node=%d: the rollouter places nothing on a GPU yet (the "
+            "rollout-replicas issue adds that); it generates on the CPU in its process",
+            cfg.rollout.n_gpus_per_node,
+        )
 
 
 def _resume(

@@ -495,12 +495,8 @@ class PolicyUpdater:
     def state_dict(self, *, copy: bool = True) -> dict[str, torch.Tensor]:
         """The weights: a copy, or with ``copy=False`` the live tensors (detached; valid until
         the next step changes them). Tied entries (a causal LM's embedding and ``lm_head``)
-        stay one tensor under both names, so the copy and every sync move their bytes once."""
-        tensors: dict[tuple, torch.Tensor] = {}
-        out = {}
-        for name, tensor in self.model.state_dict().items():
-            key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
-            if key not in tensors:
-                tensors[key] = tensor.detach().clone() if copy else tensor.detach()
-            out[name] = tensors[key]
-        return out
+        stay one tensor under both names, so the copy and every sync move their bytes once.
+        Of the module a DDP wrapper holds (FSDP2's shards: ``parallel.full_state_dict``)."""
+        from miniray.rl.parallel import share_tied
+
+        return share_tied(getattr(self.model, "module", self.model).state_dict(), copy=copy)

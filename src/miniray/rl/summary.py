@@ -16,10 +16,14 @@ __all__ = ["build_summary", "sync_phase_ms", "trainer_placement"]
 def trainer_placement(trainer: Any) -> dict[str, Any]:
     """``trainer_world_size`` and ``trainer_device`` of a trainer (a group of rank actors
     offers ``world_size`` and ``device``; one trainer in the driver is 1 on the CPU)."""
-    return {
+    placement = {
         "trainer_world_size": int(getattr(trainer, "world_size", 1)),
         "trainer_device": str(getattr(trainer, "device", "cpu")),
     }
+    note = getattr(trainer, "placement_note", None)
+    if note:  # trainer.device=auto without CUDA: n_gpus_per_node counted CPU ranks
+        placement["trainer_device_note"] = str(note)
+    return placement
 
 
 def sync_phase_ms(sync_stats: Mapping[str, Any]) -> dict[str, float]:

@@ -18,6 +18,16 @@ import torch
 
 from miniray.rl._remote import actor_constructor
 from miniray.rl.config import RLConfig
+from miniray.rl.parallel import (
+    RankSetup,
+    full_optimizer_state,
+    full_state_dict,
+    load_full_optimizer_state,
+    load_full_state_dict,
+    share_tied,
+    tied_names,
+    wrap,
+)
 from miniray.rl.policy import PolicyUpdateConfig, PolicyUpdater
 from miniray.rl.rollouter import as_rl_config
 from miniray.rl.staleness import sample_age
@@ -108,41 +118,71 @@ def policy_update_config(config: RLConfig) -> PolicyUpdateConfig:
 
 
 class FullyAsyncTrainer:
+    """The policy, its optimizer and what it publishes, in one process: the driver's (one
+    rank, as the tests and benchmarks use it) or one rank of ``rl.trainer_group`` (``setup``
+    says which, on which device, with which strategy; the group joined the process group)."""
+
     remote = actor_constructor(kind="remote", max_concurrency=2)
     options = actor_constructor(kind="options", max_concurrency=2)
 
-    def __init__(self, config: Any, *, seed: int | None = None):
+    def __init__(self, config: Any, *, seed: int | None = None, setup: RankSetup | None = None):
         """``seed``: torch's seed for the update; None: ``trainer.seed``."""
-        from miniray.rl.models.tiny import load, load_options
+        from miniray.rl.models.tiny import load, load_options, torch_dtype
 
         self.config = as_rl_config(config)
+        self.setup = setup or RankSetup()
         model = self.config.actor_rollout_ref.model
+        device = torch.device(self.setup.device)
         torch.manual_seed(self.config.trainer.seed if seed is None else seed)
-        self.model, self.tokenizer = load(model.path, **load_options(model, device="cpu"))
+        options = load_options(model, device=device.type)
+        # The weights' dtype as published and generated with; FSDP2 keeps fp32 master shards
+        # and computes in it, DDP and one rank train in it directly.
+        self.dtype = torch_dtype(model.dtype)
+        if self.setup.sharded:
+            options = {**options, "dtype": "float32"}
+        self.model, self.tokenizer = load(model.path, **options)
+        self.model.to(device)
         if model.enable_gradient_checkpointing:
             enable_activation_checkpointing(self.model)
+        self._tied = tied_names(self.model)
+        self.wrapped = wrap(self.model, self.setup, compute_dtype=self.dtype)
         update = policy_update_config(self.config)
         # actor.use_kl_loss: the reference is the model the run starts from, loaded again and
         # frozen (a resumed run keeps the same reference: model.path, not the checkpoint).
-        reference = (
-            load(model.path, **load_options(model, device="cpu"))[0] if update.use_kl_loss else None
-        )
+        reference = None
+        if update.use_kl_loss:
+            reference = load(model.path, **load_options(model, device=device.type))[0].to(device)
         self.updater = PolicyUpdater(
-            self.model,
+            self.wrapped,
             pad_token_id=self.tokenizer.pad_token_id,
             config=update,
             ref_model=reference,
+            device=device,
         )
         self.version = 0
         self.samples_trained = 0
 
+    @property
+    def world_size(self) -> int:
+        return self.setup.world_size
+
+    @property
+    def device(self) -> str:
+        return self.setup.device
+
     def train_step(self, groups: Sequence[Sequence[Sample]]) -> dict[str, float]:
-        """One optimizer step on a batch of groups; returns its metrics, ages included."""
+        """One optimizer step on a batch of groups; returns its metrics, ages included. In a
+        group every rank gets the whole batch and trains on its share (``PolicyUpdater``)."""
         samples = [s for group in groups for s in group]
         if not samples:
             raise ValueError("train_step() needs at least one sample")
         ages = [sample_age(self.version, s.v_start) for s in samples]
-        metrics = self.updater.step(samples)
+        metrics = self.updater.step(
+            samples,
+            rank=self.setup.rank,
+            world_size=self.setup.world_size,
+            all_reduce=_sum_over_ranks if self.setup.world_size > 1 else None,
+        )
         self.samples_trained += len(samples)
         metrics.update(
             age_mean=sum(ages) / len(ages),
@@ -152,31 +192,71 @@ class FullyAsyncTrainer:
         return metrics
 
     def get_weights(self) -> dict[str, torch.Tensor]:
-        """A copy of the weights (safe to hand to anyone, in any process)."""
-        return self.updater.state_dict()
+        """A copy of the weights (safe to hand to anyone, in any process); tied entries once.
+        FSDP2: gathered from the shards, every rank must call it, rank 0's is filled."""
+        if self.setup.sharded:
+            return self._full_weights()  # already a gathered copy
+        return share_tied(self._full_weights(), copy=True)
 
     def live_weights(self) -> dict[str, torch.Tensor]:
         """The parameters themselves, detached: for a caller that copies them out (a ``put``)
         before the next ``train_step``. The loop publishes through this, so the one copy of a
         sync is the one into shared memory, not a clone and then that copy."""
-        return self.updater.state_dict(copy=False)
+        return self._full_weights()
+
+    def _full_weights(self) -> dict[str, torch.Tensor]:
+        state = full_state_dict(
+            self.wrapped,
+            self.model,
+            self.setup,
+            self._tied,
+            dtype=self.dtype if self.setup.sharded else None,
+        )
+        if torch.device(self.setup.device).type != "cpu":
+            state = share_tied({k: v.cpu() for k, v in state.items()}, copy=False)
+        return state
 
     def set_version(self, version: int) -> int:
         self.version = int(version)
         return self.version
+
+    def get_version(self) -> int:
+        return self.version
+
+    def greedy_tokens(
+        self, prompts: Sequence[Sequence[int]], max_new_tokens: int
+    ) -> list[list[int]]:
+        """Greedy responses (token ids) of the policy to ``prompts``, for evaluation. FSDP2:
+        every rank must call it (each forward gathers the layers' shards)."""
+        from miniray.rl.engines import HFGenerationEngine
+
+        engine = HFGenerationEngine(
+            self.model,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        gens = engine.generate(
+            [list(p) for p in prompts], max_new_tokens=max_new_tokens, temperature=0
+        )
+        return [list(g.response_token_ids) for g in gens]
 
     def save_checkpoint(self, path: str | pathlib.Path, extra: dict[str, Any]) -> pathlib.Path:
         """Write model, optimizer, version, counters, RNG states and the caller's ``extra``
         (JSON: the loop's step and data position) as one checkpoint directory at ``path``.
 
         Atomic (``rl.checkpoint.write``): a crash mid-write leaves the previous checkpoint
-        and never a partial one under ``path``.
+        and never a partial one under ``path``. In a group every rank calls it (FSDP2 gathers
+        the full weights and optimizer state) and rank 0 writes; the RNG states are rank 0's.
         """
         from miniray.rl import checkpoint
 
+        model = full_state_dict(self.wrapped, self.model, self.setup, self._tied)
+        optimizer = full_optimizer_state(self.wrapped, self.updater.optimizer, self.setup)
+        if self.setup.rank != 0:
+            return pathlib.Path(path)
         tensors = {
-            "model": self.model.state_dict(),
-            "optimizer": self.updater.optimizer.state_dict(),
+            "model": model,
+            "optimizer": optimizer,
             "rng_torch": torch.get_rng_state(),
             "rng_python": random.getstate(),
         }
@@ -184,22 +264,38 @@ class FullyAsyncTrainer:
             "version": self.version,
             "updater_steps": self.updater.steps,
             "samples_trained": self.samples_trained,
+            "world_size": self.setup.world_size,
+            "strategy": self.setup.strategy,
             "extra": extra,
         }
         contents = self.config.actor_rollout_ref.actor.checkpoint.save_contents
         hf_model = (self.model, self.tokenizer) if "hf_model" in contents else None
+        if hf_model is not None and self.setup.sharded:
+            raise ValueError(
+                "actor_rollout_ref.actor.checkpoint.save_contents has hf_model, which "
+                "strategy=fsdp2 does not export (its model is sharded); use ddp or drop hf_model"
+            )
         return checkpoint.write(path, state, tensors, hf_model=hf_model)
 
     def load_checkpoint(self, path: str | pathlib.Path) -> dict[str, Any]:
-        """Restore everything ``save_checkpoint`` wrote; returns its ``extra``."""
+        """Restore everything ``save_checkpoint`` wrote; returns its ``extra``. In a group
+        every rank reads the same checkpoint and keeps what it holds."""
         from miniray.rl import checkpoint
 
         state, tensors = checkpoint.read(path)
-        self.model.load_state_dict(tensors["model"])
-        self.updater.optimizer.load_state_dict(tensors["optimizer"])
+        load_full_state_dict(self.wrapped, self.model, self.setup, tensors["model"])
+        load_full_optimizer_state(
+            self.wrapped, self.updater.optimizer, self.setup, tensors["optimizer"]
+        )
         torch.set_rng_state(tensors["rng_torch"])
         random.setstate(tensors["rng_python"])
         self.version = int(state["version"])
         self.updater.steps = int(state["updater_steps"])
         self.samples_trained = int(state["samples_trained"])
         return state["extra"]
+
+
+def _sum_over_ranks(values: torch.Tensor) -> None:
+    import torch.distributed as dist
+
+    dist.all_reduce(values, op=dist.ReduceOp.SUM)

@@ -1,0 +1,302 @@
+"""TrainerGroup: the RL trainer as ``trainer.nnodes x n_gpus_per_node`` data-parallel rank
+actors; the driver only coordinates them.
+
+    driver: TrainerGroup                            rank r: TrainerRank (an actor, one call
+                                                    at a time, so collectives pair up)
+      start(cfg):  plan = group_plan(cfg)
+                   rank 0.free_address() ---------> a free port on its host
+                   every rank.join(addr) ---------> init_process_group (gloo / NCCL, with
+                                                    actor_rollout_ref.nccl_timeout), load the
+                                                    model, wrap it (ddp / fsdp2)
+      train_step(groups) --- every rank --------->  its share of each minibatch, gradients
+                                                    averaged in the backward pass
+      get_weights / live_weights -- rank 0 (ddp), every rank (fsdp2 gathers the shards)
+      save / load_checkpoint, greedy_tokens ---- every rank that must take part
+      close() --- kill every rank
+
+    A call waits for every rank it went to (``_all``): a rank that dies or fails ends it at
+    once with ``TrainerRankError`` naming the rank; once one rank has answered, the others
+    get ``nccl_timeout`` more (a rank stuck in a collective is ended by the group's own
+    timeout by then).
+
+Without CUDA, ``n_gpus_per_node`` counts CPU ranks (0: one), as ``rl.distill`` does for
+rollout workers; ``trainer.device=auto`` says so once in the log and in the summary.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import miniray
+from miniray.errors import RayActorError
+from miniray.rl._remote import actor_constructor
+from miniray.rl.errors import TrainerRankError
+from miniray.rl.parallel import RankSetup
+from miniray.rl.trainer import FullyAsyncTrainer
+
+__all__ = ["GroupPlan", "TrainerGroup", "TrainerRank", "group_plan"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """What the config asks of the group on this machine (``group_plan``)."""
+
+    world_size: int
+    ranks_per_node: int
+    device_type: str  # "cpu" | "cuda"
+    backend: str  # "gloo" | "nccl"
+    strategy: str  # "ddp" | "fsdp2"
+    timeout_s: float
+    note: str | None = None  # a CPU fallback the user should hear about
+
+    def setup(self, rank: int) -> RankSetup:
+        device = f"cuda:{rank % self.ranks_per_node}" if self.device_type == "cuda" else "cpu"
+        return RankSetup(
+            rank=rank, world_size=self.world_size, device=device, strategy=self.strategy
+        )
+
+
+def group_plan(cfg: Any, *, cuda_devices: int) -> GroupPlan:
+    """The group for ``cfg`` where ``cuda_devices`` CUDA devices are visible (pure).
+
+    ``trainer.device``: ``cuda`` needs CUDA; ``auto`` takes it when there is some and
+    otherwise runs ``n_gpus_per_node`` CPU ranks per node, with a note saying so.
+    """
+    trainer, actor = cfg.trainer, cfg.actor_rollout_ref.actor
+    wanted, per_node = trainer.device, trainer.n_gpus_per_node
+    if wanted == "cuda" and cuda_devices == 0:
+        raise ValueError(
+            "trainer.device='cuda' is invalid here: no CUDA device is visible "
+            "(torch.cuda.is_available() is False); use auto or cpu"
+        )
+    use_cuda = wanted == "cuda" or (wanted == "auto" and cuda_devices > 0)
+    note = None
+    if use_cuda:
+        if per_node < 1:
+            raise ValueError(
+                f"trainer.n_gpus_per_node={per_node} is invalid with CUDA: must be >= 1"
+            )
+        if trainer.nnodes == 1 and per_node > cuda_devices:
+            raise ValueError(
+                f"trainer.n_gpus_per_node={per_node} is invalid: only {cuda_devices} CUDA "
+                "device(s) are visible on this node"
+            )
+    elif wanted == "auto" and per_node > 0:
+        note = (
+            f"no CUDA device: trainer.n_gpus_per_node={per_node} counts CPU ranks "
+            f"({trainer.nnodes * per_node} in all, gloo)"
+        )
+    ranks_per_node = max(1, per_node)
+    return GroupPlan(
+        world_size=trainer.nnodes * ranks_per_node,
+        ranks_per_node=ranks_per_node,
+        device_type="cuda" if use_cuda else "cpu",
+        backend="nccl" if use_cuda else "gloo",
+        strategy=actor.strategy,
+        timeout_s=float(cfg.actor_rollout_ref.nccl_timeout),
+        note=note,
+    )
+
+
+class TrainerRank(FullyAsyncTrainer):
+    """One rank: a ``FullyAsyncTrainer`` whose model is built once the group is joined."""
+
+    remote = actor_constructor(kind="remote", max_concurrency=1)
+    options = actor_constructor(kind="options", max_concurrency=1)
+
+    def __init__(self, config: Any, setup: RankSetup):
+        # Nothing heavy yet: the group first needs rank 0's address to join at.
+        self._pending_config = config
+        self.setup = setup
+
+    def free_address(self) -> tuple[str, int]:
+        """This host's address as the other ranks reach it, and a port free on it."""
+        host = "127.0.0.1"
+        try:
+            import ray
+
+            if ray.is_initialized():  # a Ray cluster: the ranks may be on other nodes
+                host = ray.util.get_node_ip_address()
+        except ImportError:
+            pass
+        with socket.socket() as probe:
+            probe.bind((host, 0))
+            return host, int(probe.getsockname()[1])
+
+    def join(self, host: str, port: int, *, backend: str, timeout_s: float) -> dict[str, Any]:
+        """Join the process group at rank 0's ``host:port`` (collectives then wait at most
+        ``timeout_s``), then load and wrap the model; returns this rank's pid and device."""
+        import torch
+
+        if self.setup.device.startswith("cuda"):
+            torch.cuda.set_device(torch.device(self.setup.device))
+        if self.setup.wrapped:
+            import torch.distributed as dist
+
+            dist.init_process_group(
+                backend,
+                init_method=f"tcp://{host}:{port}",
+                rank=self.setup.rank,
+                world_size=self.setup.world_size,
+                timeout=datetime.timedelta(seconds=timeout_s),
+            )
+        FullyAsyncTrainer.__init__(self, self._pending_config, setup=self.setup)
+        return {"pid": os.getpid(), "device": self.setup.device}
+
+
+class TrainerGroup:
+    """The driver's handle on the ranks; offers what the loop asks of a trainer
+    (``train_step``, ``get_weights``, ``set_version``, checkpoints, ``greedy_tokens``)."""
+
+    def __init__(self, plan: GroupPlan, ranks: list[Any], pids: list[int], tokenizer: Any):
+        self.plan = plan
+        self.ranks = ranks
+        self.pids = pids
+        self.tokenizer = tokenizer
+        self.version = 0
+
+    @classmethod
+    def start(cls, config: Any) -> TrainerGroup:
+        """Start the ranks ``config`` asks for and wait (``nccl_timeout``) until every one
+        has joined and loaded the model."""
+        import torch
+
+        from miniray.rl.models.tiny import load_tokenizer
+        from miniray.rl.rollouter import as_rl_config
+
+        cfg = as_rl_config(config)
+        cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        plan = group_plan(cfg, cuda_devices=cuda)
+        if plan.note:
+            logger.warning("%s", plan.note)
+        if plan.world_size > 1 and miniray.backend_name() == "inline":
+            raise ValueError(
+                f"the trainer group has {plan.world_size} ranks (trainer.nnodes x "
+                "n_gpus_per_node), which need a process each: the inline backend runs actors "
+                "as threads of one process; use the local or ray backend"
+            )
+        gpus = 1 if plan.device_type == "cuda" else 0
+        ranks = [
+            TrainerRank.options(num_cpus=1, num_gpus=gpus).remote(cfg, plan.setup(r))
+            for r in range(plan.world_size)
+        ]
+        group = cls(plan, ranks, [0] * len(ranks), None)
+        try:
+            (address,) = group._all("free_address", ranks=ranks[:1])
+            joined = group._all("join", *address, backend=plan.backend, timeout_s=plan.timeout_s)
+        except BaseException:
+            group.close()
+            raise
+        group.pids = [j["pid"] for j in joined]
+        model = cfg.actor_rollout_ref.model
+        group.tokenizer = load_tokenizer(model.path, trust_remote_code=model.trust_remote_code)
+        return group
+
+    @property
+    def world_size(self) -> int:
+        return self.plan.world_size
+
+    @property
+    def device(self) -> str:
+        return self.plan.setup(0).device
+
+    @property
+    def placement_note(self) -> str | None:
+        return self.plan.note
+
+    def train_step(self, groups: Sequence[Sequence[Any]]) -> dict[str, float]:
+        """One step on every rank; the metrics (reduced over the ranks) of rank 0."""
+        return self._all("train_step", list(groups))[0]
+
+    def get_weights(self) -> dict[str, Any]:
+        return self._all("get_weights", ranks=self._weight_ranks())[0]
+
+    def live_weights(self) -> dict[str, Any]:
+        return self._all("live_weights", ranks=self._weight_ranks())[0]
+
+    def set_version(self, version: int) -> int:
+        self.version = int(version)
+        self._all("set_version", self.version)
+        return self.version
+
+    def save_checkpoint(self, path: Any, extra: dict[str, Any]) -> Any:
+        return self._all("save_checkpoint", path, extra)[0]
+
+    def load_checkpoint(self, path: Any) -> dict[str, Any]:
+        extras = self._all("load_checkpoint", path)
+        self.version = int(self._all("get_version", ranks=self.ranks[:1])[0])
+        return extras[0]
+
+    def greedy_tokens(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list:
+        ranks = self.ranks if self.plan.strategy == "fsdp2" else self.ranks[:1]
+        return self._all("greedy_tokens", [list(p) for p in prompts], max_new_tokens, ranks=ranks)[
+            0
+        ]
+
+    def close(self) -> None:
+        """Kill every rank (their process groups go with them); idempotent."""
+        ranks, self.ranks = self.ranks, []
+        for rank in ranks:
+            try:
+                miniray.kill(rank)
+            except Exception as exc:  # already gone, or the runtime is shutting down
+                logger.debug("killing a trainer rank: %s", exc)
+
+    def _weight_ranks(self) -> list[Any]:
+        # FSDP2 gathers the shards (every rank takes part); otherwise rank 0 has them all.
+        return self.ranks if self.plan.strategy == "fsdp2" else self.ranks[:1]
+
+    def _all(self, method: str, *args: Any, ranks: list[Any] | None = None, **kwargs: Any) -> list:
+        """``method(*args, **kwargs)`` on ``ranks`` (default: all), their answers in rank
+        order. The first rank to die or fail raises ``TrainerRankError`` naming it; after
+        the first answer the rest get ``timeout_s`` more."""
+        ranks = self.ranks if ranks is None else ranks
+        if not ranks:
+            raise TrainerRankError(-1, None, f"the trainer group is closed; cannot call {method}")
+        pending = {getattr(r, method).remote(*args, **kwargs): i for i, r in enumerate(ranks)}
+        answers: dict[int, Any] = {}
+        deadline: float | None = None
+        while pending:
+            wait_s = 5.0 if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, _ = miniray.wait(list(pending), num_returns=1, timeout=wait_s)
+            if not ready and deadline is not None and time.monotonic() >= deadline:
+                late = sorted(pending.values())
+                raise TrainerRankError(
+                    late[0],
+                    self._pid(late[0]),
+                    f"trainer rank(s) {late} did not finish {method} within "
+                    f"{self.plan.timeout_s:g}s of rank {min(answers)} "
+                    "(actor_rollout_ref.nccl_timeout)",
+                )
+            for ref in ready:
+                rank = pending.pop(ref)
+                try:
+                    answers[rank] = miniray.get(ref, timeout=self.plan.timeout_s)
+                except RayActorError as exc:
+                    raise TrainerRankError(
+                        rank,
+                        self._pid(rank),
+                        f"trainer rank {rank} (pid {self._pid(rank)}) died during {method}: {exc}",
+                    ) from exc
+                except Exception as exc:
+                    raise TrainerRankError(
+                        rank,
+                        self._pid(rank),
+                        f"trainer rank {rank} (pid {self._pid(rank)}) failed in {method}: "
+                        f"{type(exc).__name__}: {exc}",
+                    ) from exc
+            if answers and deadline is None:
+                deadline = time.monotonic() + self.plan.timeout_s
+        return [answers[i] for i in range(len(ranks))]
+
+    def _pid(self, rank: int) -> int | None:
+        return self.pids[rank] if rank < len(self.pids) and self.pids[rank] else None

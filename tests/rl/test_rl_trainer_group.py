@@ -1,0 +1,259 @@
+"""The trainer group: N data-parallel ranks take the step one rank takes on the whole batch,
+a killed rank ends the run naming it, and a 2-rank run resumes training each prompt once."""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import miniray
+from miniray.rl import checkpoint
+from miniray.rl.errors import TrainerRankError
+from miniray.rl.models import char_tokenizer, save, tiny_qwen2
+from miniray.rl.rollouter import as_rl_config
+from miniray.rl.tasks import ArithmeticTask, write_prompts
+from miniray.rl.trainer import FullyAsyncTrainer
+from miniray.rl.trainer_group import TrainerGroup, group_plan
+from miniray.rl.types import Sample
+from process_support import gone, wait_until
+
+TASK = ArithmeticTask(max_operand=9)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rl_group")
+    tokenizer = char_tokenizer(TASK.alphabet)
+    torch.manual_seed(0)
+    save(tiny_qwen2(tokenizer, hidden_size=32, intermediate_size=64), tokenizer, root / "model")
+    write_prompts(TASK.rows(40), root / "train.parquet")
+    return root
+
+
+def config(workdir, out=None, *, ranks=0, strategy="ddp", timeout=60.0, **trainer):
+    return as_rl_config(
+        {
+            "data": {
+                "train_files": [str(workdir / "train.parquet")],
+                "train_batch_size": 2,
+                "max_prompt_length": 8,
+                "max_response_length": 2,
+            },
+            "actor_rollout_ref": {
+                "model": {"path": str(workdir / "model")},
+                # lr 1e-3: Adam turns round-off in near-zero gradients (a key bias gets none
+                # in exact arithmetic) into steps of ~lr; the comparison is at 1e-5.
+                "actor": {"optim": {"lr": 1e-3}, "strategy": strategy},
+                "rollout": {"n": 4},
+                "nccl_timeout": timeout,
+            },
+            "async_training": {"mode": "sync", "max_queue_size": 8, "staleness_threshold": 1},
+            "trainer": {
+                "total_training_steps": 6,
+                "n_gpus_per_node": ranks,
+                "default_local_dir": str(out or workdir / "runs"),
+                **trainer,
+            },
+        }
+    )
+
+
+def groups_of_samples(tokenizer, *, groups=3, seed=0):
+    """Three groups of four responses of different lengths and mixed rewards."""
+    g = torch.Generator().manual_seed(seed)
+    digits = [tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)]
+    out = []
+    for k in range(groups):
+        prompt = [tokenizer.bos_token_id, *tokenizer(f"{k}+{k + 1}=")["input_ids"]]
+        group = []
+        for i in range(4):
+            length = 1 + int(torch.randint(0, 3, (1,), generator=g))
+            response = [digits[int(torch.randint(0, 10, (1,), generator=g))] for _ in range(length)]
+            group.append(
+                Sample(
+                    prompt_token_ids=prompt,
+                    response_token_ids=response,
+                    response_logprobs=[-2.3] * length,
+                    reward=float((i + k) % 2),
+                    group_id=f"g{k}",
+                    v_start=0,
+                )
+            )
+        out.append(group)
+    return out
+
+
+def fake_cfg(device="auto", ranks=0, nodes=1, strategy="ddp"):
+    return SimpleNamespace(
+        trainer=SimpleNamespace(device=device, n_gpus_per_node=ranks, nnodes=nodes),
+        actor_rollout_ref=SimpleNamespace(
+            actor=SimpleNamespace(strategy=strategy), nccl_timeout=30.0
+        ),
+    )
+
+
+def test_plan_counts_cpu_ranks_without_cuda_and_says_so():
+    plan = group_plan(fake_cfg(ranks=2, nodes=2), cuda_devices=0)
+    assert (plan.world_size, plan.device_type, plan.backend) == (4, "cpu", "gloo")
+    assert plan.note is not None and "n_gpus_per_node=2 counts CPU ranks" in plan.note
+    assert [plan.setup(r).device for r in range(4)] == ["cpu"] * 4
+    single = group_plan(fake_cfg(ranks=0), cuda_devices=0)
+    assert single.world_size == 1 and single.note is None
+    assert group_plan(fake_cfg(device="cpu", ranks=2), cuda_devices=8).device_type == "cpu"
+
+
+def test_plan_takes_cuda_when_there_is_some_and_refuses_cuda_without_it():
+    plan = group_plan(fake_cfg(ranks=2, nodes=2), cuda_devices=2)
+    assert (plan.world_size, plan.backend) == (4, "nccl")
+    assert [plan.setup(r).device for r in range(4)] == ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]
+    with pytest.raises(ValueError, match=r"trainer\.device='cuda' is invalid"):
+        group_plan(fake_cfg(device="cuda", ranks=1), cuda_devices=0)
+    with pytest.raises(ValueError, match=r"n_gpus_per_node=4 is invalid: only 2"):
+        group_plan(fake_cfg(ranks=4), cuda_devices=2)
+
+
+def test_an_unknown_strategy_is_refused_naming_the_key(workdir):
+    with pytest.raises(ValueError, match=r"strategy"):
+        config(workdir, strategy="megatron")
+
+
+@pytest.fixture
+def local_runtime():
+    miniray.init(num_workers=1)
+    try:
+        yield
+    finally:
+        miniray.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_gloo_ranks_take_the_steps_of_one_rank_on_the_whole_batch(
+    workdir, local_runtime, strategy
+):
+    single = FullyAsyncTrainer(config(workdir))
+    batches = [groups_of_samples(single.tokenizer, seed=s) for s in range(3)]
+    initial = single.get_weights()
+    group = TrainerGroup.start(config(workdir, ranks=2, strategy=strategy))
+    try:
+        assert (group.world_size, group.device) == (2, "cpu")
+        assert group.placement_note is not None  # auto without CUDA says so
+        for batch in batches:
+            one = single.train_step(batch)
+            two = group.train_step(batch)
+            assert two["loss"] == pytest.approx(one["loss"], abs=1e-5)
+            assert two["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4)
+        weights = group.get_weights()
+    finally:
+        group.close()
+    expected = single.get_weights()
+    assert set(weights) == set(expected)
+    assert weights["lm_head.weight"] is weights["model.embed_tokens.weight"]  # tied: once
+    assert any(not torch.equal(expected[k], initial[k]) for k in expected)  # it trained
+    for name, value in expected.items():
+        torch.testing.assert_close(weights[name], value, atol=1e-5, rtol=0, msg=name)
+
+
+@pytest.mark.slow
+def test_a_killed_rank_ends_the_step_naming_it_and_leaves_no_rank(workdir, local_runtime):
+    group = TrainerGroup.start(config(workdir, ranks=2, timeout=20.0))
+    pids = list(group.pids)
+    batch = groups_of_samples(group.tokenizer) * 8  # long enough to be killed inside a step
+    killer = threading.Timer(0.5, os.kill, (pids[1], signal.SIGKILL))
+    start = time.monotonic()
+    killer.start()
+    try:
+        with pytest.raises(TrainerRankError) as failure:
+            for _ in range(200):
+                group.train_step(batch)
+    finally:
+        killer.cancel()
+        group.close()
+    elapsed = time.monotonic() - start
+    assert failure.value.rank == 1 and failure.value.pid == pids[1]
+    assert "trainer rank 1" in str(failure.value)
+    assert elapsed < 20.0 + 10.0  # within the configured timeout, not a hang
+    wait_until(lambda: gone(pids), timeout=15, what=f"trainer ranks {pids} to exit")
+
+
+class DeterministicEngine:
+    """Response ``i`` of a batch is a digit that depends only on the prompt and ``i``."""
+
+    def __init__(self, digit_ids):
+        self.digit_ids = digit_ids
+
+    def generate(self, prompts, *, max_new_tokens, temperature=1.0, should_stop=None):
+        from miniray.rl.engines.base import Generation
+
+        return [
+            Generation(
+                prompt_token_ids=list(p),
+                response_token_ids=[self.digit_ids[(sum(p) + i) % len(self.digit_ids)]],
+                response_logprobs=[-2.3],
+                finish_reason="length",
+            )
+            for i, p in enumerate(prompts)
+        ]
+
+    def load_weights(self, state_dict, *, take=False):
+        pass
+
+    def state_dict(self):
+        return {}
+
+
+def reward_by_digit(response, truth):
+    return float(int(response[0]) % 3) if response[:1].isdigit() else 0.0
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def grouped_run(workdir, out, *, crash_at=None, **trainer):
+    from miniray.rl.loop import run
+
+    cfg = config(workdir, out, ranks=2, **trainer)
+    tokenizer = char_tokenizer(TASK.alphabet)
+    digits = [tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)]
+
+    def on_step(step, metrics):
+        if step == crash_at:
+            raise Crash(f"killed at step {step}")
+
+    miniray.init(num_workers=1)
+    try:
+        return run(
+            cfg, reward_fn=reward_by_digit, engine=DeterministicEngine(digits), on_step=on_step
+        )
+    finally:
+        miniray.shutdown()
+
+
+@pytest.mark.slow
+def test_a_two_rank_run_killed_and_resumed_trains_each_prompt_once(workdir, tmp_path):
+    out = tmp_path / "crashed"
+    with pytest.raises(Crash):
+        grouped_run(workdir, out, crash_at=5, save_freq=2)  # checkpoints at steps 2 and 4
+    resumed = grouped_run(workdir, out, save_freq=2)
+    assert resumed.resumed_from is not None and resumed.resumed_from.endswith("global_step_4")
+    assert [m["step"] for m in resumed.history] == [5, 6]
+    assert resumed.summary["trainer_world_size"] == 2
+    assert resumed.history[0]["trainer_world_size"] == 2
+    ckpt_dir = checkpoint.checkpoint_dir(config(workdir, out))
+    trainer = FullyAsyncTrainer(config(workdir, out))
+    step4 = trainer.load_checkpoint(ckpt_dir / "global_step_4")["data_position"]
+    from miniray.rl.data_position import TrainedPositions
+
+    across = collections.Counter(TrainedPositions.from_dict(step4).positions())
+    across.update(p for step in resumed.trained_positions for p in step)
+    assert across == collections.Counter(range(6 * 2))  # the first 12 prompts, each once
+    final = trainer.load_checkpoint(ckpt_dir / "global_step_6")
+    assert final["step"] == 6 and trainer.version == 6
