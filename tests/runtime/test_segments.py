@@ -1,8 +1,14 @@
-"""Reuse of a process's own shared-memory segments (runtime/segments.py)."""
+"""Reuse of a process's own shared-memory segments (runtime/segments.py), and eviction of any
+process's pooled segments when the directory is full."""
 
 from __future__ import annotations
 
 import os
+import select
+import subprocess
+import sys
+import textwrap
+import time
 
 import pytest
 
@@ -32,7 +38,7 @@ def test_one_segment_larger_than_the_pool_limit_is_still_kept(monkeypatch):
     monkeypatch.setattr(segments, "POOL_LIMIT_BYTES", 2 << 20)
     big, _ = segments.acquire(SESSION, 8 << 20)
     segments.reclaim(big)
-    assert shm.list_session(SESSION) == [big]
+    assert shm.list_session(SESSION) == [big + shm.FREE_SUFFIX]
     assert segments.acquire(SESSION, 8 << 20)[0] == big
 
 
@@ -42,8 +48,56 @@ def test_pool_evicts_the_oldest_beyond_its_limit(monkeypatch):
     second, _ = segments.acquire(SESSION, 4 << 20)
     segments.reclaim(first)
     segments.reclaim(second)
-    assert shm.list_session(SESSION) == [second]  # the older one was deleted
+    assert shm.list_session(SESSION) == [second + shm.FREE_SUFFIX]  # the older one was deleted
     assert segments.pooled_bytes() == 4 << 20
+
+
+def test_a_pooled_segment_is_marked_free_and_its_owner_claims_it_back_for_reuse():
+    name, _ = segments.acquire(SESSION, 4 << 20)
+    assert shm.list_session(SESSION) == [name]
+    segments.reclaim(name)
+    # Pooled: visible to every process as one it may evict when the directory is full.
+    assert shm.list_session(SESSION) == [name + shm.FREE_SUFFIX]
+    assert shm.list_free(SESSION) == [name]
+    again, _ = segments.acquire(SESSION, 4 << 20)
+    assert again == name
+    assert shm.list_session(SESSION) == [name]  # claimed: no longer anyone's to evict
+
+
+def test_a_pooled_segment_goes_to_whichever_of_evictor_and_owner_claims_it_first():
+    name, _ = segments.acquire(SESSION, 4 << 20)
+    segments.reclaim(name)
+    assert shm.evict_free(name)  # as another process that needs the room does
+    assert not shm.evict_free(name) and not shm.claim_free(name)  # taken: nobody else gets it
+    assert shm.list_session(SESSION) == []
+    assert segments.pooled_bytes() == 0  # the owner sees that its pooled segment is gone
+    # The owner's mapping of it has no pages any more: reuse gets a new segment instead.
+    again, mapping = segments.acquire(SESSION, 4 << 20)
+    assert again != name and len(mapping) == 4 << 20
+    mapping[:] = b"\x02" * len(mapping)
+    assert shm.list_session(SESSION) == [again]
+
+
+def test_the_owner_claims_before_reuse_so_the_evictor_loses_the_race():
+    name, _ = segments.acquire(SESSION, 4 << 20)
+    segments.reclaim(name)
+    assert segments.acquire(SESSION, 4 << 20)[0] == name
+    assert not shm.evict_free(name)  # in use again: not evictable
+    assert shm.list_session(SESSION) == [name]
+
+
+def test_session_sweep_removes_live_pooled_and_half_evicted_segments():
+    live, pooled, stuck = (segments.acquire(SESSION, 2 << 20)[0] for _ in range(3))
+    segments.reclaim(pooled)
+    segments.reclaim(stuck)
+    # An evictor killed between its claim and its unlink leaves a <name>.evicting file.
+    os.rename(shm.path_of(stuck + shm.FREE_SUFFIX), shm.path_of(stuck + shm.EVICTING_SUFFIX))
+    assert sorted(shm.list_session(SESSION)) == sorted(
+        [live, pooled + shm.FREE_SUFFIX, stuck + shm.EVICTING_SUFFIX]
+    )
+    segments.reset()  # as shutdown does, before the sweep
+    assert shm.unlink_session(SESSION) == 3
+    assert shm.list_session(SESSION) == []
 
 
 def test_small_segments_are_deleted_not_pooled():
@@ -108,9 +162,8 @@ def test_a_full_directory_evicts_our_pooled_segments_before_giving_up(tiny_shm_d
 
 
 def test_a_half_full_directory_deletes_freed_segments_instead_of_pooling(tiny_shm_dir):
-    """Every process pools its own segments, and one process cannot evict another's pool: in
-    a small directory, a pool beyond half of it would make the next value of another process
-    fail."""
+    """Past half full, pooled pages are given back at once: most creations then find room
+    without first evicting some process's pool."""
     small, _ = segments.acquire(SESSION, 2 << 20)
     segments.reclaim(small)
     assert segments.pooled_bytes() == 2 << 20  # plenty of room: pooled
@@ -120,3 +173,74 @@ def test_a_half_full_directory_deletes_freed_segments_instead_of_pooling(tiny_sh
     segments.reclaim(freed)  # 9 of 16 MiB in use: deleted, not pooled
     assert segments.pooled_bytes() == 0
     assert os.listdir(tiny_shm_dir) == [live]
+
+
+OWNER = """
+    import sys
+    from miniray.runtime import segments
+
+    MIB = 1 << 20
+    name, mapping = segments.acquire(sys.argv[1], 7 * MIB)
+    mapping[:] = b"\\x01" * len(mapping)
+    segments.reclaim(name)  # pooled: 7 of 16 MiB in use, so kept, with our mapping open
+    print(name, segments.pooled_bytes(), flush=True)
+    sys.stdin.readline()
+    again, mapping = segments.acquire(sys.argv[1], 7 * MIB)
+    mapping[:] = b"\\x02" * len(mapping)  # into an evicted segment's mapping: SIGBUS
+    print(again, segments.pooled_bytes(), flush=True)
+    sys.stdin.readline()
+"""
+
+
+def read_line(proc, timeout):
+    """One line of ``proc``'s stdout, or an AssertionError after ``timeout`` seconds."""
+    data = b""
+    deadline = time.monotonic() + timeout
+    while not data.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        ready, _, _ = select.select([proc.stdout], [], [], max(left, 0))
+        if not ready:
+            raise AssertionError(f"no line from the owner process in {timeout}s: {data!r}")
+        chunk = os.read(proc.stdout.fileno(), 4096)
+        if not chunk:
+            raise AssertionError(f"the owner process exited ({proc.wait(timeout=10)}): {data!r}")
+        data += chunk
+    return data.decode().split()
+
+
+def test_a_full_directory_evicts_a_segment_another_process_pooled(tiny_shm_dir, tmp_path):
+    """The driver's pool must not make a worker's value fail: a process that finds the directory
+    full evicts any process's pooled segments, and their owner, which still maps them, then
+    gets a new segment instead of writing into pages that are gone (SIGBUS)."""
+    script = tmp_path / "owner.py"
+    script.write_text(textwrap.dedent(OWNER))
+    owner = subprocess.Popen(
+        [sys.executable, str(script), SESSION],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    try:
+        pooled, pooled_bytes = read_line(owner, 30)
+        assert int(pooled_bytes) == 7 << 20
+        # 9 MiB are free: 12 fit only if the other process's pooled segment goes, and its
+        # pages with it, though the owner still maps them.
+        mine, mapping = segments.acquire(SESSION, 12 << 20)
+        mapping[:] = b"\x03" * len(mapping)
+        assert os.listdir(tiny_shm_dir) == [mine]
+        segments.forget(mine)
+        owner.stdin.write(b"go\n")
+        owner.stdin.flush()
+        again, pooled_bytes = read_line(owner, 30)
+        assert again != pooled and int(pooled_bytes) == 0
+        assert os.listdir(tiny_shm_dir) == [again]
+        owner.stdin.write(b"done\n")
+        owner.stdin.flush()
+        assert owner.wait(timeout=30) == 0
+    finally:
+        owner.kill()
+        owner.wait(timeout=10)
+        owner.stdin.close()
+        owner.stdout.close()
+    assert shm.unlink_session(SESSION) == 1  # the owner's segment, which it never freed
+    assert os.listdir(tiny_shm_dir) == []

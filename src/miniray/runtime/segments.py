@@ -17,9 +17,15 @@ waiting to be deserialized; the report says how many deliveries it consumed, so 
 counts what it sent, knows whether another delivery is still in flight.
 
 Pooled segments hold their pages, and in a small /dev/shm (Docker's 64 MB) every process's pool
-together could crowd out the next value. So a process pools only while the directory is less
-than half full (past that it deletes what is freed, its pool included), and a creation that
-finds the directory full first gives this process's pool back and tries once more.
+together could crowd out the next value. So a pooled segment is renamed ``<name>.free``
+(shm.mark_free), and a creation that finds the directory full deletes pooled segments, its own
+first and then any other process's of the session, until the value fits, and tries once more.
+Another process's pool must be reachable: a worker's value must not fail because the driver
+keeps pages it is not using. Every removal or reuse of a pooled segment first claims it by a
+rename (shm.claim_free, shm.evict_free), so the owner never writes into a segment another process
+has just evicted (its pages are gone: the write would SIGBUS), and it gets a new segment instead.
+A process also pools only while the directory is less than half full (past that it deletes what
+is freed, its pool included), so that most creations find room without evicting first.
 """
 
 from __future__ import annotations
@@ -66,22 +72,25 @@ def acquire(session_id: str, size: int) -> tuple[str, mmap.mmap]:
             capacity, name = _free.pop(best)
             _free_bytes -= capacity
     if best is not None:
-        mapping = _writers.get(name)
-        if mapping is not None and len(mapping) >= size:
-            return name, mapping
-        try:
-            mapping = shm.open_shared(name, capacity)
-        except OSError:
-            forget(name)
+        if not shm.claim_free(name):
+            _drop(name)  # evicted by a process that needed the room: never touch its mapping
         else:
-            with _lock:
-                _writers[name] = mapping
-            return name, mapping
+            mapping = _writers.get(name)
+            if mapping is not None and len(mapping) >= size:
+                return name, mapping
+            try:
+                mapping = shm.open_shared(name, capacity)
+            except OSError:
+                forget(name)
+            else:
+                with _lock:
+                    _writers[name] = mapping
+                return name, mapping
     name = shm.new_name(session_id)
     try:
         mapping = shm.create(name, size)
     except ObjectStoreFullError:
-        if not _evict_pool():
+        if not _make_room(session_id, size):
             raise
         mapping = shm.create(name, size)
     with _lock:
@@ -99,26 +108,52 @@ def reclaim(name: str) -> None:
         return
     with _lock:
         capacity = _capacity.get(name)
-        if capacity is not None and capacity >= MIN_POOLED_BYTES:
-            _free.append((capacity, name))
-            _free_bytes += capacity
-            evicted = []
-            # Keep at least the newest segment, however large: a model's weights synced every
-            # step are one big value, and re-faulting its pages each time costs 5 memcpys.
-            while _free_bytes > POOL_LIMIT_BYTES and len(_free) > 1:
-                cap, old = _free.pop(0)
-                _free_bytes -= cap
-                evicted.append(old)
-        else:
-            evicted = [name]
+    if capacity is None or capacity < MIN_POOLED_BYTES:
+        forget(name)
+        return
+    # Renamed before it is listed as ours to reuse: acquire() claims by renaming it back.
+    try:
+        shm.mark_free(name)
+    except FileNotFoundError:  # swept already (shutdown)
+        _drop(name)
+        return
+    _prune_evicted()
+    with _lock:
+        _free.append((capacity, name))
+        _free_bytes += capacity
+        evicted = []
+        # Keep at least the newest segment, however large: a model's weights synced every
+        # step are one big value, and re-faulting its pages each time costs 5 memcpys.
+        while _free_bytes > POOL_LIMIT_BYTES and len(_free) > 1:
+            cap, old = _free.pop(0)
+            _free_bytes -= cap
+            evicted.append(old)
     for old in evicted:
-        forget(old)
+        _evict_pooled(old)
 
 
 def _space_is_short() -> bool:
     """Is the segment directory half full or more? (Then pooled pages are better given back.)"""
     room = shm.space()
     return room is not None and room[1] * 2 < room[0]
+
+
+def _has_room(size: int) -> bool:
+    room = shm.space()
+    return room is not None and room[1] >= size
+
+
+def _make_room(session_id: str, size: int) -> bool:
+    """The directory is full: delete pooled segments, ours and then other processes', until
+    ``size`` bytes are free. False if there was none to delete."""
+    evicted = _evict_pool()
+    for name in shm.list_free(session_id):
+        if _has_room(size):
+            return True
+        # A name of ours here is one another thread of ours has just pooled: fair game too
+        # (acquire() then fails to claim it and makes a new segment).
+        evicted = shm.evict_free(name) or evicted
+    return evicted
 
 
 def _evict_pool() -> bool:
@@ -129,20 +164,47 @@ def _evict_pool() -> bool:
         _free.clear()
         _free_bytes = 0
     for name in evicted:
-        forget(name)
+        _evict_pooled(name)
     return bool(evicted)
 
 
-def forget(name: str) -> None:
+def _evict_pooled(name: str) -> None:
+    """Delete a pooled segment of ours, unless another process has evicted it already."""
+    _drop(name)
+    shm.evict_free(name)
+
+
+def _prune_evicted() -> None:
+    """Forget pooled segments of ours that other processes evicted (and close our mappings,
+    which have no pages any more)."""
+    global _free_bytes
+    with _lock:
+        gone = [e for e in _free if not os.path.exists(shm.path_of(e[1] + shm.FREE_SUFFIX))]
+        for entry in gone:
+            _free.remove(entry)
+            _free_bytes -= entry[0]
+    for _cap, name in gone:
+        _drop(name)
+
+
+def _drop(name: str) -> None:
+    """Forget a segment of ours and close our mapping of it, leaving the file alone."""
     with _lock:
         _capacity.pop(name, None)
         mapping = _writers.pop(name, None)
     if mapping is not None:
         mapping.close()
+
+
+def forget(name: str) -> None:
+    """Delete a segment of ours that is not pooled."""
+    _drop(name)
     shm.unlink(name)
 
 
 def pooled_bytes() -> int:
+    """Bytes of our pooled segments that no other process has evicted."""
+    _prune_evicted()
     return _free_bytes
 
 

@@ -23,6 +23,14 @@ is an ``ObjectStoreFullError`` that names the way out: a larger ``--shm-size``, 
 ``$MINIRAY_SHM_DIR``, a directory on another file system where the segments go instead (set it
 before ``miniray.init()``; children inherit it, and the sweeps at shutdown and after a crash
 look there as they look in /dev/shm).
+
+A freed segment that its creator keeps for reuse (runtime/segments.py) is renamed
+``<name>.free``, so that any process that finds the directory full can see it and take it back.
+Whoever removes or reuses a ``.free`` file first renames it (``<name>.evicting`` to remove, back
+to ``<name>`` to reuse): a rename of one path succeeds for one process only, so an evictor and the
+creator never both think they have it. Unlinking alone would free nothing: the creator keeps its
+writable mapping of a pooled segment open, and tmpfs keeps a file's pages while any process maps
+it, so the evictor truncates the file first, which takes the pages back from every mapping.
 """
 
 from __future__ import annotations
@@ -38,6 +46,8 @@ from miniray.errors import ObjectStoreFullError
 ENV_SHM_DIR = "MINIRAY_SHM_DIR"
 DEFAULT_SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else os.environ.get("TMPDIR", "/tmp")
 NAME_PREFIX = "miniray_"
+FREE_SUFFIX = ".free"  # pooled by its creator, unmapped by everyone else: anyone may evict it
+EVICTING_SUFFIX = ".evicting"  # claimed by one process, which is deleting it
 ALIGN = 64
 
 _counter = itertools.count()
@@ -176,12 +186,54 @@ def unlink(name: str) -> None:
         pass
 
 
+def mark_free(name: str) -> None:
+    """Show that segment ``name`` is pooled: from now on any process may evict it."""
+    os.rename(path_of(name), path_of(name + FREE_SUFFIX))
+
+
+def claim_free(name: str) -> bool:
+    """Take pooled segment ``name`` back for reuse; False if another process evicted it first
+    (then its pages are gone, and a mapping of it must never be written: that would SIGBUS)."""
+    try:
+        os.rename(path_of(name + FREE_SUFFIX), path_of(name))
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def evict_free(name: str) -> bool:
+    """Delete pooled segment ``name`` and give its pages back now, even though its creator still
+    maps it; False if another process claimed it first (for reuse or to evict it)."""
+    evicting = path_of(name + EVICTING_SUFFIX)
+    try:
+        os.rename(path_of(name + FREE_SUFFIX), evicting)
+    except FileNotFoundError:
+        return False
+    try:
+        fd = os.open(evicting, os.O_RDWR)
+    except FileNotFoundError:  # the head swept it meanwhile (its creator died)
+        return True
+    try:
+        os.ftruncate(fd, 0)  # frees the pages in every mapping; unlinking would wait for them
+    finally:
+        os.close(fd)
+    unlink(name + EVICTING_SUFFIX)
+    return True
+
+
+def list_free(session_id: str) -> list[str]:
+    """Names (without the suffix) of the session's pooled segments, whichever process made them."""
+    pattern = glob.escape(path_of(session_prefix(session_id))) + "*" + glob.escape(FREE_SUFFIX)
+    return [os.path.basename(p)[: -len(FREE_SUFFIX)] for p in glob.glob(pattern)]
+
+
 def list_session(session_id: str) -> list[str]:
     return [os.path.basename(p) for p in glob.glob(path_of(session_prefix(session_id)) + "*")]
 
 
 def unlink_session(session_id: str) -> int:
-    """Remove every segment of a session; returns how many were removed."""
+    """Remove every segment of a session, pooled and half-evicted ones included (their names
+    only add a suffix); returns how many were removed."""
     names = list_session(session_id)
     for name in names:
         unlink(name)
