@@ -283,12 +283,10 @@ class InlineBackend:
                         if isinstance(exc, KeyboardInterrupt):
                             return task.cancelled_error()
                         return execution.task_error(name, exc)
-                    if attempts_left != 0 and execution.should_retry_exception(
-                        exc, options["retry_exceptions"]
-                    ):
-                        attempts_left -= 1
-                        continue
-                    return execution.task_error(name, exc)
+                    left = execution.retries_after(exc, attempts_left, options["retry_exceptions"])
+                    if left is None:
+                        return execution.task_error(name, exc)
+                    attempts_left = left
 
         def run() -> None:
             runtime_context.set_executing(task_id, None)
@@ -462,14 +460,28 @@ class InlineBackend:
             for (_, entry), v in zip(outs, values):
                 self._store(entry, v)
 
-        def retry(exc: BaseException, attempts_left: int) -> tuple[bool, BaseException]:
-            """Whether to run the call again after ``exc``, and else the error it ends with."""
+        def after_failure(exc: BaseException, attempts_left: int) -> int | None:
+            """What a failed attempt leads to, for the sync and the async runner alike: the
+            retries left for the next attempt, or None once finish() has stored the error."""
+            if isinstance(exc, ActorExit):  # before SystemExit, which it is: exit_actor() is final
+                self._exited(actor, call)
+                finish(error=self._died(actor))
+                return None
+            if actor.dead_reason is not None and actor.instance is None:  # __init__ failed
+                finish(error=self._died(actor))
+                return None
+            left: int | None
             if isinstance(exc, SystemExit) and not is_init:
                 error: BaseException = self._actor_exited(actor, exc)
-                return attempts_left != 0 and isinstance(error, ActorUnavailableError), error
-            error = execution.task_error(getattr(call, "__name__", "actor method"), exc)
-            allowed = execution.should_retry_exception(exc, retry_exceptions)
-            return attempts_left != 0 and allowed, error
+                # Restarted (not dead): the call may run again on the new instance.
+                restarted = isinstance(error, ActorUnavailableError)
+                left = execution.retries_after(exc, attempts_left, False, crashed=restarted)
+            else:
+                error = execution.task_error(getattr(call, "__name__", "actor method"), exc)
+                left = execution.retries_after(exc, attempts_left, retry_exceptions)
+            if left is None:
+                finish(error=error)
+            return left
 
         def run_sync() -> None:
             if not is_init:
@@ -480,17 +492,12 @@ class InlineBackend:
                     return finish(error=self._died(actor))
                 try:
                     value = call()
-                except ActorExit:  # before SystemExit, which it is: exit_actor() ends for good
-                    self._exited(actor, call)
-                    return finish(error=self._died(actor))
                 except BaseException as exc:
-                    if actor.dead_reason is not None and actor.instance is None:
-                        return finish(error=self._died(actor))
-                    again, error = retry(exc, attempts_left)
-                    if again:
-                        attempts_left -= 1
-                        continue
-                    return finish(error=error)
+                    left = after_failure(exc, attempts_left)
+                    if left is None:
+                        return
+                    attempts_left = left
+                    continue
                 return finish(value)
 
         if actor.loop is not None:
@@ -509,15 +516,12 @@ class InlineBackend:
                             value = call()
                             if asyncio.iscoroutine(value):
                                 value = await value
-                        except ActorExit:
-                            self._exited(actor, call)
-                            return finish(error=self._died(actor))
                         except BaseException as exc:
-                            again, error = retry(exc, attempts_left)
-                            if again:
-                                attempts_left -= 1
-                                continue
-                            return finish(error=error)
+                            left = after_failure(exc, attempts_left)
+                            if left is None:
+                                return
+                            attempts_left = left
+                            continue
                         return finish(value)
 
             loop.call_soon_threadsafe(lambda: loop.create_task(run_async()))

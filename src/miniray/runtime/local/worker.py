@@ -173,13 +173,11 @@ class Worker:
                     if isinstance(exc, KeyboardInterrupt):
                         return TaskCancelledError(f"task {name}() was cancelled")
                     return execution.task_error(name, exc)
-                if attempts_left != 0 and execution.should_retry_exception(
-                    exc, options["retry_exceptions"]
-                ):
-                    attempts_left -= 1
-                    self.client.send(("retried", task_id))
-                    continue
-                return execution.task_error(name, exc)
+                left = execution.retries_after(exc, attempts_left, options["retry_exceptions"])
+                if left is None:
+                    return execution.task_error(name, exc)
+                attempts_left = left
+                self.client.send(("retried", task_id))
 
     def _create_actor(self, message: tuple) -> bool:
         _, actor_id, class_name, class_bytes, payload, deps, options = message
@@ -245,40 +243,42 @@ class Worker:
         self.client.send(("result", call_id, [error] * max(1, len(return_ids))))
 
     def _run_call(self, message: tuple) -> None:
-        call_id, method, return_ids, options = message[1], message[2], message[5], message[6]
-        label = f"{self.actor_name}.{method}"
         if self.exiting:
             return  # queued behind the exit_actor() call: the head failed it already
-        retries_left = options["max_task_retries"]
+        retries_left = message[6]["max_task_retries"]
         while True:
             try:
                 value = self._invoke(message)
-            except ActorExit:  # before SystemExit, which it is: exit_actor() ends for good
-                return self._exit_actor(call_id)
-            except SystemExit as exc:
-                _exit_actor(exc)
             except BaseException as exc:
-                if self._may_retry(call_id, exc, options, retries_left):
-                    retries_left -= 1
-                    continue
-                return self._fail_call(call_id, label, return_ids, exc)
+                left = self._after_failure(message, exc, retries_left)
+                if left is None:
+                    return
+                retries_left = left
+                continue
             break
-        self._finish_call(call_id, label, return_ids, value)
+        self._finish_call(message[1], f"{self.actor_name}.{message[2]}", message[5], value)
         del value
         self.client.flush()
 
-    def _may_retry(
-        self, call_id: str, exc: BaseException, options: dict[str, Any], retries_left: int
-    ) -> bool:
-        """Re-run a call that raised a listed exception while ``max_task_retries`` lasts (the
-        head resolved it: the call's own, else the actor's). The head hears of each retry, so
-        that one after this process dies counts against the same budget."""
-        if retries_left == 0 or not execution.should_retry_exception(
-            exc, options["retry_exceptions"]
-        ):
-            return False
+    def _after_failure(self, message: tuple, exc: BaseException, retries_left: int) -> int | None:
+        """What a failed attempt of an actor call leads to, for the sync and the async runner
+        alike: the retries left for the next attempt, or None once the call has ended.
+
+        ``retries_left`` starts at ``max_task_retries`` (the head resolved it: the call's own,
+        else the actor's). The head hears of each retry, so that one after this process dies
+        counts against the same budget."""
+        call_id = message[1]
+        if isinstance(exc, ActorExit):  # before SystemExit, which it is: exit_actor() is final
+            self._exit_actor(call_id)
+            return None
+        if isinstance(exc, SystemExit):
+            _exit_actor(exc)
+        left = execution.retries_after(exc, retries_left, message[6]["retry_exceptions"])
+        if left is None:
+            self._fail_call(call_id, f"{self.actor_name}.{message[2]}", message[5], exc)
+            return None
         self.client.send(("retried", call_id))
-        return True
+        return left
 
     def _start_async_call(self, message: tuple) -> None:
         assert self.loop is not None
@@ -287,9 +287,7 @@ class Worker:
 
     async def _run_async_call(self, message: tuple) -> None:
         assert self.semaphore is not None
-        call_id, method, return_ids, options = message[1], message[2], message[5], message[6]
-        label = f"{self.actor_name}.{method}"
-        retries_left = options["max_task_retries"]
+        retries_left = message[6]["max_task_retries"]
         async with self.semaphore:
             if self.exiting:
                 return
@@ -298,17 +296,14 @@ class Worker:
                     value = self._invoke(message)
                     if hasattr(value, "__await__"):
                         value = await value
-                except ActorExit:
-                    return self._exit_actor(call_id)
-                except SystemExit as exc:
-                    _exit_actor(exc)
                 except BaseException as exc:
-                    if self._may_retry(call_id, exc, options, retries_left):
-                        retries_left -= 1
-                        continue
-                    return self._fail_call(call_id, label, return_ids, exc)
+                    left = self._after_failure(message, exc, retries_left)
+                    if left is None:
+                        return
+                    retries_left = left
+                    continue
                 break
-            self._finish_call(call_id, label, return_ids, value)
+            self._finish_call(message[1], f"{self.actor_name}.{message[2]}", message[5], value)
 
     # -- exit_actor() ----------------------------------------------------------------------
     def _exit_actor(self, call_id: str) -> None:
