@@ -26,6 +26,7 @@ from miniray.exceptions import (
     RaySystemError,
     RayTaskError,
     TaskCancelledError,
+    WorkerCrashedError,
 )
 
 
@@ -229,6 +230,26 @@ def flaky(path):
     if attempts < 3:
         raise ConnectionError(f"attempt {attempts}")
     return attempts
+
+
+@miniray.remote(max_retries=2)
+def exit_on_attempts(path, exits, code=0, raise_first=None, value="done"):
+    """Counts its attempts in a file; attempts in ``exits`` call sys.exit(code), attempt 1
+    raises ``raise_first`` when given, any other returns ``value``."""
+    with open(path, "a") as f:
+        f.write("x")
+    with open(path) as f:
+        attempt = len(f.read())
+    if attempt == 1 and raise_first is not None:
+        raise raise_first(f"attempt {attempt}")
+    if attempt in exits:
+        sys.exit(code)
+    return value
+
+
+def attempts_in(path):
+    with open(path) as f:
+        return len(f.read())
 
 
 def _make_task_helpers():
@@ -569,6 +590,39 @@ def test_retry_exceptions_not_listed_fail_at_once(runtime, tmp_path):
     path = str(tmp_path / "count")
     with pytest.raises(ConnectionError):
         miniray.get(flaky.options(max_retries=1).remote(path), timeout=30)
+
+
+@pytest.mark.parametrize("code", [0, 3, "a message"])
+def test_sys_exit_in_a_task_is_a_worker_crash_retried_under_max_retries(runtime, tmp_path, code):
+    # As on Ray: the worker process ends, whatever the code; the task is retried without
+    # retry_exceptions, never more than max_retries times, then fails with WorkerCrashedError.
+    path = str(tmp_path / "count")
+    with pytest.raises(WorkerCrashedError):
+        miniray.get(exit_on_attempts.remote(path, exits=[1, 2, 3, 4], code=code), timeout=60)
+    assert attempts_in(path) == 3  # 1 + max_retries
+    assert_still_works()
+
+
+def test_task_that_exits_once_succeeds_on_its_retry(runtime, tmp_path):
+    path = str(tmp_path / "count")
+    assert miniray.get(exit_on_attempts.remote(path, exits=[1]), timeout=60) == "done"
+    assert attempts_in(path) == 2
+
+
+def test_sys_exit_in_a_task_with_no_retries_fails_at_once(runtime, tmp_path):
+    path = str(tmp_path / "count")
+    exiting = exit_on_attempts.options(max_retries=0, retry_exceptions=True)
+    with pytest.raises(WorkerCrashedError):
+        miniray.get(exiting.remote(path, exits=[1]), timeout=60)
+    assert attempts_in(path) == 1
+
+
+def test_task_exits_and_listed_exceptions_share_max_retries(runtime, tmp_path):
+    path = str(tmp_path / "count")
+    task = exit_on_attempts.options(retry_exceptions=[ConnectionError])
+    with pytest.raises(WorkerCrashedError):  # attempt 1 raised, 2 and 3 exited: none left
+        miniray.get(task.remote(path, exits=[2, 3], raise_first=ConnectionError), timeout=60)
+    assert attempts_in(path) == 3
 
 
 def test_nested_tasks_blocked_in_get_do_not_deadlock(runtime):

@@ -38,6 +38,7 @@ from miniray.errors import (
     RaySystemError,
     RayTaskError,
     TaskCancelledError,
+    WorkerCrashedError,
 )
 from miniray.runtime import execution, futures, runtime_context, serialization
 from miniray.runtime import options as opts
@@ -279,12 +280,18 @@ class InlineBackend:
                     a, k = execution.decode_args(a, k, self._resolve(deps))
                     return execution.split_returns(fn.function(*a, **k), num_returns, name)
                 except BaseException as exc:
+                    # sys.exit() would end a worker process (local, Ray): a crash, not an error.
+                    exited = isinstance(exc, SystemExit)
                     if task.interrupted:  # cancelled: never retried, as in Ray
-                        if isinstance(exc, KeyboardInterrupt):
+                        if isinstance(exc, KeyboardInterrupt) or exited:
                             return task.cancelled_error()
                         return execution.task_error(name, exc)
-                    left = execution.retries_after(exc, attempts_left, options["retry_exceptions"])
+                    left = execution.retries_after(
+                        exc, attempts_left, options["retry_exceptions"], crashed=exited
+                    )
                     if left is None:
+                        if exited:
+                            return _exited_task_error(name, exc, options["max_retries"])
                         return execution.task_error(name, exc)
                     attempts_left = left
 
@@ -702,6 +709,16 @@ async def _all_stored(loop: asyncio.AbstractEventLoop, entries: Any) -> None:
         entry.callbacks.append(wake)
         if not entry.done.is_set():  # _store may have run its callbacks before we appended
             await stored
+
+
+def _exited_task_error(name: str, exc: BaseException, max_retries: int) -> WorkerCrashedError:
+    """What a task that called ``sys.exit()`` on its last attempt fails with: on Ray and the
+    local backend its worker process ends, so Ray's crashed-worker error (here no process ends:
+    it would be the driver's)."""
+    return WorkerCrashedError(
+        f"task {name}() called sys.exit({getattr(exc, 'code', None)!r}), which ends its worker "
+        f"process as in Ray: the worker died. No retries left (max_retries={max_retries})."
+    )
 
 
 def _set_async_exc(thread_id: int, exc_type: type[BaseException] | None) -> None:

@@ -158,7 +158,10 @@ class Worker:
         """Run the task, retrying listed exceptions: its return values, or the error to store.
 
         Each retry is reported to the head, which counts it against the same ``max_retries``
-        that covers this process dying: never more attempts than asked."""
+        that covers this process dying: never more attempts than asked. ``sys.exit()`` in the
+        task ends this process, as in Ray: the head sees a crashed worker and retries the task
+        under ``max_retries`` (whatever ``retry_exceptions`` says), else fails it with
+        ``WorkerCrashedError`` (a cancelled one with ``TaskCancelledError``)."""
         attempts_left = options["max_retries"]
         runtime_context.set_executing(task_id, None)
         while True:
@@ -169,6 +172,8 @@ class Worker:
                 args, kwargs = self._args(payload, deps)
                 return execution.split_returns(fn(*args, **kwargs), len(return_ids), name)
             except BaseException as exc:
+                if isinstance(exc, SystemExit):
+                    _exit_process(exc)
                 if self.cancel_id == task_id:  # Ray never retries a cancelled task
                     if isinstance(exc, KeyboardInterrupt):
                         return TaskCancelledError(f"task {name}() was cancelled")
@@ -272,7 +277,7 @@ class Worker:
             self._exit_actor(call_id)
             return None
         if isinstance(exc, SystemExit):
-            _exit_actor(exc)
+            _exit_process(exc)
         left = execution.retries_after(exc, retries_left, message[6]["retry_exceptions"])
         if left is None:
             self._fail_call(call_id, f"{self.actor_name}.{message[2]}", message[5], exc)
@@ -350,11 +355,12 @@ def _end_process() -> None:
     os._exit(0)
 
 
-def _exit_actor(exc: SystemExit) -> NoReturn:
-    """``sys.exit()`` in an actor method ends the actor's process with that code, as in Ray.
+def _exit_process(exc: SystemExit) -> NoReturn:
+    """``sys.exit()`` in a task or an actor method ends this process with that code, as in Ray.
 
-    The head tells the two apart by the exit code: 0 (or None) is an intended exit, so the
-    actor is dead for good; any other code is a crash, restarted per ``max_restarts``."""
+    For an actor the head tells the two apart by the exit code: 0 (or None) is an intended
+    exit, so the actor is dead for good; any other code is a crash, restarted per
+    ``max_restarts``. For a task either is a worker crash (retried per ``max_retries``)."""
     code = exc.code
     if code is not None and not isinstance(code, int):
         print(code, file=sys.stderr)  # sys.exit("message") prints it and exits with 1
