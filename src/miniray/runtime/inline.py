@@ -24,6 +24,7 @@ import ctypes
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -40,12 +41,13 @@ from miniray.errors import (
     TaskCancelledError,
     WorkerCrashedError,
 )
-from miniray.runtime import execution, futures, runtime_context, serialization
+from miniray.runtime import execution, futures, runtime_context, serialization, streaming
 from miniray.runtime import options as opts
 from miniray.runtime.refs import (
     ActorClass,
     ActorHandle,
     ObjectRef,
+    ObjectRefGenerator,
     RemoteFunction,
     new_id,
     returns_of,
@@ -72,11 +74,12 @@ class _Task:
     queued (waiting for arguments) -> running -> finishing, or queued -> cancelled. State
     changes happen under the backend's lock."""
 
-    __slots__ = ("children", "interrupted", "name", "outs", "state", "thread_id")
+    __slots__ = ("children", "interrupted", "name", "outs", "state", "stream", "thread_id")
 
-    def __init__(self, name: str, outs: list[_Entry]):
+    def __init__(self, name: str, outs: list[_Entry], stream: streaming.Stream | None = None):
         self.name = name
         self.outs = outs
+        self.stream = stream  # a streaming generator task's (then outs is empty)
         self.state = "queued"
         self.thread_id = 0
         self.interrupted = False  # a KeyboardInterrupt was raised in its thread
@@ -126,6 +129,7 @@ class InlineBackend:
         self._pinned: set[str] = set()
         self._threads: list[threading.Thread] = []
         self._closed = False
+        self._streams: weakref.WeakSet[streaming.Stream] = weakref.WeakSet()
 
     # -- objects ---------------------------------------------------------------------------
     def _new_entry(self) -> tuple[str, _Entry]:
@@ -257,9 +261,10 @@ class InlineBackend:
         deps = self._dep_entries(dep_ids)
         payload = execution.serialize_args(call_args, call_kwargs, fn.__qualname__, None)
         num_returns = options["num_returns"]
-        outs = [self._new_entry() for _ in range(num_returns)]
+        stream = self._new_stream() if num_returns == "streaming" else None
+        outs = [] if stream is not None else [self._new_entry() for _ in range(num_returns)]
         name = fn.__qualname__
-        task = _Task(name, [entry for _, entry in outs])
+        task = _Task(name, [entry for _, entry in outs], stream)
         for entry in task.outs:
             entry.task = task
         parent = getattr(self._current, "task", None)
@@ -267,10 +272,10 @@ class InlineBackend:
             parent.children.append(task)
 
         if not self._runs_tasks:
-            for _, entry in outs:
-                self._store(entry, error=execution.no_cpus_error(name))
-            return returns_of([ObjectRef(oid) for oid, _ in outs], num_returns) if outs else None
+            self._fail_task(task, execution.no_cpus_error(name))
+            return self._task_returns(task, outs, num_returns)
         task_id = new_id("t")
+        streamed = [0]  # values of a streaming task the caller has (a retry skips them)
 
         def attempts() -> list[Any] | BaseException:
             attempts_left = options["max_retries"]
@@ -278,6 +283,9 @@ class InlineBackend:
                 try:
                     a, k = serialization.deserialize(payload)
                     a, k = execution.decode_args(a, k, self._resolve(deps))
+                    if stream is not None:
+                        self._stream_values(stream, name, fn.function(*a, **k), streamed)
+                        return []
                     return execution.split_returns(fn.function(*a, **k), num_returns, name)
                 except BaseException as exc:
                     # sys.exit() would end a worker process (local, Ray): a crash, not an error.
@@ -306,14 +314,55 @@ class InlineBackend:
                 task.thread_id = threading.get_ident()
             outcome = failed if failed is not None else self._interruptible(task, attempts)
             if isinstance(outcome, BaseException):
-                for entry in task.outs:
-                    self._store(entry, error=outcome)
+                self._fail_task(task, outcome)
                 return
             for entry, value in zip(task.outs, outcome):
                 self._store(entry, value)
+            if stream is not None:
+                with stream.cond:
+                    stream.end()
 
         self._start_thread(run, f"miniray-task-{name}")
+        return self._task_returns(task, outs, num_returns)
+
+    def _task_returns(self, task: _Task, outs: list[tuple[str, _Entry]], num_returns: Any) -> Any:
+        if task.stream is not None:
+            return ObjectRefGenerator(task.stream)
         return returns_of([ObjectRef(oid) for oid, _ in outs], num_returns) if outs else None
+
+    def _fail_task(self, task: _Task, error: BaseException) -> None:
+        """Store ``error`` in every result of the task; a stream gets it as its last value."""
+        for entry in task.outs:
+            self._store(entry, error=error)
+        if task.stream is not None:
+            oid, entry = self._new_entry()
+            self._store(entry, error=error)
+            with task.stream.cond:
+                task.stream.append(oid)
+                task.stream.end()
+
+    # -- streaming generator tasks ---------------------------------------------------------
+    def _new_stream(self) -> streaming.Stream:
+        stream = streaming.Stream(threading.Condition(), self._check_open, self.release)
+        self._streams.add(stream)
+        return stream
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RaySystemError("the runtime was shut down before the generator task ended")
+
+    def _stream_values(
+        self, stream: streaming.Stream, name: str, values: Any, streamed: list[int]
+    ) -> None:
+        """Store each value the generator yields and hand its ref to the stream at once."""
+        if not hasattr(values, "__next__"):
+            raise streaming.not_a_generator_error(name, values)
+        for index, value in streaming.replay(values, streamed[0]):
+            oid, entry = self._new_entry()
+            self._store(entry, value)
+            with stream.cond:
+                stream.append(oid)
+            streamed[0] = index + 1
 
     def _interruptible(
         self, task: _Task, body: Callable[[], list[Any] | BaseException]
@@ -358,9 +407,7 @@ class InlineBackend:
                 task.interrupted = True
                 _set_async_exc(task.thread_id, KeyboardInterrupt)
         if state == "queued":
-            error = task.cancelled_error()
-            for entry in task.outs:
-                self._store(entry, error=error)
+            self._fail_task(task, task.cancelled_error())
 
     # -- actors ----------------------------------------------------------------------------
     def create_actor(
@@ -690,6 +737,9 @@ class InlineBackend:
             self._store(
                 entry, error=RaySystemError("the runtime was shut down before it was ready")
             )
+        for stream in list(self._streams):  # a waiting next() sees the shutdown (_check_open)
+            with stream.cond:
+                stream.cond.notify_all()
 
 
 async def _all_stored(loop: asyncio.AbstractEventLoop, entries: Any) -> None:

@@ -22,7 +22,15 @@ import threading
 from typing import Any, NoReturn
 
 from miniray.errors import TaskCancelledError
-from miniray.runtime import context, execution, runtime_context, segments, serialization, shm
+from miniray.runtime import (
+    context,
+    execution,
+    runtime_context,
+    segments,
+    serialization,
+    shm,
+    streaming,
+)
 from miniray.runtime.local import lifeline, protocol
 from miniray.runtime.local.client import WorkerClient
 from miniray.runtime.local.values import error_of, stored_error, stored_value, value_of
@@ -164,12 +172,17 @@ class Worker:
         ``WorkerCrashedError`` (a cancelled one with ``TaskCancelledError``)."""
         attempts_left = options["max_retries"]
         runtime_context.set_executing(task_id, None)
+        streams = options["num_returns"] == "streaming"
+        streamed = [options.get("streamed", 0)]  # values the caller has (a retry skips them)
         while True:
             if self.cancel_id == task_id:  # cancelled before it started, or between attempts
                 return TaskCancelledError(f"task {name}() was cancelled")
             try:
                 fn = self.functions[fn_id]
                 args, kwargs = self._args(payload, deps)
+                if streams:
+                    self._stream(task_id, name, fn(*args, **kwargs), streamed)
+                    return []
                 return execution.split_returns(fn(*args, **kwargs), len(return_ids), name)
             except BaseException as exc:
                 if isinstance(exc, SystemExit):
@@ -183,6 +196,16 @@ class Worker:
                     return execution.task_error(name, exc)
                 attempts_left = left
                 self.client.send(("retried", task_id))
+
+    def _stream(self, task_id: str, name: str, values: Any, streamed: list[int]) -> None:
+        """Send each value a streaming task yields as it comes: the head makes it an object
+        and hands its ref to the caller's ObjectRefGenerator."""
+        if not hasattr(values, "__next__"):
+            raise streaming.not_a_generator_error(name, values)
+        for index, value in streaming.replay(values, streamed[0]):
+            self.client.send(("yield", task_id, stored_value(value, self.session_id, name)))
+            del value
+            streamed[0] = index + 1
 
     def _create_actor(self, message: tuple) -> bool:
         _, actor_id, class_name, class_bytes, payload, deps, options = message
