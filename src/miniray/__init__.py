@@ -22,7 +22,13 @@ from miniray.runtime.api import (
     shutdown,
     wait,
 )
-from miniray.runtime.refs import ActorClass, ActorHandle, ObjectRef, RemoteFunction
+from miniray.runtime.refs import (
+    ActorClass,
+    ActorHandle,
+    ObjectRef,
+    ObjectRefGenerator,
+    RemoteFunction,
+)
 
 __version__ = "0.1.0"
 
@@ -30,6 +36,7 @@ __all__ = [
     "ActorClass",
     "ActorHandle",
     "ObjectRef",
+    "ObjectRefGenerator",
     "RemoteFunction",
     "actor",
     "backend_name",

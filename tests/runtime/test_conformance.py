@@ -26,6 +26,7 @@ from miniray.exceptions import (
     RaySystemError,
     RayTaskError,
     TaskCancelledError,
+    WorkerCrashedError,
 )
 
 
@@ -229,6 +230,57 @@ def flaky(path):
     if attempts < 3:
         raise ConnectionError(f"attempt {attempts}")
     return attempts
+
+
+@miniray.remote(max_retries=2)
+def exit_on_attempts(path, exits, code=0, raise_first=None, value="done"):
+    """Counts its attempts in a file; attempts in ``exits`` call sys.exit(code), attempt 1
+    raises ``raise_first`` when given, any other returns ``value``."""
+    with open(path, "a") as f:
+        f.write("x")
+    with open(path) as f:
+        attempt = len(f.read())
+    if attempt == 1 and raise_first is not None:
+        raise raise_first(f"attempt {attempt}")
+    if attempt in exits:
+        sys.exit(code)
+    return value
+
+
+def attempts_in(path):
+    with open(path) as f:
+        return len(f.read())
+
+
+@miniray.remote
+def count_up(n, fail_at=None, hold=None):
+    """Yields 0..n-1; raises at ``fail_at``; after the first value waits (30 s at most) for the
+    file ``hold`` to exist."""
+    for i in range(n):
+        if i == fail_at:
+            raise ValueError(f"failed at {i}")
+        yield i
+        deadline = time.monotonic() + 30
+        while i == 0 and hold is not None and not os.path.exists(hold):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{hold} never appeared")
+            time.sleep(0.01)
+
+
+@miniray.remote(max_retries=2, retry_exceptions=[ConnectionError])
+def replayed_stream(path, n, how):
+    """Yields (attempt, i) for i < n; attempt 1 fails after two values, by ``how``: "raise"
+    (ConnectionError) or "exit" (sys.exit)."""
+    with open(path, "a") as f:
+        f.write("x")
+    with open(path) as f:
+        attempt = len(f.read())
+    for i in range(n):
+        if attempt == 1 and i == 2:
+            if how == "exit":
+                sys.exit(1)
+            raise ConnectionError("first attempt")
+        yield attempt, i
 
 
 def _make_task_helpers():
@@ -569,6 +621,103 @@ def test_retry_exceptions_not_listed_fail_at_once(runtime, tmp_path):
     path = str(tmp_path / "count")
     with pytest.raises(ConnectionError):
         miniray.get(flaky.options(max_retries=1).remote(path), timeout=30)
+
+
+@pytest.mark.parametrize("code", [0, 3, "a message"])
+def test_sys_exit_in_a_task_is_a_worker_crash_retried_under_max_retries(runtime, tmp_path, code):
+    # As on Ray: the worker process ends, whatever the code; the task is retried without
+    # retry_exceptions, never more than max_retries times, then fails with WorkerCrashedError.
+    path = str(tmp_path / "count")
+    with pytest.raises(WorkerCrashedError):
+        miniray.get(exit_on_attempts.remote(path, exits=[1, 2, 3, 4], code=code), timeout=60)
+    assert attempts_in(path) == 3  # 1 + max_retries
+    assert_still_works()
+
+
+def test_task_that_exits_once_succeeds_on_its_retry(runtime, tmp_path):
+    path = str(tmp_path / "count")
+    assert miniray.get(exit_on_attempts.remote(path, exits=[1]), timeout=60) == "done"
+    assert attempts_in(path) == 2
+
+
+def test_sys_exit_in_a_task_with_no_retries_fails_at_once(runtime, tmp_path):
+    path = str(tmp_path / "count")
+    exiting = exit_on_attempts.options(max_retries=0, retry_exceptions=True)
+    with pytest.raises(WorkerCrashedError):
+        miniray.get(exiting.remote(path, exits=[1]), timeout=60)
+    assert attempts_in(path) == 1
+
+
+def test_task_exits_and_listed_exceptions_share_max_retries(runtime, tmp_path):
+    path = str(tmp_path / "count")
+    task = exit_on_attempts.options(retry_exceptions=[ConnectionError])
+    with pytest.raises(WorkerCrashedError):  # attempt 1 raised, 2 and 3 exited: none left
+        miniray.get(task.remote(path, exits=[2, 3], raise_first=ConnectionError), timeout=60)
+    assert attempts_in(path) == 3
+
+
+# ------------------------------------------------------------------------------- generators
+
+
+def test_a_generator_task_streams_one_ref_per_value(runtime):
+    stream = count_up.remote(4)  # a generator function streams by default, as in Ray
+    assert isinstance(stream, miniray.ObjectRefGenerator)
+    refs = list(stream)
+    assert all(isinstance(r, miniray.ObjectRef) for r in refs)
+    assert miniray.get(refs, timeout=30) == [0, 1, 2, 3]
+    explicit = count_up.options(num_returns="streaming").remote(2)
+    assert [miniray.get(r, timeout=30) for r in explicit] == [0, 1]
+    assert explicit.is_finished()
+
+
+def test_a_streamed_ref_comes_before_the_task_ends(runtime, tmp_path):
+    hold = str(tmp_path / "hold")
+    stream = count_up.remote(2, hold=hold)
+    assert miniray.get(next(stream), timeout=30) == 0  # the task now waits for `hold`
+    start = time.monotonic()
+    nothing = stream._next_sync(timeout_s=0.3)  # Ray's timeout path: a nil ref
+    assert nothing.is_nil() and time.monotonic() - start >= 0.25
+    assert not stream.is_finished()
+    with open(hold, "w"):
+        pass
+    assert miniray.get(stream._next_sync(timeout_s=30), timeout=30) == 1
+    with pytest.raises(StopIteration):
+        next(stream)
+    assert stream.is_finished()
+
+
+def test_an_exception_in_a_generator_is_the_ref_after_its_last_value(runtime):
+    stream = count_up.options(max_retries=0).remote(5, fail_at=2)
+    assert miniray.get([next(stream), next(stream)], timeout=30) == [0, 1]
+    failed = next(stream)  # as in Ray: next() returns a ref, get() raises
+    with pytest.raises(ValueError, match="failed at 2"):
+        miniray.get(failed, timeout=30)
+    with pytest.raises(StopIteration):
+        next(stream)
+
+
+@pytest.mark.parametrize("how", ["raise", "exit"])
+def test_a_retried_generator_does_not_repeat_values_the_caller_has(runtime, tmp_path, how):
+    # The retry runs the generator again from its start; the two values of attempt 1 that the
+    # caller already holds are not streamed twice (as in Ray).
+    path = str(tmp_path / "count")
+    values = [miniray.get(r, timeout=60) for r in replayed_stream.remote(path, 4, how)]
+    assert values == [(1, 0), (1, 1), (2, 2), (2, 3)]
+    assert attempts_in(path) == 2
+
+
+def test_streaming_is_refused_where_it_cannot_work(runtime):
+    with pytest.raises(ValueError, match="generator"):
+        double.options(num_returns="streaming").remote(1)
+    with pytest.raises(ValueError, match="dynamic"):
+        count_up.options(num_returns="dynamic")
+    counter = Counter.remote()
+    with pytest.raises(ValueError, match="streaming"):
+        counter.increment.options(num_returns="streaming")
+    import pickle
+
+    with pytest.raises(TypeError, match="ObjectRefGenerator"):
+        pickle.dumps(count_up.remote(1))
 
 
 def test_nested_tasks_blocked_in_get_do_not_deadlock(runtime):

@@ -98,6 +98,23 @@ def split_returns(value: Any, num_returns: int, function_name: str) -> list[Any]
     return values
 
 
+def retries_after(
+    exc: BaseException, retries_left: int, retry_exceptions: Any, *, crashed: bool = False
+) -> int | None:
+    """The retry policy of every runner (task or actor call, sync or async, on every embedded
+    backend): after an attempt failed with ``exc`` while ``retries_left`` retries remained (-1:
+    no limit), the retries left once the next attempt starts, or None: the call ends here.
+
+    ``crashed`` means the process running the call ended under it (``sys.exit``, or an actor
+    that was restarted): Ray retries that whatever ``retry_exceptions`` says. Both kinds of
+    failure spend the one budget, so a call never gets more attempts than asked."""
+    if retries_left == 0:
+        return None
+    if not crashed and not should_retry_exception(exc, retry_exceptions):
+        return None
+    return retries_left - 1 if retries_left > 0 else -1
+
+
 def should_retry_exception(exc: BaseException, retry_exceptions: Any) -> bool:
     if retry_exceptions is True:
         return True

@@ -24,6 +24,7 @@ import ctypes
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -38,13 +39,15 @@ from miniray.errors import (
     RaySystemError,
     RayTaskError,
     TaskCancelledError,
+    WorkerCrashedError,
 )
-from miniray.runtime import execution, futures, runtime_context, serialization
+from miniray.runtime import execution, futures, runtime_context, serialization, streaming
 from miniray.runtime import options as opts
 from miniray.runtime.refs import (
     ActorClass,
     ActorHandle,
     ObjectRef,
+    ObjectRefGenerator,
     RemoteFunction,
     new_id,
     returns_of,
@@ -71,11 +74,12 @@ class _Task:
     queued (waiting for arguments) -> running -> finishing, or queued -> cancelled. State
     changes happen under the backend's lock."""
 
-    __slots__ = ("children", "interrupted", "name", "outs", "state", "thread_id")
+    __slots__ = ("children", "interrupted", "name", "outs", "state", "stream", "thread_id")
 
-    def __init__(self, name: str, outs: list[_Entry]):
+    def __init__(self, name: str, outs: list[_Entry], stream: streaming.Stream | None = None):
         self.name = name
         self.outs = outs
+        self.stream = stream  # a streaming generator task's (then outs is empty)
         self.state = "queued"
         self.thread_id = 0
         self.interrupted = False  # a KeyboardInterrupt was raised in its thread
@@ -125,6 +129,7 @@ class InlineBackend:
         self._pinned: set[str] = set()
         self._threads: list[threading.Thread] = []
         self._closed = False
+        self._streams: weakref.WeakSet[streaming.Stream] = weakref.WeakSet()
 
     # -- objects ---------------------------------------------------------------------------
     def _new_entry(self) -> tuple[str, _Entry]:
@@ -256,9 +261,10 @@ class InlineBackend:
         deps = self._dep_entries(dep_ids)
         payload = execution.serialize_args(call_args, call_kwargs, fn.__qualname__, None)
         num_returns = options["num_returns"]
-        outs = [self._new_entry() for _ in range(num_returns)]
+        stream = self._new_stream() if num_returns == "streaming" else None
+        outs = [] if stream is not None else [self._new_entry() for _ in range(num_returns)]
         name = fn.__qualname__
-        task = _Task(name, [entry for _, entry in outs])
+        task = _Task(name, [entry for _, entry in outs], stream)
         for entry in task.outs:
             entry.task = task
         parent = getattr(self._current, "task", None)
@@ -266,10 +272,10 @@ class InlineBackend:
             parent.children.append(task)
 
         if not self._runs_tasks:
-            for _, entry in outs:
-                self._store(entry, error=execution.no_cpus_error(name))
-            return returns_of([ObjectRef(oid) for oid, _ in outs], num_returns) if outs else None
+            self._fail_task(task, execution.no_cpus_error(name))
+            return self._task_returns(task, outs, num_returns)
         task_id = new_id("t")
+        streamed = [0]  # values of a streaming task the caller has (a retry skips them)
 
         def attempts() -> list[Any] | BaseException:
             attempts_left = options["max_retries"]
@@ -277,18 +283,25 @@ class InlineBackend:
                 try:
                     a, k = serialization.deserialize(payload)
                     a, k = execution.decode_args(a, k, self._resolve(deps))
+                    if stream is not None:
+                        self._stream_values(stream, name, fn.function(*a, **k), streamed)
+                        return []
                     return execution.split_returns(fn.function(*a, **k), num_returns, name)
                 except BaseException as exc:
+                    # sys.exit() would end a worker process (local, Ray): a crash, not an error.
+                    exited = isinstance(exc, SystemExit)
                     if task.interrupted:  # cancelled: never retried, as in Ray
-                        if isinstance(exc, KeyboardInterrupt):
+                        if isinstance(exc, KeyboardInterrupt) or exited:
                             return task.cancelled_error()
                         return execution.task_error(name, exc)
-                    if attempts_left != 0 and execution.should_retry_exception(
-                        exc, options["retry_exceptions"]
-                    ):
-                        attempts_left -= 1
-                        continue
-                    return execution.task_error(name, exc)
+                    left = execution.retries_after(
+                        exc, attempts_left, options["retry_exceptions"], crashed=exited
+                    )
+                    if left is None:
+                        if exited:
+                            return _exited_task_error(name, exc, options["max_retries"])
+                        return execution.task_error(name, exc)
+                    attempts_left = left
 
         def run() -> None:
             runtime_context.set_executing(task_id, None)
@@ -301,14 +314,55 @@ class InlineBackend:
                 task.thread_id = threading.get_ident()
             outcome = failed if failed is not None else self._interruptible(task, attempts)
             if isinstance(outcome, BaseException):
-                for entry in task.outs:
-                    self._store(entry, error=outcome)
+                self._fail_task(task, outcome)
                 return
             for entry, value in zip(task.outs, outcome):
                 self._store(entry, value)
+            if stream is not None:
+                with stream.cond:
+                    stream.end()
 
         self._start_thread(run, f"miniray-task-{name}")
+        return self._task_returns(task, outs, num_returns)
+
+    def _task_returns(self, task: _Task, outs: list[tuple[str, _Entry]], num_returns: Any) -> Any:
+        if task.stream is not None:
+            return ObjectRefGenerator(task.stream)
         return returns_of([ObjectRef(oid) for oid, _ in outs], num_returns) if outs else None
+
+    def _fail_task(self, task: _Task, error: BaseException) -> None:
+        """Store ``error`` in every result of the task; a stream gets it as its last value."""
+        for entry in task.outs:
+            self._store(entry, error=error)
+        if task.stream is not None:
+            oid, entry = self._new_entry()
+            self._store(entry, error=error)
+            with task.stream.cond:
+                task.stream.append(oid)
+                task.stream.end()
+
+    # -- streaming generator tasks ---------------------------------------------------------
+    def _new_stream(self) -> streaming.Stream:
+        stream = streaming.Stream(threading.Condition(), self._check_open, self.release)
+        self._streams.add(stream)
+        return stream
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RaySystemError("the runtime was shut down before the generator task ended")
+
+    def _stream_values(
+        self, stream: streaming.Stream, name: str, values: Any, streamed: list[int]
+    ) -> None:
+        """Store each value the generator yields and hand its ref to the stream at once."""
+        if not hasattr(values, "__next__"):
+            raise streaming.not_a_generator_error(name, values)
+        for index, value in streaming.replay(values, streamed[0]):
+            oid, entry = self._new_entry()
+            self._store(entry, value)
+            with stream.cond:
+                stream.append(oid)
+            streamed[0] = index + 1
 
     def _interruptible(
         self, task: _Task, body: Callable[[], list[Any] | BaseException]
@@ -353,9 +407,7 @@ class InlineBackend:
                 task.interrupted = True
                 _set_async_exc(task.thread_id, KeyboardInterrupt)
         if state == "queued":
-            error = task.cancelled_error()
-            for entry in task.outs:
-                self._store(entry, error=error)
+            self._fail_task(task, task.cancelled_error())
 
     # -- actors ----------------------------------------------------------------------------
     def create_actor(
@@ -462,14 +514,28 @@ class InlineBackend:
             for (_, entry), v in zip(outs, values):
                 self._store(entry, v)
 
-        def retry(exc: BaseException, attempts_left: int) -> tuple[bool, BaseException]:
-            """Whether to run the call again after ``exc``, and else the error it ends with."""
+        def after_failure(exc: BaseException, attempts_left: int) -> int | None:
+            """What a failed attempt leads to, for the sync and the async runner alike: the
+            retries left for the next attempt, or None once finish() has stored the error."""
+            if isinstance(exc, ActorExit):  # before SystemExit, which it is: exit_actor() is final
+                self._exited(actor, call)
+                finish(error=self._died(actor))
+                return None
+            if actor.dead_reason is not None and actor.instance is None:  # __init__ failed
+                finish(error=self._died(actor))
+                return None
+            left: int | None
             if isinstance(exc, SystemExit) and not is_init:
                 error: BaseException = self._actor_exited(actor, exc)
-                return attempts_left != 0 and isinstance(error, ActorUnavailableError), error
-            error = execution.task_error(getattr(call, "__name__", "actor method"), exc)
-            allowed = execution.should_retry_exception(exc, retry_exceptions)
-            return attempts_left != 0 and allowed, error
+                # Restarted (not dead): the call may run again on the new instance.
+                restarted = isinstance(error, ActorUnavailableError)
+                left = execution.retries_after(exc, attempts_left, False, crashed=restarted)
+            else:
+                error = execution.task_error(getattr(call, "__name__", "actor method"), exc)
+                left = execution.retries_after(exc, attempts_left, retry_exceptions)
+            if left is None:
+                finish(error=error)
+            return left
 
         def run_sync() -> None:
             if not is_init:
@@ -480,17 +546,12 @@ class InlineBackend:
                     return finish(error=self._died(actor))
                 try:
                     value = call()
-                except ActorExit:  # before SystemExit, which it is: exit_actor() ends for good
-                    self._exited(actor, call)
-                    return finish(error=self._died(actor))
                 except BaseException as exc:
-                    if actor.dead_reason is not None and actor.instance is None:
-                        return finish(error=self._died(actor))
-                    again, error = retry(exc, attempts_left)
-                    if again:
-                        attempts_left -= 1
-                        continue
-                    return finish(error=error)
+                    left = after_failure(exc, attempts_left)
+                    if left is None:
+                        return
+                    attempts_left = left
+                    continue
                 return finish(value)
 
         if actor.loop is not None:
@@ -509,15 +570,12 @@ class InlineBackend:
                             value = call()
                             if asyncio.iscoroutine(value):
                                 value = await value
-                        except ActorExit:
-                            self._exited(actor, call)
-                            return finish(error=self._died(actor))
                         except BaseException as exc:
-                            again, error = retry(exc, attempts_left)
-                            if again:
-                                attempts_left -= 1
-                                continue
-                            return finish(error=error)
+                            left = after_failure(exc, attempts_left)
+                            if left is None:
+                                return
+                            attempts_left = left
+                            continue
                         return finish(value)
 
             loop.call_soon_threadsafe(lambda: loop.create_task(run_async()))
@@ -679,6 +737,9 @@ class InlineBackend:
             self._store(
                 entry, error=RaySystemError("the runtime was shut down before it was ready")
             )
+        for stream in list(self._streams):  # a waiting next() sees the shutdown (_check_open)
+            with stream.cond:
+                stream.cond.notify_all()
 
 
 async def _all_stored(loop: asyncio.AbstractEventLoop, entries: Any) -> None:
@@ -698,6 +759,16 @@ async def _all_stored(loop: asyncio.AbstractEventLoop, entries: Any) -> None:
         entry.callbacks.append(wake)
         if not entry.done.is_set():  # _store may have run its callbacks before we appended
             await stored
+
+
+def _exited_task_error(name: str, exc: BaseException, max_retries: int) -> WorkerCrashedError:
+    """What a task that called ``sys.exit()`` on its last attempt fails with: on Ray and the
+    local backend its worker process ends, so Ray's crashed-worker error (here no process ends:
+    it would be the driver's)."""
+    return WorkerCrashedError(
+        f"task {name}() called sys.exit({getattr(exc, 'code', None)!r}), which ends its worker "
+        f"process as in Ray: the worker died. No retries left (max_retries={max_retries})."
+    )
 
 
 def _set_async_exc(thread_id: int, exc_type: type[BaseException] | None) -> None:

@@ -58,7 +58,7 @@ def validate(kind: str, options: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(
             f"unknown {kind} option(s) {unknown}; known options are {sorted(defaults)}"
         )
-    _check_int(options, "num_returns", minimum=0)
+    _check_num_returns(kind, options)
     _check_int(options, "max_retries", minimum=-1)
     _check_int(options, "max_restarts", minimum=-1)
     _check_int(options, "max_task_retries", minimum=-1)
@@ -124,6 +124,23 @@ def call_wire_options(options: dict[str, Any]) -> dict[str, Any]:
         "max_task_retries": options.get("max_task_retries"),
         "retry_exceptions": options.get("retry_exceptions", False),
     }
+
+
+def _check_num_returns(kind: str, options: dict[str, Any]) -> None:
+    value = options.get("num_returns")
+    if value == "streaming" and kind == "task":
+        return  # a generator task (ObjectRefGenerator); refs.RemoteFunction checks it yields
+    if value == "streaming":
+        raise ValueError(
+            f"option num_returns='streaming' is not supported for {kind}s by miniray: only "
+            "remote functions can be streaming generators; return a list instead"
+        )
+    if value == "dynamic":
+        raise ValueError(
+            "option num_returns='dynamic' (Ray's deprecated dynamic generators) is not "
+            "supported by miniray: use num_returns='streaming' on a remote function"
+        )
+    _check_int(options, "num_returns", minimum=0)
 
 
 def _check_int(options: dict[str, Any], key: str, *, minimum: int) -> None:

@@ -42,7 +42,9 @@ from miniray.runtime.refs import (
     ActorHandle,
     ArgumentCheck,
     ObjectRef,
+    ObjectRefGenerator,
     RemoteFunction,
+    nil_ref,
     returns_of,
 )
 
@@ -316,6 +318,18 @@ def _task_function(fn: Any, label: str) -> Any:
                 raise
             raise _user_error(label, exc) from None
 
+    def run_stream(*args: Any, **kwargs: Any) -> Any:
+        # A generator itself: Ray makes a streaming task only of a generator function.
+        _enter_worker()
+        try:
+            yield from fn(*args, **kwargs)
+        except Exception as exc:
+            if _is_ray_control_flow(exc):
+                raise
+            raise _user_error(label, exc) from None
+
+    if inspect.isgeneratorfunction(fn):
+        run = run_stream
     # Ray names the task (and its log lines) after these.
     run.__name__ = getattr(fn, "__name__", "remote_function")
     run.__qualname__ = getattr(fn, "__qualname__", run.__name__)
@@ -503,6 +517,8 @@ class RayBackend:
         )
         remote_fn = self._ray_function(fn, options["max_calls"]).options(**ray_options)
         out = _call_remote(remote_fn, args, kwargs, fn.__qualname__)
+        if options["num_returns"] == "streaming":
+            return ObjectRefGenerator(_RayStream(out))
         refs = _wrap_refs(out, options["num_returns"])
         if refs:
             with self._lock:
@@ -745,6 +761,30 @@ def _call_remote(target: Any, args: tuple, kwargs: dict, label: str) -> Any:
         ) from None
     except ray.exceptions.RayError as exc:
         _raise_mapped(exc)
+
+
+class _RayStream:
+    """Ray's ObjectRefGenerator as the source of ours (refs.ObjectRefGenerator), its refs ours."""
+
+    def __init__(self, ray_generator: Any):
+        self._generator = ray_generator
+
+    def next_ref(self, index: int, deadline: float | None) -> ObjectRef | None:
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            ref = self._generator._next_sync(timeout_s=timeout)
+        except StopIteration:
+            return None
+        return nil_ref() if ref.is_nil() else RayObjectRef(ref)
+
+    def ready(self, index: int) -> bool:
+        return self._generator.next_ready()
+
+    def finished(self, index: int) -> bool:
+        return self._generator.is_finished()
+
+    def close(self, index: int) -> None:
+        self._generator = None  # Ray frees what was not taken when its generator goes
 
 
 def _wrap_refs(out: Any, num_returns: int) -> list[ObjectRef]:

@@ -45,6 +45,10 @@ class ObjectRef:
     def hex(self) -> str:
         return self._id
 
+    def is_nil(self) -> bool:
+        """Whether this is Ray's "no object" ref (``ObjectRefGenerator._next_sync`` timed out)."""
+        return self._id == NIL_ID
+
     @property
     def id(self) -> str:
         return self._id
@@ -89,6 +93,78 @@ class ObjectRef:
 
 def _rebuild_ref(object_id: str) -> ObjectRef:
     return ObjectRef(object_id, counted=False)
+
+
+# Ray's id of "no object": what ObjectRefGenerator._next_sync returns when its timeout passes.
+NIL_ID = "ff" * 28
+
+
+def nil_ref() -> ObjectRef:
+    return ObjectRef(NIL_ID, counted=False)
+
+
+def is_nil(ref: ObjectRef) -> bool:
+    return ref.id == NIL_ID
+
+
+class ObjectRefGenerator:
+    """What ``.remote()`` of a streaming generator task returns (Ray's class of that name).
+
+    Iterating gives one ObjectRef per value the task yields, as soon as it is yielded; ``next``
+    blocks until then (``_next_sync(timeout_s)`` returns a nil ref when its time is up, as
+    Ray's does). An exception in the generator is stored in the ref after the last value, so
+    ``get`` of that ref raises it; iteration then stops. ``source`` is the backend's end of the
+    stream: ``next_ref(index, deadline)`` -> the index-th ref, None after the last, or a nil ref
+    at the deadline; ``ready(index)``; ``finished(index)``; ``close(index)`` (drop the refs not
+    taken: called from ``__del__``, so it must not block)."""
+
+    def __init__(self, source: Any):
+        self._source = source
+        self._taken = 0
+
+    def __iter__(self) -> ObjectRefGenerator:
+        return self
+
+    def __next__(self) -> ObjectRef:
+        ref = self._next(None)
+        assert not is_nil(ref)
+        return ref
+
+    def _next_sync(self, timeout_s: float | None = None) -> ObjectRef:
+        """The next ref; a nil ref (``is_nil(ref)``) if none came within ``timeout_s``."""
+        import time
+
+        return self._next(None if timeout_s is None else time.monotonic() + timeout_s)
+
+    def _next(self, deadline: float | None) -> ObjectRef:
+        ref = self._source.next_ref(self._taken, deadline)
+        if ref is None:
+            raise StopIteration
+        if not is_nil(ref):
+            self._taken += 1
+        return ref
+
+    def next_ready(self) -> bool:
+        """Whether ``next`` would return at once (a value, an error, or the end)."""
+        return self._source.ready(self._taken)
+
+    def is_finished(self) -> bool:
+        """Whether the task has ended and every ref it yielded has been taken."""
+        return self._source.finished(self._taken)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        raise TypeError(
+            "An ObjectRefGenerator cannot be pickled or passed to another task (as in Ray): "
+            "pass the ObjectRefs it yields instead"
+        )
+
+    def __del__(self) -> None:
+        source = getattr(self, "_source", None)
+        if source is not None:
+            source.close(self._taken)
+
+    def __repr__(self) -> str:
+        return f"ObjectRefGenerator(taken={self._taken})"
 
 
 class _HasDefault:
@@ -212,14 +288,16 @@ class RemoteFunction:
         fn: Callable,
         task_options: dict[str, Any],
         function_id: str = "",
-        _check: tuple[ArgumentCheck | None] | None = None,
+        _check: tuple[ArgumentCheck | None, bool] | None = None,
     ):
         self._function = fn
         self._options = opts.validate("task", dict(task_options))
         self._function_id = function_id or new_id("f")
-        # (check,) once the signature is read: at the first .remote(), not at decoration, so a
-        # worker importing a module of remote functions does not pay. .options() copies share it.
+        # (check, is a generator function) once the signature is read: at the first .remote(),
+        # not at decoration, so a worker importing a module of remote functions does not pay.
+        # .options() copies share it.
         self._check = _check
+        self._resolved: dict[str, Any] | None = None  # task_options, made at the first .remote()
         self.__name__ = getattr(fn, "__name__", "remote_function")
         self.__qualname__ = getattr(fn, "__qualname__", self.__name__)
         self.__doc__ = getattr(fn, "__doc__", None)
@@ -235,16 +313,35 @@ class RemoteFunction:
 
     @property
     def task_options(self) -> dict[str, Any]:
-        return opts.resolved("task", self._options)
+        """The options, defaults filled in; as in Ray a generator function's ``num_returns``
+        defaults to "streaming", and "streaming" is refused for any other function."""
+        options = opts.resolved("task", self._options)
+        is_generator = self._argument_check()[1]
+        if is_generator and "num_returns" not in self._options:
+            options["num_returns"] = "streaming"
+        elif options["num_returns"] == "streaming" and not is_generator:
+            raise ValueError(
+                f"num_returns='streaming' can only be used with generator functions (functions "
+                f"that use 'yield'), as in Ray; {self.__qualname__} is not one"
+            )
+        return options
 
-    def _argument_check(self) -> tuple[ArgumentCheck | None]:
+    def _argument_check(self) -> tuple[ArgumentCheck | None, bool]:
         if self._check is None:
-            self._check = (argument_check(self._function),)
+            import inspect  # lazily, as in call_signature
+
+            self._check = (
+                argument_check(self._function),
+                inspect.isgeneratorfunction(self._function),
+            )
         return self._check
 
     def remote(self, *args: Any, **kwargs: Any) -> Any:
         check_arguments(self._argument_check()[0], self.__name__, args, kwargs)
-        return context.current().submit_task(self, args, kwargs, self.task_options)
+        options = self._resolved
+        if options is None:
+            options = self._resolved = self.task_options
+        return context.current().submit_task(self, args, kwargs, options)
 
     def options(self, **overrides: Any) -> RemoteFunction:
         return RemoteFunction(

@@ -171,6 +171,12 @@ class WorkerClient:
         self, fn: RemoteFunction, args: tuple, kwargs: dict, options: dict[str, Any]
     ) -> Any:
         opts.check_embedded(options, self.name)
+        if options["num_returns"] == "streaming":
+            raise ValueError(
+                f"{fn.__qualname__}.remote(): a streaming generator task (num_returns="
+                "'streaming') can be started only from the driver on the local backend, not "
+                "from inside a task or actor; return a list from here instead"
+            )
         call_args, call_kwargs, deps = execution.encode_args(args, kwargs)
         payload = serialize_args(call_args, call_kwargs, fn.__qualname__, self._session_id)
         fn_bytes = None

@@ -43,7 +43,15 @@ from miniray.errors import (
     TaskCancelledError,
     WorkerCrashedError,
 )
-from miniray.runtime import execution, futures, runtime_context, segments, serialization, shm
+from miniray.runtime import (
+    execution,
+    futures,
+    runtime_context,
+    segments,
+    serialization,
+    shm,
+    streaming,
+)
 from miniray.runtime import options as opts
 from miniray.runtime.execution import serialize_args
 from miniray.runtime.local import lifeline, protocol
@@ -54,6 +62,7 @@ from miniray.runtime.refs import (
     ActorClass,
     ActorHandle,
     ObjectRef,
+    ObjectRefGenerator,
     RemoteFunction,
     new_id,
     returns_of,
@@ -121,6 +130,7 @@ class _Task:
         self.parent: str | None = None  # the task that submitted it (for recursive cancel)
         self.cancelled = False
         self.done = False
+        self.stream: streaming.Stream | None = None  # a streaming generator task's
 
 
 class _Call:
@@ -352,6 +362,8 @@ class LocalBackend:
         kind = message[0]
         if kind == "result":
             self._on_result(child, message[1], message[2])
+        elif kind == "yield":
+            self._on_yield(child, message[1], message[2])
         elif kind == "ready":
             self._on_ready(child)
         elif kind == "created":
@@ -713,7 +725,8 @@ class LocalBackend:
         call_args, call_kwargs, deps = execution.encode_args(args, kwargs)
         payload = serialize_args(call_args, call_kwargs, fn.__qualname__, self.session_id)
         num_returns = options["num_returns"]
-        return_ids = [new_id("o") for _ in range(num_returns)]
+        streams = num_returns == "streaming"
+        return_ids = [] if streams else [new_id("o") for _ in range(num_returns)]
         task = _Task(
             new_id("t"),
             fn.function_id,
@@ -724,6 +737,8 @@ class LocalBackend:
             opts.task_wire_options(options),
             None,
         )
+        if streams:
+            task.stream = streaming.Stream(self._cond, self._check_open, self.release)
         with self._cond:
             self._check_open()
             if fn.function_id not in self._functions:
@@ -732,6 +747,8 @@ class LocalBackend:
                 )
             self._submit_task(task)
             self._cond.notify_all()
+        if task.stream is not None:
+            return ObjectRefGenerator(task.stream)
         refs = [ObjectRef(oid) for oid in return_ids]
         return returns_of(refs, num_returns) if refs else None
 
@@ -832,6 +849,26 @@ class LocalBackend:
         self._free_segment(task.payload)
         for oid, item in zip(task.return_ids, stored):
             self._store(oid, item)
+        if task.stream is not None:
+            if stored and stored[0][0]:  # an error: the stream's last value
+                self._stream_value(task, stored[0])
+            task.stream.end()
+
+    def _on_yield(self, child: _Child, task_id: str, stored: Stored) -> None:
+        """A streaming task running on ``child`` yielded a value: a new object, its ref handed
+        to the caller's ObjectRefGenerator at once."""
+        task = child.task
+        if task is None or task.task_id != task_id or task.done or task.stream is None:
+            self._free_segment(stored[1])  # (cancelled with force=True, say)
+            return
+        self._stream_value(task, stored)
+
+    def _stream_value(self, task: _Task, stored: Stored) -> None:
+        assert task.stream is not None
+        oid = new_id("o")
+        self._new_object(oid, f"task {task.name}()", owner=None)  # the generator's reference
+        self._store(oid, stored)
+        task.stream.append(oid)
 
     def _on_result(self, child: _Child, call_id: str, stored: list[Stored]) -> None:
         if child.kind == "worker":
@@ -1255,6 +1292,8 @@ class LocalBackend:
             task.retries_left -= 1
             # The next attempt may retry exceptions only with what is left of the same budget.
             task.options = {**task.options, "max_retries": task.retries_left}
+            if task.stream is not None:  # the next attempt skips the values the caller has
+                task.options["streamed"] = len(task.stream.ids)
             self._ready_tasks.appendleft(task)
             return
         else:

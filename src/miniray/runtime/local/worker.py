@@ -22,7 +22,15 @@ import threading
 from typing import Any, NoReturn
 
 from miniray.errors import TaskCancelledError
-from miniray.runtime import context, execution, runtime_context, segments, serialization, shm
+from miniray.runtime import (
+    context,
+    execution,
+    runtime_context,
+    segments,
+    serialization,
+    shm,
+    streaming,
+)
 from miniray.runtime.local import lifeline, protocol
 from miniray.runtime.local.client import WorkerClient
 from miniray.runtime.local.values import error_of, stored_error, stored_value, value_of
@@ -158,28 +166,46 @@ class Worker:
         """Run the task, retrying listed exceptions: its return values, or the error to store.
 
         Each retry is reported to the head, which counts it against the same ``max_retries``
-        that covers this process dying: never more attempts than asked."""
+        that covers this process dying: never more attempts than asked. ``sys.exit()`` in the
+        task ends this process, as in Ray: the head sees a crashed worker and retries the task
+        under ``max_retries`` (whatever ``retry_exceptions`` says), else fails it with
+        ``WorkerCrashedError`` (a cancelled one with ``TaskCancelledError``)."""
         attempts_left = options["max_retries"]
         runtime_context.set_executing(task_id, None)
+        streams = options["num_returns"] == "streaming"
+        streamed = [options.get("streamed", 0)]  # values the caller has (a retry skips them)
         while True:
             if self.cancel_id == task_id:  # cancelled before it started, or between attempts
                 return TaskCancelledError(f"task {name}() was cancelled")
             try:
                 fn = self.functions[fn_id]
                 args, kwargs = self._args(payload, deps)
+                if streams:
+                    self._stream(task_id, name, fn(*args, **kwargs), streamed)
+                    return []
                 return execution.split_returns(fn(*args, **kwargs), len(return_ids), name)
             except BaseException as exc:
+                if isinstance(exc, SystemExit):
+                    _exit_process(exc)
                 if self.cancel_id == task_id:  # Ray never retries a cancelled task
                     if isinstance(exc, KeyboardInterrupt):
                         return TaskCancelledError(f"task {name}() was cancelled")
                     return execution.task_error(name, exc)
-                if attempts_left != 0 and execution.should_retry_exception(
-                    exc, options["retry_exceptions"]
-                ):
-                    attempts_left -= 1
-                    self.client.send(("retried", task_id))
-                    continue
-                return execution.task_error(name, exc)
+                left = execution.retries_after(exc, attempts_left, options["retry_exceptions"])
+                if left is None:
+                    return execution.task_error(name, exc)
+                attempts_left = left
+                self.client.send(("retried", task_id))
+
+    def _stream(self, task_id: str, name: str, values: Any, streamed: list[int]) -> None:
+        """Send each value a streaming task yields as it comes: the head makes it an object
+        and hands its ref to the caller's ObjectRefGenerator."""
+        if not hasattr(values, "__next__"):
+            raise streaming.not_a_generator_error(name, values)
+        for index, value in streaming.replay(values, streamed[0]):
+            self.client.send(("yield", task_id, stored_value(value, self.session_id, name)))
+            del value
+            streamed[0] = index + 1
 
     def _create_actor(self, message: tuple) -> bool:
         _, actor_id, class_name, class_bytes, payload, deps, options = message
@@ -245,40 +271,42 @@ class Worker:
         self.client.send(("result", call_id, [error] * max(1, len(return_ids))))
 
     def _run_call(self, message: tuple) -> None:
-        call_id, method, return_ids, options = message[1], message[2], message[5], message[6]
-        label = f"{self.actor_name}.{method}"
         if self.exiting:
             return  # queued behind the exit_actor() call: the head failed it already
-        retries_left = options["max_task_retries"]
+        retries_left = message[6]["max_task_retries"]
         while True:
             try:
                 value = self._invoke(message)
-            except ActorExit:  # before SystemExit, which it is: exit_actor() ends for good
-                return self._exit_actor(call_id)
-            except SystemExit as exc:
-                _exit_actor(exc)
             except BaseException as exc:
-                if self._may_retry(call_id, exc, options, retries_left):
-                    retries_left -= 1
-                    continue
-                return self._fail_call(call_id, label, return_ids, exc)
+                left = self._after_failure(message, exc, retries_left)
+                if left is None:
+                    return
+                retries_left = left
+                continue
             break
-        self._finish_call(call_id, label, return_ids, value)
+        self._finish_call(message[1], f"{self.actor_name}.{message[2]}", message[5], value)
         del value
         self.client.flush()
 
-    def _may_retry(
-        self, call_id: str, exc: BaseException, options: dict[str, Any], retries_left: int
-    ) -> bool:
-        """Re-run a call that raised a listed exception while ``max_task_retries`` lasts (the
-        head resolved it: the call's own, else the actor's). The head hears of each retry, so
-        that one after this process dies counts against the same budget."""
-        if retries_left == 0 or not execution.should_retry_exception(
-            exc, options["retry_exceptions"]
-        ):
-            return False
+    def _after_failure(self, message: tuple, exc: BaseException, retries_left: int) -> int | None:
+        """What a failed attempt of an actor call leads to, for the sync and the async runner
+        alike: the retries left for the next attempt, or None once the call has ended.
+
+        ``retries_left`` starts at ``max_task_retries`` (the head resolved it: the call's own,
+        else the actor's). The head hears of each retry, so that one after this process dies
+        counts against the same budget."""
+        call_id = message[1]
+        if isinstance(exc, ActorExit):  # before SystemExit, which it is: exit_actor() is final
+            self._exit_actor(call_id)
+            return None
+        if isinstance(exc, SystemExit):
+            _exit_process(exc)
+        left = execution.retries_after(exc, retries_left, message[6]["retry_exceptions"])
+        if left is None:
+            self._fail_call(call_id, f"{self.actor_name}.{message[2]}", message[5], exc)
+            return None
         self.client.send(("retried", call_id))
-        return True
+        return left
 
     def _start_async_call(self, message: tuple) -> None:
         assert self.loop is not None
@@ -287,9 +315,7 @@ class Worker:
 
     async def _run_async_call(self, message: tuple) -> None:
         assert self.semaphore is not None
-        call_id, method, return_ids, options = message[1], message[2], message[5], message[6]
-        label = f"{self.actor_name}.{method}"
-        retries_left = options["max_task_retries"]
+        retries_left = message[6]["max_task_retries"]
         async with self.semaphore:
             if self.exiting:
                 return
@@ -298,17 +324,14 @@ class Worker:
                     value = self._invoke(message)
                     if hasattr(value, "__await__"):
                         value = await value
-                except ActorExit:
-                    return self._exit_actor(call_id)
-                except SystemExit as exc:
-                    _exit_actor(exc)
                 except BaseException as exc:
-                    if self._may_retry(call_id, exc, options, retries_left):
-                        retries_left -= 1
-                        continue
-                    return self._fail_call(call_id, label, return_ids, exc)
+                    left = self._after_failure(message, exc, retries_left)
+                    if left is None:
+                        return
+                    retries_left = left
+                    continue
                 break
-            self._finish_call(call_id, label, return_ids, value)
+            self._finish_call(message[1], f"{self.actor_name}.{message[2]}", message[5], value)
 
     # -- exit_actor() ----------------------------------------------------------------------
     def _exit_actor(self, call_id: str) -> None:
@@ -355,11 +378,12 @@ def _end_process() -> None:
     os._exit(0)
 
 
-def _exit_actor(exc: SystemExit) -> NoReturn:
-    """``sys.exit()`` in an actor method ends the actor's process with that code, as in Ray.
+def _exit_process(exc: SystemExit) -> NoReturn:
+    """``sys.exit()`` in a task or an actor method ends this process with that code, as in Ray.
 
-    The head tells the two apart by the exit code: 0 (or None) is an intended exit, so the
-    actor is dead for good; any other code is a crash, restarted per ``max_restarts``."""
+    For an actor the head tells the two apart by the exit code: 0 (or None) is an intended
+    exit, so the actor is dead for good; any other code is a crash, restarted per
+    ``max_restarts``. For a task either is a worker crash (retried per ``max_retries``)."""
     code = exc.code
     if code is not None and not isinstance(code, int):
         print(code, file=sys.stderr)  # sys.exit("message") prints it and exits with 1
