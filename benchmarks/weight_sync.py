@@ -29,38 +29,17 @@ import torch
 
 import miniray
 from miniray.rl.engines.hf import sequence_logprobs
-from miniray.rl.models import char_tokenizer, save
+from miniray.rl.models import char_tokenizer, qwen25_05b_shaped, save
 from miniray.rl.param_sync import UnifiedParameterSynchronizer
 from miniray.rl.rollouter import FullyAsyncRollouter
 from miniray.rl.tasks import ArithmeticTask, write_prompts
 from miniray.rl.trainer import FullyAsyncTrainer
 from miniray.rl.weight_publisher import PublishedWeights, check_finite_weights, weights_of
 
-QWEN25_05B = {
-    "vocab_size": 151936,
-    "hidden_size": 896,
-    "intermediate_size": 4864,
-    "num_hidden_layers": 24,
-    "num_attention_heads": 14,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 32768,
-    "tie_word_embeddings": True,
-}
-
 
 def write_model(root: pathlib.Path, dtype: torch.dtype) -> pathlib.Path:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
     tokenizer = char_tokenizer(ArithmeticTask().alphabet)
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        **QWEN25_05B,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = Qwen2ForCausalLM(config).to(dtype)
-    return save(model, tokenizer, root / "model")
+    return save(qwen25_05b_shaped(tokenizer, dtype=dtype), tokenizer, root / "model")
 
 
 def memcpy_seconds(weights: dict[str, torch.Tensor]) -> float:

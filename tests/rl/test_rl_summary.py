@@ -29,13 +29,19 @@ KEYS = {
     "prompts_skipped_too_long",
     "trainer_world_size",
     "trainer_device",
+    "response_tokens",
+    "peak_rss_gib",
 }
 
 
 def inputs(**overrides):
     base = {
         "mode": "async",
-        "history": [{"samples": 8, "loss": 0.5}, {"samples": 8}, {"samples": 4}],
+        "history": [
+            {"samples": 8, "loss": 0.5, "response_length_mean": 2.0, "trainer_peak_rss_gib": 1.5},
+            {"samples": 8, "response_length_mean": 1.0, "trainer_peak_rss_gib": 2.5},
+            {"samples": 4},
+        ],
         "evals": [(0, 0.0, 0.25), (2, 1.5, 0.5), (3, 4.0, 0.75)],
         "ages": [0, 1, 1, 2],
         "wall_s": 4.0,
@@ -52,8 +58,10 @@ def inputs(**overrides):
             "groups_rejected_stale": 2,
             "idle_ratio": 0.12345,
             "prompts_skipped_too_long": 5,
+            "peak_rss_gib": 0.75,
         },
         "placement": {"trainer_world_size": 2, "trainer_device": "cuda:0"},
+        "driver_peak_rss_gib": 0.5,
     }
     base.update(overrides)
     return base
@@ -80,6 +88,9 @@ def test_every_field_comes_from_its_input():
         "prompts_skipped_too_long": 5,
         "trainer_world_size": 2,
         "trainer_device": "cuda:0",
+        "response_tokens": 24.0,  # 8 x 2 + 8 x 1 + 4 x (no length reported)
+        # Each role's own process peak: the trainer's highest step, the rollouter's, the driver's.
+        "peak_rss_gib": {"trainer": 2.5, "rollouter": 0.75, "driver": 0.5},
     }
 
 
@@ -92,6 +103,13 @@ def test_the_trainers_placement_is_in_the_summary():
     assert (summary["trainer_world_size"], summary["trainer_device"]) == (4, "cuda")
     with pytest.raises(KeyError, match="trainer_device"):
         build_summary(**inputs(placement={"trainer_world_size": 1}))
+    # trainer.device=auto without CUDA: the note that n_gpus_per_node counted CPU ranks.
+    noted = SimpleNamespace(world_size=2, device="cpu", placement_note="no CUDA device: ...")
+    placement = trainer_placement(noted)
+    assert placement["trainer_device_note"] == "no CUDA device: ..."
+    assert build_summary(**inputs(placement=placement))["trainer_device_note"] == (
+        "no CUDA device: ..."
+    )
 
 
 def test_sync_mode_reports_the_blocking_load_as_the_sync():

@@ -4,6 +4,7 @@ a killed rank ends the run naming it, and a 2-rank run resumes training each pro
 from __future__ import annotations
 
 import collections
+import math
 import os
 import signal
 import threading
@@ -37,7 +38,7 @@ def workdir(tmp_path_factory):
     return root
 
 
-def config(workdir, out=None, *, ranks=0, strategy="ddp", timeout=60.0, **trainer):
+def config(workdir, out=None, *, ranks=0, strategy="ddp", timeout=60.0, dtype="float32", **trainer):
     return as_rl_config(
         {
             "data": {
@@ -47,7 +48,7 @@ def config(workdir, out=None, *, ranks=0, strategy="ddp", timeout=60.0, **traine
                 "max_response_length": 2,
             },
             "actor_rollout_ref": {
-                "model": {"path": str(workdir / "model")},
+                "model": {"path": str(workdir / "model"), "dtype": dtype},
                 # lr 1e-3: Adam turns round-off in near-zero gradients (a key bias gets none
                 # in exact arithmetic) into steps of ~lr; the comparison is at 1e-5.
                 "actor": {"optim": {"lr": 1e-3}, "strategy": strategy},
@@ -257,3 +258,61 @@ def test_a_two_rank_run_killed_and_resumed_trains_each_prompt_once(workdir, tmp_
     assert across == collections.Counter(range(6 * 2))  # the first 12 prompts, each once
     final = trainer.load_checkpoint(ckpt_dir / "global_step_6")
     assert final["step"] == 6 and trainer.version == 6
+
+
+@pytest.mark.slow
+def test_fsdp2_in_bf16_keeps_fp32_master_shards_and_publishes_bf16(
+    workdir, local_runtime, tmp_path
+):
+    group = TrainerGroup.start(config(workdir, ranks=2, strategy="fsdp2", dtype="bfloat16"))
+    try:
+        metrics = group.train_step(groups_of_samples(group.tokenizer))
+        assert math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])
+        weights = group.get_weights()
+        saved = group.save_checkpoint(tmp_path / "ckpt", {"step": 1})
+    finally:
+        group.close()
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}  # as generated with
+    _, tensors = checkpoint.read(saved)
+    assert {t.dtype for t in tensors["model"].values()} == {torch.float32}  # the masters
+    state = tensors["optimizer"]["state"]
+    assert state and all(s["exp_avg"].dtype == torch.float32 for s in state.values())
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_nccl_ranks_on_cuda_take_the_steps_of_one_cpu_rank(workdir, local_runtime, strategy):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ranks = min(2, torch.cuda.device_count())
+    single = FullyAsyncTrainer(config(workdir))
+    batches = [groups_of_samples(single.tokenizer, seed=s) for s in range(3)]
+    group = TrainerGroup.start(config(workdir, ranks=ranks, strategy=strategy, device="cuda"))
+    try:
+        assert group.plan.backend == "nccl" and group.device == "cuda:0"
+        for batch in batches:
+            single.train_step(batch)
+            group.train_step(batch)
+        weights = group.get_weights()
+    finally:
+        group.close()
+    for name, value in single.get_weights().items():
+        torch.testing.assert_close(weights[name], value, atol=1e-4, rtol=0, msg=name)
+
+
+@cuda
+@pytest.mark.slow
+def test_bf16_on_cuda_trains_with_finite_steps(workdir, local_runtime):
+    group = TrainerGroup.start(
+        config(workdir, ranks=1, strategy="fsdp2", device="cuda", dtype="bfloat16")
+    )
+    try:
+        for seed in range(3):
+            metrics = group.train_step(groups_of_samples(group.tokenizer, seed=seed))
+            assert math.isfinite(metrics["loss"])
+        assert {str(t.dtype) for t in group.get_weights().values()} == {"torch.bfloat16"}
+    finally:
+        group.close()

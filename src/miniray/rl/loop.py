@@ -45,7 +45,7 @@ from miniray.rl.queue import MessageQueue
 from miniray.rl.rewards import RewardScorer, build_scorer, requests_for
 from miniray.rl.rollouter import FullyAsyncRollouter, RewardFn, as_rl_config
 from miniray.rl.summary import build_summary, trainer_placement
-from miniray.rl.tracking import MetricsLogger, build_loggers, check_logger_names
+from miniray.rl.tracking import MetricsLogger, build_loggers, check_logger_names, peak_rss_gib
 from miniray.rl.trainer_group import TrainerGroup
 from miniray.rl.weight_publisher import WeightPublisher
 
@@ -234,6 +234,7 @@ def run(
         sync_stats=publisher.statistics(),
         rollouter_stats=result.rollouter_stats,
         placement=placement,
+        driver_peak_rss_gib=peak_rss_gib(),
     )
     return result
 

@@ -50,6 +50,7 @@ from miniray.rl.dynamic_sampling import REWARD_METRICS_KEY
 from miniray.rl.prompts import fit_prompt_lengths, load_prompts, prompt_text, prompt_token_ids
 from miniray.rl.rewards import build_scorer, requests_for
 from miniray.rl.staleness import admission_capacity
+from miniray.rl.tracking import peak_rss_gib
 from miniray.rl.types import Sample
 
 RewardFn = Callable[[str, str], float]
@@ -618,6 +619,7 @@ class FullyAsyncRollouter:
             )
         elapsed = max(1e-9, time.time() - stats["started_at"])
         stats["idle_ratio"] = stats["idle_seconds"] / elapsed
+        stats["peak_rss_gib"] = peak_rss_gib()  # the generate phase's, in its own process
         return stats
 
 

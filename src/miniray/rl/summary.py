@@ -48,6 +48,7 @@ def build_summary(
     sync_stats: Mapping[str, Any],
     rollouter_stats: Mapping[str, Any],
     placement: Mapping[str, Any],
+    driver_peak_rss_gib: float | None = None,
 ) -> dict[str, Any]:
     """The run's summary.
 
@@ -56,7 +57,9 @@ def build_summary(
     ``wall_s``: the run's time from the first evaluation on; ``wait_s``: the trainer's time
     waiting for batches; ``blocking_ms``: each publish's hold on the trainer;
     ``sync_stats``/``rollouter_stats``: the synchronizer's and rollouter's statistics;
-    ``placement``: ``trainer_placement(trainer)``.
+    ``placement``: ``trainer_placement(trainer)``; ``driver_peak_rss_gib``: the driver's
+    peak memory (``tracking.peak_rss_gib``), beside the trainer's (its steps'
+    ``trainer_peak_rss_gib``) and the rollouter's (its statistics' ``peak_rss_gib``).
     """
     if not evals:
         raise ValueError("build_summary(): evals is empty; the loop evaluates before step 1")
@@ -86,4 +89,21 @@ def build_summary(
         "prompts_skipped_too_long": int(rollouter_stats.get("prompts_skipped_too_long", 0)),
         "trainer_world_size": int(placement["trainer_world_size"]),
         "trainer_device": str(placement["trainer_device"]),
+        **(
+            {"trainer_device_note": str(placement["trainer_device_note"])}
+            if placement.get("trainer_device_note")
+            else {}
+        ),
+        # Generated tokens trained on: the throughput's numerator at any scale.
+        "response_tokens": round(
+            sum(m["samples"] * m.get("response_length_mean", 0.0) for m in history), 1
+        ),
+        "peak_rss_gib": {
+            "trainer": max(
+                (m["trainer_peak_rss_gib"] for m in history if "trainer_peak_rss_gib" in m),
+                default=None,
+            ),
+            "rollouter": rollouter_stats.get("peak_rss_gib"),
+            "driver": driver_peak_rss_gib,
+        },
     }

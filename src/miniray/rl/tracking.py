@@ -19,6 +19,7 @@ import importlib.util
 import json
 import math
 import pathlib
+import resource
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
@@ -180,3 +181,12 @@ class _MLflow:
 
     def close(self) -> None:
         self.client.set_terminated(self.run_id)
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident memory so far, in GiB (``ru_maxrss``: KiB on Linux). Each
+    role of a run reports its own (trainer rank, rollouter, driver): each runs one phase."""
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if sys.platform == "darwin":  # bytes there
+        kib //= 1024
+    return round(kib / 2**20, 3)

@@ -31,6 +31,7 @@ from miniray.rl.parallel import (
 from miniray.rl.policy import PolicyUpdateConfig, PolicyUpdater
 from miniray.rl.rollouter import as_rl_config
 from miniray.rl.staleness import sample_age
+from miniray.rl.tracking import peak_rss_gib
 from miniray.rl.types import Sample
 
 
@@ -188,6 +189,7 @@ class FullyAsyncTrainer:
             age_mean=sum(ages) / len(ages),
             age_max=float(max(ages)),
             samples=float(len(samples)),
+            trainer_peak_rss_gib=peak_rss_gib(),
         )
         return metrics
 

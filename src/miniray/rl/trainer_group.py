@@ -134,7 +134,7 @@ class TrainerRank(FullyAsyncTrainer):
 
     def join(self, host: str, port: int, *, backend: str, timeout_s: float) -> dict[str, Any]:
         """Join the process group at rank 0's ``host:port`` (collectives then wait at most
-        ``timeout_s``), then load and wrap the model; returns this rank's pid and device."""
+        ``timeout_s``), then load and wrap the model; returns this rank's pid, device, node."""
         import torch
 
         if self.setup.device.startswith("cuda"):
@@ -150,7 +150,8 @@ class TrainerRank(FullyAsyncTrainer):
                 timeout=datetime.timedelta(seconds=timeout_s),
             )
         FullyAsyncTrainer.__init__(self, self._pending_config, setup=self.setup)
-        return {"pid": os.getpid(), "device": self.setup.device}
+        node = miniray.get_runtime_context().get_node_id()
+        return {"pid": os.getpid(), "device": self.setup.device, "node": node}
 
 
 class TrainerGroup:
@@ -161,6 +162,7 @@ class TrainerGroup:
         self.plan = plan
         self.ranks = ranks
         self.pids = pids
+        self.nodes: list[str] = []  # each rank's node id (the Ray cluster test checks them)
         self.tokenizer = tokenizer
         self.version = 0
 
@@ -197,6 +199,7 @@ class TrainerGroup:
             group.close()
             raise
         group.pids = [j["pid"] for j in joined]
+        group.nodes = [j["node"] for j in joined]
         model = cfg.actor_rollout_ref.model
         group.tokenizer = load_tokenizer(model.path, trust_remote_code=model.trust_remote_code)
         return group

@@ -68,6 +68,27 @@ def tiny_qwen2(tokenizer: Any, *, seed: int = 0, **overrides: Any) -> Any:
     return model
 
 
+# Qwen2.5-0.5B's shape (its config.json), for memory and bandwidth work without a download.
+QWEN25_05B = {
+    "vocab_size": 151936,
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 32768,
+    "tie_word_embeddings": True,
+}
+
+
+def qwen25_05b_shaped(tokenizer: Any, *, dtype: torch.dtype = torch.float32, seed: int = 0) -> Any:
+    """A ``Qwen2ForCausalLM`` of Qwen2.5-0.5B's shape (494 M parameters, vocabulary 151,936)
+    with random weights, in ``dtype``; ``tokenizer`` gives the special token ids (its own
+    vocabulary may be smaller: the model's is the real one's, so logits are full size)."""
+    model = tiny_qwen2(tokenizer, seed=seed, **QWEN25_05B)
+    return model.to(dtype)
+
+
 def encode_example(tokenizer: Any, prompt: str, answer: str) -> tuple[list[int], int]:
     """Token ids of ``<s> prompt answer </s>`` and where the answer starts."""
     prompt_ids = [tokenizer.bos_token_id, *tokenizer(prompt)["input_ids"]]
