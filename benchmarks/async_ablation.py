@@ -104,7 +104,8 @@ def main() -> None:
                 cfg = apply_overrides(cfg, overrides)
                 miniray.init(num_workers=1)
                 try:
-                    result = run(cfg, eval_rows=eval_rows, eval_every=args.eval_every)
+                    cfg["trainer"]["test_freq"] = args.eval_every
+                    result = run(cfg, eval_rows=eval_rows)
                 finally:
                     miniray.shutdown()
                 results[name].append(result)

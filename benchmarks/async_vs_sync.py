@@ -243,19 +243,19 @@ def write_curves(runs: list[dict[str, RunResult]], path: pathlib.Path) -> None:
 
 
 def measure(
-    cfg: dict, steps: int, *, eval_rows=(), eval_every=10**6, make_engine=None, make_trainer=None
+    cfg: dict, steps: int, *, eval_rows=(), eval_every=-1, make_engine=None, make_trainer=None
 ):
     """One run per mode on a fresh runtime; fakes are built anew for each run."""
     out = {}
     for mode in ("sync", "async"):
         cfg["async_training"]["mode"] = mode
         cfg["trainer"]["total_training_steps"] = steps
+        cfg["trainer"]["test_freq"] = eval_every
         miniray.init(num_workers=1)
         try:
             out[mode] = run(
                 cfg,
                 eval_rows=eval_rows,
-                eval_every=eval_every,
                 engine=make_engine() if make_engine else None,
                 trainer=make_trainer() if make_trainer else None,
             )

@@ -2,7 +2,7 @@
 
 algorithm.{adv_estimator, norm_adv_by_std_in_grpo}, actor_rollout_ref.model.{dtype,
 trust_remote_code, enable_gradient_checkpointing}, trainer.{seed, logger, project_name,
-experiment_name}. (rollout.top_p / top_k: test_rl_tasks_models_engines.py and
+experiment_name, test_freq, val_before_train}. (rollout.top_p / top_k: test_rl_tasks_models_engines.py and
 test_rl_vllm_engine.py; data.filter_overlong_prompts / truncation: test_rl_run_guards.py.)
 """
 
@@ -212,3 +212,40 @@ def test_the_run_logs_under_project_and_experiment(workdir, tmp_path, capsys):
         miniray.shutdown()
     assert "[proj/exp1] step 1:" in capsys.readouterr().out
     assert not (tmp_path / "metrics.jsonl").exists()  # jsonl was not asked for
+
+
+@pytest.mark.parametrize(
+    ("overrides", "eval_steps"),
+    [
+        ((), [0]),  # verl's defaults: before training only
+        (("trainer.test_freq=2",), [0, 2, 4, 5]),  # every 2 steps and after the last
+        (("trainer.test_freq=3", "trainer.val_before_train=false"), [3, 5]),
+        (("trainer.val_before_train=false",), []),
+    ],
+)
+def test_test_freq_and_val_before_train_decide_when_the_run_evaluates(
+    workdir, overrides, eval_steps
+):
+    import math
+
+    import miniray
+    from miniray.rl.loop import run
+
+    miniray.init(backend="inline")
+    try:
+        result = run(
+            cfg(workdir, "trainer.total_training_steps=5", *overrides),
+            eval_rows=TASK.rows(2, split="test"),
+        )
+    finally:
+        miniray.shutdown()
+    assert [step for step, _, _ in result.evals] == eval_steps
+    evaluated = [m["step"] for m in result.history if "eval_reward" in m]
+    assert evaluated == [s for s in eval_steps if s > 0]
+    if not eval_steps:
+        assert math.isnan(result.summary["initial_reward"])
+
+
+def test_test_freq_zero_is_refused_naming_the_key(workdir):
+    with pytest.raises(ValueError, match=r"trainer\.test_freq=0 is invalid"):
+        cfg(workdir, "trainer.test_freq=0")

@@ -133,8 +133,10 @@ def test_sync_phase_ms_converts_the_percentiles_to_milliseconds():
 
 
 def test_bad_input_is_an_error_naming_the_field():
-    with pytest.raises(ValueError, match=r"evals is empty"):
-        build_summary(**inputs(evals=[]))
+    # No evaluation (no data.val_files, or val_before_train=false and test_freq=-1): NaN,
+    # not a reward of 0.
+    unevaluated = build_summary(**inputs(evals=[]))
+    assert math.isnan(unevaluated["initial_reward"]) and math.isnan(unevaluated["final_reward"])
     for wall_s in (0.0, -1.0, math.nan):
         with pytest.raises(ValueError, match=r"wall_s=.* is invalid: must be > 0"):
             build_summary(**inputs(wall_s=wall_s))

@@ -217,3 +217,63 @@ def test_parameter_server_sync_across_two_nodes(two_node_cluster):
         assert all(torch.equal(a, b) for a, b in zip(weights, expected))
     miniray.shutdown()
     assert not ray.is_initialized()  # connected, not attached: shutdown disconnects
+
+
+def test_the_rl_trainer_group_trains_with_one_rank_on_each_node(two_node_cluster, tmp_path):
+    """Two trainer ranks (gloo over loopback), placed by num_cpus=1 on 1-CPU nodes: one each;
+    their step equals one rank's on the whole batch."""
+    from miniray.rl.models import char_tokenizer, save, tiny_qwen2
+    from miniray.rl.rollouter import as_rl_config
+    from miniray.rl.tasks import ArithmeticTask, write_prompts
+    from miniray.rl.trainer import FullyAsyncTrainer
+    from miniray.rl.trainer_group import TrainerGroup
+    from miniray.rl.types import Sample
+
+    task = ArithmeticTask(max_operand=9)
+    tokenizer = char_tokenizer(task.alphabet)
+    save(tiny_qwen2(tokenizer, hidden_size=32, intermediate_size=64), tokenizer, tmp_path / "m")
+    write_prompts(task.rows(8), tmp_path / "train.parquet")
+
+    def cfg(nodes):
+        return as_rl_config(
+            {
+                "data": {"train_files": [str(tmp_path / "train.parquet")], "train_batch_size": 2},
+                "actor_rollout_ref": {
+                    "model": {"path": str(tmp_path / "m")},
+                    "actor": {"optim": {"lr": 1e-3}},
+                    "nccl_timeout": T,
+                },
+                "trainer": {"nnodes": nodes, "n_gpus_per_node": 1 if nodes > 1 else 0},
+            }
+        )
+
+    digits = [tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)]
+    batch = [
+        [
+            Sample(
+                prompt_token_ids=[tokenizer.bos_token_id, digits[g]],
+                response_token_ids=[digits[(g + i) % 10]] * (1 + i % 2),
+                response_logprobs=[-2.3] * (1 + i % 2),
+                reward=float(i % 2),
+                group_id=f"g{g}",
+            )
+            for i in range(4)
+        ]
+        for g in range(2)
+    ]
+    single = FullyAsyncTrainer(cfg(1))
+    single.train_step(batch)
+
+    miniray.init(address=two_node_cluster)
+    wait_until(lambda: sum(n["Alive"] for n in ray.nodes()) == 2, T, "both nodes to join")
+    node_ids = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+    group = TrainerGroup.start(cfg(2))
+    try:
+        assert sorted(group.nodes) == node_ids  # one rank on each node
+        group.train_step(batch)
+        weights = group.get_weights()
+    finally:
+        group.close()
+    for name, value in single.get_weights().items():
+        torch.testing.assert_close(weights[name], value, atol=1e-5, rtol=0, msg=name)
+    miniray.shutdown()

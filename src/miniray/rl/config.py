@@ -212,9 +212,24 @@ class TrainerConfig(Config):
     seed: int = option(
         0, help="seeds torch in the trainer and the engine's sampling (same seed, same tokens)"
     )
+    test_freq: int = option(
+        -1,
+        ge=-1,
+        help="evaluate on data.val_files every N steps and after the last step; -1: never "
+        "during training (verl's default; 0 is refused: say -1)",
+    )
+    val_before_train: bool = option(
+        True, help="evaluate on data.val_files before the first step (the summary's initial_reward)"
+    )
 
     def validate(self) -> None:
         from miniray.rl.tracking import LOGGER_NAMES
+
+        if self.test_freq == 0:
+            raise ValueError(
+                f"{self.key('test_freq')}=0 is invalid: evaluate every N >= 1 steps, or -1 for "
+                "never during training"
+            )
 
         for name in self.logger:
             if name not in LOGGER_NAMES:

@@ -196,10 +196,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         elif "eval_reward" in metrics:
             print(f"step {step}: held-out reward {metrics['eval_reward']:.3f}", file=sys.stderr)
 
+    cfg = demo_config(out, steps=args.steps, mode=args.mode, lr=args.lr)
+    cfg["trainer"]["test_freq"] = max(1, args.steps // 8)  # eight points on the curve
     result = run(
-        demo_config(out, steps=args.steps, mode=args.mode, lr=args.lr),
+        cfg,
         eval_rows=eval_rows,
-        eval_every=max(1, args.steps // 8),
         log_dir=out,
         on_step=on_step,
     )

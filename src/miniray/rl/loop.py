@@ -11,7 +11,7 @@
         every k steps:  publisher.publish(version + 1)  async: snapshot, sync in the background
                         trainer.set_version, source.hand_off    sync: load, blocking
         other steps:    publisher.check_weights         (NaN/inf weights never leave)
-        checkpoint (save_freq); evaluate (eval_every); write the step's metrics
+        checkpoint (save_freq); evaluate (test_freq); write the step's metrics
     summary = build_summary(...)
 
 ``batch_source`` (where batches come from, a dead rollouter noticed at once) and
@@ -109,7 +109,6 @@ def run(
     config: Any,
     *,
     eval_rows: Sequence[dict] = (),
-    eval_every: int = 10,
     reward_fn: RewardFn | None = None,
     log_dir: str | pathlib.Path | None = None,
     on_step: Callable[[int, dict[str, Any]], None] | None = None,
@@ -117,6 +116,9 @@ def run(
     trainer: Any = None,
 ) -> RunResult:
     """Train for ``trainer.total_training_steps`` steps; returns the summary and the curves.
+
+    ``eval_rows`` (``data.val_files``' rows) are evaluated greedily before the first step
+    (``trainer.val_before_train``) and every ``trainer.test_freq`` steps and after the last.
 
     The trainer is a ``TrainerGroup`` of rank actors (``trainer.nnodes x n_gpus_per_node``),
     closed when the run ends. ``engine`` (shipped to the rollouter) and ``trainer`` replace
@@ -126,7 +128,7 @@ def run(
     """
     cfg = as_rl_config(config)
     trigger, save_freq = cfg.trainer.trigger_parameter_sync_step, cfg.trainer.save_freq
-    total_steps = cfg.trainer.total_training_steps
+    total_steps, test_freq = cfg.trainer.total_training_steps, cfg.trainer.test_freq
     started_runtime = not miniray.is_initialized()
     if started_runtime:
         miniray.init(num_workers=1)
@@ -165,7 +167,8 @@ def run(
         publisher.restore(version, start_step)
         result.resumed_from = None if resumed is None else str(resumed)
         run_start = time.time()
-        result.evals.append((start_step, 0.0, evaluate()))
+        if cfg.trainer.val_before_train:
+            result.evals.append((start_step, 0.0, evaluate()))
         source.start()
         for step in range(start_step + 1, total_steps + 1):
             batch = source.next_batch(version)
@@ -200,7 +203,7 @@ def run(
             )
             if not result.history:  # the first line says where the trainer ran
                 metrics.update(placement)
-            if eval_rows and (step % eval_every == 0 or step == total_steps):
+            if eval_rows and test_freq > 0 and (step % test_freq == 0 or step == total_steps):
                 reward = evaluate()
                 result.evals.append((step, time.time() - run_start, reward))
                 metrics["eval_reward"] = reward

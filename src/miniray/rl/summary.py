@@ -6,6 +6,7 @@ arithmetic is tested on its own (``tests/rl/test_rl_summary.py``).
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -53,7 +54,7 @@ def build_summary(
     """The run's summary.
 
     ``history``: the per-step metrics (each with ``samples``); ``evals``: (step, wall_s,
-    held-out reward), the first before training; ``ages``: every trained group's age;
+    held-out reward), the first before training with ``val_before_train``; ``ages``: every trained group's age;
     ``wall_s``: the run's time from the first evaluation on; ``wait_s``: the trainer's time
     waiting for batches; ``blocking_ms``: each publish's hold on the trainer;
     ``sync_stats``/``rollouter_stats``: the synchronizer's and rollouter's statistics;
@@ -61,16 +62,15 @@ def build_summary(
     peak memory (``tracking.peak_rss_gib``), beside the trainer's (its steps'
     ``trainer_peak_rss_gib``) and the rollouter's (its statistics' ``peak_rss_gib``).
     """
-    if not evals:
-        raise ValueError("build_summary(): evals is empty; the loop evaluates before step 1")
     if not wall_s > 0:
         raise ValueError(f"build_summary(): wall_s={wall_s!r} is invalid: must be > 0")
     samples = sum(m["samples"] for m in history)
     phases = sync_phase_ms(sync_stats)
     blocking_p50 = round(statistics.median(blocking_ms), 2) if blocking_ms else 0.0
     return {
-        "initial_reward": evals[0][2],
-        "final_reward": evals[-1][2],
+        # NaN without evaluations (no data.val_files, or none asked for): not a reward of 0.
+        "initial_reward": evals[0][2] if evals else math.nan,
+        "final_reward": evals[-1][2] if evals else math.nan,
         "wall_s": round(wall_s, 2),
         "samples_per_s": round(samples / wall_s, 2),
         "steps": len(history),

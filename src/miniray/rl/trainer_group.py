@@ -93,7 +93,7 @@ def group_plan(cfg: Any, *, cuda_devices: int) -> GroupPlan:
     elif wanted == "auto" and per_node > 0:
         note = (
             f"no CUDA device: trainer.n_gpus_per_node={per_node} counts CPU ranks "
-            f"({trainer.nnodes * per_node} in all, gloo)"
+            f"({trainer.nnodes * per_node} in all)"
         )
     ranks_per_node = max(1, per_node)
     return GroupPlan(
@@ -150,8 +150,20 @@ class TrainerRank(FullyAsyncTrainer):
                 timeout=datetime.timedelta(seconds=timeout_s),
             )
         FullyAsyncTrainer.__init__(self, self._pending_config, setup=self.setup)
-        node = miniray.get_runtime_context().get_node_id()
-        return {"pid": os.getpid(), "device": self.setup.device, "node": node}
+        return {"pid": os.getpid(), "device": self.setup.device, "node": _node_id()}
+
+
+def _node_id() -> str:
+    """The node this process runs on: Ray's node id in a Ray worker (where miniray itself is
+    not initialised), else the embedded backend's."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return str(ray.get_runtime_context().get_node_id())
+    except ImportError:
+        pass
+    return str(miniray.get_runtime_context().get_node_id())
 
 
 class TrainerGroup:
