@@ -256,6 +256,7 @@ def test_the_rl_trainer_group_trains_with_one_rank_on_each_node(two_node_cluster
                 response_logprobs=[-2.3] * (1 + i % 2),
                 reward=float(i % 2),
                 group_id=f"g{g}",
+                v_start=0,
             )
             for i in range(4)
         ]
