@@ -108,6 +108,10 @@ def test_plan_counts_cpu_ranks_without_cuda_and_says_so():
     single = group_plan(fake_cfg(ranks=0), cuda_devices=0)
     assert single.world_size == 1 and single.note is None
     assert group_plan(fake_cfg(device="cpu", ranks=2), cuda_devices=8).device_type == "cpu"
+    # CPU ranks share the cores less the rollouter's engine thread, at least one each.
+    assert group_plan(fake_cfg(ranks=0), cuda_devices=0, cpu_count=16).cpu_threads == 15
+    assert group_plan(fake_cfg(ranks=2), cuda_devices=0, cpu_count=16).cpu_threads == 7
+    assert group_plan(fake_cfg(ranks=2), cuda_devices=0, cpu_count=2).cpu_threads == 1
 
 
 def test_plan_takes_cuda_when_there_is_some_and_refuses_cuda_without_it():

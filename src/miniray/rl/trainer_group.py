@@ -57,6 +57,11 @@ class GroupPlan:
     strategy: str  # "ddp" | "fsdp2"
     timeout_s: float
     note: str | None = None  # a CPU fallback the user should hear about
+    # torch threads of a CPU rank (its num_cpus on Ray): the node's cores less the rollouter's
+    # one engine thread, shared by the node's ranks. Each rank taking torch's default (every
+    # core) oversubscribed a 2-core machine: the async demo ran no faster than sync (0.98x
+    # against an ideal of 1.88), where the trainer in the driver with one thread got 1.6x.
+    cpu_threads: int = 1
 
     def setup(self, rank: int) -> RankSetup:
         device = f"cuda:{rank % self.ranks_per_node}" if self.device_type == "cuda" else "cpu"
@@ -65,11 +70,12 @@ class GroupPlan:
         )
 
 
-def group_plan(cfg: Any, *, cuda_devices: int) -> GroupPlan:
+def group_plan(cfg: Any, *, cuda_devices: int, cpu_count: int = 1) -> GroupPlan:
     """The group for ``cfg`` where ``cuda_devices`` CUDA devices are visible (pure).
 
     ``trainer.device``: ``cuda`` needs CUDA; ``auto`` takes it when there is some and
-    otherwise runs ``n_gpus_per_node`` CPU ranks per node, with a note saying so.
+    otherwise runs ``n_gpus_per_node`` CPU ranks per node, with a note saying so. CPU ranks
+    share ``cpu_count`` cores less one (the rollouter's engine thread).
     """
     trainer, actor = cfg.trainer, cfg.actor_rollout_ref.actor
     wanted, per_node = trainer.device, trainer.n_gpus_per_node
@@ -104,6 +110,7 @@ def group_plan(cfg: Any, *, cuda_devices: int) -> GroupPlan:
         strategy=actor.strategy,
         timeout_s=float(cfg.actor_rollout_ref.nccl_timeout),
         note=note,
+        cpu_threads=1 if use_cuda else max(1, (cpu_count - 1) // ranks_per_node),
     )
 
 
@@ -132,11 +139,21 @@ class TrainerRank(FullyAsyncTrainer):
             probe.bind((host, 0))
             return host, int(probe.getsockname()[1])
 
-    def join(self, host: str, port: int, *, backend: str, timeout_s: float) -> dict[str, Any]:
+    def join(
+        self,
+        host: str,
+        port: int,
+        *,
+        backend: str,
+        timeout_s: float,
+        cpu_threads: int | None = None,
+    ) -> dict[str, Any]:
         """Join the process group at rank 0's ``host:port`` (collectives then wait at most
         ``timeout_s``), then load and wrap the model; returns this rank's pid, device, node."""
         import torch
 
+        if cpu_threads is not None:
+            torch.set_num_threads(cpu_threads)
         if self.setup.device.startswith("cuda"):
             torch.cuda.set_device(torch.device(self.setup.device))
         if self.setup.wrapped:
@@ -189,7 +206,7 @@ class TrainerGroup:
 
         cfg = as_rl_config(config)
         cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        plan = group_plan(cfg, cuda_devices=cuda)
+        plan = group_plan(cfg, cuda_devices=cuda, cpu_count=os.cpu_count() or 1)
         if plan.note:
             logger.warning("%s", plan.note)
         if plan.world_size > 1 and miniray.backend_name() == "inline":
@@ -200,13 +217,19 @@ class TrainerGroup:
             )
         gpus = 1 if plan.device_type == "cuda" else 0
         ranks = [
-            TrainerRank.options(num_cpus=1, num_gpus=gpus).remote(cfg, plan.setup(r))
+            TrainerRank.options(num_cpus=plan.cpu_threads, num_gpus=gpus).remote(cfg, plan.setup(r))
             for r in range(plan.world_size)
         ]
         group = cls(plan, ranks, [0] * len(ranks), None)
         try:
             (address,) = group._all("free_address", ranks=ranks[:1])
-            joined = group._all("join", *address, backend=plan.backend, timeout_s=plan.timeout_s)
+            joined = group._all(
+                "join",
+                *address,
+                backend=plan.backend,
+                timeout_s=plan.timeout_s,
+                cpu_threads=plan.cpu_threads if plan.device_type == "cpu" else None,
+            )
         except BaseException:
             group.close()
             raise
