@@ -702,8 +702,15 @@ def test_a_retried_generator_does_not_repeat_values_the_caller_has(runtime, tmp_
     # caller already holds are not streamed twice (as in Ray).
     path = str(tmp_path / "count")
     values = [miniray.get(r, timeout=60) for r in replayed_stream.remote(path, 4, how)]
-    assert values == [(1, 0), (1, 1), (2, 2), (2, 3)]
+    assert [value for _, value in values] == [0, 1, 2, 3]  # each value once, in order
     assert attempts_in(path) == 2
+    if runtime == "ray":
+        # Ray may not have reported attempt 1's second value before the failure: then the
+        # retry streams it (seen once in a full run on 2 busy cores). Either way none repeats.
+        assert values[0] == (1, 0) and values[2:] == [(2, 2), (2, 3)]
+    else:
+        # The embedded backends report each value as it is yielded: attempt 1's two stay.
+        assert values == [(1, 0), (1, 1), (2, 2), (2, 3)]
 
 
 def test_streaming_is_refused_where_it_cannot_work(runtime):
