@@ -144,3 +144,52 @@ def ship_by_value_to_ray() -> None:
     import ray.cloudpickle
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+# -- runs with a real trainer: a deterministic engine, a reward, a crash (checkpoint tests) --
+class DeterministicEngine:
+    """Response ``i`` of a batch is a digit that depends only on the prompt and ``i``."""
+
+    def __init__(self, digit_ids):
+        self.digit_ids = digit_ids
+
+    def generate(self, prompts, *, max_new_tokens, temperature=1.0, should_stop=None):
+        from miniray.rl.engines.base import Generation
+
+        out = []
+        for i, prompt in enumerate(prompts):
+            if should_stop is not None and should_stop():
+                return [
+                    Generation(
+                        prompt_token_ids=list(p),
+                        response_token_ids=[],
+                        response_logprobs=[],
+                        finish_reason="aborted",
+                    )
+                    for p in prompts
+                ]
+            token = self.digit_ids[(sum(prompt) + i) % len(self.digit_ids)]
+            out.append(
+                Generation(
+                    prompt_token_ids=list(prompt),
+                    response_token_ids=[token],
+                    response_logprobs=[-2.3],
+                    finish_reason="length",
+                )
+            )
+        return out
+
+    def load_weights(self, state_dict, *, take=False):
+        pass
+
+    def state_dict(self):
+        return {}
+
+
+def reward_by_digit(response, truth):
+    """Rewards that differ within a group, so every step moves the weights."""
+    return float(int(response[0]) % 3) if response[:1].isdigit() else 0.0
+
+
+class Crash(RuntimeError):
+    pass

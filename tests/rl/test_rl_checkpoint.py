@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from rl_fakes import Crash, DeterministicEngine, reward_by_digit
 
 import miniray
 from miniray.rl import checkpoint
 from miniray.rl.config import load_rl_config
 from miniray.rl.data_position import PromptCursor, PromptOrder, TrainedPositions
-from miniray.rl.engines.base import Generation
 from miniray.rl.loop import run
 from miniray.rl.models import char_tokenizer, save, tiny_qwen2
 from miniray.rl.rollouter import as_rl_config
@@ -115,52 +115,6 @@ def config(workdir, out, mode, **trainer):
             **trainer,
         },
     }
-
-
-class DeterministicEngine:
-    """Response ``i`` of a batch is a digit that depends only on the prompt and ``i``."""
-
-    def __init__(self, digit_ids):
-        self.digit_ids = digit_ids
-
-    def generate(self, prompts, *, max_new_tokens, temperature=1.0, should_stop=None):
-        out = []
-        for i, prompt in enumerate(prompts):
-            if should_stop is not None and should_stop():
-                return [
-                    Generation(
-                        prompt_token_ids=list(p),
-                        response_token_ids=[],
-                        response_logprobs=[],
-                        finish_reason="aborted",
-                    )
-                    for p in prompts
-                ]
-            token = self.digit_ids[(sum(prompt) + i) % len(self.digit_ids)]
-            out.append(
-                Generation(
-                    prompt_token_ids=list(prompt),
-                    response_token_ids=[token],
-                    response_logprobs=[-2.3],
-                    finish_reason="length",
-                )
-            )
-        return out
-
-    def load_weights(self, state_dict, *, take=False):
-        pass
-
-    def state_dict(self):
-        return {}
-
-
-def reward_by_digit(response, truth):
-    """Rewards that differ within a group, so every step moves the weights."""
-    return float(int(response[0]) % 3) if response[:1].isdigit() else 0.0
-
-
-class Crash(RuntimeError):
-    pass
 
 
 def do_run(workdir, out, mode, *, crash_at=None, **trainer_cfg):

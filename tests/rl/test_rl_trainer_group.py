@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from rl_fakes import Crash, DeterministicEngine, reward_by_digit
 
 import miniray
 from miniray.rl import checkpoint
@@ -186,40 +187,6 @@ def test_a_killed_rank_ends_the_step_naming_it_and_leaves_no_rank(workdir, local
     assert "trainer rank 1" in str(failure.value)
     assert elapsed < 20.0 + 10.0  # within the configured timeout, not a hang
     wait_until(lambda: gone(pids), timeout=15, what=f"trainer ranks {pids} to exit")
-
-
-class DeterministicEngine:
-    """Response ``i`` of a batch is a digit that depends only on the prompt and ``i``."""
-
-    def __init__(self, digit_ids):
-        self.digit_ids = digit_ids
-
-    def generate(self, prompts, *, max_new_tokens, temperature=1.0, should_stop=None):
-        from miniray.rl.engines.base import Generation
-
-        return [
-            Generation(
-                prompt_token_ids=list(p),
-                response_token_ids=[self.digit_ids[(sum(p) + i) % len(self.digit_ids)]],
-                response_logprobs=[-2.3],
-                finish_reason="length",
-            )
-            for i, p in enumerate(prompts)
-        ]
-
-    def load_weights(self, state_dict, *, take=False):
-        pass
-
-    def state_dict(self):
-        return {}
-
-
-def reward_by_digit(response, truth):
-    return float(int(response[0]) % 3) if response[:1].isdigit() else 0.0
-
-
-class Crash(RuntimeError):
-    pass
 
 
 def grouped_run(workdir, out, *, crash_at=None, **trainer):

@@ -139,14 +139,11 @@ def full_state_dict(
     *,
     dtype: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The full weights on the CPU (``dtype``: cast to it, e.g. the published bf16 of fp32
-    masters): live tensors for an unsharded model (the caller copies), gathered copies from
-    FSDP2's shards (collective; only rank 0's dict is filled, the others are empty)."""
+    """The full weights: live tensors for an unsharded model (the caller copies; it trains in
+    its published dtype), gathered CPU copies from FSDP2's shards (collective; only rank 0's
+    dict is filled), cast to ``dtype`` (e.g. the published bf16 of fp32 masters)."""
     if not setup.sharded:
-        state = share_tied(module.state_dict(), copy=False)
-        if dtype is not None:
-            state = share_tied({k: v.to(dtype) for k, v in state.items()}, copy=False)
-        return state
+        return share_tied(module.state_dict(), copy=False)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(

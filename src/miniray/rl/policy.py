@@ -428,14 +428,13 @@ class PolicyUpdater:
         cfg, rows = self.config, micro.rows
         part = batch.select(rows).trimmed()
         width = part.response_mask.shape[1]
-        device = self.device
         logprobs, entropy = response_token_logprobs(
             self.model,
-            part.to(device),
+            part.to(self.device),
             temperature=cfg.temperature,
             with_entropy=cfg.entropy_coeff > 0,
         )
-        logprobs = logprobs.cpu() if device.type != "cpu" else logprobs
+        logprobs = logprobs.cpu()  # the loss's other tensors are collated on the CPU
         if fill_proximal:
             proximal[rows, :width] = logprobs.detach()
         loss, metrics = ppo_loss(
@@ -454,7 +453,7 @@ class PolicyUpdater:
         )
         mode = cfg.loss_agg_mode
         if entropy is not None:
-            entropy = entropy.cpu() if device.type != "cpu" else entropy
+            entropy = entropy.cpu()
             part_entropy = aggregate_loss(
                 entropy, part.response_mask, mode, denominator=denominator
             )  # type: ignore[arg-type]

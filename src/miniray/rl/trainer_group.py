@@ -312,8 +312,9 @@ class TrainerGroup:
                     late[0],
                     self._pid(late[0]),
                     f"trainer rank(s) {late} did not finish {method} within "
-                    f"{self.plan.timeout_s:g}s of rank {min(answers)} "
-                    "(actor_rollout_ref.nccl_timeout)",
+                    f"{self.plan.timeout_s:g}s of rank {min(answers)}: a rank stuck in a "
+                    "collective or far slower than the others; raise "
+                    "actor_rollout_ref.nccl_timeout if its work is just slow",
                 )
             for ref in ready:
                 rank = pending.pop(ref)
@@ -323,7 +324,9 @@ class TrainerGroup:
                     raise TrainerRankError(
                         rank,
                         self._pid(rank),
-                        f"trainer rank {rank} (pid {self._pid(rank)}) died during {method}: {exc}",
+                        f"trainer rank {rank} (pid {self._pid(rank)}) died during {method}: "
+                        f"{exc}; the group is closed: look for an OOM kill or a crash in that "
+                        "rank's output, then resume from the last checkpoint",
                     ) from exc
                 except Exception as exc:
                     raise TrainerRankError(
