@@ -306,8 +306,8 @@ touch, spin = _make_task_helpers()
 @miniray.remote
 def spin_marked(started, seconds=60, interrupted=None, finished=None):
     """Touches ``started``, spins, touches ``finished``; ``interrupted`` if cancelled."""
-    touch(started)
-    try:
+    try:  # the marker is inside: the interrupt may land as soon as the file exists
+        touch(started)
         spin(seconds)
     except KeyboardInterrupt:
         if interrupted is not None:
