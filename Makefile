@@ -17,7 +17,7 @@ endif
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e '.[torch,rl,ray,dev]'
+	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e '.[torch,rl,ray,wandb,mlflow,dev]'
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 

@@ -29,7 +29,7 @@ import tomllib  # Python 3.11+, as the interpreter that builds the venvs
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONSTRAINTS = ROOT / "constraints.txt"
-EXTRAS = ".[torch,rl,ray,dev]"
+EXTRAS = ".[torch,rl,ray,wandb,mlflow,dev]"
 HEADER = """\
 # The exact set `make test` last passed with (written by `make upgrade`, {date}, Python {python}).
 # `make demo`, `make test` and .ci/run install with `-c constraints.txt`; pyproject.toml keeps

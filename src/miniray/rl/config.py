@@ -207,7 +207,8 @@ class TrainerConfig(Config):
     logger: list[str] = option(  # noqa: RUF009
         default_factory=lambda: ["console", "jsonl"],
         help="where per-step metrics go: console, jsonl, tensorboard, wandb (offline), mlflow "
-        "(local file store); wandb and mlflow are extras (pip install 'miniray[wandb]')",
+        "($MLFLOW_TRACKING_URI, else a SQLite store in the run directory); wandb and mlflow are "
+        "extras (pip install 'miniray[wandb]' / 'miniray[mlflow]')",
     )
     seed: int = option(
         0, help="seeds torch in the trainer and the engine's sampling (same seed, same tokens)"

@@ -5,8 +5,9 @@
     tensorboard  ``<run dir>/tensorboard/`` event files (tensorboard is in the ``rl`` extra)
     wandb        an offline Weights & Biases run in ``<run dir>/wandb`` (project_name, name
                  experiment_name); needs ``pip install 'miniray[wandb]'``
-    mlflow       an MLflow run in the local file store ``<run dir>/mlruns`` (experiment
-                 project_name, run experiment_name); needs ``pip install 'miniray[mlflow]'``
+    mlflow       an MLflow run (experiment project_name, run experiment_name) in
+                 ``$MLFLOW_TRACKING_URI`` if set, else ``<run dir>/mlflow.db`` (SQLite);
+                 needs ``pip install 'miniray[mlflow]'``
 
 ``build_loggers`` checks every name before any sink is opened: an unknown name or a sink
 whose package is missing is an error naming it (and what to install), not a run that quietly
@@ -18,9 +19,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import pathlib
 import resource
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
@@ -163,21 +166,37 @@ class _Wandb:
 
 
 class _MLflow:
+    """An MLflow run in ``$MLFLOW_TRACKING_URI`` when the user set one (a server, a database),
+    else in a SQLite store in the run directory. Not MLflow's ``./mlruns`` file store: MLflow 3
+    refuses it unless ``MLFLOW_ALLOW_FILE_STORE`` is set (maintenance mode; found on MLflow 3.18
+    the first time this sink ran), and SQLite is what MLflow, and verl's tracking, use instead.
+    One ``log_batch`` a step: ``log_metric`` a key at a time is a database transaction each."""
+
     def __init__(self, run_dir: pathlib.Path, project: str, experiment: str) -> None:
         import mlflow
 
-        self.client = mlflow.tracking.MlflowClient(
-            tracking_uri=(run_dir / "mlruns").resolve().as_uri()
+        run_dir = run_dir.resolve()
+        self.tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or (
+            f"sqlite:///{run_dir / 'mlflow.db'}"
         )
+        self.client = mlflow.tracking.MlflowClient(tracking_uri=self.tracking_uri)
         found = self.client.get_experiment_by_name(project)
         experiment_id = (
-            found.experiment_id if found is not None else self.client.create_experiment(project)
+            found.experiment_id
+            if found is not None
+            else self.client.create_experiment(
+                project, artifact_location=(run_dir / "mlartifacts").as_uri()
+            )
         )
         self.run_id = self.client.create_run(experiment_id, run_name=experiment).info.run_id
 
     def log(self, metrics: Mapping[str, Any], step: int) -> None:
-        for key, value in _numeric(metrics).items():
-            self.client.log_metric(self.run_id, key, value, step=step)
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, v, now, step) for k, v in _numeric(metrics).items()]
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch)
 
     def close(self) -> None:
         self.client.set_terminated(self.run_id)
