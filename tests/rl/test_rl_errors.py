@@ -11,7 +11,7 @@ import miniray.rl.distill as distill
 from miniray.errors import GetTimeoutError
 from miniray.rl import errors
 from miniray.rl.distill import scheduler, weight_sync
-from miniray.rl.param_sync import SyncResult
+from miniray.rl.types import SyncResult
 
 
 def test_each_error_is_one_class_wherever_it_is_imported_from():

@@ -30,7 +30,6 @@ from miniray.rl.param_sync import (
     ParameterSynchronizer,
     ParameterSyncManager,
     RolloutEndpoint,
-    SyncResult,
     TrainerEndpoint,
     UnifiedParameterSynchronizer,
 )
@@ -40,7 +39,7 @@ from miniray.rl.queue import (
     PutResult,
     QueueFinished,
 )
-from miniray.rl.types import Batch, Sample, collate
+from miniray.rl.types import Batch, Sample, SyncResult, collate
 
 # name -> the module that defines it, imported on first access (these modules import torch).
 _LAZY = {

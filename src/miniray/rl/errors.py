@@ -29,13 +29,10 @@ Every class survives pickling with its fields, since they cross actor boundaries
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from miniray.errors import GetTimeoutError
-
-if TYPE_CHECKING:
-    from miniray.rl.distill.teacher_client import TeacherScores
-    from miniray.rl.param_sync import SyncResult
+from miniray.rl.types import SyncResult, TeacherScores
 
 __all__ = [
     "GenerationTimeoutError",

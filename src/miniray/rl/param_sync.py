@@ -38,8 +38,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import miniray
 from miniray.errors import ActorDiedError, GetTimeoutError, RayTaskError
@@ -47,6 +46,7 @@ from miniray.rl._remote import actor_constructor
 from miniray.rl.config import async_training_config
 from miniray.rl.errors import ParameterSyncError, ParameterSyncTimeoutError
 from miniray.rl.staleness import check_version, is_valid_version_bump, version_after_sync
+from miniray.rl.types import SyncResult
 
 __all__ = [
     "AsyncParameterSynchronizer",
@@ -55,7 +55,6 @@ __all__ = [
     "ParameterSyncTimeoutError",
     "ParameterSynchronizer",
     "RolloutEndpoint",
-    "SyncResult",
     "TrainerEndpoint",
     "UnifiedParameterSynchronizer",
     "weights_info",
@@ -97,32 +96,6 @@ class RolloutEndpoint(Protocol):
     def load_weights(self, weights: Mapping[str, Any], version: int) -> Any:
         """Load ``weights``, then adopt ``version`` for new samples. ``False`` means refused."""
         ...
-
-
-@dataclass
-class SyncResult:
-    """What one sync did: outcome, versions, attempts, seconds per phase and bytes moved."""
-
-    status: Literal["ok", "failed", "timeout", "refused"]
-    version: int
-    previous_version: int
-    current_version: int
-    attempts: int = 0
-    pause_s: float = 0.0
-    transfer_s: float = 0.0
-    load_s: float = 0.0
-    resume_s: float = 0.0
-    total_s: float = 0.0
-    bytes: int = 0
-    resumed: bool = False
-    error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "ok"
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class _PhaseTimeout(TimeoutError):
