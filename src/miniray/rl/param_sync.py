@@ -13,9 +13,9 @@ One sync to version ``v``, and who waits for what::
       4. current version := v   (only once every rollouter loaded; a failed sync keeps the old)
       5. finally: resume_rollout() -------->  (always, with its own bounded wait)
 
-Every wait is bounded by one deadline, ``start + sync_timeout``. Calls on actor handles wait
-with ``miniray.get(timeout=...)``; calls on plain objects run in a helper thread, so a hung call
-cannot hang the caller (TRL #6913: a sync that hangs must resume the rollouter and raise).
+Every wait is bounded by one deadline, ``start + sync_timeout``; every call goes through
+``rl.endpoints`` (an actor handle or a plain object alike), so a hung call cannot hang the caller
+(TRL #6913: a sync that hangs must resume the rollouter and raise).
 With actor handles the weights travel trainer -> rollouter as an object ref, not through the
 synchronizer.
 
@@ -37,13 +37,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future
 from typing import Any, Protocol, runtime_checkable
 
 import miniray
-from miniray.errors import ActorDiedError, GetTimeoutError, RayTaskError
+from miniray.errors import ActorDiedError
 from miniray.rl._remote import actor_constructor
 from miniray.rl.config import async_training_config
+from miniray.rl.endpoints import Pending, call
 from miniray.rl.errors import ParameterSyncError, ParameterSyncTimeoutError
 from miniray.rl.staleness import check_version, is_valid_version_bump, version_after_sync
 from miniray.rl.types import SyncResult
@@ -99,7 +99,8 @@ class RolloutEndpoint(Protocol):
 
 
 class _PhaseTimeout(TimeoutError):
-    pass
+    """The sync's deadline ran out. Private, so that no endpoint can raise one: catching it
+    catches our own deadline only, never a timeout an endpoint's method raised."""
 
 
 class UnifiedParameterSynchronizer:
@@ -323,8 +324,8 @@ class UnifiedParameterSynchronizer:
         result: SyncResult,
     ) -> None:
         t = self._clock()
-        calls = [_call(r, "pause_rollout") for r in rollouters]
-        for r, ok in zip(rollouters, self._wait_all(calls, rollouters, deadline, "pause_rollout")):
+        calls = [call(r, "pause_rollout") for r in rollouters]
+        for r, ok in zip(rollouters, self._wait_all(calls, deadline)):
             if ok is False:
                 raise RuntimeError(f"pause_rollout() of {r!r} returned False")
         result.pause_s += self._clock() - t
@@ -335,8 +336,8 @@ class UnifiedParameterSynchronizer:
         result.bytes = nbytes
 
         t = self._clock()
-        calls = [_call(r, "load_weights", weights, target) for r in rollouters]
-        for r, ok in zip(rollouters, self._wait_all(calls, rollouters, deadline, "load_weights")):
+        calls = [call(r, "load_weights", weights, target) for r in rollouters]
+        for r, ok in zip(rollouters, self._wait_all(calls, deadline)):
             if ok is False:
                 raise RuntimeError(f"load_weights() of {r!r} returned False")
         result.load_s += self._clock() - t
@@ -346,15 +347,10 @@ class UnifiedParameterSynchronizer:
     ) -> tuple[Any, int]:
         """The weights in the form the rollouters take, and their size in bytes."""
         any_plain = any(not isinstance(r, miniray.ActorHandle) for r in rollouters)
-        if isinstance(trainer, miniray.ActorHandle):
-            ref = trainer.get_weights.remote()
-        else:
-            value = _wait(
-                _call(trainer, "get_weights"),
-                deadline,
-                f"get_weights() of {trainer!r}",
-                self._clock,
-            )
+        pending = call(trainer, "get_weights")
+        ref = pending.ref
+        if ref is None:
+            value = self._result(pending, deadline)
             if not isinstance(value, miniray.ObjectRef):
                 self._weights_info = weights_info(value)
                 if len(rollouters) > 1 and not any_plain:
@@ -362,12 +358,14 @@ class UnifiedParameterSynchronizer:
                 return value, _total_bytes(self._weights_info)
             # Already in the object store (a snapshot put while the rollouter generated).
             ref = value
+        pending = Pending(ref, pending.what)
         if self._weights_info is None or any_plain:
-            value = _wait(ref, deadline, f"get_weights() of {trainer!r}", self._clock)
+            value = self._result(pending, deadline)
             self._weights_info = weights_info(value)
             return (value if any_plain else ref), _total_bytes(self._weights_info)
-        ready, _ = miniray.wait([ref], timeout=max(0.0, deadline - self._clock()))
-        if not ready:
+        # Only readiness: the value is not fetched here, it goes from the object store to the
+        # rollouters.
+        if not pending.wait(deadline, clock=self._clock):
             raise _PhaseTimeout(
                 f"get_weights() of {trainer!r} did not finish within the sync deadline "
                 f"(sync_timeout={self.config.sync_timeout}s)"
@@ -380,23 +378,22 @@ class UnifiedParameterSynchronizer:
         calls = []
         for r in rollouters:
             try:
-                calls.append((r, _call(r, "resume_rollout")))
+                calls.append((r, call(r, "resume_rollout")))
             except Exception as exc:  # recorded; the other rollouters still get resumed
                 errors.append(f"resume_rollout() of {r!r} failed: {_describe(exc)}")
         for r, pending in calls:
             try:
-                _wait(pending, deadline, f"resume_rollout() of {r!r}", self._clock)
+                self._result(pending, deadline)
             except Exception as exc:  # recorded; the other rollouters still get resumed
                 errors.append(f"resume_rollout() of {r!r} failed: {_describe(exc)}")
         return "; ".join(errors) if errors else None
 
-    def _wait_all(
-        self, calls: list[Any], endpoints: list[Any], deadline: float, method: str
-    ) -> list[Any]:
-        return [
-            _wait(c, deadline, f"{method}() of {e!r}", self._clock)
-            for c, e in zip(calls, endpoints)
-        ]
+    def _wait_all(self, calls: list[Pending], deadline: float) -> list[Any]:
+        return [self._result(c, deadline) for c in calls]
+
+    def _result(self, pending: Pending, deadline: float) -> Any:
+        """The call's value, its own error re-raised, or ``_PhaseTimeout`` at the deadline."""
+        return pending.result(deadline, clock=self._clock, timeout_error=_phase_timeout)
 
     # -- statistics -------------------------------------------------------------------------
     def _record(self, result: SyncResult) -> None:
@@ -461,12 +458,7 @@ class UnifiedParameterSynchronizer:
                 )
             deadline = self._clock() + self.config.sync_timeout
             trainer = self._trainers[0]
-            weights = _wait(
-                _call(trainer, "get_weights"),
-                deadline,
-                f"get_weights() of {trainer!r}",
-                self._clock,
-            )
+            weights = self._result(call(trainer, "get_weights"), deadline)
             self._weights_info = weights_info(weights)
         return dict(self._weights_info)
 
@@ -578,39 +570,8 @@ def _has_method(endpoint: Any, name: str) -> bool:
     return callable(getattr(endpoint, name, None))
 
 
-def _call(endpoint: Any, method: str, *args: Any) -> Any:
-    """Start ``endpoint.method(*args)``: an ObjectRef for a handle, a Future for an object."""
-    if isinstance(endpoint, miniray.ActorHandle):
-        return getattr(endpoint, method).remote(*args)
-    future: Future = Future()
-
-    def run() -> None:
-        try:
-            future.set_result(getattr(endpoint, method)(*args))
-        except BaseException as exc:
-            future.set_exception(exc)
-
-    # A daemon thread, not a pool: a call that hangs forever must not keep the process alive.
-    threading.Thread(target=run, name=f"miniray-sync-{method}", daemon=True).start()
-    return future
-
-
-def _wait(pending: Any, deadline: float, what: str, clock: Callable[[], float]) -> Any:
-    """The call's value, its own error re-raised, or ``_PhaseTimeout`` at the deadline."""
-    remaining = max(0.0, deadline - clock())
-    if isinstance(pending, Future):
-        try:
-            return pending.result(timeout=remaining)
-        except TimeoutError as exc:
-            if pending.done():  # the call itself raised a TimeoutError: an ordinary failure
-                raise
-            raise _PhaseTimeout(f"{what} did not answer within {_TIMEOUT_NOTE}") from exc
-    try:
-        return miniray.get(pending, timeout=remaining)
-    except GetTimeoutError as exc:
-        if isinstance(exc, RayTaskError):  # raised inside the remote call, not by our wait
-            raise
-        raise _PhaseTimeout(f"{what} did not answer within {_TIMEOUT_NOTE}") from exc
+def _phase_timeout(what: str) -> _PhaseTimeout:
+    return _PhaseTimeout(f"{what} did not answer within {_TIMEOUT_NOTE}")
 
 
 def _raise_unless_ok(result: SyncResult) -> bool:
