@@ -12,6 +12,11 @@ synchronizer.
 import importlib
 from typing import Any
 
+from miniray.rl.compat import (
+    AsyncParameterSynchronizer,
+    ParameterSynchronizer,
+    ParameterSyncManager,
+)
 from miniray.rl.config import (
     AsyncTrainingConfig,
     RLConfig,
@@ -25,14 +30,7 @@ from miniray.rl.errors import (
     ProducerCrashedError,
     QueueTimeoutError,
 )
-from miniray.rl.param_sync import (
-    AsyncParameterSynchronizer,
-    ParameterSynchronizer,
-    ParameterSyncManager,
-    RolloutEndpoint,
-    TrainerEndpoint,
-    UnifiedParameterSynchronizer,
-)
+from miniray.rl.param_sync import RolloutEndpoint, TrainerEndpoint, UnifiedParameterSynchronizer
 from miniray.rl.queue import (
     MessageQueue,
     MessageQueueClient,

@@ -20,13 +20,8 @@ With actor handles the weights travel trainer -> rollouter as an object ref, not
 synchronizer.
 
 The protocol the two sides offer (``TrainerEndpoint``, ``RolloutEndpoint`` below) is four
-methods; the seed's three ways of use all run the same sync:
-
-* async mode: ``UnifiedParameterSynchronizer(config, trainer, rollouter)``,
-  ``sync_to_rollouter(new_version) -> bool``, ``get_current_version()``;
-* actor mode: ``ParameterSyncManager.remote(config)``, ``register_workers(actors, rollouts)``,
-  ``sync_parameters()``;
-* classic mode: ``initialize_sync_group(actors, rollouts)``, ``sync_weights(actors, rollouts)``.
+methods. The seed's three ways of use (async, actor and classic mode) and its class names live in
+``rl.compat``; they all run the one ``sync`` here.
 """
 
 from __future__ import annotations
@@ -36,12 +31,12 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 import miniray
 from miniray.errors import ActorDiedError
-from miniray.rl._remote import actor_constructor
+from miniray.rl.compat import SeedSyncModes, actor_constructor
 from miniray.rl.config import async_training_config
 from miniray.rl.endpoints import Pending, call
 from miniray.rl.errors import ParameterSyncError, ParameterSyncTimeoutError
@@ -49,11 +44,8 @@ from miniray.rl.staleness import check_version, is_valid_version_bump, version_a
 from miniray.rl.types import SyncResult
 
 __all__ = [
-    "AsyncParameterSynchronizer",
     "ParameterSyncError",
-    "ParameterSyncManager",
     "ParameterSyncTimeoutError",
-    "ParameterSynchronizer",
     "RolloutEndpoint",
     "TrainerEndpoint",
     "UnifiedParameterSynchronizer",
@@ -103,7 +95,7 @@ class _PhaseTimeout(TimeoutError):
     catches our own deadline only, never a timeout an endpoint's method raised."""
 
 
-class UnifiedParameterSynchronizer:
+class UnifiedParameterSynchronizer(SeedSyncModes):
     """Versioned weight sync from a trainer to rollouters, with retries and timeouts.
 
     ``config`` is an ``RLConfig``, its ``async_training`` section, or a plain dict of either.
@@ -145,18 +137,7 @@ class UnifiedParameterSynchronizer:
         self._last_result: SyncResult | None = None
         self._latencies: dict[str, deque[float]] = {p: deque(maxlen=1000) for p in _PHASES}
 
-    # -- async mode -------------------------------------------------------------------------
-    def sync_to_rollouter(self, new_version: int) -> bool:
-        """Publish the trainer's weights as ``new_version``.
-
-        ``True`` on success; ``False`` when ``new_version`` is not newer than the current
-        version (a duplicate or late call: nothing happens). A sync that fails after its
-        retries raises ``ParameterSyncError`` (``ParameterSyncTimeoutError`` on timeout); the
-        version stays the old one and the rollouter has been resumed.
-        """
-        result = self.sync(new_version)
-        return _raise_unless_ok(result)
-
+    # -- versions and workers ---------------------------------------------------------------
     def get_current_version(self) -> int:
         return self._version
 
@@ -173,7 +154,6 @@ class UnifiedParameterSynchronizer:
             self._version = int(version)
         return self._version
 
-    # -- actor mode -------------------------------------------------------------------------
     def register_workers(self, actor_workers: Any, rollout_workers: Any) -> bool:
         """Remember the trainer workers (weights come from the first) and rollout workers."""
         trainers, rollouters = _as_list(actor_workers), _as_list(rollout_workers)
@@ -189,37 +169,24 @@ class UnifiedParameterSynchronizer:
             self._closed = False
         return True
 
-    def sync_parameters(self) -> bool:
-        """Publish the registered trainer's weights as the next version (current + 1)."""
-        return _raise_unless_ok(self.sync())
-
-    # -- classic mode -----------------------------------------------------------------------
-    def initialize_sync_group(self, actor_workers: Any, rollout_workers: Any) -> bool:
-        """Set up the group of workers that later ``sync_weights`` calls use."""
-        return self.register_workers(actor_workers, rollout_workers)
-
-    def sync_weights(self, actor_workers: Any = None, rollout_workers: Any = None) -> bool:
-        """Publish the next version; workers default to the registered ones."""
-        return _raise_unless_ok(
-            self.sync(trainers=_as_list(actor_workers), rollouters=_as_list(rollout_workers))
-        )
-
     # -- the one sync -----------------------------------------------------------------------
     def sync(
         self,
         version: int | None = None,
         *,
-        trainers: Sequence[Any] = (),
-        rollouters: Sequence[Any] = (),
+        trainers: Any = (),
+        rollouters: Any = (),
     ) -> SyncResult:
         """Run one sync to ``version`` (default: current + 1); never raises for a failed sync,
-        the result says what happened."""
+        the result says what happened. ``trainers``/``rollouters`` (an endpoint or a list;
+        default: the registered ones) are for this sync only."""
         if version is not None:
             check_version(version, "new_version")
+        trainers, rollouters = _as_list(trainers), _as_list(rollouters)
         if trainers:
-            _check_protocol(list(trainers), TRAINER_METHODS, "actor_workers")
+            _check_protocol(trainers, TRAINER_METHODS, "actor_workers")
         if rollouters:
-            _check_protocol(list(rollouters), ROLLOUT_METHODS, "rollout_workers")
+            _check_protocol(rollouters, ROLLOUT_METHODS, "rollout_workers")
         # No timeout on the lock: whoever holds it is bounded by its own deadlines (the sync's
         # and the resume's), so a waiting caller is bounded too.
         with self._sync_lock:
@@ -227,8 +194,8 @@ class UnifiedParameterSynchronizer:
                 raise RuntimeError(
                     "this synchronizer was cleaned up; register_workers() to use it again"
                 )
-            trainers = list(trainers) or self._trainers
-            rollouters = list(rollouters) or self._rollouters
+            trainers = trainers or self._trainers
+            rollouters = rollouters or self._rollouters
             if not trainers or not rollouters:
                 missing = "trainer" if not trainers else "rollouter"
                 raise RuntimeError(
@@ -493,11 +460,6 @@ UnifiedParameterSynchronizer.options = actor_constructor(  # type: ignore[attr-d
     kind="options", actor_class=ParameterSynchronizerActor, **_ACTOR_OPTIONS
 )
 
-# The seed's names: the old classes were merged into the unified one.
-ParameterSynchronizer = UnifiedParameterSynchronizer
-AsyncParameterSynchronizer = UnifiedParameterSynchronizer
-ParameterSyncManager = miniray.remote(**_ACTOR_OPTIONS)(ParameterSynchronizerActor)
-
 
 # -- helpers ------------------------------------------------------------------------------------
 def is_dead_actor(exc: BaseException) -> bool:
@@ -572,20 +534,6 @@ def _has_method(endpoint: Any, name: str) -> bool:
 
 def _phase_timeout(what: str) -> _PhaseTimeout:
     return _PhaseTimeout(f"{what} did not answer within {_TIMEOUT_NOTE}")
-
-
-def _raise_unless_ok(result: SyncResult) -> bool:
-    if result.status == "ok":
-        return True
-    if result.status == "refused":
-        return False
-    message = (
-        f"weight sync to version {result.version} failed after {result.attempts} attempt(s) "
-        f"({result.status}); the version stays {result.current_version}: {result.error}"
-    )
-    if result.status == "timeout":
-        raise ParameterSyncTimeoutError(message, result)
-    raise ParameterSyncError(message, result)
 
 
 def _describe(exc: BaseException) -> str:

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from miniray.config import from_dict
-from miniray.rl._remote import actor_constructor
+from miniray.rl.compat import actor_constructor
 from miniray.rl.config import RLConfig
 from miniray.rl.data_position import PromptCursor, PromptOrder, TrainedPositions
 from miniray.rl.dynamic_sampling import REWARD_METRICS_KEY
