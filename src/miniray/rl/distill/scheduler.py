@@ -21,8 +21,10 @@ teacher *scores* it, the trainer *trains* on it (one optimizer step, trainer ver
   batch k + 1; staleness at most 2, and the teacher gets a whole iteration to answer.
 
 Staleness of a trained batch = trainer version when it is trained - version of the weights it
-was generated with (``staleness``). The rollout workers only load weights while idle (after the
-previous generation was awaited), so the version a batch was generated with is exact.
+was generated with: a sample's age, ``rl.staleness.sample_age``, the one definition the async
+queue uses too. The rollout workers only load weights while idle (after the previous generation
+was awaited), so the version a batch was generated with is exact, and never newer than the
+trainer's.
 
 verl's ``one_step_off_scheduler`` wrote ``if i == 1 ... else`` where ``elif`` was meant: batch 0
 was generated twice and trained twice, and batch 1 trained 2 versions stale. Every batch here is
@@ -38,6 +40,7 @@ from typing import Any, Literal, NamedTuple, Protocol
 
 from miniray.rl.endpoints import Pending
 from miniray.rl.errors import GenerationTimeoutError, TeacherTimeoutError
+from miniray.rl.staleness import sample_age
 
 __all__ = [
     "SCHEDULERS",
@@ -50,7 +53,6 @@ __all__ = [
     "TeacherTimeoutError",
     "pipeline_depth",
     "run_schedule",
-    "staleness",
 ]
 
 SchedulerName = Literal["serial", "one_step_off", "two_step_off"]
@@ -107,7 +109,7 @@ class StepRecord:
 
     @property
     def staleness(self) -> int:
-        return staleness(self.trainer_version, self.gen_version)
+        return sample_age(self.trainer_version, self.gen_version)
 
 
 def pipeline_depth(scheduler: str) -> int:
@@ -117,16 +119,6 @@ def pipeline_depth(scheduler: str) -> int:
             f"trainer.scheduler={scheduler!r} is unknown: must be one of {list(SCHEDULERS)}"
         )
     return SCHEDULERS[scheduler]
-
-
-def staleness(trainer_version: int, gen_version: int) -> int:
-    """Versions between the weights that generated a batch and the trainer that trains it."""
-    if gen_version > trainer_version:
-        raise ValueError(
-            f"gen_version={gen_version} is newer than trainer_version={trainer_version}: "
-            "a batch cannot be generated with weights the trainer has not produced yet"
-        )
-    return trainer_version - gen_version
 
 
 def run_schedule(
