@@ -11,7 +11,7 @@ import miniray.rl.distill as distill
 from miniray.errors import GetTimeoutError
 from miniray.rl import errors
 from miniray.rl.distill import scheduler, weight_sync
-from miniray.rl.param_sync import SyncResult
+from miniray.rl.types import SyncResult
 
 
 def test_each_error_is_one_class_wherever_it_is_imported_from():
@@ -38,9 +38,11 @@ def test_timeouts_are_builtin_timeout_errors():
         errors.RolloutWeightSyncTimeoutError,
         errors.TeacherTimeoutError,
         errors.GenerationTimeoutError,
+        errors.CallTimeoutError,
     ):
         assert issubclass(cls, TimeoutError), cls
     assert issubclass(errors.TeacherTimeoutError, GetTimeoutError)
+    assert issubclass(errors.CallTimeoutError, GetTimeoutError)
     assert issubclass(errors.RolloutWeightSyncTimeoutError, errors.ParameterSyncError)
 
 
@@ -63,6 +65,10 @@ def test_timeouts_are_builtin_timeout_errors():
                 "no answer", address="tcp://127.0.0.1:1", missing_microbatches=[0, 2]
             ),
             {"code": "timeout", "address": "tcp://127.0.0.1:1", "missing_microbatches": [0, 2]},
+        ),
+        (
+            errors.CallTimeoutError("late", what="load_weights() of a"),
+            {"what": "load_weights() of a"},
         ),
     ],
 )

@@ -40,6 +40,14 @@ def test_too_stale_means_age_greater_than_k():
         is_too_stale(1, 1, -1)
 
 
+def test_a_negative_age_is_fresh_not_an_error():
+    # The queue hears of version v after the rollouter loaded it: samples stamped v arrive
+    # while the queue is still at v - 1. They are the freshest there are, even for k = 0.
+    assert sample_age(4, 5) == -1
+    assert not is_too_stale(5, 4, 0)
+    assert freshness_metrics([SimpleNamespace(v_start=5)], 4)["age_max"] == -1.0
+
+
 def test_in_flight_span():
     assert in_flight_span(2, 4) == 2
     assert in_flight_span(3, 3) == 0

@@ -12,6 +12,11 @@ synchronizer.
 import importlib
 from typing import Any
 
+from miniray.rl.compat import (
+    AsyncParameterSynchronizer,
+    ParameterSynchronizer,
+    ParameterSyncManager,
+)
 from miniray.rl.config import (
     AsyncTrainingConfig,
     RLConfig,
@@ -25,22 +30,14 @@ from miniray.rl.errors import (
     ProducerCrashedError,
     QueueTimeoutError,
 )
-from miniray.rl.param_sync import (
-    AsyncParameterSynchronizer,
-    ParameterSynchronizer,
-    ParameterSyncManager,
-    RolloutEndpoint,
-    SyncResult,
-    TrainerEndpoint,
-    UnifiedParameterSynchronizer,
-)
+from miniray.rl.param_sync import RolloutEndpoint, TrainerEndpoint, UnifiedParameterSynchronizer
 from miniray.rl.queue import (
     MessageQueue,
     MessageQueueClient,
     PutResult,
     QueueFinished,
 )
-from miniray.rl.types import Batch, Sample, collate
+from miniray.rl.types import Batch, Sample, SyncResult, collate
 
 # name -> the module that defines it, imported on first access (these modules import torch).
 _LAZY = {

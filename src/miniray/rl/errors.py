@@ -18,6 +18,9 @@
 * ``TrainerRankError``: a rank of the RL trainer group died, failed or did not finish within
   ``actor_rollout_ref.nccl_timeout`` of the others; ``rank`` and ``pid`` name it. The group is
   closed (every rank killed); resume from the last checkpoint.
+* ``CallTimeoutError`` (a ``GetTimeoutError``, hence a ``TimeoutError``): a call on a trainer,
+  rollouter or queue (``rl.endpoints``) did not answer by the caller's deadline; ``what`` names
+  it. Retrying may help; what the call raised itself arrives as that error instead.
 * ``GenerationTimeoutError`` (a ``TimeoutError``): a distillation batch was not generated
   within ``trainer.generation_timeout``.
 
@@ -29,15 +32,13 @@ Every class survives pickling with its fields, since they cross actor boundaries
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from miniray.errors import GetTimeoutError
-
-if TYPE_CHECKING:
-    from miniray.rl.distill.teacher_client import TeacherScores
-    from miniray.rl.param_sync import SyncResult
+from miniray.rl.types import SyncResult, TeacherScores
 
 __all__ = [
+    "CallTimeoutError",
     "GenerationTimeoutError",
     "NonFiniteWeightsError",
     "ParameterSyncError",
@@ -185,3 +186,14 @@ class TeacherTimeoutError(TeacherError, GetTimeoutError):
 
 class GenerationTimeoutError(TimeoutError):
     """A batch's generation did not finish within ``trainer.generation_timeout``."""
+
+
+class CallTimeoutError(GetTimeoutError):
+    """A call on an endpoint did not answer by the caller's deadline; ``what`` names it."""
+
+    def __init__(self, message: str, *, what: str = ""):
+        super().__init__(message)
+        self.what = what
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), self.args[0], {"what": self.what}))

@@ -13,20 +13,15 @@ One sync to version ``v``, and who waits for what::
       4. current version := v   (only once every rollouter loaded; a failed sync keeps the old)
       5. finally: resume_rollout() -------->  (always, with its own bounded wait)
 
-Every wait is bounded by one deadline, ``start + sync_timeout``. Calls on actor handles wait
-with ``miniray.get(timeout=...)``; calls on plain objects run in a helper thread, so a hung call
-cannot hang the caller (TRL #6913: a sync that hangs must resume the rollouter and raise).
+Every wait is bounded by one deadline, ``start + sync_timeout``; every call goes through
+``rl.endpoints`` (an actor handle or a plain object alike), so a hung call cannot hang the caller
+(TRL #6913: a sync that hangs must resume the rollouter and raise).
 With actor handles the weights travel trainer -> rollouter as an object ref, not through the
 synchronizer.
 
 The protocol the two sides offer (``TrainerEndpoint``, ``RolloutEndpoint`` below) is four
-methods; the seed's three ways of use all run the same sync:
-
-* async mode: ``UnifiedParameterSynchronizer(config, trainer, rollouter)``,
-  ``sync_to_rollouter(new_version) -> bool``, ``get_current_version()``;
-* actor mode: ``ParameterSyncManager.remote(config)``, ``register_workers(actors, rollouts)``,
-  ``sync_parameters()``;
-* classic mode: ``initialize_sync_group(actors, rollouts)``, ``sync_weights(actors, rollouts)``.
+methods. The seed's three ways of use (async, actor and classic mode) and its class names live in
+``rl.compat``; they all run the one ``sync`` here.
 """
 
 from __future__ import annotations
@@ -36,26 +31,22 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future
-from dataclasses import asdict, dataclass
-from typing import Any, Literal, Protocol, runtime_checkable
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol, runtime_checkable
 
 import miniray
-from miniray.errors import ActorDiedError, GetTimeoutError, RayTaskError
-from miniray.rl._remote import actor_constructor
+from miniray.errors import ActorDiedError
+from miniray.rl.compat import SeedSyncModes, actor_constructor
 from miniray.rl.config import async_training_config
+from miniray.rl.endpoints import Pending, call
 from miniray.rl.errors import ParameterSyncError, ParameterSyncTimeoutError
 from miniray.rl.staleness import check_version, is_valid_version_bump, version_after_sync
+from miniray.rl.types import SyncResult
 
 __all__ = [
-    "AsyncParameterSynchronizer",
     "ParameterSyncError",
-    "ParameterSyncManager",
     "ParameterSyncTimeoutError",
-    "ParameterSynchronizer",
     "RolloutEndpoint",
-    "SyncResult",
     "TrainerEndpoint",
     "UnifiedParameterSynchronizer",
     "weights_info",
@@ -99,37 +90,12 @@ class RolloutEndpoint(Protocol):
         ...
 
 
-@dataclass
-class SyncResult:
-    """What one sync did: outcome, versions, attempts, seconds per phase and bytes moved."""
-
-    status: Literal["ok", "failed", "timeout", "refused"]
-    version: int
-    previous_version: int
-    current_version: int
-    attempts: int = 0
-    pause_s: float = 0.0
-    transfer_s: float = 0.0
-    load_s: float = 0.0
-    resume_s: float = 0.0
-    total_s: float = 0.0
-    bytes: int = 0
-    resumed: bool = False
-    error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "ok"
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
 class _PhaseTimeout(TimeoutError):
-    pass
+    """The sync's deadline ran out. Private, so that no endpoint can raise one: catching it
+    catches our own deadline only, never a timeout an endpoint's method raised."""
 
 
-class UnifiedParameterSynchronizer:
+class UnifiedParameterSynchronizer(SeedSyncModes):
     """Versioned weight sync from a trainer to rollouters, with retries and timeouts.
 
     ``config`` is an ``RLConfig``, its ``async_training`` section, or a plain dict of either.
@@ -171,18 +137,7 @@ class UnifiedParameterSynchronizer:
         self._last_result: SyncResult | None = None
         self._latencies: dict[str, deque[float]] = {p: deque(maxlen=1000) for p in _PHASES}
 
-    # -- async mode -------------------------------------------------------------------------
-    def sync_to_rollouter(self, new_version: int) -> bool:
-        """Publish the trainer's weights as ``new_version``.
-
-        ``True`` on success; ``False`` when ``new_version`` is not newer than the current
-        version (a duplicate or late call: nothing happens). A sync that fails after its
-        retries raises ``ParameterSyncError`` (``ParameterSyncTimeoutError`` on timeout); the
-        version stays the old one and the rollouter has been resumed.
-        """
-        result = self.sync(new_version)
-        return _raise_unless_ok(result)
-
+    # -- versions and workers ---------------------------------------------------------------
     def get_current_version(self) -> int:
         return self._version
 
@@ -199,7 +154,6 @@ class UnifiedParameterSynchronizer:
             self._version = int(version)
         return self._version
 
-    # -- actor mode -------------------------------------------------------------------------
     def register_workers(self, actor_workers: Any, rollout_workers: Any) -> bool:
         """Remember the trainer workers (weights come from the first) and rollout workers."""
         trainers, rollouters = _as_list(actor_workers), _as_list(rollout_workers)
@@ -215,37 +169,24 @@ class UnifiedParameterSynchronizer:
             self._closed = False
         return True
 
-    def sync_parameters(self) -> bool:
-        """Publish the registered trainer's weights as the next version (current + 1)."""
-        return _raise_unless_ok(self.sync())
-
-    # -- classic mode -----------------------------------------------------------------------
-    def initialize_sync_group(self, actor_workers: Any, rollout_workers: Any) -> bool:
-        """Set up the group of workers that later ``sync_weights`` calls use."""
-        return self.register_workers(actor_workers, rollout_workers)
-
-    def sync_weights(self, actor_workers: Any = None, rollout_workers: Any = None) -> bool:
-        """Publish the next version; workers default to the registered ones."""
-        return _raise_unless_ok(
-            self.sync(trainers=_as_list(actor_workers), rollouters=_as_list(rollout_workers))
-        )
-
     # -- the one sync -----------------------------------------------------------------------
     def sync(
         self,
         version: int | None = None,
         *,
-        trainers: Sequence[Any] = (),
-        rollouters: Sequence[Any] = (),
+        trainers: Any = (),
+        rollouters: Any = (),
     ) -> SyncResult:
         """Run one sync to ``version`` (default: current + 1); never raises for a failed sync,
-        the result says what happened."""
+        the result says what happened. ``trainers``/``rollouters`` (an endpoint or a list;
+        default: the registered ones) are for this sync only."""
         if version is not None:
             check_version(version, "new_version")
+        trainers, rollouters = _as_list(trainers), _as_list(rollouters)
         if trainers:
-            _check_protocol(list(trainers), TRAINER_METHODS, "actor_workers")
+            _check_protocol(trainers, TRAINER_METHODS, "actor_workers")
         if rollouters:
-            _check_protocol(list(rollouters), ROLLOUT_METHODS, "rollout_workers")
+            _check_protocol(rollouters, ROLLOUT_METHODS, "rollout_workers")
         # No timeout on the lock: whoever holds it is bounded by its own deadlines (the sync's
         # and the resume's), so a waiting caller is bounded too.
         with self._sync_lock:
@@ -253,8 +194,8 @@ class UnifiedParameterSynchronizer:
                 raise RuntimeError(
                     "this synchronizer was cleaned up; register_workers() to use it again"
                 )
-            trainers = list(trainers) or self._trainers
-            rollouters = list(rollouters) or self._rollouters
+            trainers = trainers or self._trainers
+            rollouters = rollouters or self._rollouters
             if not trainers or not rollouters:
                 missing = "trainer" if not trainers else "rollouter"
                 raise RuntimeError(
@@ -350,8 +291,8 @@ class UnifiedParameterSynchronizer:
         result: SyncResult,
     ) -> None:
         t = self._clock()
-        calls = [_call(r, "pause_rollout") for r in rollouters]
-        for r, ok in zip(rollouters, self._wait_all(calls, rollouters, deadline, "pause_rollout")):
+        calls = [call(r, "pause_rollout") for r in rollouters]
+        for r, ok in zip(rollouters, self._wait_all(calls, deadline)):
             if ok is False:
                 raise RuntimeError(f"pause_rollout() of {r!r} returned False")
         result.pause_s += self._clock() - t
@@ -362,8 +303,8 @@ class UnifiedParameterSynchronizer:
         result.bytes = nbytes
 
         t = self._clock()
-        calls = [_call(r, "load_weights", weights, target) for r in rollouters]
-        for r, ok in zip(rollouters, self._wait_all(calls, rollouters, deadline, "load_weights")):
+        calls = [call(r, "load_weights", weights, target) for r in rollouters]
+        for r, ok in zip(rollouters, self._wait_all(calls, deadline)):
             if ok is False:
                 raise RuntimeError(f"load_weights() of {r!r} returned False")
         result.load_s += self._clock() - t
@@ -373,15 +314,10 @@ class UnifiedParameterSynchronizer:
     ) -> tuple[Any, int]:
         """The weights in the form the rollouters take, and their size in bytes."""
         any_plain = any(not isinstance(r, miniray.ActorHandle) for r in rollouters)
-        if isinstance(trainer, miniray.ActorHandle):
-            ref = trainer.get_weights.remote()
-        else:
-            value = _wait(
-                _call(trainer, "get_weights"),
-                deadline,
-                f"get_weights() of {trainer!r}",
-                self._clock,
-            )
+        pending = call(trainer, "get_weights")
+        ref = pending.ref
+        if ref is None:
+            value = self._result(pending, deadline)
             if not isinstance(value, miniray.ObjectRef):
                 self._weights_info = weights_info(value)
                 if len(rollouters) > 1 and not any_plain:
@@ -389,12 +325,14 @@ class UnifiedParameterSynchronizer:
                 return value, _total_bytes(self._weights_info)
             # Already in the object store (a snapshot put while the rollouter generated).
             ref = value
+        pending = Pending(ref, pending.what)
         if self._weights_info is None or any_plain:
-            value = _wait(ref, deadline, f"get_weights() of {trainer!r}", self._clock)
+            value = self._result(pending, deadline)
             self._weights_info = weights_info(value)
             return (value if any_plain else ref), _total_bytes(self._weights_info)
-        ready, _ = miniray.wait([ref], timeout=max(0.0, deadline - self._clock()))
-        if not ready:
+        # Only readiness: the value is not fetched here, it goes from the object store to the
+        # rollouters.
+        if not pending.wait(deadline, clock=self._clock):
             raise _PhaseTimeout(
                 f"get_weights() of {trainer!r} did not finish within the sync deadline "
                 f"(sync_timeout={self.config.sync_timeout}s)"
@@ -407,23 +345,22 @@ class UnifiedParameterSynchronizer:
         calls = []
         for r in rollouters:
             try:
-                calls.append((r, _call(r, "resume_rollout")))
+                calls.append((r, call(r, "resume_rollout")))
             except Exception as exc:  # recorded; the other rollouters still get resumed
                 errors.append(f"resume_rollout() of {r!r} failed: {_describe(exc)}")
         for r, pending in calls:
             try:
-                _wait(pending, deadline, f"resume_rollout() of {r!r}", self._clock)
+                self._result(pending, deadline)
             except Exception as exc:  # recorded; the other rollouters still get resumed
                 errors.append(f"resume_rollout() of {r!r} failed: {_describe(exc)}")
         return "; ".join(errors) if errors else None
 
-    def _wait_all(
-        self, calls: list[Any], endpoints: list[Any], deadline: float, method: str
-    ) -> list[Any]:
-        return [
-            _wait(c, deadline, f"{method}() of {e!r}", self._clock)
-            for c, e in zip(calls, endpoints)
-        ]
+    def _wait_all(self, calls: list[Pending], deadline: float) -> list[Any]:
+        return [self._result(c, deadline) for c in calls]
+
+    def _result(self, pending: Pending, deadline: float) -> Any:
+        """The call's value, its own error re-raised, or ``_PhaseTimeout`` at the deadline."""
+        return pending.result(deadline, clock=self._clock, timeout_error=_phase_timeout)
 
     # -- statistics -------------------------------------------------------------------------
     def _record(self, result: SyncResult) -> None:
@@ -488,12 +425,7 @@ class UnifiedParameterSynchronizer:
                 )
             deadline = self._clock() + self.config.sync_timeout
             trainer = self._trainers[0]
-            weights = _wait(
-                _call(trainer, "get_weights"),
-                deadline,
-                f"get_weights() of {trainer!r}",
-                self._clock,
-            )
+            weights = self._result(call(trainer, "get_weights"), deadline)
             self._weights_info = weights_info(weights)
         return dict(self._weights_info)
 
@@ -527,11 +459,6 @@ UnifiedParameterSynchronizer.remote = actor_constructor(  # type: ignore[attr-de
 UnifiedParameterSynchronizer.options = actor_constructor(  # type: ignore[attr-defined]
     kind="options", actor_class=ParameterSynchronizerActor, **_ACTOR_OPTIONS
 )
-
-# The seed's names: the old classes were merged into the unified one.
-ParameterSynchronizer = UnifiedParameterSynchronizer
-AsyncParameterSynchronizer = UnifiedParameterSynchronizer
-ParameterSyncManager = miniray.remote(**_ACTOR_OPTIONS)(ParameterSynchronizerActor)
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -605,53 +532,8 @@ def _has_method(endpoint: Any, name: str) -> bool:
     return callable(getattr(endpoint, name, None))
 
 
-def _call(endpoint: Any, method: str, *args: Any) -> Any:
-    """Start ``endpoint.method(*args)``: an ObjectRef for a handle, a Future for an object."""
-    if isinstance(endpoint, miniray.ActorHandle):
-        return getattr(endpoint, method).remote(*args)
-    future: Future = Future()
-
-    def run() -> None:
-        try:
-            future.set_result(getattr(endpoint, method)(*args))
-        except BaseException as exc:
-            future.set_exception(exc)
-
-    # A daemon thread, not a pool: a call that hangs forever must not keep the process alive.
-    threading.Thread(target=run, name=f"miniray-sync-{method}", daemon=True).start()
-    return future
-
-
-def _wait(pending: Any, deadline: float, what: str, clock: Callable[[], float]) -> Any:
-    """The call's value, its own error re-raised, or ``_PhaseTimeout`` at the deadline."""
-    remaining = max(0.0, deadline - clock())
-    if isinstance(pending, Future):
-        try:
-            return pending.result(timeout=remaining)
-        except TimeoutError as exc:
-            if pending.done():  # the call itself raised a TimeoutError: an ordinary failure
-                raise
-            raise _PhaseTimeout(f"{what} did not answer within {_TIMEOUT_NOTE}") from exc
-    try:
-        return miniray.get(pending, timeout=remaining)
-    except GetTimeoutError as exc:
-        if isinstance(exc, RayTaskError):  # raised inside the remote call, not by our wait
-            raise
-        raise _PhaseTimeout(f"{what} did not answer within {_TIMEOUT_NOTE}") from exc
-
-
-def _raise_unless_ok(result: SyncResult) -> bool:
-    if result.status == "ok":
-        return True
-    if result.status == "refused":
-        return False
-    message = (
-        f"weight sync to version {result.version} failed after {result.attempts} attempt(s) "
-        f"({result.status}); the version stays {result.current_version}: {result.error}"
-    )
-    if result.status == "timeout":
-        raise ParameterSyncTimeoutError(message, result)
-    raise ParameterSyncError(message, result)
+def _phase_timeout(what: str) -> _PhaseTimeout:
+    return _PhaseTimeout(f"{what} did not answer within {_TIMEOUT_NOTE}")
 
 
 def _describe(exc: BaseException) -> str:

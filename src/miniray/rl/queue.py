@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from miniray.config import from_dict
-from miniray.rl._remote import actor_constructor
+from miniray.rl.compat import actor_constructor
 from miniray.rl.config import AsyncTrainingConfig, async_training_config
 from miniray.rl.errors import ProducerCrashedError, QueueTimeoutError
 from miniray.rl.staleness import check_version, sample_age

@@ -41,12 +41,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import miniray
 from miniray.config import from_dict
-from miniray.rl._remote import actor_constructor
+from miniray.rl.compat import actor_constructor
 from miniray.rl.config import RLConfig
 from miniray.rl.data_position import PromptCursor, PromptOrder, TrainedPositions
 from miniray.rl.dynamic_sampling import REWARD_METRICS_KEY
+from miniray.rl.endpoints import Pending, call
 from miniray.rl.prompts import fit_prompt_lengths, load_prompts, prompt_text, prompt_token_ids
 from miniray.rl.rewards import build_scorer, requests_for
 from miniray.rl.staleness import admission_capacity
@@ -434,7 +434,7 @@ class FullyAsyncRollouter:
             self._stop = True
             self._cond.notify_all()
         if self.queue is not None:
-            _call(self.queue, "close", f"the rollouter crashed:\n{self._error}")
+            _wait(call(self.queue, "close", f"the rollouter crashed:\n{self._error}"))
 
     def _count_wait(self) -> None:
         """Add the wait in progress, up to now, to the idle counters (under the lock): the
@@ -479,7 +479,7 @@ class FullyAsyncRollouter:
                     # A full queue is retried after its wait for room (backpressure) until
                     # it takes them or the rollouter stops.
                     while groups:
-                        answer = _result(self._start_put(groups))
+                        answer = _wait(self._start_put(groups))
                         with self._cond:
                             groups = self._account(groups, answer)
                         if self._stop:
@@ -499,11 +499,11 @@ class FullyAsyncRollouter:
         if self._sender is not None:
             self._sender.join(CALL_TIMEOUT_S + 5)
 
-    def _start_put(self, groups: list[list[Sample]]) -> Any:
+    def _start_put(self, groups: list[list[Sample]]) -> Pending:
         """Start one ``put_many`` of ``groups``, each at its oldest sample's version; the queue
         waits up to 1 s for room."""
         versions = [min(s.v_start for s in group) for group in groups]
-        return _start_call(self.queue, "put_many", groups, versions, timeout=1.0)
+        return call(self.queue, "put_many", groups, versions, timeout=1.0)
 
     def _account(self, groups: list[list[Sample]], results: list[Any]) -> list[list[Sample]]:
         """Count the queue's answers to a put; returns the groups refused because it was full.
@@ -623,25 +623,6 @@ class FullyAsyncRollouter:
         return stats
 
 
-def _call(target: Any, method: str, *args: Any, **kwargs: Any) -> Any:
-    """Call a method on a local object or an actor handle, waiting at most CALL_TIMEOUT_S."""
-    return _result(_start_call(target, method, *args, **kwargs))
-
-
-def _start_call(target: Any, method: str, *args: Any, **kwargs: Any) -> Any:
-    """Start a method call: an ObjectRef for an actor handle; a local object runs it now."""
-    if isinstance(target, miniray.ActorHandle):
-        return getattr(target, method).remote(*args, **kwargs)
-    return _Done(getattr(target, method)(*args, **kwargs))
-
-
-def _result(pending: Any) -> Any:
-    """The value of a call ``_start_call`` started, waiting at most CALL_TIMEOUT_S."""
-    if isinstance(pending, _Done):
-        return pending.value
-    return miniray.get(pending, timeout=CALL_TIMEOUT_S)
-
-
-@dataclass
-class _Done:
-    value: Any
+def _wait(pending: Pending) -> Any:
+    """The queue's answer, waiting at most CALL_TIMEOUT_S (then ``CallTimeoutError``)."""
+    return pending.result(time.monotonic() + CALL_TIMEOUT_S)

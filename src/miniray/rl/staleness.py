@@ -64,7 +64,10 @@ def sample_age(v_trainer_now: int, v_start: int) -> int:
 
     Negative when the sample was generated with weights newer than the consumer's version
     (the rollouter loaded ``v`` before the trainer asked the queue with ``v``); such a sample
-    is fresh, never stale.
+    is fresh, never stale. That is the one behaviour for a negative age, everywhere: the
+    queue's version is the trainer's as last reported to it, so it lags the rollouter's by a
+    message, and raising there would crash a run on a race that does no harm. Distillation's
+    scheduler knows both versions exactly; its tests check that its ages are never negative.
     """
     check_version(v_trainer_now, "v_trainer_now")
     check_version(v_start, "v_start")

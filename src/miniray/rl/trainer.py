@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from miniray.rl._remote import actor_constructor
+from miniray.rl.compat import actor_constructor
 from miniray.rl.config import RLConfig
 from miniray.rl.parallel import (
     RankSetup,

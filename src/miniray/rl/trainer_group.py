@@ -36,7 +36,7 @@ from typing import Any
 
 import miniray
 from miniray.errors import RayActorError
-from miniray.rl._remote import actor_constructor
+from miniray.rl.compat import actor_constructor
 from miniray.rl.errors import TrainerRankError
 from miniray.rl.parallel import RankSetup
 from miniray.rl.trainer import FullyAsyncTrainer

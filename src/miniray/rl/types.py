@@ -1,5 +1,7 @@
-"""The data that flows from the rollouter to the trainer: ``Sample`` (with version stamps) and
-``Batch`` (samples collated into padded tensors).
+"""The RL layer's value types: ``Sample`` (with version stamps) and ``Batch`` (samples collated
+into padded tensors), which flow from the rollouter to the trainer; ``SyncResult``, what one weight
+sync did; ``TeacherScores``, what the teacher answered. Plain data, so the behaviour modules and
+``errors`` (whose exceptions carry results) all import them from here and never each other.
 
 A sample carries the behaviour log-probs recorded at generation (one per response token), so
 the trainer can correct for off-policy data (decoupled PPO) without re-running the old policy,
@@ -12,15 +14,15 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
 
 from miniray.rl.staleness import check_version, in_flight_span, sample_age
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Batch", "Sample", "collate"]
+__all__ = ["Batch", "Sample", "SyncResult", "TeacherScores", "collate"]
 
 
 @dataclass(kw_only=True)
@@ -254,3 +256,55 @@ def collate(samples: Sequence[Sample], *, pad_token_id: int) -> Batch:
         group_index=torch.tensor(group_index, dtype=torch.long),
         prompt_length=prompt_len,
     )
+
+
+@dataclass
+class SyncResult:
+    """What one sync did: outcome, versions, attempts, seconds per phase and bytes moved."""
+
+    status: Literal["ok", "failed", "timeout", "refused"]
+    version: int
+    previous_version: int
+    current_version: int
+    attempts: int = 0
+    pause_s: float = 0.0
+    transfer_s: float = 0.0
+    load_s: float = 0.0
+    resume_s: float = 0.0
+    total_s: float = 0.0
+    bytes: int = 0
+    resumed: bool = False
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TeacherScores:
+    """Per-sequence teacher outputs, in the order of the sequences given to ``score``.
+
+    For a sequence of length ``L``: ``token_logprobs[i]`` float32 ``[L - 1]`` (row ``t`` is
+    ``log p(seq[t + 1] | seq[: t + 1])``), ``topk_logprobs[i]`` float32 ``[L - 1, k]`` and
+    ``topk_indices[i]`` int64 ``[L - 1, k]`` (sorted, most likely first; None when ``topk=0``).
+    Entries are None only for the sequences listed in ``missing``; ``errors`` says why.
+    """
+
+    token_logprobs: list[torch.Tensor | None]
+    topk_logprobs: list[torch.Tensor | None]
+    topk_indices: list[torch.Tensor | None]
+    missing: list[int] = field(default_factory=list)
+    errors: dict[int, str] = field(default_factory=dict)
+    attempts: int = 1
+    elapsed_s: float = 0.0
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing
+
+    def __len__(self) -> int:
+        return len(self.token_logprobs)

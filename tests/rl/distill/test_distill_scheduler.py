@@ -14,7 +14,6 @@ from miniray.rl.distill.scheduler import (
     TeacherTimeoutError,
     pipeline_depth,
     run_schedule,
-    staleness,
 )
 
 
@@ -166,7 +165,8 @@ def test_every_batch_once_and_staleness_bounded(scheduler, n):
     stages, _, records = _run(scheduler, n)
     assert [r.batch_index for r in records] == list(range(n))
     assert sorted(b for b, _ in stages.generated) == list(range(n))
-    assert all(r.staleness <= pipeline_depth(scheduler) for r in records)
+    # >= 0: a batch is never generated with weights the trainer has not produced yet.
+    assert all(0 <= r.staleness <= pipeline_depth(scheduler) for r in records)
     assert stages.trainer_version == n
     for r in records:  # the scheduler's bookkeeping matches what the workers really held
         assert (r.batch_index, r.gen_version, r.trainer_version) in stages.trained
@@ -196,8 +196,6 @@ def test_errors_name_the_bad_value():
         _run("three_step_off", 2)
     with pytest.raises(ValueError, match="generation_timeout=0 is invalid"):
         _run("serial", 2, generation_timeout=0)
-    with pytest.raises(ValueError, match="newer than trainer_version"):
-        staleness(1, 2)
 
 
 def test_one_step_off_is_faster_than_serial_when_stages_take_time():

@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
-from miniray.rl.distill.teacher_client import TeacherScores, TeacherTimeoutError
 from miniray.rl.distill.teacher_worker import TeacherModel
+from miniray.rl.errors import TeacherTimeoutError
+from miniray.rl.types import TeacherScores
 
 __all__ = ["LocalTeacher"]
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import logging
+import math
 import pathlib
 import statistics
 import time
@@ -30,7 +31,6 @@ from typing import Any
 
 import miniray
 from miniray.config import from_dict
-from miniray.errors import GetTimeoutError, RayTaskError
 from miniray.rl.data_position import PromptOrder
 from miniray.rl.distill.config import DistillConfig
 from miniray.rl.distill.losses import is_on_policy
@@ -38,6 +38,7 @@ from miniray.rl.distill.rollout_worker import RolloutWorker
 from miniray.rl.distill.scheduler import StepRecord, run_schedule
 from miniray.rl.distill.trainer import DistillBatch, DistillTrainer, Teacher
 from miniray.rl.distill.weight_sync import sync_rollout_weights
+from miniray.rl.endpoints import CallTimeoutError, Pending
 from miniray.rl.prompts import fit_prompt_lengths, prompt_token_ids
 from miniray.rl.tasks import exact_match_reward, load_prompts
 
@@ -53,37 +54,25 @@ class DistillResult:
     evals: list[dict[str, float]] = field(default_factory=list)
 
 
-class _Done:
-    """A result that is already there (a ground-truth batch needs no generation)."""
-
-    def __init__(self, value: Any):
-        self.value = value
-
-    def result(self, timeout: float | None = None) -> Any:
-        return self.value
-
-    def done(self) -> bool:
-        return True
-
-
 class _Generation:
-    """Generation of one batch split across rollout workers; ``result`` waits for all parts."""
+    """Generation of one batch split across rollout workers; ``result`` waits for all parts
+    (the first failed part ends the wait) and builds the batch."""
 
-    def __init__(self, refs: list[Any], build: Callable[[list[Any]], DistillBatch]):
-        self.refs, self.build = refs, build
+    def __init__(self, parts: Pending, build: Callable[[list[Any]], DistillBatch]):
+        self.parts, self.build = parts, build
 
     def result(self, timeout: float | None = None) -> DistillBatch:
+        deadline = math.inf if timeout is None else time.monotonic() + timeout
         try:
-            parts = miniray.get(self.refs, timeout=timeout)
-        except GetTimeoutError as exc:
-            if isinstance(exc, RayTaskError):  # a worker raised a TimeoutError itself
-                raise RuntimeError(f"a rollout worker failed: {exc}") from exc
-            raise
+            parts = self.parts.result(deadline)
+        except CallTimeoutError:
+            raise  # our wait ran out: the scheduler reports the batch as late
+        except TimeoutError as exc:  # a worker raised a TimeoutError itself: not a late batch
+            raise RuntimeError(f"a rollout worker failed: {exc}") from exc
         return self.build(parts)
 
     def done(self) -> bool:
-        ready, _ = miniray.wait(self.refs, num_returns=len(self.refs), timeout=0)
-        return len(ready) == len(self.refs)
+        return self.parts.done()
 
 
 class DistillRun:
@@ -139,7 +128,7 @@ class DistillRun:
         answers = [self.answer_of(r) for r in rows]
         d = self.cfg.distill
         if not is_on_policy(d.lmbda, seed=d.seed, batch_index=batch_index):
-            return _Done(self._ground_truth(batch_index, prompts, answers))
+            return Pending.completed(self._ground_truth(batch_index, prompts, answers))
         chunks = _split(prompts, len(self.workers))
         refs = [
             worker.generate.remote(
@@ -165,7 +154,7 @@ class DistillRun:
                 version=versions.pop(),
             )
 
-        return _Generation(refs, build)
+        return _Generation(Pending(refs, f"generation of batch {batch_index}"), build)
 
     def start_scoring(self, batch_index: int, generated: DistillBatch) -> Any:
         submit = getattr(self.teacher, "submit", None)

@@ -21,8 +21,10 @@ teacher *scores* it, the trainer *trains* on it (one optimizer step, trainer ver
   batch k + 1; staleness at most 2, and the teacher gets a whole iteration to answer.
 
 Staleness of a trained batch = trainer version when it is trained - version of the weights it
-was generated with (``staleness``). The rollout workers only load weights while idle (after the
-previous generation was awaited), so the version a batch was generated with is exact.
+was generated with: a sample's age, ``rl.staleness.sample_age``, the one definition the async
+queue uses too. The rollout workers only load weights while idle (after the previous generation
+was awaited), so the version a batch was generated with is exact, and never newer than the
+trainer's.
 
 verl's ``one_step_off_scheduler`` wrote ``if i == 1 ... else`` where ``elif`` was meant: batch 0
 was generated twice and trained twice, and batch 1 trained 2 versions stale. Every batch here is
@@ -36,7 +38,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple, Protocol
 
+from miniray.rl.endpoints import Pending
 from miniray.rl.errors import GenerationTimeoutError, TeacherTimeoutError
+from miniray.rl.staleness import sample_age
 
 __all__ = [
     "SCHEDULERS",
@@ -49,7 +53,6 @@ __all__ = [
     "TeacherTimeoutError",
     "pipeline_depth",
     "run_schedule",
-    "staleness",
 ]
 
 SchedulerName = Literal["serial", "one_step_off", "two_step_off"]
@@ -57,24 +60,22 @@ SchedulerName = Literal["serial", "one_step_off", "two_step_off"]
 SCHEDULERS: dict[str, int] = {"serial": 0, "one_step_off": 1, "two_step_off": 2}
 
 
-class Pending(Protocol):
-    """Work in flight; ``result`` waits at most ``timeout`` seconds (raises TimeoutError)."""
-
-    def result(self, timeout: float | None = None) -> Any: ...
-
-
 class DistillStages(Protocol):
-    """What a scheduler drives. ``sync_weights`` bounds its own waits (``nccl_timeout``)."""
+    """What a scheduler drives. ``sync_weights`` bounds its own waits (``nccl_timeout``).
+
+    The ``start_*`` stages return work in flight: an ``endpoints.Pending``, or anything
+    ``Pending.of`` takes (an ``ObjectRef``, a ``concurrent.futures.Future``).
+    """
 
     def sync_weights(self, version: int) -> None:
         """Load the trainer's current weights (version ``version``) into the rollout workers."""
         ...
 
-    def start_generation(self, batch_index: int) -> Pending:
+    def start_generation(self, batch_index: int) -> Any:
         """Start generating batch ``batch_index`` with the rollout workers' current weights."""
         ...
 
-    def start_scoring(self, batch_index: int, generated: Any) -> Pending:
+    def start_scoring(self, batch_index: int, generated: Any) -> Any:
         """Start the teacher on a generated batch."""
         ...
 
@@ -108,7 +109,7 @@ class StepRecord:
 
     @property
     def staleness(self) -> int:
-        return staleness(self.trainer_version, self.gen_version)
+        return sample_age(self.trainer_version, self.gen_version)
 
 
 def pipeline_depth(scheduler: str) -> int:
@@ -118,16 +119,6 @@ def pipeline_depth(scheduler: str) -> int:
             f"trainer.scheduler={scheduler!r} is unknown: must be one of {list(SCHEDULERS)}"
         )
     return SCHEDULERS[scheduler]
-
-
-def staleness(trainer_version: int, gen_version: int) -> int:
-    """Versions between the weights that generated a batch and the trainer that trains it."""
-    if gen_version > trainer_version:
-        raise ValueError(
-            f"gen_version={gen_version} is newer than trainer_version={trainer_version}: "
-            "a batch cannot be generated with weights the trainer has not produced yet"
-        )
-    return trainer_version - gen_version
 
 
 def run_schedule(
@@ -158,8 +149,8 @@ def run_schedule(
             raise ValueError(f"{name}={value!r} is invalid: must be > 0 seconds")
     emit = on_event or (lambda event: None)
     trainer_version = rollout_version = start_version
-    generating: dict[int, tuple[Pending, int]] = {}  # batch -> (generation, weights version)
-    scoring: dict[int, tuple[Pending, Any, int]] = {}  # batch -> (teacher, generated, version)
+    generating: dict[int, tuple[Any, int]] = {}  # batch -> (generation, weights version)
+    scoring: dict[int, tuple[Any, Any, int]] = {}  # batch -> (teacher, generated, version)
 
     for i in range(num_batches + depth):
         timing: dict[str, float] = {}
@@ -210,7 +201,7 @@ def run_schedule(
 
 def _train(
     stages: DistillStages,
-    entry: tuple[Pending, Any, int],
+    entry: tuple[Any, Any, int],
     batch: int,
     trainer_version: int,
     teacher_timeout: float,
@@ -235,11 +226,10 @@ def _train(
     return StepRecord(batch, gen_version, trainer_version, dict(metrics))
 
 
-def _wait(pending: Pending, timeout: float, error: type[TimeoutError], what: str, key: str) -> Any:
-    try:
-        return pending.result(timeout=timeout)
-    except TimeoutError as exc:
-        done = getattr(pending, "done", None)
-        if callable(done) and done():  # the work itself raised a TimeoutError: not our wait
-            raise
-        raise error(f"{what} did not finish within {key}={timeout:g}s") from exc
+def _wait(work: Any, timeout: float, error: type[TimeoutError], what: str, key: str) -> Any:
+    """The stage's result; a ``TimeoutError`` the work raised itself is re-raised as is."""
+
+    def late(_: str) -> TimeoutError:
+        return error(f"{what} did not finish within {key}={timeout:g}s")
+
+    return Pending.of(work, what).result(time.monotonic() + timeout, timeout_error=late)

@@ -29,7 +29,7 @@ import secrets
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import zmq
@@ -37,6 +37,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from miniray.rl.distill import wire
 from miniray.rl.errors import TeacherError, TeacherTimeoutError
+from miniray.rl.types import TeacherScores
 
 if TYPE_CHECKING:  # torch is imported on first use: the server's broker process never needs it
     import torch
@@ -44,32 +45,6 @@ if TYPE_CHECKING:  # torch is imported on first use: the server's broker process
 log = logging.getLogger("miniray.rl.distill.teacher_client")
 
 __all__ = ["TeacherClient", "TeacherError", "TeacherScores", "TeacherTimeoutError"]
-
-
-@dataclass
-class TeacherScores:
-    """Per-sequence teacher outputs, in the order of the sequences given to ``score``.
-
-    For a sequence of length ``L``: ``token_logprobs[i]`` float32 ``[L - 1]`` (row ``t`` is
-    ``log p(seq[t + 1] | seq[: t + 1])``), ``topk_logprobs[i]`` float32 ``[L - 1, k]`` and
-    ``topk_indices[i]`` int64 ``[L - 1, k]`` (sorted, most likely first; None when ``topk=0``).
-    Entries are None only for the sequences listed in ``missing``; ``errors`` says why.
-    """
-
-    token_logprobs: list[torch.Tensor | None]
-    topk_logprobs: list[torch.Tensor | None]
-    topk_indices: list[torch.Tensor | None]
-    missing: list[int] = field(default_factory=list)
-    errors: dict[int, str] = field(default_factory=dict)
-    attempts: int = 1
-    elapsed_s: float = 0.0
-
-    @property
-    def complete(self) -> bool:
-        return not self.missing
-
-    def __len__(self) -> int:
-        return len(self.token_logprobs)
 
 
 @dataclass

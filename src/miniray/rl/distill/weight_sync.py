@@ -25,15 +25,14 @@ killed here: the caller owns the workers and decides (the run stops; shutdown ki
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
 import miniray
 from miniray.errors import RayActorError, RayTaskError
+from miniray.rl.endpoints import Pending, call
 from miniray.rl.errors import RolloutWeightSyncError, RolloutWeightSyncTimeoutError
 from miniray.rl.param_sync import weights_info
 
@@ -111,46 +110,20 @@ def sync_rollout_weights(
 def _export(actor: Any, timeout: float, clock: Callable[[], float]) -> tuple[Any, int]:
     """The actor's weights as one object ref (shipped once to all workers) and their size."""
     what = f"the actor (trainer) {actor!r} exporting its weights"
-    if isinstance(actor, miniray.ActorHandle):
-        ref = actor.get_weights.remote()
-        ready, _ = miniray.wait([ref], timeout=timeout)
-        if not ready:
-            raise RolloutWeightSyncTimeoutError(
-                f"{what} did not finish within actor_rollout_ref.nccl_timeout={timeout:g}s",
-                failures={"actor": "timeout"},
-            )
-        try:
-            weights = miniray.get(ref, timeout=timeout)
-        except Exception as exc:  # reported with the side that failed; the caller decides
-            raise RolloutWeightSyncError(
-                f"{what} failed: {_describe(exc)}", failures={"actor": _describe(exc)}
-            ) from exc
-        return ref, _size(weights)
-    # A plain object runs on a daemon thread so that a hung get_weights cannot hang us.
-    future: Future = Future()
-
-    def run() -> None:
-        try:
-            future.set_result(actor.get_weights())
-        except BaseException as exc:
-            future.set_exception(exc)
-
-    threading.Thread(target=run, name="miniray-actor-weights", daemon=True).start()
-    try:
-        weights = future.result(timeout=timeout)
-    except TimeoutError as exc:
-        if future.done():
-            raise RolloutWeightSyncError(
-                f"{what} failed: {_describe(exc)}", failures={"actor": _describe(exc)}
-            ) from exc
+    pending = call(actor, "get_weights")
+    if not pending.wait(clock() + timeout, clock=clock):
         raise RolloutWeightSyncTimeoutError(
             f"{what} did not finish within actor_rollout_ref.nccl_timeout={timeout:g}s",
             failures={"actor": "timeout"},
-        ) from exc
-    except Exception as exc:  # reported with the side that failed
+        )
+    try:
+        weights = pending.result(clock() + timeout, clock=clock)
+    except Exception as exc:  # reported with the side that failed; the caller decides
         raise RolloutWeightSyncError(
             f"{what} failed: {_describe(exc)}", failures={"actor": _describe(exc)}
         ) from exc
+    if pending.ref is not None:
+        return pending.ref, _size(weights)
     return miniray.put(dict(weights)), _size(weights)
 
 
@@ -163,23 +136,28 @@ def _load(
     clock: Callable[[], float],
 ) -> None:
     deadline = clock() + timeout
-    refs = {}
+    calls: dict[Any, tuple[str, Pending]] = {}  # ref -> (worker's label, its call)
     failures: dict[str, str] = {}
     for label, worker in zip(labels, workers):
         try:
-            refs[worker.load_weights.remote(weights_ref, version)] = label
+            # ``.remote`` directly, not ``endpoints.call``: the fan-out below waits on refs, so
+            # a worker must be an actor handle (a plain object fails here, as a dead handle can)
+            ref = worker.load_weights.remote(weights_ref, version)
+            started = Pending(ref, f"load_weights() of {label}")
         except Exception as exc:  # a dead handle can fail at submission: that worker failed
             failures[label] = _describe(exc)
-    pending = list(refs)
+            continue
+        calls[ref] = (label, started)
+    pending = list(calls)
     while pending and not failures:
         remaining = deadline - clock()
         if remaining <= 0:
             break
         ready, pending = miniray.wait(pending, num_returns=1, timeout=remaining)
         for ref in ready:
-            label = refs[ref]
+            label, started = calls[ref]
             try:
-                loaded = miniray.get(ref, timeout=max(0.0, deadline - clock()))
+                loaded = started.result(deadline, clock=clock)
             except RayActorError as exc:
                 failures[label] = f"died ({_describe(exc)})"
                 continue
@@ -189,7 +167,7 @@ def _load(
             if loaded != version:
                 failures[label] = f"loaded version {loaded!r}, expected {version}"
     if failures:
-        running = [refs[r] for r in pending]
+        running = [calls[r][0] for r in pending]
         detail = "; ".join(f"{k}: {v}" for k, v in failures.items())
         if running:
             detail += f" (not finished yet: {', '.join(running)})"
@@ -199,7 +177,7 @@ def _load(
             failures=failures,
         )
     if pending:
-        late = [refs[r] for r in pending]
+        late = [calls[r][0] for r in pending]
         raise RolloutWeightSyncTimeoutError(
             f"timeout: rollout worker(s) {', '.join(late)} did not load weights version "
             f"{version} within actor_rollout_ref.nccl_timeout={timeout:g}s (hung, or too slow: "
