@@ -229,6 +229,53 @@ def test_kill_with_restart_allowed_restarts(local_runtime):
     )
 
 
+@miniray.remote(max_restarts=0)
+class SlowToDie:
+    def pid(self):
+        return os.getpid()
+
+    def close_channel_and_hang(self, seconds):
+        """Shut down this process's sending side of its channel (the fd is the worker's last
+        argument), then sleep: the head reads EOF at once, and the process exits only when the
+        head SIGKILLs it after its grace period. Both are libc calls through ``PyDLL``, which
+        keeps the GIL held from before the EOF on: the receiver thread, woken when the head
+        closes its end, must never run (it would exit, with code 0, at once).
+        """
+        import ctypes
+        import socket
+
+        libc = ctypes.PyDLL(None)
+        libc.shutdown(int(sys.argv[-1]), socket.SHUT_WR)
+        libc.sleep(seconds)
+
+
+def test_a_healthy_actor_answers_fast_while_another_child_is_reaped(local_runtime):
+    """Waiting for a dead child to exit happens off the head's lock and off the router: the
+    head's old popen.wait(timeout=1.0) under the lock stalled every call for up to a second."""
+    from miniray.runtime.local.head import EXIT_GRACE_S
+
+    healthy, dying = Stateful.remote(), SlowToDie.remote()
+    miniray.get([healthy.bump.remote(), dying.pid.remote()], timeout=30)
+    dying_pid = miniray.get(dying.pid.remote(), timeout=30)
+    start = time.monotonic()
+    death = dying.close_channel_and_hang.remote(30)
+    latencies = []
+    while not miniray.wait([death], timeout=0)[0]:
+        assert time.monotonic() - start < 20, "the dying actor was never reaped"
+        sent = time.monotonic()
+        miniray.get(healthy.bump.remote(), timeout=10)
+        latencies.append(time.monotonic() - sent)
+    took = time.monotonic() - start
+    # The death was handled once the head killed the lingering process after its grace period,
+    # and the error still names the process and the signal.
+    assert took >= EXIT_GRACE_S / 2, took
+    with pytest.raises(ActorDiedError, match=rf"pid {dying_pid}, killed by signal SIGKILL"):
+        miniray.get(death, timeout=10)
+    assert max(latencies) < 0.1, f"slowest call {max(latencies):.3f}s of {len(latencies)}"
+    assert len(latencies) >= 5, latencies  # calls did run while the dying actor lingered
+    assert miniray.get(healthy.bump.remote(), timeout=10) == len(latencies) + 2
+
+
 def _safe_call(actor):
     try:
         return miniray.get(actor.bump.remote(), timeout=10)

@@ -103,6 +103,11 @@ def _make_backend(
     return RayBackend(address=address, num_workers=num_workers, **options)
 
 
+# Like Ray, the first use without init() starts the default backend; context runs it, and cannot
+# import this module for it (we import context).
+context.set_auto_start(init)
+
+
 def shutdown() -> None:
     """Stop every process and free every shared-memory segment this runtime started."""
     backend = context.current_or_none()

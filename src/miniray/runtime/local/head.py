@@ -11,9 +11,11 @@ socket on a dedicated receiver thread, so a send under the lock cannot block for
 
 Lifetimes: an object is freed (its shared-memory segment unlinked) when no ObjectRef counts it,
 no pending call needs it, and it was never pickled into another value (then it is pinned until
-shutdown). A child whose socket reaches EOF is dead: its running task is retried or fails with
-``WorkerCrashedError``; an actor restarts (``max_restarts``) or fails its calls with
-``ActorDiedError``. ``shutdown`` kills every child and sweeps the session's segments.
+shutdown). A child whose socket reaches EOF is dead: it gets no more work, and once a reaper
+thread has its exit status (reaper.py: nothing waits for a process under the lock) its running
+task is retried or fails with ``WorkerCrashedError``; an actor restarts (``max_restarts``) or
+fails its calls with ``ActorDiedError``. ``shutdown`` kills every child and sweeps the session's
+segments.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ from miniray.runtime import (
 )
 from miniray.runtime import options as opts
 from miniray.runtime.execution import serialize_args
-from miniray.runtime.local import lifeline, protocol
+from miniray.runtime.local import lifeline, protocol, reaper
 from miniray.runtime.local.protocol import Stored
 from miniray.runtime.local.values import raise_if_error, stored_error, value_of
 from miniray.runtime.local.worker import ENV_NAMESPACE, ENV_SESSION, ENV_SYS_PATH
@@ -222,6 +224,10 @@ class LocalBackend:
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._unregistered: deque[_Child] = deque()
+        # Children are waited for on reaper threads, never under the lock (see reaper.py); a
+        # dead child's exit status comes back here and the router handles the death.
+        self._reaper = reaper.Reaper()
+        self._exits: deque[tuple[_Child, int]] = deque()
         # object id -> actors whose next step (create or the head-of-line call) waits on it
         self._actors_waiting: dict[str, list[_Actor]] = {}
         # Segment reuse (see segments.py): deliveries not yet reported unmapped, per child;
@@ -337,6 +343,7 @@ class LocalBackend:
                             pass
                     elif child.key in self._children:
                         self._drain_child(child)
+                self._drain_exits()
                 self._drain_releases()
                 self._drain_local_unmaps()
                 self._expire_requests()
@@ -898,6 +905,7 @@ class LocalBackend:
         child.dead = True
         self._send(child, ("exit",))
         self._retire(child)
+        self._reaper.reap(child.popen, EXIT_GRACE_S)
         if not self._closing:
             self._spawn("worker")
         return True
@@ -908,6 +916,7 @@ class LocalBackend:
             child.dead = True
             self._send(child, ("exit",))
             self._retire(child)
+            self._reaper.reap(child.popen, EXIT_GRACE_S)
             return
         self._idle.append(child)
         self._dispatch()
@@ -1010,7 +1019,14 @@ class LocalBackend:
     def _send_create(self, actor: _Actor) -> None:
         """Ask a started actor process to run ``__init__`` once its arguments exist."""
         child = actor.child
-        if child is None or not child.ready or actor.state not in ("starting", "restarting"):
+        # A dead child (its exit status not known yet) gets nothing: the death restarts or ends
+        # the actor.
+        if (
+            child is None
+            or child.dead
+            or not child.ready
+            or actor.state not in ("starting", "restarting")
+        ):
             return
         deps = [self._objects[oid].stored for oid in actor.deps]
         failed = self._failed_dep(actor.deps)
@@ -1116,7 +1132,9 @@ class LocalBackend:
     def _pump(self, actor: _Actor) -> None:
         """Send queued calls whose arguments are ready: in submission order, stopping at the
         first that waits (a sync actor), or each as soon as it can go (``out_of_order``)."""
-        if actor.state != "alive" or actor.child is None:
+        # A call sent to a dead child whose exit status is not known yet would fail as in
+        # flight; queued, it goes to the restarted process or fails as the actor's death says.
+        if actor.state != "alive" or actor.child is None or actor.child.dead:
             return
         held: list[_Call] = []  # out-of-order calls still waiting, in submission order
         while actor.pending:
@@ -1239,12 +1257,26 @@ class LocalBackend:
 
     # ======================================================================= deaths
     def _on_child_died(self, child: _Child) -> None:
+        """Its socket reached EOF: it gets no more work now, and its death is handled once its
+        exit status is known (``_on_child_exited``), which may take up to ``EXIT_GRACE_S``."""
         if child.dead and child.kind == "worker" and child.task is None:
             self._retire(child)
             return
         child.dead = True
-        reason = _exit_reason(child.popen)
         self._retire(child)
+
+        def exited(code: int) -> None:  # on a reaper thread
+            self._exits.append((child, code))
+            self._wake()
+
+        self._reaper.reap(child.popen, EXIT_GRACE_S, exited)
+
+    def _drain_exits(self) -> None:
+        while self._exits:
+            child, code = self._exits.popleft()
+            self._on_child_exited(child, _exit_reason(code))
+
+    def _on_child_exited(self, child: _Child, reason: str) -> None:
         self._requests = {k: r for k, r in self._requests.items() if r.child is not child}
         for entry in list(self._objects.values()):
             entry.holders.pop(child.key, None)
@@ -1337,6 +1369,7 @@ class LocalBackend:
         self._start_actor(actor)
 
     def _retire(self, child: _Child) -> None:
+        """Out of the tables, its channel closed; the caller has the reaper wait for it."""
         self._children.pop(child.key, None)
         try:
             self._selector.unregister(child.conn)
@@ -1348,11 +1381,6 @@ class LocalBackend:
             child.conn.close()
         except OSError:
             pass
-        try:
-            child.popen.wait(timeout=EXIT_GRACE_S)
-        except subprocess.TimeoutExpired:
-            child.popen.kill()
-            child.popen.wait()
 
     # ======================================================================= shutdown
     def _check_open(self) -> None:
@@ -1387,6 +1415,7 @@ class LocalBackend:
                 child.conn.close()
             except OSError:
                 pass
+        self._reaper.join()  # children that died or retired earlier: none outlives shutdown
         with self._lock:
             self._children.clear()
             self._idle.clear()
@@ -1423,12 +1452,7 @@ def _decoded(entry: _Object) -> Any:
     return value_of(entry.stored)
 
 
-def _exit_reason(popen: subprocess.Popen) -> str:
-    try:
-        code = popen.wait(timeout=EXIT_GRACE_S)
-    except subprocess.TimeoutExpired:
-        popen.kill()
-        code = popen.wait()
+def _exit_reason(code: int) -> str:
     if code < 0:
         try:
             return f"killed by signal {signal.Signals(-code).name}"
