@@ -3,13 +3,14 @@
     python benchmarks/weight_sync.py [--dtype bfloat16] [--repeats 3]
 
 A model of Qwen2.5-0.5B's shape with random weights (no download) is saved with
-``save_pretrained`` and loaded back by the real classes: ``FullyAsyncTrainer`` in the driver,
-``FullyAsyncRollouter`` in an actor with its transformers engine, and the loop's publishing
-(``weight_publisher.weights_of`` + ``put`` into a ``PublishedWeights`` snapshot) feeding the
-``UnifiedParameterSynchronizer``, as a run does. Each round: one real optimizer step (not
-timed in the ratio), then the timed publish = take the weights (the one copy, into shared
-memory) + sync (pause, transfer, load, resume), then the rollouter generates with them; its
-behaviour log-prob is checked against the trainer's.
+``save_pretrained`` and loaded back by the real classes, placed as ``python -m miniray.rl.main``
+places them: the trainer as a one-rank ``TrainerGroup`` (an actor), ``FullyAsyncRollouter`` in
+an actor with its transformers engine, and the loop's ``WeightPublisher`` (async mode: take and
+check the weights, snapshot, sync in the background) between them. Each round: one real
+optimizer step on a batch the rollouter generated (not timed), then the timed publish: from
+``publish()`` until ``wait()`` returns with the rollouter running the new version (take,
+check, stage, pause, transfer, load, resume); then the rollouter generates with them and its
+behaviour log-probs are checked against the trainer's weights (a local copy, not timed).
 
 ``memcpy_s`` is one copy of the model's bytes between preallocated tensors, the floor.
 
@@ -30,11 +31,10 @@ import torch
 import miniray
 from miniray.rl.engines.hf import sequence_logprobs
 from miniray.rl.models import char_tokenizer, qwen25_05b_shaped, save
-from miniray.rl.param_sync import UnifiedParameterSynchronizer
-from miniray.rl.rollouter import FullyAsyncRollouter
+from miniray.rl.rollouter import FullyAsyncRollouter, as_rl_config
 from miniray.rl.tasks import ArithmeticTask, write_prompts
-from miniray.rl.trainer import FullyAsyncTrainer
-from miniray.rl.weight_publisher import PublishedWeights, check_finite_weights, weights_of
+from miniray.rl.trainer_group import TrainerGroup
+from miniray.rl.weight_publisher import WeightPublisher
 
 
 def write_model(root: pathlib.Path, dtype: torch.dtype) -> pathlib.Path:
@@ -79,47 +79,52 @@ def main() -> None:
         "trainer": {"total_training_steps": args.repeats + 1},
     }
     torch.set_num_threads(1)
-    trainer = FullyAsyncTrainer(cfg)
-    nbytes = sum(
-        t.numel() * t.element_size()
-        for t in {t.data_ptr(): t for t in trainer.get_weights().values()}.values()
-    )
-    params = sum(p.numel() for p in trainer.model.parameters())
-    print(f"{params / 1e6:.0f} M parameters, {nbytes / 2**30:.2f} GiB", flush=True)
+    cfg = as_rl_config(cfg)
     miniray.init(num_workers=1)
-    publish_s, take_s, first_gen_s = [], [], []
+    publish_s, blocking_s, first_gen_s = [], [], []
     try:
+        group = TrainerGroup.start(cfg)
         rollouter = FullyAsyncRollouter.remote(cfg)
-        published = PublishedWeights()
-        sync = UnifiedParameterSynchronizer(cfg, trainer_actor=published, rollouter_actor=rollouter)
+        publisher = WeightPublisher.for_run(cfg, group, rollouter)
+        local = qwen25_05b_shaped(char_tokenizer(ArithmeticTask().alphabet), dtype=dtype)
+        weights = group.get_weights()
+        nbytes = sum(
+            t.numel() * t.element_size() for t in {id(t): t for t in weights.values()}.values()
+        )
+        memcpy = memcpy_seconds(weights)
+        del weights
+        params = sum(p.numel() for p in local.parameters())
+        print(f"{params / 1e6:.0f} M parameters, {nbytes / 2**30:.2f} GiB", flush=True)
         for version in range(1, args.repeats + 2):
             batch = miniray.get(rollouter.generate_batch.remote(1, version - 1), timeout=600)
-            metrics = trainer.train_step(batch)  # a real optimizer step: new weights
+            metrics = group.train_step(batch)  # a real optimizer step: new weights
             start = time.perf_counter()
-            weights = weights_of(trainer, copy=False)
-            check_finite_weights(weights, version, version - 1, metrics)
-            published.take(miniray.put(weights))
-            taken = time.perf_counter()
-            assert sync.sync_to_rollouter(version)
+            publisher.publish(version, step=version, metrics=metrics)
+            blocked = time.perf_counter()
+            publisher.wait()
             done = time.perf_counter()
+            group.set_version(version)
             (sample,) = miniray.get(rollouter.generate_batch.remote(1, version), timeout=600)[0]
             first_gen_s.append(time.perf_counter() - done)
-            expected = sequence_logprobs(
-                trainer.model, sample.prompt_token_ids, sample.response_token_ids
-            )
+            local.load_state_dict(group.get_weights(), strict=False)
+            expected = sequence_logprobs(local, sample.prompt_token_ids, sample.response_token_ids)
             got = torch.tensor(sample.response_logprobs)
             assert torch.allclose(got, expected.float(), atol=0.05), (got, expected)
-            if version > 1:  # the first sync warms the segment pool and the actor up
-                take_s.append(taken - start)
+            if version > 1:  # the first sync warms the segment pools and the actors up
+                blocking_s.append(blocked - start)
                 publish_s.append(done - start)
-        stats = sync.get_statistics()
+        stats = publisher.statistics()
+        publisher.close()
+        group.close()
     finally:
         miniray.shutdown()
-    memcpy = memcpy_seconds(trainer.get_weights())
     publish = statistics.median(publish_s)
-    phases = {"take": round(statistics.median(take_s) * 1e3, 1)}
+    phases = {"take_and_check": round(statistics.median(blocking_s) * 1e3, 1)}
     phases.update(
-        {p: round(stats[f"{p}_s_p50"] * 1e3, 1) for p in ("pause", "transfer", "load", "resume")}
+        {
+            p: round(stats[f"{p}_s_p50"] * 1e3, 1)
+            for p in ("pause", "transfer", "load", "resume", "total")
+        }
     )
     phases["first_generation"] = round(statistics.median(first_gen_s) * 1e3, 1)
     print(

@@ -17,7 +17,7 @@ from rl_fakes import Crash, DeterministicEngine, reward_by_digit
 
 import miniray
 from miniray.rl import checkpoint
-from miniray.rl.errors import TrainerRankError
+from miniray.rl.errors import NonFiniteWeightsError, TrainerRankError
 from miniray.rl.models import char_tokenizer, save, tiny_qwen2
 from miniray.rl.rollouter import as_rl_config
 from miniray.rl.tasks import ArithmeticTask, write_prompts
@@ -187,6 +187,34 @@ def test_a_killed_rank_ends_the_step_naming_it_and_leaves_no_rank(workdir, local
     assert "trainer rank 1" in str(failure.value)
     assert elapsed < 20.0 + 10.0  # within the configured timeout, not a hang
     wait_until(lambda: gone(pids), timeout=15, what=f"trainer ranks {pids} to exit")
+
+
+@pytest.mark.slow
+def test_published_weights_are_the_ranks_checked_answer_left_in_the_store(
+    workdir, local_runtime, tmp_path
+):
+    """What the loop publishes from a group: a ref to the rank's own answer (no second copy
+    in the driver), equal to the weights; NaN found by the rank raises NonFiniteWeightsError
+    as itself (a diverged update, not a failed rank), naming the step and the parameter."""
+    group = TrainerGroup.start(config(workdir))
+    try:
+        group.train_step(groups_of_samples(group.tokenizer))
+        ref = group.published_weights(1, 0, {"loss": 0.5})
+        assert isinstance(ref, miniray.ObjectRef)
+        published, expected = miniray.get(ref, timeout=60), group.get_weights()
+        assert set(published) == set(expected)
+        for name, value in expected.items():
+            assert torch.equal(published[name], value), name
+        state, tensors = checkpoint.read(group.save_checkpoint(tmp_path / "ckpt", {"step": 1}))
+        tensors["model"]["model.norm.weight"][0] = math.nan
+        group.load_checkpoint(checkpoint.write(tmp_path / "poisoned", state, tensors))
+        with pytest.raises(NonFiniteWeightsError) as info:
+            group.published_weights(4, 1, {"loss": math.nan})
+    finally:
+        group.close()
+    assert not isinstance(info.value, TrainerRankError)
+    assert (info.value.step, info.value.parameter) == (4, "model.norm.weight")
+    assert "steps 2-4 (finite after step 1" in str(info.value)
 
 
 def grouped_run(workdir, out, *, crash_at=None, **trainer):

@@ -136,6 +136,54 @@ def test_without_extrapolation_the_snapshot_is_the_ref_put_at_publish(inline):
     assert snapshot.get_weights() is ref  # no second copy
 
 
+class GroupLike(TorchTrainer):
+    """A trainer that offers ``published_weights`` as ``TrainerGroup`` does: the rank checks
+    and puts its own weights; the publisher must pass that ref on, not put a second copy."""
+
+    def __init__(self, value: float = 1.0):
+        super().__init__(value)
+        self.calls: list[tuple[int, int]] = []
+        self.refs: list[miniray.ObjectRef] = []
+
+    def published_weights(self, step, finite_at, metrics):
+        self.calls.append((step, finite_at))
+        weights = self.get_weights()
+        check_finite_weights(weights, step, finite_at, metrics)
+        self.refs.append(miniray.put(weights))
+        return self.refs[-1]
+
+
+@pytest.mark.parametrize("mode", ["background", "blocking"])
+def test_a_groups_published_ref_travels_as_it_is(inline, mode, monkeypatch):
+    trainer = GroupLike(2.0)
+    if mode == "background":
+        rollouter = FakeRollouter()
+        publisher = background(trainer, rollouter)
+    else:
+        rollouter = miniray.remote(FakeRollouter).remote()
+        publisher = blocking(trainer, rollouter)
+    puts = []
+    real_put = miniray.put
+    monkeypatch.setattr(miniray, "put", lambda value: puts.append(1) or real_put(value))
+    try:
+        publisher.publish(1, step=3, metrics={})
+        publisher.wait()
+        publisher.publish(2, step=5, metrics={})
+        publisher.wait()
+    finally:
+        publisher.close()
+    assert trainer.calls == [(3, 0), (5, 3)]  # each check knows the last finite step
+    assert len(puts) == 2  # the group's own puts, none by the publisher
+    if mode == "background":
+        assert publisher.snapshot.get_weights() is trainer.refs[-1]
+    events = (
+        rollouter.get_events()
+        if mode == "background"
+        else miniray.get(rollouter.get_events.remote(), timeout=10)
+    )
+    assert [e for e in events if e.startswith("load")] == ["load:1", "load:2"]
+
+
 def test_the_publisher_sends_the_extrapolated_weights_in_async_mode(inline):
     trainer, rollouter = TorchTrainer(1.0), FakeRollouter()
     publisher = background(trainer, rollouter, extrapolation=1.0)

@@ -18,6 +18,7 @@ import torch
 
 from miniray.rl.compat import actor_constructor
 from miniray.rl.config import RLConfig
+from miniray.rl.errors import NonFiniteWeightsError
 from miniray.rl.parallel import (
     RankSetup,
     full_optimizer_state,
@@ -57,6 +58,32 @@ def non_finite_parameters(weights: Mapping[str, Any]) -> list[str]:
             if not np.isfinite(value).all():
                 bad.append(name)
     return bad
+
+
+def check_finite_weights(
+    weights: dict[str, Any], step: int, finite_at: int, metrics: dict[str, Any]
+) -> None:
+    """Raise ``NonFiniteWeightsError`` when ``weights`` (the trainer's after ``step``) hold NaN
+    or inf, naming the step and the first such parameter. ``finite_at``: the last step whose
+    weights were found finite, so the message bounds where the divergence began."""
+    bad = non_finite_parameters(weights)
+    if not bad:
+        return
+    since = (
+        f"step {step}"
+        if finite_at >= step - 1
+        else f"steps {finite_at + 1}-{step} (finite after step {finite_at}, not checked between)"
+    )
+    shown = {k: metrics[k] for k in ("loss", "grad_norm", "lr") if k in metrics}
+    raise NonFiniteWeightsError(
+        f"step {step}: the trainer's weights are not finite: {bad[0]!r} holds NaN or inf "
+        f"({len(bad)} of {len(weights)} entries do); the update diverged at {since} "
+        f"(metrics of step {step}: {shown}). They were not published to the rollouter nor "
+        "checkpointed. Lower actor_rollout_ref.actor.optim.lr (or look for a broken reward "
+        "or data), then resume from the last checkpoint",
+        step=step,
+        parameter=bad[0],
+    )
 
 
 def enable_activation_checkpointing(model: Any) -> None:
@@ -199,6 +226,16 @@ class FullyAsyncTrainer:
         if self.setup.sharded:
             return self._full_weights()  # already a gathered copy
         return share_tied(self._full_weights(), copy=True)
+
+    def publishable_weights(
+        self, step: int, finite_at: int, metrics: dict[str, Any]
+    ) -> dict[str, torch.Tensor]:
+        """``live_weights`` after ``step``, checked here first (``check_finite_weights``): in
+        a rank the check reads its own resident tensors, 70 ms for a bf16 Qwen2.5-0.5B on
+        one thread, where the driver reading the answer's fresh mapping took 145 ms."""
+        weights = self.live_weights()
+        check_finite_weights(weights, step, finite_at, metrics)
+        return weights
 
     def live_weights(self) -> dict[str, torch.Tensor]:
         """The parameters themselves, detached: for a caller that copies them out (a ``put``)

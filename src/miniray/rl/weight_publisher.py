@@ -2,7 +2,9 @@
 
 It owns everything between a trained step and the rollouter running its weights::
 
-    publish(v, step)  take the weights (live tensors, or a copy to extrapolate from)
+    publish(v, step)  take the weights into shared memory, the one copy (a trainer group's
+                      rank answer, whose ref travels on; an in-process trainer's live
+                      tensors, put) or a copy to extrapolate from
                       check them: NaN/inf -> NonFiniteWeightsError naming step and parameter
       async mode:     wait for the previous sync (versions stay in order), snapshot them
                       (PublishedWeights), start the sync to version v in a background thread:
@@ -32,9 +34,8 @@ import torch
 
 import miniray
 from miniray.rl.batch_source import rollouter_result
-from miniray.rl.errors import NonFiniteWeightsError
 from miniray.rl.param_sync import UnifiedParameterSynchronizer
-from miniray.rl.trainer import non_finite_parameters
+from miniray.rl.trainer import check_finite_weights
 
 __all__ = [
     "PublishedWeights",
@@ -112,17 +113,15 @@ class WeightPublisher:
         """Publish the weights after ``step`` (its ``metrics`` name the cause if they are not
         finite) as ``version``. Async mode returns once the sync has started."""
         t0 = time.time()  # the blocking time includes taking and checking the weights
-        weights = self._checked(step, metrics, copy=self.extrapolating)
+        weights = self._take(step, metrics)
         if self.background:
             self.wait()  # the previous version is in place: versions stay in order
-            # Taken before the next step changes them: into shared memory now (the sync's
-            # one copy), or kept as a copy to extrapolate from.
-            self.snapshot.take(weights if self.extrapolating else miniray.put(weights))
+            self.snapshot.take(weights)
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(1, thread_name_prefix="weight-sync")
             self._running = self._executor.submit(self._sync, version)
         else:
-            load = self.rollouter.load_weights.remote(miniray.put(weights), version)
+            load = self.rollouter.load_weights.remote(weights, version)
             rollouter_result(load, self.load_timeout)
         self.blocking_ms.append((time.time() - t0) * 1e3)
 
@@ -188,6 +187,20 @@ class WeightPublisher:
     def statistics(self) -> dict[str, Any]:
         return self.sync.get_statistics()
 
+    def _take(self, step: int, metrics: dict[str, Any]) -> Any:
+        """The checked weights after ``step``, taken before the next step changes them: an
+        ``ObjectRef`` in shared memory (the sync's one copy), or a copy to extrapolate from.
+        A trainer group's weights are already in the object store as its rank's answer
+        (``published_weights``), checked by the rank: the ref travels on untouched."""
+        if self.extrapolating:
+            return self._checked(step, metrics, copy=True)
+        published = getattr(self.trainer, "published_weights", None)
+        if not callable(published):
+            return miniray.put(self._checked(step, metrics, copy=False))
+        ref = published(step, self.finite_at, metrics)  # checked by the rank itself
+        self.finite_at = step
+        return ref
+
     def _checked(self, step: int, metrics: dict[str, Any], *, copy: bool) -> dict[str, Any]:
         weights = weights_of(self.trainer, copy=copy)
         check_finite_weights(weights, step, self.finite_at, metrics)
@@ -219,32 +232,6 @@ def finite_metrics(metrics: dict[str, Any]) -> bool:
         math.isfinite(metrics[key])
         for key in ("loss", "grad_norm")
         if isinstance(metrics.get(key), (int, float))
-    )
-
-
-def check_finite_weights(
-    weights: dict[str, Any], step: int, finite_at: int, metrics: dict[str, Any]
-) -> None:
-    """Raise ``NonFiniteWeightsError`` when ``weights`` (the trainer's after ``step``) hold NaN
-    or inf, naming the step and the first such parameter. ``finite_at``: the last step whose
-    weights were found finite, so the message bounds where the divergence began."""
-    bad = non_finite_parameters(weights)
-    if not bad:
-        return
-    since = (
-        f"step {step}"
-        if finite_at >= step - 1
-        else f"steps {finite_at + 1}-{step} (finite after step {finite_at}, not checked between)"
-    )
-    shown = {k: metrics[k] for k in ("loss", "grad_norm", "lr") if k in metrics}
-    raise NonFiniteWeightsError(
-        f"step {step}: the trainer's weights are not finite: {bad[0]!r} holds NaN or inf "
-        f"({len(bad)} of {len(weights)} entries do); the update diverged at {since} "
-        f"(metrics of step {step}: {shown}). They were not published to the rollouter nor "
-        "checkpointed. Lower actor_rollout_ref.actor.optim.lr (or look for a broken reward "
-        "or data), then resume from the last checkpoint",
-        step=step,
-        parameter=bad[0],
     )
 
 
