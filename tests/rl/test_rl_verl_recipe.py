@@ -92,6 +92,7 @@ def test_a_verl_command_line_runs_chat_rows_a_reward_file_kl_and_the_hf_export(w
         "trainer.save_freq=2",
         f"trainer.default_local_dir={tmp_path / 'run'}",
         "trainer.experiment_name=verl_recipe",
+        "trainer.logger=[console,jsonl,wandb,mlflow]",
     ]
     done = subprocess.run(
         [sys.executable, "-m", "miniray.rl.main", *words],
@@ -111,6 +112,18 @@ def test_a_verl_command_line_runs_chat_rows_a_reward_file_kl_and_the_hf_export(w
         json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     ]
     assert all("reward_extra/acc" in m and "kl_loss" in m for m in metrics)
+    # the same steps reached wandb (offline) and MLflow (SQLite in the run directory)
+    import mlflow
+    from test_rl_tracking import wandb_records
+
+    (record_file,) = (tmp_path / "run").glob("wandb/offline-run-*/run-*.wandb")
+    wandb_steps = [r.history.step.num for r in wandb_records(record_file) if r.HasField("history")]
+    assert wandb_steps == [m["step"] for m in metrics]
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("miniray_rl").experiment_id])
+    assert run.info.run_name == "verl_recipe"
+    history = client.get_metric_history(run.info.run_id, "kl_loss")
+    assert [(h.step, h.value) for h in history] == [(m["step"], m["kl_loss"]) for m in metrics]
     export = tmp_path / "run" / "verl_recipe" / "checkpoints" / "global_step_2" / "huggingface"
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
