@@ -237,8 +237,7 @@ class LocalBackend:
         self._local_unmaps: deque[str] = deque()
         segments.reset()
         segments.set_unmapped_hook(self._on_local_unmap)
-        # Sweeps this session's segments if the driver dies without shutdown (see lifeline.py).
-        self._janitor = lifeline.Janitor(shm.directory(), shm.session_prefix(self.session_id))
+        self._janitor: lifeline.Janitor | None = None
         self._router = threading.Thread(
             target=self._route_forever, name="miniray-router", daemon=True
         )
@@ -247,6 +246,14 @@ class LocalBackend:
             for _ in range(num_workers):
                 self._spawn("worker")
         self._await_workers(start_timeout_s)
+        # Sweeps this session's segments if the driver dies without shutdown (see lifeline.py).
+        # Started once the workers are up: its interpreter's start (15 ms of CPU) slowed theirs
+        # on 2 cores, and until init returns no segment exists for it to sweep (a driver dying
+        # before then takes its workers along by their parent-death signal).
+        with self._lock:
+            self._janitor = lifeline.Janitor(shm.directory(), shm.session_prefix(self.session_id))
+            for child in self._children.values():
+                self._janitor.watch(child.popen.pid)
 
     # ======================================================================= processes
     def _spawn(self, kind: str) -> _Child:
@@ -267,7 +274,8 @@ class LocalBackend:
             start_new_session=True,  # Ctrl-C reaches the driver only; it shuts us down
         )
         child_sock.close()
-        self._janitor.watch(popen.pid)
+        if self._janitor is not None:  # else it is told of every child when it starts
+            self._janitor.watch(popen.pid)
         conn = protocol.Channel(parent_sock.detach())
         child = _Child(next(self._keys), kind, popen, conn)
         self._children[child.key] = child
@@ -1428,7 +1436,8 @@ class LocalBackend:
         self._wake_w.close()
         segments.reset()  # close our kept writer mappings before the files go
         shm.unlink_session(self.session_id)
-        self._janitor.stop()
+        if self._janitor is not None:  # None: init failed before starting it
+            self._janitor.stop()
 
     def child_pids(self) -> list[int]:
         """Process ids of every live child (for tests and benchmarks)."""
