@@ -28,7 +28,7 @@ LINT_PATHS := $(wildcard src tests benchmarks examples ml tools)
 lint: $(INSTALL)
 	$(VENV)/bin/ruff check $(LINT_PATHS)
 	$(VENV)/bin/ruff format --check $(LINT_PATHS)
-	$(VENV)/bin/mypy src/miniray/runtime src/miniray/errors.py
+	$(VENV)/bin/mypy src/miniray
 
 test: lint
 	$(PY) -m pytest -q -rs

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import miniray
 from miniray.rl.errors import ParameterSyncError, ParameterSyncTimeoutError
@@ -85,6 +85,14 @@ class actor_constructor:
 class SeedSyncModes:
     """The seed's sync methods, for a class that offers ``sync(version=None, *, trainers,
     rollouters) -> SyncResult`` and ``register_workers(actors, rollouts)``."""
+
+    if TYPE_CHECKING:  # what the class using these modes provides
+
+        def sync(
+            self, version: int | None = None, *, trainers: Any = (), rollouters: Any = ()
+        ) -> SyncResult: ...
+
+        def register_workers(self, actor_workers: Any, rollout_workers: Any) -> bool: ...
 
     # -- async mode -------------------------------------------------------------------------
     def sync_to_rollouter(self, new_version: int) -> bool:

@@ -667,10 +667,10 @@ class _ReadRecorder:
         frame = sys._getframe(2)
         code = frame.f_code
         if code.co_filename == config_machinery.__file__ and code.co_name in ("get", "__getitem__"):
-            frame = frame.f_back
-            if frame is None:
+            caller = frame.f_back
+            if caller is None:
                 return False
-            code = frame.f_code
+            code = caller.f_code
         return (
             code.co_filename not in _MACHINERY_FILES
             and code.co_name not in _NOT_READERS
@@ -706,7 +706,7 @@ def record_reads() -> Iterator[set[str]]:
     recorder = _ReadRecorder()
     with _recording_lock:
         if not _recorders:
-            Config.__getattribute__ = _recording_getattribute  # type: ignore[method-assign]
+            Config.__getattribute__ = _recording_getattribute  # type: ignore[method-assign,assignment]
         _recorders.append(recorder)
     try:
         yield recorder.keys

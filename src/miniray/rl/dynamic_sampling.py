@@ -89,7 +89,7 @@ def fill_batch(
                 "(actor_rollout_ref.rollout.n) or other data"
             )
         filled.fetches += 1
-        dropped = []
+        dropped: list[Any] = []
         for group in fetch(need - len(filled.kept)):
             (filled.kept if has_spread(group, metric) else dropped).append(group)
         filled.dropped.extend(dropped)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -146,8 +146,12 @@ def full_state_dict(
         return share_tied(module.state_dict(), copy=False)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    state = get_model_state_dict(
-        wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    # Typed as any state's value (optimizers' too); a model's state holds tensors only.
+    state = cast(
+        dict[str, torch.Tensor],
+        get_model_state_dict(
+            wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        ),
     )
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}

@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from miniray.rl.losses import (
     KL_TYPES,
+    LossAggMode,
     aggregate_loss,
     grpo_advantages,
     kl_penalty,
@@ -54,11 +55,11 @@ class PolicyUpdateConfig:
     clip_ratio_high: float = 0.28
     use_rollout_log_probs: bool = True  # False: plain PPO, no correction towards the behaviour
     behaviour_weight_cap: float | None = 5.0
-    behaviour_weight_mode: str = "mask"
-    behaviour_weight_level: str = "token"  # token | prefix | sequence (losses.ppo_loss)
+    behaviour_weight_mode: Literal["mask", "clamp"] = "mask"
+    behaviour_weight_level: Literal["token", "prefix", "sequence"] = "token"  # losses.ppo_loss
     entropy_coeff: float = 0.0
     max_grad_norm: float = 1.0
-    loss_agg_mode: str = "token-mean"
+    loss_agg_mode: LossAggMode = "token-mean"
     temperature: float = 1.0
     # The advantage (``algorithm``): GRPO's group-relative one; without the std division
     # (norm_adv_by_std_in_grpo=False) it is Dr. GRPO's reward minus the group mean.
@@ -173,6 +174,7 @@ def _takes_logits_to_keep(model: Any) -> bool:
     inner = getattr(model, "module", model)  # DDP wraps; FSDP2 keeps the class's forward
     kind = type(inner)
     if kind not in _LOGITS_TO_KEEP:
+        params: Mapping[str, Any]
         try:
             params = inspect.signature(inner.forward).parameters
         except (TypeError, ValueError):
@@ -364,7 +366,7 @@ class PolicyUpdater:
         totals: dict[str, float] = {}
         for epoch in range(cfg.ppo_epochs):
             for rows, plan in zip(minibatches, plans):
-                denominator = loss_denominator(batch.response_mask[rows], mode)  # type: ignore[arg-type]
+                denominator = loss_denominator(batch.response_mask[rows], mode)
                 totals = {}
                 self.optimizer.zero_grad()
                 for index, micro in enumerate(plan):
@@ -446,9 +448,9 @@ class PolicyUpdater:
             clip_ratio_low=cfg.clip_ratio_low,
             clip_ratio_high=cfg.clip_ratio_high,
             behaviour_weight_cap=cfg.behaviour_weight_cap,
-            behaviour_weight_mode=cfg.behaviour_weight_mode,  # type: ignore[arg-type]
-            behaviour_weight_level=cfg.behaviour_weight_level,  # type: ignore[arg-type]
-            loss_agg_mode=cfg.loss_agg_mode,  # type: ignore[arg-type]
+            behaviour_weight_mode=cfg.behaviour_weight_mode,
+            behaviour_weight_level=cfg.behaviour_weight_level,
+            loss_agg_mode=cfg.loss_agg_mode,
             denominator=denominator,
         )
         mode = cfg.loss_agg_mode
@@ -456,12 +458,12 @@ class PolicyUpdater:
             entropy = entropy.cpu()
             part_entropy = aggregate_loss(
                 entropy, part.response_mask, mode, denominator=denominator
-            )  # type: ignore[arg-type]
+            )
             loss = loss - cfg.entropy_coeff * part_entropy
             metrics["entropy"] = masked_mean(entropy.detach(), part.response_mask).item()
         if reference is not None:
             kl = kl_penalty(logprobs, reference[rows, :width], cfg.kl_loss_type)
-            kl_loss = aggregate_loss(kl, part.response_mask, mode, denominator=denominator)  # type: ignore[arg-type]
+            kl_loss = aggregate_loss(kl, part.response_mask, mode, denominator=denominator)
             loss = loss + cfg.kl_loss_coef * kl_loss
             metrics["kl_loss"] = masked_mean(kl.detach(), part.response_mask).item()
         tokens = float(part.response_mask.sum())

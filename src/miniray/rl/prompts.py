@@ -133,7 +133,7 @@ def prompt_token_ids(tokenizer: Any, prompts: Sequence[Prompt]) -> list[list[int
         for (i, _), ids in zip(texts, encoded):
             out[i] = [t for t in (bos, *ids) if t is not None]
     for i, p in enumerate(prompts):
-        if out[i] is None:
+        if not isinstance(p, str):  # chat messages (the texts are all in ``out`` already)
             out[i] = list(_render(tokenizer, p, tokenize=True))
     return [ids for ids in out if ids is not None]
 

@@ -227,9 +227,10 @@ class RewardScorer:
             now = time.monotonic()
             running = [f.started_at for f in pending if f.started_at is not None]
             wake = min(running) + self.timeout_s if running else now + self.timeout_s
-            _, pending = concurrent.futures.wait(
+            done, _ = concurrent.futures.wait(
                 pending, timeout=max(0.0, wake - now), return_when="FIRST_COMPLETED"
             )
+            pending -= done
             now = time.monotonic()
             for f in futures:
                 if f in pending and f.started_at is not None:

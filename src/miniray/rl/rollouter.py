@@ -125,7 +125,8 @@ class FullyAsyncRollouter:
         self.engine = engine
         self.tokenizer = load_tokenizer(model.path, trust_remote_code=options["trust_remote_code"])
         data = cfg.data
-        rows, names = [], []
+        rows: list[dict[str, Any]] = []
+        names: list[str] = []
         for path in data.train_files:
             read = load_prompts(path, prompt_key=data.prompt_key, answer_key=data.answer_key)
             rows.extend(read)
@@ -610,7 +611,7 @@ class FullyAsyncRollouter:
     def get_statistics(self) -> dict[str, Any]:
         with self._cond:
             self._count_wait()
-            stats = dict(self.stats)
+            stats: dict[str, Any] = dict(self.stats)
             stats.update(
                 version=self.version,
                 paused=self._paused,

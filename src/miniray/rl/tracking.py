@@ -24,7 +24,7 @@ import pathlib
 import resource
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 __all__ = ["LOGGER_NAMES", "MetricsLogger", "build_loggers", "check_logger_names"]
@@ -73,7 +73,7 @@ def build_loggers(
     check_logger_names(names)
     run_dir = pathlib.Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    makers = {
+    makers: dict[str, Callable[[], MetricsLogger]] = {
         "console": lambda: _Console(f"{project}/{experiment}"),
         "jsonl": lambda: _Jsonl(run_dir / "metrics.jsonl"),
         "tensorboard": lambda: _TensorBoard(run_dir / "tensorboard"),

@@ -52,6 +52,8 @@ def _ray_worker_backend() -> Backend | None:
     run nested calls on a private runtime the driver never sees."""
     if "ray" not in sys.modules:  # cheap, and never imports ray
         return None
+    # Imported here, not at the top: ray_backend imports this module (an import circle), and
+    # only a process where ray is already loaded needs it.
     from miniray.runtime.ray_backend import worker_backend_or_none
 
     return worker_backend_or_none()

@@ -158,7 +158,10 @@ class DistillRun:
 
     def start_scoring(self, batch_index: int, generated: DistillBatch) -> Any:
         submit = getattr(self.teacher, "submit", None)
-        kwargs = {"topk": self.topk, "temperature": 1.0}  # the loss applies its temperature
+        kwargs: dict[str, Any] = {
+            "topk": self.topk,
+            "temperature": 1.0,
+        }  # the loss applies its temperature
         if callable(submit):
             return submit(generated.sequences, **kwargs)
         if self._executor is None:
@@ -385,7 +388,8 @@ def _load_rows(cfg: DistillConfig, tokenizer: Any) -> list[dict]:
     """The training rows, each with its prompt tokens (``prompts.prompt_token_ids``: BOS +
     text, or chat messages through the tokenizer's template) fitted to
     ``data.max_prompt_length`` as ``data.filter_overlong_prompts`` / ``data.truncation`` say."""
-    rows, names = [], []
+    rows: list[dict] = []
+    names: list[str] = []
     for path in cfg.data.train_files:
         read = _read_prompts(cfg, path)
         rows.extend(read)

@@ -363,7 +363,7 @@ class TeacherClient:
             f"timeout {timeout:g} s each, max_retries={self.max_retries}): {details}"
         )
         codes = {failures[mb].code for mb in missing}
-        kwargs = dict(
+        kwargs: dict[str, Any] = dict(
             address=self.address,
             missing_microbatches=missing,
             elapsed_s=scores.elapsed_s,

@@ -67,7 +67,9 @@ class TeacherModel:
         model = AutoModelForCausalLM.from_pretrained(
             model_path, **dtype_argument(getattr(torch, dtype))
         )
-        return cls(model.to(device), **kwargs)
+        # transformers types PreTrainedModel.to as functools.wraps(nn.Module.to), whose stub
+        # wants the module again as the first argument
+        return cls(model.to(device), **kwargs)  # type: ignore[arg-type]
 
     @torch.inference_mode()
     def score(
@@ -115,9 +117,9 @@ class TeacherModel:
                 top_lp, top_idx = top_lp.cpu(), top_idx.cpu()
             for row, i in enumerate(group):
                 n, at = lengths[i] - 1, row_starts[i]
-                if token_logprobs:
+                if out_tok is not None:  # token_logprobs
                     out_tok[at : at + n] = chosen[row, :n]
-                if topk:
+                if out_lp is not None and out_idx is not None:  # topk
                     out_lp[at : at + n] = top_lp[row, :n]
                     out_idx[at : at + n] = top_idx[row, :n]
         return out_tok, out_lp, out_idx

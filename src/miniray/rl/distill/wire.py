@@ -35,12 +35,13 @@ import math
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import msgpack
 
 if TYPE_CHECKING:
     import torch
+    from torch import Tensor  # for annotations where a local ``torch = _torch()`` shadows it
 
 PROTOCOL_VERSION = 1
 
@@ -96,7 +97,8 @@ def encode_message(header: Mapping[str, Any], tensors: Mapping[str, torch.Tensor
             )
         flat = tensor.detach().cpu().contiguous().reshape(-1)
         descriptors.append([name, dtype, list(tensor.shape)])
-        frames.append(memoryview(flat.view(_torch().uint8).numpy()))
+        # numpy's stubs give ndarray __buffer__ only for Python >= 3.12 (mypy checks 3.11)
+        frames.append(memoryview(flat.view(_torch().uint8).numpy()))  # type: ignore[arg-type]
     return [msgpack.packb({**header, "tensors": descriptors}), *frames]
 
 
@@ -148,7 +150,7 @@ def decode_message(
             f"{len(views) - 1} tensor frames"
         )
     torch = _torch()
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, Tensor] = {}
     for index, (descriptor, view) in enumerate(zip(descriptors, views[1:])):
         name, dtype, shape = _check_descriptor(index, descriptor, max_bytes=max_bytes)
         if name in tensors:
@@ -165,6 +167,11 @@ def decode_message(
             flat = torch.frombuffer(bytearray(view), dtype=getattr(torch, dtype))
             tensors[name] = flat.reshape(shape)
     return header, tensors
+
+
+def _is_number(value: Any) -> TypeGuard[int | float]:
+    """An int or a float, exactly: not a bool (nor another subclass)."""
+    return type(value) in (int, float)
 
 
 def _check_descriptor(index: int, descriptor: Any, *, max_bytes: int) -> tuple[str, str, list[int]]:
@@ -281,7 +288,7 @@ def parse_score_request(
     if type(topk) is not int or not 0 <= topk <= limit:
         raise WireError(f"field 'topk'={topk!r} must be an int in [0, {limit}]")
     temperature = header.get("temperature")
-    if type(temperature) not in (int, float) or not math.isfinite(temperature) or temperature <= 0:
+    if not _is_number(temperature) or not math.isfinite(temperature) or temperature <= 0:
         raise WireError(f"field 'temperature'={temperature!r} must be a finite number > 0")
     want_tokens = header.get("token_logprobs")
     if type(want_tokens) is not bool:

@@ -156,7 +156,8 @@ class HFGenerationEngine:
                 f"load_weights: missing parameters {missing[:5]}, unexpected "
                 f"{unexpected[:5]} (is this the same architecture?)"
             )
-        assign, copy = {}, {}
+        assign: dict[str, Any] = {}
+        copy: dict[str, Any] = {}
         for name, tensor in state_dict.items():
             target = current[name]
             same = (
