@@ -319,8 +319,7 @@ class InlineBackend:
             for entry, value in zip(task.outs, outcome):
                 self._store(entry, value)
             if stream is not None:
-                with stream.cond:
-                    stream.end()
+                self._end_stream(stream, None)
 
         self._start_thread(run, f"miniray-task-{name}")
         return self._task_returns(task, outs, num_returns)
@@ -335,13 +334,9 @@ class InlineBackend:
         for entry in task.outs:
             self._store(entry, error=error)
         if task.stream is not None:
-            oid, entry = self._new_entry()
-            self._store(entry, error=error)
-            with task.stream.cond:
-                task.stream.append(oid)
-                task.stream.end()
+            self._end_stream(task.stream, error)
 
-    # -- streaming generator tasks ---------------------------------------------------------
+    # -- streaming generators (tasks and actor methods) --------------------------------------
     def _new_stream(self) -> streaming.Stream:
         stream = streaming.Stream(threading.Condition(), self._check_open, self.release)
         self._streams.add(stream)
@@ -358,11 +353,32 @@ class InlineBackend:
         if not hasattr(values, "__next__"):
             raise streaming.not_a_generator_error(name, values)
         for index, value in streaming.replay(values, streamed[0]):
+            self._stream_value(stream, value)
+            streamed[0] = index + 1
+
+    async def _stream_async_values(
+        self, stream: streaming.Stream, values: Any, streamed: list[int]
+    ) -> None:
+        """``_stream_values`` for an async generator method, on its actor's event loop."""
+        async for index, value in streaming.areplay(values, streamed[0]):
+            self._stream_value(stream, value)
+            streamed[0] = index + 1
+
+    def _stream_value(self, stream: streaming.Stream, value: Any) -> None:
+        oid, entry = self._new_entry()
+        self._store(entry, value)
+        with stream.cond:
+            stream.append(oid)
+
+    def _end_stream(self, stream: streaming.Stream, error: BaseException | None) -> None:
+        """The generator ended; its error, if any, is the stream's last value."""
+        if error is not None:
             oid, entry = self._new_entry()
-            self._store(entry, value)
+            self._store(entry, error=error)
             with stream.cond:
                 stream.append(oid)
-            streamed[0] = index + 1
+        with stream.cond:
+            stream.end()
 
     def _interruptible(
         self, task: _Task, body: Callable[[], list[Any] | BaseException]
@@ -490,18 +506,26 @@ class InlineBackend:
         self,
         actor: _Actor,
         call: Callable[[], Any],
-        num_returns: int,
+        num_returns: int | str,
         *,
         is_init: bool = False,
         retries: int = 0,
         retry_exceptions: Any = False,
         deps: dict[str, _Entry] | None = None,
     ) -> Any:
-        outs = [self._new_entry() for _ in range(num_returns)]
+        # A streaming call (a generator method) has no results of its own: its values go to
+        # the stream as they are yielded, and its error (or death) is the stream's last value.
+        stream = self._new_stream() if num_returns == "streaming" else None
+        outs = [] if stream is not None else [self._new_entry() for _ in range(int(num_returns))]
+        streamed = [0]  # values the caller has (a retry skips them)
+        name = getattr(call, "__name__", "actor method")
         actor.outstanding += 1
 
         def finish(value: Any = None, error: BaseException | None = None) -> None:
             actor.outstanding -= 1
+            if stream is not None:
+                return self._end_stream(stream, error)
+            assert isinstance(num_returns, int)
             if error is None:
                 try:
                     values = execution.split_returns(value, num_returns, "actor method")
@@ -531,7 +555,7 @@ class InlineBackend:
                 restarted = isinstance(error, ActorUnavailableError)
                 left = execution.retries_after(exc, attempts_left, False, crashed=restarted)
             else:
-                error = execution.task_error(getattr(call, "__name__", "actor method"), exc)
+                error = execution.task_error(name, exc)
                 left = execution.retries_after(exc, attempts_left, retry_exceptions)
             if left is None:
                 finish(error=error)
@@ -546,6 +570,9 @@ class InlineBackend:
                     return finish(error=self._died(actor))
                 try:
                     value = call()
+                    if stream is not None:  # the call holds the actor until its generator ends
+                        self._stream_values(stream, name, value, streamed)
+                        value = None
                 except BaseException as exc:
                     left = after_failure(exc, attempts_left)
                     if left is None:
@@ -568,7 +595,13 @@ class InlineBackend:
                             return finish(error=self._died(actor))
                         try:
                             value = call()
-                            if asyncio.iscoroutine(value):
+                            if stream is not None and hasattr(value, "__anext__"):
+                                await self._stream_async_values(stream, value, streamed)
+                                value = None
+                            elif stream is not None:
+                                self._stream_values(stream, name, value, streamed)
+                                value = None
+                            elif asyncio.iscoroutine(value):
                                 value = await value
                         except BaseException as exc:
                             left = after_failure(exc, attempts_left)
@@ -584,8 +617,10 @@ class InlineBackend:
         else:
             assert actor.fifo is not None
             actor.fifo.put(run_sync)
+        if stream is not None:
+            return ObjectRefGenerator(stream)
         refs = [ObjectRef(oid) for oid, _ in outs]
-        return returns_of(refs, num_returns) if refs else None
+        return returns_of(refs, int(num_returns)) if refs else None
 
     def _actor_exited(self, actor: _Actor, exc: SystemExit) -> RayActorError:
         """``sys.exit()`` in a method: the actor's process would end. Code 0 is an intended

@@ -198,12 +198,19 @@ class Worker:
                 self.client.send(("retried", task_id))
 
     def _stream(self, task_id: str, name: str, values: Any, streamed: list[int]) -> None:
-        """Send each value a streaming task yields as it comes: the head makes it an object
-        and hands its ref to the caller's ObjectRefGenerator."""
+        """Send each value a streaming task or actor call yields as it comes: the head makes
+        it an object and hands its ref to the caller's ObjectRefGenerator."""
         if not hasattr(values, "__next__"):
             raise streaming.not_a_generator_error(name, values)
         for index, value in streaming.replay(values, streamed[0]):
             self.client.send(("yield", task_id, stored_value(value, self.session_id, name)))
+            del value
+            streamed[0] = index + 1
+
+    async def _stream_async(self, call_id: str, name: str, values: Any, streamed: list[int]):
+        """``_stream`` for an async generator method, on the actor's event loop."""
+        async for index, value in streaming.areplay(values, streamed[0]):
+            self.client.send(("yield", call_id, stored_value(value, self.session_id, name)))
             del value
             streamed[0] = index + 1
 
@@ -234,7 +241,8 @@ class Worker:
         import inspect  # lazily: task workers never need it
 
         is_async = any(
-            inspect.iscoroutinefunction(m) for _, m in inspect.getmembers(type(self.instance))
+            inspect.iscoroutinefunction(m) or inspect.isasyncgenfunction(m)
+            for _, m in inspect.getmembers(type(self.instance))
         )
         if is_async:
             import asyncio  # only async actors pay for importing it
@@ -274,9 +282,14 @@ class Worker:
         if self.exiting:
             return  # queued behind the exit_actor() call: the head failed it already
         retries_left = message[6]["max_task_retries"]
+        label = f"{self.actor_name}.{message[2]}"
+        streamed = _streamed(message)
         while True:
             try:
                 value = self._invoke(message)
+                if streamed is not None:  # the call holds the actor until its generator ends
+                    self._stream(message[1], label, value, streamed)
+                    value = None
             except BaseException as exc:
                 left = self._after_failure(message, exc, retries_left)
                 if left is None:
@@ -284,7 +297,7 @@ class Worker:
                 retries_left = left
                 continue
             break
-        self._finish_call(message[1], f"{self.actor_name}.{message[2]}", message[5], value)
+        self._finish_call(message[1], label, message[5], value)
         del value
         self.client.flush()
 
@@ -316,13 +329,21 @@ class Worker:
     async def _run_async_call(self, message: tuple) -> None:
         assert self.semaphore is not None
         retries_left = message[6]["max_task_retries"]
+        label = f"{self.actor_name}.{message[2]}"
+        streamed = _streamed(message)
         async with self.semaphore:
             if self.exiting:
                 return
             while True:
                 try:
                     value = self._invoke(message)
-                    if hasattr(value, "__await__"):
+                    if streamed is not None and hasattr(value, "__anext__"):
+                        await self._stream_async(message[1], label, value, streamed)
+                        value = None
+                    elif streamed is not None:
+                        self._stream(message[1], label, value, streamed)
+                        value = None
+                    elif hasattr(value, "__await__"):
                         value = await value
                 except BaseException as exc:
                     left = self._after_failure(message, exc, retries_left)
@@ -331,7 +352,7 @@ class Worker:
                     retries_left = left
                     continue
                 break
-            self._finish_call(message[1], f"{self.actor_name}.{message[2]}", message[5], value)
+            self._finish_call(message[1], label, message[5], value)
 
     # -- exit_actor() ----------------------------------------------------------------------
     def _exit_actor(self, call_id: str) -> None:
@@ -362,6 +383,12 @@ class Worker:
         if others:
             await asyncio.wait(others)
         _end_process()
+
+
+def _streamed(message: tuple) -> list[int] | None:
+    """A streaming call's count of values the caller has (a retry skips them), else None."""
+    options = message[6]
+    return [options.get("streamed", 0)] if options["num_returns"] == "streaming" else None
 
 
 def _end_process() -> None:
