@@ -58,7 +58,7 @@ SHUTDOWN_JOIN_S = 5.0
 
 
 class _Entry:
-    __slots__ = ("callbacks", "done", "error", "task", "value")
+    __slots__ = ("call", "callbacks", "done", "error", "task", "value")
 
     def __init__(self) -> None:
         self.done = threading.Event()
@@ -66,6 +66,7 @@ class _Entry:
         self.error: BaseException | None = None
         self.callbacks: list[Callable[[], None]] = []
         self.task: _Task | None = None  # the task that produces it (for cancel)
+        self.call: _Call | None = None  # or the actor call
 
 
 class _Task:
@@ -87,6 +88,19 @@ class _Task:
 
     def cancelled_error(self) -> TaskCancelledError:
         return TaskCancelledError(f"task {self.name}() was cancelled")
+
+
+class _Call:
+    """What ``cancel`` needs of an actor call: queued -> running -> done, or queued -> done
+    (cancelled). State changes happen under the backend's lock."""
+
+    __slots__ = ("cancelled", "finish", "state", "task")
+
+    def __init__(self, finish: Callable[..., None]):
+        self.state = "queued"
+        self.cancelled = False
+        self.finish = finish  # stores the call's results (or its error)
+        self.task: asyncio.Task | None = None  # an async actor's call
 
 
 class _Actor:
@@ -347,12 +361,20 @@ class InlineBackend:
             raise RaySystemError("the runtime was shut down before the generator task ended")
 
     def _stream_values(
-        self, stream: streaming.Stream, name: str, values: Any, streamed: list[int]
+        self,
+        stream: streaming.Stream,
+        name: str,
+        values: Any,
+        streamed: list[int],
+        call: _Call | None = None,
     ) -> None:
         """Store each value the generator yields and hand its ref to the stream at once."""
         if not hasattr(values, "__next__"):
             raise streaming.not_a_generator_error(name, values)
         for index, value in streaming.replay(values, streamed[0]):
+            if call is not None and call.cancelled:  # a cancelled actor call stops, as in Ray
+                values.close()
+                raise TaskCancelledError(f"actor call {name}() was cancelled")
             self._stream_value(stream, value)
             streamed[0] = index + 1
 
@@ -405,9 +427,31 @@ class InlineBackend:
 
     def cancel(self, ref: ObjectRef, force: bool, recursive: bool) -> None:
         entry = self._objects.get(ref.id)
+        if entry is not None and entry.call is not None:
+            if force:
+                raise ValueError("force=True is not supported for actor tasks.")  # Ray's words
+            self._cancel_call(entry.call)
+            return
         task = entry.task if entry is not None else None
-        if task is not None:  # not a task's result (put, an actor call): nothing to cancel
+        if task is not None:  # not a task's result (put): nothing to cancel
             self._cancel_task(task, recursive)
+
+    def _cancel_call(self, call: _Call) -> None:
+        """As in Ray 2.60 its result is TaskCancelledError: a queued call never runs, an async
+        one's coroutine is cancelled, a generator stops at its next yield; running sync code
+        runs on (not interrupted, as in Ray) and its result is dropped."""
+        with self._lock:
+            if call.state == "done":
+                return
+            call.cancelled = True
+            queued = call.state == "queued"
+            if queued:
+                call.state = "done"
+        if queued:
+            call.finish()
+        elif call.task is not None:
+            loop = call.task.get_loop()
+            loop.call_soon_threadsafe(call.task.cancel)
 
     def _cancel_task(self, task: _Task, recursive: bool) -> None:
         if task.state in ("finishing", "cancelled"):
@@ -523,6 +567,10 @@ class InlineBackend:
 
         def finish(value: Any = None, error: BaseException | None = None) -> None:
             actor.outstanding -= 1
+            with self._lock:
+                record.state = "done"
+            if record.cancelled:
+                error = TaskCancelledError(f"actor call {name}() was cancelled")
             if stream is not None:
                 return self._end_stream(stream, error)
             assert isinstance(num_returns, int)
@@ -538,12 +586,17 @@ class InlineBackend:
             for (_, entry), v in zip(outs, values):
                 self._store(entry, v)
 
+        record = _Call(finish)
+
         def after_failure(exc: BaseException, attempts_left: int) -> int | None:
             """What a failed attempt leads to, for the sync and the async runner alike: the
             retries left for the next attempt, or None once finish() has stored the error."""
             if isinstance(exc, ActorExit):  # before SystemExit, which it is: exit_actor() is final
                 self._exited(actor, call)
                 finish(error=self._died(actor))
+                return None
+            if record.cancelled:  # never retried; finish() says cancelled
+                finish(error=exc)
                 return None
             if actor.dead_reason is not None and actor.instance is None:  # __init__ failed
                 finish(error=self._died(actor))
@@ -561,9 +614,18 @@ class InlineBackend:
                 finish(error=error)
             return left
 
+        def started() -> bool:
+            with self._lock:
+                if record.state != "queued":
+                    return False  # cancelled while queued: finished already
+                record.state = "running"
+                return True
+
         def run_sync() -> None:
             if not is_init:
                 actor.constructed.wait()
+            if not started():
+                return
             attempts_left = retries
             while True:
                 if actor.dead_reason is not None:
@@ -571,7 +633,7 @@ class InlineBackend:
                 try:
                     value = call()
                     if stream is not None:  # the call holds the actor until its generator ends
-                        self._stream_values(stream, name, value, streamed)
+                        self._stream_values(stream, name, value, streamed, record)
                         value = None
                 except BaseException as exc:
                     left = after_failure(exc, attempts_left)
@@ -585,10 +647,22 @@ class InlineBackend:
             loop = actor.loop
 
             async def run_async() -> None:
+                try:
+                    await run_async_attempts()
+                except asyncio.CancelledError:  # cancelled while waiting to start
+                    with self._lock:
+                        waited = record.state == "queued"
+                        record.state = "done"
+                    if waited:
+                        finish()
+
+            async def run_async_attempts() -> None:
                 assert actor.semaphore is not None
                 if deps:  # as in Ray, a call whose arguments are ready does not wait behind it
                     await _all_stored(loop, deps.values())
                 async with actor.semaphore:
+                    if not started():
+                        return
                     attempts_left = retries
                     while True:
                         if actor.dead_reason is not None:
@@ -599,7 +673,7 @@ class InlineBackend:
                                 await self._stream_async_values(stream, value, streamed)
                                 value = None
                             elif stream is not None:
-                                self._stream_values(stream, name, value, streamed)
+                                self._stream_values(stream, name, value, streamed, record)
                                 value = None
                             elif asyncio.iscoroutine(value):
                                 value = await value
@@ -611,12 +685,17 @@ class InlineBackend:
                             continue
                         return finish(value)
 
-            loop.call_soon_threadsafe(lambda: loop.create_task(run_async()))
+            def start() -> None:
+                record.task = loop.create_task(run_async())
+
+            loop.call_soon_threadsafe(start)
         elif actor.pool is not None:
             actor.pool.submit(run_sync)
         else:
             assert actor.fifo is not None
             actor.fifo.put(run_sync)
+        for _, entry in outs:
+            entry.call = record
         if stream is not None:
             return ObjectRefGenerator(stream)
         refs = [ObjectRef(oid) for oid, _ in outs]

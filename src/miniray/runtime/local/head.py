@@ -146,6 +146,7 @@ class _Call:
         retries = options.get("max_task_retries")
         self.retries_left: int = 0 if retries is None else retries
         self.stream: streaming.Stream | None = None  # a generator method's (no return_ids)
+        self.cancelled = False
 
 
 class _Actor:
@@ -447,7 +448,10 @@ class LocalBackend:
                 answer = ("error", exc)
             self._send(child, ("reply", rid, answer))
         elif kind == "cancel":
-            self._cancel(message[1], message[2], message[3])
+            try:
+                self._cancel(message[1], message[2], message[3])
+            except ValueError:  # force=True on an actor call: ignored inside a task (docs)
+                pass
         elif kind == "retried":
             self._on_retried(child, message[1])
         elif kind == "actor_exit":
@@ -958,6 +962,29 @@ class LocalBackend:
         task = next((t for t in self._tasks.values() if oid in t.return_ids), None)
         if task is not None:
             self._cancel_task(task, force, recursive)
+            return
+        for actor in self._actors.values():
+            for call in (*actor.pending, *actor.inflight.values()):
+                if oid in call.return_ids:
+                    if force:
+                        raise ValueError("force=True is not supported for actor tasks.")  # Ray's
+                    self._cancel_call(actor, call)
+                    return
+
+    def _cancel_call(self, actor: _Actor, call: _Call) -> None:
+        """As in Ray 2.60, a cancelled actor call's result is TaskCancelledError: one still
+        queued here never runs; the actor's process decides for one sent to it (worker.py)."""
+        if call in actor.pending:
+            actor.pending.remove(call)
+            error = TaskCancelledError(
+                f"actor call {actor.class_name}.{call.method}() was cancelled"
+            )
+            self._finish_call(
+                call, [stored_error(error, self.session_id)] * max(1, len(call.return_ids))
+            )
+        elif not call.cancelled and actor.child is not None:
+            call.cancelled = True
+            self._send(actor.child, ("cancel_call", call.call_id))
 
     def _cancel_task(self, task: _Task, force: bool, recursive: bool) -> None:
         if task.done:
@@ -1376,7 +1403,7 @@ class LocalBackend:
         # In-flight calls either run again on the new process or fail as Ray's do.
         retry = []
         for call in actor.inflight.values():
-            if call.retries_left != 0:
+            if call.retries_left != 0 and not call.cancelled:
                 call.retries_left -= 1
                 call.options["max_task_retries"] = call.retries_left
                 if call.stream is not None:  # the next attempt skips the values the caller has
