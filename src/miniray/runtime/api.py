@@ -259,7 +259,9 @@ def cancel(object_ref: ObjectRef, *, force: bool = False, recursive: bool = True
 
     Not started yet: it never runs. Running: it sees a ``KeyboardInterrupt`` (user code may
     catch it and return); ``force=True`` kills its worker instead. Finished: nothing happens.
-    ``recursive=True`` also cancels the tasks it submitted.
+    ``recursive=True`` also cancels the tasks it submitted. An actor call's ``get`` raises
+    ``TaskCancelledError`` (running sync code is not interrupted; an async call's coroutine is
+    cancelled), and ``force=True`` on one is a ``ValueError``, as in Ray (docs/runtime.md).
     """
     if not isinstance(object_ref, ObjectRef):
         raise TypeError(f"cancel() expects an ObjectRef, got {type(object_ref).__name__}")

@@ -58,7 +58,7 @@ SHUTDOWN_JOIN_S = 5.0
 
 
 class _Entry:
-    __slots__ = ("callbacks", "done", "error", "task", "value")
+    __slots__ = ("call", "callbacks", "done", "error", "task", "value")
 
     def __init__(self) -> None:
         self.done = threading.Event()
@@ -66,6 +66,7 @@ class _Entry:
         self.error: BaseException | None = None
         self.callbacks: list[Callable[[], None]] = []
         self.task: _Task | None = None  # the task that produces it (for cancel)
+        self.call: _Call | None = None  # or the actor call
 
 
 class _Task:
@@ -87,6 +88,19 @@ class _Task:
 
     def cancelled_error(self) -> TaskCancelledError:
         return TaskCancelledError(f"task {self.name}() was cancelled")
+
+
+class _Call:
+    """What ``cancel`` needs of an actor call: queued -> running -> done, or queued -> done
+    (cancelled). State changes happen under the backend's lock."""
+
+    __slots__ = ("cancelled", "finish", "state", "task")
+
+    def __init__(self, finish: Callable[..., None]):
+        self.state = "queued"
+        self.cancelled = False
+        self.finish = finish  # stores the call's results (or its error)
+        self.task: asyncio.Task | None = None  # an async actor's call
 
 
 class _Actor:
@@ -319,8 +333,7 @@ class InlineBackend:
             for entry, value in zip(task.outs, outcome):
                 self._store(entry, value)
             if stream is not None:
-                with stream.cond:
-                    stream.end()
+                self._end_stream(stream, None)
 
         self._start_thread(run, f"miniray-task-{name}")
         return self._task_returns(task, outs, num_returns)
@@ -335,13 +348,9 @@ class InlineBackend:
         for entry in task.outs:
             self._store(entry, error=error)
         if task.stream is not None:
-            oid, entry = self._new_entry()
-            self._store(entry, error=error)
-            with task.stream.cond:
-                task.stream.append(oid)
-                task.stream.end()
+            self._end_stream(task.stream, error)
 
-    # -- streaming generator tasks ---------------------------------------------------------
+    # -- streaming generators (tasks and actor methods) --------------------------------------
     def _new_stream(self) -> streaming.Stream:
         stream = streaming.Stream(threading.Condition(), self._check_open, self.release)
         self._streams.add(stream)
@@ -352,17 +361,46 @@ class InlineBackend:
             raise RaySystemError("the runtime was shut down before the generator task ended")
 
     def _stream_values(
-        self, stream: streaming.Stream, name: str, values: Any, streamed: list[int]
+        self,
+        stream: streaming.Stream,
+        name: str,
+        values: Any,
+        streamed: list[int],
+        call: _Call | None = None,
     ) -> None:
         """Store each value the generator yields and hand its ref to the stream at once."""
         if not hasattr(values, "__next__"):
             raise streaming.not_a_generator_error(name, values)
         for index, value in streaming.replay(values, streamed[0]):
+            if call is not None and call.cancelled:  # a cancelled actor call stops, as in Ray
+                values.close()
+                raise TaskCancelledError(f"actor call {name}() was cancelled")
+            self._stream_value(stream, value)
+            streamed[0] = index + 1
+
+    async def _stream_async_values(
+        self, stream: streaming.Stream, values: Any, streamed: list[int]
+    ) -> None:
+        """``_stream_values`` for an async generator method, on its actor's event loop."""
+        async for index, value in streaming.areplay(values, streamed[0]):
+            self._stream_value(stream, value)
+            streamed[0] = index + 1
+
+    def _stream_value(self, stream: streaming.Stream, value: Any) -> None:
+        oid, entry = self._new_entry()
+        self._store(entry, value)
+        with stream.cond:
+            stream.append(oid)
+
+    def _end_stream(self, stream: streaming.Stream, error: BaseException | None) -> None:
+        """The generator ended; its error, if any, is the stream's last value."""
+        if error is not None:
             oid, entry = self._new_entry()
-            self._store(entry, value)
+            self._store(entry, error=error)
             with stream.cond:
                 stream.append(oid)
-            streamed[0] = index + 1
+        with stream.cond:
+            stream.end()
 
     def _interruptible(
         self, task: _Task, body: Callable[[], list[Any] | BaseException]
@@ -389,9 +427,31 @@ class InlineBackend:
 
     def cancel(self, ref: ObjectRef, force: bool, recursive: bool) -> None:
         entry = self._objects.get(ref.id)
+        if entry is not None and entry.call is not None:
+            if force:
+                raise ValueError("force=True is not supported for actor tasks.")  # Ray's words
+            self._cancel_call(entry.call)
+            return
         task = entry.task if entry is not None else None
-        if task is not None:  # not a task's result (put, an actor call): nothing to cancel
+        if task is not None:  # not a task's result (put): nothing to cancel
             self._cancel_task(task, recursive)
+
+    def _cancel_call(self, call: _Call) -> None:
+        """As in Ray 2.60 its result is TaskCancelledError: a queued call never runs, an async
+        one's coroutine is cancelled, a generator stops at its next yield; running sync code
+        runs on (not interrupted, as in Ray) and its result is dropped."""
+        with self._lock:
+            if call.state == "done":
+                return
+            call.cancelled = True
+            queued = call.state == "queued"
+            if queued:
+                call.state = "done"
+        if queued:
+            call.finish()
+        elif call.task is not None:
+            loop = call.task.get_loop()
+            loop.call_soon_threadsafe(call.task.cancel)
 
     def _cancel_task(self, task: _Task, recursive: bool) -> None:
         if task.state in ("finishing", "cancelled"):
@@ -490,18 +550,30 @@ class InlineBackend:
         self,
         actor: _Actor,
         call: Callable[[], Any],
-        num_returns: int,
+        num_returns: int | str,
         *,
         is_init: bool = False,
         retries: int = 0,
         retry_exceptions: Any = False,
         deps: dict[str, _Entry] | None = None,
     ) -> Any:
-        outs = [self._new_entry() for _ in range(num_returns)]
+        # A streaming call (a generator method) has no results of its own: its values go to
+        # the stream as they are yielded, and its error (or death) is the stream's last value.
+        stream = self._new_stream() if num_returns == "streaming" else None
+        outs = [] if stream is not None else [self._new_entry() for _ in range(int(num_returns))]
+        streamed = [0]  # values the caller has (a retry skips them)
+        name = getattr(call, "__name__", "actor method")
         actor.outstanding += 1
 
         def finish(value: Any = None, error: BaseException | None = None) -> None:
             actor.outstanding -= 1
+            with self._lock:
+                record.state = "done"
+            if record.cancelled:
+                error = TaskCancelledError(f"actor call {name}() was cancelled")
+            if stream is not None:
+                return self._end_stream(stream, error)
+            assert isinstance(num_returns, int)
             if error is None:
                 try:
                     values = execution.split_returns(value, num_returns, "actor method")
@@ -514,12 +586,17 @@ class InlineBackend:
             for (_, entry), v in zip(outs, values):
                 self._store(entry, v)
 
+        record = _Call(finish)
+
         def after_failure(exc: BaseException, attempts_left: int) -> int | None:
             """What a failed attempt leads to, for the sync and the async runner alike: the
             retries left for the next attempt, or None once finish() has stored the error."""
             if isinstance(exc, ActorExit):  # before SystemExit, which it is: exit_actor() is final
                 self._exited(actor, call)
                 finish(error=self._died(actor))
+                return None
+            if record.cancelled:  # never retried; finish() says cancelled
+                finish(error=exc)
                 return None
             if actor.dead_reason is not None and actor.instance is None:  # __init__ failed
                 finish(error=self._died(actor))
@@ -531,21 +608,33 @@ class InlineBackend:
                 restarted = isinstance(error, ActorUnavailableError)
                 left = execution.retries_after(exc, attempts_left, False, crashed=restarted)
             else:
-                error = execution.task_error(getattr(call, "__name__", "actor method"), exc)
+                error = execution.task_error(name, exc)
                 left = execution.retries_after(exc, attempts_left, retry_exceptions)
             if left is None:
                 finish(error=error)
             return left
 
+        def started() -> bool:
+            with self._lock:
+                if record.state != "queued":
+                    return False  # cancelled while queued: finished already
+                record.state = "running"
+                return True
+
         def run_sync() -> None:
             if not is_init:
                 actor.constructed.wait()
+            if not started():
+                return
             attempts_left = retries
             while True:
                 if actor.dead_reason is not None:
                     return finish(error=self._died(actor))
                 try:
                     value = call()
+                    if stream is not None:  # the call holds the actor until its generator ends
+                        self._stream_values(stream, name, value, streamed, record)
+                        value = None
                 except BaseException as exc:
                     left = after_failure(exc, attempts_left)
                     if left is None:
@@ -558,17 +647,35 @@ class InlineBackend:
             loop = actor.loop
 
             async def run_async() -> None:
+                try:
+                    await run_async_attempts()
+                except asyncio.CancelledError:  # cancelled while waiting to start
+                    with self._lock:
+                        waited = record.state == "queued"
+                        record.state = "done"
+                    if waited:
+                        finish()
+
+            async def run_async_attempts() -> None:
                 assert actor.semaphore is not None
                 if deps:  # as in Ray, a call whose arguments are ready does not wait behind it
                     await _all_stored(loop, deps.values())
                 async with actor.semaphore:
+                    if not started():
+                        return
                     attempts_left = retries
                     while True:
                         if actor.dead_reason is not None:
                             return finish(error=self._died(actor))
                         try:
                             value = call()
-                            if asyncio.iscoroutine(value):
+                            if stream is not None and hasattr(value, "__anext__"):
+                                await self._stream_async_values(stream, value, streamed)
+                                value = None
+                            elif stream is not None:
+                                self._stream_values(stream, name, value, streamed, record)
+                                value = None
+                            elif asyncio.iscoroutine(value):
                                 value = await value
                         except BaseException as exc:
                             left = after_failure(exc, attempts_left)
@@ -578,14 +685,21 @@ class InlineBackend:
                             continue
                         return finish(value)
 
-            loop.call_soon_threadsafe(lambda: loop.create_task(run_async()))
+            def start() -> None:
+                record.task = loop.create_task(run_async())
+
+            loop.call_soon_threadsafe(start)
         elif actor.pool is not None:
             actor.pool.submit(run_sync)
         else:
             assert actor.fifo is not None
             actor.fifo.put(run_sync)
+        for _, entry in outs:
+            entry.call = record
+        if stream is not None:
+            return ObjectRefGenerator(stream)
         refs = [ObjectRef(oid) for oid, _ in outs]
-        return returns_of(refs, num_returns) if refs else None
+        return returns_of(refs, int(num_returns)) if refs else None
 
     def _actor_exited(self, actor: _Actor, exc: SystemExit) -> RayActorError:
         """``sys.exit()`` in a method: the actor's process would end. Code 0 is an intended

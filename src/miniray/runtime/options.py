@@ -128,17 +128,12 @@ def call_wire_options(options: dict[str, Any]) -> dict[str, Any]:
 
 def _check_num_returns(kind: str, options: dict[str, Any]) -> None:
     value = options.get("num_returns")
-    if value == "streaming" and kind == "task":
-        return  # a generator task (ObjectRefGenerator); refs.RemoteFunction checks it yields
     if value == "streaming":
-        raise ValueError(
-            f"option num_returns='streaming' is not supported for {kind}s by miniray: only "
-            "remote functions can be streaming generators; return a list instead"
-        )
+        return  # a generator task or method (ObjectRefGenerator); refs checks that it yields
     if value == "dynamic":
         raise ValueError(
             "option num_returns='dynamic' (Ray's deprecated dynamic generators) is not "
-            "supported by miniray: use num_returns='streaming' on a remote function"
+            "supported by miniray: use num_returns='streaming' on a generator function or method"
         )
     _check_int(options, "num_returns", minimum=0)
 

@@ -322,7 +322,8 @@ def _task_function(fn: Any, label: str) -> Any:
         # A generator itself: Ray makes a streaming task only of a generator function.
         _enter_worker()
         try:
-            yield from fn(*args, **kwargs)
+            for value in fn(*args, **kwargs):  # noqa: UP028 (not `yield from`: see _wrap_method)
+                yield value
         except Exception as exc:
             if _is_ray_control_flow(exc):
                 raise
@@ -370,8 +371,38 @@ def _wrap_method(user_cls: type, name: str, class_name: str, method_options: dic
     # through its own __get__: exactly what `instance.name` would have given.
     attribute = inspect.getattr_static(user_cls, name)
     label = f"{class_name}.{name}"
+    generator_kind = _generator_kind(attribute)
 
-    if method_options["is_async"]:
+    # A generator method's wrapper is a generator itself: Ray streams only those.
+    if generator_kind == "async":
+
+        async def async_generator_method(self: Any, *args: Any, **kwargs: Any) -> Any:
+            _enter_worker()
+            try:
+                async for value in attribute.__get__(self, type(self))(*args, **kwargs):
+                    yield value
+            except Exception as exc:
+                if _is_ray_control_flow(exc):
+                    raise
+                raise _user_error(label, exc) from None
+
+        method: Any = async_generator_method
+    elif generator_kind == "sync":
+
+        def generator_method(self: Any, *args: Any, **kwargs: Any) -> Any:
+            _enter_worker()
+            try:
+                # Not `yield from`: Ray sends values into the generator, which a user's own
+                # `yield from range(...)` would pass on to an iterator without send().
+                for value in attribute.__get__(self, type(self))(*args, **kwargs):  # noqa: UP028
+                    yield value
+            except Exception as exc:
+                if _is_ray_control_flow(exc):
+                    raise
+                raise _user_error(label, exc) from None
+
+        method = generator_method
+    elif method_options["is_async"]:
 
         async def async_method(self: Any, *args: Any, **kwargs: Any) -> Any:
             _enter_worker()
@@ -385,7 +416,7 @@ def _wrap_method(user_cls: type, name: str, class_name: str, method_options: dic
                     raise
                 raise _user_error(label, exc) from None
 
-        method: Any = async_method
+        method = async_method
     else:
 
         def sync_method(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -410,6 +441,14 @@ def _wrap_method(user_cls: type, name: str, class_name: str, method_options: dic
             parameters=[receiver, *check.signature.parameters.values()]
         )
     return method
+
+
+def _generator_kind(attribute: Any) -> str | None:
+    """ "sync" or "async" for a generator method as stored in the class, else None."""
+    function = getattr(attribute, "__func__", attribute)  # a staticmethod's or classmethod's
+    if inspect.isasyncgenfunction(function):
+        return "async"
+    return "sync" if inspect.isgeneratorfunction(function) else None
 
 
 def _declared_method_options(method_options: dict[str, Any]) -> dict[str, Any]:
@@ -568,6 +607,8 @@ class RayBackend:
                 call_options[key] = options[key]
         ray_method = getattr(ray_handle, method).options(**call_options)
         out = _call_remote(ray_method, args, kwargs, f"{handle.class_name}.{method}")
+        if options["num_returns"] == "streaming":
+            return ObjectRefGenerator(_RayStream(out))
         refs = _wrap_refs(out, options["num_returns"])
         return returns_of(refs, options["num_returns"]) if refs else None
 
@@ -857,6 +898,7 @@ def _metadata_of(ray_handle: Any) -> tuple[str, dict[str, dict[str, Any]]]:
             "retry_exceptions": retry.get(name) or False,
             "concurrency_group": None,
             "is_async": False,
+            "is_generator": returns == "streaming",
             # The user's parameters, which _wrap_method gave Ray (a list of inspect.Parameter).
             "argument_check": ArgumentCheck(inspect.Signature(parameters)),
         }

@@ -372,10 +372,14 @@ def _actor_methods(cls: type) -> dict[str, dict[str, Any]]:
             continue
         if not (inspect.isfunction(member) or inspect.ismethod(member)):
             continue
-        method_options = opts.resolved("method", getattr(member, "__miniray_method_options__", {}))
-        method_options["is_async"] = inspect.iscoroutinefunction(
-            member
-        ) or inspect.isasyncgenfunction(member)
+        declared = getattr(member, "__miniray_method_options__", {})
+        method_options = opts.resolved("method", declared)
+        is_async_generator = inspect.isasyncgenfunction(member)
+        is_generator = is_async_generator or inspect.isgeneratorfunction(member)
+        method_options["is_async"] = inspect.iscoroutinefunction(member) or is_async_generator
+        method_options["is_generator"] = is_generator
+        if is_generator and "num_returns" not in declared:  # as in Ray: a generator streams
+            method_options["num_returns"] = "streaming"
         # As in Ray: a classmethod comes bound to the class and a staticmethod has no self, so
         # only a plain method loses its first parameter.
         stored = inspect.getattr_static(cls, name, None)
@@ -388,7 +392,7 @@ def _actor_methods(cls: type) -> dict[str, dict[str, Any]]:
 # Methods every actor has, as in Ray (``handle.__ray_ready__.remote()`` and the like); the
 # executors run them (execution.actor_method) unless the user's class defines its own.
 BUILTIN_METHODS: dict[str, dict[str, Any]] = {
-    name: {**opts.METHOD_DEFAULTS, "is_async": False, "argument_check": None}
+    name: {**opts.METHOD_DEFAULTS, "is_async": False, "is_generator": False, "argument_check": None}
     for name in ("__ray_ready__", "__ray_call__", "__ray_terminate__")
 }
 
@@ -557,12 +561,13 @@ class ActorMethod:
         self._options = method_options
 
     def remote(self, *args: Any, **kwargs: Any) -> Any:
-        check_arguments(
-            self._options.get("argument_check"),
-            f"{self._handle.class_name}.{self._name}",
-            args,
-            kwargs,
-        )
+        label = f"{self._handle.class_name}.{self._name}"
+        check_arguments(self._options.get("argument_check"), label, args, kwargs)
+        if self._options["num_returns"] == "streaming" and not self._options.get("is_generator"):
+            raise ValueError(
+                f"num_returns='streaming' can only be used with generator methods (methods "
+                f"that use 'yield'), as in Ray; {label} is not one"
+            )
         return context.current().submit_actor_call(
             self._handle, self._name, args, kwargs, self._options
         )

@@ -1,14 +1,15 @@
-"""The caller's end of a streaming generator task (``num_returns="streaming"``) on the embedded
-backends: the ids of the objects the task has yielded so far, in order, and whether it ended.
+"""The caller's end of a streaming generator task or actor method (``num_returns="streaming"``)
+on the embedded backends: the ids of the objects it has yielded so far, in order, and whether it
+ended.
 
-    task (worker process or thread) --yields--> backend stores the value, append(oid)
+    task or method (worker process or thread) --yields--> backend stores the value, append(oid)
     ObjectRefGenerator.__next__ --> next_ref(index, deadline): waits on ``cond`` for the index-th
 
 The backend appends under ``cond`` (the local head's lock, or one of the inline backend's own)
 and the generator reads under it. Each appended object carries one reference for the ref the
 generator will hand out; ``close`` gives back those it never handed out.
 
-Also the worker side's replay rule, shared by both backends: a retried generator task runs
+Also the worker side's replay rule, shared by both backends: a retried generator runs
 again from the start, and the values the caller already has are skipped (Ray does the same,
 so a generator that is retried should yield the same values each time).
 """
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 from miniray.runtime.refs import ObjectRef, nil_ref
@@ -85,6 +86,15 @@ def replay(values: Iterator[Any], skip: int) -> Iterator[tuple[int, Any]]:
     for index, value in enumerate(values):
         if index >= skip:
             yield index, value
+
+
+async def areplay(values: AsyncIterator[Any], skip: int) -> AsyncIterator[tuple[int, Any]]:
+    """``replay`` for an async generator method (``async def`` with ``yield``)."""
+    index = 0
+    async for value in values:
+        if index >= skip:
+            yield index, value
+        index += 1
 
 
 def not_a_generator_error(name: str, value: Any) -> TypeError:

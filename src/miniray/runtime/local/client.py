@@ -176,11 +176,7 @@ class WorkerClient:
     ) -> Any:
         opts.check_embedded(options, self.name)
         if options["num_returns"] == "streaming":
-            raise ValueError(
-                f"{fn.__qualname__}.remote(): a streaming generator task (num_returns="
-                "'streaming') can be started only from the driver on the local backend, not "
-                "from inside a task or actor; return a list from here instead"
-            )
+            raise _nested_stream_error(f"{fn.__qualname__}.remote()")
         call_args, call_kwargs, deps = execution.encode_args(args, kwargs)
         payload = serialize_args(call_args, call_kwargs, fn.__qualname__, self._session_id)
         fn_bytes = None
@@ -208,8 +204,10 @@ class WorkerClient:
     def submit_actor_call(
         self, handle: ActorHandle, method: str, args: tuple, kwargs: dict, options: dict[str, Any]
     ) -> Any:
-        call_args, call_kwargs, deps = execution.encode_args(args, kwargs)
         label = f"{handle.class_name}.{method}"
+        if options["num_returns"] == "streaming":
+            raise _nested_stream_error(f"{label}.remote()")
+        call_args, call_kwargs, deps = execution.encode_args(args, kwargs)
         payload = serialize_args(call_args, call_kwargs, label, self._session_id)
         return_ids = [new_id("o") for _ in range(options["num_returns"])]
         self.send(
@@ -273,6 +271,15 @@ class WorkerClient:
 
     def shutdown(self) -> None:
         raise RaySystemError("shutdown() can only be called by the driver, not inside a worker")
+
+
+def _nested_stream_error(label: str) -> ValueError:
+    # The head keeps a stream's refs in the driver, and a generator cannot travel to a child.
+    return ValueError(
+        f"{label}: a streaming generator (num_returns='streaming') can be started only from "
+        "the driver on the local backend, not from inside a task or actor; return a list "
+        "from here instead"
+    )
 
 
 def _decoded(stored: protocol.Stored) -> Any:

@@ -145,6 +145,8 @@ class _Call:
         self.options: dict[str, Any] = options
         retries = options.get("max_task_retries")
         self.retries_left: int = 0 if retries is None else retries
+        self.stream: streaming.Stream | None = None  # a generator method's (no return_ids)
+        self.cancelled = False
 
 
 class _Actor:
@@ -446,7 +448,10 @@ class LocalBackend:
                 answer = ("error", exc)
             self._send(child, ("reply", rid, answer))
         elif kind == "cancel":
-            self._cancel(message[1], message[2], message[3])
+            try:
+                self._cancel(message[1], message[2], message[3])
+            except ValueError:  # force=True on an actor call: ignored inside a task (docs)
+                pass
         elif kind == "retried":
             self._on_retried(child, message[1])
         elif kind == "actor_exit":
@@ -865,25 +870,33 @@ class LocalBackend:
         for oid, item in zip(task.return_ids, stored):
             self._store(oid, item)
         if task.stream is not None:
-            if stored and stored[0][0]:  # an error: the stream's last value
-                self._stream_value(task, stored[0])
-            task.stream.end()
+            self._end_stream(task.stream, stored, f"task {task.name}()")
 
-    def _on_yield(self, child: _Child, task_id: str, stored: Stored) -> None:
-        """A streaming task running on ``child`` yielded a value: a new object, its ref handed
-        to the caller's ObjectRefGenerator at once."""
+    def _on_yield(self, child: _Child, call_id: str, stored: Stored) -> None:
+        """A streaming task or actor call running on ``child`` yielded a value: a new object,
+        its ref handed to the caller's ObjectRefGenerator at once."""
+        stream, label = None, ""
         task = child.task
-        if task is None or task.task_id != task_id or task.done or task.stream is None:
+        if task is not None and task.task_id == call_id and not task.done:
+            stream, label = task.stream, f"task {task.name}()"
+        elif child.actor is not None and call_id in child.actor.inflight:
+            call = child.actor.inflight[call_id]
+            stream, label = call.stream, f"{child.actor.class_name}.{call.method}()"
+        if stream is None:
             self._free_segment(stored[1])  # (cancelled with force=True, say)
             return
-        self._stream_value(task, stored)
+        self._stream_value(stream, stored, label)
 
-    def _stream_value(self, task: _Task, stored: Stored) -> None:
-        assert task.stream is not None
+    def _stream_value(self, stream: streaming.Stream, stored: Stored, label: str) -> None:
         oid = new_id("o")
-        self._new_object(oid, f"task {task.name}()", owner=None)  # the generator's reference
+        self._new_object(oid, label, owner=None)  # the generator's reference
         self._store(oid, stored)
-        task.stream.append(oid)
+        stream.append(oid)
+
+    def _end_stream(self, stream: streaming.Stream, stored: list[Stored], label: str) -> None:
+        if stored and stored[0][0]:  # an error: the stream's last value
+            self._stream_value(stream, stored[0], label)
+        stream.end()
 
     def _on_result(self, child: _Child, call_id: str, stored: list[Stored]) -> None:
         if child.kind == "worker":
@@ -949,6 +962,29 @@ class LocalBackend:
         task = next((t for t in self._tasks.values() if oid in t.return_ids), None)
         if task is not None:
             self._cancel_task(task, force, recursive)
+            return
+        for actor in self._actors.values():
+            for call in (*actor.pending, *actor.inflight.values()):
+                if oid in call.return_ids:
+                    if force:
+                        raise ValueError("force=True is not supported for actor tasks.")  # Ray's
+                    self._cancel_call(actor, call)
+                    return
+
+    def _cancel_call(self, actor: _Actor, call: _Call) -> None:
+        """As in Ray 2.60, a cancelled actor call's result is TaskCancelledError: one still
+        queued here never runs; the actor's process decides for one sent to it (worker.py)."""
+        if call in actor.pending:
+            actor.pending.remove(call)
+            error = TaskCancelledError(
+                f"actor call {actor.class_name}.{call.method}() was cancelled"
+            )
+            self._finish_call(
+                call, [stored_error(error, self.session_id)] * max(1, len(call.return_ids))
+            )
+        elif not call.cancelled and actor.child is not None:
+            call.cancelled = True
+            self._send(actor.child, ("cancel_call", call.call_id))
 
     def _cancel_task(self, task: _Task, force: bool, recursive: bool) -> None:
         if task.done:
@@ -1092,17 +1128,22 @@ class LocalBackend:
         label = f"{handle.class_name}.{method}"
         payload = serialize_args(call_args, call_kwargs, label, self.session_id)
         num_returns = options["num_returns"]
+        streams = num_returns == "streaming"
         call = _Call(
             new_id("m"),
             method,
             payload,
             deps,
-            [new_id("o") for _ in range(num_returns)],
+            [] if streams else [new_id("o") for _ in range(num_returns)],
             opts.call_wire_options(options),
         )
+        if streams:
+            call.stream = streaming.Stream(self._cond, self._check_open, self.release)
         with self._cond:
             self._check_open()
             self._submit_call(handle.actor_id, call, owner=None)
+        if call.stream is not None:
+            return ObjectRefGenerator(call.stream)
         refs = [ObjectRef(oid) for oid in call.return_ids]
         return returns_of(refs, num_returns) if refs else None
 
@@ -1184,6 +1225,8 @@ class LocalBackend:
         self._free_segment(call.payload)
         for oid, item in zip(call.return_ids, stored):
             self._store(oid, item)
+        if call.stream is not None:
+            self._end_stream(call.stream, stored, f"actor call {call.method}()")
 
     def _fail_call_dead(
         self, call: _Call, actor: _Actor | None, actor_id: str, reason: str, *, unavailable=False
@@ -1360,9 +1403,11 @@ class LocalBackend:
         # In-flight calls either run again on the new process or fail as Ray's do.
         retry = []
         for call in actor.inflight.values():
-            if call.retries_left != 0:
+            if call.retries_left != 0 and not call.cancelled:
                 call.retries_left -= 1
                 call.options["max_task_retries"] = call.retries_left
+                if call.stream is not None:  # the next attempt skips the values the caller has
+                    call.options["streamed"] = len(call.stream.ids)
                 retry.append(call)
             else:
                 self._fail_call_dead(

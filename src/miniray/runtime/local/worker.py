@@ -8,6 +8,9 @@
               async actor -> asyncio loop in the main thread, max_concurrency at once
     cancel of the running task -> receiver thread sends SIGINT to the main thread, whose
               handler raises KeyboardInterrupt in the task (only in that task: see _on_sigint)
+    cancel of an actor call -> its result becomes TaskCancelledError (as in Ray 2.60): a queued
+              call never runs, a generator stops at its next yield, an async call's coroutine
+              is cancelled; running sync code is not interrupted (Ray does not either)
 
 Started as ``python -m miniray.runtime.local.worker FD`` with the session in the environment.
 """
@@ -57,6 +60,10 @@ class Worker:
         # Cancellation: the task the main thread runs, and the last task the head cancelled.
         self.current_task: str | None = None
         self.cancel_id: str | None = None
+        # Actor calls the head cancelled (ids leave when the call's result is sent), and the
+        # asyncio task of each call of an async actor.
+        self.cancelled_calls: set[str] = set()
+        self.async_calls: dict[str, Any] = {}
         self.identity: ActorIdentity | None = None  # the actor this process hosts
         self.exiting = False  # exit_actor() was called: run no more calls
 
@@ -75,6 +82,10 @@ class Worker:
                 os._exit(0)
             elif kind == "cancel":
                 self._interrupt(message[1])
+            elif kind == "cancel_call":
+                self.cancelled_calls.add(message[1])
+                if self.loop is not None:
+                    self.loop.call_soon_threadsafe(self._cancel_async_call, message[1])
             elif kind == "reclaim":
                 for name in message[1]:
                     segments.reclaim(name)
@@ -198,12 +209,22 @@ class Worker:
                 self.client.send(("retried", task_id))
 
     def _stream(self, task_id: str, name: str, values: Any, streamed: list[int]) -> None:
-        """Send each value a streaming task yields as it comes: the head makes it an object
-        and hands its ref to the caller's ObjectRefGenerator."""
+        """Send each value a streaming task or actor call yields as it comes: the head makes
+        it an object and hands its ref to the caller's ObjectRefGenerator."""
         if not hasattr(values, "__next__"):
             raise streaming.not_a_generator_error(name, values)
         for index, value in streaming.replay(values, streamed[0]):
+            if task_id in self.cancelled_calls:  # a cancelled actor call stops here, as in Ray
+                values.close()
+                raise TaskCancelledError(f"actor call {name}() was cancelled")
             self.client.send(("yield", task_id, stored_value(value, self.session_id, name)))
+            del value
+            streamed[0] = index + 1
+
+    async def _stream_async(self, call_id: str, name: str, values: Any, streamed: list[int]):
+        """``_stream`` for an async generator method, on the actor's event loop."""
+        async for index, value in streaming.areplay(values, streamed[0]):
+            self.client.send(("yield", call_id, stored_value(value, self.session_id, name)))
             del value
             streamed[0] = index + 1
 
@@ -234,7 +255,8 @@ class Worker:
         import inspect  # lazily: task workers never need it
 
         is_async = any(
-            inspect.iscoroutinefunction(m) for _, m in inspect.getmembers(type(self.instance))
+            inspect.iscoroutinefunction(m) or inspect.isasyncgenfunction(m)
+            for _, m in inspect.getmembers(type(self.instance))
         )
         if is_async:
             import asyncio  # only async actors pay for importing it
@@ -258,6 +280,8 @@ class Worker:
         return execution.actor_method(self.instance, method)(*args, **kwargs)
 
     def _finish_call(self, call_id: str, label: str, return_ids: list[str], value: Any) -> None:
+        if call_id in self.cancelled_calls:  # Ray drops the result of a cancelled call
+            return self._fail_call(call_id, label, return_ids, None)
         try:
             values = execution.split_returns(value, len(return_ids), label)
         except ValueError as exc:
@@ -266,17 +290,32 @@ class Worker:
         del values, value
         self.client.send(("result", call_id, stored))
 
-    def _fail_call(self, call_id: str, label: str, return_ids: list[str], exc: BaseException):
-        error = stored_error(execution.task_error(label, exc), self.session_id)
+    def _fail_call(
+        self, call_id: str, label: str, return_ids: list[str], exc: BaseException | None
+    ) -> None:
+        if call_id in self.cancelled_calls:
+            self.cancelled_calls.discard(call_id)
+            failure: BaseException = TaskCancelledError(f"actor call {label}() was cancelled")
+        else:
+            assert exc is not None
+            failure = execution.task_error(label, exc)
+        error = stored_error(failure, self.session_id)
         self.client.send(("result", call_id, [error] * max(1, len(return_ids))))
 
     def _run_call(self, message: tuple) -> None:
         if self.exiting:
             return  # queued behind the exit_actor() call: the head failed it already
         retries_left = message[6]["max_task_retries"]
+        label = f"{self.actor_name}.{message[2]}"
+        if message[1] in self.cancelled_calls:  # cancelled while queued: it never runs
+            return self._fail_call(message[1], label, message[5], None)
+        streamed = _streamed(message)
         while True:
             try:
                 value = self._invoke(message)
+                if streamed is not None:  # the call holds the actor until its generator ends
+                    self._stream(message[1], label, value, streamed)
+                    value = None
             except BaseException as exc:
                 left = self._after_failure(message, exc, retries_left)
                 if left is None:
@@ -284,7 +323,7 @@ class Worker:
                 retries_left = left
                 continue
             break
-        self._finish_call(message[1], f"{self.actor_name}.{message[2]}", message[5], value)
+        self._finish_call(message[1], label, message[5], value)
         del value
         self.client.flush()
 
@@ -301,7 +340,10 @@ class Worker:
             return None
         if isinstance(exc, SystemExit):
             _exit_process(exc)
-        left = execution.retries_after(exc, retries_left, message[6]["retry_exceptions"])
+        if call_id in self.cancelled_calls:  # never retried; _fail_call says cancelled
+            left = None
+        else:
+            left = execution.retries_after(exc, retries_left, message[6]["retry_exceptions"])
         if left is None:
             self._fail_call(call_id, f"{self.actor_name}.{message[2]}", message[5], exc)
             return None
@@ -311,18 +353,42 @@ class Worker:
     def _start_async_call(self, message: tuple) -> None:
         assert self.loop is not None
         if not self.exiting:
-            self.loop.create_task(self._run_async_call(message))
+            self.async_calls[message[1]] = self.loop.create_task(self._run_async_call(message))
+
+    def _cancel_async_call(self, call_id: str) -> None:
+        """On the loop: the head cancelled this call; its coroutine sees CancelledError."""
+        task = self.async_calls.get(call_id)
+        if task is not None:
+            task.cancel()
 
     async def _run_async_call(self, message: tuple) -> None:
+        label = f"{self.actor_name}.{message[2]}"
+        try:
+            await self._run_async_attempts(message, label)
+        except BaseException:
+            if message[1] not in self.cancelled_calls:
+                raise
+            self._fail_call(message[1], label, message[5], None)  # cancelled while queued
+        finally:
+            self.async_calls.pop(message[1], None)
+
+    async def _run_async_attempts(self, message: tuple, label: str) -> None:
         assert self.semaphore is not None
         retries_left = message[6]["max_task_retries"]
+        streamed = _streamed(message)
         async with self.semaphore:
             if self.exiting:
                 return
             while True:
                 try:
                     value = self._invoke(message)
-                    if hasattr(value, "__await__"):
+                    if streamed is not None and hasattr(value, "__anext__"):
+                        await self._stream_async(message[1], label, value, streamed)
+                        value = None
+                    elif streamed is not None:
+                        self._stream(message[1], label, value, streamed)
+                        value = None
+                    elif hasattr(value, "__await__"):
                         value = await value
                 except BaseException as exc:
                     left = self._after_failure(message, exc, retries_left)
@@ -331,7 +397,7 @@ class Worker:
                     retries_left = left
                     continue
                 break
-            self._finish_call(message[1], f"{self.actor_name}.{message[2]}", message[5], value)
+            self._finish_call(message[1], label, message[5], value)
 
     # -- exit_actor() ----------------------------------------------------------------------
     def _exit_actor(self, call_id: str) -> None:
@@ -362,6 +428,12 @@ class Worker:
         if others:
             await asyncio.wait(others)
         _end_process()
+
+
+def _streamed(message: tuple) -> list[int] | None:
+    """A streaming call's count of values the caller has (a retry skips them), else None."""
+    options = message[6]
+    return [options.get("streamed", 0)] if options["num_returns"] == "streaming" else None
 
 
 def _end_process() -> None:
