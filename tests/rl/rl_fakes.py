@@ -193,3 +193,54 @@ def reward_by_digit(response, truth):
 
 class Crash(RuntimeError):
     pass
+
+
+class PacedEngine(DeterministicEngine):
+    """``DeterministicEngine`` whose calls take ``seconds`` (in steps of 5 ms, stopping early
+    when asked); records the versions it loaded in ``loaded``. ``hang_marker``: a file; the
+    first call in a process where it does not exist yet creates it and hangs (a hung
+    replica), so the replica restarted after it generates normally."""
+
+    def __init__(self, digit_ids, seconds=0.0, hang_marker=None):
+        super().__init__(digit_ids)
+        self.seconds = seconds
+        self.hang_marker = hang_marker
+        self.loaded: list[int] = []
+
+    def generate(self, prompts, *, max_new_tokens, temperature=1.0, should_stop=None):
+        import os
+        import time
+
+        if self.hang_marker is not None and not os.path.exists(self.hang_marker):
+            open(self.hang_marker, "w").close()
+            time.sleep(3600)
+        deadline = time.monotonic() + self.seconds
+        while time.monotonic() < deadline and not (should_stop is not None and should_stop()):
+            time.sleep(0.005)
+        return super().generate(
+            prompts, max_new_tokens=max_new_tokens, temperature=temperature, should_stop=should_stop
+        )
+
+    def load_weights(self, state_dict, *, take=False):
+        # A test's tagged weights carry their version; a run's are the model's (-1 here).
+        tag = state_dict.get("version")
+        self.loaded.append(-1 if tag is None else int(tag[0]))
+
+
+class PacedEngines:
+    """An ``engine_factory``: replica ``i`` gets a ``PacedEngine`` taking ``seconds[i]`` per
+    call; every engine it made in this process is in ``made`` (inline: the test reads them)."""
+
+    made: dict[int, list[PacedEngine]] = {}
+
+    def __init__(self, digit_ids, seconds, hang_marker=None, hang_replica=None):
+        self.digit_ids = digit_ids
+        self.seconds = seconds
+        self.hang_marker = hang_marker
+        self.hang_replica = hang_replica
+
+    def __call__(self, index):
+        marker = self.hang_marker if index == self.hang_replica else None
+        engine = PacedEngine(self.digit_ids, self.seconds[index], hang_marker=marker)
+        PacedEngines.made.setdefault(index, []).append(engine)
+        return engine

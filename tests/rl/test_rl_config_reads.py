@@ -139,8 +139,6 @@ def test_reads_are_recorded_for_code_not_for_the_config_machinery():
 
 
 REFUSED_CASES = [
-    ("rl", "rollout.nnodes=2"),
-    ("rl", "rollout.n_gpus_per_node=8"),
     ("rl", "actor_rollout_ref.rollout.tensor_model_parallel_size=2"),
     ("rl", "actor_rollout_ref.rollout.calculate_log_probs=false"),
     ("distill", "trainer.nnodes=2"),

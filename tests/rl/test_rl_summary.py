@@ -27,6 +27,8 @@ KEYS = {
     "trainer_idle_ratio",
     "rollouter_idle_ratio",
     "prompts_skipped_too_long",
+    "rollout_replicas",
+    "replica_failures",
     "trainer_world_size",
     "trainer_device",
     "response_tokens",
@@ -58,6 +60,8 @@ def inputs(**overrides):
             "groups_rejected_stale": 2,
             "idle_ratio": 0.12345,
             "prompts_skipped_too_long": 5,
+            "rollout_replicas": 3,
+            "replica_failures": 2,
             "peak_rss_gib": 0.75,
         },
         "placement": {"trainer_world_size": 2, "trainer_device": "cuda:0"},
@@ -86,6 +90,8 @@ def test_every_field_comes_from_its_input():
         "trainer_idle_ratio": 0.25,  # 1 s waiting of 4
         "rollouter_idle_ratio": 0.123,
         "prompts_skipped_too_long": 5,
+        "rollout_replicas": 3,
+        "replica_failures": 2,
         "trainer_world_size": 2,
         "trainer_device": "cuda:0",
         "response_tokens": 24.0,  # 8 x 2 + 8 x 1 + 4 x (no length reported)
@@ -123,6 +129,7 @@ def test_sync_mode_reports_the_blocking_load_as_the_sync():
     assert (summary["mean_age"], summary["max_age"]) == (0.0, 0)
     assert summary["rejected_stale"] == summary["prompts_skipped_too_long"] == 0
     assert summary["rollouter_idle_ratio"] == 0.0
+    assert (summary["rollout_replicas"], summary["replica_failures"]) == (1, 0)
     nothing = build_summary(**inputs(blocking_ms=[], sync_stats={}))
     assert nothing["sync_ms_p50"] == nothing["sync_blocking_ms_p50"] == 0.0
 

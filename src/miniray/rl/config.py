@@ -249,8 +249,24 @@ class TrainerConfig(Config):
 class RolloutConfig(Config):
     """Resources of the rollouter (its sampling parameters are actor_rollout_ref.rollout)."""
 
-    nnodes: int = option(1, ge=1)
-    n_gpus_per_node: int = option(0, ge=0, help="GPUs for generation; 0 generates on the CPU")
+    nnodes: int = option(1, ge=1, help="nodes of rollout replicas")
+    n_gpus_per_node: int = option(
+        0,
+        ge=0,
+        help="generation processes per node, each with its own engine (RL: rollout replicas, "
+        "nnodes x n_gpus_per_node / tensor_model_parallel_size, 0 or 1 being one in the "
+        "rollouter's own process; distillation: rollout workers); generation runs on the CPU, "
+        "so this counts CPU processes",
+    )
+
+
+@dataclass(kw_only=True)
+class ReplicaRolloutConfig(RolloutConfig):
+    """The RL rollouter's resources: its replicas restart (distillation's workers do not)."""
+
+    max_restarts: int = option(
+        1, ge=0, help="restarts of a rollout replica that died or hung, with the current weights"
+    )
 
 
 @dataclass(kw_only=True)
@@ -465,7 +481,7 @@ class RLConfig(Config):
     actor_rollout_ref: ActorRolloutRefConfig
     async_training: AsyncTrainingConfig = field(default_factory=AsyncTrainingConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    rollout: ReplicaRolloutConfig = field(default_factory=ReplicaRolloutConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     custom_reward_function: CustomRewardFunctionConfig = field(
         default_factory=CustomRewardFunctionConfig
@@ -725,8 +741,6 @@ SCALE_OUT = (
 
 # Keys accepted only at the values this version supports (``check_refused``).
 REFUSED: dict[str, Refusal] = {
-    "rollout.nnodes": at_most(1, SCALE_OUT),
-    "rollout.n_gpus_per_node": at_most(1, SCALE_OUT),
     "actor_rollout_ref.rollout.tensor_model_parallel_size": at_most(
         1, "tensor parallelism splits one engine over several GPUs; " + SCALE_OUT
     ),

@@ -42,6 +42,7 @@ from miniray.rl.data_position import TrainedPositions
 from miniray.rl.dynamic_sampling import REWARD_METRICS_KEY
 from miniray.rl.prompts import prompt_text, prompt_token_ids
 from miniray.rl.queue import MessageQueue
+from miniray.rl.replicas import replica_count
 from miniray.rl.rewards import RewardScorer, build_scorer, requests_for
 from miniray.rl.rollouter import FullyAsyncRollouter, RewardFn, as_rl_config
 from miniray.rl.summary import build_summary, trainer_placement
@@ -114,6 +115,7 @@ def run(
     on_step: Callable[[int, dict[str, Any]], None] | None = None,
     engine: Any = None,
     trainer: Any = None,
+    engine_factory: Callable[[int], Any] | None = None,
 ) -> RunResult:
     """Train for ``trainer.total_training_steps`` steps; returns the summary and the curves.
 
@@ -124,7 +126,9 @@ def run(
     closed when the run ends. ``engine`` (shipped to the rollouter) and ``trainer`` replace
     the real ones, e.g. with fakes of known timing in benchmarks (their interfaces:
     ``engines.base.GenerationEngine``, and ``train_step``/``get_weights``/``set_version`` of
-    ``FullyAsyncTrainer``; the caller keeps a trainer it passes).
+    ``FullyAsyncTrainer``; the caller keeps a trainer it passes). With several rollout
+    replicas (``rollout.nnodes x n_gpus_per_node``) ``engine_factory`` builds each one's
+    engine in its own process instead.
     """
     cfg = as_rl_config(config)
     trigger, save_freq = cfg.trainer.trigger_parameter_sync_step, cfg.trainer.save_freq
@@ -138,7 +142,9 @@ def run(
     check_devices(cfg)
     sinks = _open_sinks(cfg, log_dir)
     queue = MessageQueue.remote(cfg)
-    rollouter = FullyAsyncRollouter.remote(cfg, queue, reward_fn=reward_fn, engine=engine)
+    rollouter = FullyAsyncRollouter.remote(
+        cfg, queue, reward_fn=reward_fn, engine=engine, engine_factory=engine_factory
+    )
     own_trainer = trainer is None
     trainer = TrainerGroup.start(cfg) if trainer is None else trainer
     publisher = WeightPublisher.for_run(cfg, trainer, rollouter)
@@ -275,14 +281,15 @@ def _write_metrics(sinks: Sequence[MetricsLogger], metrics: dict[str, Any], step
 
 
 def check_devices(cfg: Any) -> None:
-    """The rollouter's ``n_gpus_per_node``: 0 runs on the CPU; 1 (the most the config accepts
-    until the rollout replicas land) is said to run on the CPU too, since generation is placed
-    on no GPU yet. The trainer's devices are the trainer group's (``trainer_group.group_plan``)."""
+    """The rollouter's ``n_gpus_per_node`` counts replicas; generation is placed on no GPU
+    yet, so a non-zero count says so once. The trainer's devices are the trainer group's
+    (``trainer_group.group_plan``)."""
     if cfg.rollout.n_gpus_per_node:
         logger.warning(
-            "rollout.n_gpus_per_node=%d: the rollouter places nothing on a GPU yet (the "
-            "rollout-replicas issue adds that); it generates on the CPU in its process",
+            "rollout.n_gpus_per_node=%d: %d rollout replica(s), each generating on the CPU (no "
+            "engine is placed on a GPU yet): n_gpus_per_node counts CPU processes here",
             cfg.rollout.n_gpus_per_node,
+            replica_count(cfg),
         )
 
 

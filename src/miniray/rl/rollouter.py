@@ -41,6 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import miniray
 from miniray.config import from_dict
 from miniray.rl.compat import actor_constructor
 from miniray.rl.config import RLConfig
@@ -48,6 +49,7 @@ from miniray.rl.data_position import PromptCursor, PromptOrder, TrainedPositions
 from miniray.rl.dynamic_sampling import REWARD_METRICS_KEY
 from miniray.rl.endpoints import Pending, call
 from miniray.rl.prompts import fit_prompt_lengths, load_prompts, prompt_text, prompt_token_ids
+from miniray.rl.replicas import EngineReplica, RemoteEngine, ReplicaFailed, replica_count
 from miniray.rl.rewards import build_scorer, requests_for
 from miniray.rl.staleness import admission_capacity
 from miniray.rl.tracking import peak_rss_gib
@@ -104,25 +106,44 @@ class FullyAsyncRollouter:
         engine: Any = None,
         reward_fn: RewardFn | None = None,
         seed: int | None = None,
+        engine_factory: Callable[[int], Any] | None = None,
     ):
         """``seed``: the engine's sampling seed; None: ``trainer.seed`` (the same seed samples
-        the same tokens)."""
+        the same tokens). ``engine``: the engine of a one-replica rollouter, in this process;
+        ``engine_factory(i)``: builds replica ``i``'s engine, in its own process with several
+        replicas (``replicas.replica_count``), instead of the one ``rollout.name`` names."""
         self.config = as_rl_config(config)
         cfg = self.config
         from miniray.rl.models.tiny import load_options, load_tokenizer
 
         model = cfg.actor_rollout_ref.model
         options = load_options(model, device="cpu")
-        if engine is None:
+        self.seed = cfg.trainer.seed if seed is None else seed
+        self.num_replicas = replica_count(cfg)
+        self._engine_factory = engine_factory
+        if self.num_replicas > 1 and engine is not None:
+            raise ValueError(
+                f"rollout.nnodes x rollout.n_gpus_per_node asks for {self.num_replicas} rollout "
+                "replicas, each an actor with its own engine: pass engine_factory (called in "
+                "each replica's process), not one engine"
+            )
+        if engine is None and engine_factory is not None and self.num_replicas == 1:
+            engine = engine_factory(0)
+        if engine is None and self.num_replicas == 1:
             from miniray.rl.engines import build_engine
 
             engine = build_engine(
                 cfg.actor_rollout_ref.rollout.name,
                 model_path=model.path,
-                seed=cfg.trainer.seed if seed is None else seed,
+                seed=self.seed,
                 **options,
             )
-        self.engine = engine
+        self.engine = engine  # one replica: called in this process; several: None
+        # Several replicas: one RemoteEngine each (started below), its restarts left.
+        self._replicas: list[RemoteEngine] = []
+        self._restarts_left: list[int] = []
+        self._weights_ref: Any = None  # the last weights loaded (a restarted replica's)
+        self._weights_version = 0
         self.tokenizer = load_tokenizer(model.path, trust_remote_code=options["trust_remote_code"])
         data = cfg.data
         rows: list[dict[str, Any]] = []
@@ -187,7 +208,8 @@ class FullyAsyncRollouter:
         self._cond = threading.Condition()
         self._paused = False
         self._interrupt_at = 0.0  # monotonic time a pause interrupts the running engine call
-        self._generating = False
+        self._generating = 0  # lanes inside an engine call
+        self._in_flight = 0  # groups taken by a lane and not yet unfinished or offered
         self._stop = False
         self._thread: threading.Thread | None = None
         self._error: str | None = None
@@ -206,7 +228,32 @@ class FullyAsyncRollouter:
             "started_at": time.time(),
             "prompts_skipped_too_long": skipped,  # of data.train_files, at start
             "prompts_truncated": fitted.truncated,  # cut to the limit (data.truncation)
+            "replica_failures": 0,
+            "replica_restarts": 0,
         }
+        # Per replica: groups finished, tokens generated, seconds in engine calls, failures.
+        self.replica_stats = [
+            {
+                "groups": 0,
+                "tokens": 0,
+                "generate_seconds": 0.0,
+                "failures": 0,
+                "missed_syncs": 0,
+                "alive": True,
+            }
+            for _ in range(self.num_replicas)
+        ]
+        # Read whatever the count: one replica (this process) has nothing to restart.
+        max_restarts = cfg.rollout.max_restarts
+        for index in range(self.num_replicas if self.num_replicas > 1 else 0):
+            self._replicas.append(self._start_replica(index))
+            self._restarts_left.append(max_restarts)
+
+    def _start_replica(self, index: int) -> RemoteEngine:
+        handle = EngineReplica.options(num_cpus=1).remote(
+            self.config, index, self.seed + index, self._engine_factory
+        )
+        return RemoteEngine(index, handle, self.config.async_training.generation_timeout)
 
     # -- generation -------------------------------------------------------------------------
     def groups_per_call(self) -> int:
@@ -225,16 +272,23 @@ class FullyAsyncRollouter:
         return None if groups is None else groups[0]
 
     def generate_groups(
-        self, num_groups: int, version: int | None = None
+        self, num_groups: int, version: int | None = None, lane: int = 0
     ) -> list[list[Sample]] | None:
-        """``num_groups`` prompts, ``rollout.n`` responses each, in one engine call; scored and
-        stamped. None if interrupted: then every prompt goes back to the cursor."""
+        """``num_groups`` prompts, ``rollout.n`` responses each, in one engine call (on replica
+        ``lane``); scored and stamped. None if interrupted or the replica failed: then every
+        prompt goes back to the cursor."""
         v = self.version if version is None else version
         groups = self._new_groups(num_groups, v)
-        if self._sample(groups, v):
+        try:
+            interrupted = self._sample(groups, v, lane)
+        except ReplicaFailed as failure:
+            self._drop(groups)
+            self._replica_failed(lane, [], failure)
+            return None
+        if interrupted:
             self._drop(groups)
             return None
-        return [self._finish(group) for group in groups]
+        return [self._finish(group, lane) for group in groups]
 
     def _new_groups(self, count: int, version: int) -> list[_Rollout]:
         """The next ``count`` prompts as groups of ``rollout.n`` empty samples (their prompts
@@ -267,7 +321,7 @@ class FullyAsyncRollouter:
             groups.append(_Rollout(position=position, row=row, samples=samples))
         return groups
 
-    def _sample(self, groups: list[_Rollout], version: int) -> bool:
+    def _sample(self, groups: list[_Rollout], version: int, lane: int = 0) -> bool:
         """One engine call continuing every unfinished response of ``groups`` at ``version``.
 
         Returns True if a pause or stop interrupted it. The tokens sampled before the
@@ -282,14 +336,19 @@ class FullyAsyncRollouter:
         samples = [g.samples[i] for g, i in todo]
         budgets = [limit - s.num_response_tokens for s in samples]
         started = time.time()
-        gens = self.engine.generate(
+        engine = self.engine if not self._replicas else self._replicas[lane]
+        gens = engine.generate(
             [s.prompt_token_ids + s.response_token_ids for s in samples],
             max_new_tokens=max(budgets),  # rows with less room are cut below
             temperature=cfg.actor_rollout_ref.rollout.temperature,
             should_stop=self._should_stop,
             **sampling_filters(cfg),
         )
-        self.stats["generate_seconds"] += time.time() - started
+        took = time.time() - started
+        with self._cond:  # lanes count at once
+            self.stats["generate_seconds"] += took
+            self.replica_stats[lane]["generate_seconds"] += took
+            self.replica_stats[lane]["tokens"] += sum(len(g.response_token_ids) for g in gens)
         interrupted = False
         for (group, index), sample, budget, gen in zip(todo, samples, budgets, gens):
             tokens = list(gen.response_token_ids[:budget])
@@ -302,7 +361,8 @@ class FullyAsyncRollouter:
             else:
                 group.done[index] = True
         if interrupted:
-            self.stats["groups_interrupted"] += sum(1 for g in groups if not all(g.done))
+            with self._cond:
+                self.stats["groups_interrupted"] += sum(1 for g in groups if not all(g.done))
         return interrupted
 
     def _should_stop(self) -> bool:
@@ -312,11 +372,12 @@ class FullyAsyncRollouter:
 
     def _drop(self, groups: list[_Rollout]) -> None:
         """Give up on ``groups`` (no partial rollouts): their prompts are issued again."""
-        self.stats["groups_aborted"] += len(groups)
-        for group in groups:
-            self.cursor.give_back(group.position)
+        with self._cond:
+            self.stats["groups_aborted"] += len(groups)
+            for group in groups:
+                self.cursor.give_back(group.position)
 
-    def _finish(self, group: _Rollout) -> list[Sample]:
+    def _finish(self, group: _Rollout, lane: int = 0) -> list[Sample]:
         """Score a complete group; its samples get rewards and a finishing time. The reward
         function's other numeric fields go to ``metadata["reward_metrics"]``, the rest to
         ``metadata["reward_fields"]``."""
@@ -335,19 +396,53 @@ class FullyAsyncRollouter:
             if reward.fields:
                 sample.metadata["reward_fields"] = dict(reward.fields)
             sample.finish(reward.score, now=now)
-        self.stats["groups_generated"] += 1
-        if any(s.v_end > s.v_start for s in group.samples):
-            self.stats["groups_partial"] += 1
+        with self._cond:
+            self.stats["groups_generated"] += 1
+            self.replica_stats[lane]["groups"] += 1
+            if any(s.v_end > s.v_start for s in group.samples):
+                self.stats["groups_partial"] += 1
         return group.samples
 
     def generate_batch(self, num_groups: int, version: int | None = None) -> list[list[Sample]]:
         """The synchronous baseline's call: ``num_groups`` groups now, at this version, in
         engine calls of ``groups_per_call()`` groups as in the asynchronous loop."""
         groups: list[list[Sample]] = []
-        while len(groups) < num_groups:
-            count = min(self.groups_per_call(), num_groups - len(groups))
-            groups.extend(self.generate_groups(count, version) or [])
+        lock = threading.Lock()
+
+        def lane_work(lane: int) -> None:  # pull calls while groups are missing
+            while self._replica_alive(lane):
+                with lock:
+                    count = min(self.groups_per_call(), num_groups - len(groups) - pending[0])
+                    if count <= 0:
+                        return
+                    pending[0] += count
+                made = self.generate_groups(count, version, lane) or []
+                with lock:
+                    pending[0] -= count
+                    groups.extend(made)
+
+        pending = [0]  # groups being generated by a lane
+        if not self._replicas:
+            lane_work(0)
+            return groups
+        workers = [
+            threading.Thread(target=lane_work, args=(i,), name=f"batch-lane-{i}", daemon=True)
+            for i in range(len(self._replicas))
+        ]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        if len(groups) < num_groups:
+            raise RuntimeError(
+                f"generate_batch({num_groups}): every rollout replica failed "
+                f"(rollout.max_restarts={self.config.rollout.max_restarts}) with "
+                f"{len(groups)} groups made"
+            )
         return groups
+
+    def _replica_alive(self, lane: int) -> bool:
+        return not self._replicas or bool(self._replicas[lane].handle)
 
     def start(self) -> bool:
         """Start the generation loop and its sender (idempotent)."""
@@ -380,15 +475,32 @@ class FullyAsyncRollouter:
             current_version=self.version,
             staleness_threshold=cfg.async_training.staleness_threshold,
             consumer_batch_size=cfg.data.train_batch_size * cfg.trainer.trigger_parameter_sync_step,
-            max_concurrent=self.groups_per_call(),
+            max_concurrent=self.groups_per_call() * max(1, len(self._replicas)),
             # The trainer can take (and discard) a group before the sender hears that the
             # queue accepted it: the difference may lag below zero for that moment.
             accepted=max(0, int(accepted) + self._resumed_groups - self._discarded_groups),
-            running=len(self._unfinished),
+            running=len(self._unfinished) + self._in_flight,
             offered=len(self._outbox) + self._sending,
         )
 
     def _loop(self) -> None:
+        """Run one lane per replica (this thread is lane 0) until a stop or a crash."""
+        lanes = [
+            threading.Thread(target=self._lane, args=(i,), name=f"rollouter-lane-{i}", daemon=True)
+            for i in range(1, max(1, len(self._replicas)))
+        ]
+        try:
+            for lane in lanes:
+                lane.start()
+            self._lane(0)
+        finally:
+            for lane in lanes:
+                lane.join()
+            self._stop_sender()  # stopped: what was sent is still answered and counted
+
+    def _lane(self, lane: int) -> None:
+        """One replica's generation loop: wait for room, take the unfinished groups and new
+        prompts within the room, one engine call, then score and offer what finished."""
         partial = self.config.async_training.partial_rollout
         try:
             while True:
@@ -403,27 +515,78 @@ class FullyAsyncRollouter:
                         self._waiting = None
                     if self._stop:
                         break
-                    self._generating = True
+                    self._generating += 1
                     version = self.version
-                    room = max(0, self._admission_room())
+                    # A call takes up to groups_per_call() groups: unfinished ones first (any
+                    # replica continues a partial rollout), then new prompts within the room.
+                    per_call = self.groups_per_call()
+                    taken = self._unfinished[:per_call]
+                    room = max(0, min(per_call - len(taken), self._admission_room()))
+                    del self._unfinished[: len(taken)]
+                    # Counted at once: another lane's room must not hand out the same room.
+                    self._in_flight += len(taken) + room
+                groups = taken
                 try:
                     # Outside the lock: pause_rollout() is not kept waiting by tokenization.
-                    groups = self._unfinished + self._new_groups(room, version)
-                    self._unfinished = []
-                    interrupted = self._sample(groups, version)
+                    groups = taken + self._new_groups(room, version)
+                    interrupted = self._sample(groups, version, lane)
+                except ReplicaFailed as failure:
+                    self._replica_failed(lane, groups, failure)
+                    if not self._replicas[lane].handle:
+                        break  # no restarts left: the other lanes go on
+                    continue
                 finally:
                     with self._cond:
-                        self._generating = False
+                        self._generating -= 1
                         self._cond.notify_all()
                 if interrupted and not partial:
+                    with self._cond:
+                        self._in_flight -= len(groups)
                     self._drop(groups)
                     continue
-                self._unfinished = [g for g in groups if not all(g.done)]
-                self._offer([self._finish(g) for g in groups if all(g.done)])
+                finished = [self._finish(g, lane) for g in groups if all(g.done)]
+                # Finished groups go to the sender thread, which puts them in the queue one
+                # call at a time (in order, the accounting exact) and waits for the answer;
+                # the lane never does (a blocking answer came back late on 2 busy cores, as it
+                # goes through the driver: ~5% of the rollouter's time). Waiting or being put,
+                # they take staleness room (``staleness.admission_capacity(offered=...)``).
+                with self._cond:
+                    self._in_flight -= len(groups)
+                    self._unfinished.extend(g for g in groups if not all(g.done))
+                    self._outbox.extend(finished)
+                    self._cond.notify_all()
         except BaseException as exc:
             self._crashed(exc)
-        finally:
-            self._stop_sender()  # stopped: what was sent is still answered and counted
+
+    def _replica_failed(self, lane: int, groups: list[_Rollout], failure: ReplicaFailed) -> None:
+        """Replica ``lane`` died or hung in a call: its groups go back unchanged (tokens are
+        appended only from an answer), and it is restarted with the current weights while
+        ``rollout.max_restarts`` allows; the run fails when no replica is left."""
+        logger.warning("%s; its %d groups go to the other replicas", failure, len(groups))
+        with self._cond:
+            self._in_flight -= len(groups)
+            self._unfinished.extend(groups)
+            self.stats["replica_failures"] += 1
+            self.replica_stats[lane]["failures"] += 1
+            self._cond.notify_all()
+        self._replicas[lane].kill()
+        if self._restarts_left[lane] > 0:
+            self._restarts_left[lane] -= 1
+            replica = self._start_replica(lane)
+            if self._weights_ref is not None:
+                ref = replica.load_weights(self._weights_ref, self._weights_version)
+                deadline = time.monotonic() + self.config.async_training.generation_timeout
+                replica.wait(ref, "load_weights after a restart", deadline)
+            self._replicas[lane] = replica
+            self.stats["replica_restarts"] += 1
+            return
+        self._replicas[lane].handle = None
+        self.replica_stats[lane]["alive"] = False
+        if not any(r.handle for r in self._replicas):
+            raise RuntimeError(
+                f"every rollout replica failed and none has restarts left "
+                f"(rollout.max_restarts={self.config.rollout.max_restarts}); the last: {failure}"
+            )
 
     def _crashed(self, exc: BaseException) -> None:
         """Record a crash of the loop or the sender, stop both, and close the queue with it:
@@ -451,20 +614,6 @@ class FullyAsyncRollouter:
         """Paused, or no admission room and nothing unfinished (unfinished groups were admitted
         already: they go on whatever the room)."""
         return self._paused or (self._admission_room() <= 0 and not self._unfinished)
-
-    def _offer(self, groups: list[list[Sample]]) -> None:
-        """Hand finished groups to the sender thread and go on generating.
-
-        The sender puts them in the queue in one call per batch of groups and waits for the
-        answer; the generation loop never does (a blocking answer came back late on 2 busy
-        cores, as it goes through the driver: ~5% of the rollouter's time). One put at a time
-        keeps the groups in order and the accounting exact; groups waiting or being put take
-        staleness room (``staleness.admission_capacity(offered=...)``).
-        """
-        if groups:
-            with self._cond:
-                self._outbox.extend(groups)
-                self._cond.notify_all()
 
     def _send_loop(self) -> None:
         try:
@@ -589,7 +738,10 @@ class FullyAsyncRollouter:
         parameters (``PolicyUpdater.state_dict``), so writing into them never reaches it."""
         if not self._paused and self._thread is not None:
             raise RuntimeError("load_weights() while generating: call pause_rollout() first")
-        self.engine.load_weights(weights, take=True)
+        if self._replicas:
+            self._load_replicas(weights, int(version))
+        else:
+            self.engine.load_weights(weights, take=True)
         with self._cond:
             if self.config.async_training.resume_on_load:
                 # The sync's resume_rollout is a round trip away and finds us running: that
@@ -599,6 +751,24 @@ class FullyAsyncRollouter:
             self._cond.notify_all()
         return True
 
+    def _load_replicas(self, weights: Any, version: int) -> None:
+        """Put ``weights`` once (every replica maps the same segments) and load them into every
+        replica under one deadline (``generation_timeout``), so a sync takes as long as the
+        slowest replica, not the sum. A replica that fails or misses it is restarted with
+        these weights (``_replica_failed``); the others keep them."""
+        self._weights_ref, self._weights_version = miniray.put(weights), version
+        deadline = time.monotonic() + self.config.async_training.generation_timeout
+        loads = [
+            (r, r.load_weights(self._weights_ref, version)) for r in self._replicas if r.handle
+        ]
+        for replica, load in loads:
+            try:
+                replica.wait(load, "load_weights", deadline)
+            except ReplicaFailed as failure:
+                with self._cond:
+                    self.replica_stats[replica.index]["missed_syncs"] += 1
+                self._replica_failed(replica.index, [], failure)
+
     def stop(self, timeout: float = 30.0) -> bool:
         with self._cond:
             self._stop = True
@@ -606,6 +776,8 @@ class FullyAsyncRollouter:
         if self._thread is not None:
             self._thread.join(timeout)
         self.scorer.close()
+        for replica in self._replicas:
+            replica.kill()
         return True
 
     def get_statistics(self) -> dict[str, Any]:
@@ -618,8 +790,15 @@ class FullyAsyncRollouter:
                 error=self._error,
                 alive=self._thread is not None and self._thread.is_alive(),
             )
+            replicas = [dict(r) for r in self.replica_stats]
         elapsed = max(1e-9, time.time() - stats["started_at"])
         stats["idle_ratio"] = stats["idle_seconds"] / elapsed
+        stats["rollout_replicas"] = self.num_replicas
+        for replica in replicas:  # tokens/s while generating; idle: the rest of the run
+            busy = replica["generate_seconds"]
+            replica["tokens_per_s"] = replica["tokens"] / busy if busy else 0.0
+            replica["idle_ratio"] = max(0.0, 1.0 - busy / elapsed)
+        stats["replicas"] = replicas
         stats["peak_rss_gib"] = peak_rss_gib()  # the generate phase's, in its own process
         return stats
 

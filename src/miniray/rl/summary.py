@@ -87,6 +87,8 @@ def build_summary(
         "trainer_idle_ratio": round(wait_s / wall_s, 3),
         "rollouter_idle_ratio": round(rollouter_stats.get("idle_ratio", 0.0), 3),
         "prompts_skipped_too_long": int(rollouter_stats.get("prompts_skipped_too_long", 0)),
+        "rollout_replicas": int(rollouter_stats.get("rollout_replicas", 1)),
+        "replica_failures": int(rollouter_stats.get("replica_failures", 0)),
         "trainer_world_size": int(placement["trainer_world_size"]),
         "trainer_device": str(placement["trainer_device"]),
         **(

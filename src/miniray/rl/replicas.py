@@ -1,0 +1,170 @@
+"""Rollout replicas: the engines ``FullyAsyncRollouter`` drives when it has more than one.
+
+The rollouter stays the manager (prompt cursor, admission control, partial rollouts, rewards,
+the queue); each replica is an actor holding one engine, generating one call at a time::
+
+    rollouter, lane i (a thread per replica)          replica i (EngineReplica actor)
+      take work: unfinished groups first, then
+      new prompts within the admission room
+      RemoteEngine.generate(...) ------ generate ---> engine.generate(should_stop=aborted?)
+        polls should_stop() while it waits             stops at the next token, returns the
+        (a pause): ----------------------- abort ---->  tokens so far ("aborted")
+      load_weights(w, v): one put, then every replica's load_weights(ref) under one deadline
+      a replica that died or missed generation_timeout: its groups go back, unchanged, to
+      the unfinished list (another lane continues them); restarted with the current weights
+      up to rollout.max_restarts times; the run fails only when no replica is left
+
+Balancing is by pull: a lane asks for work when its replica is free, so a fast replica takes
+more groups than a slow one (least loaded: each replica has at most one call in flight).
+One replica (the default) is not an actor: the rollouter calls its engine in its own process,
+as it always has. ``replica_count`` says how many a config asks for.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import miniray
+from miniray.errors import GetTimeoutError, RayActorError
+from miniray.rl.compat import actor_constructor
+from miniray.rl.engines.base import Generation
+
+__all__ = ["EngineReplica", "RemoteEngine", "ReplicaFailed", "replica_count"]
+
+ABORT_POLL_S = 0.01  # how often a lane asks should_stop() while its replica generates
+
+
+def replica_count(cfg: Any) -> int:
+    """``rollout.nnodes x rollout.n_gpus_per_node / tensor_model_parallel_size``; without
+    CUDA ``n_gpus_per_node`` counts CPU processes, and 0 means one (as for the trainer)."""
+    per_node = max(1, cfg.rollout.n_gpus_per_node)
+    tp = cfg.actor_rollout_ref.rollout.tensor_model_parallel_size
+    return max(1, cfg.rollout.nnodes * per_node // tp)
+
+
+class ReplicaFailed(RuntimeError):
+    """A replica died or missed its deadline during ``what``; ``replica`` is its index."""
+
+    def __init__(self, replica: int, what: str, cause: str):
+        super().__init__(f"rollout replica {replica} failed during {what}: {cause}")
+        self.replica = replica
+
+
+class EngineReplica:
+    """One engine in its own process; ``generate`` and ``abort`` may run at once."""
+
+    remote = actor_constructor(kind="remote", max_concurrency=2)
+    options = actor_constructor(kind="options", max_concurrency=2)
+
+    def __init__(
+        self,
+        config: Any,
+        index: int,
+        seed: int,
+        engine_factory: Callable[[int], Any] | None = None,
+    ):
+        if engine_factory is not None:
+            self.engine = engine_factory(index)
+        else:
+            from miniray.rl.engines import build_engine
+            from miniray.rl.models.tiny import load_options
+
+            model = config.actor_rollout_ref.model
+            self.engine = build_engine(
+                config.actor_rollout_ref.rollout.name,
+                model_path=model.path,
+                seed=seed,
+                **load_options(model, device="cpu"),
+            )
+        self._aborted: set[int] = set()
+        self._lock = threading.Lock()
+
+    def generate(
+        self, call_id: int, prompts: list[list[int]], kwargs: dict[str, Any]
+    ) -> list[Generation]:
+        def aborted() -> bool:
+            return call_id in self._aborted
+
+        try:
+            return self.engine.generate(prompts, should_stop=aborted, **kwargs)
+        finally:
+            with self._lock:
+                self._aborted.discard(call_id)
+
+    def abort(self, call_id: int) -> bool:
+        """Stop call ``call_id`` at its next token (also when it has not started yet)."""
+        with self._lock:
+            self._aborted.add(call_id)
+        return True
+
+    def load_weights(self, weights: Mapping[str, Any], version: int) -> int:
+        self.engine.load_weights(weights, take=True)
+        return version
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+class RemoteEngine:
+    """A replica seen as an engine by the rollouter's lane: ``generate`` waits for the
+    replica's answer, turning ``should_stop()`` into an abort and a death or a missed
+    ``timeout_s`` into ``ReplicaFailed``."""
+
+    _call_ids = itertools.count(1)
+
+    def __init__(self, index: int, handle: Any, timeout_s: float):
+        self.index = index
+        self.handle = handle
+        self.timeout_s = timeout_s
+
+    def generate(
+        self,
+        prompts: Sequence[list[int]],
+        *,
+        should_stop: Callable[[], bool] | None = None,
+        **kwargs: Any,
+    ) -> list[Generation]:
+        call_id = next(self._call_ids)
+        ref = self.handle.generate.remote(call_id, [list(p) for p in prompts], kwargs)
+        deadline = time.monotonic() + self.timeout_s
+        aborted = False
+        while True:
+            ready, _ = miniray.wait([ref], timeout=ABORT_POLL_S)
+            if ready:
+                return self._answer(ref, "generate")
+            if not aborted and should_stop is not None and should_stop():
+                self.handle.abort.remote(call_id)
+                aborted = True
+            if time.monotonic() >= deadline:
+                raise ReplicaFailed(
+                    self.index,
+                    "generate",
+                    f"no answer within async_training.generation_timeout={self.timeout_s:g}s",
+                )
+
+    def load_weights(self, weights: Any, version: int) -> Any:
+        """Start the load (``weights``: a ref, shared by every replica); ``wait`` answers."""
+        return self.handle.load_weights.remote(weights, version)
+
+    def wait(self, ref: Any, what: str, deadline: float) -> Any:
+        ready, _ = miniray.wait([ref], timeout=max(0.0, deadline - time.monotonic()))
+        if not ready:
+            raise ReplicaFailed(self.index, what, "no answer before the deadline")
+        return self._answer(ref, what)
+
+    def _answer(self, ref: Any, what: str) -> Any:
+        try:
+            return miniray.get(ref, timeout=self.timeout_s)
+        except (RayActorError, GetTimeoutError) as exc:
+            raise ReplicaFailed(self.index, what, f"{type(exc).__name__}: {exc}") from exc
+
+    def kill(self) -> None:
+        try:
+            miniray.kill(self.handle)
+        except Exception:  # already gone
+            pass
