@@ -423,7 +423,8 @@ class ActorRolloutRefConfig(Config):
         gt=0,
         help="seconds any collective of the trainer group may wait (gloo too), and how long "
         "the driver waits for the other ranks once one has answered; past it the run fails "
-        "naming the rank",
+        "naming the rank. Also how long a trainer rank or a rollout replica may take to start "
+        "(its process and model)",
     )
 
 

@@ -147,6 +147,11 @@ class RemoteEngine:
                     f"no answer within async_training.generation_timeout={self.timeout_s:g}s",
                 )
 
+    def wait_ready(self, timeout_s: float) -> int:
+        """Block until the replica's process is up and its engine built; its pid. Its start
+        (a process, imports, the model) must not count against a generation's deadline."""
+        return self.wait(self.handle.pid.remote(), "start", time.monotonic() + timeout_s)
+
     def load_weights(self, weights: Any, version: int) -> Any:
         """Start the load (``weights``: a ref, shared by every replica); ``wait`` answers."""
         return self.handle.load_weights.remote(weights, version)
