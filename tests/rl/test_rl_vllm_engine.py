@@ -253,9 +253,36 @@ def test_should_stop_aborts_every_running_request(fake_vllm):
 
     gens = engine.generate([[1], [2], [3]], max_new_tokens=50, should_stop=stop_after_two_steps)
     assert [g.finish_reason for g in gens] == ["aborted"] * 3
-    assert all(g.response_token_ids == [] for g in gens)
     assert len(llm.llm_engine.aborted) == 3 and not llm.llm_engine.has_unfinished_requests()
     assert llm.llm_engine.steps == 2
+    # Each keeps the two tokens it had, with their log-probs: the rollouter continues it.
+    assert all(len(g.response_token_ids) == len(g.response_logprobs) == 2 for g in gens)
+    assert all(lp <= 0 for g in gens for lp in g.response_logprobs)
+
+
+def stop_after(steps):
+    """A should_stop that answers True from its (steps + 1)-th question on."""
+    asked = []
+
+    def should_stop():
+        asked.append(1)
+        return len(asked) > steps
+
+    return should_stop
+
+
+def test_a_partial_continued_from_its_tokens_is_the_whole_generation(fake_vllm):
+    engine = VLLMGenerationEngine("/m")
+    LLM.instances[-1].model.bias = torch.tensor([-50.0, 0, 0, 0, 0, 0])  # never EOS
+    whole = engine.generate([[2]], max_new_tokens=6, temperature=0.0)[0]
+    first = engine.generate([[2]], max_new_tokens=6, temperature=0.0, should_stop=stop_after(2))[0]
+    assert first.finish_reason == "aborted" and len(first.response_token_ids) == 2
+    # What the rollouter does with it: prompt + partial tokens, the remaining budget.
+    rest = engine.generate([[2, *first.response_token_ids]], max_new_tokens=4, temperature=0.0)[0]
+    assert first.response_token_ids + rest.response_token_ids == whole.response_token_ids
+    assert first.response_logprobs + rest.response_logprobs == pytest.approx(
+        whole.response_logprobs
+    )
 
 
 def test_load_weights_reaches_every_worker_and_changes_generation(fake_vllm):

@@ -14,8 +14,12 @@ How each promise of the protocol maps onto vLLM's offline API::
                         off). Whether vLLM's processed log-probs are those of the top-k/top-p
                         filtered distribution depends on its release (the transformers engine's
                         are, tested); with both off there is nothing to differ
-    should_stop         checked between engine steps; abort_request drops the requests and the
-                        whole batch is reported "aborted" (the rollouter then re-issues it)
+    should_stop         checked between engine steps; abort_request drops the unfinished
+                        requests, each reported "aborted" with the tokens (and log-probs) its
+                        last step output held (vLLM's outputs are cumulative), requests that
+                        finished keep their result: the rollouter continues an aborted one
+                        from prompt + partial tokens with the next weights, as verl and AReaL
+                        do, instead of generating the whole batch again
     load_weights        model.load_weights([(name, tensor), ...]) on every worker through
                         LLM.collective_rpc (or on the in-process driver worker of older vLLMs)
 
@@ -110,13 +114,25 @@ class VLLMGenerationEngine:
         for request_id, prompt in zip(ids, prompts):
             engine.add_request(request_id, {"prompt_token_ids": list(prompt)}, params)
         done: dict[str, Any] = {}
+        latest: dict[str, Any] = {}  # each unfinished request's last (cumulative) output
         while len(done) < len(ids):
             if should_stop is not None and should_stop():
                 engine.abort_request([i for i in ids if i not in done])
-                return [_aborted(p) for p in prompts]
+                return [
+                    _generation(prompt, done[i].outputs[0])
+                    if i in done
+                    else _generation(prompt, latest[i].outputs[0], aborted=True)
+                    if i in latest
+                    else _aborted(prompt)
+                    for i, prompt in zip(ids, prompts)
+                ]
             for output in engine.step():
-                if output.finished and output.request_id in wanted:
+                if output.request_id not in wanted:
+                    continue
+                if output.finished:
                     done[output.request_id] = output
+                else:
+                    latest[output.request_id] = output
             if len(done) < len(ids) and not engine.has_unfinished_requests():
                 raise RuntimeError(
                     f"vLLM finished {len(done)} of {len(ids)} requests and has none left "
@@ -153,7 +169,9 @@ def _load_on_worker(worker: Any, items: list[tuple[str, Any]]) -> None:
     runner.model.load_weights(weights=items)
 
 
-def _generation(prompt: Sequence[int], completion: Any) -> Generation:
+def _generation(prompt: Sequence[int], completion: Any, *, aborted: bool = False) -> Generation:
+    """``completion`` as a ``Generation``; ``aborted``: an unfinished request's last output,
+    its tokens so far (the adapter asks for cumulative outputs, vLLM's default)."""
     tokens = list(completion.token_ids)
     if completion.logprobs is None or len(completion.logprobs) != len(tokens):
         raise RuntimeError(
@@ -169,7 +187,7 @@ def _generation(prompt: Sequence[int], completion: Any) -> Generation:
             )
         value = entry[token]
         logprobs.append(float(getattr(value, "logprob", value)))
-    reason = _FINISH.get(completion.finish_reason)
+    reason = "aborted" if aborted else _FINISH.get(completion.finish_reason)
     if reason is None:
         raise RuntimeError(f"vLLM finish_reason={completion.finish_reason!r} is not known here")
     return Generation(
