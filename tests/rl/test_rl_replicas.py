@@ -122,6 +122,10 @@ def test_a_load_reaches_every_replica_once_under_one_deadline(inline, workdir):
         1: [[3]],
         2: [[3]],
     }
+    replicas = rollouter.get_statistics()["replicas"]
+    assert [r["loaded_version"] for r in replicas] == [3, 3, 3]
+    node = miniray.get_runtime_context().get_node_id()  # inline: this process's node
+    assert [r["node"] for r in replicas] == [node, node, node]
     rollouter.stop()
 
 
@@ -154,6 +158,8 @@ def test_a_killed_replica_is_restarted_and_its_prompts_generated_once(local, wor
     stats = rollouter.get_statistics()
     assert (stats["replica_failures"], stats["replica_restarts"]) == (1, 1)
     assert stats["replicas"][1]["failures"] == 1
+    assert stats["replicas"][1]["node"] == stats["replicas"][0]["node"] is not None  # restarted
+    assert stats["replicas"][1]["loaded_version"] is None  # no weights loaded yet: model.path's
     new_pid = miniray.get(rollouter._replicas[1].handle.pid.remote(), timeout=60)
     assert new_pid != pid
     rollouter.stop()
@@ -195,3 +201,5 @@ def test_an_async_run_over_three_replicas_keeps_the_staleness_bound(local, workd
     per_replica = result.rollouter_stats["replicas"]
     assert sum(r["groups"] for r in per_replica) >= 4 * 2
     assert all(r["groups"] > 0 for r in per_replica)
+    # Every sync reached every replica: each holds the last version, none missed one.
+    assert all(r["loaded_version"] == 4 and r["missed_syncs"] == 0 for r in per_replica)

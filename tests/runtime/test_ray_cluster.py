@@ -3,7 +3,8 @@
     ray start --head --block (node A, 1 CPU)  <--  ray start --address --block (node B, 1 CPU)
           ^                                                ^
           +---- pytest driver: miniray.init(address) ------+
-                parameter server on either node, one worker actor pinned to each node
+                parameter server on either node, one worker actor pinned to each node;
+                trainer ranks, one on each node; an RL run's rollout replicas, one on each
 
 Both nodes run as ``--block`` processes in their own process groups, so the fixture can stop
 them by pid (and kill whatever they left) even when the test fails.
@@ -34,6 +35,8 @@ from ray_support import RAY_TEST_ENV  # noqa: E402
 pytestmark = pytest.mark.slow
 
 RAY_CLI = os.path.join(os.path.dirname(sys.executable), "ray")
+# tests/rl, for its rl_fakes (on sys.path already when pytest collected a test there).
+RL_TESTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "rl")
 T = 120  # seconds for any single wait: node start-up on 2 busy cores is slow
 
 
@@ -86,7 +89,8 @@ def alive(pids: set[int]) -> set[int]:
 
 
 @pytest.fixture
-def two_node_cluster(tmp_path):
+def two_node_cluster(request, tmp_path):
+    """Two nodes of 1 CPU each, or of ``request.param`` CPUs (indirect parametrization)."""
     if ray.is_initialized():
         pytest.fail("Ray is already initialised in this process; the cluster test needs a driver")
     # Ray puts unix sockets under --temp-dir, and their paths must stay under 108 bytes:
@@ -94,7 +98,7 @@ def two_node_cluster(tmp_path):
     ray_tmp = tempfile.mkdtemp(prefix="mrc", dir="/tmp")
     port = free_port()
     env = {**os.environ, **RAY_TEST_ENV}
-    common = ["--num-cpus=1", "--block", "--disable-usage-stats"]
+    common = [f"--num-cpus={getattr(request, 'param', 1)}", "--block", "--disable-usage-stats"]
     head_cmd = [
         RAY_CLI,
         "start",
@@ -278,3 +282,71 @@ def test_the_rl_trainer_group_trains_with_one_rank_on_each_node(two_node_cluster
     for name, value in single.get_weights().items():
         torch.testing.assert_close(weights[name], value, atol=1e-5, rtol=0, msg=name)
     miniray.shutdown()
+
+
+# Nodes with room for both replicas and the trainer rank (num_cpus=cpu_threads: the driver's
+# cores less one) on either one, so that resources do not keep the replicas apart: without
+# their SPREAD strategy Ray's default policy put both on one node here (tried on 4-CPU nodes).
+RL_NODE_CPUS = max(4, os.cpu_count() or 1)
+
+
+@pytest.mark.parametrize("two_node_cluster", [RL_NODE_CPUS], indirect=True)
+def test_an_rl_run_spreads_its_rollout_replicas_over_both_nodes_and_syncs_both(
+    two_node_cluster, tmp_path
+):
+    """rollout.nnodes=2 x n_gpus_per_node=1: two EngineReplica actors (num_cpus=1, SPREAD) on
+    nodes where either could hold both: one lands on each. A 3-step async run with a weight
+    sync after every step: both replicas generate, and every sync reaches both."""
+    if RL_TESTS not in sys.path:
+        sys.path.insert(0, RL_TESTS)
+    from rl_fakes import PacedEngines, ship_by_value_to_ray
+
+    from miniray.rl.loop import run
+    from miniray.rl.models import char_tokenizer, save, tiny_qwen2
+    from miniray.rl.rollouter import as_rl_config
+    from miniray.rl.tasks import ArithmeticTask, write_prompts
+
+    task = ArithmeticTask(max_operand=9)
+    tokenizer = char_tokenizer(task.alphabet)
+    save(tiny_qwen2(tokenizer, hidden_size=32, intermediate_size=64), tokenizer, tmp_path / "m")
+    write_prompts(task.rows(64), tmp_path / "train.parquet")
+    digits = [tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)]
+    steps = 3
+    cfg = as_rl_config(
+        {
+            "data": {
+                "train_files": [str(tmp_path / "train.parquet")],
+                "train_batch_size": 2,
+                "max_prompt_length": 8,
+                "max_response_length": 3,
+            },
+            "actor_rollout_ref": {"model": {"path": str(tmp_path / "m")}, "rollout": {"n": 2}},
+            "rollout": {"nnodes": 2, "n_gpus_per_node": 1},
+            "async_training": {
+                "mode": "async",
+                "max_queue_size": 8,
+                "generation_timeout": T,
+                "max_concurrent_rollouts": 2,  # one group per call: both replicas get work
+            },
+            "trainer": {"total_training_steps": steps, "trigger_parameter_sync_step": 1},
+        }
+    )
+
+    ship_by_value_to_ray()  # the replicas build their engines with PacedEngines on either node
+    miniray.init(address=two_node_cluster)
+    wait_until(lambda: sum(n["Alive"] for n in ray.nodes()) == 2, T, "both nodes to join")
+    node_ids = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+    result = run(cfg, engine_factory=PacedEngines(digits, [0.02, 0.02]))
+    miniray.shutdown()
+
+    assert result.summary["steps"] == steps and result.summary["rollout_replicas"] == 2
+    stats = result.rollouter_stats
+    replicas = stats["replicas"]
+    assert sorted(r["node"] for r in replicas) == node_ids  # one replica on each node
+    assert all(r["groups"] > 0 for r in replicas), replicas  # both generated
+    # Every sync reached both: versions load in order, none missed, no replica restarted, and
+    # each holds the last one published.
+    assert stats["version"] == steps
+    assert stats["replica_failures"] == 0 and stats["replica_restarts"] == 0
+    for replica in replicas:
+        assert replica["missed_syncs"] == 0 and replica["loaded_version"] == steps, replica

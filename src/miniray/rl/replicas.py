@@ -17,7 +17,8 @@ the queue); each replica is an actor holding one engine, generating one call at 
 Balancing is by pull: a lane asks for work when its replica is free, so a fast replica takes
 more groups than a slow one (least loaded: each replica has at most one call in flight).
 One replica (the default) is not an actor: the rollouter calls its engine in its own process,
-as it always has. ``replica_count`` says how many a config asks for.
+as it always has. ``replica_count`` says how many a config asks for; ``REPLICA_OPTIONS`` how
+each is placed (one CPU, spread over the nodes on Ray), and ``node()`` where it landed.
 """
 
 from __future__ import annotations
@@ -33,10 +34,20 @@ import miniray
 from miniray.errors import GetTimeoutError, RayActorError
 from miniray.rl.compat import actor_constructor
 from miniray.rl.engines.base import Generation
+from miniray.rl.placement import node_id
 
-__all__ = ["EngineReplica", "RemoteEngine", "ReplicaFailed", "replica_count"]
+__all__ = ["REPLICA_OPTIONS", "EngineReplica", "RemoteEngine", "ReplicaFailed", "replica_count"]
 
 ABORT_POLL_S = 0.01  # how often a lane asks should_stop() while its replica generates
+
+# How a replica is placed. One CPU: its engine generates on one thread. SPREAD: on Ray the
+# replicas go to different nodes while nodes have room (the two-node cluster test: one on each);
+# the embedded backends take it as the default, which it is on one machine. rollout.nnodes is
+# no placement constraint (no placement group): SPREAD spreads over whatever nodes there are.
+# No num_gpus, even where CUDA is visible: every engine generates on the CPU (nothing places
+# one on a GPU yet), so asking for a GPU would only keep it idle, or keep a replica pending on
+# a node without one.
+REPLICA_OPTIONS: dict[str, Any] = {"num_cpus": 1, "scheduling_strategy": "SPREAD"}
 
 
 def replica_count(cfg: Any) -> int:
@@ -109,6 +120,10 @@ class EngineReplica:
     def pid(self) -> int:
         return os.getpid()
 
+    def node(self) -> str:
+        """The node this replica runs on (the rollouter's ``replicas[i]["node"]``)."""
+        return node_id()
+
 
 class RemoteEngine:
     """A replica seen as an engine by the rollouter's lane: ``generate`` waits for the
@@ -146,11 +161,6 @@ class RemoteEngine:
                     "generate",
                     f"no answer within async_training.generation_timeout={self.timeout_s:g}s",
                 )
-
-    def wait_ready(self, timeout_s: float) -> int:
-        """Block until the replica's process is up and its engine built; its pid. Its start
-        (a process, imports, the model) must not count against a generation's deadline."""
-        return self.wait(self.handle.pid.remote(), "start", time.monotonic() + timeout_s)
 
     def load_weights(self, weights: Any, version: int) -> Any:
         """Start the load (``weights``: a ref, shared by every replica); ``wait`` answers."""

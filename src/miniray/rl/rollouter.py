@@ -49,7 +49,13 @@ from miniray.rl.data_position import PromptCursor, PromptOrder, TrainedPositions
 from miniray.rl.dynamic_sampling import REWARD_METRICS_KEY
 from miniray.rl.endpoints import Pending, call
 from miniray.rl.prompts import fit_prompt_lengths, load_prompts, prompt_text, prompt_token_ids
-from miniray.rl.replicas import EngineReplica, RemoteEngine, ReplicaFailed, replica_count
+from miniray.rl.replicas import (
+    REPLICA_OPTIONS,
+    EngineReplica,
+    RemoteEngine,
+    ReplicaFailed,
+    replica_count,
+)
 from miniray.rl.rewards import build_scorer, requests_for
 from miniray.rl.staleness import admission_capacity
 from miniray.rl.tracking import peak_rss_gib
@@ -231,8 +237,10 @@ class FullyAsyncRollouter:
             "replica_failures": 0,
             "replica_restarts": 0,
         }
-        # Per replica: groups finished, tokens generated, seconds in engine calls, failures.
-        self.replica_stats = [
+        # Per replica: groups finished, tokens generated, seconds in engine calls, failures;
+        # the node it runs on (None: one replica, this process) and the weights version it
+        # loaded last (None: none yet, the engine has model.path's).
+        self.replica_stats: list[dict[str, Any]] = [
             {
                 "groups": 0,
                 "tokens": 0,
@@ -240,6 +248,8 @@ class FullyAsyncRollouter:
                 "failures": 0,
                 "missed_syncs": 0,
                 "alive": True,
+                "node": None,
+                "loaded_version": None,
             }
             for _ in range(self.num_replicas)
         ]
@@ -248,19 +258,26 @@ class FullyAsyncRollouter:
         for index in range(self.num_replicas if self.num_replicas > 1 else 0):
             self._replicas.append(self._start_replica(index))
             self._restarts_left.append(max_restarts)
-        try:  # started together, waited for together
-            for replica in self._replicas:
-                replica.wait_ready(cfg.actor_rollout_ref.nccl_timeout)
-        except ReplicaFailed:
-            for replica in self._replicas:
-                replica.kill()
-            raise
+        # Started together above, so they come up in parallel; each then says its node (the
+        # answer waits until its engine is built: its start, bounded as a trainer rank's by
+        # nccl_timeout, not generation_timeout). One that fails to come up is restarted.
+        deadline = time.monotonic() + cfg.actor_rollout_ref.nccl_timeout
+        for replica in list(self._replicas):
+            try:
+                self._record_node(replica, deadline)
+            except ReplicaFailed as failure:
+                self._replica_failed(replica.index, [], failure)
 
     def _start_replica(self, index: int) -> RemoteEngine:
-        handle = EngineReplica.options(num_cpus=1).remote(
+        handle = EngineReplica.options(**REPLICA_OPTIONS).remote(
             self.config, index, self.seed + index, self._engine_factory
         )
         return RemoteEngine(index, handle, self.config.async_training.generation_timeout)
+
+    def _record_node(self, replica: RemoteEngine, deadline: float) -> None:
+        node = replica.wait(replica.handle.node.remote(), "start", deadline)
+        with self._cond:
+            self.replica_stats[replica.index]["node"] = node
 
     # -- generation -------------------------------------------------------------------------
     def groups_per_call(self) -> int:
@@ -589,17 +606,23 @@ class FullyAsyncRollouter:
         while self._restarts_left[lane] > 0:
             self._restarts_left[lane] -= 1
             replica = self._start_replica(lane)
+            loaded = None
             try:  # its start and the current weights, each bounded, before it generates
-                replica.wait_ready(self.config.actor_rollout_ref.nccl_timeout)
+                self._record_node(
+                    replica, time.monotonic() + self.config.actor_rollout_ref.nccl_timeout
+                )
                 if self._weights_ref is not None:
                     ref = replica.load_weights(self._weights_ref, self._weights_version)
                     deadline = time.monotonic() + self.config.async_training.generation_timeout
                     replica.wait(ref, "load_weights after a restart", deadline)
+                    loaded = self._weights_version
             except ReplicaFailed as again:
                 logger.warning("restarting it failed: %s", again)
                 replica.kill()
                 failure = again
                 continue
+            with self._cond:
+                self.replica_stats[lane]["loaded_version"] = loaded
             self._replicas[lane] = replica
             with self._cond:
                 self.stats["replica_restarts"] += 1
@@ -788,6 +811,8 @@ class FullyAsyncRollouter:
         for replica, load in loads:
             try:
                 replica.wait(load, "load_weights", deadline)
+                with self._cond:  # the sync reached this replica
+                    self.replica_stats[replica.index]["loaded_version"] = version
             except ReplicaFailed as failure:
                 with self._cond:
                     self.replica_stats[replica.index]["missed_syncs"] += 1

@@ -39,6 +39,7 @@ from miniray.errors import RayActorError
 from miniray.rl.compat import actor_constructor
 from miniray.rl.errors import NonFiniteWeightsError, TrainerRankError
 from miniray.rl.parallel import RankSetup
+from miniray.rl.placement import node_id
 from miniray.rl.trainer import FullyAsyncTrainer
 
 __all__ = ["GroupPlan", "TrainerGroup", "TrainerRank", "group_plan"]
@@ -167,20 +168,7 @@ class TrainerRank(FullyAsyncTrainer):
                 timeout=datetime.timedelta(seconds=timeout_s),
             )
         FullyAsyncTrainer.__init__(self, self._pending_config, setup=self.setup)
-        return {"pid": os.getpid(), "device": self.setup.device, "node": _node_id()}
-
-
-def _node_id() -> str:
-    """The node this process runs on: Ray's node id in a Ray worker (where miniray itself is
-    not initialised), else the embedded backend's."""
-    try:
-        import ray
-
-        if ray.is_initialized():
-            return str(ray.get_runtime_context().get_node_id())
-    except ImportError:
-        pass
-    return str(miniray.get_runtime_context().get_node_id())
+        return {"pid": os.getpid(), "device": self.setup.device, "node": node_id()}
 
 
 class TrainerGroup:
