@@ -129,6 +129,35 @@ def test_a_load_reaches_every_replica_once_under_one_deadline(inline, workdir):
     rollouter.stop()
 
 
+def test_a_sync_hands_the_published_object_to_every_replica_without_a_copy(
+    inline, workdir, monkeypatch
+):
+    from miniray.rl.param_sync import UnifiedParameterSynchronizer
+    from miniray.rl.weight_publisher import PublishedWeights
+
+    factory = PacedEngines(digits(), [0.0, 0.0])
+    rollouter = FullyAsyncRollouter.options(max_concurrency=8).remote(
+        config(workdir, 2), engine_factory=factory
+    )
+    snapshot = PublishedWeights()
+    snapshot.take(miniray.put({"version": torch.tensor([4])}))
+    sync = UnifiedParameterSynchronizer(
+        config(workdir, 2), trainer_actor=snapshot, rollouter_actor=rollouter
+    )
+    puts = []
+    real_put = miniray.put
+    monkeypatch.setattr(miniray, "put", lambda value: puts.append(1) or real_put(value))
+    assert sync.sync_to_rollouter(4)
+    assert puts == []  # the rollouter handed the snapshot's own object on
+    assert {i: [e.loaded for e in made] for i, made in PacedEngines.made.items()} == {
+        0: [[4]],
+        1: [[4]],
+    }
+    stats = miniray.get(rollouter.get_statistics.remote(), timeout=30)
+    assert [r["loaded_version"] for r in stats["replicas"]] == [4, 4]
+    miniray.get(rollouter.stop.remote(), timeout=30)
+
+
 def test_a_pause_stops_every_replica_mid_call(inline, workdir):
     factory = PacedEngines(digits(), [30.0, 30.0])  # a call lasts until it is stopped
     cfg = config(workdir, 2, staleness_threshold=10)

@@ -49,6 +49,7 @@ __all__ = [
     "RolloutEndpoint",
     "TrainerEndpoint",
     "UnifiedParameterSynchronizer",
+    "load_call",
     "weights_info",
 ]
 
@@ -303,7 +304,7 @@ class UnifiedParameterSynchronizer(SeedSyncModes):
         result.bytes = nbytes
 
         t = self._clock()
-        calls = [call(r, "load_weights", weights, target) for r in rollouters]
+        calls = [load_call(r, weights, target) for r in rollouters]
         for r, ok in zip(rollouters, self._wait_all(calls, deadline)):
             if ok is False:
                 raise RuntimeError(f"load_weights() of {r!r} returned False")
@@ -520,6 +521,18 @@ def _check_protocol(endpoints: list[Any], methods: tuple[str, ...], what: str) -
                 f"{what}={endpoint!r} does not offer {missing}: a synchronizer needs "
                 f"{list(methods)} on every {what.split('_')[0]} endpoint"
             )
+
+
+def load_call(rollouter: Any, weights: Any, version: int) -> Pending:
+    """Start loading ``weights`` into ``rollouter`` as ``version``. Weights already in the
+    object store go to a rollouter that offers ``load_weights_from`` as the ref itself, in a
+    list (the runtime resolves only top-level refs): ``FullyAsyncRollouter`` hands that one
+    object to its replicas, where ``load_weights`` of the value would put a second copy."""
+    if isinstance(weights, miniray.ObjectRef) and (
+        isinstance(rollouter, miniray.ActorHandle) and _has_method(rollouter, "load_weights_from")
+    ):
+        return call(rollouter, "load_weights_from", [weights], version)
+    return call(rollouter, "load_weights", weights, version)
 
 
 def _has_method(endpoint: Any, name: str) -> bool:

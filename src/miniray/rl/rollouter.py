@@ -786,9 +786,29 @@ class FullyAsyncRollouter:
         if not self._paused and self._thread is not None:
             raise RuntimeError("load_weights() while generating: call pause_rollout() first")
         if self._replicas:
-            self._load_replicas(weights, int(version))
+            # Put once: every replica then maps the same segments.
+            self._load_replicas(miniray.put(weights), int(version))
         else:
             self.engine.load_weights(weights, take=True)
+        return self._adopt(version)
+
+    def load_weights_from(self, refs: list[Any], version: int) -> bool:
+        """``load_weights`` of the published object ``refs[0]`` itself (in a list, so that the
+        runtime hands over the ref, not its value): the replicas load that object as it is, with
+        no copy in the rollouter (``load_weights`` of a value puts it once more); one replica
+        (this process) takes its value here. The synchronizer calls this when a rollouter
+        offers it (``param_sync.load_call``)."""
+        (ref,) = refs
+        if not self._paused and self._thread is not None:
+            raise RuntimeError("load_weights() while generating: call pause_rollout() first")
+        if self._replicas:
+            self._load_replicas(ref, int(version))
+        else:
+            timeout = self.config.async_training.generation_timeout
+            self.engine.load_weights(miniray.get(ref, timeout=timeout), take=True)
+        return self._adopt(version)
+
+    def _adopt(self, version: int) -> bool:
         with self._cond:
             if self.config.async_training.resume_on_load:
                 # The sync's resume_rollout is a round trip away and finds us running: that
@@ -798,12 +818,12 @@ class FullyAsyncRollouter:
             self._cond.notify_all()
         return True
 
-    def _load_replicas(self, weights: Any, version: int) -> None:
-        """Put ``weights`` once (every replica maps the same segments) and load them into every
-        replica under one deadline (``generation_timeout``), so a sync takes as long as the
-        slowest replica, not the sum. A replica that fails or misses it is restarted with
-        these weights (``_replica_failed``); the others keep them."""
-        self._weights_ref, self._weights_version = miniray.put(weights), version
+    def _load_replicas(self, ref: Any, version: int) -> None:
+        """Load the object ``ref`` into every replica under one deadline
+        (``generation_timeout``), so a sync takes as long as the slowest replica, not the sum.
+        A replica that fails or misses it is restarted with these weights
+        (``_replica_failed``); the others keep them."""
+        self._weights_ref, self._weights_version = ref, version
         deadline = time.monotonic() + self.config.async_training.generation_timeout
         loads = [
             (r, r.load_weights(self._weights_ref, version)) for r in self._replicas if r.handle

@@ -34,7 +34,7 @@ import torch
 
 import miniray
 from miniray.rl.batch_source import rollouter_result
-from miniray.rl.param_sync import UnifiedParameterSynchronizer
+from miniray.rl.param_sync import UnifiedParameterSynchronizer, load_call
 from miniray.rl.trainer import check_finite_weights
 
 __all__ = [
@@ -121,8 +121,11 @@ class WeightPublisher:
                 self._executor = ThreadPoolExecutor(1, thread_name_prefix="weight-sync")
             self._running = self._executor.submit(self._sync, version)
         else:
-            load = self.rollouter.load_weights.remote(weights, version)
-            rollouter_result(load, self.load_timeout)
+            load = load_call(self.rollouter, weights, version)
+            if load.ref is not None:  # an actor: its death is the producer's
+                rollouter_result(load.ref, self.load_timeout)
+            else:  # a rollouter in this process
+                load.result(time.monotonic() + self.load_timeout)
         self.blocking_ms.append((time.time() - t0) * 1e3)
 
     def check_weights(self, step: int, metrics: dict[str, Any], *, always: bool) -> None:
