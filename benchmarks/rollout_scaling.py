@@ -28,8 +28,9 @@ trainer's step are fakes.
   1, 2, 4, 8 replicas whose engines adopt the tensors (as the transformers engine does with
   ``take=True``) and read one element of each. As a run places it: ``FullyAsyncRollouter``
   in an actor, the weights put once by the driver (the publisher's put, not timed) and
-  ``pause_rollout`` + ``load_weights(ref)`` + ``resume_rollout`` timed as the synchronizer
-  calls them (R=1: the rollouter's own engine). Also the rollouter in the driver's process
+  ``UnifiedParameterSynchronizer.sync_to_rollouter`` timed (pause, load, resume, as a run
+  syncs: the rollouter hands the published object to every replica, ``load_weights_from``;
+  R=1: the rollouter's own engine). Also the rollouter in the driver's process
   (``load_weights`` on the dict: its one put, then every replica's load). Median of
   ``--repeats`` after two warm-up broadcasts, against ``memcpy_s``: one copy of the same
   bytes between preallocated tensors (``weight_sync.memcpy_seconds``, median of 3). Goal: at
@@ -60,8 +61,10 @@ from weight_sync import memcpy_seconds
 import miniray
 from miniray.rl.loop import RunResult, run
 from miniray.rl.models import char_tokenizer, qwen25_05b_shaped, save, tiny_qwen2
+from miniray.rl.param_sync import UnifiedParameterSynchronizer
 from miniray.rl.rollouter import FullyAsyncRollouter, as_rl_config
 from miniray.rl.tasks import ArithmeticTask, write_prompts
+from miniray.rl.weight_publisher import PublishedWeights
 
 TASK = ArithmeticTask(max_operand=9)  # prompts "a+b=": their last token is not a digit
 N = 4  # responses per prompt (rollout.n)
@@ -278,18 +281,18 @@ def broadcast(
         miniray.init(num_workers=1)
         try:
             rollouter = FullyAsyncRollouter.remote(cfg, engine_factory=AdoptingEngines())
+            snapshot = PublishedWeights()  # what the loop's WeightPublisher syncs from
+            sync = UnifiedParameterSynchronizer(
+                cfg, trainer_actor=snapshot, rollouter_actor=rollouter
+            )
             times = []
             for version in range(1, args.repeats + WARMUP_ROUNDS + 1):
-                ref = miniray.put(weights)  # the publisher's put (the trainer's side): not timed
+                # The publisher's put (the trainer's side, its one copy): not timed.
+                snapshot.take(miniray.put(weights))
                 start = time.perf_counter()
-                for call in (
-                    rollouter.pause_rollout.remote(),
-                    rollouter.load_weights.remote(ref, version),
-                    rollouter.resume_rollout.remote(),
-                ):
-                    assert miniray.get(call, timeout=600)
+                assert sync.sync_to_rollouter(version)  # pause, load, resume: the run's path
                 times.append(time.perf_counter() - start)
-                del ref
+                snapshot.take(None)
             as_actor.append(statistics.median(times[WARMUP_ROUNDS:]))
             miniray.get(rollouter.stop.remote(), timeout=60)
             del rollouter
