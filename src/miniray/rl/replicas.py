@@ -36,7 +36,14 @@ from miniray.rl.compat import actor_constructor
 from miniray.rl.engines.base import Generation
 from miniray.rl.placement import node_id
 
-__all__ = ["REPLICA_OPTIONS", "EngineReplica", "RemoteEngine", "ReplicaFailed", "replica_count"]
+__all__ = [
+    "REPLICA_OPTIONS",
+    "EngineReplica",
+    "RemoteEngine",
+    "ReplicaFailed",
+    "replica_count",
+    "replica_engine",
+]
 
 ABORT_POLL_S = 0.01  # how often a lane asks should_stop() while its replica generates
 
@@ -56,6 +63,25 @@ def replica_count(cfg: Any) -> int:
     per_node = max(1, cfg.rollout.n_gpus_per_node)
     tp = cfg.actor_rollout_ref.rollout.tensor_model_parallel_size
     return max(1, cfg.rollout.nnodes * per_node // tp)
+
+
+def replica_engine(
+    cfg: Any, index: int, seed: int, engine_factory: Callable[[int], Any] | None = None
+) -> Any:
+    """Replica ``index``'s engine: ``engine_factory(index)``, else the engine
+    ``actor_rollout_ref.rollout.name`` names, loaded from ``model.path`` on the CPU."""
+    if engine_factory is not None:
+        return engine_factory(index)
+    from miniray.rl.engines import build_engine
+    from miniray.rl.models.tiny import load_options
+
+    model = cfg.actor_rollout_ref.model
+    return build_engine(
+        cfg.actor_rollout_ref.rollout.name,
+        model_path=model.path,
+        seed=seed,
+        **load_options(model, device="cpu"),
+    )
 
 
 class ReplicaFailed(RuntimeError):
@@ -79,19 +105,7 @@ class EngineReplica:
         seed: int,
         engine_factory: Callable[[int], Any] | None = None,
     ):
-        if engine_factory is not None:
-            self.engine = engine_factory(index)
-        else:
-            from miniray.rl.engines import build_engine
-            from miniray.rl.models.tiny import load_options
-
-            model = config.actor_rollout_ref.model
-            self.engine = build_engine(
-                config.actor_rollout_ref.rollout.name,
-                model_path=model.path,
-                seed=seed,
-                **load_options(model, device="cpu"),
-            )
+        self.engine = replica_engine(config, index, seed, engine_factory)
         self._aborted: set[int] = set()
         self._lock = threading.Lock()
 

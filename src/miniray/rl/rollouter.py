@@ -55,6 +55,7 @@ from miniray.rl.replicas import (
     RemoteEngine,
     ReplicaFailed,
     replica_count,
+    replica_engine,
 )
 from miniray.rl.rewards import build_scorer, requests_for
 from miniray.rl.staleness import admission_capacity
@@ -133,17 +134,8 @@ class FullyAsyncRollouter:
                 "replicas, each an actor with its own engine: pass engine_factory (called in "
                 "each replica's process), not one engine"
             )
-        if engine is None and engine_factory is not None and self.num_replicas == 1:
-            engine = engine_factory(0)
         if engine is None and self.num_replicas == 1:
-            from miniray.rl.engines import build_engine
-
-            engine = build_engine(
-                cfg.actor_rollout_ref.rollout.name,
-                model_path=model.path,
-                seed=self.seed,
-                **options,
-            )
+            engine = replica_engine(cfg, 0, self.seed, engine_factory)
         self.engine = engine  # one replica: called in this process; several: None
         # Several replicas: one RemoteEngine each (started below), its restarts left.
         self._replicas: list[RemoteEngine] = []

@@ -19,6 +19,7 @@ from miniray.runtime.refs import (
     ActorClass,
     ActorHandle,
     ObjectRef,
+    ObjectRefGenerator,
     RemoteFunction,
 )
 
@@ -263,6 +264,12 @@ def cancel(object_ref: ObjectRef, *, force: bool = False, recursive: bool = True
     ``TaskCancelledError`` (running sync code is not interrupted; an async call's coroutine is
     cancelled), and ``force=True`` on one is a ``ValueError``, as in Ray (docs/runtime.md).
     """
+    if isinstance(object_ref, ObjectRefGenerator):
+        raise TypeError(
+            "cancel() of an ObjectRefGenerator (a streaming generator) is not supported by "
+            "miniray yet: cancel the task that started it (recursive=True), kill its actor "
+            "(miniray.kill), or stop reading it (docs/runtime.md, Generators)"
+        )
     if not isinstance(object_ref, ObjectRef):
         raise TypeError(f"cancel() expects an ObjectRef, got {type(object_ref).__name__}")
     for name, value in (("force", force), ("recursive", recursive)):
