@@ -92,6 +92,22 @@ def blocking(trainer, rollouter, *, extrapolation=0.0, load_timeout=10.0):
     )
 
 
+def publisher_in(mode, trainer):
+    """A publisher in ``mode`` ("background": async, the rollouter a plain object; "blocking":
+    sync mode, the rollouter an inline actor) and its rollouter."""
+    if mode == "background":
+        rollouter = FakeRollouter()
+        return background(trainer, rollouter), rollouter
+    rollouter = miniray.remote(FakeRollouter).remote()
+    return blocking(trainer, rollouter), rollouter
+
+
+def events_of(mode, rollouter) -> list[str]:
+    if mode == "background":
+        return rollouter.get_events()
+    return miniray.get(rollouter.get_events.remote(), timeout=10)
+
+
 def sync_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("weight-sync")]
 
@@ -156,12 +172,7 @@ class GroupLike(TorchTrainer):
 @pytest.mark.parametrize("mode", ["background", "blocking"])
 def test_a_groups_published_ref_travels_as_it_is(inline, mode, monkeypatch):
     trainer = GroupLike(2.0)
-    if mode == "background":
-        rollouter = FakeRollouter()
-        publisher = background(trainer, rollouter)
-    else:
-        rollouter = miniray.remote(FakeRollouter).remote()
-        publisher = blocking(trainer, rollouter)
+    publisher, rollouter = publisher_in(mode, trainer)
     puts = []
     real_put = miniray.put
     monkeypatch.setattr(miniray, "put", lambda value: puts.append(1) or real_put(value))
@@ -176,12 +187,8 @@ def test_a_groups_published_ref_travels_as_it_is(inline, mode, monkeypatch):
     assert len(puts) == 2  # the group's own puts, none by the publisher
     if mode == "background":
         assert publisher.snapshot.get_weights() is trainer.refs[-1]
-    events = (
-        rollouter.get_events()
-        if mode == "background"
-        else miniray.get(rollouter.get_events.remote(), timeout=10)
-    )
-    assert [e for e in events if e.startswith("load")] == ["load:1", "load:2"]
+    loads = [e for e in events_of(mode, rollouter) if e.startswith("load")]
+    assert loads == ["load:1", "load:2"]
 
 
 def test_the_publisher_sends_the_extrapolated_weights_in_async_mode(inline):
@@ -255,12 +262,7 @@ def test_for_run_reads_the_mode_and_timeouts_of_the_config(inline):
 @pytest.mark.parametrize("mode", ["background", "blocking"])
 def test_non_finite_weights_are_refused_naming_step_and_parameter(inline, mode):
     trainer = TorchTrainer()
-    if mode == "background":
-        rollouter = FakeRollouter()
-        publisher = background(trainer, rollouter)
-    else:
-        rollouter = miniray.remote(FakeRollouter).remote()
-        publisher = blocking(trainer, rollouter)
+    publisher, rollouter = publisher_in(mode, trainer)
     try:
         publisher.restore(0, 1)  # finite after step 1 (a checkpoint's weights)
         trainer.poison = "layer.bias"
@@ -273,12 +275,7 @@ def test_non_finite_weights_are_refused_naming_step_and_parameter(inline, mode):
         assert "steps 2-4 (finite after step 1" in message  # where the divergence began
         assert "'loss': nan" in message
         publisher.wait()
-        events = (
-            rollouter.get_events()
-            if mode == "background"
-            else miniray.get(rollouter.get_events.remote(), timeout=10)
-        )
-        assert events == []  # never published, not even paused for
+        assert events_of(mode, rollouter) == []  # never published, not even paused for
     finally:
         publisher.close()
 
