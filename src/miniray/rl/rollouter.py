@@ -462,7 +462,7 @@ class FullyAsyncRollouter:
             raise RuntimeError(
                 f"generate_batch({num_groups}): every rollout replica failed "
                 f"(rollout.max_restarts={self.config.rollout.max_restarts}) with "
-                f"{len(groups)} groups made"
+                f"{len(groups)} groups made; look for the cause in the replicas' output"
             )
         return groups
 
@@ -624,7 +624,10 @@ class FullyAsyncRollouter:
         if not any(r.handle for r in self._replicas):
             raise RuntimeError(
                 f"every rollout replica failed and none has restarts left "
-                f"(rollout.max_restarts={self.config.rollout.max_restarts}); the last: {failure}"
+                f"(rollout.max_restarts={self.config.rollout.max_restarts}); the last: {failure}. "
+                "Look for the cause in the replicas' output (an OOM kill, a crash, a call slower "
+                "than async_training.generation_timeout), then raise rollout.max_restarts or "
+                "that timeout, and resume from the last checkpoint"
             )
 
     def _crashed(self, exc: BaseException) -> None:
