@@ -244,3 +244,22 @@ class PacedEngines:
         engine = PacedEngine(self.digit_ids, self.seconds[index], hang_marker=marker)
         PacedEngines.made.setdefault(index, []).append(engine)
         return engine
+
+
+class SwappingRollouter(FakeRollouter):
+    """A ``FakeRollouter`` that also offers ``swap_weights`` (as ``FullyAsyncRollouter`` does):
+    pause, load and resume in one call, recorded as ``swap:<version>`` around them."""
+
+    def swap_weights(self, version, *, weights=None, refs=None, timeout=30.0):
+        self.events.append(f"swap:{version}")
+        if refs is not None:
+            import miniray
+
+            (ref,) = refs
+            weights = miniray.get(ref, timeout=timeout)
+        self.pause_rollout()
+        try:
+            self.load_weights(weights, version)
+        finally:
+            self.resume_rollout()
+        return {"pause_s": 0.0, "load_s": 0.0}

@@ -174,6 +174,30 @@ def test_resume_on_load_resumes_once_the_weights_are_in(workdir, resume_on_load)
         rollouter.stop()
 
 
+def test_swap_weights_pauses_loads_and_resumes_in_one_call_even_when_the_load_fails(workdir):
+    # resume_on_load off: the swap's own resume is what leaves the rollouter running.
+    cfg = config(workdir, resume_on_load=False)
+    rollouter = FullyAsyncRollouter(cfg, MessageQueue(max_queue_size=100), engine=FakeEngine())
+    with pytest.raises(TypeError, match="exactly one of weights= or refs="):
+        rollouter.swap_weights(1)
+    rollouter.start()
+    try:
+        time.sleep(0.2)  # in the middle of a generation: the swap interrupts it
+        rollouter.engine = BadWeightsEngine()
+        with pytest.raises(ValueError, match="unexpected parameters"):
+            rollouter.swap_weights(1, weights={"w": 1}, timeout=5)
+        stats = rollouter.get_statistics()
+        assert stats["paused"] is False and stats["version"] == 0  # running, old weights
+        rollouter.engine = FakeEngine()
+        answer = rollouter.swap_weights(2, weights={"w": 1}, timeout=5)
+        assert set(answer) == {"pause_s", "load_s"} and min(answer.values()) >= 0
+        stats = rollouter.get_statistics()
+        assert stats["version"] == 2 and stats["paused"] is False
+        assert stats["groups_interrupted"] >= 1
+    finally:
+        rollouter.stop()
+
+
 def test_load_weights_while_generating_is_refused(workdir):
     rollouter = FullyAsyncRollouter(
         config(workdir), MessageQueue(max_queue_size=10), engine=FakeEngine()

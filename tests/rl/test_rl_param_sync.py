@@ -7,7 +7,15 @@ import threading
 import time
 
 import pytest
-from rl_fakes import SEED_STAT_KEYS, WEIGHT_BYTES, FakeClock, FakeRollouter, FakeTrainer, config
+from rl_fakes import (
+    SEED_STAT_KEYS,
+    WEIGHT_BYTES,
+    FakeClock,
+    FakeRollouter,
+    FakeTrainer,
+    SwappingRollouter,
+    config,
+)
 
 import miniray
 from miniray.errors import ActorDiedError, ActorUnavailableError
@@ -81,6 +89,53 @@ def test_sync_result_carries_per_phase_timings():
     assert result.ok
     assert (result.pause_s, result.transfer_s, result.load_s) == (0.5, 2.0, 3.0)
     assert result.total_s == 5.5
+
+
+# -- a rollouter that swaps (pause, load and resume in one call) -------------------------------
+def test_a_rollouter_that_swaps_gets_one_call_and_resumes_itself():
+    clock = FakeClock()
+
+    class Timed(SwappingRollouter):
+        def swap_weights(self, version, **kwargs):
+            clock.advance(4.0)
+            answer = super().swap_weights(version, **kwargs)
+            return {**answer, "pause_s": 1.5}
+
+    trainer, rollouter = FakeTrainer(value=3.0), Timed()
+    sync, _ = make(trainer, rollouter, clock=clock)
+    result = sync.sync(1)
+    # One call: no pause before it, no resume round trip after it.
+    assert rollouter.events == ["swap:1", "pause", "load:1", "resume"]
+    assert result.ok and result.resumed and result.attempts == 1
+    assert rollouter.version == 1 and not rollouter.paused
+    assert float(rollouter.weights["layer.weight"][0, 0]) == 3.0
+    assert (result.pause_s, result.load_s, result.resume_s) == (1.5, 2.5, 0.0)
+    assert sync.get_current_version() == 1
+
+
+def test_a_failed_swap_is_retried_and_the_rollouter_left_running():
+    rollouter = SwappingRollouter(fail_loads=1)
+    sync, clock = make(rollouter=rollouter, max_sync_retries=1, sync_retry_delay=0.5)
+    assert sync.sync_to_rollouter(1) is True
+    assert rollouter.events == ["swap:1", "pause", "load:1", "resume"] * 2
+    assert clock.sleeps == [0.5] and not rollouter.paused and rollouter.version == 1
+
+
+def test_a_hung_swap_times_out_and_the_synchronizer_resumes_the_rollouter():
+    rollouter = SwappingRollouter(hang_on="load")
+    sync = UnifiedParameterSynchronizer(
+        config(sync_timeout=0.3, max_sync_retries=3), FakeTrainer(), rollouter
+    )
+    start = time.monotonic()
+    try:
+        with pytest.raises(ParameterSyncTimeoutError, match="swap_weights") as info:
+            sync.sync_to_rollouter(1)
+        # The synchronizer's own resume, since the swap (still hung) never resumed itself.
+        assert rollouter.events == ["swap:1", "pause", "load:1", "resume"]
+        assert info.value.result.resumed and sync.get_current_version() == 0
+    finally:
+        rollouter.release()
+    assert time.monotonic() - start < 3.0
 
 
 @pytest.mark.parametrize("stale", [1, 0])

@@ -13,6 +13,13 @@ One sync to version ``v``, and who waits for what::
       4. current version := v   (only once every rollouter loaded; a failed sync keeps the old)
       5. finally: resume_rollout() -------->  (always, with its own bounded wait)
 
+A rollouter that offers ``swap_weights`` (``FullyAsyncRollouter``) gets steps 1, 3 and 5 as one
+call, after step 2: it pauses, loads and resumes itself, so its generation stops only while it
+loads, and the weights reach it two round trips sooner (step 5 then runs only if the swap
+failed). The demo's sync, measured on 2 busy cores: the pause's answer and the load's call cost
+~1.5-2.5 ms each against ~2.5 ms of loading, once per ~38 ms training step, and with the
+staleness bound at 1 the next batch cannot start before the new version is loaded.
+
 Every wait is bounded by one deadline, ``start + sync_timeout``; every call goes through
 ``rl.endpoints`` (an actor handle or a plain object alike), so a hung call cannot hang the caller
 (TRL #6913: a sync that hangs must resume the rollouter and raise).
@@ -227,13 +234,13 @@ class UnifiedParameterSynchronizer(SeedSyncModes):
         result = SyncResult("failed", target, current, current)
         start = self._clock()
         deadline = start + cfg.sync_timeout
-        loaded = False
+        loaded = resumed = False
         try:
             attempts = 1 + cfg.max_sync_retries
             for attempt in range(1, attempts + 1):
                 result.attempts = attempt
                 try:
-                    self._attempt(trainers, rollouters, target, deadline, result)
+                    resumed = self._attempt(trainers, rollouters, target, deadline, result)
                     loaded = True
                     break
                 except _PhaseTimeout:
@@ -268,9 +275,11 @@ class UnifiedParameterSynchronizer(SeedSyncModes):
         finally:
             # Resume always runs, whatever happened above: a rollouter left paused by a failed
             # sync would stall the whole run silently. It gets its own bounded wait because
-            # the sync's deadline may already be spent.
+            # the sync's deadline may already be spent. A swap that succeeded resumed itself.
             t = self._clock()
-            resume_error = self._resume(rollouters, self._clock() + cfg.sync_timeout)
+            resume_error = (
+                None if resumed else self._resume(rollouters, self._clock() + cfg.sync_timeout)
+            )
             result.resume_s = self._clock() - t
             result.resumed = resume_error is None
             if resume_error is not None:
@@ -290,7 +299,11 @@ class UnifiedParameterSynchronizer(SeedSyncModes):
         target: int,
         deadline: float,
         result: SyncResult,
-    ) -> None:
+    ) -> bool:
+        """One attempt; True when the rollouters resumed themselves (``swap_weights``)."""
+        if all(_has_method(r, "swap_weights") for r in rollouters):
+            self._swap(trainers[0], rollouters, target, deadline, result)
+            return True
         t = self._clock()
         calls = [call(r, "pause_rollout") for r in rollouters]
         for r, ok in zip(rollouters, self._wait_all(calls, deadline)):
@@ -309,6 +322,26 @@ class UnifiedParameterSynchronizer(SeedSyncModes):
             if ok is False:
                 raise RuntimeError(f"load_weights() of {r!r} returned False")
         result.load_s += self._clock() - t
+        return False
+
+    def _swap(
+        self, trainer: Any, rollouters: list[Any], target: int, deadline: float, result: SyncResult
+    ) -> None:
+        """Steps 1, 3 and 5 in one ``swap_weights`` call per rollouter, the weights fetched
+        first. Its answer splits the call's time: waiting for the generation to stop is the
+        pause phase, the rest the load."""
+        t = self._clock()
+        weights, nbytes = self._fetch_weights(trainer, rollouters, deadline)
+        result.transfer_s += self._clock() - t
+        result.bytes = nbytes
+        t = self._clock()
+        timeout = max(0.0, deadline - self._clock())
+        calls = [swap_call(r, weights, target, timeout) for r in rollouters]
+        answers = self._wait_all(calls, deadline)
+        took = self._clock() - t
+        paused = max((float(a.get("pause_s", 0.0)) for a in answers), default=0.0)
+        result.pause_s += min(paused, took)
+        result.load_s += took - min(paused, took)
 
     def _fetch_weights(
         self, trainer: Any, rollouters: list[Any], deadline: float
@@ -533,6 +566,14 @@ def load_call(rollouter: Any, weights: Any, version: int) -> Pending:
     ):
         return call(rollouter, "load_weights_from", [weights], version)
     return call(rollouter, "load_weights", weights, version)
+
+
+def swap_call(rollouter: Any, weights: Any, version: int, timeout: float) -> Pending:
+    """Start ``rollouter.swap_weights``: a ref goes in a list (``refs=``), so the rollouter hands
+    that one object to its replicas; a value goes as ``weights=``."""
+    if isinstance(weights, miniray.ObjectRef) and isinstance(rollouter, miniray.ActorHandle):
+        return call(rollouter, "swap_weights", version, refs=[weights], timeout=timeout)
+    return call(rollouter, "swap_weights", version, weights=weights, timeout=timeout)
 
 
 def _has_method(endpoint: Any, name: str) -> bool:

@@ -803,6 +803,33 @@ class FullyAsyncRollouter:
             self.engine.load_weights(miniray.get(ref, timeout=timeout), take=True)
         return self._adopt(version)
 
+    def swap_weights(
+        self,
+        version: int,
+        *,
+        weights: Any = None,
+        refs: list[Any] | None = None,
+        timeout: float = 30.0,
+    ) -> dict[str, float]:
+        """``pause_rollout``, ``load_weights(weights)`` (or ``load_weights_from(refs)``) and
+        ``resume_rollout`` in one call, the synchronizer's (``param_sync``): the generation
+        stops only while the weights load, not for two more round trips through the driver.
+        Resumes whether or not the load succeeded, as the synchronizer's own resume does.
+        Answers the seconds spent waiting for the generation to stop and loading."""
+        if (weights is None) == (refs is None):
+            raise TypeError("swap_weights() takes exactly one of weights= or refs=")
+        started = time.monotonic()
+        self.pause_rollout(timeout)
+        paused = time.monotonic()
+        try:
+            if refs is not None:
+                self.load_weights_from(refs, version)
+            else:
+                self.load_weights(weights, version)
+        finally:
+            self.resume_rollout()
+        return {"pause_s": paused - started, "load_s": time.monotonic() - paused}
+
     def _adopt(self, version: int) -> bool:
         with self._cond:
             if self.config.async_training.resume_on_load:
