@@ -16,7 +16,7 @@ from rl_fakes import Crash, DeterministicEngine, reward_by_digit
 
 import miniray
 from miniray.rl import checkpoint
-from miniray.rl.config import load_rl_config
+from miniray.rl.config_loading import load_rl_config
 from miniray.rl.data_position import PromptCursor, PromptOrder, TrainedPositions
 from miniray.rl.loop import run
 from miniray.rl.models import char_tokenizer, save, tiny_qwen2

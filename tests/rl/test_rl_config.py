@@ -19,11 +19,8 @@ from miniray.config import (
     parse_overrides,
     read_yaml,
 )
-from miniray.rl.config import (
-    CONFIG_DIR,
-    AsyncTrainingConfig,
-    DataConfig,
-    RLConfig,
+from miniray.rl.config import CONFIG_DIR, AsyncTrainingConfig, DataConfig, RLConfig
+from miniray.rl.config_loading import (
     async_training_config,
     config_names,
     load_rl_config,

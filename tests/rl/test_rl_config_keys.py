@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 
-from miniray.rl.config import load_rl_config
+from miniray.rl.config_loading import load_rl_config
 from miniray.rl.models import char_tokenizer, save, tiny_qwen2
 from miniray.rl.tasks import ArithmeticTask, write_prompts
 

@@ -16,7 +16,9 @@ from rl_fakes import FakeClock, FakeRollouter, FakeTrainer
 
 import miniray
 from miniray.config import config_keys
-from miniray.rl.config import REFUSED, RLConfig, load_rl_config, record_reads
+from miniray.rl.config import REFUSED, RLConfig
+from miniray.rl.config_loading import load_rl_config
+from miniray.rl.config_reads import record_reads
 from miniray.rl.distill.config import DISTILL_REFUSED, DistillConfig, load_distill_config
 from miniray.rl.models import char_tokenizer, save, tiny_qwen2
 from miniray.rl.tasks import ArithmeticTask, write_prompts

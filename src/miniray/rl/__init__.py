@@ -17,12 +17,8 @@ from miniray.rl.compat import (
     ParameterSynchronizer,
     ParameterSyncManager,
 )
-from miniray.rl.config import (
-    AsyncTrainingConfig,
-    RLConfig,
-    async_training_config,
-    load_rl_config,
-)
+from miniray.rl.config import AsyncTrainingConfig, RLConfig
+from miniray.rl.config_loading import async_training_config, load_rl_config
 from miniray.rl.errors import (
     NonFiniteWeightsError,
     ParameterSyncError,

@@ -13,22 +13,18 @@ places deliberately differ from verl, and the error for the verl spelling points
 The documented defaults are ``configs/fully_async_ppo.yaml``; a test keeps it equal to the
 dataclass defaults below.
 
-    cfg = load_rl_config("e2e_minimal", overrides=["async_training.max_queue_size=500"])
+Loading it is ``config_loading`` (``load_rl_config``, ``parse_rl_args``); which keys the code
+reads, and the values refused, ``config_reads``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import sys
-import threading
-from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from miniray import config as config_machinery
-from miniray.config import Config, from_dict, load, option
+from miniray.config import Config, option
+from miniray.rl.config_reads import SCALE_OUT, Refusal, at_most, check_refused
 
 __all__ = [
     "CONFIG_DIR",
@@ -44,12 +40,6 @@ __all__ = [
     "RolloutConfig",
     "RolloutSamplingConfig",
     "TrainerConfig",
-    "async_training_config",
-    "check_refused",
-    "config_names",
-    "load_rl_config",
-    "parse_rl_args",
-    "record_reads",
 ]
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -498,246 +488,6 @@ class RLConfig(Config):
                 f"invalid: must be >= data.train_batch_size={self.data.train_batch_size}, "
                 "or the trainer could never take a whole batch from the queue"
             )
-
-
-# Bundled configs of another entry point, which shares this directory: name -> its command.
-_OTHER_ENTRY_POINTS = {"on_policy_distill_trainer": "python -m miniray.rl.distill.main"}
-
-
-def config_names() -> list[str]:
-    """Names of the bundled YAML configs of async RL (``load_rl_config(name)``)."""
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if p.stem not in _OTHER_ENTRY_POINTS)
-
-
-def load_rl_config(
-    config_name: str | Path = DEFAULT_CONFIG_NAME,
-    *,
-    overrides: Sequence[str] = (),
-    data: Mapping[str, Any] | None = None,
-) -> RLConfig:
-    """Dataclass defaults <- a bundled config name or a YAML path <- ``data`` <- overrides."""
-    return load(RLConfig, config_file(config_name, config_names()), data=data, overrides=overrides)
-
-
-def parse_rl_args(argv: Sequence[str]) -> RLConfig:
-    """A config from command-line words, Hydra-style as in the seeds::
-
-        --config-name=e2e_minimal [--config-path=DIR] async_training.max_queue_size=500 ...
-
-    ``--config-name`` is a bundled name or a YAML path (``--config-path`` is a directory to look
-    it up in); every other word is a dotted override.
-    """
-    name, overrides = split_config_args(argv, DEFAULT_CONFIG_NAME)
-    return load_rl_config(name, overrides=overrides)
-
-
-def split_config_args(argv: Sequence[str], default_name: str) -> tuple[str | Path, list[str]]:
-    """``(config name or YAML path, dotted overrides)`` from Hydra-style words:
-    ``--config-name=NAME [--config-path=DIR] key=value ...`` (a flag's value may also be the
-    next word). Shared by every entry point that takes a config."""
-    name: str | Path = default_name
-    config_dir: Path | None = None
-    overrides: list[str] = []
-    words = list(argv)
-    while words:
-        word = words.pop(0)
-        if not word.startswith("--"):
-            overrides.append(word)
-            continue
-        flag, eq, value = word.partition("=")
-        if flag not in ("--config-name", "--config-path"):
-            raise ValueError(
-                f"unknown option {flag!r}: known options are ['--config-name', "
-                "'--config-path']; everything else is key=value"
-            )
-        if not eq:
-            if not words:
-                raise ValueError(f"option {flag} needs a value: {flag}=VALUE")
-            value = words.pop(0)
-        if flag == "--config-name":
-            name = value
-        else:
-            config_dir = Path(value)
-    if config_dir is not None:
-        name = config_dir / (name if str(name).endswith((".yaml", ".yml")) else f"{name}.yaml")
-    return name, overrides
-
-
-def config_file(config_name: str | Path, known: Sequence[str]) -> Path:
-    """The YAML file of a bundled config name (one of ``known``) or of a path."""
-    path = Path(config_name)
-    if path.suffix in (".yaml", ".yml") or path.is_file():
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-        return path
-    bundled = CONFIG_DIR / f"{config_name}.yaml"
-    if str(config_name) not in known or not bundled.is_file():
-        command = _OTHER_ENTRY_POINTS.get(str(config_name))
-        hint = f" ({config_name} is the config of `{command}`)" if command else ""
-        raise ValueError(
-            f"config_name={str(config_name)!r} is unknown: must be a YAML path or one of "
-            f"{list(known)}{hint}"
-        )
-    return bundled
-
-
-_TOP_LEVEL = {
-    "data",
-    "actor_rollout_ref",
-    "async_training",
-    "trainer",
-    "rollout",
-    "algorithm",
-    "custom_reward_function",
-}
-
-
-def async_training_config(config: Any = None) -> AsyncTrainingConfig:
-    """The ``async_training`` section from whatever a user passes as ``config``.
-
-    Accepts ``None`` (defaults), an ``RLConfig``, an ``AsyncTrainingConfig``, or a plain dict /
-    OmegaConf config that is either the whole tree (``{"async_training": {...}, ...}``) or the
-    section itself (``{"staleness_threshold": 2}``). The queue and the synchronizer need only
-    this section, so they work without data files or a model path.
-    """
-    if config is None:
-        return AsyncTrainingConfig()
-    if isinstance(config, AsyncTrainingConfig):
-        return config
-    if isinstance(config, RLConfig):
-        return config.async_training
-    if isinstance(config, Config):
-        raise TypeError(
-            f"config must be an RLConfig, an AsyncTrainingConfig or a mapping, "
-            f"got a {type(config).__name__}"
-        )
-    if type(config).__module__.startswith("omegaconf"):
-        from omegaconf import OmegaConf
-
-        config = OmegaConf.to_container(config, resolve=True)
-    if not isinstance(config, Mapping):
-        raise TypeError(
-            f"config must be an RLConfig, an AsyncTrainingConfig or a mapping, "
-            f"got {type(config).__name__}: {config!r}"
-        )
-    if "async_training" in config:
-        return from_dict(AsyncTrainingConfig, config["async_training"], path="async_training")
-    if config and set(config) <= _TOP_LEVEL:
-        return AsyncTrainingConfig()
-    return from_dict(AsyncTrainingConfig, config, path="async_training")
-
-
-# -- which keys the code reads ----------------------------------------------------------------
-# A key that nothing reads is a silent no-op: the user sets it and the run ignores it. Every
-# key is therefore read by the code it names, or listed in ``REFUSED`` (values above what this
-# version supports are errors); tests/rl/test_rl_config_reads.py checks both trees.
-
-
-@dataclass(frozen=True)
-class Refusal:
-    """The values of a key this version supports (``allowed``, said as ``rule``), and why
-    the others are refused rather than ignored."""
-
-    allowed: Any  # value -> bool
-    rule: str
-    why: str
-
-
-def at_most(limit: int, why: str) -> Refusal:
-    return Refusal(lambda value: value <= limit, f"must be <= {limit}", why)
-
-
-def check_refused(root: Config, refused: Mapping[str, Refusal]) -> None:
-    """Raise for the first key of ``refused`` whose value in the tree ``root`` this version
-    does not support, naming the key, the value, the rule and why."""
-    for key, refusal in refused.items():
-        node: Any = root
-        for part in key.split("."):
-            node = object.__getattribute__(node, part)  # not a read by the code: a check
-        if not refusal.allowed(node):
-            raise ValueError(f"{key}={node!r} is refused: {refusal.rule}; {refusal.why}")
-
-
-_MACHINERY_FILES = {config_machinery.__file__, dataclasses.__file__, "<string>"}
-_PACKAGE_DIR = str(Path(__file__).resolve().parents[1])
-# Methods of a config that read their own fields to check or show them, not to act on them.
-_NOT_READERS = {"validate", "__post_init__", "__eq__", "__repr__", "__hash__"}
-
-
-class _ReadRecorder:
-    """Collects ``Config`` field reads made by miniray's code, from every thread."""
-
-    def __init__(self) -> None:
-        self.keys: set[str] = set()
-        self.lock = threading.Lock()
-        self.fields: dict[type, frozenset[str]] = {}
-
-    def field_names(self, cls: type) -> frozenset[str]:
-        names = self.fields.get(cls)
-        if names is None:
-            names = self.fields[cls] = frozenset(f.name for f in dataclasses.fields(cls))
-        return names
-
-    def reader_is_code(self) -> bool:
-        """Whether the read two frames up (past our hook) is by miniray's code acting on the
-        value: dict-style reads (``cfg.get``, ``cfg[...]``) count for their caller."""
-        frame = sys._getframe(2)
-        code = frame.f_code
-        if code.co_filename == config_machinery.__file__ and code.co_name in ("get", "__getitem__"):
-            caller = frame.f_back
-            if caller is None:
-                return False
-            code = caller.f_code
-        return (
-            code.co_filename not in _MACHINERY_FILES
-            and code.co_name not in _NOT_READERS
-            and code.co_filename.startswith(_PACKAGE_DIR)
-        )
-
-
-_recorders: list[_ReadRecorder] = []
-_recording_lock = threading.Lock()
-
-
-def _recording_getattribute(self: Config, name: str) -> Any:
-    value = object.__getattribute__(self, name)
-    if _recorders and not name.startswith("_"):
-        for recorder in list(_recorders):
-            if name in recorder.field_names(type(self)) and recorder.reader_is_code():
-                path = self.__dict__.get("_config_path", "")
-                key = f"{path}.{name}" if path else name
-                with recorder.lock:
-                    recorder.keys.add(key)
-    return value
-
-
-@contextlib.contextmanager
-def record_reads() -> Iterator[set[str]]:
-    """Record the dotted keys miniray's code reads from any ``Config`` while the block runs,
-    in every thread of this process (the inline backend runs actors in threads; actors in
-    other processes are not seen). Yields the set, filled as reads happen.
-
-    Reads by the config machinery and by ``validate`` do not count: they check a value, they
-    do not act on it. For the tests; it slows every attribute read of a config.
-    """
-    recorder = _ReadRecorder()
-    with _recording_lock:
-        if not _recorders:
-            Config.__getattribute__ = _recording_getattribute  # type: ignore[method-assign,assignment]
-        _recorders.append(recorder)
-    try:
-        yield recorder.keys
-    finally:
-        with _recording_lock:
-            _recorders.remove(recorder)
-            if not _recorders:
-                del Config.__getattribute__
-
-
-SCALE_OUT = (
-    "this version runs each role in one process on one device; more arrives with the "
-    "scale-out issues (multi-GPU, multi-node), until then set 1"
-)
 
 
 # Keys accepted only at the values this version supports (``check_refused``).

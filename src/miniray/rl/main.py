@@ -13,7 +13,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from miniray.rl.config import parse_rl_args
+from miniray.rl.config_loading import parse_rl_args
 from miniray.rl.loop import run
 from miniray.rl.tasks import load_prompts
 

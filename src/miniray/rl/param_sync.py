@@ -44,7 +44,7 @@ from typing import Any, Protocol, runtime_checkable
 import miniray
 from miniray.errors import ActorDiedError
 from miniray.rl.compat import SeedSyncModes, actor_constructor
-from miniray.rl.config import async_training_config
+from miniray.rl.config_loading import async_training_config
 from miniray.rl.endpoints import Pending, call
 from miniray.rl.errors import ParameterSyncError, ParameterSyncTimeoutError
 from miniray.rl.staleness import check_version, is_valid_version_bump, version_after_sync

@@ -43,7 +43,8 @@ from typing import Any
 
 from miniray.config import from_dict
 from miniray.rl.compat import actor_constructor
-from miniray.rl.config import AsyncTrainingConfig, async_training_config
+from miniray.rl.config import AsyncTrainingConfig
+from miniray.rl.config_loading import async_training_config
 from miniray.rl.errors import ProducerCrashedError, QueueTimeoutError
 from miniray.rl.staleness import check_version, sample_age
 

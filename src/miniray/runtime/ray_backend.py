@@ -1,4 +1,5 @@
-"""The Ray backend: the public runtime API on a Ray cluster. The only module that imports ray.
+"""The Ray backend: the public runtime API on a Ray cluster. It and the other ``ray_*``
+modules are the only ones that import ray.
 
 ``ray`` is imported inside functions, never at module level: ``import miniray`` must work (and
 stay fast) without Ray installed, and api.py imports this module only for ``backend='ray'``.
@@ -12,6 +13,10 @@ Ray's own ref/handle (Ray's reference counting and ownership apply) and comes ou
     Ray worker: _task_function / generated actor subclass --> _enter_worker() (attach context,
                 register the numpy reducer) --> user code --> errors wrapped as ours
 
+The parts: ``ray_values`` (our refs, handles, generators and runtime context around Ray's, and
+numpy's serializer), ``ray_errors`` (Ray's errors mapped to ours), ``ray_worker`` (what Ray runs
+for our functions and actor classes); the backend here starts or attaches to Ray and submits.
+
 Semantics that Ray does differently and this backend restores, so a script prints the same
 results on every backend:
 
@@ -24,27 +29,37 @@ results on every backend:
 
 from __future__ import annotations
 
-import inspect
 import os
-import pickle
-import re
 import threading
 import time
 import warnings
 import weakref
 from concurrent.futures import Future
-from typing import Any, NoReturn
+from typing import Any
 
 import miniray.errors as errors  # the module, not the package: runtime sits below it
-from miniray.runtime import context, execution, futures
+from miniray.runtime import execution, futures
+from miniray.runtime.ray_errors import _map_error, _raise_mapped
+from miniray.runtime.ray_values import (
+    RayActorHandle,
+    RayObjectRef,
+    RayRuntimeContext,
+    _deregister_serializers,
+    _metadata_of,
+    _ray_handle,
+    _ray_ref,
+    _RayStream,
+    _register_serializers,
+    _unwrap_arg,
+    _wrap_refs,
+)
+from miniray.runtime.ray_worker import _actor_subclass, _retry_exceptions, _task_function
 from miniray.runtime.refs import (
     ActorClass,
     ActorHandle,
-    ArgumentCheck,
     ObjectRef,
     ObjectRefGenerator,
     RemoteFunction,
-    nil_ref,
     returns_of,
 )
 
@@ -66,151 +81,6 @@ _TASK_PASSTHROUGH = (
     "name",
 )
 _ACTOR_PASSTHROUGH = (*_TASK_PASSTHROUGH, "namespace", "lifetime", "concurrency_groups")
-
-
-# ------------------------------------------------------------------------------- values
-
-
-class RayObjectRef(ObjectRef):
-    """Our ``ObjectRef`` carrying a ``ray.ObjectRef``; Ray counts references, so no pinning."""
-
-    __slots__ = ("_ray_ref",)
-
-    def __init__(self, ray_ref: Any):
-        super().__init__(ray_ref.hex(), counted=False)
-        self._ray_ref = ray_ref
-
-    @property
-    def ray_ref(self) -> Any:
-        return self._ray_ref
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # Pickled inside Ray's serializer, the inner ray.ObjectRef is recorded as a borrowed ref.
-        return (RayObjectRef, (self._ray_ref,))
-
-
-class RayActorHandle(ActorHandle):
-    """Our ``ActorHandle`` carrying Ray's handle; pickles as Ray's handle plus our metadata."""
-
-    def __init__(self, ray_handle: Any, class_name: str, methods: dict[str, dict[str, Any]]):
-        super().__init__(ray_handle._actor_id.hex(), class_name, methods)
-        self._ray_handle = ray_handle
-
-    @property
-    def ray_handle(self) -> Any:
-        return self._ray_handle
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (RayActorHandle, (self._ray_handle, self._class_name, self._methods))
-
-
-def _reduce_ndarray(array: Any) -> tuple[Any, ...]:
-    """Serializer for numpy arrays: raw bytes out of band (zero-copy into Ray's store)."""
-    if array.dtype.hasobject:
-        return ("objects", array.shape, array.dtype, array.ravel().tolist())
-    contiguous = array if array.flags.c_contiguous else array.copy(order="C")
-    flat = contiguous.reshape(-1).view("uint8")
-    return ("buffer", array.shape, array.dtype, pickle.PickleBuffer(flat))
-
-
-def _rebuild_ndarray(state: tuple[Any, ...]) -> Any:
-    """Deserializer: a writable copy. Ray would hand out a read-only view of its store, and
-    code that updates a received array in place (``w -= lr * g``) would fail only on Ray."""
-    import numpy as np
-
-    kind, shape, dtype, data = state
-    if kind == "objects":
-        out = np.empty(len(data), dtype=dtype)
-        for i, item in enumerate(data):
-            out[i] = item
-        return out.reshape(shape)
-    return np.frombuffer(data, dtype=np.uint8).view(dtype).reshape(shape).copy()
-
-
-_registered_lock = threading.Lock()
-_numpy_registered = False
-
-
-def _register_serializers() -> None:
-    """Make numpy arrays travel as writable copies in this process (driver or Ray worker)."""
-    global _numpy_registered
-    with _registered_lock:
-        if _numpy_registered:
-            return
-        try:
-            import numpy as np
-        except ImportError:  # no numpy, no arrays to fix
-            _numpy_registered = True
-            return
-        import ray.util
-
-        ray.util.register_serializer(
-            np.ndarray, serializer=_reduce_ndarray, deserializer=_rebuild_ndarray
-        )
-        _numpy_registered = True
-
-
-def _deregister_serializers() -> None:
-    global _numpy_registered
-    with _registered_lock:
-        if not _numpy_registered:
-            return
-        _numpy_registered = False
-        try:
-            import numpy as np
-        except ImportError:
-            return
-        import ray.util
-
-        ray.util.deregister_serializer(np.ndarray)
-
-
-# ------------------------------------------------------------------------------- errors
-
-
-def _map_error(exc: BaseException) -> BaseException:
-    """Ray's exception -> the one of ``miniray.errors`` a caller catches (same on every backend)."""
-    import ray.exceptions as rex
-
-    # Ray's wrapper first: Ray's dual class around our error is an instance of both.
-    if isinstance(exc, rex.RayTaskError):
-        cause = exc.cause
-        if isinstance(cause, errors.RayTaskError):  # raised by our worker-side wrapper
-            return cause.as_instanceof_cause()
-        if isinstance(cause, rex.TaskCancelledError):
-            return errors.TaskCancelledError(str(exc))
-        if isinstance(cause, rex.RayError):
-            return _map_error(cause)
-        # Raised outside our wrappers (e.g. Ray checking num_returns): Ray's text is the traceback.
-        return errors.RayTaskError(
-            exc.function_name, str(exc), cause, pid=exc.pid or 0
-        ).as_instanceof_cause()
-    if isinstance(exc, errors.RayError):
-        return exc.as_instanceof_cause() if isinstance(exc, errors.RayTaskError) else exc
-    message = str(exc)
-    if isinstance(exc, rex.GetTimeoutError):
-        return errors.GetTimeoutError(message)
-    if isinstance(exc, rex.ActorAlreadyExistsError):
-        return errors.ActorAlreadyExistsError(message)
-    if isinstance(exc, rex.RayActorError):
-        actor_id = getattr(exc, "actor_id", None) or ""
-        if isinstance(exc, rex.ActorUnavailableError):
-            return errors.ActorUnavailableError(message, actor_id=actor_id)
-        return errors.ActorDiedError(message, actor_id=actor_id)
-    if isinstance(exc, rex.TaskCancelledError):
-        return errors.TaskCancelledError(message)
-    if isinstance(exc, rex.PendingCallsLimitExceeded):
-        # Name the option as the other backends do: Ray's text says only "more than N tasks".
-        limit = re.search(r"more than (\d+) tasks", message)
-        suffix = f" (max_pending_calls={limit.group(1)})" if limit else ""
-        return errors.PendingCallsLimitExceeded(message + suffix)
-    if isinstance(exc, (rex.WorkerCrashedError, rex.OutOfMemoryError)):
-        return errors.WorkerCrashedError(message)
-    if isinstance(exc, rex.ObjectLostError):
-        return errors.ObjectLostError(message)
-    if isinstance(exc, rex.RayError):
-        return errors.RaySystemError(f"{type(exc).__name__}: {message}")
-    return exc
 
 
 def _wait_until_dead(ray_handle: Any, handle: ActorHandle) -> None:
@@ -236,63 +106,6 @@ def _wait_until_dead(ray_handle: Any, handle: ActorHandle) -> None:
     )
 
 
-def _raise_mapped(exc: BaseException) -> NoReturn:
-    mapped = _map_error(exc)
-    if mapped is exc:
-        raise exc
-    # Our error carries the remote traceback already; Ray's wrapper around it is noise.
-    raise mapped from None
-
-
-def _user_error(label: str, exc: Exception) -> BaseException:
-    """Wrap an exception of user code inside a Ray worker as our ``RayTaskError``.
-
-    The dual class keeps ``retry_exceptions=[SomeError]`` working (Ray checks isinstance). A cause
-    that cannot be pickled becomes a RuntimeError with its type and message, as on local.
-    """
-    import ray.cloudpickle
-
-    error = execution.task_error(label, exc)
-    try:
-        # Ray's pickler, as Ray will use: classes from the driver's __main__ travel by value.
-        ray.cloudpickle.dumps(error.cause)
-    except Exception:
-        error = errors.RayTaskError(
-            label,
-            error.traceback_str,
-            RuntimeError(f"{type(error.cause).__name__}: {error.cause}"),
-            pid=error.pid,
-        )
-    return error.as_instanceof_cause()
-
-
-def _is_ray_control_flow(exc: BaseException) -> bool:
-    """Exceptions Ray uses to steer an actor (``exit_actor`` in an async actor): never wrap."""
-    import ray.exceptions as rex
-
-    return isinstance(exc, rex.AsyncioActorExit)
-
-
-# ------------------------------------------------------------------------------- worker side
-
-_worker_lock = threading.Lock()
-_worker_entered = False
-
-
-def _enter_worker() -> None:
-    """First thing every task and actor runs in a Ray worker: become a miniray process."""
-    global _worker_entered
-    if _worker_entered:
-        return
-    with _worker_lock:
-        if _worker_entered:
-            return
-        if context.current_or_none() is None:
-            context.set_backend(RayBackend.attached(in_worker=True))
-        _register_serializers()
-        _worker_entered = True
-
-
 def worker_backend_or_none() -> RayBackend | None:
     """A backend attached to Ray when this process is a Ray worker (called by ``context``)."""
     import ray
@@ -303,164 +116,6 @@ def worker_backend_or_none() -> RayBackend | None:
     if worker.mode != ray._private.worker.WORKER_MODE:
         return None
     return RayBackend.attached(in_worker=True)
-
-
-def _task_function(fn: Any, label: str) -> Any:
-    """The function Ray runs for a remote function: enter the worker, call, wrap errors."""
-
-    # *args: RemoteFunction.remote (refs.py) has already bound the arguments to fn's signature.
-    def run(*args: Any, **kwargs: Any) -> Any:
-        _enter_worker()
-        try:
-            return fn(*args, **kwargs)
-        except Exception as exc:
-            if _is_ray_control_flow(exc):
-                raise
-            raise _user_error(label, exc) from None
-
-    def run_stream(*args: Any, **kwargs: Any) -> Any:
-        # A generator itself: Ray makes a streaming task only of a generator function.
-        _enter_worker()
-        try:
-            for value in fn(*args, **kwargs):  # noqa: UP028 (not `yield from`: see _wrap_method)
-                yield value
-        except Exception as exc:
-            if _is_ray_control_flow(exc):
-                raise
-            raise _user_error(label, exc) from None
-
-    if inspect.isgeneratorfunction(fn):
-        run = run_stream
-    # Ray names the task (and its log lines) after these.
-    run.__name__ = getattr(fn, "__name__", "remote_function")
-    run.__qualname__ = getattr(fn, "__qualname__", run.__name__)
-    run.__module__ = getattr(fn, "__module__", __name__)
-    return run
-
-
-def _actor_subclass(actor_class: ActorClass) -> type:
-    """A subclass of the user's class whose methods enter the worker and wrap errors as ours.
-
-    A subclass (not a wrapper object) keeps ``self`` the user's instance, so ``isinstance`` and
-    ``super()`` inside methods work, and Ray sees ``async def`` methods and makes an async actor.
-    """
-    import ray
-
-    user_cls = actor_class.cls
-    class_name = actor_class.__name__
-
-    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        _enter_worker()
-        try:
-            user_cls.__init__(self, *args, **kwargs)  # type: ignore[misc]
-        except Exception as exc:
-            raise _user_error(f"{class_name}.__init__", exc) from None
-
-    namespace: dict[str, Any] = {"__init__": __init__}
-    for name, method_options in actor_class.methods.items():
-        method = _wrap_method(user_cls, name, class_name, method_options)
-        namespace[name] = ray.method(**_declared_method_options(method_options))(method)
-    generated = type(class_name, (user_cls,), namespace)
-    generated.__qualname__ = getattr(user_cls, "__qualname__", class_name)
-    generated.__module__ = getattr(user_cls, "__module__", __name__)
-    return generated
-
-
-def _wrap_method(user_cls: type, name: str, class_name: str, method_options: dict) -> Any:
-    # The user's attribute as stored (function, staticmethod or classmethod), bound per call
-    # through its own __get__: exactly what `instance.name` would have given.
-    attribute = inspect.getattr_static(user_cls, name)
-    label = f"{class_name}.{name}"
-    generator_kind = _generator_kind(attribute)
-
-    # A generator method's wrapper is a generator itself: Ray streams only those.
-    if generator_kind == "async":
-
-        async def async_generator_method(self: Any, *args: Any, **kwargs: Any) -> Any:
-            _enter_worker()
-            try:
-                async for value in attribute.__get__(self, type(self))(*args, **kwargs):
-                    yield value
-            except Exception as exc:
-                if _is_ray_control_flow(exc):
-                    raise
-                raise _user_error(label, exc) from None
-
-        method: Any = async_generator_method
-    elif generator_kind == "sync":
-
-        def generator_method(self: Any, *args: Any, **kwargs: Any) -> Any:
-            _enter_worker()
-            try:
-                # Not `yield from`: Ray sends values into the generator, which a user's own
-                # `yield from range(...)` would pass on to an iterator without send().
-                for value in attribute.__get__(self, type(self))(*args, **kwargs):  # noqa: UP028
-                    yield value
-            except Exception as exc:
-                if _is_ray_control_flow(exc):
-                    raise
-                raise _user_error(label, exc) from None
-
-        method = generator_method
-    elif method_options["is_async"]:
-
-        async def async_method(self: Any, *args: Any, **kwargs: Any) -> Any:
-            _enter_worker()
-            try:
-                result = attribute.__get__(self, type(self))(*args, **kwargs)
-                if inspect.isawaitable(result):
-                    result = await result
-                return result
-            except Exception as exc:
-                if _is_ray_control_flow(exc):
-                    raise
-                raise _user_error(label, exc) from None
-
-        method = async_method
-    else:
-
-        def sync_method(self: Any, *args: Any, **kwargs: Any) -> Any:
-            _enter_worker()
-            try:
-                return attribute.__get__(self, type(self))(*args, **kwargs)
-            except Exception as exc:
-                if _is_ray_control_flow(exc):
-                    raise
-                raise _user_error(label, exc) from None
-
-        method = sync_method
-    method.__name__ = name
-    method.__qualname__ = label
-    check = method_options.get("argument_check")
-    if check is not None:
-        # Ray reads each method's signature (dropping the first parameter) when it makes the
-        # class and keeps it in every handle of the actor: with the user's parameters instead of
-        # our *args, a handle found by get_actor carries them too (see _metadata_of).
-        receiver = inspect.Parameter("_miniray_self", inspect.Parameter.POSITIONAL_ONLY)
-        method.__signature__ = check.signature.replace(
-            parameters=[receiver, *check.signature.parameters.values()]
-        )
-    return method
-
-
-def _generator_kind(attribute: Any) -> str | None:
-    """ "sync" or "async" for a generator method as stored in the class, else None."""
-    function = getattr(attribute, "__func__", attribute)  # a staticmethod's or classmethod's
-    if inspect.isasyncgenfunction(function):
-        return "async"
-    return "sync" if inspect.isgeneratorfunction(function) else None
-
-
-def _declared_method_options(method_options: dict[str, Any]) -> dict[str, Any]:
-    """What ``@miniray.method`` declared, as ``ray.method`` options: Ray's handle then carries
-    them, also to processes that find the actor with ``get_actor``."""
-    declared: dict[str, Any] = {"num_returns": method_options["num_returns"]}
-    if method_options["retry_exceptions"]:
-        declared["retry_exceptions"] = _retry_exceptions(method_options["retry_exceptions"])
-    for key in ("max_task_retries", "concurrency_group"):
-        if method_options.get(key) is not None:
-            declared[key] = method_options[key]
-    return declared
 
 
 # ------------------------------------------------------------------------------- the backend
@@ -751,37 +406,8 @@ def _passthrough(options: dict[str, Any], keys: tuple[str, ...]) -> dict[str, An
     return {k: options[k] for k in keys if options.get(k) is not None}
 
 
-def _retry_exceptions(value: Any) -> Any:
-    # Ray wants a list; our validated option may be a tuple.
-    return list(value) if isinstance(value, tuple) else value
-
-
 def _remaining(deadline: float | None) -> float | None:
     return None if deadline is None else max(0.0, deadline - time.monotonic())
-
-
-def _ray_ref(ref: ObjectRef) -> Any:
-    if not isinstance(ref, RayObjectRef):
-        raise ValueError(
-            f"{ref!r} is unknown to the Ray backend: it was made by another backend "
-            "(refs do not survive miniray.shutdown() or a change of backend)"
-        )
-    return ref.ray_ref
-
-
-def _ray_handle(handle: ActorHandle) -> Any:
-    if not isinstance(handle, RayActorHandle):
-        raise ValueError(
-            f"{handle!r} is unknown to the Ray backend: it was made by another backend "
-            "(handles do not survive miniray.shutdown() or a change of backend)"
-        )
-    return handle.ray_handle
-
-
-def _unwrap_arg(value: Any) -> Any:
-    # Top-level refs become Ray's own, so Ray resolves them before the call (Ray semantics);
-    # nested refs stay ours and are pickled with the Ray ref inside.
-    return value.ray_ref if isinstance(value, RayObjectRef) else value
 
 
 def _call_remote(target: Any, args: tuple, kwargs: dict, label: str) -> Any:
@@ -802,104 +428,3 @@ def _call_remote(target: Any, args: tuple, kwargs: dict, label: str) -> Any:
         ) from None
     except ray.exceptions.RayError as exc:
         _raise_mapped(exc)
-
-
-class _RayStream:
-    """Ray's ObjectRefGenerator as the source of ours (refs.ObjectRefGenerator), its refs ours."""
-
-    def __init__(self, ray_generator: Any):
-        self._generator = ray_generator
-
-    def next_ref(self, index: int, deadline: float | None) -> ObjectRef | None:
-        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-        try:
-            ref = self._generator._next_sync(timeout_s=timeout)
-        except StopIteration:
-            return None
-        return nil_ref() if ref.is_nil() else RayObjectRef(ref)
-
-    def ready(self, index: int) -> bool:
-        return self._generator.next_ready()
-
-    def finished(self, index: int) -> bool:
-        return self._generator.is_finished()
-
-    def close(self, index: int) -> None:
-        self._generator = None  # Ray frees what was not taken when its generator goes
-
-
-def _wrap_refs(out: Any, num_returns: int) -> list[ObjectRef]:
-    if out is None or num_returns == 0:
-        return []
-    if num_returns == 1:
-        return [RayObjectRef(out)]
-    return [RayObjectRef(r) for r in out]
-
-
-class RayRuntimeContext:
-    """``miniray.get_runtime_context()`` on Ray: Ray's answers, with our handle types."""
-
-    def __init__(self, ray_context: Any):
-        self._ray_context = ray_context
-
-    @property
-    def namespace(self) -> str:
-        return self._ray_context.namespace
-
-    def get_job_id(self) -> str:
-        return self._ray_context.get_job_id()
-
-    def get_node_id(self) -> str:
-        return self._ray_context.get_node_id()
-
-    def get_task_id(self) -> str | None:
-        return self._ray_context.get_task_id()
-
-    def get_actor_id(self) -> str | None:
-        return self._ray_context.get_actor_id()
-
-    def get_actor_name(self) -> str | None:
-        return self._ray_context.get_actor_name()
-
-    @property
-    def current_actor(self) -> ActorHandle:
-        ray_handle = self._ray_context.current_actor
-        class_name, methods = _metadata_of(ray_handle)
-        return RayActorHandle(ray_handle, class_name, methods)
-
-    def get_assigned_resources(self) -> dict[str, float]:
-        return self._ray_context.get_assigned_resources()
-
-    def __getattr__(self, name: str) -> Any:
-        # Ray's other accessors (get_worker_id, get_accelerator_ids, ...) unchanged.
-        return getattr(self._ray_context, name)
-
-
-def _metadata_of(ray_handle: Any) -> tuple[str, dict[str, dict[str, Any]]]:
-    """Class name and method options of an actor found by name, read from Ray's handle.
-
-    Ray's handle knows the methods and the options we declared with ``ray.method`` when we made
-    the class; asking the actor instead would queue behind its running calls (and deadlock an
-    actor that looks itself up). These attributes are private to Ray 2.60 (pinned in the extra);
-    tests/runtime/test_ray_backend.py fails if they move.
-    """
-    descriptor = ray_handle._ray_actor_creation_function_descriptor
-    class_name = getattr(descriptor, "class_name", "Actor").rsplit(".", 1)[-1]
-    num_returns = ray_handle._ray_method_num_returns
-    retry = ray_handle._ray_method_retry_exceptions
-    methods = {}
-    for name, parameters in ray_handle._ray_method_signatures.items():
-        if name.startswith("__") and name != "__call__":  # Ray's own __ray_*__ methods
-            continue
-        returns = num_returns.get(name)
-        methods[name] = {
-            "num_returns": 1 if returns is None else returns,
-            "max_task_retries": None,  # None: the class's own declaration applies
-            "retry_exceptions": retry.get(name) or False,
-            "concurrency_group": None,
-            "is_async": False,
-            "is_generator": returns == "streaming",
-            # The user's parameters, which _wrap_method gave Ray (a list of inspect.Parameter).
-            "argument_check": ArgumentCheck(inspect.Signature(parameters)),
-        }
-    return class_name, methods

@@ -13,7 +13,7 @@ The embedded backends (inline, local) answer from two sources:
 A local backend's actor process also records its actor once (``set_process_actor``), so threads
 the user starts inside an actor still know which actor they belong to, as in Ray.
 
-The Ray backend has its own context (``ray_backend.RayRuntimeContext``) over Ray's.
+The Ray backend has its own context (``ray_values.RayRuntimeContext``) over Ray's.
 """
 
 from __future__ import annotations

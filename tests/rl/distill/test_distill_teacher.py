@@ -22,7 +22,7 @@ from miniray.rl.distill import (
     start_teacher_server,
     wire,
 )
-from miniray.rl.distill.teacher_server import Broker, _Worker
+from miniray.rl.distill.teacher_broker import Broker, _Worker
 from miniray.rl.distill.teacher_worker import handle_request
 from miniray.rl.models.tiny import char_tokenizer, save, tiny_qwen2
 

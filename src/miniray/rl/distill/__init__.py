@@ -1,9 +1,10 @@
 """On-policy distillation (GKD): a teacher server, its client, and the student's training.
 
-The teacher side: ``teacher_server`` (a broker process and ``n_server_workers`` model
-processes, started with ``python -m miniray.rl.distill.teacher_server`` or
-``start_teacher_server``), ``TeacherClient`` (microbatched, deadline-bound scoring with
-reconnects and partial results) and ``wire`` (msgpack + raw tensor frames, never pickle).
+The teacher side: ``teacher_server`` (a broker process, ``teacher_broker``, and
+``n_server_workers`` model processes, ``teacher_worker``, started with ``python -m
+miniray.rl.distill.teacher_server`` or ``start_teacher_server``), ``TeacherClient``
+(microbatched, deadline-bound scoring with reconnects and partial results) and ``wire``
+(msgpack + raw tensor frames, never pickle).
 
 The student side: ``losses`` (forward/reverse KL, generalized JSD, top-k support, the lmbda
 rule), ``scheduler`` (serial / one_step_off / two_step_off), ``weight_sync``

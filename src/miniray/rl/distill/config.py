@@ -24,17 +24,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from miniray.config import Config, load, option
-from miniray.rl.config import (
-    SCALE_OUT,
-    DataConfig,
-    OptimConfig,
-    Refusal,
-    RolloutConfig,
-    at_most,
-    check_refused,
-    config_file,
-    split_config_args,
-)
+from miniray.rl.config import DataConfig, OptimConfig, RolloutConfig
+from miniray.rl.config_loading import config_file, split_config_args
+from miniray.rl.config_reads import SCALE_OUT, Refusal, at_most, check_refused
 
 __all__ = [
     "DEFAULT_CONFIG_NAME",
