@@ -783,6 +783,17 @@ def test_an_exception_in_a_generator_is_the_ref_after_its_last_value(runtime):
         next(stream)
 
 
+def ray_replayed_values(values):
+    """What Ray 2.60 streams of a generator whose attempt 1 failed after two values: Ray may
+    not have reported attempt 1's values before the failure, and then the retry streams them
+    (its second value seen so once, its first once, each in a full run on 2 busy cores). Either
+    way no value repeats, the attempts never go back, and the values after the failure are
+    attempt 2's."""
+    attempts = [attempt for attempt, _ in values]
+    assert set(attempts[:2]) <= {1, 2} and attempts == sorted(attempts)
+    assert values[2:] == [(2, 2), (2, 3)]
+
+
 @pytest.mark.parametrize("how", ["raise", "exit"])
 def test_a_retried_generator_does_not_repeat_values_the_caller_has(runtime, tmp_path, how):
     # The retry runs the generator again from its start; the two values of attempt 1 that the
@@ -792,9 +803,7 @@ def test_a_retried_generator_does_not_repeat_values_the_caller_has(runtime, tmp_
     assert [value for _, value in values] == [0, 1, 2, 3]  # each value once, in order
     assert attempts_in(path) == 2
     if runtime == "ray":
-        # Ray may not have reported attempt 1's second value before the failure: then the
-        # retry streams it (seen once in a full run on 2 busy cores). Either way none repeats.
-        assert values[0] == (1, 0) and values[2:] == [(2, 2), (2, 3)]
+        ray_replayed_values(values)
     else:
         # The embedded backends report each value as it is yielded: attempt 1's two stay.
         assert values == [(1, 0), (1, 1), (2, 2), (2, 3)]
@@ -846,8 +855,8 @@ def test_a_retried_generator_method_does_not_repeat_values_the_caller_has(runtim
     streamer = Streamer.remote()
     values = [miniray.get(r, timeout=60) for r in streamer.replayed.remote(4)]
     assert [value for _, value in values] == [0, 1, 2, 3]  # each value once, in order
-    if runtime == "ray":  # attempt 1's second value may come from attempt 2 (see the task case)
-        assert values[0] == (1, 0) and values[2:] == [(2, 2), (2, 3)]
+    if runtime == "ray":
+        ray_replayed_values(values)
     else:
         assert values == [(1, 0), (1, 1), (2, 2), (2, 3)]
 
