@@ -47,6 +47,7 @@ __all__ = [
     "RemoteEngine",
     "ReplicaFailed",
     "engine_pool",
+    "in_process_engine",
     "replica_count",
     "replica_engine",
 ]
@@ -88,6 +89,23 @@ def replica_engine(
         seed=seed,
         **load_options(model, device="cpu"),
     )
+
+
+def in_process_engine(
+    cfg: Any, seed: int, engine: Any, engine_factory: Callable[[int], Any] | None
+) -> Any:
+    """The engine a one-replica rollouter calls in its own process: ``engine``, else replica
+    0's (``replica_engine``); None with several replicas, which refuse one ``engine``."""
+    count = replica_count(cfg)
+    if count > 1 and engine is not None:
+        raise ValueError(
+            f"rollout.nnodes x rollout.n_gpus_per_node asks for {count} rollout "
+            "replicas, each an actor with its own engine: pass engine_factory (called in "
+            "each replica's process), not one engine"
+        )
+    if engine is None and count == 1:
+        engine = replica_engine(cfg, 0, seed, engine_factory)
+    return engine
 
 
 def engine_pool(

@@ -55,8 +55,8 @@ from miniray.rl.replicas import (
     RemoteEngine,
     ReplicaFailed,
     engine_pool,
+    in_process_engine,
     replica_count,
-    replica_engine,
 )
 from miniray.rl.rewards import build_scorer, requests_for
 from miniray.rl.rollout_sender import QueueSender, queue_answer
@@ -128,15 +128,8 @@ class FullyAsyncRollouter:
         options = load_options(model, device="cpu")
         self.seed = cfg.trainer.seed if seed is None else seed
         self.num_replicas = replica_count(cfg)
-        if self.num_replicas > 1 and engine is not None:
-            raise ValueError(
-                f"rollout.nnodes x rollout.n_gpus_per_node asks for {self.num_replicas} rollout "
-                "replicas, each an actor with its own engine: pass engine_factory (called in "
-                "each replica's process), not one engine"
-            )
-        if engine is None and self.num_replicas == 1:
-            engine = replica_engine(cfg, 0, self.seed, engine_factory)
-        self.engine = engine  # one replica: called in this process; several: None
+        # One replica: called in this process; several: None (each builds its own).
+        self.engine = in_process_engine(cfg, self.seed, engine, engine_factory)
         self.tokenizer = load_tokenizer(model.path, trust_remote_code=options["trust_remote_code"])
         data = cfg.data
         # Tokenized once, here: the limit needs every length, and the loop then reuses them.
@@ -185,7 +178,7 @@ class FullyAsyncRollouter:
             "prompts_truncated": prompts.truncated,  # cut to the limit (data.truncation)
         }
         # The replicas and their pause state, under self._cond with the lanes' work.
-        self.pool = engine_pool(cfg, self.seed, engine, engine_factory, lock=self._cond)
+        self.pool = engine_pool(cfg, self.seed, self.engine, engine_factory, lock=self._cond)
 
     # -- generation -------------------------------------------------------------------------
     def groups_per_call(self) -> int:
