@@ -163,7 +163,9 @@ def test_a_pause_stops_every_replica_mid_call(inline, workdir):
     cfg = config(workdir, 2, staleness_threshold=10)
     rollouter = FullyAsyncRollouter(cfg, queue=None, engine_factory=factory)
     rollouter.start()
-    wait_until(lambda: rollouter._generating == 2, timeout=10, what="both replicas generating")
+    wait_until(
+        lambda: len(rollouter.pool.in_call()) == 2, timeout=10, what="both replicas generating"
+    )
     start = time.monotonic()
     assert rollouter.pause_rollout(timeout=10)
     assert time.monotonic() - start < 2.0  # each call stopped at its next step, not after 30 s
@@ -176,7 +178,7 @@ def test_a_pause_stops_every_replica_mid_call(inline, workdir):
 def test_a_killed_replica_is_restarted_and_its_prompts_generated_once(local, workdir):
     factory = PacedEngines(digits(), [0.05, 0.05])
     rollouter = FullyAsyncRollouter(config(workdir, 2), engine_factory=factory)
-    pid = miniray.get(rollouter._replicas[1].handle.pid.remote(), timeout=60)
+    pid = miniray.get(rollouter.pool.handle(1).pid.remote(), timeout=60)
     killer = threading.Timer(0.5, os.kill, (pid, signal.SIGKILL))
     killer.start()
     try:
@@ -189,7 +191,7 @@ def test_a_killed_replica_is_restarted_and_its_prompts_generated_once(local, wor
     assert stats["replicas"][1]["failures"] == 1
     assert stats["replicas"][1]["node"] == stats["replicas"][0]["node"] is not None  # restarted
     assert stats["replicas"][1]["loaded_version"] is None  # no weights loaded yet: model.path's
-    new_pid = miniray.get(rollouter._replicas[1].handle.pid.remote(), timeout=60)
+    new_pid = miniray.get(rollouter.pool.handle(1).pid.remote(), timeout=60)
     assert new_pid != pid
     rollouter.stop()
 
@@ -211,8 +213,7 @@ def test_a_hung_replica_misses_generation_timeout_and_the_run_goes_on(local, wor
 def test_without_restarts_left_every_replica_failing_is_an_error(inline, workdir):
     factory = PacedEngines(digits(), [0.0, 0.0])
     rollouter = FullyAsyncRollouter(config(workdir, 2, max_restarts=0), engine_factory=factory)
-    for replica in rollouter._replicas:
-        replica.kill()
+    rollouter.pool.shutdown()  # both killed
     with pytest.raises(RuntimeError, match=r"every rollout replica failed.*max_restarts=0"):
         rollouter.generate_batch(4, version=0)
     assert rollouter.get_statistics()["replica_failures"] == 2

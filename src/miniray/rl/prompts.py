@@ -23,6 +23,7 @@ distillation, pre-training examples), so a prompt is tokenized the same way ever
 from __future__ import annotations
 
 import json
+import logging
 import pathlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,14 +31,18 @@ from typing import Any
 
 __all__ = [
     "FittedPrompts",
+    "TrainingPrompts",
     "answer_of",
     "check_prompt",
     "fit_prompt_lengths",
     "load_prompts",
     "prompt_text",
     "prompt_token_ids",
+    "read_training_prompts",
     "row_extra_info",
 ]
+
+logger = logging.getLogger(__name__)
 
 Prompt = str | list[dict[str, str]]
 
@@ -207,3 +212,60 @@ def fit_prompt_lengths(
             truncated += 1
         fitted.append(list(ids))
     return FittedPrompts(kept=list(range(len(token_ids))), token_ids=fitted, truncated=truncated)
+
+
+@dataclass
+class TrainingPrompts:
+    """A run's training rows after ``data.max_prompt_length`` and their prompts' token ids."""
+
+    rows: list[dict[str, Any]]
+    token_ids: list[list[int]]
+    dropped: int = 0
+    truncated: int = 0
+
+
+def read_training_prompts(data: Any, tokenizer: Any) -> TrainingPrompts:
+    """Every row of ``data.train_files`` (``data.prompt_key`` / ``data.answer_key``), tokenized
+    once and fitted to ``data.max_prompt_length`` (``fit_prompt_lengths``); what was dropped or
+    cut is logged. The RL rollouter and distillation both read their prompts here."""
+    rows: list[dict[str, Any]] = []
+    names: list[str] = []
+    for path in data.train_files:
+        read = load_prompts(path, prompt_key=data.prompt_key, answer_key=data.answer_key)
+        rows.extend(read)
+        names.extend(f"{path}: row {i}" for i in range(len(read)))
+    if not rows:
+        raise ValueError(f"data.train_files={data.train_files} hold no prompts")
+    ids = prompt_token_ids(tokenizer, [row[data.prompt_key] for row in rows])
+    fitted = fit_prompt_lengths(ids, data, row_name=names.__getitem__)
+    if not fitted.kept:
+        raise ValueError(
+            f"data.max_prompt_length={data.max_prompt_length} is invalid for "
+            f"data.train_files={data.train_files}: every one of the {len(rows)} prompts is "
+            f"longer (the shortest has {min(len(i) for i in ids)} tokens, BOS included), "
+            "and data.filter_overlong_prompts=true drops longer prompts; raise "
+            "data.max_prompt_length (or cut them: data.filter_overlong_prompts=false "
+            "data.truncation=left|right)"
+        )
+    if fitted.dropped:
+        logger.warning(
+            "dropped %d of %d prompts longer than data.max_prompt_length=%d tokens "
+            "(data.filter_overlong_prompts=true)",
+            fitted.dropped,
+            len(rows),
+            data.max_prompt_length,
+        )
+    if fitted.truncated:
+        logger.warning(
+            "cut %d of %d prompts to data.max_prompt_length=%d tokens (data.truncation=%s)",
+            fitted.truncated,
+            len(rows),
+            data.max_prompt_length,
+            data.truncation,
+        )
+    return TrainingPrompts(
+        rows=[rows[i] for i in fitted.kept],
+        token_ids=fitted.token_ids,
+        dropped=fitted.dropped,
+        truncated=fitted.truncated,
+    )

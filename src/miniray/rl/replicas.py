@@ -14,6 +14,10 @@ the queue); each replica is an actor holding one engine, generating one call at 
       the unfinished list (another lane continues them); restarted with the current weights
       up to rollout.max_restarts times; the run fails only when no replica is left
 
+Starting, restarting, the load's fan-out and the per-replica statistics are the
+``replica_pool.ReplicaPool``'s (distillation's rollout workers use the same pool); this module
+is what a replica is (``EngineReplica``) and how a lane calls one (``RemoteEngine``).
+
 Balancing is by pull: a lane asks for work when its replica is free, so a fast replica takes
 more groups than a slow one (least loaded: each replica has at most one call in flight).
 One replica (the default) is not an actor: the rollouter calls its engine in its own process,
@@ -35,12 +39,15 @@ from miniray.errors import GetTimeoutError, RayActorError
 from miniray.rl.compat import actor_constructor
 from miniray.rl.engines.base import Generation
 from miniray.rl.placement import node_id
+from miniray.rl.replica_pool import ReplicaPool
 
 __all__ = [
     "REPLICA_OPTIONS",
     "EngineReplica",
     "RemoteEngine",
     "ReplicaFailed",
+    "engine_pool",
+    "in_process_engine",
     "replica_count",
     "replica_engine",
 ]
@@ -81,6 +88,58 @@ def replica_engine(
         model_path=model.path,
         seed=seed,
         **load_options(model, device="cpu"),
+    )
+
+
+def in_process_engine(
+    cfg: Any, seed: int, engine: Any, engine_factory: Callable[[int], Any] | None
+) -> Any:
+    """The engine a one-replica rollouter calls in its own process: ``engine``, else replica
+    0's (``replica_engine``); None with several replicas, which refuse one ``engine``."""
+    count = replica_count(cfg)
+    if count > 1 and engine is not None:
+        raise ValueError(
+            f"rollout.nnodes x rollout.n_gpus_per_node asks for {count} rollout "
+            "replicas, each an actor with its own engine: pass engine_factory (called in "
+            "each replica's process), not one engine"
+        )
+    if engine is None and count == 1:
+        engine = replica_engine(cfg, 0, seed, engine_factory)
+    return engine
+
+
+def engine_pool(
+    cfg: Any,
+    seed: int,
+    engine: Any,
+    engine_factory: Callable[[int], Any] | None,
+    *,
+    lock: threading.Condition,
+) -> ReplicaPool:
+    """The rollouter's ``ReplicaPool``. One replica: ``engine``, in the rollouter's process,
+    which the pool only counts. Several: one ``EngineReplica`` actor each (``seed + i``),
+    started together, restarted up to ``rollout.max_restarts`` times; a start is bounded, as a
+    trainer rank's, by ``nccl_timeout`` (building an engine), a load by ``generation_timeout``.
+    ``lock``: the rollouter's, which its lanes take work under (``ReplicaPool.pause``)."""
+    max_restarts = cfg.rollout.max_restarts  # read whatever the count
+    count = replica_count(cfg)
+    if count == 1:
+        return ReplicaPool([engine], in_process=True, lock=lock)
+
+    def start_one(index: int) -> Any:
+        return EngineReplica.options(**REPLICA_OPTIONS).remote(
+            cfg, index, seed + index, engine_factory
+        )
+
+    return ReplicaPool.start(
+        count,
+        start_one,
+        ready="node",
+        max_restarts=max_restarts,
+        start_timeout=cfg.actor_rollout_ref.nccl_timeout,
+        load_timeout=cfg.async_training.generation_timeout,
+        names=[f"rollout replica {i}" for i in range(count)],
+        lock=lock,
     )
 
 
@@ -176,24 +235,8 @@ class RemoteEngine:
                     f"no answer within async_training.generation_timeout={self.timeout_s:g}s",
                 )
 
-    def load_weights(self, weights: Any, version: int) -> Any:
-        """Start the load (``weights``: a ref, shared by every replica); ``wait`` answers."""
-        return self.handle.load_weights.remote(weights, version)
-
-    def wait(self, ref: Any, what: str, deadline: float) -> Any:
-        ready, _ = miniray.wait([ref], timeout=max(0.0, deadline - time.monotonic()))
-        if not ready:
-            raise ReplicaFailed(self.index, what, "no answer before the deadline")
-        return self._answer(ref, what)
-
     def _answer(self, ref: Any, what: str) -> Any:
         try:
             return miniray.get(ref, timeout=self.timeout_s)
         except (RayActorError, GetTimeoutError) as exc:
             raise ReplicaFailed(self.index, what, f"{type(exc).__name__}: {exc}") from exc
-
-    def kill(self) -> None:
-        try:
-            miniray.kill(self.handle)
-        except Exception:  # already gone
-            pass

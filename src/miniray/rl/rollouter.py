@@ -1,6 +1,6 @@
 """FullyAsyncRollouter: generates groups of responses continuously and puts them in the queue.
 
-    generation thread                           actor methods (other threads)
+    generation thread (a lane)                  actor methods (other threads)
     loop: wait while paused  <------------------ pause_rollout(): set paused, stop the current
           admit? (staleness room)                  generation at the next token, wait until
           generate groups at version v             the loop is idle; returns True
@@ -9,6 +9,9 @@
                              put(v) -> queue (rejects what is already too stale), count
                              the answer (generation goes on meanwhile)
     on error (either thread): record it, close the queue with that error
+
+One lane per replica (``replicas.engine_pool``: a ``replica_pool.ReplicaPool``, which also
+pauses, loads, restarts and counts them); the sender is ``rollout_sender.QueueSender``.
 
 Admission control (``staleness.admission_capacity``) keeps the rollouter from running more
 than ``staleness_threshold`` versions ahead of the trainer, so the queue's stale rejections stay
@@ -47,23 +50,21 @@ from miniray.rl.compat import actor_constructor
 from miniray.rl.config import RLConfig
 from miniray.rl.data_position import PromptCursor, PromptOrder, TrainedPositions
 from miniray.rl.dynamic_sampling import REWARD_METRICS_KEY
-from miniray.rl.endpoints import Pending, call
-from miniray.rl.prompts import fit_prompt_lengths, load_prompts, prompt_text, prompt_token_ids
+from miniray.rl.prompts import prompt_text, read_training_prompts
 from miniray.rl.replicas import (
-    REPLICA_OPTIONS,
-    EngineReplica,
     RemoteEngine,
     ReplicaFailed,
+    engine_pool,
+    in_process_engine,
     replica_count,
-    replica_engine,
 )
 from miniray.rl.rewards import build_scorer, requests_for
+from miniray.rl.rollout_sender import QueueSender, queue_answer
 from miniray.rl.staleness import admission_capacity
 from miniray.rl.tracking import peak_rss_gib
 from miniray.rl.types import Sample
 
 RewardFn = Callable[[str, str], float]
-CALL_TIMEOUT_S = 60.0
 
 logger = logging.getLogger(__name__)
 
@@ -127,62 +128,13 @@ class FullyAsyncRollouter:
         options = load_options(model, device="cpu")
         self.seed = cfg.trainer.seed if seed is None else seed
         self.num_replicas = replica_count(cfg)
-        self._engine_factory = engine_factory
-        if self.num_replicas > 1 and engine is not None:
-            raise ValueError(
-                f"rollout.nnodes x rollout.n_gpus_per_node asks for {self.num_replicas} rollout "
-                "replicas, each an actor with its own engine: pass engine_factory (called in "
-                "each replica's process), not one engine"
-            )
-        if engine is None and self.num_replicas == 1:
-            engine = replica_engine(cfg, 0, self.seed, engine_factory)
-        self.engine = engine  # one replica: called in this process; several: None
-        # Several replicas: one RemoteEngine each (started below), its restarts left.
-        self._replicas: list[RemoteEngine] = []
-        self._restarts_left: list[int] = []
-        self._weights_ref: Any = None  # the last weights loaded (a restarted replica's)
-        self._weights_version = 0
+        # One replica: called in this process; several: None (each builds its own).
+        self.engine = in_process_engine(cfg, self.seed, engine, engine_factory)
         self.tokenizer = load_tokenizer(model.path, trust_remote_code=options["trust_remote_code"])
         data = cfg.data
-        rows: list[dict[str, Any]] = []
-        names: list[str] = []
-        for path in data.train_files:
-            read = load_prompts(path, prompt_key=data.prompt_key, answer_key=data.answer_key)
-            rows.extend(read)
-            names.extend(f"{path}: row {i}" for i in range(len(read)))
-        if not rows:
-            raise ValueError(f"data.train_files={data.train_files} hold no prompts")
         # Tokenized once, here: the limit needs every length, and the loop then reuses them.
-        ids = prompt_token_ids(self.tokenizer, [row[data.prompt_key] for row in rows])
-        fitted = fit_prompt_lengths(ids, data, row_name=names.__getitem__)
-        self.rows = [rows[i] for i in fitted.kept]
-        self.prompt_ids = fitted.token_ids
-        skipped = fitted.dropped
-        if not self.rows:
-            raise ValueError(
-                f"data.max_prompt_length={data.max_prompt_length} is invalid for "
-                f"data.train_files={data.train_files}: every one of the {len(rows)} prompts is "
-                f"longer (the shortest has {min(len(i) for i in ids)} tokens, BOS included), "
-                "and data.filter_overlong_prompts=true drops longer prompts; raise "
-                "data.max_prompt_length (or cut them: data.filter_overlong_prompts=false "
-                "data.truncation=left|right)"
-            )
-        if skipped:
-            logger.warning(
-                "dropped %d of %d prompts longer than data.max_prompt_length=%d tokens "
-                "(data.filter_overlong_prompts=true)",
-                skipped,
-                len(rows),
-                data.max_prompt_length,
-            )
-        if fitted.truncated:
-            logger.warning(
-                "cut %d of %d prompts to data.max_prompt_length=%d tokens (data.truncation=%s)",
-                fitted.truncated,
-                len(rows),
-                data.max_prompt_length,
-                data.truncation,
-            )
+        prompts = read_training_prompts(data, self.tokenizer)
+        self.rows, self.prompt_ids = prompts.rows, prompts.token_ids
         self.queue = queue
         # Rewards are scored on the scorer's threads, each call within its deadline.
         self.scorer = build_scorer(cfg, reward_fn, self.rows)
@@ -195,27 +147,25 @@ class FullyAsyncRollouter:
         # version, so they give their staleness room back (``discard_groups``).
         self._discarded_groups = 0
         self._unfinished: list[_Rollout] = []  # partial rollouts waiting for the next call
-        # Finished groups the sender thread has not put yet, and how many it is putting now.
-        self._outbox: list[list[Sample]] = []
-        self._sending = 0
-        self._sender: threading.Thread | None = None
-        self._sender_stop = False
+        # Finished groups go to the queue on the sender's thread, which counts the answers.
+        self._cond = threading.Condition()
+        self.sender = QueueSender(
+            queue,
+            self._cond,
+            give_back=lambda position: self.cursor.give_back(position),
+            closed=self._closed,
+            stopped=lambda: self._stop,
+            crashed=self._crashed,
+        )
         self._waiting: tuple[str, float] | None = None  # (idle counter, since) while waiting
         self.group_ids = itertools.count()
         self.version = 0
-        self._cond = threading.Condition()
-        self._paused = False
-        self._interrupt_at = 0.0  # monotonic time a pause interrupts the running engine call
-        self._generating = 0  # lanes inside an engine call
         self._in_flight = 0  # groups taken by a lane and not yet unfinished or offered
         self._stop = False
         self._thread: threading.Thread | None = None
         self._error: str | None = None
         self.stats = {
             "groups_generated": 0,
-            "groups_accepted": 0,
-            "groups_rejected_stale": 0,
-            "groups_rejected_full": 0,
             "groups_aborted": 0,
             "groups_interrupted": 0,
             "groups_partial": 0,
@@ -224,52 +174,11 @@ class FullyAsyncRollouter:
             "idle_paused_seconds": 0.0,  # paused (a weight sync)
             "idle_throttled_seconds": 0.0,  # no admission room (staleness bound)
             "started_at": time.time(),
-            "prompts_skipped_too_long": skipped,  # of data.train_files, at start
-            "prompts_truncated": fitted.truncated,  # cut to the limit (data.truncation)
-            "replica_failures": 0,
-            "replica_restarts": 0,
+            "prompts_skipped_too_long": prompts.dropped,  # of data.train_files, at start
+            "prompts_truncated": prompts.truncated,  # cut to the limit (data.truncation)
         }
-        # Per replica: groups finished, tokens generated, seconds in engine calls, failures;
-        # the node it runs on (None: one replica, this process) and the weights version it
-        # loaded last (None: none yet, the engine has model.path's).
-        self.replica_stats: list[dict[str, Any]] = [
-            {
-                "groups": 0,
-                "tokens": 0,
-                "generate_seconds": 0.0,
-                "failures": 0,
-                "missed_syncs": 0,
-                "alive": True,
-                "node": None,
-                "loaded_version": None,
-            }
-            for _ in range(self.num_replicas)
-        ]
-        # Read whatever the count: one replica (this process) has nothing to restart.
-        max_restarts = cfg.rollout.max_restarts
-        for index in range(self.num_replicas if self.num_replicas > 1 else 0):
-            self._replicas.append(self._start_replica(index))
-            self._restarts_left.append(max_restarts)
-        # Started together above, so they come up in parallel; each then says its node (the
-        # answer waits until its engine is built: its start, bounded as a trainer rank's by
-        # nccl_timeout, not generation_timeout). One that fails to come up is restarted.
-        deadline = time.monotonic() + cfg.actor_rollout_ref.nccl_timeout
-        for replica in list(self._replicas):
-            try:
-                self._record_node(replica, deadline)
-            except ReplicaFailed as failure:
-                self._replica_failed(replica.index, [], failure)
-
-    def _start_replica(self, index: int) -> RemoteEngine:
-        handle = EngineReplica.options(**REPLICA_OPTIONS).remote(
-            self.config, index, self.seed + index, self._engine_factory
-        )
-        return RemoteEngine(index, handle, self.config.async_training.generation_timeout)
-
-    def _record_node(self, replica: RemoteEngine, deadline: float) -> None:
-        node = replica.wait(replica.handle.node.remote(), "start", deadline)
-        with self._cond:
-            self.replica_stats[replica.index]["node"] = node
+        # The replicas and their pause state, under self._cond with the lanes' work.
+        self.pool = engine_pool(cfg, self.seed, self.engine, engine_factory, lock=self._cond)
 
     # -- generation -------------------------------------------------------------------------
     def groups_per_call(self) -> int:
@@ -352,7 +261,10 @@ class FullyAsyncRollouter:
         samples = [g.samples[i] for g, i in todo]
         budgets = [limit - s.num_response_tokens for s in samples]
         started = time.time()
-        engine = self.engine if not self._replicas else self._replicas[lane]
+        engine = self.engine
+        if not self.pool.in_process:
+            timeout = cfg.async_training.generation_timeout
+            engine = RemoteEngine(lane, self.pool.handle(lane), timeout)
         gens = engine.generate(
             [s.prompt_token_ids + s.response_token_ids for s in samples],
             max_new_tokens=max(budgets),  # rows with less room are cut below
@@ -363,8 +275,7 @@ class FullyAsyncRollouter:
         took = time.time() - started
         with self._cond:  # lanes count at once
             self.stats["generate_seconds"] += took
-            self.replica_stats[lane]["generate_seconds"] += took
-            self.replica_stats[lane]["tokens"] += sum(len(g.response_token_ids) for g in gens)
+        self.pool.record(lane, tokens=sum(len(g.response_token_ids) for g in gens), seconds=took)
         interrupted = False
         for (group, index), sample, budget, gen in zip(todo, samples, budgets, gens):
             tokens = list(gen.response_token_ids[:budget])
@@ -384,7 +295,7 @@ class FullyAsyncRollouter:
     def _should_stop(self) -> bool:
         """Asked by the engine before every token: stop for a stop, or for a pause once its
         grace (``async_training.pause_grace_s``) has passed."""
-        return self._stop or (self._paused and time.monotonic() >= self._interrupt_at)
+        return self._stop or self.pool.should_stop()
 
     def _drop(self, groups: list[_Rollout]) -> None:
         """Give up on ``groups`` (no partial rollouts): their prompts are issued again."""
@@ -414,66 +325,24 @@ class FullyAsyncRollouter:
             sample.finish(reward.score, now=now)
         with self._cond:
             self.stats["groups_generated"] += 1
-            self.replica_stats[lane]["groups"] += 1
             if any(s.v_end > s.v_start for s in group.samples):
                 self.stats["groups_partial"] += 1
+        self.pool.record(lane, groups=1)
         return group.samples
 
     def generate_batch(self, num_groups: int, version: int | None = None) -> list[list[Sample]]:
         """The synchronous baseline's call: ``num_groups`` groups now, at this version, in
         engine calls of ``groups_per_call()`` groups as in the asynchronous loop."""
-        groups: list[list[Sample]] = []
-        errors: list[BaseException] = []  # a lane's, raised here in the caller's thread
-        lock = threading.Lock()
-
-        def lane_work(lane: int) -> None:  # pull calls while groups are missing
-            while self._replica_alive(lane) and not errors:
-                with lock:
-                    count = min(self.groups_per_call(), num_groups - len(groups) - pending[0])
-                    if count <= 0:
-                        return
-                    pending[0] += count
-                try:
-                    made = self.generate_groups(count, version, lane) or []
-                except BaseException as exc:
-                    errors.append(exc)
-                    return
-                with lock:
-                    pending[0] -= count
-                    groups.extend(made)
-
-        pending = [0]  # groups being generated by a lane
-        if not self._replicas:
-            lane_work(0)
-            if errors:
-                raise errors[0]
-            return groups
-        workers = [
-            threading.Thread(target=lane_work, args=(i,), name=f"batch-lane-{i}", daemon=True)
-            for i in range(len(self._replicas))
-        ]
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join()
-        if errors:
-            raise errors[0]
-        if len(groups) < num_groups:
-            raise RuntimeError(
-                f"generate_batch({num_groups}): every rollout replica failed "
-                f"(rollout.max_restarts={self.config.rollout.max_restarts}) with "
-                f"{len(groups)} groups made; look for the cause in the replicas' output"
-            )
-        return groups
-
-    def _replica_alive(self, lane: int) -> bool:
-        return not self._replicas or bool(self._replicas[lane].handle)
+        return self.pool.gather(
+            num_groups,
+            self.groups_per_call(),
+            lambda lane, count: self.generate_groups(count, version, lane),
+        )
 
     def start(self) -> bool:
         """Start the generation loop and its sender (idempotent)."""
         if self._thread is None:
-            self._sender = threading.Thread(target=self._send_loop, name="sender", daemon=True)
-            self._sender.start()
+            self.sender.start()
             self._thread = threading.Thread(target=self._loop, name="rollouter", daemon=True)
             self._thread.start()
         return True
@@ -495,33 +364,25 @@ class FullyAsyncRollouter:
 
     def _admission_room(self) -> int:
         cfg = self.config
-        accepted = self.stats["groups_accepted"]
+        accepted = self.sender.counts["groups_accepted"]
         return admission_capacity(
             current_version=self.version,
             staleness_threshold=cfg.async_training.staleness_threshold,
             consumer_batch_size=cfg.data.train_batch_size * cfg.trainer.trigger_parameter_sync_step,
-            max_concurrent=self.groups_per_call() * max(1, len(self._replicas)),
+            max_concurrent=self.groups_per_call() * self.pool.size,
             # The trainer can take (and discard) a group before the sender hears that the
             # queue accepted it: the difference may lag below zero for that moment.
             accepted=max(0, int(accepted) + self._resumed_groups - self._discarded_groups),
             running=len(self._unfinished) + self._in_flight,
-            offered=len(self._outbox) + self._sending,
+            offered=self.sender.in_hand(),
         )
 
     def _loop(self) -> None:
         """Run one lane per replica (this thread is lane 0) until a stop or a crash."""
-        lanes = [
-            threading.Thread(target=self._lane, args=(i,), name=f"rollouter-lane-{i}", daemon=True)
-            for i in range(1, max(1, len(self._replicas)))
-        ]
         try:
-            for lane in lanes:
-                lane.start()
-            self._lane(0)
+            self.pool.run_lanes(self._lane, "rollouter-lane")
         finally:
-            for lane in lanes:
-                lane.join()
-            self._stop_sender()  # stopped: what was sent is still answered and counted
+            self.sender.stop()  # stopped: what was sent is still answered and counted
 
     def _lane(self, lane: int) -> None:
         """One replica's generation loop: wait for room, take the unfinished groups and new
@@ -531,7 +392,9 @@ class FullyAsyncRollouter:
             while True:
                 with self._cond:
                     while not self._stop and self._must_wait():
-                        why = "idle_paused_seconds" if self._paused else "idle_throttled_seconds"
+                        why = (
+                            "idle_paused_seconds" if self.pool.paused else "idle_throttled_seconds"
+                        )
                         self._waiting = (why, time.time())
                         # Woken by resume, stop and load_weights (a new version makes room);
                         # the timeout only bounds the wait should a wake-up ever be missed.
@@ -540,7 +403,7 @@ class FullyAsyncRollouter:
                         self._waiting = None
                     if self._stop:
                         break
-                    self._generating += 1
+                    self.pool.begin_call(lane)  # counted with the work: see pause_rollout
                     version = self.version
                     # A call takes up to groups_per_call() groups: unfinished ones first (any
                     # replica continues a partial rollout), then new prompts within the room.
@@ -557,78 +420,39 @@ class FullyAsyncRollouter:
                     interrupted = self._sample(groups, version, lane)
                 except ReplicaFailed as failure:
                     self._replica_failed(lane, groups, failure)
-                    if not self._replicas[lane].handle:
+                    if not self.pool.alive(lane):
                         break  # no restarts left: the other lanes go on
                     continue
                 finally:
-                    with self._cond:
-                        self._generating -= 1
-                        self._cond.notify_all()
+                    self.pool.end_call(lane)
                 if interrupted and not partial:
                     with self._cond:
                         self._in_flight -= len(groups)
                     self._drop(groups)
                     continue
                 finished = [self._finish(g, lane) for g in groups if all(g.done)]
-                # Finished groups go to the sender thread, which puts them in the queue one
-                # call at a time (in order, the accounting exact) and waits for the answer;
-                # the lane never does (a blocking answer came back late on 2 busy cores, as it
-                # goes through the driver: ~5% of the rollouter's time). Waiting or being put,
-                # they take staleness room (``staleness.admission_capacity(offered=...)``).
+                # To the sender (rollout_sender.py: the lane never waits for the queue);
+                # until answered they take staleness room (admission_capacity(offered=...)).
                 with self._cond:
                     self._in_flight -= len(groups)
                     self._unfinished.extend(g for g in groups if not all(g.done))
-                    self._outbox.extend(finished)
-                    self._cond.notify_all()
+                    self.sender.offer(finished)
         except BaseException as exc:
             self._crashed(exc)
 
     def _replica_failed(self, lane: int, groups: list[_Rollout], failure: ReplicaFailed) -> None:
         """Replica ``lane`` died or hung in a call: its groups go back unchanged (tokens are
-        appended only from an answer), and it is restarted with the current weights while
+        appended only from an answer), and the pool restarts it with the current weights while
         ``rollout.max_restarts`` allows; the run fails when no replica is left."""
         logger.warning("%s; its %d groups go to the other replicas", failure, len(groups))
         with self._cond:
             self._in_flight -= len(groups)
             self._unfinished.extend(groups)
-            self.stats["replica_failures"] += 1
-            self.replica_stats[lane]["failures"] += 1
             self._cond.notify_all()
-        self._replicas[lane].kill()
-        while self._restarts_left[lane] > 0:
-            self._restarts_left[lane] -= 1
-            replica = self._start_replica(lane)
-            loaded = None
-            try:  # its start and the current weights, each bounded, before it generates
-                self._record_node(
-                    replica, time.monotonic() + self.config.actor_rollout_ref.nccl_timeout
-                )
-                if self._weights_ref is not None:
-                    ref = replica.load_weights(self._weights_ref, self._weights_version)
-                    deadline = time.monotonic() + self.config.async_training.generation_timeout
-                    replica.wait(ref, "load_weights after a restart", deadline)
-                    loaded = self._weights_version
-            except ReplicaFailed as again:
-                logger.warning("restarting it failed: %s", again)
-                replica.kill()
-                failure = again
-                continue
-            with self._cond:
-                self.replica_stats[lane]["loaded_version"] = loaded
-            self._replicas[lane] = replica
-            with self._cond:
-                self.stats["replica_restarts"] += 1
-            return
-        self._replicas[lane].handle = None
-        self.replica_stats[lane]["alive"] = False
-        if not any(r.handle for r in self._replicas):
-            raise RuntimeError(
-                f"every rollout replica failed and none has restarts left "
-                f"(rollout.max_restarts={self.config.rollout.max_restarts}); the last: {failure}. "
-                "Look for the cause in the replicas' output (an OOM kill, a crash, a call slower "
-                "than async_training.generation_timeout), then raise rollout.max_restarts or "
-                "that timeout, and resume from the last checkpoint"
-            )
+        self.pool.failed(lane, str(failure))
+
+    def _closed(self) -> None:
+        self._stop = True  # the queue is closed: nothing more to generate for
 
     def _crashed(self, exc: BaseException) -> None:
         """Record a crash of the loop or the sender, stop both, and close the queue with it:
@@ -640,7 +464,7 @@ class FullyAsyncRollouter:
             self._stop = True
             self._cond.notify_all()
         if self.queue is not None:
-            _wait(call(self.queue, "close", f"the rollouter crashed:\n{self._error}"))
+            queue_answer(self.queue, "close", f"the rollouter crashed:\n{self._error}")
 
     def _count_wait(self) -> None:
         """Add the wait in progress, up to now, to the idle counters (under the lock): the
@@ -655,66 +479,7 @@ class FullyAsyncRollouter:
     def _must_wait(self) -> bool:
         """Paused, or no admission room and nothing unfinished (unfinished groups were admitted
         already: they go on whatever the room)."""
-        return self._paused or (self._admission_room() <= 0 and not self._unfinished)
-
-    def _send_loop(self) -> None:
-        try:
-            while True:
-                with self._cond:
-                    while not self._outbox and not self._sender_stop:
-                        self._cond.wait(1.0)
-                    if not self._outbox:
-                        return
-                    groups, self._outbox = self._outbox, []
-                    self._sending = len(groups)
-                try:
-                    # A full queue is retried after its wait for room (backpressure) until
-                    # it takes them or the rollouter stops.
-                    while groups:
-                        answer = _wait(self._start_put(groups))
-                        with self._cond:
-                            groups = self._account(groups, answer)
-                        if self._stop:
-                            break
-                finally:
-                    with self._cond:
-                        self._sending = 0
-                        self._cond.notify_all()  # accepted groups may make admission room
-        except BaseException as exc:
-            self._crashed(exc)
-
-    def _stop_sender(self) -> None:
-        """Let the sender put what the loop handed it, read the answer, and end."""
-        with self._cond:
-            self._sender_stop = True
-            self._cond.notify_all()
-        if self._sender is not None:
-            self._sender.join(CALL_TIMEOUT_S + 5)
-
-    def _start_put(self, groups: list[list[Sample]]) -> Pending:
-        """Start one ``put_many`` of ``groups``, each at its oldest sample's version; the queue
-        waits up to 1 s for room."""
-        versions = [min(s.v_start for s in group) for group in groups]
-        return call(self.queue, "put_many", groups, versions, timeout=1.0)
-
-    def _account(self, groups: list[list[Sample]], results: list[Any]) -> list[list[Sample]]:
-        """Count the queue's answers to a put; returns the groups refused because it was full.
-        Under the lock: the generation loop reads the counts and the cursor."""
-        retry = []
-        for group, result in zip(groups, results):
-            name = getattr(result, "name", str(result))
-            if name == "ACCEPTED":
-                self.stats["groups_accepted"] += 1
-            elif name == "REJECTED_STALE":
-                self.stats["groups_rejected_stale"] += 1
-                self.cursor.give_back(group[0].metadata["prompt_position"])
-            elif name == "CLOSED":
-                self._stop = True
-                return []
-            else:
-                self.stats["groups_rejected_full"] += 1  # full: try again after the wait
-                retry.append(group)
-        return retry
+        return self.pool.paused or (self._admission_room() <= 0 and not self._unfinished)
 
     # -- control ----------------------------------------------------------------------------
     def restore_data_position(self, trained: dict[str, Any], discarded: int = 0) -> int:
@@ -748,25 +513,11 @@ class FullyAsyncRollouter:
     def pause_rollout(self, timeout: float = 30.0) -> bool:
         """Stop generating; True when idle. The running engine call stops at its next token
         once ``async_training.pause_grace_s`` has passed (at once by default)."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            if not self._paused:
-                self._interrupt_at = time.monotonic() + self.config.async_training.pause_grace_s
-            self._paused = True
-            self._cond.notify_all()  # a waiting loop now counts its wait as paused
-            while self._generating:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError(
-                        f"pause_rollout(): the generation loop did not stop within {timeout}s"
-                    )
-                self._cond.wait(remaining)
+        self.pool.pause(timeout, self.config.async_training.pause_grace_s)
         return True
 
     def resume_rollout(self) -> bool:
-        with self._cond:
-            self._paused = False
-            self._cond.notify_all()
+        self.pool.resume()
         return True
 
     def load_weights(self, weights: Any, version: int) -> bool:
@@ -778,14 +529,8 @@ class FullyAsyncRollouter:
         again. Through the runtime that always holds: an actor receives private copies (a
         copy-on-write mapping on the local backend), and the trainer publishes a copy of its
         parameters (``PolicyUpdater.state_dict``), so writing into them never reaches it."""
-        if not self._paused and self._thread is not None:
-            raise RuntimeError("load_weights() while generating: call pause_rollout() first")
-        if self._replicas:
-            # Put once: every replica then maps the same segments.
-            self._load_replicas(miniray.put(weights), int(version))
-        else:
-            self.engine.load_weights(weights, take=True)
-        return self._adopt(version)
+        # Several replicas: put once, and every replica maps the same segments.
+        return self._load(weights if self.pool.in_process else miniray.put(weights), version)
 
     def load_weights_from(self, refs: list[Any], version: int) -> bool:
         """``load_weights`` of the published object ``refs[0]`` itself (in a list, so that the
@@ -794,13 +539,27 @@ class FullyAsyncRollouter:
         (this process) takes its value here. The synchronizer calls this when a rollouter
         offers it (``param_sync.load_call``)."""
         (ref,) = refs
-        if not self._paused and self._thread is not None:
+        return self._load(ref, version)
+
+    def _load(self, weights: Any, version: int) -> bool:
+        """Into the engine in this process (``weights``: the value, or a ref to get), or
+        ``weights`` (a ref) into every replica under one deadline (``generation_timeout``): a
+        sync takes as long as the slowest replica, not the sum; one that fails or misses it is
+        restarted with these weights, the others keep them."""
+        if not self.pool.paused and self._thread is not None:
             raise RuntimeError("load_weights() while generating: call pause_rollout() first")
-        if self._replicas:
-            self._load_replicas(ref, int(version))
+        if self.pool.in_process:
+            if isinstance(weights, miniray.ObjectRef):
+                weights = miniray.get(
+                    weights, timeout=self.config.async_training.generation_timeout
+                )
+            self.engine.load_weights(weights, take=True)
+            self.pool.loaded(0, int(version))
         else:
-            timeout = self.config.async_training.generation_timeout
-            self.engine.load_weights(miniray.get(ref, timeout=timeout), take=True)
+            loads = self.pool.load(weights, int(version))
+            for lane in loads.missed:
+                failure = ReplicaFailed(lane, "load_weights", loads.why(lane))
+                self._replica_failed(lane, [], failure)
         return self._adopt(version)
 
     def swap_weights(
@@ -835,30 +594,10 @@ class FullyAsyncRollouter:
             if self.config.async_training.resume_on_load:
                 # The sync's resume_rollout is a round trip away and finds us running: that
                 # round trip was ~5% of the CPU rollouter's time at one sync per step.
-                self._paused = False
+                self.pool.paused = False
             self.version = int(version)
             self._cond.notify_all()
         return True
-
-    def _load_replicas(self, ref: Any, version: int) -> None:
-        """Load the object ``ref`` into every replica under one deadline
-        (``generation_timeout``), so a sync takes as long as the slowest replica, not the sum.
-        A replica that fails or misses it is restarted with these weights
-        (``_replica_failed``); the others keep them."""
-        self._weights_ref, self._weights_version = ref, version
-        deadline = time.monotonic() + self.config.async_training.generation_timeout
-        loads = [
-            (r, r.load_weights(self._weights_ref, version)) for r in self._replicas if r.handle
-        ]
-        for replica, load in loads:
-            try:
-                replica.wait(load, "load_weights", deadline)
-                with self._cond:  # the sync reached this replica
-                    self.replica_stats[replica.index]["loaded_version"] = version
-            except ReplicaFailed as failure:
-                with self._cond:
-                    self.replica_stats[replica.index]["missed_syncs"] += 1
-                self._replica_failed(replica.index, [], failure)
 
     def stop(self, timeout: float = 30.0) -> bool:
         with self._cond:
@@ -867,33 +606,24 @@ class FullyAsyncRollouter:
         if self._thread is not None:
             self._thread.join(timeout)
         self.scorer.close()
-        for replica in self._replicas:
-            replica.kill()
+        self.pool.shutdown()
         return True
 
     def get_statistics(self) -> dict[str, Any]:
         with self._cond:
             self._count_wait()
-            stats: dict[str, Any] = dict(self.stats)
+            stats: dict[str, Any] = {**self.stats, **self.sender.counts}
             stats.update(
                 version=self.version,
-                paused=self._paused,
+                paused=self.pool.paused,
                 error=self._error,
                 alive=self._thread is not None and self._thread.is_alive(),
             )
-            replicas = [dict(r) for r in self.replica_stats]
         elapsed = max(1e-9, time.time() - stats["started_at"])
         stats["idle_ratio"] = stats["idle_seconds"] / elapsed
         stats["rollout_replicas"] = self.num_replicas
-        for replica in replicas:  # tokens/s while generating; idle: the rest of the run
-            busy = replica["generate_seconds"]
-            replica["tokens_per_s"] = replica["tokens"] / busy if busy else 0.0
-            replica["idle_ratio"] = max(0.0, 1.0 - busy / elapsed)
-        stats["replicas"] = replicas
+        stats["replica_failures"] = self.pool.failures
+        stats["replica_restarts"] = self.pool.restarts
+        stats["replicas"] = self.pool.statistics(elapsed)  # tokens/s, idle ratio, node, ...
         stats["peak_rss_gib"] = peak_rss_gib()  # the generate phase's, in its own process
         return stats
-
-
-def _wait(pending: Pending) -> Any:
-    """The queue's answer, waiting at most CALL_TIMEOUT_S (then ``CallTimeoutError``)."""
-    return pending.result(time.monotonic() + CALL_TIMEOUT_S)

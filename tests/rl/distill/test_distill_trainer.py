@@ -8,10 +8,12 @@ import pytest
 import torch
 from distill_models import make_models
 
+import miniray
 from miniray.rl.distill.config import load_distill_config
 from miniray.rl.distill.local_teacher import LocalTeacher
 from miniray.rl.distill.loop import run_distillation
 from miniray.rl.distill.trainer import DistillBatch, DistillTrainer, build_inputs, response_mask
+from miniray.rl.errors import RolloutWeightSyncError
 from miniray.rl.models.tiny import load
 
 
@@ -145,6 +147,36 @@ def test_a_run_trains_every_batch_once_one_step_off_with_two_rollout_workers(
     assert s["rollout_workers"] == 2
     assert s["final_reverse_kl"] < s["initial_reverse_kl"]
     assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 12
+    # The workers' pool: each generated half of every batch, took every sync, missed none.
+    workers = result.rollout_stats
+    assert [w["groups"] for w in workers] == [12 * 4, 12 * 4]
+    assert all(w["tokens"] > 0 and w["node"] is not None for w in workers)
+    assert [(w["loaded_version"], w["missed_syncs"]) for w in workers] == [(10, 0), (10, 0)]
+
+
+@pytest.mark.slow
+def test_a_rollout_worker_killed_mid_run_fails_the_next_sync_naming_it(
+    models, teacher, monkeypatch
+):
+    from miniray.rl.distill import loop
+
+    pools = []
+    start_workers = loop._start_workers
+    monkeypatch.setattr(
+        loop, "_start_workers", lambda cfg: pools.append(start_workers(cfg)) or pools[-1]
+    )
+
+    def kill_worker_1(record, metrics):
+        if record.batch_index == 1:
+            miniray.kill(pools[0].handle(1))
+
+    cfg = _config(models, "trainer.total_training_steps=6", "trainer.scheduler=serial")
+    with pytest.raises(RolloutWeightSyncError, match=r"rollout_worker_1: died") as info:
+        run_distillation(cfg, teacher=teacher, eval_rows=[], on_step=kill_worker_1)
+    assert list(info.value.failures) == ["rollout_worker_1"]
+    stats = pools[0].statistics(1.0)
+    assert [s["missed_syncs"] for s in stats] == [0, 1]
+    assert stats[1]["loaded_version"] == 1  # the sync before batch 1, its last
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""sync_rollout_weights on the real local backend: success, and dead/hung/raising workers."""
+"""sync_rollout_weights on the real local backend: success, and dead/hung/raising workers; on a
+``ReplicaPool`` (the GKD path), whose statistics say which worker missed a sync."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from miniray.rl.distill.weight_sync import (
     sync_rollout_weights,
 )
 from miniray.rl.param_sync import ParameterSyncError
+from miniray.rl.replica_pool import ReplicaPool
 
 LOGGER = "miniray.rl.distill"
 
@@ -137,3 +139,33 @@ def test_bad_arguments_are_named(local_runtime):
         sync_rollout_weights(Trainer(), [object()], version=1, timeout=0)
     with pytest.raises(ValueError, match="rollout_workers is empty"):
         sync_rollout_weights(Trainer(), [], version=1, timeout=1)
+
+
+def _pool(workers):
+    return ReplicaPool(workers, names=[f"rollout_worker_{i}" for i in range(len(workers))])
+
+
+def test_on_the_pool_a_dead_worker_is_named_and_the_stats_say_it_missed_the_sync(local_runtime):
+    workers = _workers("ok", "ok")
+    pool = _pool(workers)
+    assert sync_rollout_weights(Trainer(), pool, version=1, timeout=30).num_workers == 2
+    miniray.kill(workers[1])
+    with pytest.raises(RolloutWeightSyncError, match=r"rollout_worker_1: died") as info:
+        sync_rollout_weights(Trainer(), pool, version=2, timeout=30)
+    assert list(info.value.failures) == ["rollout_worker_1"]
+    stats = pool.statistics(1.0)
+    assert [s["missed_syncs"] for s in stats] == [0, 1]
+    assert stats[1]["loaded_version"] == 1  # the last sync it took
+    with pytest.raises(ValueError, match="names with a ReplicaPool"):
+        sync_rollout_weights(Trainer(), pool, version=3, timeout=30, names=["a", "b"])
+
+
+def test_on_the_pool_a_hung_worker_misses_the_sync_at_the_deadline(kill_after):
+    workers = _workers("ok", "hang")
+    kill_after.extend(workers[1:])
+    pool = _pool(workers)
+    with pytest.raises(RolloutWeightSyncTimeoutError, match=r"rollout_worker_1 did not load"):
+        sync_rollout_weights(Trainer(), pool, version=2, timeout=1.5)
+    stats = pool.statistics(1.0)
+    assert [s["loaded_version"] for s in stats] == [2, None]
+    assert [s["missed_syncs"] for s in stats] == [0, 1]

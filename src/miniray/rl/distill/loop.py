@@ -1,6 +1,6 @@
 """The driver of a distillation run: rollout workers, teacher, trainer, in a scheduler's order.
 
-    driver (trainer: student + AdamW)         rollout workers (actors)        teacher server
+    driver (trainer: student + AdamW)         rollout workers (a ReplicaPool)  teacher server
     scheduler iteration i:
       sync_rollout_weights(v)  ----------->   load_weights(v)   (nccl_timeout per side)
       start_generation(i)      ----------->   generate(prompts of batch i)
@@ -11,7 +11,10 @@
 
 A batch is on-policy (the student's generations) with probability ``distill.lmbda``, decided
 per batch index; otherwise it is the dataset's prompts with their ground-truth answers, which
-need no generation. Every wait is bounded; a dead or hung worker, a silent teacher or a failed
+need no generation. The rollout workers are a ``replica_pool.ReplicaPool`` (started, fanned out
+to and counted as the RL rollouter's replicas are; they are not restarted: ``max_restarts=0``,
+a failed one ends the run); ``DistillResult.rollout_stats`` has the pool's per-worker
+statistics. Every wait is bounded; a dead or hung worker, a silent teacher or a failed
 weight sync ends the run with an error that names it, and the ``finally`` stops every process
 this run started.
 """
@@ -39,7 +42,8 @@ from miniray.rl.distill.scheduler import StepRecord, run_schedule
 from miniray.rl.distill.trainer import DistillBatch, DistillTrainer, Teacher
 from miniray.rl.distill.weight_sync import sync_rollout_weights
 from miniray.rl.endpoints import CallTimeoutError, Pending
-from miniray.rl.prompts import fit_prompt_lengths, prompt_token_ids
+from miniray.rl.prompts import prompt_token_ids, read_training_prompts
+from miniray.rl.replica_pool import ReplicaPool
 from miniray.rl.tasks import exact_match_reward, load_prompts
 
 __all__ = ["DistillResult", "DistillRun", "run_distillation"]
@@ -52,6 +56,10 @@ class DistillResult:
     summary: dict[str, Any]
     history: list[dict[str, Any]] = field(default_factory=list)
     evals: list[dict[str, float]] = field(default_factory=list)
+    # Per rollout worker (``ReplicaPool.statistics``): prompts generated ("groups"), tokens,
+    # node, loaded_version, missed_syncs. Not generate_seconds (0, so no tokens_per_s): the
+    # driver reads a batch only after the step it overlaps, so it cannot time a worker's call.
+    rollout_stats: list[dict[str, Any]] = field(default_factory=list)
 
 
 class _Generation:
@@ -85,11 +93,11 @@ class DistillRun:
         trainer: DistillTrainer,
         tokenizer: Any,
         teacher: Teacher,
-        workers: Sequence[Any],
+        workers: ReplicaPool,
         rows: Sequence[dict],
     ):
         self.cfg, self.trainer, self.tokenizer = cfg, trainer, tokenizer
-        self.teacher, self.workers, self.rows = teacher, list(workers), list(rows)
+        self.teacher, self.workers, self.rows = teacher, workers, list(rows)
         self.order = PromptOrder(len(self.rows), seed=cfg.data.seed, shuffle=cfg.data.shuffle)
         topk = cfg.actor_rollout_ref.teacher.topk
         self.topk = trainer.vocab_size if topk == 0 else min(topk, trainer.vocab_size)
@@ -129,21 +137,24 @@ class DistillRun:
         d = self.cfg.distill
         if not is_on_policy(d.lmbda, seed=d.seed, batch_index=batch_index):
             return Pending.completed(self._ground_truth(batch_index, prompts, answers))
-        chunks = _split(prompts, len(self.workers))
+        chunks = _split(prompts, self.workers.size)
+        used = [i for i in self.workers.indices if chunks[i]]
         refs = [
-            worker.generate.remote(
-                chunk,
+            self.workers.handle(i).generate.remote(
+                chunks[i],
                 max_new_tokens=self.cfg.data.max_response_length,
                 temperature=self.cfg.actor_rollout_ref.rollout.temperature,
             )
-            for worker, chunk in zip(self.workers, chunks)
-            if chunk
+            for i in used
         ]
 
         def build(parts: list[tuple[int, list[Any]]]) -> DistillBatch:
             versions = {v for v, _ in parts}
             # Workers load weights only while idle, all to the same version: one version.
             assert len(versions) == 1, f"batch {batch_index} mixes weight versions {versions}"
+            for i, (_, part) in zip(used, parts):
+                tokens = sum(len(g.response_token_ids) for g in part)
+                self.workers.record(i, groups=len(part), tokens=tokens)
             gens = [g for _, chunk in parts for g in chunk]
             return DistillBatch(
                 batch_index=batch_index,
@@ -263,7 +274,7 @@ def run_distillation(
     started_runtime = not miniray.is_initialized()
     if started_runtime:
         miniray.init(num_workers=1)
-    workers: list[Any] = []
+    workers: ReplicaPool | None = None
     server = None
     owned_teacher = None
     log_file = None
@@ -322,11 +333,9 @@ def run_distillation(
     finally:
         if run is not None:
             run.close()
-        for worker in workers:
-            try:
-                miniray.kill(worker)
-            except Exception as exc:  # already dead or gone with the runtime: nothing to stop
-                logger.debug("rollout worker already gone: %s", exc)
+        if workers is not None:
+            result.rollout_stats = workers.statistics(time.time() - start)
+            workers.shutdown()
         if owned_teacher is not None and hasattr(owned_teacher, "close"):
             owned_teacher.close()
         if server is not None:
@@ -387,36 +396,10 @@ PROMPT_IDS = "_prompt_token_ids"
 def _load_rows(cfg: DistillConfig, tokenizer: Any) -> list[dict]:
     """The training rows, each with its prompt tokens (``prompts.prompt_token_ids``: BOS +
     text, or chat messages through the tokenizer's template) fitted to
-    ``data.max_prompt_length`` as ``data.filter_overlong_prompts`` / ``data.truncation`` say."""
-    rows: list[dict] = []
-    names: list[str] = []
-    for path in cfg.data.train_files:
-        read = _read_prompts(cfg, path)
-        rows.extend(read)
-        names.extend(f"{path}: row {i}" for i in range(len(read)))
-    ids = prompt_token_ids(tokenizer, [r[cfg.data.prompt_key] for r in rows])
-    fitted = fit_prompt_lengths(ids, cfg.data, row_name=names.__getitem__)
-    limit = cfg.data.max_prompt_length
-    if fitted.dropped:
-        logger.warning(
-            "dropped %d of %d prompts longer than data.max_prompt_length=%d "
-            "(data.filter_overlong_prompts=true)",
-            fitted.dropped,
-            len(rows),
-            limit,
-        )
-    if fitted.truncated:
-        logger.warning(
-            "cut %d of %d prompts to data.max_prompt_length=%d (data.truncation=%s)",
-            fitted.truncated,
-            len(rows),
-            limit,
-            cfg.data.truncation,
-        )
-    kept = [{**rows[i], PROMPT_IDS: t} for i, t in zip(fitted.kept, fitted.token_ids)]
-    if not kept:
-        raise ValueError(f"data.train_files={cfg.data.train_files} hold no usable prompts")
-    return kept
+    ``data.max_prompt_length`` as ``data.filter_overlong_prompts`` / ``data.truncation`` say
+    (``prompts.read_training_prompts``, as the RL rollouter reads them)."""
+    prompts = read_training_prompts(cfg.data, tokenizer)
+    return [{**row, PROMPT_IDS: ids} for row, ids in zip(prompts.rows, prompts.token_ids)]
 
 
 def _make_trainer(cfg: DistillConfig, model: Any, tokenizer: Any) -> DistillTrainer:
@@ -447,21 +430,27 @@ def _make_trainer(cfg: DistillConfig, model: Any, tokenizer: Any) -> DistillTrai
     )
 
 
-def _start_workers(cfg: DistillConfig) -> list[Any]:
+def _start_workers(cfg: DistillConfig) -> ReplicaPool:
+    """The rollout workers, started together; each must answer ``node()`` within
+    ``trainer.generation_timeout`` (else all are killed and the error names it). Not restarted
+    (``max_restarts=0``); a load is bounded by ``actor_rollout_ref.nccl_timeout``."""
     actor = miniray.remote(RolloutWorker)
     path = cfg.actor_rollout_ref.model.path
     engine = cfg.actor_rollout_ref.rollout.name
-    workers = [
-        actor.remote(path, seed=cfg.trainer.seed + i, name=f"rollout_worker_{i}", engine=engine)
-        for i in range(cfg.num_rollout_workers)
-    ]
-    try:
-        miniray.get([w.ping.remote() for w in workers], timeout=cfg.trainer.generation_timeout)
-    except Exception:
-        for w in workers:
-            miniray.kill(w)
-        raise
-    return workers
+    names = [f"rollout_worker_{i}" for i in range(cfg.num_rollout_workers)]
+
+    def start_one(i: int) -> Any:
+        return actor.remote(path, seed=cfg.trainer.seed + i, name=names[i], engine=engine)
+
+    return ReplicaPool.start(
+        cfg.num_rollout_workers,
+        start_one,
+        require_all=True,
+        ready="node",
+        start_timeout=cfg.trainer.generation_timeout,
+        load_timeout=cfg.actor_rollout_ref.nccl_timeout,
+        names=names,
+    )
 
 
 def _connect_teacher(cfg: DistillConfig) -> tuple[Any, Any]:

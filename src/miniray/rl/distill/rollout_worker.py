@@ -1,7 +1,8 @@
 """RolloutWorker: one copy of the student that generates responses, run as a miniray actor.
 
-The scheduler talks to ``rollout.n_gpus_per_node`` of them (one process each on the CPU); a
-batch's prompts are split across them. A worker loads new weights only between generations
+The scheduler talks to ``rollout.n_gpus_per_node`` of them (one process each on the CPU), held
+in a ``replica_pool.ReplicaPool`` as the RL rollouter's replicas are; a batch's prompts are split
+across them. A worker loads new weights only between generations
 (actor calls run one at a time), so every response it returns was generated with exactly the
 version it reports alongside.
 """
@@ -11,6 +12,8 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from miniray.rl.placement import node_id
 
 __all__ = ["RolloutWorker"]
 
@@ -42,6 +45,10 @@ class RolloutWorker:
 
     def ping(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "pid": os.getpid()}
+
+    def node(self) -> str:
+        """The node this worker runs on: the pool's ready call (its ``stats[i]["node"]``)."""
+        return node_id()
 
     def generate(
         self, prompts: Sequence[list[int]], *, max_new_tokens: int, temperature: float

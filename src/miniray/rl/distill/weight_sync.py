@@ -20,6 +20,11 @@ bad weights or died left the trainer waiting forever, silently (seed 003). Here:
 Each side gets its own ``nccl_timeout`` (the config key's name is verl's; no NCCL is involved on
 the CPU), so a sync takes at most twice that. A worker still running at the deadline is not
 killed here: the caller owns the workers and decides (the run stops; shutdown kills them).
+
+The workers' side is ``replica_pool.ReplicaPool.load`` with ``fail_fast``: the one fan-out under
+one deadline the RL rollouter's replicas load through too; this module adds what a failure
+means here (an error naming each worker) and the pool's statistics say which worker missed a
+sync (``missed_syncs``) and which version each holds (``loaded_version``).
 """
 
 from __future__ import annotations
@@ -31,10 +36,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import miniray
-from miniray.errors import RayActorError, RayTaskError
-from miniray.rl.endpoints import Pending, call
+from miniray.rl.endpoints import call
 from miniray.rl.errors import RolloutWeightSyncError, RolloutWeightSyncTimeoutError
 from miniray.rl.param_sync import weights_info
+from miniray.rl.replica_pool import ReplicaPool, describe_error
 
 __all__ = [
     "RolloutWeightSyncError",
@@ -58,7 +63,7 @@ class WeightSyncResult:
 
 def sync_rollout_weights(
     actor: Any,
-    rollout_workers: Sequence[Any],
+    rollout_workers: Sequence[Any] | ReplicaPool,
     *,
     version: int,
     timeout: float = 600.0,
@@ -68,25 +73,28 @@ def sync_rollout_weights(
     """Load ``actor``'s weights into every rollout worker as ``version``, or raise in time.
 
     ``actor`` offers ``get_weights() -> {name: tensor}`` (an object or an actor handle);
-    ``rollout_workers`` are actor handles offering ``load_weights(weights, version)`` that
-    return the version they now hold. ``timeout`` is ``actor_rollout_ref.nccl_timeout``: the
-    bound of each side's wait. ``names`` label the workers in logs and errors (default
-    ``rollout_worker_<i>``).
+    ``rollout_workers`` (a ``ReplicaPool``, or actor handles, then a pool of them is made here)
+    offer ``load_weights(weights, version)`` returning the version they now hold. ``timeout``
+    is ``actor_rollout_ref.nccl_timeout``: the bound of each side's wait. ``names`` label
+    handles in logs and errors (default ``rollout_worker_<i>``; a pool has its own names).
     """
     if not timeout > 0:
         raise ValueError(f"actor_rollout_ref.nccl_timeout={timeout!r} is invalid: must be > 0")
-    if not rollout_workers:
-        raise ValueError("sync_rollout_weights(): rollout_workers is empty; pass at least one")
-    labels = (
-        list(names)
-        if names is not None
-        else [f"rollout_worker_{i}" for i in range(len(rollout_workers))]
-    )
-    if len(labels) != len(rollout_workers):
-        raise ValueError(
-            f"names has {len(labels)} entries for {len(rollout_workers)} rollout workers: "
-            "must be one name per worker"
-        )
+    if isinstance(rollout_workers, ReplicaPool):
+        if names is not None:
+            raise ValueError("sync_rollout_weights(): names with a ReplicaPool, which has its own")
+        pool = rollout_workers
+    else:
+        if not rollout_workers:
+            raise ValueError("sync_rollout_weights(): rollout_workers is empty; pass at least one")
+        count = len(rollout_workers)
+        labels = list(names) if names is not None else [f"rollout_worker_{i}" for i in range(count)]
+        if len(labels) != count:
+            raise ValueError(
+                f"names has {len(labels)} entries for {count} rollout workers: "
+                "must be one name per worker"
+            )
+        pool = ReplicaPool(list(rollout_workers), names=labels, clock=clock)
     logger.info("Starting rollout weight synchronization...")
     start = clock()
     try:
@@ -95,7 +103,7 @@ def sync_rollout_weights(
         logger.info("Actor weight sync completed")
         logger.info("Waiting for rollout weight sync with timeout=%ss...", f"{timeout:g}")
         t = clock()
-        _load(rollout_workers, labels, weights_ref, version, timeout, clock)
+        _load(pool, weights_ref, version, timeout)
         rollout_s = clock() - t
     except RolloutWeightSyncError as exc:
         elapsed = clock() - start
@@ -104,7 +112,7 @@ def sync_rollout_weights(
         raise
     total = clock() - start
     logger.info("Rollout weight sync completed in %.2fs", total)
-    return WeightSyncResult(version, actor_s, rollout_s, total, nbytes, len(rollout_workers))
+    return WeightSyncResult(version, actor_s, rollout_s, total, nbytes, pool.size)
 
 
 def _export(actor: Any, timeout: float, clock: Callable[[], float]) -> tuple[Any, int]:
@@ -120,69 +128,34 @@ def _export(actor: Any, timeout: float, clock: Callable[[], float]) -> tuple[Any
         weights = pending.result(clock() + timeout, clock=clock)
     except Exception as exc:  # reported with the side that failed; the caller decides
         raise RolloutWeightSyncError(
-            f"{what} failed: {_describe(exc)}", failures={"actor": _describe(exc)}
+            f"{what} failed: {describe_error(exc)}", failures={"actor": describe_error(exc)}
         ) from exc
     if pending.ref is not None:
         return pending.ref, _size(weights)
     return miniray.put(dict(weights)), _size(weights)
 
 
-def _load(
-    workers: Sequence[Any],
-    labels: list[str],
-    weights_ref: Any,
-    version: int,
-    timeout: float,
-    clock: Callable[[], float],
-) -> None:
-    deadline = clock() + timeout
-    calls: dict[Any, tuple[str, Pending]] = {}  # ref -> (worker's label, its call)
-    failures: dict[str, str] = {}
-    for label, worker in zip(labels, workers):
-        try:
-            # ``.remote`` directly, not ``endpoints.call``: the fan-out below waits on refs, so
-            # a worker must be an actor handle (a plain object fails here, as a dead handle can)
-            ref = worker.load_weights.remote(weights_ref, version)
-            started = Pending(ref, f"load_weights() of {label}")
-        except Exception as exc:  # a dead handle can fail at submission: that worker failed
-            failures[label] = _describe(exc)
-            continue
-        calls[ref] = (label, started)
-    pending = list(calls)
-    while pending and not failures:
-        remaining = deadline - clock()
-        if remaining <= 0:
-            break
-        ready, pending = miniray.wait(pending, num_returns=1, timeout=remaining)
-        for ref in ready:
-            label, started = calls[ref]
-            try:
-                loaded = started.result(deadline, clock=clock)
-            except RayActorError as exc:
-                failures[label] = f"died ({_describe(exc)})"
-                continue
-            except Exception as exc:  # the worker's own error: reported by name, then raised
-                failures[label] = f"raised {_describe(exc)}"
-                continue
-            if loaded != version:
-                failures[label] = f"loaded version {loaded!r}, expected {version}"
-    if failures:
-        running = [calls[r][0] for r in pending]
+def _load(pool: ReplicaPool, weights_ref: Any, version: int, timeout: float) -> None:
+    """Every worker's load under one deadline; the first that raises, dies or answers another
+    version ends the wait (``fail_fast``); raises naming each failed or late worker."""
+    loads = pool.load(weights_ref, version, timeout=timeout, fail_fast=True)
+    running = [pool.names[i] for i in loads.late + loads.abandoned]
+    if loads.failures:
+        failures = {pool.names[i]: why for i, why in loads.failures.items()}
         detail = "; ".join(f"{k}: {v}" for k, v in failures.items())
         if running:
             detail += f" (not finished yet: {', '.join(running)})"
         raise RolloutWeightSyncError(
-            f"{len(failures)} of {len(workers)} rollout worker(s) failed to load weights "
+            f"{len(failures)} of {pool.size} rollout worker(s) failed to load weights "
             f"version {version}: {detail}",
             failures=failures,
         )
-    if pending:
-        late = [calls[r][0] for r in pending]
+    if running:
         raise RolloutWeightSyncTimeoutError(
-            f"timeout: rollout worker(s) {', '.join(late)} did not load weights version "
+            f"timeout: rollout worker(s) {', '.join(running)} did not load weights version "
             f"{version} within actor_rollout_ref.nccl_timeout={timeout:g}s (hung, or too slow: "
             "raise nccl_timeout)",
-            failures={label: "timeout" for label in late},
+            failures={label: "timeout" for label in running},
         )
 
 
@@ -191,10 +164,3 @@ def _size(weights: Any) -> int:
         return sum(entry["nbytes"] for entry in weights_info(weights).values())
     except TypeError:
         return 0
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, RayTaskError):
-        exc = exc.cause
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
