@@ -411,3 +411,59 @@ def test_multi_turn_keys_are_refused_while_disabled_and_enable_needs_tools(workd
     assert agent_loop_of(cfg, tokenizer).registry.tools.keys() == {"calculator"}
     with pytest.raises(ValueError, match="chat_template"):
         agent_loop_of(cfg, char_tokenizer("0123"))
+
+
+class ScriptedEngines:
+    """One ``ScriptedEngine`` per replica, each recording the prompts of the turns it made."""
+
+    def __init__(self, tokenizer, delays):
+        self.tokenizer, self.delays, self.made = tokenizer, delays, []
+
+    def __call__(self, index):
+        engine = ScriptedEngine(self.tokenizer, solve, delay=self.delays[index])
+        original = engine.generate
+        engine.turns = []
+
+        def generate(prompts, **kwargs):
+            engine.turns.extend(tuple(p) for p in prompts)
+            return original(prompts, **kwargs)
+
+        engine.generate = generate
+        self.made.append(engine)
+        return engine
+
+
+@pytest.fixture
+def inline_runtime():
+    import miniray
+
+    miniray.init(backend="inline")
+    yield
+    miniray.shutdown()
+
+
+def test_conversations_over_two_replicas_finish_once_each(inline_runtime, workdir, tokenizer):
+    """Any replica continues any open conversation (the unfinished list is shared): every
+    conversation still ends with its answer, and every prompt is generated exactly once."""
+    cfg = config(workdir)
+    cfg["rollout"] = {"n_gpus_per_node": 2}
+    factory = ScriptedEngines(tokenizer, [0.002, 0.004])
+    queue = MessageQueue(max_queue_size=100, staleness_threshold=3)
+    rollouter = FullyAsyncRollouter(cfg, queue, engine_factory=factory, reward_fn=answer_reward)
+    rollouter.start()
+    try:
+        deadline = time.monotonic() + 30
+        while queue.get_queue_size() < 6 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        rollouter.stop()
+    groups = [queue.get_samples(current_param_version=0) for _ in range(6)]
+    positions = sorted(g[0].metadata["prompt_position"] for g in groups)
+    assert positions == sorted(set(positions)) and len(positions) == 6
+    for group in groups:
+        for sample in group:
+            assert sample.reward == 1.0
+            assert sample.metadata["multi_turn"]["tool_calls"] == 1
+            product = sample.metadata["multi_turn"]["calls"][0]["result"]
+            assert sample.response_mask.count(0) == len(product) + 3  # one observation
+    assert all(engine.turns for engine in factory.made)  # both replicas made turns
