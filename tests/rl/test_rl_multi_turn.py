@@ -467,3 +467,24 @@ def test_conversations_over_two_replicas_finish_once_each(inline_runtime, workdi
             product = sample.metadata["multi_turn"]["calls"][0]["result"]
             assert sample.response_mask.count(0) == len(product) + 3  # one observation
     assert all(engine.turns for engine in factory.made)  # both replicas made turns
+
+
+def test_the_tools_schemas_are_rendered_into_chat_prompts(tmp_path, workdir, tokenizer):
+    """As verl does: the chat template gets the tools (Qwen2.5's lists them in its system
+    prompt); here a template that writes each tool's name first."""
+    from miniray.rl.tasks.tool_use import CHAT_TEMPLATE
+
+    listing = tool_tokenizer(string.ascii_letters + "[]")
+    listing.chat_template = (
+        "{%- for t in tools or [] -%}[{{ t['function']['name'] }}]{%- endfor -%}" + CHAT_TEMPLATE
+    )
+    save(tiny_qwen2(listing, hidden_size=32, intermediate_size=64), listing, tmp_path / "model")
+    cfg = config(workdir)
+    cfg["actor_rollout_ref"]["model"]["path"] = str(tmp_path / "model")
+    cfg["data"]["max_prompt_length"] = 40
+    rollouter = FullyAsyncRollouter(
+        cfg, MessageQueue(max_queue_size=10), engine=object(), reward_fn=answer_reward
+    )
+    first = rollouter.rows[0]["prompt"][0]["content"]
+    assert rollouter.prompt_texts[0] == f"[calculator]<|user|>{first}{ASSISTANT}"
+    assert rollouter.prompt_ids[0] == ids(listing, rollouter.prompt_texts[0])

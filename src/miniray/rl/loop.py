@@ -107,7 +107,8 @@ def evaluate_greedy(
             gens = engine.generate(ids, max_new_tokens=new_tokens, temperature=0)
             return [g.response_token_ids for g in gens]
 
-    ids = prompt_token_ids(tokenizer, prompts)
+    tools = agent.registry.schemas if agent is not None else None
+    ids = prompt_token_ids(tokenizer, prompts, tools=tools)
     if agent is None:
         responses, conversations = generate(ids, max_new_tokens), None
     else:
@@ -122,7 +123,7 @@ def evaluate_greedy(
     rewards = []
     for i, (tokens, r, p) in enumerate(zip(responses, rows, prompts)):
         response = tokenizer.decode(tokens, skip_special_tokens=True)
-        requests = requests_for(r, [response], prompt_text(tokenizer, p))
+        requests = requests_for(r, [response], prompt_text(tokenizer, p, tools=tools))
         if conversations is not None:
             sample, conv = conversations[i]
             requests = record_conversations(requests, [sample], [conv])

@@ -26,10 +26,9 @@ Where this differs from verl's ``ToolAgentLoop`` on purpose:
 * tools are plain callables, stateless (``tools``); the reward sees the whole conversation as
   text plus ``extra_info["tool_calls"]`` / ``["num_turns"]`` (verl passes ``num_turns``);
 * a tool's answer longer than ``max_tool_response_length`` characters keeps its head (verl
-  can keep the middle or the tail too);
-* the tool schemas are not rendered into the prompt by this loop: prompts are tokenized as
-  the data gives them (``prompts.prompt_token_ids``), so a model that needs the tool list
-  gets it from a system message in the data.
+  can keep the middle or the tail too).
+
+As in verl, the tools' schemas are rendered into chat prompts by the template (``tools=``).
 """
 
 from __future__ import annotations

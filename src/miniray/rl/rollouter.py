@@ -155,8 +155,12 @@ class FullyAsyncRollouter:
             names.extend(f"{path}: row {i}" for i in range(len(read)))
         if not rows:
             raise ValueError(f"data.train_files={data.train_files} hold no prompts")
+        # Multi-turn (actor_rollout_ref.rollout.multi_turn): ends each model turn, running its
+        # tool calls; None: a rollout is one response. Its tools' schemas go into the prompts.
+        self.agent = agent_loop_of(cfg, self.tokenizer)
+        tools = self.agent.registry.schemas if self.agent else None
         # Tokenized once, here: the limit needs every length, and the loop then reuses them.
-        ids = prompt_token_ids(self.tokenizer, [row[data.prompt_key] for row in rows])
+        ids = prompt_token_ids(self.tokenizer, [row[data.prompt_key] for row in rows], tools=tools)
         fitted = fit_prompt_lengths(ids, data, row_name=names.__getitem__)
         self.rows = [rows[i] for i in fitted.kept]
         self.prompt_ids = fitted.token_ids
@@ -187,13 +191,12 @@ class FullyAsyncRollouter:
                 data.truncation,
             )
         self.queue = queue
-        # Multi-turn (actor_rollout_ref.rollout.multi_turn): ends each model turn, running its
-        # tool calls; None: a rollout is one response.
-        self.agent = agent_loop_of(cfg, self.tokenizer)
         # Rewards are scored on the scorer's threads, each call within its deadline.
         self.scorer = build_scorer(cfg, reward_fn, self.rows)
         # The prompt as the model sees it (chat messages rendered once, here), for samples.
-        self.prompt_texts = [prompt_text(self.tokenizer, r[data.prompt_key]) for r in self.rows]
+        self.prompt_texts = [
+            prompt_text(self.tokenizer, r[data.prompt_key], tools=tools) for r in self.rows
+        ]
         self.order = PromptOrder(len(self.rows), seed=cfg.data.seed, shuffle=cfg.data.shuffle)
         self.cursor = PromptCursor()
         self._resumed_groups = 0  # groups trained before the checkpoint this run resumed from
