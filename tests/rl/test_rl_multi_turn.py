@@ -488,3 +488,26 @@ def test_the_tools_schemas_are_rendered_into_chat_prompts(tmp_path, workdir, tok
     first = rollouter.rows[0]["prompt"][0]["content"]
     assert rollouter.prompt_texts[0] == f"[calculator]<|user|>{first}{ASSISTANT}"
     assert rollouter.prompt_ids[0] == ids(listing, rollouter.prompt_texts[0])
+
+
+@pytest.mark.parametrize(
+    ("template", "pattern"),
+    [
+        # Drops tool messages: the model would never see an answer.
+        (
+            "{%- for m in messages -%}{%- if m['role'] != 'tool' -%}{{ m['content'] }}"
+            "{%- endif -%}{%- endfor -%}",
+            "renders no 'tool' role",
+        ),
+        # Renders earlier messages differently once more follow: no tokens to append.
+        (
+            "{{ messages | length }}{%- for m in messages -%}{{ m['content'] }}{%- endfor -%}",
+            "first tokens change",
+        ),
+    ],
+)
+def test_a_template_that_cannot_carry_tool_results_is_refused_at_start(template, pattern):
+    broken = tool_tokenizer()
+    broken.chat_template = template
+    with pytest.raises(ValueError, match=pattern):
+        AgentLoop(ToolRegistry([]), broken)

@@ -122,6 +122,13 @@ class AgentLoop:
         self.max_parallel_calls = max_parallel_calls
         self.max_tool_response_length = max_tool_response_length
         self._prefix_ids = self._render(_PREFIX, generation_prompt=False)
+        # A template that cannot append tool results, or drops them, fails now, not mid-run.
+        if self.observation_ids(["1"]) == self.observation_ids(["2"]):
+            raise ValueError(
+                "the chat template of actor_rollout_ref.model.path renders no 'tool' role "
+                "messages (two different tool results give the same tokens): the model would "
+                "never see a tool's answer; use a template with a tool role"
+            )
 
     # -- observations ----------------------------------------------------------------------
     def _render(self, messages: list[dict[str, str]], *, generation_prompt: bool) -> list[int]:
