@@ -35,6 +35,7 @@ __all__ = [
     "AsyncTrainingConfig",
     "DataConfig",
     "ModelConfig",
+    "MultiTurnConfig",
     "OptimConfig",
     "RLConfig",
     "RolloutConfig",
@@ -367,6 +368,32 @@ class ActorConfig(Config):
 
 
 @dataclass(kw_only=True)
+class MultiTurnConfig(Config):
+    """Conversations with tool calls (``rl.multi_turn``), verl's ``rollout.multi_turn`` keys."""
+
+    enable: bool = option(
+        False,
+        help="a rollout is a conversation: the model's tool calls (Hermes <tool_call> format) "
+        "run and their results come back in the chat template's tool role until it answers",
+    )
+    max_assistant_turns: int | None = option(
+        None, ge=1, help="most model turns in a conversation; null: max_response_length decides"
+    )
+    max_parallel_calls: int = option(
+        1, ge=1, help="most tool calls run from one turn (the first ones; verl's default 1)"
+    )
+    max_tool_response_length: int = option(
+        256, ge=1, help="characters of a tool's answer the model sees (the rest is cut)"
+    )
+    tool_config_path: str | None = option(
+        None, help="the YAML file of the tools (verl's layout: rl/tools.py); needed with enable"
+    )
+    format: Literal["hermes"] = option(
+        "hermes", help="how calls are written: hermes, <tool_call>{json}</tool_call>"
+    )
+
+
+@dataclass(kw_only=True)
 class RolloutSamplingConfig(Config):
     name: Literal["transformers", "vllm"] = option(
         "transformers", help="generation engine: transformers (CPU) or vllm (GPU, installed apart)"
@@ -389,6 +416,7 @@ class RolloutSamplingConfig(Config):
     tensor_model_parallel_size: int = option(
         1, ge=1, help="GPUs one engine is split over; only 1 (one process, one device)"
     )
+    multi_turn: MultiTurnConfig = field(default_factory=lambda: MultiTurnConfig())
 
 
 @dataclass(kw_only=True)

@@ -40,6 +40,13 @@ from miniray.rl import checkpoint
 from miniray.rl.batch_source import Batch, batch_source, rollouter_result
 from miniray.rl.data_position import TrainedPositions
 from miniray.rl.dynamic_sampling import REWARD_METRICS_KEY
+from miniray.rl.multi_turn import (
+    AgentLoop,
+    agent_loop_of,
+    conversation_metrics,
+    greedy_conversations,
+    record_conversations,
+)
 from miniray.rl.prompts import prompt_text, prompt_token_ids
 from miniray.rl.queue import MessageQueue
 from miniray.rl.replicas import replica_count
@@ -77,13 +84,16 @@ def evaluate_greedy(
     *,
     max_new_tokens: int,
     prompt_key: str = "prompt",
+    agent: AgentLoop | None = None,
 ) -> float:
     """Mean reward of greedy answers on held-out rows (prompts in ``row[prompt_key]``, the
     config's ``data.prompt_key``, text or chat messages; answers in ``row["ground_truth"]``,
     as ``load_prompts`` stores them), scored by the run's reward function in this process.
 
     ``policy``: a causal LM here, or a trainer offering ``greedy_tokens`` (the trainer group
-    generates on its ranks and only the token ids come back)."""
+    generates on its ranks and only the token ids come back). ``agent``: a multi-turn run's
+    agent loop; each prompt is then a whole greedy conversation with its tool calls, and the
+    reward sees the conversation as in training (``multi_turn.record_conversations``)."""
     prompts = [r[prompt_key] for r in rows]
     generate = getattr(policy, "greedy_tokens", None)
     if generate is None:
@@ -97,11 +107,27 @@ def evaluate_greedy(
             gens = engine.generate(ids, max_new_tokens=new_tokens, temperature=0)
             return [g.response_token_ids for g in gens]
 
-    responses = generate(prompt_token_ids(tokenizer, prompts), max_new_tokens)
+    tools = agent.registry.schemas if agent is not None else None
+    ids = prompt_token_ids(tokenizer, prompts, tools=tools)
+    if agent is None:
+        responses, conversations = generate(ids, max_new_tokens), None
+    else:
+        conversations = greedy_conversations(
+            agent,
+            generate,
+            ids,
+            eos_token_id=tokenizer.eos_token_id,
+            max_response_length=max_new_tokens,
+        )
+        responses = [sample.response_token_ids for sample, _ in conversations]
     rewards = []
-    for tokens, r, p in zip(responses, rows, prompts):
+    for i, (tokens, r, p) in enumerate(zip(responses, rows, prompts)):
         response = tokenizer.decode(tokens, skip_special_tokens=True)
-        (reward,) = scorer.score(requests_for(r, [response], prompt_text(tokenizer, p)))
+        requests = requests_for(r, [response], prompt_text(tokenizer, p, tools=tools))
+        if conversations is not None:
+            sample, conv = conversations[i]
+            requests = record_conversations(requests, [sample], [conv])
+        (reward,) = scorer.score(requests)
         rewards.append(reward.score)
     return sum(rewards) / max(1, len(rewards))
 
@@ -152,6 +178,8 @@ def run(
     placement = trainer_placement(trainer)
     result = RunResult(summary={})
     eval_scorer = build_scorer(cfg, reward_fn, eval_rows)
+    # Multi-turn: the held-out conversations call the tools too (the driver's own registry).
+    eval_agent = agent_loop_of(cfg, trainer.tokenizer) if eval_rows else None
 
     def evaluate() -> float:
         if not eval_rows:
@@ -163,6 +191,7 @@ def run(
             eval_scorer,
             max_new_tokens=cfg.data.max_response_length,
             prompt_key=cfg.data.prompt_key,
+            agent=eval_agent,
         )
 
     run_start, wait_s = time.time(), 0.0
@@ -181,6 +210,7 @@ def run(
             wait_s += batch.wait_s
             metrics: dict[str, Any] = dict(trainer.train_step(batch.groups))
             metrics.update(reward_metrics(batch.groups), **batch.metrics)
+            metrics.update(conversation_metrics([s for g in batch.groups for s in g]))
             _record_batch(result, trained, batch, version)  # ages: at the version trained at
             saving = save_freq >= 0 and (
                 step == total_steps or (save_freq > 0 and step % save_freq == 0)

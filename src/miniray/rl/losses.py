@@ -1,6 +1,7 @@
 """Pure tensor functions of the policy update: log-probs, GRPO advantages, decoupled PPO loss.
 
-Shapes: ``B`` samples, ``T`` response tokens; ``mask`` (B, T) is 1 on real response tokens.
+Shapes: ``B`` samples, ``T`` response tokens; ``mask`` (B, T) is 1 on the response tokens the
+model generated (0 on padding and on the observations of a multi-turn conversation).
 Three log-prob tensors meet in the loss (AReaL's decoupled PPO, arXiv:2505.24298):
 
 * ``logprobs``: the policy being trained (``pi_theta``), with gradient;
@@ -324,7 +325,9 @@ def ppo_loss(
     }
     if behaviour_logprobs is not None:
         _check_same_shape(logprobs, behaviour_logprobs, "logprobs", "behaviour_logprobs")
-        behave_log_ratio = prox - behaviour_logprobs.detach()
+        # Zero off the mask: a padding column or a multi-turn sample's observation has no
+        # behaviour log-prob (its placeholder is 0), and must weigh 1 there, not exp(prox).
+        behave_log_ratio = (prox - behaviour_logprobs.detach()) * mask
         if behaviour_weight_level == "token":
             weight = torch.exp(behave_log_ratio)
         elif behaviour_weight_level == "prefix":

@@ -17,7 +17,9 @@ distillation, pre-training examples), so a prompt is tokenized the same way ever
 
 * text: BOS (when the tokenizer has one) followed by the text's tokens, no other special tokens;
 * chat messages: ``tokenizer.apply_chat_template(messages, add_generation_prompt=True)``, as
-  verl does; the template decides the special tokens, so no BOS is added here.
+  verl does; the template decides the special tokens, so no BOS is added here. A multi-turn
+  run passes its tools' schemas (``tools=``), which the template renders (Qwen2.5's lists
+  them in the system prompt), as verl's tool agent loop does.
 """
 
 from __future__ import annotations
@@ -120,16 +122,19 @@ def row_extra_info(row: Mapping[str, Any]) -> dict[str, Any]:
     return dict(extra) if isinstance(extra, Mapping) else {}
 
 
-def prompt_text(tokenizer: Any, prompt: Prompt) -> str:
+def prompt_text(tokenizer: Any, prompt: Prompt, *, tools: Sequence[Any] | None = None) -> str:
     """The prompt as the model sees it, as text (chat messages rendered by the template)."""
     if isinstance(prompt, str):
         return prompt
-    return _render(tokenizer, prompt, tokenize=False)
+    return _render(tokenizer, prompt, tokenize=False, tools=tools)
 
 
-def prompt_token_ids(tokenizer: Any, prompts: Sequence[Prompt]) -> list[list[int]]:
+def prompt_token_ids(
+    tokenizer: Any, prompts: Sequence[Prompt], *, tools: Sequence[Any] | None = None
+) -> list[list[int]]:
     """Token ids of each prompt (see the module docstring); text prompts in one tokenizer call
-    (one call per prompt cost the CPU rollouter ~4% of its time)."""
+    (one call per prompt cost the CPU rollouter ~4% of its time). ``tools``: function schemas
+    the chat template renders into chat prompts (text prompts have no template)."""
     out: list[list[int] | None] = [None] * len(prompts)
     texts = [(i, p) for i, p in enumerate(prompts) if isinstance(p, str)]
     if texts:
@@ -139,11 +144,17 @@ def prompt_token_ids(tokenizer: Any, prompts: Sequence[Prompt]) -> list[list[int
             out[i] = [t for t in (bos, *ids) if t is not None]
     for i, p in enumerate(prompts):
         if not isinstance(p, str):  # chat messages (the texts are all in ``out`` already)
-            out[i] = list(_render(tokenizer, p, tokenize=True))
+            out[i] = list(_render(tokenizer, p, tokenize=True, tools=tools))
     return [ids for ids in out if ids is not None]
 
 
-def _render(tokenizer: Any, messages: Sequence[Mapping[str, str]], *, tokenize: bool) -> Any:
+def _render(
+    tokenizer: Any,
+    messages: Sequence[Mapping[str, str]],
+    *,
+    tokenize: bool,
+    tools: Sequence[Any] | None = None,
+) -> Any:
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(
             "a prompt is a list of chat messages but the tokenizer of "
@@ -151,7 +162,10 @@ def _render(tokenizer: Any, messages: Sequence[Mapping[str, str]], *, tokenize: 
             "tokenizer with one (tokenizer_config.json 'chat_template'), or use text prompts"
         )
     rendered = tokenizer.apply_chat_template(
-        [dict(m) for m in messages], add_generation_prompt=True, tokenize=tokenize
+        [dict(m) for m in messages],
+        add_generation_prompt=True,
+        tokenize=tokenize,
+        **({"tools": list(tools)} if tools else {}),
     )
     if tokenize and isinstance(rendered, Mapping):  # transformers 5 returns a BatchEncoding
         rendered = rendered["input_ids"]
@@ -224,10 +238,13 @@ class TrainingPrompts:
     truncated: int = 0
 
 
-def read_training_prompts(data: Any, tokenizer: Any) -> TrainingPrompts:
+def read_training_prompts(
+    data: Any, tokenizer: Any, *, tools: Sequence[Any] | None = None
+) -> TrainingPrompts:
     """Every row of ``data.train_files`` (``data.prompt_key`` / ``data.answer_key``), tokenized
-    once and fitted to ``data.max_prompt_length`` (``fit_prompt_lengths``); what was dropped or
-    cut is logged. The RL rollouter and distillation both read their prompts here."""
+    once (chat prompts with the ``tools`` schemas rendered in) and fitted to
+    ``data.max_prompt_length`` (``fit_prompt_lengths``); what was dropped or cut is logged.
+    The RL rollouter and distillation both read their prompts here."""
     rows: list[dict[str, Any]] = []
     names: list[str] = []
     for path in data.train_files:
@@ -236,7 +253,7 @@ def read_training_prompts(data: Any, tokenizer: Any) -> TrainingPrompts:
         names.extend(f"{path}: row {i}" for i in range(len(read)))
     if not rows:
         raise ValueError(f"data.train_files={data.train_files} hold no prompts")
-    ids = prompt_token_ids(tokenizer, [row[data.prompt_key] for row in rows])
+    ids = prompt_token_ids(tokenizer, [row[data.prompt_key] for row in rows], tools=tools)
     fitted = fit_prompt_lengths(ids, data, row_name=names.__getitem__)
     if not fitted.kept:
         raise ValueError(

@@ -481,12 +481,14 @@ def _stamped_version(item: Any) -> int | None:
 
 
 def _item_tokens(item: Any) -> int | None:
-    if hasattr(item, "num_response_tokens"):
-        return item.num_response_tokens
+    """The tokens the model generated for ``item`` (a sample or a group): a multi-turn
+    sample's observations are not counted."""
+    if hasattr(item, "num_generated_tokens"):
+        return item.num_generated_tokens
     if (
         isinstance(item, (list, tuple))
         and item
-        and all(hasattr(s, "num_response_tokens") for s in item)
+        and all(hasattr(s, "num_generated_tokens") for s in item)
     ):
-        return sum(s.num_response_tokens for s in item)
+        return sum(s.num_generated_tokens for s in item)
     return None

@@ -50,6 +50,7 @@ from miniray.rl.compat import actor_constructor
 from miniray.rl.config import RLConfig
 from miniray.rl.data_position import PromptCursor, PromptOrder, TrainedPositions
 from miniray.rl.dynamic_sampling import REWARD_METRICS_KEY
+from miniray.rl.multi_turn import Conversation, agent_loop_of, record_conversations
 from miniray.rl.prompts import prompt_text, read_training_prompts
 from miniray.rl.replicas import (
     RemoteEngine,
@@ -94,6 +95,8 @@ class _Rollout:
     row: dict[str, Any]
     samples: list[Sample]
     done: list[bool] = field(default_factory=list)
+    # Multi-turn: each sample's agent state (``multi_turn.Conversation``); empty otherwise.
+    conversations: list[Conversation] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.done = self.done or [False] * len(self.samples)
@@ -132,14 +135,20 @@ class FullyAsyncRollouter:
         self.engine = in_process_engine(cfg, self.seed, engine, engine_factory)
         self.tokenizer = load_tokenizer(model.path, trust_remote_code=options["trust_remote_code"])
         data = cfg.data
+        # Multi-turn (actor_rollout_ref.rollout.multi_turn): ends each model turn, running its
+        # tool calls; None: a rollout is one response. Its tools' schemas go into the prompts.
+        self.agent = agent_loop_of(cfg, self.tokenizer)
+        tools = self.agent.registry.schemas if self.agent else None
         # Tokenized once, here: the limit needs every length, and the loop then reuses them.
-        prompts = read_training_prompts(data, self.tokenizer)
+        prompts = read_training_prompts(data, self.tokenizer, tools=tools)
         self.rows, self.prompt_ids = prompts.rows, prompts.token_ids
         self.queue = queue
         # Rewards are scored on the scorer's threads, each call within its deadline.
         self.scorer = build_scorer(cfg, reward_fn, self.rows)
         # The prompt as the model sees it (chat messages rendered once, here), for samples.
-        self.prompt_texts = [prompt_text(self.tokenizer, r[data.prompt_key]) for r in self.rows]
+        self.prompt_texts = [
+            prompt_text(self.tokenizer, r[data.prompt_key], tools=tools) for r in self.rows
+        ]
         self.order = PromptOrder(len(self.rows), seed=cfg.data.seed, shuffle=cfg.data.shuffle)
         self.cursor = PromptCursor()
         self._resumed_groups = 0  # groups trained before the checkpoint this run resumed from
@@ -176,6 +185,8 @@ class FullyAsyncRollouter:
             "started_at": time.time(),
             "prompts_skipped_too_long": prompts.dropped,  # of data.train_files, at start
             "prompts_truncated": prompts.truncated,  # cut to the limit (data.truncation)
+            "tool_calls": 0,  # multi-turn: calls made by finished conversations
+            "tool_errors": 0,  # ... and how many of them failed (multi_turn.ERROR_KINDS)
         }
         # The replicas and their pause state, under self._cond with the lanes' work.
         self.pool = engine_pool(cfg, self.seed, self.engine, engine_factory, lock=self._cond)
@@ -201,11 +212,14 @@ class FullyAsyncRollouter:
     ) -> list[list[Sample]] | None:
         """``num_groups`` prompts, ``rollout.n`` responses each, in one engine call (on replica
         ``lane``); scored and stamped. None if interrupted or the replica failed: then every
-        prompt goes back to the cursor."""
+        prompt goes back to the cursor. Multi-turn: one call per turn until every conversation
+        has ended."""
         v = self.version if version is None else version
         groups = self._new_groups(num_groups, v)
         try:
             interrupted = self._sample(groups, v, lane)
+            while not interrupted and not all(all(g.done) for g in groups):
+                interrupted = self._sample(groups, v, lane)
         except ReplicaFailed as failure:
             self._drop(groups)
             self._replica_failed(lane, [], failure)
@@ -243,15 +257,30 @@ class FullyAsyncRollouter:
                 )
                 for _ in range(cfg.actor_rollout_ref.rollout.n)
             ]
-            groups.append(_Rollout(position=position, row=row, samples=samples))
+            conversations = [Conversation() for _ in samples] if self.agent else []
+            groups.append(
+                _Rollout(position=position, row=row, samples=samples, conversations=conversations)
+            )
         return groups
 
     def _sample(self, groups: list[_Rollout], version: int, lane: int = 0) -> bool:
+        """``_call`` once; True if interrupted. Multi-turn without partial rollouts: calls
+        until every conversation has ended, so a conversation is made by one version (an
+        interrupted one is dropped whole, as a single-turn group is)."""
+        interrupted = self._call(groups, version, lane)
+        whole = self.agent is not None and not self.config.async_training.partial_rollout
+        while whole and not interrupted and not all(all(g.done) for g in groups):
+            interrupted = self._call(groups, version, lane)
+        return interrupted
+
+    def _call(self, groups: list[_Rollout], version: int, lane: int = 0) -> bool:
         """One engine call continuing every unfinished response of ``groups`` at ``version``.
 
         Returns True if a pause or stop interrupted it. The tokens sampled before the
         interruption stay with their sample (with the behaviour log-probs of the version that
-        sampled them), so a partial rollout continues where it stopped.
+        sampled them), so a partial rollout continues where it stopped. Multi-turn: a
+        response is one model turn, and the agent loop says whether the conversation goes on
+        (then its group stays unfinished and the next call continues it).
         """
         cfg = self.config
         limit = cfg.data.max_response_length
@@ -277,6 +306,7 @@ class FullyAsyncRollouter:
             self.stats["generate_seconds"] += took
         self.pool.record(lane, tokens=sum(len(g.response_token_ids) for g in gens), seconds=took)
         interrupted = False
+        turns: list[tuple[_Rollout, int, bool]] = []  # multi-turn: (group, row, ended by EOS)
         for (group, index), sample, budget, gen in zip(todo, samples, budgets, gens):
             tokens = list(gen.response_token_ids[:budget])
             if tokens:
@@ -285,8 +315,19 @@ class FullyAsyncRollouter:
                 sample.append_tokens(tokens, list(gen.response_logprobs[:budget]), version)
             if gen.finish_reason == "aborted" and sample.num_response_tokens < limit:
                 interrupted = True
-            else:
+            elif self.agent is None:
                 group.done[index] = True
+            else:
+                eos = gen.finish_reason == "stop" and len(gen.response_token_ids) <= budget
+                turns.append((group, index, eos))
+        if turns:
+            assert self.agent is not None
+            ended = self.agent.end_turns(
+                [(g.samples[i], g.conversations[i], eos) for g, i, eos in turns],
+                max_response_length=limit,
+            )
+            for (group, index, _), over in zip(turns, ended):
+                group.done[index] = over
         if interrupted:
             with self._cond:
                 self.stats["groups_interrupted"] += sum(1 for g in groups if not all(g.done))
@@ -313,9 +354,10 @@ class FullyAsyncRollouter:
                 sample.response_token_ids, skip_special_tokens=True
             )
         prompt = group.samples[0].prompt
-        rewards = self.scorer.score(
-            requests_for(group.row, [s.response for s in group.samples], prompt)
-        )
+        requests = requests_for(group.row, [s.response for s in group.samples], prompt)
+        if group.conversations:  # the reward also sees the calls made (extra_info)
+            requests = record_conversations(requests, group.samples, group.conversations)
+        rewards = self.scorer.score(requests)
         now = time.time()
         for sample, reward in zip(group.samples, rewards):
             if reward.metrics:
@@ -327,6 +369,9 @@ class FullyAsyncRollouter:
             self.stats["groups_generated"] += 1
             if any(s.v_end > s.v_start for s in group.samples):
                 self.stats["groups_partial"] += 1
+            for conversation in group.conversations:
+                self.stats["tool_calls"] += len(conversation.calls)
+                self.stats["tool_errors"] += sum(conversation.errors.values())
         self.pool.record(lane, groups=1)
         return group.samples
 

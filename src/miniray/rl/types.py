@@ -6,6 +6,9 @@ sync did; ``TeacherScores``, what the teacher answered. Plain data, so the behav
 A sample carries the behaviour log-probs recorded at generation (one per response token), so
 the trainer can correct for off-policy data (decoupled PPO) without re-running the old policy,
 and its version stamps, so everyone computes its age the same way (``staleness.sample_age``).
+A multi-turn sample (``rl.multi_turn``) also carries ``response_mask``: its response interleaves
+the model's turns with tool observations, and only the model's tokens (mask 1) are trained on,
+weighed or counted as generated; ``collate`` turns it into ``Batch.response_mask``.
 torch is imported only by ``collate``: the queue and the rollouter's bookkeeping need none.
 """
 
@@ -47,6 +50,9 @@ class Sample:
     prompt: str = ""
     response: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
+    # One 0/1 per response token: 1 the model generated it, 0 an observation (a tool's result
+    # appended by the agent loop). None: every response token is the model's (single turn).
+    response_mask: list[int] | None = None
 
     def __post_init__(self) -> None:
         check_version(self.v_start, "Sample.v_start")
@@ -61,6 +67,7 @@ class Sample:
                     f"got {type(getattr(self, name)).__name__}"
                 )
         self._check_logprobs()
+        self._check_mask()
         if self.finished_at is not None and self.finished_at < self.created_at:
             raise ValueError(
                 f"Sample.finished_at={self.finished_at} is invalid: must be >= "
@@ -76,9 +83,32 @@ class Sample:
                 f"have one per response token ({len(self.response_token_ids)})"
             )
 
+    def _check_mask(self) -> None:
+        mask = self.response_mask
+        if mask is None:
+            return
+        if len(mask) != len(self.response_token_ids):
+            raise ValueError(
+                f"Sample.response_mask has {len(mask)} entries: must have one per response "
+                f"token ({len(self.response_token_ids)})"
+            )
+        if any(m not in (0, 1) for m in mask):
+            raise ValueError(
+                f"Sample.response_mask={mask} is invalid: entries must be 0 (observation) or "
+                "1 (generated)"
+            )
+
     @property
     def num_response_tokens(self) -> int:
+        """Every response token, observations included (what ``max_response_length`` caps)."""
         return len(self.response_token_ids)
+
+    @property
+    def num_generated_tokens(self) -> int:
+        """The response tokens the model generated (observations excluded)."""
+        if self.response_mask is None:
+            return len(self.response_token_ids)
+        return sum(self.response_mask)
 
     def age(self, v_trainer_now: int) -> int:
         """Versions between the weights that started this sample and the trainer's now."""
@@ -113,8 +143,24 @@ class Sample:
         if logprobs is not None:
             assert self.response_logprobs is not None
             self.response_logprobs.extend(logprobs)
+        if self.response_mask is not None:
+            self.response_mask.extend([1] * len(token_ids))
         self._check_logprobs()
+        self._check_mask()
         self.v_end = version
+
+    def append_observation(self, token_ids: Sequence[int]) -> None:
+        """Append tokens the model did not generate (a tool's result in the chat template's
+        tool role): mask 0, so no loss, entropy or behaviour weight, and a log-prob of 0 as a
+        placeholder nothing reads. The versions do not move: no weights produced them."""
+        if self.response_mask is None:
+            self.response_mask = [1] * len(self.response_token_ids)
+        self.response_token_ids.extend(token_ids)
+        self.response_mask.extend([0] * len(token_ids))
+        if self.response_logprobs is not None:
+            self.response_logprobs.extend([0.0] * len(token_ids))
+        self._check_logprobs()
+        self._check_mask()
 
     def finish(self, reward: float | None = None, *, now: float | None = None) -> None:
         self.finished_at = time.time() if now is None else now
@@ -127,7 +173,8 @@ class Batch:
     """Samples collated for training: prompts left-padded, responses right-padded.
 
     ``input_ids = [prompt | response]`` of shape (B, P + R); ``response_mask`` (B, R) is 1 on
-    real response tokens; ``behaviour_logprobs`` (B, R) holds the recorded log-probs (0 on
+    the response tokens the model generated (0 on padding and on a multi-turn sample's
+    observations, which ``attention_mask`` still covers); ``behaviour_logprobs`` (B, R) holds the recorded log-probs (0 on
     padding); ``rewards`` (B,); ``v_start`` (B,) the version stamps.
     """
 
@@ -171,7 +218,9 @@ class Batch:
         padding every row has and the response's right padding every row has (a micro-batch
         of short responses should not pay for the batch's longest). Responses keep starting
         at column ``prompt_length``; (B, R) tensors shrink to the new R from the right."""
-        lengths = self.response_mask.sum(-1)
+        # The attention mask, not the response mask: an observation inside a response is a
+        # real column the model reads, though no loss falls on it.
+        lengths = self.attention_mask[:, self.prompt_length :].sum(-1)
         keep_r = max(1, int(lengths.max().item())) if len(self) else 1
         prompt_real = self.attention_mask[:, : self.prompt_length].sum(-1)
         keep_p = max(1, int(prompt_real.max().item())) if len(self) else self.prompt_length
@@ -239,7 +288,8 @@ def collate(samples: Sequence[Sample], *, pad_token_id: int) -> Batch:
             + [pad_token_id] * right
         )
         attention.append([0] * left + [1] * (p + r) + [0] * right)
-        response_mask.append([1.0] * r + [0.0] * right)
+        model_tokens = [1.0] * r if s.response_mask is None else [float(m) for m in s.response_mask]
+        response_mask.append(model_tokens + [0.0] * right)
         if s.response_logprobs is not None:
             logprobs.append([*s.response_logprobs, *([0.0] * right)])
         group_index.append(groups.setdefault(s.group_id or s.sample_id, len(groups)))

@@ -110,20 +110,57 @@ def pretrain(
     """Supervised training on (prompt, answer) pairs, loss on the answer tokens only."""
     if not examples:
         raise ValueError("pretrain(): examples is empty")
+    encoded = []
+    for prompt, answer in examples:
+        ids, answer_start = encode_example(tokenizer, prompt, answer)
+        encoded.append((ids, [0] * answer_start + [1] * (len(ids) - answer_start)))
+    return pretrain_encoded(
+        model,
+        tokenizer.pad_token_id,
+        encoded,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        on_step=on_step,
+    )
+
+
+def pretrain_encoded(
+    model: Any,
+    pad_token_id: int,
+    encoded: Sequence[tuple[list[int], list[int]]],
+    *,
+    steps: int,
+    batch_size: int = 64,
+    lr: float = 3e-3,
+    seed: int = 0,
+    on_step: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """Supervised training on token ids with a loss mask each (1: a token to learn, e.g. an
+    assistant turn of a conversation; 0: context only)."""
+    if not encoded:
+        raise ValueError("pretrain_encoded(): encoded is empty")
+    for i, (ids, loss_mask) in enumerate(encoded):
+        if len(ids) != len(loss_mask):
+            raise ValueError(
+                f"pretrain_encoded(): example {i} has {len(ids)} tokens and a loss mask of "
+                f"{len(loss_mask)}: they must match"
+            )
     rng = random.Random(seed)
-    encoded = [encode_example(tokenizer, p, a) for p, a in examples]
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     model.train()
     losses = []
     for step in range(steps):
         batch = [encoded[rng.randrange(len(encoded))] for _ in range(batch_size)]
         width = max(len(ids) for ids, _ in batch)
-        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+        input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
         labels = torch.full_like(input_ids, -100)
         mask = torch.zeros_like(input_ids)
-        for row, (ids, answer_start) in enumerate(batch):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            labels[row, answer_start : len(ids)] = torch.tensor(ids[answer_start:])
+        for row, (ids, loss_mask) in enumerate(batch):
+            tokens = torch.tensor(ids)
+            input_ids[row, : len(ids)] = tokens
+            labels[row, : len(ids)] = torch.where(torch.tensor(loss_mask) == 1, tokens, -100)
             mask[row, : len(ids)] = 1
         loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
         optimizer.zero_grad()
