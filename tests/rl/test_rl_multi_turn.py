@@ -382,7 +382,7 @@ def test_the_reward_sees_the_calls_and_the_turns():
 
 
 def test_multi_turn_keys_are_refused_while_disabled_and_enable_needs_tools(workdir, tokenizer):
-    from miniray.rl.config import load_rl_config
+    from miniray.rl.config_loading import load_rl_config
 
     base = [
         f"data.train_files=[{workdir / 'train.jsonl'}]",
