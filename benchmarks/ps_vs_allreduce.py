@@ -12,7 +12,10 @@ and 4x1000):
 * ``memcpy_s``: one M MB ``Tensor.copy_``, the floor for moving the bytes once;
   ``memcpys`` is ``ps_sync_s / memcpy_s`` and ``vs_gloo`` is ``ps_sync_s / gloo_allreduce_s``.
 
-Each figure is the median of ``--reps`` timed repetitions after one warm-up. The last line
+Each figure is the median of ``--reps`` timed repetitions after warming up: one repetition
+for gloo and memcpy, two for the PS (its first round learns the model's layout and is reduced
+by the server alone, the second creates and maps the shared segments the later rounds reuse:
+steady state is what a training run sees, round after round). The last line
 printed is JSON: the first configuration's ``ps_sync_s``, ``gloo_allreduce_s``, ``memcpy_s``,
 ``workers``, ``mbytes``... at the top level, and every configuration under ``"results"``.
 
@@ -88,12 +91,12 @@ def time_ps(
         miniray.get([w.ready.remote() for w in workers], timeout=TIMEOUT_S)
         miniray.get(ps.get_stats.remote(), timeout=TIMEOUT_S)
         times, phases, paths = [], [], set()
-        for rep in range(reps + 1):
+        for rep in range(-1, reps + 1):
             start = time.perf_counter()
             result = miniray.get(ps.sync_from_workers.remote(workers), timeout=TIMEOUT_S)
             elapsed = time.perf_counter() - start
             assert result.applied and len(result.included) == num_workers, result
-            if rep:  # the first round also starts helpers and allocates the server's buffers
+            if rep > 0:  # see the module docstring: two rounds of warm-up
                 times.append(elapsed)
                 phases.append(result.timings)
                 paths.add(result.aggregation)
