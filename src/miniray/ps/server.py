@@ -46,7 +46,6 @@ from miniray.ps.results import PushResult, SyncResult
 from miniray.ps.rounds import Round, check_after, exclude_nonfinite, nbytes, worker_handles
 from miniray.ps.shard import ParameterShard, RemoteShards
 from miniray.ps.sliced_rounds import SlicedRounds
-from miniray.ps.spread import SpreadReduction
 from miniray.ps.strategies import SyncStrategy, resolve_strategy
 
 __all__ = ["CONFIG_FIELDS", "ParameterServer", "ServerConfig", "create_parameter_server"]
@@ -228,13 +227,9 @@ class ParameterServer:
         return self.last_round
 
     def _push_by_put(self, targets: dict[int, Any], new: WeightList) -> dict[int, str]:
-        """Store the new weights once (``put``) and let every worker load them from that ref;
-        the global weights become that object's own mapping rather than a second copy."""
+        """Store the new weights once (``put``) and let every worker load them from that ref
+        (on the local backend, one shared-memory segment for all of them)."""
         ref = miniray.put(new)
-        if self.local_shard is not None and SpreadReduction.available():
-            self.weights = self.local_shard.weights = miniray.get(
-                ref, timeout=self.config.push_timeout_s
-            )
         deadline = time.monotonic() + self.config.push_timeout_s
         _, _, failed = gather.call_all(targets, "set_weights", deadline, ref)
         return failed
