@@ -401,27 +401,40 @@ def test_a_worker_that_writes_into_what_it_loaded_gets_fresh_weights_next_time()
 
 
 @pytest.mark.parametrize(
-    "strategy",
-    [{"name": "weighted"}, {"name": "diloco"}, {"name": "median"}],
-    ids=lambda s: s["name"],
+    ("strategy", "mode"),
+    [
+        ({"name": "weighted"}, "weights"),
+        ({"name": "diloco"}, "weights"),
+        ({"name": "median"}, "weights"),
+        ({"name": "average"}, "gradients"),
+        ({"name": "diloco", "kwargs": {"reducer": "trimmed_mean"}}, "gradients"),
+    ],
+    ids=lambda x: x if isinstance(x, str) else x["name"] + "".join(x.get("kwargs", {}).values()),
 )
-def test_spread_rounds_equal_gather_rounds_with_nan_exclusion(strategy):
-    """Several rounds of a stateful or weighted strategy, worker 1 sending NaN in round 2."""
+def test_spread_rounds_equal_gather_rounds_with_nan_exclusion(strategy, mode):
+    """Several rounds, worker 1 sending NaN in round 2; gradients mode upcasts the bf16
+    gradient before reducing it (the result's layout differs from the inputs')."""
     miniray.init(backend="local", num_workers=1)
     try:
         history = {}
+        extra = {"lr": 0.5} if mode == "gradients" else {}
         for aggregation in ("sliced", "gather"):
             ps, _, workers = start_spread(
-                strategy["name"], aggregation=aggregation, reduce_processes=3
+                strategy["name"],
+                strategy.get("kwargs"),
+                aggregation=aggregation,
+                reduce_processes=3,
+                mode=mode,
+                **extra,
             )
             ps.set_worker_weight(2, 5.0)
             history[aggregation] = []
             for r in range(3):
                 for i, w in enumerate(workers):
-                    weights = model(100 * r + i)
+                    values = model(100 * r + i, 0.1 if mode == "gradients" else 1.0)
                     if r == 1 and i == 1:
-                        weights[4][1, 1, 1] = float("nan")
-                    miniray.get(w.load.remote(weights), timeout=T)
+                        values[4][1, 1, 1] = float("nan")
+                    miniray.get(w.load.remote(values, values), timeout=T)
                 result = ps.sync_from_workers(workers)
                 assert result.aggregation == aggregation and result.applied
                 assert result.excluded == ({1: "nonfinite: parameter 4"} if r == 1 else {})
