@@ -20,8 +20,9 @@ the session's prefix, so the runtime removes it at shutdown or when the server d
 process maps each segment once and keeps the mapping, so after the first round no page is
 faulted in again (a fresh 100 MB mapping costs ~2 memcpys of page faults, a new segment ~5).
 
-A segment is written again only when nobody can still be reading or writing it: a call that
-timed out or died may still touch its segment, a worker whose ``set_weights`` kept views of R
+A segment is written again only when nobody can still be reading or writing it: a
+contribution that timed out may still write its input, a failed participant its slice of R,
+a load that failed may still read R, a worker whose ``set_weights`` kept views of R
 (``load`` reports it: the views' memoryviews are still alive), or the server's own views of R
 still referenced (the previous global weights, a ``pull_weights`` result): such a segment is
 *retired* (unlinked; the mappings that hold it keep its pages) and a fresh one takes its place.
@@ -150,6 +151,10 @@ def load(instance: Any, segment: str, layout: Layout, method: str, live: Sequenc
     views, alive = layout.tracked_views(mapping)
     try:
         getattr(instance, method)(views)
+    except BaseException:
+        with _lock:  # the error's traceback may hold views: never hand this mapping out again
+            _private.pop(segment, None)
+        raise
     finally:
         del views
     kept = any(ref() is not None for ref in alive)
@@ -281,8 +286,9 @@ class SpreadReduction:
             for wid, handle in handles.items()
         }
         answers, _, excluded = gather.call_each(calls, deadline, f"{method} round")
-        for wid in excluded:
-            self._retire_input(wid)  # a late call may still write into it
+        for wid, why in excluded.items():
+            if why == "timeout":
+                self._retire_input(wid)  # the late call may still write into it
         for wid in sorted(answers):
             if isinstance(answers[wid], ValueError):
                 raise answers[wid]
