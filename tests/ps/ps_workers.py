@@ -94,3 +94,54 @@ class SlowInHelpers(AverageStrategy):
             SlowInHelpers.hung = True
             time.sleep(self.hang_s)
         super().reduce_into(out, weight_lists, worker_ids)
+
+
+class FailsInWorkers(AverageStrategy):
+    """'average', but ``reduce_into`` raises, or exits the process (``die=True``), in every
+    process except the server's (``server_pid``): the sliced path's participants fail."""
+
+    elementwise = True
+
+    def __init__(self, server_pid: int, die: bool = False):
+        super().__init__()
+        self.server_pid = server_pid
+        self.die = die
+
+    def reduce_into(self, out, weight_lists, worker_ids):
+        if os.getpid() != self.server_pid:
+            if self.die:
+                os._exit(1)
+            raise RuntimeError("this participant fails on purpose")
+        super().reduce_into(out, weight_lists, worker_ids)
+
+
+@miniray.remote
+class KeepingWorker:
+    """Keeps the first weights it is given as they are (no copy) and writes into them, as a
+    careless ``set_weights`` might: the server must neither rewrite them nor see the writes."""
+
+    def __init__(self, weights):
+        self.weights = [t.clone() for t in weights]
+        self.first = None
+
+    def get_weights(self):
+        return self.weights
+
+    def set_weights(self, weights):
+        if self.first is None:
+            self.first = weights
+            weights[-1].add_(1000)  # the last page only: the others still show the segment
+        self.weights = [t.clone() for t in weights]
+
+    def first_weights(self):
+        return [t.clone() for t in self.first]
+
+
+@miniray.remote
+class ScribblingWorker(ListWorker.__ray_actor_class__):  # type: ignore[name-defined]
+    """Copies the weights it is given, then writes into what it was given (without keeping
+    it): its next loads must not see its own old writes."""
+
+    def set_weights(self, weights):
+        super().set_weights(weights)
+        weights[0].add_(1000.0)

@@ -1,8 +1,8 @@
 """The sliced reduction (``miniray.ps.sliced``) against the gather path it replaces.
 
 Arithmetic and bookkeeping run in one process (``inline_runtime``, or no runtime at all); the
-tests whose point is processes and shared memory (helpers, a helper or worker dying, segments
-removed at shutdown) use the local backend.
+tests whose point is processes and shared memory (workers reducing slices, a participant failing
+or hanging, weights a worker keeps, segments removed at shutdown) use the local backend.
 """
 
 from __future__ import annotations
@@ -11,7 +11,13 @@ import os
 
 import pytest
 import torch
-from ps_workers import ListWorker, SlowInHelpers
+from ps_workers import (
+    FailsInWorkers,
+    KeepingWorker,
+    ListWorker,
+    ScribblingWorker,
+    SlowInHelpers,
+)
 
 import miniray
 from miniray.ps import STRATEGIES, create_parameter_server, sliced
@@ -264,84 +270,192 @@ def expected_mean(weight_lists):
     return AverageStrategy().aggregate(weight_lists)
 
 
-def test_helpers_reduce_in_their_own_processes_and_segments_go_at_shutdown():
+def start_spread(strategy="average", strategy_kwargs=None, workers=3, **options):
+    """A server in this process whose rounds are spread from the first one (``initialize``
+    gives it the layout), and ``workers`` ListWorkers holding model(0), model(1), ..."""
+    options = {"sliced_min_bytes": 0, "sync_timeout_s": T, **options}
+    ps = ParameterServer(strategy, strategy_kwargs, ServerConfig(**options))
+    lists = [model(i) for i in range(workers)]
+    ps.initialize(model(99))
+    workers = [ListWorker.remote(w) for w in lists]
+    miniray.get([w.times_set.remote() for w in workers], timeout=T)  # started
+    return ps, lists, workers
+
+
+def test_workers_reduce_their_slices_through_segments_that_go_at_shutdown():
     miniray.init(backend="local", num_workers=1)
     try:
         session = context.current().session_id
-        ps = ParameterServer("average", config=ServerConfig(sliced_min_bytes=0, sync_timeout_s=T))
-        lists = [model(i) for i in range(3)]
-        workers = [ListWorker.remote(w) for w in lists]
-        for _ in range(2):
+        ps, lists, workers = start_spread(reduce_processes=3)
+        pulled = []
+        for r in range(4):
+            lists = [model(10 * r + i) for i in range(3)]
+            miniray.get([w.load.remote(x) for w, x in zip(workers, lists)], timeout=T)
             result = ps.sync_from_workers(workers)
             assert result.aggregation == "sliced" and result.reduce_failed == {}
+            assert result.applied and result.included == (0, 1, 2)
             assert_close(ps.pull_weights(), expected_mean(lists))
-        assert ps.sliced is not None
-        assert len(ps.sliced.helpers) == min(3, os.cpu_count() or 1) - 1
-        buffer = ps.sliced.buffer
-        assert buffer is not None and buffer.name in session_segments()
+            if r == 0:  # held by an in-process caller: its segment is never written again
+                pulled, first = ps.pull_weights(), expected_mean(lists)
+        assert_close(pulled, first)
+        assert ps.sliced is not None and len(ps.sliced.spread.inputs) == 3
+        assert len(ps.sliced.spread.results) == 2  # the newest result and one to write next
+        live = set(ps.sliced.spread.live())
+        assert len(live) == 5 and live <= session_segments()
         # Every worker loaded the result.
         for got in miniray.get([w.get_weights.remote() for w in workers], timeout=T):
             assert_close(got, expected_mean(lists))
+        ps.close()
+        assert not (live & session_segments())
     finally:
         miniray.shutdown()
     assert shm.list_session(session) == []
 
 
-def test_a_helper_that_dies_is_replaced_and_the_round_still_completes():
+@pytest.mark.parametrize("die", [False, True], ids=["raises", "dies"])
+def test_a_participant_that_fails_leaves_the_round_complete(die):
     miniray.init(backend="local", num_workers=1)
     try:
-        config = ServerConfig(sliced_min_bytes=0, reduce_processes=3, sync_timeout_s=T)
-        ps = ParameterServer("average", config=config)
-        lists = [model(i) for i in range(3)]
-        workers = [ListWorker.remote(w) for w in lists]
-        assert ps.sync_from_workers(workers).reduce_failed == {}
-        assert ps.sliced is not None and ps.sliced.buffer is not None
-        old_segment = ps.sliced.buffer.name
-        miniray.kill(ps.sliced.helpers[1])  # the helper of slice 2
+        strategy = (FailsInWorkers, {"server_pid": os.getpid(), "die": die})
+        ps, lists, workers = start_spread(*strategy, reduce_processes=3, push_timeout_s=10)
         result = ps.sync_from_workers(workers)
-        assert result.applied and list(result.reduce_failed) == [2]
-        assert result.reduce_failed[2].startswith("died")
+        # Slices 1 and 2 were the workers 0 and 1's: the server reduced everything itself.
+        assert result.applied and sorted(result.reduce_failed) == [1, 2]
+        why = "died" if die else "error"
+        assert all(r.startswith(why) for r in result.reduce_failed.values())
         assert_close(ps.pull_weights(), expected_mean(lists))
-        assert ps.get_stats()["num_reducer_failures"] == 1
-        # The segment the dead helper could have written into is gone; a fresh one replaces it.
-        assert old_segment not in session_segments()
-        assert ps.sliced.buffer.name in session_segments()
-        again = ps.sync_from_workers(workers)
-        assert again.reduce_failed == {} and len(ps.sliced.helpers) == 2
-        assert_close(ps.pull_weights(), expected_mean(lists))
-        ps.close()
-        assert ps.sliced.buffer is None and old_segment not in session_segments()
+        assert ps.get_stats()["num_reducer_failures"] == 2
+        if die:  # the dead workers cannot load the result; the living one did
+            assert sorted(result.push_failed) == [0, 1]
+            assert_close(
+                miniray.get(workers[2].get_weights.remote(), timeout=T), expected_mean(lists)
+            )
+        else:
+            assert result.push_failed == {}
     finally:
         miniray.shutdown()
 
 
-def test_a_helper_that_misses_the_deadline_is_killed_and_its_segment_retired():
+def test_a_participant_that_misses_the_deadline_has_its_segment_retired():
     miniray.init(backend="local", num_workers=1)
     try:
-        config = ServerConfig(sliced_min_bytes=0, reduce_processes=2, sync_timeout_s=3.0)
-        ps = ParameterServer(SlowInHelpers, {"server_pid": os.getpid()}, config)
-        lists = [model(i) for i in range(2)]
-        workers = [ListWorker.remote(w) for w in lists]
-        miniray.get([w.times_set.remote() for w in workers], timeout=T)  # started
+        strategy = (SlowInHelpers, {"server_pid": os.getpid()})
+        ps, lists, workers = start_spread(
+            *strategy, workers=2, reduce_processes=2, sync_timeout_s=3.0, push_timeout_s=3.0
+        )
         assert ps.sliced is not None
-        ps.sliced._ensure_helpers(1)
-        miniray.get(ps.sliced.helpers[0].ready.remote(), timeout=T)  # started, not yet hung
-        hung = ps.sliced.helpers[0]
-        made, make = [], ps.sliced._buffer
-        ps.sliced._buffer = lambda size: made.append(make(size)) or made[-1]
+        made, make = [], ps.sliced.spread._next_result
+        ps.sliced.spread._next_result = lambda size: made.append(make(size)) or made[-1]
         result = ps.sync_from_workers(workers)
         assert result.applied and result.reduce_failed == {1: "timeout"}
         assert_close(ps.pull_weights(), expected_mean(lists))
-        # The segment the hung helper may still write into is gone; the result came from a new one.
+        # The segment the hung worker may still write into is gone; the result is in a new one.
         names = [m.name for m in made]
         assert len(set(names)) == 2 and names[0] not in session_segments()
-        assert ps.sliced.buffer is made[-1] and names[-1] in session_segments()
-        assert hung not in ps.sliced.helpers
-        with pytest.raises(miniray.exceptions.RayActorError):
-            miniray.get(hung.ready.remote(), timeout=T)  # killed, not left hanging
-        again = ps.sync_from_workers(workers)  # a fresh helper, which hangs no more
-        assert again.applied and again.reduce_failed in ({}, {1: "timeout"})
-        assert_close(ps.pull_weights(), expected_mean(lists))
+        assert names[1] in session_segments()
+        # The hung worker (0) could not load in time either; worker 1 did.
+        assert list(result.push_failed) == [0]
+        assert_close(miniray.get(workers[1].get_weights.remote(), timeout=T), expected_mean(lists))
+    finally:
+        miniray.shutdown()
+
+
+def test_weights_a_worker_keeps_are_never_rewritten_and_its_writes_stay_its_own():
+    miniray.init(backend="local", num_workers=1)
+    try:
+        ps, lists, workers = start_spread(workers=1)
+        keeper = KeepingWorker.remote(model(7))
+        workers.append(keeper)
+        lists.append(model(7))
+        first = expected_mean(lists)
+        assert ps.sync_from_workers(workers).applied
+        # The keeper's write went to its own copy: not into the server's weights, not into
+        # what the other worker loaded.
+        assert_close(ps.pull_weights(), first)
+        assert_close(miniray.get(workers[0].get_weights.remote(), timeout=T), first)
+        for r in range(3):
+            miniray.get(workers[0].load.remote(model(10 + r)), timeout=T)
+            result = ps.sync_from_workers(workers)
+            assert result.applied and result.aggregation == "sliced"
+        # Three rounds later the keeper still holds round 1's result (and its own write).
+        kept = miniray.get(keeper.first_weights.remote(), timeout=T)
+        assert torch.equal(kept[-1], first[-1] + 1000)
+        assert_close(kept[:-1], first[:-1])
+    finally:
+        miniray.shutdown()
+
+
+def test_a_worker_that_writes_into_what_it_loaded_gets_fresh_weights_next_time():
+    miniray.init(backend="local", num_workers=1)
+    try:
+        ps, _, workers = start_spread(workers=1)
+        workers.append(ScribblingWorker.remote(model(5)))
+        for r in range(5):  # each ring segment is loaded more than once
+            lists = [model(10 * r + i) for i in range(2)]
+            miniray.get([w.load.remote(x) for w, x in zip(workers, lists)], timeout=T)
+            assert ps.sync_from_workers(workers).applied
+            for got in miniray.get([w.get_weights.remote() for w in workers], timeout=T):
+                assert_close(got, expected_mean(lists))
+    finally:
+        miniray.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("strategy", "mode"),
+    [
+        ({"name": "weighted"}, "weights"),
+        ({"name": "diloco"}, "weights"),
+        ({"name": "median"}, "weights"),
+        ({"name": "average"}, "gradients"),
+        ({"name": "diloco", "kwargs": {"reducer": "trimmed_mean"}}, "gradients"),
+    ],
+    ids=lambda x: x if isinstance(x, str) else x["name"] + "".join(x.get("kwargs", {}).values()),
+)
+def test_spread_rounds_equal_gather_rounds_with_nan_exclusion(strategy, mode):
+    """Several rounds, worker 1 sending NaN in round 2; gradients mode upcasts the bf16
+    gradient before reducing it (the result's layout differs from the inputs')."""
+    miniray.init(backend="local", num_workers=1)
+    try:
+        history = {}
+        extra = {"lr": 0.5} if mode == "gradients" else {}
+        for aggregation in ("sliced", "gather"):
+            ps, _, workers = start_spread(
+                strategy["name"],
+                strategy.get("kwargs"),
+                aggregation=aggregation,
+                reduce_processes=3,
+                mode=mode,
+                **extra,
+            )
+            ps.set_worker_weight(2, 5.0)
+            history[aggregation] = []
+            for r in range(3):
+                for i, w in enumerate(workers):
+                    values = model(100 * r + i, 0.1 if mode == "gradients" else 1.0)
+                    if r == 1 and i == 1:
+                        values[4][1, 1, 1] = float("nan")
+                    miniray.get(w.load.remote(values, values), timeout=T)
+                result = ps.sync_from_workers(workers)
+                assert result.aggregation == aggregation and result.applied
+                assert result.excluded == ({1: "nonfinite: parameter 4"} if r == 1 else {})
+                history[aggregation].append([t.clone() for t in ps.pull_weights()])
+            ps.close()
+        for got, expected in zip(history["sliced"], history["gather"]):
+            assert_close(got, expected)
+    finally:
+        miniray.shutdown()
+
+
+def test_a_spread_round_raises_on_a_worker_with_another_structure():
+    miniray.init(backend="local", num_workers=1)
+    try:
+        ps, _, workers = start_spread(workers=2)
+        wrong = model(1)
+        wrong[0] = torch.zeros(3, 3)
+        miniray.get(workers[1].load.remote(wrong), timeout=T)
+        with pytest.raises(ValueError, match=r"worker 1: parameter 0 has shape \(3, 3\)"):
+            ps.sync_from_workers(workers)
+        assert ps.version == 0
     finally:
         miniray.shutdown()
 
@@ -360,6 +474,7 @@ def test_a_worker_that_dies_mid_sync_is_left_out_by_name():
     try:
         config = ServerConfig(sliced_min_bytes=0, reduce_processes=2, sync_timeout_s=T)
         ps = ParameterServer("average", config=config)
+        ps.initialize(model(99))  # the layout is known: the round is spread from the start
         lists = [model(i) for i in range(2)]
         workers = [ListWorker.remote(lists[0]), DyingWorker.remote(), ListWorker.remote(lists[1])]
         result = ps.sync_from_workers(workers)
@@ -379,16 +494,17 @@ def test_the_server_actors_segment_goes_when_the_server_dies(local_runtime):
     before = session_segments()
     ps = create_parameter_server("average", sliced_min_bytes=0, reduce_processes=2)
     workers = [ListWorker.remote(model(i)) for i in range(2)]
-    result = miniray.get(ps.sync_from_workers.remote(workers), timeout=T)
-    assert result.aggregation == "sliced" and result.applied
+    for _ in range(2):  # the first round is reduced by the server alone, the second spread
+        result = miniray.get(ps.sync_from_workers.remote(workers), timeout=T)
+        assert result.aggregation == "sliced" and result.applied
     stats = miniray.get(ps.get_stats.remote(), timeout=T)
     assert stats["last_round"]["aggregation"] == "sliced"
     others = {str(os.getpid())} | {
         str(pid) for pid in miniray.get([w.pid.remote() for w in workers], timeout=T)
     }
-    # What the server process created: its result segment and the put of the new weights.
+    # What the server process created: the put of round 1, inputs and results of round 2.
     created = {n for n in session_segments() - before if n.split("_")[-2] not in others}
-    assert len(created) >= 1
+    assert len(created) >= 3
     miniray.kill(ps)
     wait_until(
         lambda: not (created & session_segments()), timeout=T, what="the dead server's segments"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import miniray
@@ -27,17 +28,47 @@ def call_all(
     workers: dict[int, Any], method: str, deadline: float, *args: Any
 ) -> tuple[dict[int, Any], dict[int, miniray.ObjectRef], dict[int, str]]:
     """``(values, refs, excluded)`` keyed by worker id; see the module docstring."""
+    calls = {wid: _caller(getattr(handle, method), args) for wid, handle in workers.items()}
+    return call_each(calls, deadline, f"{method} round")
+
+
+def call_each(
+    calls: dict[int, Callable[[], miniray.ObjectRef]],
+    deadline: float,
+    what: str,
+    who: str = "worker",
+) -> tuple[dict[int, Any], dict[int, miniray.ObjectRef], dict[int, str]]:
+    """Start each call (``calls[key]()`` returns its ref) and ``collect`` them."""
+    return finish_each(start_each(calls, what, who), deadline, what, who)
+
+
+Started = tuple[dict[int, miniray.ObjectRef], dict[int, str]]  # refs, and calls refused
+
+
+def start_each(calls: dict[int, Callable[[], miniray.ObjectRef]], what: str, who: str) -> Started:
+    """Start each call; one to an actor already known dead fails as 'died: ...'."""
     refs: dict[int, miniray.ObjectRef] = {}
-    excluded: dict[int, str] = {}
-    for wid, handle in workers.items():
+    refused: dict[int, str] = {}
+    for key, start in calls.items():
         try:
-            refs[wid] = getattr(handle, method).remote(*args)
+            refs[key] = start()
         except RayActorError as exc:  # some backends refuse calls to a known-dead actor at once
-            excluded[wid] = f"died: {_first_line(exc)}"
-            log.warning("worker %s left out of %s round: %s", wid, method, excluded[wid])
-    values, ready_refs, late = collect(refs, deadline, f"{method} round", "worker")
-    excluded.update(late)
-    return values, ready_refs, excluded
+            refused[key] = f"died: {_first_line(exc)}"
+            log.warning("%s %s left out of %s: %s", who, key, what, refused[key])
+    return refs, refused
+
+
+def finish_each(
+    started: Started, deadline: float, what: str, who: str
+) -> tuple[dict[int, Any], dict[int, miniray.ObjectRef], dict[int, str]]:
+    """``collect`` what ``start_each`` started; the refused calls count as failed."""
+    refs, refused = started
+    values, ready_refs, failed = collect(refs, deadline, what, who)
+    return values, ready_refs, {**refused, **failed}
+
+
+def _caller(method: Any, args: tuple) -> Callable[[], miniray.ObjectRef]:
+    return lambda: method.remote(*args)
 
 
 def collect(

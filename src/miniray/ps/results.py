@@ -25,9 +25,10 @@ class SyncResult:
     timings: dict[str, float] = field(default_factory=dict)
     bytes_in: int = 0  # bytes of worker tensors collected
     bytes_out: int = 0  # bytes of the aggregate shipped (once, shared by every worker)
-    # 'sliced': reduced slice by slice in several processes; 'gather': by the server alone.
+    # 'sliced': reduced slice by slice (by the round's workers on the local backend);
+    # 'gather': whole models, by the server alone.
     aggregation: str = "gather"
-    # Sliced rounds: slice index -> why its helper process was dropped (the server reduced
+    # Sliced rounds: slice index -> why the process reducing it failed (the server reduced
     # every slice itself instead, so the round's result is the same).
     reduce_failed: dict[int, str] = field(default_factory=dict)
 

@@ -2,15 +2,18 @@
 
 Synchronous round (``sync_from_workers``), all waits bounded by ``sync_timeout_s``:
 
-    server --get_weights()/get_gradients()--> workers      (gather.call_all, one deadline)
+    server --get_weights()/get_gradients()--> workers            (one deadline)
        | validate: structure (ValueError), NaN/Inf (worker left out, counted)
        | fewer than `quorum` usable workers -> round discarded, weights and version unchanged
-       | sliced (elementwise strategy, one shard, local backend, model >= sliced_min_bytes):
-       |     P processes reduce one slice each into one shared segment (miniray.ps.sliced),
+       | sliced (elementwise strategy, one shard, model >= sliced_min_bytes):
+       |     local backend, layout known: the workers write into shared input segments and
+       |     reduce one slice each into a shared result segment (miniray.ps.spread);
+       |     else the server reduces slice by slice itself (miniray.ps.sliced.reduce_alone);
        |     then strategy.apply / the server optimizer on the whole result
        | gather (everything else): strategy.step (weights) or reduce + server optimizer
        | version += 1
-       +--put(new weights) once--> ref --set_weights(ref)--> every worker that answered
+       +--new weights--> every worker that answered: set_weights(views of the result segment)
+                         (spread), or set_weights(ref) of one put (every other path)
 
 Asynchronous (SSP): ``pull() -> (version, weights)``; ``push(update, version)`` is admitted iff
 its staleness ``current - version <= staleness_bound``; ``pushes_per_version`` admitted pushes
@@ -25,109 +28,29 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 import miniray
-from miniray.ps import checkpoint, gather, sliced, staleness, validation
-from miniray.ps.outer import OuterSGD
-from miniray.ps.reducers import accumulation_dtype
+from miniray.ps import checkpoint, gather, staleness, validation
+from miniray.ps.config import (
+    CONFIG_FIELDS,
+    ServerConfig,
+    check_aggregation,
+    check_shardable,
+)
+from miniray.ps.reducers import mean, per_parameter
 from miniray.ps.results import PushResult, SyncResult
-from miniray.ps.shard import ParameterShard, assign
-from miniray.ps.strategies import SyncStrategy, resolve_strategy, sliceable
+from miniray.ps.rounds import Round, check_after, exclude_nonfinite, nbytes, worker_handles
+from miniray.ps.shard import ParameterShard, RemoteShards
+from miniray.ps.sliced_rounds import SlicedRounds
+from miniray.ps.strategies import SyncStrategy, resolve_strategy
 
-MODES = ("weights", "gradients")
-AGGREGATIONS = ("auto", "sliced", "gather")
+__all__ = ["CONFIG_FIELDS", "ParameterServer", "ServerConfig", "create_parameter_server"]
 
-
-@dataclass(frozen=True, kw_only=True)
-class ServerConfig:
-    """How the server runs rounds and pushes (the strategy's own options are separate)."""
-
-    mode: str = "weights"  # 'weights': workers' weights are aggregated; 'gradients': their grads
-    sync_timeout_s: float = 60.0  # collecting from workers; late workers are left out
-    push_timeout_s: float = 60.0  # delivering new weights back to workers
-    quorum: int = 1  # fewer usable workers than this and the round is discarded
-    staleness_bound: int | None = None  # SSP bound for push(); None = unbounded
-    pushes_per_version: int = 1  # admitted pushes combined into one version step
-    staleness_damping: bool = False  # scale a push by 1/(1 + staleness)
-    lr: float | None = None  # server optimizer for gradients and pushes; weights mode: 1.0
-    server_momentum: float = 0.0
-    nesterov: bool = False
-    num_shards: int = 1
-    # 'auto': sliced reduction when it applies (see the module docstring), else gather;
-    # 'sliced': whenever the strategy allows (on backends without shared segments the server
-    # then reduces alone); 'gather': always the server alone, whole models (the old path).
-    aggregation: str = "auto"
-    reduce_processes: int | None = None  # slices of a sliced round; None: min(workers, CPUs)
-    sliced_min_bytes: int = 8 * 2**20  # 'auto' gathers smaller models (helpers cost a process)
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"mode={self.mode!r} is unknown; known modes are {list(MODES)}")
-        if self.aggregation not in AGGREGATIONS:
-            raise ValueError(
-                f"aggregation={self.aggregation!r} is unknown; known: {list(AGGREGATIONS)}"
-            )
-        if self.aggregation == "sliced" and self.num_shards > 1:
-            raise ValueError(
-                f"aggregation='sliced' works on one shard, not num_shards={self.num_shards}; "
-                "shards already spread the arithmetic by parameter"
-            )
-        processes = self.reduce_processes
-        if processes is not None and (
-            isinstance(processes, bool) or not isinstance(processes, int) or processes < 1
-        ):
-            raise ValueError(f"reduce_processes={processes!r} must be None or an integer >= 1")
-        low_bytes = self.sliced_min_bytes
-        if isinstance(low_bytes, bool) or not isinstance(low_bytes, int) or low_bytes < 0:
-            raise ValueError(f"sliced_min_bytes={low_bytes!r} must be an integer >= 0")
-        for name in ("sync_timeout_s", "push_timeout_s"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"{name}={value!r} must be a number > 0 (seconds)")
-        for name, low in (("quorum", 1), ("pushes_per_version", 1), ("num_shards", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name}={value!r} must be an integer >= {low}")
-        bound = self.staleness_bound
-        if bound is not None and (
-            isinstance(bound, bool) or not isinstance(bound, int) or bound < 0
-        ):
-            raise ValueError(f"staleness_bound={bound!r} must be None or an integer >= 0")
-        if self.mode == "gradients" and self.lr is None:
-            raise ValueError("mode='gradients' needs the server learning rate lr=... (e.g. 0.1)")
-        OuterSGD(
-            **self.server_opt
-        )  # validates lr / server_momentum / nesterov here, not in the actor
-
-    @property
-    def server_opt(self) -> dict[str, Any]:
-        lr = 1.0 if self.lr is None else self.lr
-        return {"lr": lr, "momentum": self.server_momentum, "nesterov": self.nesterov}
-
-
-CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(ServerConfig))
-
-
-class _RemoteShards:
-    """k shard actors behind the same calls as one local ``ParameterShard``."""
-
-    def __init__(self, handles: list[Any], timeout_s: float):
-        self.handles = handles
-        self.timeout_s = timeout_s
-        self.indices: list[list[int]] = []
-
-    def call(self, method: str, *args: Any) -> list[Any]:
-        refs = [getattr(h, method).remote(*args) for h in self.handles]
-        return miniray.get(refs, timeout=self.timeout_s)
-
-    def call_each(self, method: str, per_shard_args: list[tuple]) -> list[Any]:
-        refs = [getattr(h, method).remote(*a) for h, a in zip(self.handles, per_shard_args)]
-        return miniray.get(refs, timeout=self.timeout_s)
+WeightList = list[torch.Tensor]
 
 
 class ParameterServer:
@@ -146,10 +69,10 @@ class ParameterServer:
         self.config = config or ServerConfig()
         self.strategy_cls = resolve_strategy(strategy)
         self.strategy_kwargs = dict(strategy_kwargs or {})
-        self.weights: list[torch.Tensor] | None = None
+        self.weights: WeightList | None = None
         self.version = 0
         self.worker_weights: dict[int, float] = {}
-        self.pending: list[tuple[int, list[torch.Tensor], float]] = []
+        self.pending: list[tuple[int, WeightList, float]] = []
         self.counters = {
             "num_syncs": 0,
             "num_discarded_rounds": 0,
@@ -166,41 +89,28 @@ class ParameterServer:
         }
         self.last_round: SyncResult | None = None
         self.local_shard: ParameterShard | None = None
-        self.remote: _RemoteShards | None = None
-        self.sliced: sliced.SlicedReduction | None = None
-        if self.config.num_shards == 1:
+        self.remote: RemoteShards | None = None
+        self.sliced: SlicedRounds | None = None
+        config = self.config
+        if config.num_shards == 1:
             self.local_shard = ParameterShard(
-                self.strategy_cls, self.strategy_kwargs, self.config.server_opt
+                self.strategy_cls, self.strategy_kwargs, config.server_opt
             )
-            _check_aggregation(self.local_shard.strategy, self.config)
-            self.sliced = sliced.SlicedReduction(
-                self.strategy_cls,
-                self.strategy_kwargs,
-                self.config.reduce_processes,
-                self.config.sync_timeout_s,
+            check_aggregation(self.local_shard.strategy, config)
+            self.sliced = SlicedRounds(
+                self.local_shard, self.strategy_cls, self.strategy_kwargs, config
             )
         else:
-            _check_shardable(self.strategy_cls, self.config.num_shards)
-            shard_actor = miniray.remote(ParameterShard)
-            self.remote = _RemoteShards(
-                [
-                    shard_actor.remote(
-                        self.strategy_cls, self.strategy_kwargs, self.config.server_opt
-                    )
-                    for _ in range(self.config.num_shards)
-                ],
-                self.config.sync_timeout_s,
+            check_shardable(self.strategy_cls, config.num_shards)
+            self.remote = RemoteShards(
+                self.strategy_cls,
+                self.strategy_kwargs,
+                config.server_opt,
+                config.num_shards,
+                config.sync_timeout_s,
             )
 
     # -- shards --------------------------------------------------------------------------------
-    def _assemble(self, parts: list[list[torch.Tensor]]) -> list[torch.Tensor]:
-        assert self.remote is not None
-        out: list[Any] = [None] * sum(len(p) for p in parts)
-        for indices, part in zip(self.remote.indices, parts):
-            for i, t in zip(indices, part):
-                out[i] = t
-        return out
-
     def _set_global(self, weights: Sequence[torch.Tensor]) -> None:
         """Adopt ``weights`` as global weights on every shard (assigning shards the first time)."""
         weights = [t.detach().clone() for t in weights]
@@ -208,31 +118,23 @@ class ParameterServer:
             self.local_shard.set_weights(weights)
         else:
             assert self.remote is not None
-            self._ensure_layout(weights)
+            self.remote.ensure_layout(weights)
             self.remote.call("set_weights", weights)
         self.weights = weights
 
-    def _ensure_layout(self, sample: Sequence[torch.Tensor]) -> None:
-        """Assign parameters to remote shards the first time their sizes are known."""
-        if self.remote is None or self.remote.indices:
-            return
-        sizes = [t.numel() * t.element_size() for t in sample]
-        self.remote.indices = assign(sizes, self.config.num_shards)
-        self.remote.call_each("set_indices", [(ix,) for ix in self.remote.indices])
-
-    def _step_round(self, worker_ids: list[int], lists: list[Any]) -> list[torch.Tensor]:
+    def _step_round(self, worker_ids: list[int], lists: list[Any]) -> WeightList:
         if self.local_shard is not None:
             return self.local_shard.step_round(worker_ids, *lists)
         assert self.remote is not None
-        return self._assemble(self.remote.call("step_round", worker_ids, *lists))
+        return self.remote.assemble(self.remote.call("step_round", worker_ids, *lists))
 
     def _apply_updates(
         self, worker_ids: list[int], scales: list[float], lists: list[Any]
-    ) -> list[torch.Tensor]:
+    ) -> WeightList:
         if self.local_shard is not None:
             return self.local_shard.apply_updates(worker_ids, scales, *lists)
         assert self.remote is not None
-        return self._assemble(self.remote.call("apply_updates", worker_ids, scales, *lists))
+        return self.remote.assemble(self.remote.call("apply_updates", worker_ids, scales, *lists))
 
     # -- synchronous rounds --------------------------------------------------------------------
     def sync_from_workers(self, workers: Sequence[Any], timeout: float | None = None) -> SyncResult:
@@ -241,219 +143,105 @@ class ParameterServer:
         ``workers`` is a list of actor handles (worker id = position) or a dict id -> handle.
         ``timeout`` overrides ``sync_timeout_s`` for this round's collection.
         """
-        if isinstance(workers, dict):
-            handles = dict(workers)
-        elif isinstance(workers, (list, tuple)):
-            handles = dict(enumerate(workers))
-        else:
-            raise ValueError(
-                f"sync_from_workers: workers must be a list of actor handles, got {type(workers).__name__}"
-            )
-        if not handles:
-            raise ValueError("sync_from_workers: workers is empty; pass at least one actor handle")
-        if self.config.quorum > len(handles):
-            raise ValueError(
-                f"sync_from_workers: quorum={self.config.quorum} but only {len(handles)} workers "
-                "were given; no round could ever be applied"
-            )
-        if timeout is not None and (
-            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0
-        ):
-            raise ValueError(f"sync_from_workers: timeout={timeout!r} must be None or a number > 0")
-        start = time.monotonic()
-        deadline = start + (self.config.sync_timeout_s if timeout is None else timeout)
+        rnd = Round(worker_handles(workers, self.config.quorum, timeout))
+        deadline = rnd.start + (self.config.sync_timeout_s if timeout is None else timeout)
         if self.config.mode == "gradients" and self.weights is None:
-            self._initialize_from(handles, deadline)
+            self._initialize_from(rnd.handles, deadline)
         method = "get_weights" if self.config.mode == "weights" else "get_gradients"
-        timings: dict[str, float] = {}
-        clock = time.monotonic()
-
-        def lap(phase: str) -> None:
-            nonlocal clock
-            now = time.monotonic()
-            timings[phase] = now - clock
-            clock = now
-
-        values, refs, excluded = gather.call_all(handles, method, deadline)
-        lap("gather")
-        self._validate(values, method)
-        if self._use_sliced(values):
-            lap("validate")  # NaN/Inf checks run inside the sliced reduction, chunk by chunk
-            new, reduce_failed = self._sliced_aggregate(values, refs, excluded)
-            lap("aggregate")
-            return self._finish_round(
-                handles, values, excluded, new, start, timings, clock, "sliced", reduce_failed
-            )
-        # For a mean, NaN/Inf in any input shows up in the output, so checking the one aggregate
-        # replaces scanning all K inputs (a full extra pass over K x model bytes). Stateful
-        # strategies must not see a NaN at all (it would enter their buffers): they scan first.
-        check_after = self.config.mode == "weights" and getattr(
-            self.strategy_cls, "propagates_nonfinite", False
-        )
-        if not check_after:
-            self._exclude_nonfinite(values, excluded)
-        lap("validate")
-        new = self._aggregate(values, refs, excluded)
-        if check_after and new is not None and validation.first_nonfinite(new) is not None:
-            self._exclude_nonfinite(values, excluded)
-            new = self._aggregate(values, refs, excluded)
+        rnd.clock = time.monotonic()  # the phases start after any initialization
+        if self.sliced is not None and self.sliced.spreads(self.weights):
+            assert self.weights is not None
+            new, push = self.sliced.spread_round(rnd, method, deadline, self.weights)
+            return self._finish_round(rnd, new, "sliced", push or self._push_by_put)
+        values, refs, excluded = gather.call_all(rnd.handles, method, deadline)
+        rnd.answered, rnd.excluded = sorted(values), excluded
+        rnd.lap("gather")
+        validation.check_round(values, method, self.weights)
+        rnd.bytes_in = sum(nbytes(v) for v in values.values())
+        if self.sliced is not None and self.sliced.alone_applies(values):
+            rnd.lap("validate")  # NaN/Inf checks run inside the sliced reduction, chunk by chunk
+            new = self.sliced.alone(rnd, values, self.weights)
+            rnd.lap("aggregate")
+            return self._finish_round(rnd, new, "sliced", self._push_by_put)
+        late_check = check_after(self.strategy_cls, self.config.mode)
+        if not late_check:
+            exclude_nonfinite(values, rnd.excluded)
+        rnd.lap("validate")
+        new = self._aggregate(values, refs, rnd.excluded)
+        if late_check and new is not None and validation.first_nonfinite(new) is not None:
+            exclude_nonfinite(values, rnd.excluded)
+            new = self._aggregate(values, refs, rnd.excluded)
             if new is None and self.weights is not None:
                 self._set_global(self.weights)  # the shards hold the NaN result: undo it
-        lap("aggregate")
-        return self._finish_round(handles, values, excluded, new, start, timings, clock, "gather")
+        rnd.lap("aggregate")
+        return self._finish_round(rnd, new, "gather", self._push_by_put)
 
     def _finish_round(
         self,
-        handles: dict[int, Any],
-        values: dict[int, Any],
-        excluded: dict[int, str],
-        new: list[torch.Tensor] | None,
-        start: float,
-        timings: dict[str, float],
-        clock: float,
+        rnd: Round,
+        new: WeightList | None,
         aggregation: str,
-        reduce_failed: dict[int, str] | None = None,
+        push: Callable[[dict[int, Any], WeightList], dict[int, str]],
     ) -> SyncResult:
-        """Count, commit (version += 1) and push ``new``, or record the discarded round."""
-        self._count_exclusions(excluded)
-        included = tuple(sorted(w for w in values if w not in excluded))
-        bytes_in = sum(_nbytes(values[w]) for w in values)
-        reduce_failed = dict(reduce_failed or {})
+        """Count, commit (version += 1) and ``push`` ``new``, or record the discarded round."""
+        for why in rnd.excluded.values():
+            self.counters[f"num_excluded_{why.split(':')[0]}"] += 1
+        self.counters["num_reducer_failures"] += len(rnd.reduce_failed)
+        common = SyncResult(
+            applied=False,
+            version=self.version,
+            included=tuple(rnd.included),
+            excluded=rnd.excluded,
+            timings=rnd.timings,
+            bytes_in=rnd.bytes_in,
+            aggregation=aggregation,
+            reduce_failed=rnd.reduce_failed,
+        )
         if new is None:
             self.counters["num_discarded_rounds"] += 1
-            result = SyncResult(
-                applied=False,
-                version=self.version,
-                included=included,
-                excluded=excluded,
+            self.last_round = dataclasses.replace(
+                common,
                 reason=(
-                    f"only {len(included)} usable workers, quorum is {self.config.quorum}; "
+                    f"only {len(rnd.included)} usable workers, quorum is {self.config.quorum}; "
                     "round discarded, global weights unchanged"
                 ),
-                duration_s=time.monotonic() - start,
-                timings=timings,
-                bytes_in=bytes_in,
-                aggregation=aggregation,
-                reduce_failed=reduce_failed,
+                duration_s=time.monotonic() - rnd.start,
             )
-            self.last_round = result
-            return result
-        ref = None
-        if aggregation == "sliced":
-            # `new` may be views of the shared result segment, which the next round rewrites:
-            # the one `put` copies it, and the global weights become that object's own mapping.
-            ref = miniray.put(new)
-            new = miniray.get(ref, timeout=self.config.push_timeout_s)
-            assert self.local_shard is not None
+            return self.last_round
+        if self.local_shard is not None:
             self.local_shard.weights = new
         self.weights = new
         self.version += 1
         self.counters["num_syncs"] += 1
-        push_failed = self._push_to([handles[w] for w in sorted(values)], sorted(values), ref)
-        timings["push"] = time.monotonic() - clock
-        result = SyncResult(
+        push_failed = push(rnd.answered_handles(), new)
+        self.counters["num_push_failures"] += len(push_failed)
+        rnd.lap("push")
+        self.last_round = dataclasses.replace(
+            common,
             applied=True,
             version=self.version,
-            included=included,
-            excluded=excluded,
-            duration_s=time.monotonic() - start,
+            duration_s=time.monotonic() - rnd.start,
             push_failed=push_failed,
-            timings=timings,
-            bytes_in=bytes_in,
-            bytes_out=_nbytes(new),
-            aggregation=aggregation,
-            reduce_failed=reduce_failed,
+            bytes_out=nbytes(new),
         )
-        self.last_round = result
-        return result
+        return self.last_round
 
-    # -- the sliced path -------------------------------------------------------------------
-    def _use_sliced(self, values: dict[int, Any]) -> bool:
-        config = self.config
-        if self.local_shard is None or config.aggregation == "gather" or not values:
-            return False
-        if not sliceable(self.local_shard.strategy):
-            return False
-        if config.aggregation == "sliced":
-            return True
-        model_bytes = _nbytes(next(iter(values.values())))
-        return sliced.session_id() is not None and model_bytes >= config.sliced_min_bytes
-
-    def _sliced_aggregate(
-        self, values: dict[int, Any], refs: dict[int, Any], excluded: dict[int, str]
-    ) -> tuple[list[torch.Tensor] | None, dict[int, str]]:
-        """``(new global weights or None below quorum, failed reducers)``; commits nothing.
-
-        Workers found holding NaN/Inf are excluded and the reduction runs again without them;
-        the strategy's state (``apply``) only ever sees a finite round.
-        """
-        shard, reduction = self.local_shard, self.sliced
-        assert shard is not None and reduction is not None
-        included = sorted(w for w in values if w not in excluded)
-        failed: dict[int, str] = {}
-        while True:
-            if len(included) < self.config.quorum:
-                return None, failed
-            run = self._sliced_run(values, refs, included)
-            failed.update(run.failed)
-            self.counters["num_reducer_failures"] += len(run.failed)
-            if not run.nonfinite:
-                break
-            for wid in sorted(run.nonfinite):
-                excluded[wid] = f"nonfinite: parameter {run.nonfinite[wid]}"
-            included = [w for w in included if w not in run.nonfinite]
-        if self.config.mode == "weights":
-            return shard.strategy.apply(shard.weights, run.reduced), failed
-        assert shard.weights is not None
-        return shard.server_opt.step(shard.weights, run.reduced), failed
-
-    def _sliced_run(
-        self, values: dict[int, Any], refs: dict[int, Any], included: list[int]
-    ) -> sliced.RunResult:
-        shard, reduction = self.local_shard, self.sliced
-        assert shard is not None and reduction is not None
-        sample = values[included[0]]
-        if self.config.mode == "weights":
-            dtypes = [t.dtype for t in sample]
-            upcast: list[torch.dtype | None] = [None] * len(sample)
-        else:  # gradients are reduced in the global weights' accumulation dtype
-            assert shard.weights is not None
-            upcast = [
-                accumulation_dtype(g.dtype) if torch.is_floating_point(g) else None
-                for g in shard.weights
-            ]
-            dtypes = [t.dtype if u is None else u for u, t in zip(upcast, sample)]
-        layout = sliced.Layout.of([tuple(t.shape) for t in sample], dtypes)
-        check_after = self.config.mode == "weights" and getattr(
-            self.strategy_cls, "propagates_nonfinite", False
-        )
-        return reduction.run(
-            shard.strategy,
-            layout,
-            included,
-            [values[w] for w in included],
-            [refs[w] for w in included],
-            upcast=upcast,
-            check_inputs=not check_after,
-        )
+    def _push_by_put(self, targets: dict[int, Any], new: WeightList) -> dict[int, str]:
+        """Store the new weights once (``put``) and let every worker load them from that ref
+        (on the local backend, one shared-memory segment for all of them)."""
+        ref = miniray.put(new)
+        deadline = time.monotonic() + self.config.push_timeout_s
+        _, _, failed = gather.call_all(targets, "set_weights", deadline, ref)
+        return failed
 
     def close(self) -> None:
-        """Stop the sliced path's helper processes and remove its shared result segment.
-
-        Optional: the runtime removes the segment at shutdown, or when this process dies.
-        """
+        """Remove the sliced path's shared segments now (the runtime would at shutdown)."""
         if self.sliced is not None:
             self.sliced.close()
 
-    def _exclude_nonfinite(self, values: dict[int, Any], excluded: dict[int, str]) -> None:
-        for wid in sorted(values):
-            bad = validation.first_nonfinite(values[wid])
-            if bad is not None:
-                excluded[wid] = f"nonfinite: parameter {bad}"
-
     def _aggregate(
         self, values: dict[int, Any], refs: dict[int, Any], excluded: dict[int, str]
-    ) -> list[torch.Tensor] | None:
+    ) -> WeightList | None:
         """The round's new global weights, or None below quorum. Does not commit them."""
         included = sorted(w for w in values if w not in excluded)
         if len(included) < self.config.quorum:
@@ -461,7 +249,8 @@ class ParameterServer:
         # Remote shards read the workers' results straight from the refs (shared memory on the
         # local backend); the local shard uses the values already fetched.
         lists = [refs[w] if self.remote is not None else values[w] for w in included]
-        self._ensure_layout(values[included[0]])
+        if self.remote is not None:
+            self.remote.ensure_layout(values[included[0]])
         if self.config.mode == "weights":
             return self._step_round(included, lists)
         return self._apply_updates(included, [1.0] * len(included), lists)
@@ -469,7 +258,7 @@ class ParameterServer:
     def _initialize_from(self, handles: dict[int, Any], deadline: float) -> None:
         """Gradients mode needs starting weights: the mean of what the workers hold now."""
         values, _, excluded = gather.call_all(handles, "get_weights", deadline)
-        self._validate(values, "get_weights")
+        validation.check_round(values, "get_weights", self.weights)
         usable = [
             values[w] for w in sorted(values) if validation.first_nonfinite(values[w]) is None
         ]
@@ -478,42 +267,10 @@ class ParameterServer:
                 f"gradients mode: no worker returned finite initial weights ({excluded}); "
                 "call initialize(weights) first"
             )
-        from miniray.ps.reducers import mean, per_parameter
-
         self._set_global(per_parameter(usable, mean))
 
-    def _validate(self, values: dict[int, Any], method: str) -> None:
-        """Every worker must match the global weights (or the first worker, before any)."""
-        for wid in sorted(values):
-            validation.check_weight_list(values[wid], wid, f"{method}()")
-        if self.weights is not None:
-            reference, name = self.weights, "the global weights"
-        elif values:
-            first = min(values)
-            reference, name = values[first], f"worker {first}"
-        else:
-            return
-        for wid in sorted(values):
-            validation.check_same_structure(reference, values[wid], wid, reference_name=name)
-
-    def _count_exclusions(self, excluded: dict[int, str]) -> None:
-        for why in excluded.values():
-            kind = why.split(":")[0]
-            self.counters[f"num_excluded_{kind}"] += 1
-
-    def _push_to(self, targets: list[Any], ids: list[int], ref: Any = None) -> dict[int, str]:
-        """Ship the new weights once (``put``, unless ``ref`` holds them already) and let every
-        worker load them from that ref."""
-        assert self.weights is not None
-        if ref is None:
-            ref = miniray.put(self.weights)
-        deadline = time.monotonic() + self.config.push_timeout_s
-        _, _, failed = gather.call_all(dict(zip(ids, targets)), "set_weights", deadline, ref)
-        self.counters["num_push_failures"] += len(failed)
-        return failed
-
     # -- weights in and out ----------------------------------------------------------------
-    def pull_weights(self) -> list[torch.Tensor]:
+    def pull_weights(self) -> WeightList:
         """The global weights (a list of tensors in parameter order)."""
         if self.weights is None:
             raise ValueError(
@@ -522,7 +279,7 @@ class ParameterServer:
             )
         return self.weights
 
-    def pull(self) -> tuple[int, list[torch.Tensor]]:
+    def pull(self) -> tuple[int, WeightList]:
         """``(version, weights)``: what an asynchronous worker starts from."""
         return self.version, self.pull_weights()
 
@@ -665,8 +422,7 @@ class ParameterServer:
             )
         weights = checkpoint.weight_list(tensors)
         if self.remote is not None and state["shard_indices"]:
-            self.remote.indices = [list(ix) for ix in state["shard_indices"]]
-            self.remote.call_each("set_indices", [(ix,) for ix in self.remote.indices])
+            self.remote.set_layout(state["shard_indices"])
         if weights is not None:
             self._set_global(weights)
         shard_states = [
@@ -688,27 +444,6 @@ class ParameterServer:
         return self.version
 
 
-def _check_shardable(strategy_cls: type[SyncStrategy], num_shards: int) -> None:
-    if num_shards > 1 and not getattr(strategy_cls, "coordinate_wise", True):
-        raise ValueError(
-            f"strategy {strategy_cls.__name__} needs the whole model at once "
-            f"(coordinate_wise=False), so it cannot run with num_shards={num_shards}"
-        )
-
-
-def _check_aggregation(strategy: SyncStrategy, config: ServerConfig) -> None:
-    if config.aggregation == "sliced" and not sliceable(strategy):
-        raise ValueError(
-            f"aggregation='sliced' needs a strategy that declares elementwise = True; "
-            f"{type(strategy).__name__} does not (its aggregate may need whole models), so it "
-            "runs on the gather path: use aggregation='auto' or 'gather'"
-        )
-
-
-def _nbytes(weights: Sequence[torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in weights)
-
-
 def create_parameter_server(
     strategy: str | type[SyncStrategy] = "average",
     *,
@@ -724,7 +459,7 @@ def create_parameter_server(
     """
     strategy_cls = resolve_strategy(strategy)
     config = ServerConfig(**{k: v for k, v in kwargs.items() if k in CONFIG_FIELDS})
-    _check_shardable(strategy_cls, config.num_shards)
+    check_shardable(strategy_cls, config.num_shards)
     strategy_kwargs = {k: v for k, v in kwargs.items() if k not in CONFIG_FIELDS}
     try:
         probe = strategy_cls(**strategy_kwargs)  # validate now, not on first use in the actor
@@ -733,7 +468,7 @@ def create_parameter_server(
             f"strategy {strategy_cls.__name__} does not accept {sorted(strategy_kwargs)}: {exc}; "
             f"server options are {sorted(CONFIG_FIELDS)}"
         ) from exc
-    _check_aggregation(probe, config)
+    check_aggregation(probe, config)
     actor = ParameterServerActor if name is None else ParameterServerActor.options(name=name)
     # Pass the class, not the name: a strategy registered in the driver's STRATEGIES does not
     # exist in the registry of a freshly started server process.

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+import miniray
 from miniray.ps.outer import OuterSGD
 from miniray.ps.reducers import accumulation_dtype
 from miniray.ps.strategies import SyncStrategy
@@ -108,3 +109,49 @@ class ParameterShard:
 
         self.strategy.load_state_dict(under("strategy."))
         self.server_opt.load_state_dict(under("server_opt."))
+
+
+class RemoteShards:
+    """k shard actors behind the same calls as one local ``ParameterShard``."""
+
+    def __init__(
+        self,
+        strategy_cls: type[SyncStrategy],
+        strategy_kwargs: dict[str, Any],
+        server_opt: dict[str, Any],
+        num_shards: int,
+        timeout_s: float,
+    ):
+        shard_actor = miniray.remote(ParameterShard)
+        self.handles = [
+            shard_actor.remote(strategy_cls, strategy_kwargs, server_opt) for _ in range(num_shards)
+        ]
+        self.timeout_s = timeout_s
+        self.indices: list[list[int]] = []
+
+    def call(self, method: str, *args: Any) -> list[Any]:
+        refs = [getattr(h, method).remote(*args) for h in self.handles]
+        return miniray.get(refs, timeout=self.timeout_s)
+
+    def call_each(self, method: str, per_shard_args: list[tuple]) -> list[Any]:
+        refs = [getattr(h, method).remote(*a) for h, a in zip(self.handles, per_shard_args)]
+        return miniray.get(refs, timeout=self.timeout_s)
+
+    def ensure_layout(self, sample: Sequence[torch.Tensor]) -> None:
+        """Assign parameters to shards the first time their sizes are known."""
+        if not self.indices:
+            self.set_layout(
+                assign([t.numel() * t.element_size() for t in sample], len(self.handles))
+            )
+
+    def set_layout(self, indices: list[list[int]]) -> None:
+        self.indices = [list(ix) for ix in indices]
+        self.call_each("set_indices", [(ix,) for ix in self.indices])
+
+    def assemble(self, parts: list[list[torch.Tensor]]) -> WeightList:
+        """The full weight list from each shard's part."""
+        out: list[Any] = [None] * sum(len(p) for p in parts)
+        for indices, part in zip(self.indices, parts):
+            for i, t in zip(indices, part):
+                out[i] = t
+        return out

@@ -1,51 +1,33 @@
-"""Sliced reduction: several processes each reduce one slice of every worker's parameters.
+"""Sliced reduction: the pieces every sliced round is made of, whoever runs them.
 
-The gather path funnels K x model bytes through the server process. Here the arithmetic is
-spread instead; on the local backend the workers' results already sit in /dev/shm segments
-that any process maps copy-on-write at no cost, so nothing is copied to hand them around:
-
-    server: plan P byte-balanced slices of the flattened parameters (``plan_slices``)
-       | helper k = 1..P-1 <-- reduce(task k, *worker refs)   maps the workers' segments
-       | server            <-- slice 0 itself, from the values it already maps
-       | every element of the result segment is written by exactly one process
-       +-- wait for the helpers (deadline) -> views of the result segment, per parameter
+An elementwise strategy (``strategies.sliceable``) can reduce any slice of the flattened
+parameters on its own. This module owns what that needs: where each parameter's result lives
+in one flat buffer (``Layout``), cutting the parameters into byte-balanced slices
+(``plan_slices``), reducing one slice of K workers' values into the buffer (``reduce_slice``),
+and shared-memory mappings of the buffers (``Mapped``). Who runs the slices is elsewhere:
+``miniray.ps.spread`` has the workers of a round reduce it through shared segments (the local
+backend); ``reduce_alone`` here is the server reducing every slice itself, into a private
+buffer (other backends, and the first round, before the layout is known).
 
 Each slice is reduced in chunks of ``CHUNK_BYTES`` per input, so a chunk's K inputs, its
 NaN/Inf checks and the strategy's temporaries stay in cache: memory sees each input byte read
 once and each result byte written once, as a fused kernel would.
-
-A helper that raises, dies or misses the deadline is killed and dropped, the result segment it
-may still be writing into is retired (unlinked; its mapping dies with it) and the server reduces
-every slice itself into a fresh segment, so the round still completes; ``run`` reports the
-helper, and the next round starts a replacement.
-
-The result segment is created by the server process under the session's name prefix
-(``miniray_<session>_<pid>_<n>``), so the runtime removes it at shutdown and when the server
-process dies; ``close`` removes it earlier. On backends without session segments (inline, Ray)
-the result is a private buffer and the server reduces alone (``num_slices`` is 1).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import itertools
-import logging
 import mmap
 import os
-import time
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
-import miniray
-from miniray.ps import gather
 from miniray.ps.strategies import SyncStrategy
 from miniray.runtime import context, shm
-
-log = logging.getLogger(__name__)
 
 WeightList = list[torch.Tensor]
 
@@ -70,8 +52,33 @@ class Layout:
             offset = shm.aligned(offset + _numel(shape) * _itemsize(dtype))
         return cls(tuple(tuple(s) for s in shapes), tuple(dtypes), tuple(offsets), max(offset, 1))
 
+    @classmethod
+    def like(cls, tensors: Sequence[torch.Tensor]) -> Layout:
+        return cls.of([tuple(t.shape) for t in tensors], [t.dtype for t in tensors])
+
     def numels(self) -> list[int]:
         return [_numel(s) for s in self.shapes]
+
+    def itemsizes(self) -> list[int]:
+        return [_itemsize(d) for d in self.dtypes]
+
+    def entries(self) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        return list(zip(self.shapes, self.dtypes))
+
+    def tracked_views(self, mapping: mmap.mmap) -> tuple[WeightList, list[weakref.ref]]:
+        """Views of each parameter in ``mapping``, and weak references that stay alive while
+        anything (a view of a view included) still uses one of them."""
+        whole = memoryview(mapping)
+        views, alive = [], []
+        for shape, dtype, offset in zip(self.shapes, self.dtypes, self.offsets):
+            nbytes = _numel(shape) * _itemsize(dtype)
+            if nbytes == 0:
+                views.append(torch.empty(shape, dtype=dtype))
+                continue
+            part = whole[offset : offset + nbytes]
+            alive.append(weakref.ref(part))
+            views.append(torch.frombuffer(part, dtype=torch.uint8).view(dtype).view(shape))
+        return views, alive
 
     def views(self, buffer: torch.Tensor) -> WeightList:
         """Each parameter's result as a tensor of its shape over ``buffer`` (flat uint8)."""
@@ -147,6 +154,31 @@ def plan_slices(
     return slices
 
 
+def reduce_alone(
+    strategy: SyncStrategy,
+    layout: Layout,
+    worker_ids: Sequence[int],
+    values: Sequence[WeightList],
+    *,
+    upcast: Sequence[torch.dtype | None],
+    check_inputs: bool,
+) -> tuple[WeightList, dict[int, int]]:
+    """Every slice reduced here, into a new private buffer: ``(result, NaN/Inf report)``."""
+    buffer = torch.empty(layout.size, dtype=torch.uint8)
+    (pieces,) = plan_slices(layout.numels(), layout.itemsizes(), 1)
+    task = SliceTask(
+        pieces=tuple(pieces),
+        layout=layout,
+        worker_ids=tuple(worker_ids),
+        upcast=tuple(upcast),
+        check_inputs=check_inputs,
+        worker_weights=dict(strategy.worker_weights),
+        threads=os.cpu_count() or 1,
+    )
+    nonfinite = reduce_slice(strategy, task, values, buffer)
+    return layout.views(buffer), nonfinite
+
+
 def reduce_slice(
     strategy: SyncStrategy,
     task: SliceTask,
@@ -155,12 +187,12 @@ def reduce_slice(
 ) -> dict[int, int]:
     """Reduce ``task.pieces`` of ``weight_lists`` into ``buffer``; returns, for each worker
     with NaN/Inf in these pieces, the first such parameter index."""
-    with _threads(task.threads):
+    with threads(task.threads):
         return _reduce_pieces(strategy, task, weight_lists, buffer)
 
 
 @contextlib.contextmanager
-def _threads(count: int) -> Iterator[None]:
+def threads(count: int) -> Iterator[None]:
     before = torch.get_num_threads()
     if count != before:
         torch.set_num_threads(count)
@@ -211,61 +243,24 @@ def _note_nonfinite(
             bad[wid] = param
 
 
-class SliceReducer:
-    """A helper process of the sliced path (an actor the server starts and owns)."""
-
-    def __init__(self, strategy_cls: type[SyncStrategy], strategy_kwargs: dict[str, Any]):
-        # Parallelism comes from the processes (SliceTask.threads sets each call's share).
-        torch.set_num_threads(1)
-        self.strategy = strategy_cls(**strategy_kwargs)
-        if not hasattr(self.strategy, "worker_weights"):
-            self.strategy.worker_weights = {}
-        self.segment: _Mapped | None = None
-
-    def reduce(self, task: SliceTask, *weight_lists: WeightList) -> dict[int, int]:
-        assert task.segment is not None, "a helper needs the shared result segment"
-        _set_worker_weights(self.strategy, task.worker_weights)
-        if self.segment is None or self.segment.name != task.segment:
-            if self.segment is not None:
-                self.segment.close()
-            self.segment = _Mapped.open(task.segment, task.layout.size)
-        return reduce_slice(self.strategy, task, weight_lists, self.segment.flat)
-
-    def ready(self) -> bool:
-        return True
-
-
-SliceReducerActor = miniray.remote(SliceReducer)
-
-
-def _set_worker_weights(strategy: SyncStrategy, weights: dict[int, float]) -> None:
-    # In place: OuterOptimizerStrategy shares this dict with its reducer.
-    strategy.worker_weights.clear()
-    strategy.worker_weights.update(weights)
-
-
 @dataclass
-class _Mapped:
+class Mapped:
     """A writable shared mapping of a segment and a flat uint8 tensor over it."""
 
-    name: str | None
+    name: str
     mapping: mmap.mmap | None
     flat: torch.Tensor
 
     @classmethod
-    def open(cls, name: str, size: int) -> _Mapped:
+    def open(cls, name: str, size: int) -> Mapped:
         mapping = shm.open_shared(name, size)
         return cls(name, mapping, torch.frombuffer(mapping, dtype=torch.uint8, count=size))
 
     @classmethod
-    def create(cls, session_id: str, size: int) -> _Mapped:
+    def create(cls, session_id: str, size: int) -> Mapped:
         name = shm.new_name(session_id)
         mapping = shm.create(name, size)
         return cls(name, mapping, torch.frombuffer(mapping, dtype=torch.uint8, count=size))
-
-    @classmethod
-    def private(cls, size: int) -> _Mapped:
-        return cls(None, None, torch.empty(size, dtype=torch.uint8))
 
     @property
     def size(self) -> int:
@@ -279,7 +274,7 @@ class _Mapped:
             except BufferError:  # a view still exists somewhere: the mapping goes with it
                 pass
             self.mapping = None
-        if unlink and self.name is not None:
+        if unlink:
             shm.unlink(self.name)
 
 
@@ -294,129 +289,6 @@ def session_id() -> str | None:
         return None
     found = getattr(backend, "session_id", None) or getattr(backend, "_session_id", None)
     return found or os.environ.get("MINIRAY_SESSION")
-
-
-@dataclass(frozen=True)
-class RunResult:
-    """What one sliced reduction produced."""
-
-    reduced: WeightList  # views of the result buffer, valid until the next run
-    nonfinite: dict[int, int]  # worker id -> first parameter index holding NaN/Inf
-    failed: dict[int, str]  # slice index -> why its helper was dropped
-
-
-class SlicedReduction:
-    """The server's side: helpers, the result buffer, and one ``run`` per reduction."""
-
-    def __init__(
-        self,
-        strategy_cls: type[SyncStrategy],
-        strategy_kwargs: dict[str, Any],
-        num_processes: int | None,
-        timeout_s: float,
-    ):
-        self.strategy_cls = strategy_cls
-        self.strategy_kwargs = strategy_kwargs
-        self.num_processes = num_processes
-        self.timeout_s = timeout_s
-        self.helpers: list[Any] = []
-        self.buffer: _Mapped | None = None
-
-    def num_slices(self, num_workers: int) -> int:
-        if session_id() is None:
-            return 1
-        if self.num_processes is not None:
-            return self.num_processes
-        return max(1, min(num_workers, os.cpu_count() or 1))
-
-    def run(
-        self,
-        strategy: SyncStrategy,
-        layout: Layout,
-        worker_ids: Sequence[int],
-        values: Sequence[WeightList],
-        refs: Sequence[Any],
-        *,
-        upcast: Sequence[torch.dtype | None],
-        check_inputs: bool,
-    ) -> RunResult:
-        """Reduce ``values`` (one weight list per worker; ``refs`` the same as object refs)."""
-        num = self.num_slices(len(worker_ids))
-        buffer = self._buffer(layout.size)
-        sizes = [_itemsize(d) for d in layout.dtypes]
-        slices = plan_slices(layout.numels(), sizes, num)
-        base = SliceTask(
-            pieces=(),
-            layout=layout,
-            worker_ids=tuple(worker_ids),
-            upcast=tuple(upcast),
-            check_inputs=check_inputs,
-            worker_weights=dict(strategy.worker_weights),
-            segment=buffer.name,
-            threads=max(1, (os.cpu_count() or 1) // num),
-        )
-        tasks = [dataclasses.replace(base, pieces=tuple(pieces)) for pieces in slices]
-        self._ensure_helpers(num - 1)
-        calls = {
-            k: self.helpers[k - 1].reduce.remote(tasks[k], *refs)
-            for k in range(1, num)
-            if tasks[k].pieces
-        }
-        nonfinite = reduce_slice(strategy, tasks[0], values, buffer.flat)
-        answers, _, failed = gather.collect(
-            calls, time.monotonic() + self.timeout_s, "a sliced reduction", "reducer of slice"
-        )
-        if failed:
-            buffer = self._recover(failed)
-            everything = tuple(p for pieces in slices for p in pieces)
-            whole = dataclasses.replace(
-                base, pieces=everything, segment=buffer.name, threads=os.cpu_count() or 1
-            )
-            nonfinite = reduce_slice(strategy, whole, values, buffer.flat)
-        else:
-            for report in answers.values():
-                for wid, p in report.items():
-                    nonfinite[wid] = min(p, nonfinite.get(wid, p))
-        return RunResult(layout.views(buffer.flat), nonfinite, failed)
-
-    def _buffer(self, size: int) -> _Mapped:
-        if self.buffer is not None and self.buffer.size == size:
-            return self.buffer
-        self._retire_buffer()
-        sid = session_id()
-        self.buffer = _Mapped.private(size) if sid is None else _Mapped.create(sid, size)
-        return self.buffer
-
-    def _retire_buffer(self) -> None:
-        if self.buffer is not None:
-            self.buffer.close(unlink=True)
-            self.buffer = None
-
-    def _ensure_helpers(self, count: int) -> None:
-        while len(self.helpers) < count:
-            self.helpers.append(SliceReducerActor.remote(self.strategy_cls, self.strategy_kwargs))
-
-    def _recover(self, failed: dict[int, str]) -> _Mapped:
-        """Drop the failed helpers and the segment they may still write into; a fresh one."""
-        for k in sorted(failed, reverse=True):
-            helper = self.helpers.pop(k - 1)
-            try:
-                miniray.kill(helper)
-            except Exception as exc:  # already dead: nothing left to stop
-                log.debug("killing the reducer of slice %s: %s", k, exc)
-        size = self.buffer.size if self.buffer is not None else 1
-        self._retire_buffer()
-        return self._buffer(size)
-
-    def close(self) -> None:
-        """Stop the helpers and remove the result segment."""
-        for helper in self.helpers:
-            try:
-                miniray.kill(helper)
-            except Exception as exc:
-                log.debug("killing a reducer: %s", exc)
-        self.helpers = []
-        self._retire_buffer()
 
 
 def _numel(shape: Sequence[int]) -> int:

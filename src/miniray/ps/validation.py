@@ -65,6 +65,24 @@ def check_same_structure(
             )
 
 
+def check_round(
+    values: dict[int, Any], method: str, global_weights: Sequence[torch.Tensor] | None
+) -> None:
+    """Every worker's values must match the global weights (or the first worker's, before
+    there are any): a ``ValueError`` names the first worker and parameter that do not."""
+    for wid in sorted(values):
+        check_weight_list(values[wid], wid, f"{method}()")
+    if global_weights is not None:
+        reference, name = global_weights, "the global weights"
+    elif values:
+        first = min(values)
+        reference, name = values[first], f"worker {first}"
+    else:
+        return
+    for wid in sorted(values):
+        check_same_structure(reference, values[wid], wid, reference_name=name)
+
+
 def first_nonfinite(weights: Sequence[torch.Tensor]) -> int | None:
     """Index of the first floating tensor holding NaN or Inf, or None.
 
