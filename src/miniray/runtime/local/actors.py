@@ -332,6 +332,14 @@ class Actors:
         if call is not None:
             self._finish(call, stored)
 
+    def stream_of(self, child: Child, call_id: str) -> tuple[streaming.Stream, str] | None:
+        """The stream of the generator call ``call_id`` in flight on ``child``, and its label."""
+        actor = child.actor
+        call = actor.inflight.get(call_id) if actor is not None else None
+        if actor is None or call is None or call.stream is None:
+            return None
+        return call.stream, f"{actor.class_name}.{call.method}()"
+
     def on_retried(self, child: Child, call_id: str) -> None:
         """The process re-ran a call after a listed exception: one retry fewer if it dies."""
         call = child.actor.inflight.get(call_id) if child.actor is not None else None

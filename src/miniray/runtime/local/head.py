@@ -86,7 +86,7 @@ class LocalBackend:
         self._cond = threading.Condition(self._lock)
         self._processes = Processes(self.session_id, self.namespace, self._cond)
         # Segment reuse (see segments.py and ledger.py).
-        self._ledger = SegmentLedger(self._send_reclaim, self._processes.wake)
+        self._ledger = SegmentLedger(self._processes.send_reclaim, self._processes.wake)
         self._objects = ObjectTable(lambda stored: self._ledger.free(stored[1]))
         rooms = (self._objects, self._ledger, self._processes, self._store_results)
         self._scheduler = Scheduler(num_workers, self.session_id, *rooms)
@@ -110,33 +110,13 @@ class LocalBackend:
         return self._scheduler.tasks
 
     def _await_workers(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        processes = self._processes
-        with self._cond:
-            while True:
-                if processes.start_failure:
-                    break
-                if processes.ready_workers() >= self.num_workers:
-                    return
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._cond.wait(remaining)
-        failure = processes.start_failure or f"workers did not start within {timeout_s:.0f}s"
-        self.shutdown()
-        raise RaySystemError(
-            f"miniray.init() failed: {failure} (python: {sys.executable}); "
-            "see the worker's error output above"
-        )
-
-    def _send_reclaim(self, creator_pid: int, name: str) -> bool:
-        """Hand a freed segment back to the child that created it, if it lives."""
-        child = self._processes.by_pid(creator_pid)
-        return (
-            child is not None
-            and not child.dead
-            and self._processes.send(child, protocol.Reclaim([name]))
-        )
+        failure = self._processes.await_workers(self.num_workers, timeout_s)
+        if failure is not None:
+            self.shutdown()
+            raise RaySystemError(
+                f"miniray.init() failed: {failure} (python: {sys.executable}); "
+                "see the worker's error output above"
+            )
 
     # ======================================================================= the router's calls
     def handle(self, child: Child, message: protocol.ToHead) -> None:
@@ -253,17 +233,12 @@ class LocalBackend:
     def _on_yield(self, child: Child, call_id: str, stored: Stored) -> None:
         """A streaming task or actor call running on ``child`` yielded a value: a new object,
         its ref handed to the caller's ObjectRefGenerator at once."""
-        stream, label = None, ""
-        task = child.task
-        if task is not None and task.task_id == call_id and not task.done:
-            stream, label = task.stream, task.label
-        elif child.actor is not None and call_id in child.actor.inflight:
-            call = child.actor.inflight[call_id]
-            stream, label = call.stream, f"{child.actor.class_name}.{call.method}()"
+        room = self._scheduler if child.kind == "worker" else self._actors
+        stream = room.stream_of(child, call_id)
         if stream is None:
             self._ledger.free(stored[1])  # (cancelled with force=True, say)
-            return
-        self._stream_value(stream, stored, label)
+        else:
+            self._stream_value(stream[0], stored, stream[1])
 
     def _stream_value(self, stream: streaming.Stream, stored: Stored, label: str) -> None:
         oid = new_id("o")
@@ -482,13 +457,7 @@ class LocalBackend:
 
     # ======================================================================= shutdown
     def _check_open(self) -> None:
-        if self._processes.router_error:
-            raise RaySystemError(
-                "the local runtime is broken: its router thread failed (a miniray bug, please "
-                f"report it); call miniray.shutdown(). Cause:\n{self._processes.router_error}"
-            )
-        if self._processes.closing:
-            raise RaySystemError("the miniray runtime was shut down")
+        self._processes.check_open()
 
     def shutdown(self) -> None:
         with self._cond:

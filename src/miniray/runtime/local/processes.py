@@ -32,6 +32,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from miniray.errors import RaySystemError
 from miniray.runtime.local import lifeline, protocol, reaper
 from miniray.runtime.local.worker import ENV_NAMESPACE, ENV_SESSION, ENV_SYS_PATH
 
@@ -141,6 +142,34 @@ class Processes:
             return True
         except (OSError, ValueError):
             return False
+
+    def send_reclaim(self, creator_pid: int, name: str) -> bool:
+        """Hand a freed segment back to the child that created it, if it lives."""
+        child = self.by_pid(creator_pid)
+        return child is not None and not child.dead and self.send(child, protocol.Reclaim([name]))
+
+    def await_workers(self, count: int, timeout_s: float) -> str | None:
+        """Wait until ``count`` workers are ready; else why not (a worker died, or the time)."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while not self.start_failure:
+                if self.ready_workers() >= count:
+                    return None
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+        return self.start_failure or f"workers did not start within {timeout_s:.0f}s"
+
+    def check_open(self) -> None:
+        """RaySystemError if the runtime was shut down, or its router thread failed."""
+        if self.router_error:
+            raise RaySystemError(
+                "the local runtime is broken: its router thread failed (a miniray bug, please "
+                f"report it); call miniray.shutdown(). Cause:\n{self.router_error}"
+            )
+        if self.closing:
+            raise RaySystemError("the miniray runtime was shut down")
 
     def workers(self) -> list[Child]:
         """Task workers not known to be dead."""

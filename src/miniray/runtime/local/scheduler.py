@@ -217,6 +217,13 @@ class Scheduler:
         self._idle.append(child)
         self.dispatch()
 
+    def stream_of(self, child: Child, call_id: str) -> tuple[streaming.Stream, str] | None:
+        """The stream of the generator task ``call_id`` running on ``child``, and its label."""
+        task = child.task
+        if task is None or task.task_id != call_id or task.done or task.stream is None:
+            return None
+        return task.stream, task.label
+
     def on_retried(self, child: Child, call_id: str) -> None:
         """The worker re-ran its task after a listed exception: one retry fewer if it dies."""
         task = child.task
