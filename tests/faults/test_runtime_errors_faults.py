@@ -148,13 +148,14 @@ def settle():
 def spy_on_reclaims(monkeypatch, backend):
     """Count, per segment, how often the head hands it back for reuse."""
     counts: collections.Counter[str] = collections.Counter()
-    original = backend._reclaim
+    ledger = backend._ledger  # the head's SegmentLedger decides every reclaim
+    original = ledger._reclaim
 
     def counting(name):
         counts[name] += 1
         original(name)
 
-    monkeypatch.setattr(backend, "_reclaim", counting)
+    monkeypatch.setattr(ledger, "_reclaim", counting)
     return counts
 
 

@@ -252,7 +252,7 @@ class SlowToDie:
 def test_a_healthy_actor_answers_fast_while_another_child_is_reaped(local_runtime):
     """Waiting for a dead child to exit happens off the head's lock and off the router: the
     head's old popen.wait(timeout=1.0) under the lock stalled every call for up to a second."""
-    from miniray.runtime.local.head import EXIT_GRACE_S
+    from miniray.runtime.local.processes import EXIT_GRACE_S
 
     healthy, dying = Stateful.remote(), SlowToDie.remote()
     miniray.get([healthy.bump.remote(), dying.pid.remote()], timeout=30)
@@ -434,9 +434,9 @@ def test_driver_killed_with_sigkill_cleans_up(tmp_path):
 
 def test_workers_that_cannot_start_fail_init_fast_with_the_cause(monkeypatch):
     from miniray.exceptions import RaySystemError
-    from miniray.runtime.local import head
+    from miniray.runtime.local import processes
 
-    monkeypatch.setattr(head, "WORKER_COMMAND", ("-c", "import sys; sys.exit(3)"))
+    monkeypatch.setattr(processes, "WORKER_COMMAND", ("-c", "import sys; sys.exit(3)"))
     start = time.monotonic()
     with pytest.raises(RaySystemError, match="exited with code 3"):
         miniray.init(backend="local", num_workers=2)
@@ -458,16 +458,17 @@ def test_max_calls_replaces_the_worker_after_that_many_calls(local_runtime):
 
 def test_a_failing_router_fails_waiting_calls_fast(monkeypatch, capsys):
     from miniray.exceptions import RaySystemError
+    from miniray.runtime.local import protocol
     from miniray.runtime.local.head import LocalBackend
 
-    original = LocalBackend._handle
+    original = LocalBackend.handle
 
     def broken(self, child, message):
-        if message[0] == "result":
+        if isinstance(message, protocol.Result):
             raise RuntimeError("injected bug in the head")
         return original(self, child, message)
 
-    monkeypatch.setattr(LocalBackend, "_handle", broken)
+    monkeypatch.setattr(LocalBackend, "handle", broken)
     miniray.init(backend="local", num_workers=1)
     try:
         start = time.monotonic()

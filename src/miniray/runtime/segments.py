@@ -42,94 +42,210 @@ from miniray.runtime import shm
 POOL_LIMIT_BYTES = int(os.environ.get("MINIRAY_SHM_POOL_MB", "1024")) * 2**20
 MIN_POOLED_BYTES = 1 << 20
 
-_lock = threading.RLock()  # finalizers may run inside a locked section
-_capacity: dict[str, int] = {}  # segments this process created -> file size
-# Our writable mapping of each segment we created, kept open: mapping 100 MB with MAP_POPULATE
-# and unmapping it again costs about as much as copying the data, every time.
-_writers: dict[str, mmap.mmap] = {}
-_free: list[tuple[int, str]] = []  # own segments nobody maps: (capacity, name), oldest first
-_free_bytes = 0
-_maps: dict[str, int] = {}
-_pending: dict[str, int] = {}  # deliveries received but not deserialized yet
-_consumed: dict[str, int] = {}  # deliveries deserialized since the last report
-_unmapped_hook: Callable[[str, int], None] | None = None
 
+class SegmentPool:
+    """This process's segments: those it created (and may write into again, pooled once
+    freed), and its live mappings and unread deliveries of anyone's. One per process
+    (``POOL``): unpickling a delivery has nothing but this module to find it by."""
 
-def set_unmapped_hook(hook: Callable[[str, int], None] | None) -> None:
-    global _unmapped_hook
-    _unmapped_hook = hook
+    def __init__(self) -> None:
+        self._lock = threading.RLock()  # finalizers may run inside a locked section
+        self._capacity: dict[str, int] = {}  # segments this process created -> file size
+        # Our writable mapping of each segment we created, kept open: mapping 100 MB with
+        # MAP_POPULATE and unmapping it again costs about as much as copying the data.
+        self._writers: dict[str, mmap.mmap] = {}
+        self._free: list[tuple[int, str]] = []  # own segments nobody maps: (capacity, name)
+        self._free_bytes = 0
+        self._maps: dict[str, int] = {}
+        self._pending: dict[str, int] = {}  # deliveries received but not deserialized yet
+        self._consumed: dict[str, int] = {}  # deliveries deserialized since the last report
+        self._unmapped_hook: Callable[[str, int], None] | None = None
 
+    def set_unmapped_hook(self, hook: Callable[[str, int], None] | None) -> None:
+        """``hook(name, deliveries consumed)`` once this process no longer maps ``name``."""
+        self._unmapped_hook = hook
 
-def acquire(session_id: str, size: int) -> tuple[str, mmap.mmap]:
-    """A writable mapping of ``size`` bytes: a pooled segment of ours if one fits."""
-    global _free_bytes
-    with _lock:
-        best = None
-        for i, (capacity, _name) in enumerate(_free):
-            if size <= capacity <= 2 * size and (best is None or capacity < _free[best][0]):
-                best = i
+    def acquire(self, session_id: str, size: int) -> tuple[str, mmap.mmap]:
+        """A writable mapping of ``size`` bytes: a pooled segment of ours if one fits."""
+        with self._lock:
+            best = None
+            for i, (capacity, _name) in enumerate(self._free):
+                if size <= capacity <= 2 * size and (
+                    best is None or capacity < self._free[best][0]
+                ):
+                    best = i
+            if best is not None:
+                capacity, name = self._free.pop(best)
+                self._free_bytes -= capacity
         if best is not None:
-            capacity, name = _free.pop(best)
-            _free_bytes -= capacity
-    if best is not None:
-        if not shm.claim_free(name):
-            _drop(name)  # evicted by a process that needed the room: never touch its mapping
-        else:
-            mapping = _writers.get(name)
-            if mapping is not None and len(mapping) >= size:
-                return name, mapping
-            try:
-                mapping = shm.open_shared(name, capacity)
-            except OSError:
-                forget(name)
+            if not shm.claim_free(name):
+                self._drop(name)  # evicted by a process that needed the room: never touch it
             else:
-                with _lock:
-                    _writers[name] = mapping
-                return name, mapping
-    name = shm.new_name(session_id)
-    try:
-        mapping = shm.create(name, size)
-    except ObjectStoreFullError:
-        if not _make_room(session_id, size):
-            raise
-        mapping = shm.create(name, size)
-    with _lock:
-        _capacity[name] = size
-        _writers[name] = mapping
-    return name, mapping
+                mapping = self._writers.get(name)
+                if mapping is not None and len(mapping) >= size:
+                    return name, mapping
+                try:
+                    mapping = shm.open_shared(name, capacity)
+                except OSError:
+                    self.forget(name)
+                else:
+                    with self._lock:
+                        self._writers[name] = mapping
+                    return name, mapping
+        name = shm.new_name(session_id)
+        try:
+            mapping = shm.create(name, size)
+        except ObjectStoreFullError:
+            if not self._make_room(session_id, size):
+                raise
+            mapping = shm.create(name, size)
+        with self._lock:
+            self._capacity[name] = size
+            self._writers[name] = mapping
+        return name, mapping
 
+    def reclaim(self, name: str) -> None:
+        """The head says nobody maps ``name`` any more: keep it for reuse, or delete it."""
+        if _space_is_short():
+            self._evict_pool()
+            self.forget(name)
+            return
+        with self._lock:
+            capacity = self._capacity.get(name)
+        if capacity is None or capacity < MIN_POOLED_BYTES:
+            self.forget(name)
+            return
+        # Renamed before it is listed as ours to reuse: acquire() claims by renaming it back.
+        try:
+            shm.mark_free(name)
+        except FileNotFoundError:  # swept already (shutdown)
+            self._drop(name)
+            return
+        self._prune_evicted()
+        with self._lock:
+            self._free.append((capacity, name))
+            self._free_bytes += capacity
+            evicted = []
+            # Keep at least the newest segment, however large: a model's weights synced every
+            # step are one big value, and re-faulting its pages each time costs 5 memcpys.
+            while self._free_bytes > POOL_LIMIT_BYTES and len(self._free) > 1:
+                cap, old = self._free.pop(0)
+                self._free_bytes -= cap
+                evicted.append(old)
+        for old in evicted:
+            self._evict_pooled(old)
 
-def reclaim(name: str) -> None:
-    """The head says nobody maps ``name`` any more: keep it for reuse, or delete it."""
-    global _free_bytes
-    if _space_is_short():
-        _evict_pool()
-        forget(name)
-        return
-    with _lock:
-        capacity = _capacity.get(name)
-    if capacity is None or capacity < MIN_POOLED_BYTES:
-        forget(name)
-        return
-    # Renamed before it is listed as ours to reuse: acquire() claims by renaming it back.
-    try:
-        shm.mark_free(name)
-    except FileNotFoundError:  # swept already (shutdown)
-        _drop(name)
-        return
-    _prune_evicted()
-    with _lock:
-        _free.append((capacity, name))
-        _free_bytes += capacity
-        evicted = []
-        # Keep at least the newest segment, however large: a model's weights synced every
-        # step are one big value, and re-faulting its pages each time costs 5 memcpys.
-        while _free_bytes > POOL_LIMIT_BYTES and len(_free) > 1:
-            cap, old = _free.pop(0)
-            _free_bytes -= cap
-            evicted.append(old)
-    for old in evicted:
-        _evict_pooled(old)
+    def _make_room(self, session_id: str, size: int) -> bool:
+        """The directory is full: delete pooled segments, ours and then other processes', until
+        ``size`` bytes are free. False if there was none to delete."""
+        evicted = self._evict_pool()
+        for name in shm.list_free(session_id):
+            if _has_room(size):
+                return True
+            # A name of ours here is one another thread of ours has just pooled: fair game too
+            # (acquire() then fails to claim it and makes a new segment).
+            evicted = shm.evict_free(name) or evicted
+        return evicted
+
+    def _evict_pool(self) -> bool:
+        """Delete every pooled segment of ours; False if there was none."""
+        with self._lock:
+            evicted = [name for _cap, name in self._free]
+            self._free.clear()
+            self._free_bytes = 0
+        for name in evicted:
+            self._evict_pooled(name)
+        return bool(evicted)
+
+    def _evict_pooled(self, name: str) -> None:
+        """Delete a pooled segment of ours, unless another process has evicted it already."""
+        self._drop(name)
+        shm.evict_free(name)
+
+    def _prune_evicted(self) -> None:
+        """Forget pooled segments of ours that other processes evicted (and close our
+        mappings, which have no pages any more)."""
+        with self._lock:
+            gone = [
+                e for e in self._free if not os.path.exists(shm.path_of(e[1] + shm.FREE_SUFFIX))
+            ]
+            for entry in gone:
+                self._free.remove(entry)
+                self._free_bytes -= entry[0]
+        for _cap, name in gone:
+            self._drop(name)
+
+    def _drop(self, name: str) -> None:
+        """Forget a segment of ours and close our mapping of it, leaving the file alone."""
+        with self._lock:
+            self._capacity.pop(name, None)
+            mapping = self._writers.pop(name, None)
+        if mapping is not None:
+            mapping.close()
+
+    def forget(self, name: str) -> None:
+        """Delete a segment of ours that is not pooled."""
+        self._drop(name)
+        shm.unlink(name)
+
+    def pooled_bytes(self) -> int:
+        """Bytes of our pooled segments that no other process has evicted."""
+        self._prune_evicted()
+        return self._free_bytes
+
+    def track_mapping(self, name: str, mapping: mmap.mmap) -> None:
+        with self._lock:
+            self._maps[name] = self._maps.get(name, 0) + 1
+        weakref.finalize(mapping, self._on_unmap, name)
+
+    def delivery_received(self, name: str) -> None:
+        with self._lock:
+            self._pending[name] = self._pending.get(name, 0) + 1
+
+    def delivery_consumed(self, name: str) -> None:
+        """A received delivery was deserialized (or dropped unread)."""
+        with self._lock:
+            left = self._pending.get(name, 0) - 1
+            if left > 0:
+                self._pending[name] = left
+            else:
+                self._pending.pop(name, None)
+            self._consumed[name] = self._consumed.get(name, 0) + 1
+        self._report_if_done(name)
+
+    def _on_unmap(self, name: str) -> None:
+        with self._lock:
+            left = self._maps.get(name, 0) - 1
+            if left > 0:
+                self._maps[name] = left
+                return
+            self._maps.pop(name, None)
+        self._report_if_done(name)
+
+    def _report_if_done(self, name: str) -> None:
+        with self._lock:
+            if self._maps.get(name) or self._pending.get(name):
+                return
+            consumed = self._consumed.pop(name, 0)
+            hook = self._unmapped_hook
+        if hook is not None and consumed:
+            hook(name, consumed)
+
+    def local_maps(self, name: str) -> int:
+        return self._maps.get(name, 0)
+
+    def reset(self) -> None:
+        """Forget everything (a new session in this process)."""
+        with self._lock:
+            for mapping in self._writers.values():
+                mapping.close()
+            self._writers.clear()
+            self._capacity.clear()
+            self._free.clear()
+            self._free_bytes = 0
+            self._maps.clear()
+            self._pending.clear()
+            self._consumed.clear()
 
 
 def _space_is_short() -> bool:
@@ -143,128 +259,16 @@ def _has_room(size: int) -> bool:
     return room is not None and room[1] >= size
 
 
-def _make_room(session_id: str, size: int) -> bool:
-    """The directory is full: delete pooled segments, ours and then other processes', until
-    ``size`` bytes are free. False if there was none to delete."""
-    evicted = _evict_pool()
-    for name in shm.list_free(session_id):
-        if _has_room(size):
-            return True
-        # A name of ours here is one another thread of ours has just pooled: fair game too
-        # (acquire() then fails to claim it and makes a new segment).
-        evicted = shm.evict_free(name) or evicted
-    return evicted
-
-
-def _evict_pool() -> bool:
-    """Delete every pooled segment of ours; False if there was none."""
-    global _free_bytes
-    with _lock:
-        evicted = [name for _cap, name in _free]
-        _free.clear()
-        _free_bytes = 0
-    for name in evicted:
-        _evict_pooled(name)
-    return bool(evicted)
-
-
-def _evict_pooled(name: str) -> None:
-    """Delete a pooled segment of ours, unless another process has evicted it already."""
-    _drop(name)
-    shm.evict_free(name)
-
-
-def _prune_evicted() -> None:
-    """Forget pooled segments of ours that other processes evicted (and close our mappings,
-    which have no pages any more)."""
-    global _free_bytes
-    with _lock:
-        gone = [e for e in _free if not os.path.exists(shm.path_of(e[1] + shm.FREE_SUFFIX))]
-        for entry in gone:
-            _free.remove(entry)
-            _free_bytes -= entry[0]
-    for _cap, name in gone:
-        _drop(name)
-
-
-def _drop(name: str) -> None:
-    """Forget a segment of ours and close our mapping of it, leaving the file alone."""
-    with _lock:
-        _capacity.pop(name, None)
-        mapping = _writers.pop(name, None)
-    if mapping is not None:
-        mapping.close()
-
-
-def forget(name: str) -> None:
-    """Delete a segment of ours that is not pooled."""
-    _drop(name)
-    shm.unlink(name)
-
-
-def pooled_bytes() -> int:
-    """Bytes of our pooled segments that no other process has evicted."""
-    _prune_evicted()
-    return _free_bytes
-
-
-def track_mapping(name: str, mapping: mmap.mmap) -> None:
-    with _lock:
-        _maps[name] = _maps.get(name, 0) + 1
-    weakref.finalize(mapping, _on_unmap, name)
-
-
-def delivery_received(name: str) -> None:
-    with _lock:
-        _pending[name] = _pending.get(name, 0) + 1
-
-
-def delivery_consumed(name: str) -> None:
-    """A received delivery was deserialized (or dropped unread)."""
-    with _lock:
-        left = _pending.get(name, 0) - 1
-        if left > 0:
-            _pending[name] = left
-        else:
-            _pending.pop(name, None)
-        _consumed[name] = _consumed.get(name, 0) + 1
-    _report_if_done(name)
-
-
-def _on_unmap(name: str) -> None:
-    with _lock:
-        left = _maps.get(name, 0) - 1
-        if left > 0:
-            _maps[name] = left
-            return
-        _maps.pop(name, None)
-    _report_if_done(name)
-
-
-def _report_if_done(name: str) -> None:
-    with _lock:
-        if _maps.get(name) or _pending.get(name):
-            return
-        consumed = _consumed.pop(name, 0)
-        hook = _unmapped_hook
-    if hook is not None and consumed:
-        hook(name, consumed)
-
-
-def local_maps(name: str) -> int:
-    return _maps.get(name, 0)
-
-
-def reset() -> None:
-    """Forget everything (a new session in this process)."""
-    global _free_bytes
-    with _lock:
-        for mapping in _writers.values():
-            mapping.close()
-        _writers.clear()
-        _capacity.clear()
-        _free.clear()
-        _free_bytes = 0
-        _maps.clear()
-        _pending.clear()
-        _consumed.clear()
+# This process's pool, and its methods as the module's functions (serialization, the head and
+# the workers call these; deserializing has nothing else to find it by).
+POOL = SegmentPool()
+set_unmapped_hook = POOL.set_unmapped_hook
+acquire = POOL.acquire
+reclaim = POOL.reclaim
+forget = POOL.forget
+pooled_bytes = POOL.pooled_bytes
+track_mapping = POOL.track_mapping
+delivery_received = POOL.delivery_received
+delivery_consumed = POOL.delivery_consumed
+local_maps = POOL.local_maps
+reset = POOL.reset

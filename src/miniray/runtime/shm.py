@@ -40,6 +40,7 @@ import glob
 import itertools
 import mmap
 import os
+from typing import NamedTuple
 
 from miniray.errors import ObjectStoreFullError
 
@@ -70,8 +71,36 @@ def path_of(name: str) -> str:
     return os.path.join(directory(), name)
 
 
+class SegmentName(NamedTuple):
+    """The parts of a segment's name, ``miniray_<session>_<creator pid>_<serial>``: the one
+    place that knows the format (the head asks who created a segment to hand it back)."""
+
+    session_id: str
+    creator_pid: int
+    serial: int
+
+    def __str__(self) -> str:
+        return f"{session_prefix(self.session_id)}{self.creator_pid}_{self.serial}"
+
+
 def new_name(session_id: str) -> str:
-    return f"{session_prefix(session_id)}{os.getpid()}_{next(_counter)}"
+    return str(SegmentName(session_id, os.getpid(), next(_counter)))
+
+
+def parse_name(name: str) -> SegmentName | None:
+    """The parts of a name ``new_name`` made, pooled or being evicted (``.free``,
+    ``.evicting``: the suffix is dropped); None for any other name."""
+    if not name.startswith(NAME_PREFIX):
+        return None
+    parts = name[len(NAME_PREFIX) :].split("_")
+    if len(parts) != 3:
+        return None
+    serial, dot, suffix = parts[2].partition(".")
+    if dot and "." + suffix not in (FREE_SUFFIX, EVICTING_SUFFIX):
+        return None
+    if not parts[1].isdigit() or not serial.isdigit():
+        return None
+    return SegmentName(parts[0], int(parts[1]), int(serial))
 
 
 def aligned(n: int) -> int:

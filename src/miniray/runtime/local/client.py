@@ -59,19 +59,19 @@ class WorkerClient:
         self._sent_functions: set[str] = set()
 
     # -- channel ---------------------------------------------------------------------------
-    def send(self, message: tuple[Any, ...]) -> None:
+    def send(self, message: protocol.ToHead) -> None:
         with self._send_lock:
             # Pins first: a ref inside `message` must be pinned before the head could free it.
             if self._pins:
                 pins = [self._pins.popleft() for _ in range(len(self._pins))]
-                protocol.send(self._conn, ("pin", pins))
+                protocol.send(self._conn, protocol.Pin(pins))
             protocol.send(self._conn, message)
             if self._releases:
                 releases = [self._releases.popleft() for _ in range(len(self._releases))]
-                protocol.send(self._conn, ("release", releases))
+                protocol.send(self._conn, protocol.Release(releases))
             if self._unmapped:
                 unmapped = [self._unmapped.popleft() for _ in range(len(self._unmapped))]
-                protocol.send(self._conn, ("unmapped", unmapped))
+                protocol.send(self._conn, protocol.Unmapped(unmapped))
 
     def on_reply(self, request_id: int, payload: Any) -> None:
         """Called by the receiver thread."""
@@ -86,7 +86,9 @@ class WorkerClient:
         if request.callback is not None:
             request.callback(payload)
 
-    def _request(self, make: Callable[[int], tuple], deadline: float | None, what: str) -> Any:
+    def _request(
+        self, make: Callable[[int], protocol.ToHead], deadline: float | None, what: str
+    ) -> Any:
         request_id = next(self._request_ids)
         request = _Request()
         self._requests[request_id] = request
@@ -105,13 +107,13 @@ class WorkerClient:
     def _give_up(self, request_id: int) -> None:
         """The caller no longer waits for this answer (its reply, if any, is dropped)."""
         self._requests.pop(request_id, None)
-        self.send(("cancel_request", request_id))
+        self.send(protocol.CancelRequest(request_id))
 
     # -- objects ---------------------------------------------------------------------------
     def get(self, refs: list[ObjectRef], deadline: float | None) -> list[Any]:
         ids = [r.id for r in refs]
         stored = self._request(
-            lambda rid: ("get", rid, ids),
+            lambda rid: protocol.Get(rid, ids),
             deadline,
             f"get() waiting for {len(ids)} object(s) starting with {refs[0]!r}",
         )
@@ -125,7 +127,7 @@ class WorkerClient:
         ids = [r.id for r in refs]
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         ready_ids = set(
-            self._request(lambda rid: ("wait", rid, ids, num_returns, timeout), None, "wait()")
+            self._request(lambda rid: protocol.Wait(rid, ids, num_returns, timeout), None, "wait()")
         )
         ready = [r for r in refs if r.id in ready_ids][:num_returns]
         taken = {r.id for r in ready}
@@ -134,7 +136,7 @@ class WorkerClient:
     def put(self, value: Any) -> ObjectRef:
         oid = new_id("o")
         ser = serialization.serialize(value, session_id=self._session_id)
-        self.send(("put", oid, ser))
+        self.send(protocol.Put(oid, ser))
         return ObjectRef(oid)
 
     def future(self, ref: ObjectRef) -> Any:
@@ -153,7 +155,7 @@ class WorkerClient:
 
         request_id = next(self._request_ids)
         self._requests[request_id] = _Request(complete)
-        self.send(("get", request_id, [ref.id]))
+        self.send(protocol.Get(request_id, [ref.id]))
         return fut
 
     def release(self, object_id: str) -> None:
@@ -168,7 +170,7 @@ class WorkerClient:
 
     def flush(self) -> None:
         if self._releases or self._pins or self._unmapped:
-            self.send(("release", []))
+            self.send(protocol.Release([]))
 
     # -- tasks and actors --------------------------------------------------------------------
     def submit_task(
@@ -186,8 +188,7 @@ class WorkerClient:
         task_id = new_id("t")
         return_ids = [new_id("o") for _ in range(options["num_returns"])]
         self.send(
-            (
-                "submit",
+            protocol.Submit(
                 task_id,
                 fn.function_id,
                 fn_bytes,
@@ -211,8 +212,7 @@ class WorkerClient:
         payload = serialize_args(call_args, call_kwargs, label, self._session_id)
         return_ids = [new_id("o") for _ in range(options["num_returns"])]
         self.send(
-            (
-                "submit_call",
+            protocol.SubmitCall(
                 handle.actor_id,
                 new_id("m"),
                 method,
@@ -233,15 +233,8 @@ class WorkerClient:
         payload = serialize_args(init_args, init_kwargs, cls.__name__, self._session_id)
         class_bytes = execution.pickled_definition(cls.cls, "actor", cls.__name__)
         answer = self._request(
-            lambda rid: (
-                "create_actor",
-                rid,
-                cls.__name__,
-                cls.methods,
-                class_bytes,
-                payload,
-                deps,
-                options,
+            lambda rid: protocol.NewActor(
+                rid, cls.__name__, cls.methods, class_bytes, payload, deps, options
             ),
             None,
             "create_actor",
@@ -249,10 +242,12 @@ class WorkerClient:
         return _handle_or_raise(answer)
 
     def kill(self, handle: ActorHandle, no_restart: bool) -> None:
-        self._request(lambda rid: ("kill", rid, handle.actor_id, no_restart), None, "kill()")
+        self._request(lambda rid: protocol.Kill(rid, handle.actor_id, no_restart), None, "kill()")
 
     def get_actor(self, name: str, namespace: str | None) -> ActorHandle:
-        answer = self._request(lambda rid: ("get_actor", rid, name, namespace), None, "get_actor()")
+        answer = self._request(
+            lambda rid: protocol.GetActor(rid, name, namespace), None, "get_actor()"
+        )
         return _handle_or_raise(answer)
 
     def runtime_context(self) -> runtime_context.RuntimeContext:
@@ -267,7 +262,7 @@ class WorkerClient:
         runtime_context.exit_actor_here()
 
     def cancel(self, ref: ObjectRef, force: bool, recursive: bool) -> None:
-        self.send(("cancel", ref.id, force, recursive))
+        self.send(protocol.CancelRef(ref.id, force, recursive))
 
     def shutdown(self) -> None:
         raise RaySystemError("shutdown() can only be called by the driver, not inside a worker")

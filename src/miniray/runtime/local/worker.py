@@ -50,7 +50,9 @@ class Worker:
         self.conn = conn
         self.session_id = session_id
         self.client = WorkerClient(conn, session_id, namespace)
-        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.inbox: queue.SimpleQueue[
+            protocol.RunTask | protocol.CreateActor | protocol.RunCall
+        ] = queue.SimpleQueue()
         self.functions: dict[str, Any] = {}
         self.instance: Any = None
         self.actor_name = ""
@@ -75,32 +77,34 @@ class Worker:
             except (EOFError, OSError):
                 self._driver_gone()
                 return
-            kind = message[0]
-            if kind == "reply":
-                self.client.on_reply(message[1], message[2])
-            elif kind == "exit":
-                os._exit(0)
-            elif kind == "cancel":
-                self._interrupt(message[1])
-            elif kind == "cancel_call":
-                self.cancelled_calls.add(message[1])
-                if self.loop is not None:
-                    self.loop.call_soon_threadsafe(self._cancel_async_call, message[1])
-            elif kind == "reclaim":
-                for name in message[1]:
-                    segments.reclaim(name)
-            elif kind == "call" and self.loop is not None:
-                try:
-                    self.loop.call_soon_threadsafe(self._start_async_call, message)
-                except RuntimeError:  # closed by exit_actor(): the head failed this call
-                    pass
-            elif kind == "call" and self.pool is not None:
-                try:
-                    self.pool.submit(self._run_call, message)
-                except RuntimeError:  # shut down by exit_actor(): the head failed this call
-                    pass
-            else:
-                self.inbox.put(message)
+            match message:
+                case protocol.Reply(request_id, payload):
+                    self.client.on_reply(request_id, payload)
+                case protocol.Exit():
+                    os._exit(0)
+                case protocol.CancelTask(task_id):
+                    self._interrupt(task_id)
+                case protocol.CancelCall(call_id):
+                    self.cancelled_calls.add(call_id)
+                    if self.loop is not None:
+                        self.loop.call_soon_threadsafe(self._cancel_async_call, call_id)
+                case protocol.Reclaim(names):
+                    for name in names:
+                        segments.reclaim(name)
+                case protocol.RunCall() if self.loop is not None:
+                    try:
+                        self.loop.call_soon_threadsafe(self._start_async_call, message)
+                    except RuntimeError:  # closed by exit_actor(): the head failed this call
+                        pass
+                case protocol.RunCall() if self.pool is not None:
+                    try:
+                        self.pool.submit(self._run_call, message)
+                    except RuntimeError:  # shut down by exit_actor(): the head failed this call
+                        pass
+                case protocol.RunTask() | protocol.CreateActor() | protocol.RunCall():
+                    self.inbox.put(message)
+                case _:  # a head of another version: say so, and keep draining the socket
+                    print(f"miniray worker: unknown message {message!r}", file=sys.stderr)
 
     def _interrupt(self, task_id: str) -> None:
         """Receiver thread: the head cancelled ``task_id``, which this worker runs or will run.
@@ -127,53 +131,44 @@ class Worker:
     # -- executing -------------------------------------------------------------------------
     def run(self) -> None:
         threading.Thread(target=self.receive_forever, name="miniray-receiver", daemon=True).start()
-        protocol.send(self.conn, ("ready", os.getpid()))
+        protocol.send(self.conn, protocol.Ready(os.getpid()))
         while True:
             message = self.inbox.get()
-            kind = message[0]
-            if kind == "task":
-                self._run_task(message)
-            elif kind == "create":
-                if self._create_actor(message) and self.loop is not None:
-                    self.loop.run_forever()
-            elif kind == "call":
-                self._run_call(message)
+            match message:
+                case protocol.RunTask():
+                    self._run_task(message)
+                case protocol.CreateActor():
+                    if self._create_actor(message) and self.loop is not None:
+                        self.loop.run_forever()
+                case protocol.RunCall():
+                    self._run_call(message)
 
     def _args(self, payload: Any, deps: dict[str, protocol.Stored]) -> tuple[tuple, dict]:
         args, kwargs = serialization.deserialize(payload)
         values = {oid: value_of(stored) for oid, stored in deps.items()}
         return execution.decode_args(args, kwargs, values)
 
-    def _run_task(self, message: tuple) -> None:
-        _, task_id, fn_id, fn_bytes, name, payload, deps, return_ids, options = message
-        if fn_bytes is not None:
-            self.functions[fn_id] = serialization.loads(fn_bytes)
+    def _run_task(self, message: protocol.RunTask) -> None:
+        task_id, name, return_ids = message.task_id, message.name, message.return_ids
+        if message.fn_bytes is not None:
+            self.functions[message.fn_id] = serialization.loads(message.fn_bytes)
         self.current_task = task_id  # from here a cancel interrupts us (see _interrupt)
         try:
-            outcome = self._attempts(task_id, fn_id, name, payload, deps, return_ids, options)
+            outcome = self._attempts(message)
         except KeyboardInterrupt:  # the cancel's interrupt, landing in our code around the call
             outcome = TaskCancelledError(f"task {name}() was cancelled")
         finally:
             self.current_task = None  # (no call here: a pending signal cannot run before it)
         if isinstance(outcome, BaseException):
             error = stored_error(outcome, self.session_id)
-            self.client.send(("result", task_id, [error] * max(1, len(return_ids))))
+            self.client.send(protocol.Result(task_id, [error] * max(1, len(return_ids))))
             return
         stored = [stored_value(v, self.session_id, name) for v in outcome]
         # Drop our views of the arguments first, so the send also reports them unmapped.
         del outcome
-        self.client.send(("result", task_id, stored))
+        self.client.send(protocol.Result(task_id, stored))
 
-    def _attempts(
-        self,
-        task_id: str,
-        fn_id: str,
-        name: str,
-        payload: Any,
-        deps: dict[str, protocol.Stored],
-        return_ids: list[str],
-        options: dict[str, Any],
-    ) -> list[Any] | BaseException:
+    def _attempts(self, message: protocol.RunTask) -> list[Any] | BaseException:
         """Run the task, retrying listed exceptions: its return values, or the error to store.
 
         Each retry is reported to the head, which counts it against the same ``max_retries``
@@ -181,6 +176,7 @@ class Worker:
         task ends this process, as in Ray: the head sees a crashed worker and retries the task
         under ``max_retries`` (whatever ``retry_exceptions`` says), else fails it with
         ``WorkerCrashedError`` (a cancelled one with ``TaskCancelledError``)."""
+        task_id, name, options = message.task_id, message.name, message.options
         attempts_left = options["max_retries"]
         runtime_context.set_executing(task_id, None)
         streams = options["num_returns"] == "streaming"
@@ -189,12 +185,13 @@ class Worker:
             if self.cancel_id == task_id:  # cancelled before it started, or between attempts
                 return TaskCancelledError(f"task {name}() was cancelled")
             try:
-                fn = self.functions[fn_id]
-                args, kwargs = self._args(payload, deps)
+                fn = self.functions[message.fn_id]
+                args, kwargs = self._args(message.payload, message.deps)
                 if streams:
                     self._stream(task_id, name, fn(*args, **kwargs), streamed)
                     return []
-                return execution.split_returns(fn(*args, **kwargs), len(return_ids), name)
+                returns = len(message.return_ids)
+                return execution.split_returns(fn(*args, **kwargs), returns, name)
             except BaseException as exc:
                 if isinstance(exc, SystemExit):
                     _exit_process(exc)
@@ -206,7 +203,7 @@ class Worker:
                 if left is None:
                     return execution.task_error(name, exc)
                 attempts_left = left
-                self.client.send(("retried", task_id))
+                self.client.send(protocol.Retried(task_id))
 
     def _stream(self, task_id: str, name: str, values: Any, streamed: list[int]) -> None:
         """Send each value a streaming task or actor call yields as it comes: the head makes
@@ -217,19 +214,20 @@ class Worker:
             if task_id in self.cancelled_calls:  # a cancelled actor call stops here, as in Ray
                 values.close()
                 raise TaskCancelledError(f"actor call {name}() was cancelled")
-            self.client.send(("yield", task_id, stored_value(value, self.session_id, name)))
+            self.client.send(protocol.Yield(task_id, stored_value(value, self.session_id, name)))
             del value
             streamed[0] = index + 1
 
     async def _stream_async(self, call_id: str, name: str, values: Any, streamed: list[int]):
         """``_stream`` for an async generator method, on the actor's event loop."""
         async for index, value in streaming.areplay(values, streamed[0]):
-            self.client.send(("yield", call_id, stored_value(value, self.session_id, name)))
+            self.client.send(protocol.Yield(call_id, stored_value(value, self.session_id, name)))
             del value
             streamed[0] = index + 1
 
-    def _create_actor(self, message: tuple) -> bool:
-        _, actor_id, class_name, class_bytes, payload, deps, options = message
+    def _create_actor(self, message: protocol.CreateActor) -> bool:
+        actor_id, class_name, options = message.actor_id, message.class_name, message.options
+        payload, deps = message.payload, message.deps
         self.actor_name = class_name
         self.identity = ActorIdentity(actor_id, class_name, options["methods"], options["name"])
         runtime_context.set_process_actor(self.identity)
@@ -243,14 +241,14 @@ class Worker:
             if failed is not None:  # then it is the only argument the head sent
                 failure = f"an argument of its __init__ failed:\n{error_of(failed)}"
             else:
-                cls = serialization.loads(class_bytes)
+                cls = serialization.loads(message.class_bytes)
                 args, kwargs = self._args(payload, deps)
                 self.instance = cls(*args, **kwargs)
         except BaseException as exc:
             error = execution.task_error(f"{class_name}.__init__", exc)
             failure = f"its __init__ raised:\n{error}"
         if failure is not None:
-            self.client.send(("created", actor_id, failure))
+            self.client.send(protocol.Created(actor_id, failure))
             return False
         import inspect  # lazily: task workers never need it
 
@@ -270,14 +268,13 @@ class Worker:
             self.pool = ThreadPoolExecutor(
                 options["max_concurrency"], thread_name_prefix=f"miniray-{class_name}"
             )
-        self.client.send(("created", actor_id, None))
+        self.client.send(protocol.Created(actor_id, None))
         return True
 
-    def _invoke(self, message: tuple) -> Any:
-        method, payload, deps = message[2], message[3], message[4]
-        args, kwargs = self._args(payload, deps)
-        runtime_context.set_executing(message[1], self.identity)
-        return execution.actor_method(self.instance, method)(*args, **kwargs)
+    def _invoke(self, message: protocol.RunCall) -> Any:
+        args, kwargs = self._args(message.payload, message.deps)
+        runtime_context.set_executing(message.call_id, self.identity)
+        return execution.actor_method(self.instance, message.method)(*args, **kwargs)
 
     def _finish_call(self, call_id: str, label: str, return_ids: list[str], value: Any) -> None:
         if call_id in self.cancelled_calls:  # Ray drops the result of a cancelled call
@@ -288,7 +285,7 @@ class Worker:
             return self._fail_call(call_id, label, return_ids, exc)
         stored = [stored_value(v, self.session_id, label) for v in values]
         del values, value
-        self.client.send(("result", call_id, stored))
+        self.client.send(protocol.Result(call_id, stored))
 
     def _fail_call(
         self, call_id: str, label: str, return_ids: list[str], exc: BaseException | None
@@ -300,21 +297,21 @@ class Worker:
             assert exc is not None
             failure = execution.task_error(label, exc)
         error = stored_error(failure, self.session_id)
-        self.client.send(("result", call_id, [error] * max(1, len(return_ids))))
+        self.client.send(protocol.Result(call_id, [error] * max(1, len(return_ids))))
 
-    def _run_call(self, message: tuple) -> None:
+    def _run_call(self, message: protocol.RunCall) -> None:
         if self.exiting:
             return  # queued behind the exit_actor() call: the head failed it already
-        retries_left = message[6]["max_task_retries"]
-        label = f"{self.actor_name}.{message[2]}"
-        if message[1] in self.cancelled_calls:  # cancelled while queued: it never runs
-            return self._fail_call(message[1], label, message[5], None)
+        retries_left = message.options["max_task_retries"]
+        label = f"{self.actor_name}.{message.method}"
+        if message.call_id in self.cancelled_calls:  # cancelled while queued: it never runs
+            return self._fail_call(message.call_id, label, message.return_ids, None)
         streamed = _streamed(message)
         while True:
             try:
                 value = self._invoke(message)
                 if streamed is not None:  # the call holds the actor until its generator ends
-                    self._stream(message[1], label, value, streamed)
+                    self._stream(message.call_id, label, value, streamed)
                     value = None
             except BaseException as exc:
                 left = self._after_failure(message, exc, retries_left)
@@ -323,18 +320,20 @@ class Worker:
                 retries_left = left
                 continue
             break
-        self._finish_call(message[1], label, message[5], value)
+        self._finish_call(message.call_id, label, message.return_ids, value)
         del value
         self.client.flush()
 
-    def _after_failure(self, message: tuple, exc: BaseException, retries_left: int) -> int | None:
+    def _after_failure(
+        self, message: protocol.RunCall, exc: BaseException, retries_left: int
+    ) -> int | None:
         """What a failed attempt of an actor call leads to, for the sync and the async runner
         alike: the retries left for the next attempt, or None once the call has ended.
 
         ``retries_left`` starts at ``max_task_retries`` (the head resolved it: the call's own,
         else the actor's). The head hears of each retry, so that one after this process dies
         counts against the same budget."""
-        call_id = message[1]
+        call_id = message.call_id
         if isinstance(exc, ActorExit):  # before SystemExit, which it is: exit_actor() is final
             self._exit_actor(call_id)
             return None
@@ -343,17 +342,19 @@ class Worker:
         if call_id in self.cancelled_calls:  # never retried; _fail_call says cancelled
             left = None
         else:
-            left = execution.retries_after(exc, retries_left, message[6]["retry_exceptions"])
+            left = execution.retries_after(exc, retries_left, message.options["retry_exceptions"])
         if left is None:
-            self._fail_call(call_id, f"{self.actor_name}.{message[2]}", message[5], exc)
+            label = f"{self.actor_name}.{message.method}"
+            self._fail_call(call_id, label, message.return_ids, exc)
             return None
-        self.client.send(("retried", call_id))
+        self.client.send(protocol.Retried(call_id))
         return left
 
-    def _start_async_call(self, message: tuple) -> None:
+    def _start_async_call(self, message: protocol.RunCall) -> None:
         assert self.loop is not None
         if not self.exiting:
-            self.async_calls[message[1]] = self.loop.create_task(self._run_async_call(message))
+            task = self.loop.create_task(self._run_async_call(message))
+            self.async_calls[message.call_id] = task
 
     def _cancel_async_call(self, call_id: str) -> None:
         """On the loop: the head cancelled this call; its coroutine sees CancelledError."""
@@ -361,20 +362,21 @@ class Worker:
         if task is not None:
             task.cancel()
 
-    async def _run_async_call(self, message: tuple) -> None:
-        label = f"{self.actor_name}.{message[2]}"
+    async def _run_async_call(self, message: protocol.RunCall) -> None:
+        label = f"{self.actor_name}.{message.method}"
+        call_id = message.call_id
         try:
             await self._run_async_attempts(message, label)
         except BaseException:
-            if message[1] not in self.cancelled_calls:
+            if call_id not in self.cancelled_calls:
                 raise
-            self._fail_call(message[1], label, message[5], None)  # cancelled while queued
+            self._fail_call(call_id, label, message.return_ids, None)  # cancelled while queued
         finally:
-            self.async_calls.pop(message[1], None)
+            self.async_calls.pop(call_id, None)
 
-    async def _run_async_attempts(self, message: tuple, label: str) -> None:
+    async def _run_async_attempts(self, message: protocol.RunCall, label: str) -> None:
         assert self.semaphore is not None
-        retries_left = message[6]["max_task_retries"]
+        retries_left = message.options["max_task_retries"]
         streamed = _streamed(message)
         async with self.semaphore:
             if self.exiting:
@@ -383,10 +385,10 @@ class Worker:
                 try:
                     value = self._invoke(message)
                     if streamed is not None and hasattr(value, "__anext__"):
-                        await self._stream_async(message[1], label, value, streamed)
+                        await self._stream_async(message.call_id, label, value, streamed)
                         value = None
                     elif streamed is not None:
-                        self._stream(message[1], label, value, streamed)
+                        self._stream(message.call_id, label, value, streamed)
                         value = None
                     elif hasattr(value, "__await__"):
                         value = await value
@@ -397,7 +399,7 @@ class Worker:
                     retries_left = left
                     continue
                 break
-            self._finish_call(message[1], label, message[5], value)
+            self._finish_call(message.call_id, label, message.return_ids, value)
 
     # -- exit_actor() ----------------------------------------------------------------------
     def _exit_actor(self, call_id: str) -> None:
@@ -405,7 +407,7 @@ class Worker:
         ActorDiedError and never restarts the actor; calls running alongside it (threaded or
         async actors) run to their end first, queued ones never start, as in Ray."""
         self.exiting = True
-        self.client.send(("actor_exit", call_id))
+        self.client.send(protocol.ActorExit(call_id))
         if self.pool is not None:
             pool = self.pool
 
@@ -430,9 +432,9 @@ class Worker:
         _end_process()
 
 
-def _streamed(message: tuple) -> list[int] | None:
+def _streamed(message: protocol.RunCall) -> list[int] | None:
     """A streaming call's count of values the caller has (a retry skips them), else None."""
-    options = message[6]
+    options = message.options
     return [options.get("streamed", 0)] if options["num_returns"] == "streaming" else None
 
 
