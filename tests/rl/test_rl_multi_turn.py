@@ -177,7 +177,7 @@ def test_a_conversation_calls_the_tool_and_answers_with_its_result(workdir, toke
         reward_fn=answer_reward,
     )
     (group,) = rollouter.generate_groups(1, version=0)
-    row = rollouter.rows[rollouter.order.row(0)]
+    row = rollouter.prompts.rows[rollouter.prompts.order.row(0)]
     expression, product = row["prompt"][0]["content"].rstrip("="), row["ground_truth"]
     call = ids(tokenizer, f"{CALL_START}{CALL_PREFIX}{expression}{CALL_SUFFIX}{CALL_END}")
     observation = ids(tokenizer, f"{RESPONSE_START}{product}{RESPONSE_END}{ASSISTANT}")
@@ -485,9 +485,9 @@ def test_the_tools_schemas_are_rendered_into_chat_prompts(tmp_path, workdir, tok
     rollouter = FullyAsyncRollouter(
         cfg, MessageQueue(max_queue_size=10), engine=object(), reward_fn=answer_reward
     )
-    first = rollouter.rows[0]["prompt"][0]["content"]
-    assert rollouter.prompt_texts[0] == f"[calculator]<|user|>{first}{ASSISTANT}"
-    assert rollouter.prompt_ids[0] == ids(listing, rollouter.prompt_texts[0])
+    first = rollouter.prompts.rows[0]["prompt"][0]["content"]
+    assert rollouter.prompts.prompt_texts[0] == f"[calculator]<|user|>{first}{ASSISTANT}"
+    assert rollouter.prompts.prompt_ids[0] == ids(listing, rollouter.prompts.prompt_texts[0])
 
 
 @pytest.mark.parametrize(

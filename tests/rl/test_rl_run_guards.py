@@ -183,7 +183,7 @@ def test_without_the_filter_overlong_prompts_are_cut_from_the_side_asked(workdir
     tokenizer = rollouter.tokenizer
     full = [[tokenizer.bos_token_id, *tokenizer(r["prompt"])["input_ids"]] for r in MIXED]
     expected = [ids[-4:] if truncation == "left" else ids[:4] for ids in full]
-    assert rollouter.prompt_ids == expected  # every row kept, in order; the long ones cut
+    assert rollouter.prompts.prompt_ids == expected  # every row kept, in order; the long ones cut
 
 
 def test_truncation_error_names_the_row_and_its_length(workdir):

@@ -23,35 +23,26 @@ behaviour log-probs, and continues in the next call with the new weights
 thrown away, and long responses are not starved by frequent syncs. With ``partial_rollout``
 off, interrupted groups are dropped and their prompts issued again.
 
-Prompts are read from the ``data.prompt_key`` column (answers from ``data.answer_key``);
-prompts longer than ``data.max_prompt_length`` tokens are dropped at start and counted
-(``prompts_skipped_too_long``) with ``data.filter_overlong_prompts`` (the default), else
-refused or cut as ``data.truncation`` says (``prompts.fit_prompt_lengths``). They come from
-``data_position.PromptCursor`` in a fixed seeded order; each group records its prompt position
-in ``Sample.metadata["prompt_position"]``. A dropped or stale-rejected group gives its position
-back, so the prompt is generated again rather than lost, and a resumed run
-(``restore_data_position``) issues exactly the prompts not trained before its checkpoint.
+How a group is made (its prompt, the engine calls, the multi-turn hook, scoring) is
+``group_sampler.GroupSampler``'s; the prompts and their cursor are its ``RolloutPrompts``.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import miniray
 from miniray.config import from_dict
 from miniray.rl.compat import actor_constructor
 from miniray.rl.config import RLConfig
-from miniray.rl.data_position import PromptCursor, PromptOrder, TrainedPositions
-from miniray.rl.dynamic_sampling import REWARD_METRICS_KEY
-from miniray.rl.multi_turn import Conversation, agent_loop_of, record_conversations
-from miniray.rl.prompts import prompt_text, read_training_prompts
+from miniray.rl.data_position import PromptCursor, TrainedPositions
+from miniray.rl.group_sampler import GroupSampler, Rollout, RolloutPrompts
+from miniray.rl.multi_turn import agent_loop_of
 from miniray.rl.replicas import (
     RemoteEngine,
     ReplicaFailed,
@@ -59,7 +50,7 @@ from miniray.rl.replicas import (
     in_process_engine,
     replica_count,
 )
-from miniray.rl.rewards import build_scorer, requests_for
+from miniray.rl.rewards import build_scorer
 from miniray.rl.rollout_sender import QueueSender, queue_answer
 from miniray.rl.staleness import admission_capacity
 from miniray.rl.tracking import peak_rss_gib
@@ -70,36 +61,8 @@ RewardFn = Callable[[str, str], float]
 logger = logging.getLogger(__name__)
 
 
-def sampling_filters(cfg: RLConfig) -> dict[str, Any]:
-    """``top_p`` / ``top_k`` for the engine when ``actor_rollout_ref.rollout`` sets them: an
-    engine that cannot filter (a test's fake, a custom one) then fails on the keyword instead
-    of sampling unfiltered, and one that never gets asked need not know the keywords."""
-    rollout = cfg.actor_rollout_ref.rollout
-    filters: dict[str, Any] = {}
-    if rollout.top_p < 1.0:
-        filters["top_p"] = rollout.top_p
-    if rollout.top_k > 0:
-        filters["top_k"] = rollout.top_k
-    return filters
-
-
 def as_rl_config(config: Any) -> RLConfig:
     return config if isinstance(config, RLConfig) else from_dict(RLConfig, dict(config))
-
-
-@dataclass
-class _Rollout:
-    """A group being generated: its prompt position and row, and which responses are done."""
-
-    position: int
-    row: dict[str, Any]
-    samples: list[Sample]
-    done: list[bool] = field(default_factory=list)
-    # Multi-turn: each sample's agent state (``multi_turn.Conversation``); empty otherwise.
-    conversations: list[Conversation] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.done = self.done or [False] * len(self.samples)
 
 
 class FullyAsyncRollouter:
@@ -134,62 +97,55 @@ class FullyAsyncRollouter:
         # One replica: called in this process; several: None (each builds its own).
         self.engine = in_process_engine(cfg, self.seed, engine, engine_factory)
         self.tokenizer = load_tokenizer(model.path, trust_remote_code=options["trust_remote_code"])
-        data = cfg.data
         # Multi-turn (actor_rollout_ref.rollout.multi_turn): ends each model turn, running its
         # tool calls; None: a rollout is one response. Its tools' schemas go into the prompts.
-        self.agent = agent_loop_of(cfg, self.tokenizer)
-        tools = self.agent.registry.schemas if self.agent else None
-        # Tokenized once, here: the limit needs every length, and the loop then reuses them.
-        prompts = read_training_prompts(data, self.tokenizer, tools=tools)
-        self.rows, self.prompt_ids = prompts.rows, prompts.token_ids
+        agent = agent_loop_of(cfg, self.tokenizer)
+        self.prompts = RolloutPrompts.read(
+            cfg, self.tokenizer, agent.registry.schemas if agent else None
+        )
         self.queue = queue
         # Rewards are scored on the scorer's threads, each call within its deadline.
-        self.scorer = build_scorer(cfg, reward_fn, self.rows)
-        # The prompt as the model sees it (chat messages rendered once, here), for samples.
-        self.prompt_texts = [
-            prompt_text(self.tokenizer, r[data.prompt_key], tools=tools) for r in self.rows
-        ]
-        self.order = PromptOrder(len(self.rows), seed=cfg.data.seed, shuffle=cfg.data.shuffle)
-        self.cursor = PromptCursor()
+        self.scorer = build_scorer(cfg, reward_fn, self.prompts.rows)
         self._resumed_groups = 0  # groups trained before the checkpoint this run resumed from
         # Groups the trainer consumed and discarded (dynamic sampling): they trained no
         # version, so they give their staleness room back (``discard_groups``).
         self._discarded_groups = 0
-        self._unfinished: list[_Rollout] = []  # partial rollouts waiting for the next call
+        self._unfinished: list[Rollout] = []  # partial rollouts waiting for the next call
         # Finished groups go to the queue on the sender's thread, which counts the answers.
         self._cond = threading.Condition()
         self.sender = QueueSender(
             queue,
             self._cond,
-            give_back=lambda position: self.cursor.give_back(position),
+            give_back=lambda position: self.prompts.cursor.give_back(position),
             closed=self._closed,
             stopped=lambda: self._stop,
             crashed=self._crashed,
         )
         self._waiting: tuple[str, float] | None = None  # (idle counter, since) while waiting
-        self.group_ids = itertools.count()
         self.version = 0
         self._in_flight = 0  # groups taken by a lane and not yet unfinished or offered
         self._stop = False
         self._thread: threading.Thread | None = None
         self._error: str | None = None
         self.stats = {
-            "groups_generated": 0,
-            "groups_aborted": 0,
-            "groups_interrupted": 0,
-            "groups_partial": 0,
-            "generate_seconds": 0.0,
             "idle_seconds": 0.0,  # waiting, for either of the two reasons below
             "idle_paused_seconds": 0.0,  # paused (a weight sync)
             "idle_throttled_seconds": 0.0,  # no admission room (staleness bound)
             "started_at": time.time(),
-            "prompts_skipped_too_long": prompts.dropped,  # of data.train_files, at start
-            "prompts_truncated": prompts.truncated,  # cut to the limit (data.truncation)
-            "tool_calls": 0,  # multi-turn: calls made by finished conversations
-            "tool_errors": 0,  # ... and how many of them failed (multi_turn.ERROR_KINDS)
         }
         # The replicas and their pause state, under self._cond with the lanes' work.
         self.pool = engine_pool(cfg, self.seed, self.engine, engine_factory, lock=self._cond)
+        self.sampler = GroupSampler(
+            cfg,
+            self.prompts,
+            tokenizer=self.tokenizer,
+            agent=agent,
+            scorer=self.scorer,
+            engine_for=self._engine_for,
+            pool=self.pool,
+            lock=self._cond,
+            should_stop=self._should_stop,
+        )
 
     # -- generation -------------------------------------------------------------------------
     def groups_per_call(self) -> int:
@@ -215,165 +171,31 @@ class FullyAsyncRollouter:
         prompt goes back to the cursor. Multi-turn: one call per turn until every conversation
         has ended."""
         v = self.version if version is None else version
-        groups = self._new_groups(num_groups, v)
+        groups = self.sampler.new_groups(num_groups, v)
         try:
-            interrupted = self._sample(groups, v, lane)
+            interrupted = self.sampler.sample(groups, v, lane)
             while not interrupted and not all(all(g.done) for g in groups):
-                interrupted = self._sample(groups, v, lane)
+                interrupted = self.sampler.sample(groups, v, lane)
         except ReplicaFailed as failure:
-            self._drop(groups)
+            self.sampler.drop(groups)
             self._replica_failed(lane, [], failure)
             return None
         if interrupted:
-            self._drop(groups)
+            self.sampler.drop(groups)
             return None
-        return [self._finish(group, lane) for group in groups]
+        return [self.sampler.finish(group, lane) for group in groups]
 
-    def _new_groups(self, count: int, version: int) -> list[_Rollout]:
-        """The next ``count`` prompts as groups of ``rollout.n`` empty samples (their prompts
-        were tokenized at start: tokenizing per call cost the CPU rollouter ~4% of its time)."""
-        if count <= 0:
-            return []
-        cfg = self.config
-        with self._cond:  # the sender gives stale-rejected positions back to the cursor
-            positions = [self.cursor.next() for _ in range(count)]
-        now = time.time()
-        groups = []
-        for position in positions:
-            index = self.order.row(position)
-            row, prompt_ids = self.rows[index], self.prompt_ids[index]
-            text = self.prompt_texts[index]
-            group_id = f"g{next(self.group_ids)}"
-            samples = [
-                Sample(
-                    prompt_token_ids=list(prompt_ids),
-                    response_token_ids=[],
-                    response_logprobs=[],
-                    v_start=version,
-                    group_id=group_id,
-                    created_at=now,
-                    prompt=text,
-                    metadata={"prompt_position": position},
-                )
-                for _ in range(cfg.actor_rollout_ref.rollout.n)
-            ]
-            conversations = [Conversation() for _ in samples] if self.agent else []
-            groups.append(
-                _Rollout(position=position, row=row, samples=samples, conversations=conversations)
-            )
-        return groups
-
-    def _sample(self, groups: list[_Rollout], version: int, lane: int = 0) -> bool:
-        """``_call`` once; True if interrupted. Multi-turn without partial rollouts: calls
-        until every conversation has ended, so a conversation is made by one version (an
-        interrupted one is dropped whole, as a single-turn group is)."""
-        interrupted = self._call(groups, version, lane)
-        whole = self.agent is not None and not self.config.async_training.partial_rollout
-        while whole and not interrupted and not all(all(g.done) for g in groups):
-            interrupted = self._call(groups, version, lane)
-        return interrupted
-
-    def _call(self, groups: list[_Rollout], version: int, lane: int = 0) -> bool:
-        """One engine call continuing every unfinished response of ``groups`` at ``version``.
-
-        Returns True if a pause or stop interrupted it. The tokens sampled before the
-        interruption stay with their sample (with the behaviour log-probs of the version that
-        sampled them), so a partial rollout continues where it stopped. Multi-turn: a
-        response is one model turn, and the agent loop says whether the conversation goes on
-        (then its group stays unfinished and the next call continues it).
-        """
-        cfg = self.config
-        limit = cfg.data.max_response_length
-        todo = [(g, i) for g in groups for i in range(len(g.samples)) if not g.done[i]]
-        if not todo:
-            return False
-        samples = [g.samples[i] for g, i in todo]
-        budgets = [limit - s.num_response_tokens for s in samples]
-        started = time.time()
-        engine = self.engine
-        if not self.pool.in_process:
-            timeout = cfg.async_training.generation_timeout
-            engine = RemoteEngine(lane, self.pool.handle(lane), timeout)
-        gens = engine.generate(
-            [s.prompt_token_ids + s.response_token_ids for s in samples],
-            max_new_tokens=max(budgets),  # rows with less room are cut below
-            temperature=cfg.actor_rollout_ref.rollout.temperature,
-            should_stop=self._should_stop,
-            **sampling_filters(cfg),
-        )
-        took = time.time() - started
-        with self._cond:  # lanes count at once
-            self.stats["generate_seconds"] += took
-        self.pool.record(lane, tokens=sum(len(g.response_token_ids) for g in gens), seconds=took)
-        interrupted = False
-        turns: list[tuple[_Rollout, int, bool]] = []  # multi-turn: (group, row, ended by EOS)
-        for (group, index), sample, budget, gen in zip(todo, samples, budgets, gens):
-            tokens = list(gen.response_token_ids[:budget])
-            if tokens:
-                if sample.num_response_tokens == 0:  # the age of a sample is its first token's
-                    sample.v_start = sample.v_end = version
-                sample.append_tokens(tokens, list(gen.response_logprobs[:budget]), version)
-            if gen.finish_reason == "aborted" and sample.num_response_tokens < limit:
-                interrupted = True
-            elif self.agent is None:
-                group.done[index] = True
-            else:
-                eos = gen.finish_reason == "stop" and len(gen.response_token_ids) <= budget
-                turns.append((group, index, eos))
-        if turns:
-            assert self.agent is not None
-            ended = self.agent.end_turns(
-                [(g.samples[i], g.conversations[i], eos) for g, i, eos in turns],
-                max_response_length=limit,
-            )
-            for (group, index, _), over in zip(turns, ended):
-                group.done[index] = over
-        if interrupted:
-            with self._cond:
-                self.stats["groups_interrupted"] += sum(1 for g in groups if not all(g.done))
-        return interrupted
+    def _engine_for(self, lane: int) -> Any:
+        """Replica ``lane``'s engine: this process's one, or a call to the replica's actor."""
+        if self.pool.in_process:
+            return self.engine
+        timeout = self.config.async_training.generation_timeout
+        return RemoteEngine(lane, self.pool.handle(lane), timeout)
 
     def _should_stop(self) -> bool:
         """Asked by the engine before every token: stop for a stop, or for a pause once its
         grace (``async_training.pause_grace_s``) has passed."""
         return self._stop or self.pool.should_stop()
-
-    def _drop(self, groups: list[_Rollout]) -> None:
-        """Give up on ``groups`` (no partial rollouts): their prompts are issued again."""
-        with self._cond:
-            self.stats["groups_aborted"] += len(groups)
-            for group in groups:
-                self.cursor.give_back(group.position)
-
-    def _finish(self, group: _Rollout, lane: int = 0) -> list[Sample]:
-        """Score a complete group; its samples get rewards and a finishing time. The reward
-        function's other numeric fields go to ``metadata["reward_metrics"]``, the rest to
-        ``metadata["reward_fields"]``."""
-        for sample in group.samples:
-            sample.response = self.tokenizer.decode(
-                sample.response_token_ids, skip_special_tokens=True
-            )
-        prompt = group.samples[0].prompt
-        requests = requests_for(group.row, [s.response for s in group.samples], prompt)
-        if group.conversations:  # the reward also sees the calls made (extra_info)
-            requests = record_conversations(requests, group.samples, group.conversations)
-        rewards = self.scorer.score(requests)
-        now = time.time()
-        for sample, reward in zip(group.samples, rewards):
-            if reward.metrics:
-                sample.metadata[REWARD_METRICS_KEY] = dict(reward.metrics)
-            if reward.fields:
-                sample.metadata["reward_fields"] = dict(reward.fields)
-            sample.finish(reward.score, now=now)
-        with self._cond:
-            self.stats["groups_generated"] += 1
-            if any(s.v_end > s.v_start for s in group.samples):
-                self.stats["groups_partial"] += 1
-            for conversation in group.conversations:
-                self.stats["tool_calls"] += len(conversation.calls)
-                self.stats["tool_errors"] += sum(conversation.errors.values())
-        self.pool.record(lane, groups=1)
-        return group.samples
 
     def generate_batch(self, num_groups: int, version: int | None = None) -> list[list[Sample]]:
         """The synchronous baseline's call: ``num_groups`` groups now, at this version, in
@@ -461,8 +283,8 @@ class FullyAsyncRollouter:
                 groups = taken
                 try:
                     # Outside the lock: pause_rollout() is not kept waiting by tokenization.
-                    groups = taken + self._new_groups(room, version)
-                    interrupted = self._sample(groups, version, lane)
+                    groups = taken + self.sampler.new_groups(room, version)
+                    interrupted = self.sampler.sample(groups, version, lane)
                 except ReplicaFailed as failure:
                     self._replica_failed(lane, groups, failure)
                     if not self.pool.alive(lane):
@@ -473,9 +295,9 @@ class FullyAsyncRollouter:
                 if interrupted and not partial:
                     with self._cond:
                         self._in_flight -= len(groups)
-                    self._drop(groups)
+                    self.sampler.drop(groups)
                     continue
-                finished = [self._finish(g, lane) for g in groups if all(g.done)]
+                finished = [self.sampler.finish(g, lane) for g in groups if all(g.done)]
                 # To the sender (rollout_sender.py: the lane never waits for the queue);
                 # until answered they take staleness room (admission_capacity(offered=...)).
                 with self._cond:
@@ -485,7 +307,7 @@ class FullyAsyncRollouter:
         except BaseException as exc:
             self._crashed(exc)
 
-    def _replica_failed(self, lane: int, groups: list[_Rollout], failure: ReplicaFailed) -> None:
+    def _replica_failed(self, lane: int, groups: list[Rollout], failure: ReplicaFailed) -> None:
         """Replica ``lane`` died or hung in a call: its groups go back unchanged (tokens are
         appended only from an answer), and the pool restarts it with the current weights while
         ``rollout.max_restarts`` allows; the run fails when no replica is left."""
@@ -540,7 +362,7 @@ class FullyAsyncRollouter:
                 f"restore_data_position(): discarded={discarded} must be in [0, "
                 f"{len(positions)}] (the groups the checkpoint consumed)"
             )
-        self.cursor = PromptCursor(positions)
+        self.prompts.cursor = PromptCursor(positions)
         self._resumed_groups = len(positions) - discarded
         return positions.watermark
 
@@ -657,7 +479,7 @@ class FullyAsyncRollouter:
     def get_statistics(self) -> dict[str, Any]:
         with self._cond:
             self._count_wait()
-            stats: dict[str, Any] = {**self.stats, **self.sender.counts}
+            stats: dict[str, Any] = {**self.stats, **self.sampler.counts, **self.sender.counts}
             stats.update(
                 version=self.version,
                 paused=self.pool.paused,
