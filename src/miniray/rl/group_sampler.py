@@ -9,6 +9,8 @@
                                           stop cut it
     finish(group, lane) -------------->   decode, score (the scorer's threads), stamp
     drop(groups) --------------------->   give the positions back to the cursor (lock)
+    generate(count, v, lane) --------->   all four for groups made whole now (the
+                                          rollouter's generate_groups / generate_batch)
 
 What the rollouter keeps: the generation loop (lanes, admission control), pause/resume and
 weight loads, and the statistics (it merges ``counts`` in). The lock is the rollouter's: the
@@ -40,6 +42,7 @@ from miniray.rl.dynamic_sampling import REWARD_METRICS_KEY
 from miniray.rl.multi_turn import AgentLoop, Conversation, record_conversations
 from miniray.rl.prompts import prompt_text, read_training_prompts
 from miniray.rl.replica_pool import ReplicaPool
+from miniray.rl.replicas import ReplicaFailed
 from miniray.rl.rewards import requests_for
 from miniray.rl.types import Sample
 
@@ -181,6 +184,24 @@ class GroupSampler:
                 Rollout(position=position, row=row, samples=samples, conversations=conversations)
             )
         return groups
+
+    def generate(self, count: int, version: int, lane: int = 0) -> list[list[Sample]] | None:
+        """``count`` new groups, called on replica ``lane`` until every response is done, then
+        scored (``FullyAsyncRollouter.generate_groups``). None if a pause or stop interrupted
+        them; then, as when the replica fails (``ReplicaFailed`` goes on to the caller), every
+        prompt goes back to the cursor."""
+        groups = self.new_groups(count, version)
+        try:
+            interrupted = self.sample(groups, version, lane)
+            while not interrupted and not all(all(g.done) for g in groups):
+                interrupted = self.sample(groups, version, lane)
+        except ReplicaFailed:
+            self.drop(groups)
+            raise
+        if interrupted:
+            self.drop(groups)
+            return None
+        return [self.finish(group, lane) for group in groups]
 
     def sample(self, groups: list[Rollout], version: int, lane: int = 0) -> bool:
         """``call`` once; True if interrupted. Multi-turn without partial rollouts: calls

@@ -42,6 +42,7 @@ from miniray.rl.compat import actor_constructor
 from miniray.rl.config import RLConfig
 from miniray.rl.data_position import PromptCursor, TrainedPositions
 from miniray.rl.group_sampler import GroupSampler, Rollout, RolloutPrompts
+from miniray.rl.idle_clock import IdleClock
 from miniray.rl.multi_turn import agent_loop_of
 from miniray.rl.replicas import (
     RemoteEngine,
@@ -121,18 +122,12 @@ class FullyAsyncRollouter:
             stopped=lambda: self._stop,
             crashed=self._crashed,
         )
-        self._waiting: tuple[str, float] | None = None  # (idle counter, since) while waiting
         self.version = 0
         self._in_flight = 0  # groups taken by a lane and not yet unfinished or offered
         self._stop = False
         self._thread: threading.Thread | None = None
         self._error: str | None = None
-        self.stats = {
-            "idle_seconds": 0.0,  # waiting, for either of the two reasons below
-            "idle_paused_seconds": 0.0,  # paused (a weight sync)
-            "idle_throttled_seconds": 0.0,  # no admission room (staleness bound)
-            "started_at": time.time(),
-        }
+        self.idle = IdleClock()  # the lanes' waits, paused or throttled
         # The replicas and their pause state, under self._cond with the lanes' work.
         self.pool = engine_pool(cfg, self.seed, self.engine, engine_factory, lock=self._cond)
         self.sampler = GroupSampler(
@@ -171,19 +166,11 @@ class FullyAsyncRollouter:
         prompt goes back to the cursor. Multi-turn: one call per turn until every conversation
         has ended."""
         v = self.version if version is None else version
-        groups = self.sampler.new_groups(num_groups, v)
         try:
-            interrupted = self.sampler.sample(groups, v, lane)
-            while not interrupted and not all(all(g.done) for g in groups):
-                interrupted = self.sampler.sample(groups, v, lane)
+            return self.sampler.generate(num_groups, v, lane)
         except ReplicaFailed as failure:
-            self.sampler.drop(groups)
             self._replica_failed(lane, [], failure)
             return None
-        if interrupted:
-            self.sampler.drop(groups)
-            return None
-        return [self.sampler.finish(group, lane) for group in groups]
 
     def _engine_for(self, lane: int) -> Any:
         """Replica ``lane``'s engine: this process's one, or a call to the replica's actor."""
@@ -259,15 +246,7 @@ class FullyAsyncRollouter:
             while True:
                 with self._cond:
                     while not self._stop and self._must_wait():
-                        why = (
-                            "idle_paused_seconds" if self.pool.paused else "idle_throttled_seconds"
-                        )
-                        self._waiting = (why, time.time())
-                        # Woken by resume, stop and load_weights (a new version makes room);
-                        # the timeout only bounds the wait should a wake-up ever be missed.
-                        self._cond.wait(1.0)
-                        self._count_wait()
-                        self._waiting = None
+                        self.idle.wait(self._cond, "paused" if self.pool.paused else "throttled")
                     if self._stop:
                         break
                     self.pool.begin_call(lane)  # counted with the work: see pause_rollout
@@ -332,16 +311,6 @@ class FullyAsyncRollouter:
             self._cond.notify_all()
         if self.queue is not None:
             queue_answer(self.queue, "close", f"the rollouter crashed:\n{self._error}")
-
-    def _count_wait(self) -> None:
-        """Add the wait in progress, up to now, to the idle counters (under the lock): the
-        statistics include a wait that has not ended yet."""
-        if self._waiting is not None:
-            why, since = self._waiting
-            now = time.time()
-            self.stats["idle_seconds"] += now - since
-            self.stats[why] += now - since
-            self._waiting = (why, now)
 
     def _must_wait(self) -> bool:
         """Paused, or no admission room and nothing unfinished (unfinished groups were admitted
@@ -478,8 +447,11 @@ class FullyAsyncRollouter:
 
     def get_statistics(self) -> dict[str, Any]:
         with self._cond:
-            self._count_wait()
-            stats: dict[str, Any] = {**self.stats, **self.sampler.counts, **self.sender.counts}
+            stats: dict[str, Any] = {
+                **self.idle.counts(),
+                **self.sampler.counts,
+                **self.sender.counts,
+            }
             stats.update(
                 version=self.version,
                 paused=self.pool.paused,
