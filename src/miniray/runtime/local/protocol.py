@@ -1,7 +1,7 @@
 """Messages between the driver (head) and the processes it started, and how they travel.
 
-One frozen dataclass per message kind, so that mypy checks every sender and every receiver
-(``match`` on the class). They travel pickled over a socketpair created by the driver for each
+One immutable, typed class per message kind (a ``NamedTuple``), so that mypy checks every
+sender and every receiver (``match`` on the class). They travel pickled over a socketpair created by the driver for each
 child: never over a network socket, and only between processes of one session (see
 docs/design.md, "What crosses a process boundary").
 
@@ -11,21 +11,22 @@ docs/design.md, "What crosses a process boundary").
                     Put, Get, Wait, CancelRequest, Release, Pin, Unmapped      (objects)
 
 On the wire a message is the tuple ``(tag, *field values)``, the tag its class's index in
-``_KINDS``; ``recv`` calls the class with the fields. Pickling the dataclass itself would send
-its module and class name in every message and look the class up again at every load: that
-measured 1.7x (RunCall) to 9x (Get) a tuple's pickle round trip (docs/design.md).
+``_KINDS``; ``recv`` calls the class with the fields. Pickling the message class itself would
+send its module and class name in every message and look the class up again at every load:
+that measured 1.7x (RunCall) to 9x (Get) a tuple's pickle round trip (docs/design.md).
+NamedTuple rather than a frozen dataclass: the 27 frozen, slotted dataclasses cost ~16 ms of
+import in every process (each started worker, so ``init``: 0.10-0.14 s -> 0.16-0.18 s in
+``benchmarks/runtime_vs_ray.py``) against ~4 ms, and a frozen dataclass is rebuilt on receipt
+at ~1.9 us (its ``__init__`` sets each field through ``object.__setattr__``) against ~0.3 us.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import operator
 import pickle
 import select
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from miniray.runtime.serialization import Serialized
 
@@ -43,22 +44,13 @@ def _wire(cls: type[_M]) -> type[_M]:
     """Register a message class: its tag, and how it becomes ``(tag, *fields)``."""
     tag = len(_KINDS)
     _KINDS.append(cls)
-    names = [field.name for field in dataclasses.fields(cls)]  # type: ignore[arg-type]
-    if not names:
-        _ENCODE[cls] = lambda message: (tag,)
-    elif len(names) == 1:
-        one = operator.attrgetter(names[0])
-        _ENCODE[cls] = lambda message: (tag, one(message))
-    else:
-        many = operator.attrgetter(*names)
-        _ENCODE[cls] = lambda message: (tag, *many(message))
+    _ENCODE[cls] = lambda message: (tag, *message)
     return cls
 
 
 # ------------------------------------------------------------------------ head -> child
 @_wire
-@dataclass(frozen=True, slots=True)
-class RunTask:
+class RunTask(NamedTuple):
     task_id: str
     fn_id: str
     fn_bytes: bytes | None  # the function, the first time this child runs it
@@ -70,8 +62,7 @@ class RunTask:
 
 
 @_wire
-@dataclass(frozen=True, slots=True)
-class CreateActor:
+class CreateActor(NamedTuple):
     actor_id: str
     class_name: str
     class_bytes: bytes
@@ -81,8 +72,7 @@ class CreateActor:
 
 
 @_wire
-@dataclass(frozen=True, slots=True)
-class RunCall:
+class RunCall(NamedTuple):
     call_id: str
     method: str
     payload: Serialized
@@ -92,79 +82,67 @@ class RunCall:
 
 
 @_wire
-@dataclass(frozen=True, slots=True)
-class CancelTask:
+class CancelTask(NamedTuple):
     task_id: str
 
 
 @_wire
-@dataclass(frozen=True, slots=True)
-class CancelCall:
+class CancelCall(NamedTuple):
     call_id: str
 
 
 @_wire
-@dataclass(frozen=True, slots=True)
-class Reply:
+class Reply(NamedTuple):
     request_id: int
     payload: Any  # what the request asked for (see each request)
 
 
 @_wire
-@dataclass(frozen=True, slots=True)
-class Reclaim:
+class Reclaim(NamedTuple):
     names: list[str]  # segments this child created that nobody maps any more
 
 
 @_wire
-@dataclass(frozen=True, slots=True)
-class Exit:
+class Exit(NamedTuple):
     pass
 
 
 # ------------------------------------------------------------------------ child -> head
 @_wire
-@dataclass(frozen=True, slots=True)
-class Ready:
+class Ready(NamedTuple):
     pid: int
 
 
 @_wire
-@dataclass(frozen=True, slots=True)
-class Result:
+class Result(NamedTuple):
     call_id: str  # a task's or an actor call's id
     stored: list[Stored]  # one per return id (at least one: an error fills them all)
 
 
 @_wire
-@dataclass(frozen=True, slots=True)
-class Yield:
+class Yield(NamedTuple):
     call_id: str
     stored: Stored  # the next value of a streaming task or call
 
 
 @_wire
-@dataclass(frozen=True, slots=True)
-class Retried:
+class Retried(NamedTuple):
     call_id: str  # ran again after a listed exception
 
 
 @_wire
-@dataclass(frozen=True, slots=True)
-class Created:
+class Created(NamedTuple):
     actor_id: str
     failure: str | None  # why __init__ failed, as text (the head never decodes user errors)
 
 
 @_wire
-@dataclass(frozen=True, slots=True)
-class ActorExit:
+class ActorExit(NamedTuple):
     call_id: str  # the call that called exit_actor()
 
 
 @_wire
-@dataclass(frozen=True, slots=True)
-class Submit:
+class Submit(NamedTuple):
     task_id: str
     fn_id: str
     fn_bytes: bytes | None
@@ -176,8 +154,7 @@ class Submit:
 
 
 @_wire
-@dataclass(frozen=True, slots=True)
-class SubmitCall:
+class SubmitCall(NamedTuple):
     actor_id: str
     call_id: str
     method: str
@@ -188,8 +165,7 @@ class SubmitCall:
 
 
 @_wire
-@dataclass(frozen=True, slots=True)
-class NewActor:
+class NewActor(NamedTuple):
     request_id: int  # Reply: ("ok", (actor_id, class_name, methods)) or ("error", exception)
     class_name: str
     methods: dict[str, Any]
@@ -200,46 +176,40 @@ class NewActor:
 
 
 @_wire
-@dataclass(frozen=True, slots=True)
-class Kill:
+class Kill(NamedTuple):
     request_id: int  # Reply: None
     actor_id: str
     no_restart: bool
 
 
 @_wire
-@dataclass(frozen=True, slots=True)
-class GetActor:
+class GetActor(NamedTuple):
     request_id: int  # Reply: ("ok", (actor_id, class_name, methods)) or ("error", ValueError)
     name: str
     namespace: str | None
 
 
 @_wire
-@dataclass(frozen=True, slots=True)
-class CancelRef:
+class CancelRef(NamedTuple):
     object_id: str
     force: bool
     recursive: bool
 
 
 @_wire
-@dataclass(frozen=True, slots=True)
-class Put:
+class Put(NamedTuple):
     object_id: str
     value: Serialized
 
 
 @_wire
-@dataclass(frozen=True, slots=True)
-class Get:
+class Get(NamedTuple):
     request_id: int  # Reply: list[Stored], one per id
     ids: list[str]
 
 
 @_wire
-@dataclass(frozen=True, slots=True)
-class Wait:
+class Wait(NamedTuple):
     request_id: int  # Reply: the ready ids
     ids: list[str]
     num_returns: int
@@ -247,26 +217,22 @@ class Wait:
 
 
 @_wire
-@dataclass(frozen=True, slots=True)
-class CancelRequest:
+class CancelRequest(NamedTuple):
     request_id: int  # the caller stopped waiting (its reply, if any, is dropped)
 
 
 @_wire
-@dataclass(frozen=True, slots=True)
-class Release:
+class Release(NamedTuple):
     ids: list[str]  # one ref of each dropped
 
 
 @_wire
-@dataclass(frozen=True, slots=True)
-class Pin:
+class Pin(NamedTuple):
     ids: list[str]  # pickled into another value: kept until shutdown
 
 
 @_wire
-@dataclass(frozen=True, slots=True)
-class Unmapped:
+class Unmapped(NamedTuple):
     reports: list[tuple[str, int]]  # (segment, deliveries consumed): no longer mapped here
 
 
