@@ -311,11 +311,7 @@ class UnifiedParameterSynchronizer(SeedSyncModes):
                 raise RuntimeError(f"pause_rollout() of {r!r} returned False")
         result.pause_s += self._clock() - t
 
-        t = self._clock()
-        weights, nbytes = self._fetch_weights(trainers[0], rollouters, deadline)
-        result.transfer_s += self._clock() - t
-        result.bytes = nbytes
-
+        weights = self._transfer(trainers[0], rollouters, deadline, result)
         t = self._clock()
         calls = [load_call(r, weights, target) for r in rollouters]
         for r, ok in zip(rollouters, self._wait_all(calls, deadline)):
@@ -330,10 +326,7 @@ class UnifiedParameterSynchronizer(SeedSyncModes):
         """Steps 1, 3 and 5 in one ``swap_weights`` call per rollouter, the weights fetched
         first. Its answer splits the call's time: waiting for the generation to stop is the
         pause phase, the rest the load."""
-        t = self._clock()
-        weights, nbytes = self._fetch_weights(trainer, rollouters, deadline)
-        result.transfer_s += self._clock() - t
-        result.bytes = nbytes
+        weights = self._transfer(trainer, rollouters, deadline, result)
         t = self._clock()
         timeout = max(0.0, deadline - self._clock())
         calls = [swap_call(r, weights, target, timeout) for r in rollouters]
@@ -342,6 +335,15 @@ class UnifiedParameterSynchronizer(SeedSyncModes):
         paused = max((float(a.get("pause_s", 0.0)) for a in answers), default=0.0)
         result.pause_s += min(paused, took)
         result.load_s += took - min(paused, took)
+
+    def _transfer(
+        self, trainer: Any, rollouters: list[Any], deadline: float, result: SyncResult
+    ) -> Any:
+        """Step 2, timed into ``result``: the weights in the form the rollouters take."""
+        t = self._clock()
+        weights, result.bytes = self._fetch_weights(trainer, rollouters, deadline)
+        result.transfer_s += self._clock() - t
+        return weights
 
     def _fetch_weights(
         self, trainer: Any, rollouters: list[Any], deadline: float
