@@ -365,9 +365,7 @@ class ParameterServer:
             "mode": self.config.mode,
             "num_shards": self.config.num_shards,
             "num_params": 0 if self.weights is None else len(self.weights),
-            "num_bytes": 0
-            if self.weights is None
-            else sum(t.numel() * t.element_size() for t in self.weights),
+            "num_bytes": 0 if self.weights is None else nbytes(self.weights),
             "worker_weights": dict(self.worker_weights),
             "staleness_bound": self.config.staleness_bound,
             "pending_pushes": len(self.pending),

@@ -219,13 +219,7 @@ def agent_loop_of(config: Any, tokenizer: Any) -> AgentLoop | None:
     mt = config.actor_rollout_ref.rollout.multi_turn
     if not mt.enable:
         defaults = type(mt)()
-        for name in (
-            "max_assistant_turns",
-            "max_parallel_calls",
-            "max_tool_response_length",
-            "tool_config_path",
-            "format",
-        ):
+        for name in (f.name for f in dataclasses.fields(mt) if f.name != "enable"):
             if getattr(mt, name) != getattr(defaults, name):
                 raise ValueError(
                     f"{mt.key(name)}={getattr(mt, name)!r} does nothing while "

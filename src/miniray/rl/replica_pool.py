@@ -165,7 +165,9 @@ class ReplicaPool:
             pool.shutdown()
             raise RuntimeError(
                 "; ".join(f"{pool.names[i]} did not start: {up.why(i)}" for i in up.missed)
-                + f" (waited {pool.start_timeout:g}s for its {pool._ready}())"
+                + f" (waited {pool.start_timeout:g}s for its {pool._ready}()); look in that "
+                "process's output for the cause (out of memory, an import error, a bad model "
+                "path), or raise the start timeout if it was only slow"
             )
         for index in up.missed:
             pool.failed(index, f"{pool._ready}() at its start: {up.why(index)}")

@@ -265,6 +265,13 @@ class FullyAsyncRollouter:
                     groups = taken + self.sampler.new_groups(room, version)
                     interrupted = self.sampler.sample(groups, version, lane)
                 except ReplicaFailed as failure:
+                    if not partial:  # a conversation is one version's: a begun one starts over
+                        begun = [g for g in groups if any(s.response_token_ids for s in g.samples)]
+                        if begun:
+                            groups = [g for g in groups if all(g is not b for b in begun)]
+                            with self._cond:
+                                self._in_flight -= len(begun)
+                            self.sampler.drop(begun)
                     self._replica_failed(lane, groups, failure)
                     if not self.pool.alive(lane):
                         break  # no restarts left: the other lanes go on
@@ -430,7 +437,7 @@ class FullyAsyncRollouter:
             if self.config.async_training.resume_on_load:
                 # The sync's resume_rollout is a round trip away and finds us running: that
                 # round trip was ~5% of the CPU rollouter's time at one sync per step.
-                self.pool.paused = False
+                self.pool.resume()
             self.version = int(version)
             self._cond.notify_all()
         return True

@@ -175,13 +175,19 @@ class ToolRegistry:
             )
             thread.start()
             running.append((i, tool, thread, time.monotonic() + tool.timeout_s))
+        # Each answer is decided once, here: an abandoned thread that finishes later writes
+        # into ``results`` only, never into what the model is shown.
+        answers = list(results)
         for i, tool, thread, deadline in running:
             thread.join(max(0.0, deadline - time.monotonic()))
-            if thread.is_alive() or results[i] is None:
-                results[i] = ToolResult.failed(
+            answer = results[i]
+            if thread.is_alive() or answer is None:
+                answer = ToolResult.failed(
                     "timeout", f"tool {tool.name!r} did not answer within {tool.timeout_s} s"
                 )
-        return [r for r in results if r is not None]
+            answers[i] = answer
+        assert all(a is not None for a in answers)  # refused or run: every call has one
+        return [a for a in answers if a is not None]
 
     def call(self, call: ToolCall) -> ToolResult:
         return self.call_many([call])[0]
