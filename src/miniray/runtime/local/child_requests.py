@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import time
 
-from miniray.errors import ObjectLostError
 from miniray.runtime.local import protocol
 from miniray.runtime.local.ledger import SegmentLedger
-from miniray.runtime.local.objects import ObjectTable
+from miniray.runtime.local.objects import ObjectTable, lost
 from miniray.runtime.local.processes import Child, Processes
 from miniray.runtime.local.values import stored_error
 
@@ -79,8 +78,7 @@ class ChildRequests:
         if isinstance(message, protocol.Get):
             missing = [oid for oid, e in zip(message.ids, entries) if e is None]
             if missing:
-                lost = ObjectLostError(f"ObjectRef({missing[0]}) is not known to this runtime")
-                error = stored_error(lost, self._session_id)
+                error = stored_error(lost(missing[0]), self._session_id)
                 self._reply(request, [error] * len(entries))
                 return True
             stored = [e.stored for e in entries if e is not None]

@@ -100,10 +100,7 @@ class ObjectTable:
         for oid in oids:
             entry = self._entries.get(oid)
             if entry is None:
-                raise ObjectLostError(
-                    f"{what}ObjectRef({oid}) is not known to this runtime: it was freed, or it "
-                    "comes from an earlier miniray.init() session"
-                )
+                raise lost(oid, what)
             entries.append(entry)
         return entries
 
@@ -150,7 +147,7 @@ class ObjectTable:
         for oid in deps:
             entry = self._entries.get(oid)
             if entry is None:
-                raise ObjectLostError(f"argument ObjectRef({oid}) is not known to this runtime")
+                raise lost(oid, "argument ")
             entry.uses += 1
             if entry.stored is None:
                 missing.append(oid)
@@ -216,3 +213,11 @@ class ObjectTable:
         self._entries.clear()
         self._watched.clear()
         return waiting
+
+
+def lost(oid: str, what: str = "") -> ObjectLostError:
+    """The error for a ref this runtime does not know, saying how that happens."""
+    return ObjectLostError(
+        f"{what}ObjectRef({oid}) is not known to this runtime: it was freed, or it comes from "
+        "an earlier miniray.init() session"
+    )
