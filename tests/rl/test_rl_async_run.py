@@ -190,7 +190,9 @@ def test_swap_weights_pauses_loads_and_resumes_in_one_call_even_when_the_load_fa
         assert stats["paused"] is False and stats["version"] == 0  # running, old weights
         rollouter.engine = FakeEngine()
         answer = rollouter.swap_weights(2, weights={"w": 1}, timeout=5)
-        assert set(answer) == {"pause_s", "load_s"} and min(answer.values()) >= 0
+        assert set(answer) == {"pause_s", "load_s", "by_value"}
+        assert min(answer["pause_s"], answer["load_s"]) >= 0
+        assert answer["by_value"] is True  # its engine is in this process: send values
         stats = rollouter.get_statistics()
         assert stats["version"] == 2 and stats["paused"] is False
         assert stats["groups_interrupted"] >= 1

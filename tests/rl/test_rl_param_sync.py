@@ -448,6 +448,49 @@ def test_weights_already_in_the_object_store_are_passed_by_reference():
         miniray.shutdown()
 
 
+class ValueSwappingRollouter(SwappingRollouter):
+    """Records how each swap got its weights, and asks for them by value from then on (as
+    ``FullyAsyncRollouter`` does with its engine in its own process)."""
+
+    def swap_weights(self, version, *, weights=None, refs=None, timeout=30.0):
+        self.events.append("refs" if refs is not None else "value")
+        answer = super().swap_weights(version, weights=weights, refs=refs, timeout=timeout)
+        return {**answer, "by_value": True}
+
+    def get_events(self):
+        return list(self.events)
+
+
+def test_a_rollouter_that_asks_for_values_gets_the_weights_with_the_next_swap():
+    # The first swap sends the ref (the synchronizer cannot know yet); the answer's by_value
+    # makes the next one send the staged ref as the call's argument, which the runtime
+    # resolves: the rollouter gets the value without fetching it itself.
+    import torch
+
+    miniray.init(backend="local", num_workers=1)
+    try:
+
+        class StagedTrainer:
+            def __init__(self):
+                self.ref = None
+
+            def get_weights(self):
+                return self.ref
+
+        trainer = StagedTrainer()
+        rollouter = miniray.remote(ValueSwappingRollouter).remote()
+        sync, _ = make(trainer, rollouter)
+        for version, value in ((1, 3.0), (2, 5.0)):
+            trainer.ref = miniray.put({"layer.weight": torch.full((4, 4), value)})
+            assert sync.sync_to_rollouter(version) is True
+            state = miniray.get(rollouter.get_state.remote(), timeout=30)
+            assert state == {"paused": False, "version": version, "value": value}
+        events = miniray.get(rollouter.get_events.remote(), timeout=30)
+        assert [e for e in events if e in ("refs", "value")] == ["refs", "value"]
+    finally:
+        miniray.shutdown()
+
+
 def test_a_resumed_run_restores_the_version_before_its_first_sync():
     sync, _ = make()
     assert sync.restore_version(5) == 5

@@ -316,3 +316,18 @@ def test_a_checkpoint_is_not_written_from_non_finite_weights(inline, workdir, tm
         run(cfg, engine=EchoEngine(), trainer=PoisonedTrainer(cfg))
     saved = sorted(p.name for p in (tmp_path / "fully_async" / "checkpoints").iterdir())
     assert saved == ["global_step_1", "latest"]
+
+
+class PreparingTrainer(FullyAsyncTrainer):
+    """Records the steps the loop prepared a publish for (``TrainerGroup.prepare_publish``)."""
+
+    def prepare_publish(self, step, finite_at, *, copy):
+        self.prepared = getattr(self, "prepared", []) + [(step, copy)]
+
+
+def test_the_loop_prepares_a_publish_before_each_publishing_step(inline, workdir):
+    cfg = config(workdir)
+    cfg["trainer"].update(total_training_steps=4, trigger_parameter_sync_step=2)
+    trainer = PreparingTrainer(cfg)
+    run(cfg, engine=EchoEngine("prepared"), trainer=trainer)
+    assert trainer.prepared == [(2, False), (4, False)]

@@ -315,3 +315,89 @@ def test_bf16_on_cuda_trains_with_finite_steps(workdir, local_runtime):
         assert {str(t.dtype) for t in group.get_weights().values()} == {"torch.bfloat16"}
     finally:
         group.close()
+
+
+# -- the driver's calls: set_version not waited for, a publish's weights call sent early -------
+class RecordingRank:
+    """Stands in for a rank: records when each call starts (CLOCK_MONOTONIC is one clock for
+    every process), takes ``train_s`` per step and ``set_version_s`` per version."""
+
+    def __init__(self, train_s=0.2, set_version_s=0.0):
+        self.train_s, self.set_version_s = train_s, set_version_s
+        self.calls = []
+
+    def train_step(self, groups):
+        self.calls.append(("train_step", time.monotonic()))
+        time.sleep(self.train_s)
+        return {"loss": 0.5}
+
+    def get_weights(self):
+        self.calls.append(("get_weights", time.monotonic()))
+        return {"w": torch.ones(3)}
+
+    def publishable_weights(self, step, finite_at, metrics=None):
+        self.calls.append(("publishable_weights", time.monotonic()))
+        return {"w": torch.full((3,), float(step))}
+
+    def set_version(self, version):
+        self.calls.append(("set_version", time.monotonic()))
+        time.sleep(self.set_version_s)
+        if version < 0:
+            raise ValueError(f"version {version} < 0")
+        return version
+
+    def log(self):
+        return list(self.calls)
+
+
+def recording_group(**rank):
+    from miniray.rl.trainer_group import GroupPlan
+
+    plan = GroupPlan(
+        world_size=1, ranks_per_node=1, device_type="cpu", backend="gloo", strategy="ddp",
+        timeout_s=30.0,
+    )
+    actor = miniray.remote(RecordingRank).remote(**rank)
+    miniray.get(actor.log.remote(), timeout=30)  # started
+    return TrainerGroup(plan, [actor], [0], tokenizer=None), actor
+
+
+def test_set_version_is_not_waited_for_and_its_failure_is_raised_by_the_next_call(local_runtime):
+    group, actor = recording_group(set_version_s=0.5)
+    started = time.monotonic()
+    assert group.set_version(3) == 3 and group.version == 3
+    assert time.monotonic() - started < 0.3  # did not wait for the rank's 0.5 s
+    assert group.train_step([["g"]]) == {"loss": 0.5}
+    assert [name for name, _ in miniray.get(actor.log.remote(), timeout=30)] == [
+        "set_version",
+        "train_step",
+    ]
+    group.set_version(-1)
+    with pytest.raises(TrainerRankError, match=r"failed in set_version: .*version -1 < 0"):
+        group.get_weights()
+
+
+def test_a_prepared_publish_sends_the_weights_call_right_behind_the_step(local_runtime):
+    group, actor = recording_group(train_s=0.2)
+    group.prepare_publish(4, 3, copy=False)
+    group.train_step([["g"]])
+    time.sleep(0.3)  # the driver busy elsewhere: the rank has taken the weights already
+    asked = time.monotonic()
+    ref = group.published_weights(4, 3, {"loss": 0.5})
+    assert torch.equal(miniray.get(ref, timeout=30)["w"], torch.full((3,), 4.0))
+    log = miniray.get(actor.log.remote(), timeout=30)
+    assert [name for name, _ in log] == ["train_step", "publishable_weights"]
+    assert log[1][1] < asked  # sent with the step, not when the driver asked
+    # A prepared call that is not the one asked for is dropped, and the asked one made.
+    group.prepare_publish(5, 4, copy=True)
+    group.train_step([["g"]])
+    ref = group.published_weights(5, 4, {"loss": 0.5})
+    assert torch.equal(miniray.get(ref, timeout=30)["w"], torch.full((3,), 5.0))
+    names = [name for name, _ in miniray.get(actor.log.remote(), timeout=30)]
+    assert names[2:] == ["train_step", "get_weights", "publishable_weights"]
+    # Copy: get_weights answered from the call sent with the step.
+    group.prepare_publish(6, 5, copy=True)
+    group.train_step([["g"]])
+    assert torch.equal(group.get_weights()["w"], torch.ones(3))
+    names = [name for name, _ in miniray.get(actor.log.remote(), timeout=30)]
+    assert names[5:] == ["train_step", "get_weights"]

@@ -191,6 +191,27 @@ def test_a_groups_published_ref_travels_as_it_is(inline, mode, monkeypatch):
     assert loads == ["load:1", "load:2"]
 
 
+@pytest.mark.parametrize("extrapolation", [0.0, 1.0])
+def test_prepare_asks_a_group_for_the_weights_call_the_publish_will_make(inline, extrapolation):
+    trainer = GroupLike(2.0)
+    prepared = []
+    trainer.prepare_publish = lambda step, finite_at, *, copy: prepared.append(
+        (step, finite_at, copy)
+    )
+    publisher = background(trainer, FakeRollouter(), extrapolation=extrapolation)
+    try:
+        publisher.prepare(3)
+        publisher.publish(1, step=3, metrics={})
+        publisher.wait()
+        publisher.prepare(5)
+    finally:
+        publisher.close()
+    # Extrapolating publishes a copy (get_weights); otherwise the group's checked weights.
+    copy = bool(extrapolation)
+    assert prepared == [(3, 0, copy), (5, 3, copy)]
+    publisher_in("background", TorchTrainer())[0].prepare(1)  # a trainer without it: nothing
+
+
 def test_the_publisher_sends_the_extrapolated_weights_in_async_mode(inline):
     trainer, rollouter = TorchTrainer(1.0), FakeRollouter()
     publisher = background(trainer, rollouter, extrapolation=1.0)

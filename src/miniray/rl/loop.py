@@ -7,7 +7,7 @@
     resume from a checkpoint; evaluate; source.start()
     for step:
         batch = source.next_batch(version)            (dynamic sampling's fill inside)
-        metrics = trainer.train_step(batch.groups)
+        metrics = trainer.train_step(batch.groups)       (publisher.prepare before, every k)
         every k steps:  publisher.publish(version + 1)  async: snapshot, sync in the background
                         trainer.set_version, source.hand_off    sync: load, blocking
         other steps:    publisher.check_weights         (NaN/inf weights never leave)
@@ -208,6 +208,8 @@ def run(
         for step in range(start_step + 1, total_steps + 1):
             batch = source.next_batch(version)
             wait_s += batch.wait_s
+            if step % trigger == 0:
+                publisher.prepare(step)
             metrics: dict[str, Any] = dict(trainer.train_step(batch.groups))
             metrics.update(reward_metrics(batch.groups), **batch.metrics)
             metrics.update(conversation_metrics([s for g in batch.groups for s in g]))

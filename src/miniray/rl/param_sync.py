@@ -137,6 +137,8 @@ class UnifiedParameterSynchronizer(SeedSyncModes):
         self._sync_lock = threading.Lock()
         self._stats_lock = threading.Lock()
         self._weights_info: dict[str, dict[str, Any]] | None = None
+        # Per rollouter (by id): whether its swap_weights asked for the weights by value.
+        self._by_value: dict[int, bool] = {}
         self._counts = {"sync_count": 0, "sync_failures": 0, "timeouts": 0, "refused": 0}
         self._retries = 0
         self._bytes_total = 0
@@ -329,9 +331,14 @@ class UnifiedParameterSynchronizer(SeedSyncModes):
         weights = self._transfer(trainer, rollouters, deadline, result)
         t = self._clock()
         timeout = max(0.0, deadline - self._clock())
-        calls = [swap_call(r, weights, target, timeout) for r in rollouters]
+        calls = [
+            swap_call(r, weights, target, timeout, by_value=self._by_value.get(id(r), False))
+            for r in rollouters
+        ]
         answers = self._wait_all(calls, deadline)
         took = self._clock() - t
+        for r, answer in zip(rollouters, answers):  # how each wants the next sync's weights
+            self._by_value[id(r)] = bool(answer.get("by_value", False))
         paused = max((float(a.get("pause_s", 0.0)) for a in answers), default=0.0)
         result.pause_s += min(paused, took)
         result.load_s += took - min(paused, took)
@@ -570,10 +577,18 @@ def load_call(rollouter: Any, weights: Any, version: int) -> Pending:
     return call(rollouter, "load_weights", weights, version)
 
 
-def swap_call(rollouter: Any, weights: Any, version: int, timeout: float) -> Pending:
+def swap_call(
+    rollouter: Any, weights: Any, version: int, timeout: float, *, by_value: bool = False
+) -> Pending:
     """Start ``rollouter.swap_weights``: a ref goes in a list (``refs=``), so the rollouter hands
-    that one object to its replicas; a value goes as ``weights=``."""
-    if isinstance(weights, miniray.ObjectRef) and isinstance(rollouter, miniray.ActorHandle):
+    that one object to its replicas; a value goes as ``weights=``, and so does a ref when
+    ``by_value`` (the runtime then delivers the value with the call: a rollouter whose engine
+    is in its own process saves the round trip of fetching it)."""
+    if (
+        not by_value
+        and isinstance(weights, miniray.ObjectRef)
+        and isinstance(rollouter, miniray.ActorHandle)
+    ):
         return call(rollouter, "swap_weights", version, refs=[weights], timeout=timeout)
     return call(rollouter, "swap_weights", version, weights=weights, timeout=timeout)
 

@@ -46,6 +46,12 @@ __all__ = ["GroupPlan", "TrainerGroup", "TrainerRank", "group_plan"]
 
 logger = logging.getLogger(__name__)
 
+# How long a rank's failure waits for news of another rank's death before it is reported as
+# the cause: on a loaded 2-core machine a SIGKILLed rank's exit reached the driver after its
+# peer's gloo error in 2 of 3 runs of the killed-rank test (tests/rl/test_rl_trainer_group.py),
+# which then named the survivor.
+DEATH_GRACE_S = 3.0
+
 
 @dataclass(frozen=True)
 class GroupPlan:
@@ -182,6 +188,12 @@ class TrainerGroup:
         self.nodes: list[str] = []  # each rank's node id (the Ray cluster test checks them)
         self.tokenizer = tokenizer
         self.version = 0
+        # Calls sent and not waited for (``set_version``), collected before the next call.
+        self._deferred: list[_Sent] = []
+        # The weights call to send right behind the next train_step (``prepare_publish``),
+        # then that call, sent, until ``get_weights``/``published_weights`` takes its answer.
+        self._after_step: _Call | None = None
+        self._prefetched: tuple[_Call, _Sent] | None = None
 
     @classmethod
     def start(cls, config: Any) -> TrainerGroup:
@@ -240,10 +252,34 @@ class TrainerGroup:
         return self.plan.note
 
     def train_step(self, groups: Sequence[Sequence[Any]]) -> dict[str, float]:
-        """One step on every rank; the metrics (reduced over the ranks) of rank 0."""
-        return self._all("train_step", list(groups))[0]
+        """One step on every rank; the metrics (reduced over the ranks) of rank 0. A weights
+        call asked for by ``prepare_publish`` is sent right behind it."""
+        self._collect_deferred()
+        self._prefetched = None  # a prepared publish nobody took: its answer is dropped
+        sent = self._send("train_step", list(groups))
+        after, self._after_step = self._after_step, None
+        if after is not None:
+            self._prefetched = (after, self._send(after.method, *after.args, ranks=after.ranks))
+        return self._answers(sent)[0][1]
+
+    def prepare_publish(self, step: int, finite_at: int, *, copy: bool) -> None:
+        """The next ``train_step`` (``step``) is followed by a publish: its weights call goes
+        to the ranks right behind the step, so a rank starts it the moment the step ends,
+        rather than one round trip later when the driver has the step's answer (~1.5 ms of a
+        ~40 ms demo step, benchmarks/async_vs_sync.py). ``copy``: the publish will ask for
+        ``get_weights`` (a copy to extrapolate from), else for ``published_weights(step,
+        finite_at, ...)``, checked by the rank against its own step's metrics."""
+        if copy:
+            self._after_step = _Call("get_weights", (), self._weight_ranks())
+        else:
+            self._after_step = _Call(
+                "publishable_weights", (step, finite_at, None), self._weight_ranks()
+            )
 
     def get_weights(self) -> dict[str, Any]:
+        sent = self._take_prefetched(_Call("get_weights", (), self._weight_ranks()))
+        if sent is not None:
+            return self._answers(sent)[0][1]
         return self._all("get_weights", ranks=self._weight_ranks())[0]
 
     def live_weights(self) -> dict[str, Any]:
@@ -258,14 +294,20 @@ class TrainerGroup:
         sync's one copy; passing the ref on instead of putting the driver's value again saves
         a second copy of the model (benchmarks/weight_sync.py: the publish went from 0.76 s
         to 0.40 s at Qwen2.5-0.5B size, docs/benchmarks.md)."""
-        answers = self._all_refs(
-            "publishable_weights", step, finite_at, dict(metrics), ranks=self._weight_ranks()
-        )
+        ranks = self._weight_ranks()
+        sent = self._take_prefetched(_Call("publishable_weights", (step, finite_at, None), ranks))
+        if sent is not None:
+            return self._answers(sent)[0][0]
+        answers = self._all_refs("publishable_weights", step, finite_at, dict(metrics), ranks=ranks)
         return answers[0][0]
 
     def set_version(self, version: int) -> int:
+        """Tell the ranks the version their weights now are, without waiting: a rank runs
+        its calls in order, so the next call (a ``train_step``) finds this one done, and its
+        answer (an error, a dead rank) is collected before that call is sent. Waiting here was
+        a round trip, 1.3 ms of each ~40 ms step of the demo (benchmarks/async_vs_sync.py)."""
         self.version = int(version)
-        self._all("set_version", self.version)
+        self._deferred.append(self._send("set_version", self.version))
         return self.version
 
     def save_checkpoint(self, path: Any, extra: dict[str, Any]) -> Any:
@@ -305,10 +347,35 @@ class TrainerGroup:
         self, method: str, *args: Any, ranks: list[Any] | None = None, **kwargs: Any
     ) -> list[tuple[miniray.ObjectRef, Any]]:
         """``_all``, each answer with the ref it is stored under."""
+        self._collect_deferred()
+        return self._answers(self._send(method, *args, ranks=ranks, **kwargs))
+
+    def _collect_deferred(self) -> None:
+        deferred, self._deferred = self._deferred, []
+        for sent in deferred:
+            self._answers(sent)
+
+    def _take_prefetched(self, call: _Call) -> _Sent | None:
+        """The sent call ``prepare_publish`` made, if it is ``call``; dropped otherwise."""
+        prefetched, self._prefetched = self._prefetched, None
+        if prefetched is None or prefetched[0] != call:
+            return None
+        return prefetched[1]
+
+    def _send(
+        self, method: str, *args: Any, ranks: list[Any] | None = None, **kwargs: Any
+    ) -> _Sent:
         ranks = self.ranks if ranks is None else ranks
         if not ranks:
             raise TrainerRankError(-1, None, f"the trainer group is closed; cannot call {method}")
-        pending = {getattr(r, method).remote(*args, **kwargs): i for i, r in enumerate(ranks)}
+        refs = {getattr(r, method).remote(*args, **kwargs): i for i, r in enumerate(ranks)}
+        return _Sent(method, refs)
+
+    def _answers(self, sent: _Sent) -> list[tuple[miniray.ObjectRef, Any]]:
+        """The answers of ``sent`` in rank order. The first rank to die or fail raises
+        ``TrainerRankError`` naming it; after the first answer the rest get ``timeout_s``
+        more."""
+        method, pending = sent.method, dict(sent.refs)
         answers: dict[int, tuple[miniray.ObjectRef, Any]] = {}
         deadline: float | None = None
         while pending:
@@ -329,17 +396,14 @@ class TrainerGroup:
                 try:
                     answers[rank] = (ref, miniray.get(ref, timeout=self.plan.timeout_s))
                 except RayActorError as exc:
-                    raise TrainerRankError(
-                        rank,
-                        self._pid(rank),
-                        f"trainer rank {rank} (pid {self._pid(rank)}) died during {method}: "
-                        f"{exc}; the group is closed: look for an OOM kill or a crash in that "
-                        "rank's output, then resume from the last checkpoint",
-                    ) from exc
+                    raise self._died(rank, method, exc) from exc
                 except Exception as exc:
                     cause = getattr(exc, "cause", exc)
                     if isinstance(cause, NonFiniteWeightsError):
                         raise cause from None  # the update diverged: not the rank's failure
+                    # A rank's collective fails when a peer dies, and its error may arrive
+                    # first: name the dead rank, the cause, if one turns out to be dead.
+                    self._raise_if_one_died(pending, method)
                     raise TrainerRankError(
                         rank,
                         self._pid(rank),
@@ -348,7 +412,52 @@ class TrainerGroup:
                     ) from exc
             if answers and deadline is None:
                 deadline = time.monotonic() + self.plan.timeout_s
-        return [answers[i] for i in range(len(ranks))]
+        return [answers[i] for i in range(len(sent.refs))]
+
+    def _died(self, rank: int, method: str, exc: BaseException) -> TrainerRankError:
+        return TrainerRankError(
+            rank,
+            self._pid(rank),
+            f"trainer rank {rank} (pid {self._pid(rank)}) died during {method}: {exc}; the "
+            "group is closed: look for an OOM kill or a crash in that rank's output, then "
+            "resume from the last checkpoint",
+        )
+
+    def _raise_if_one_died(self, pending: dict[Any, int], method: str) -> None:
+        """Raise the death of a rank among ``pending`` noticed within a short grace (its
+        process's exit reaches the driver a moment after the survivors' broken collectives)."""
+        deadline = time.monotonic() + min(DEATH_GRACE_S, self.plan.timeout_s)
+        waiting = dict(pending)
+        while waiting:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            ready, _ = miniray.wait(list(waiting), num_returns=1, timeout=left)
+            for ref in ready:
+                rank = waiting.pop(ref)
+                try:
+                    miniray.get(ref, timeout=0)
+                except RayActorError as exc:
+                    raise self._died(rank, method, exc) from exc
+                except Exception:  # another survivor's error: keep looking for the dead one
+                    pass
 
     def _pid(self, rank: int) -> int | None:
         return self.pids[rank] if rank < len(self.pids) and self.pids[rank] else None
+
+
+@dataclass(frozen=True)
+class _Sent:
+    """A call sent to some ranks: its method and each answer's ref -> the rank's index."""
+
+    method: str
+    refs: dict[Any, int]
+
+
+@dataclass(frozen=True)
+class _Call:
+    """A call to make on some ranks (compared by method, arguments and ranks)."""
+
+    method: str
+    args: tuple[Any, ...]
+    ranks: list[Any]

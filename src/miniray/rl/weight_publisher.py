@@ -2,6 +2,7 @@
 
 It owns everything between a trained step and the rollouter running its weights::
 
+    prepare(step)     before the step: a trainer group sends the weights call behind it
     publish(v, step)  take the weights into shared memory, the one copy (a trainer group's
                       rank answer, whose ref travels on; an in-process trainer's live
                       tensors, put) or a copy to extrapolate from
@@ -108,6 +109,13 @@ class WeightPublisher:
         finite when they were saved after ``step``)."""
         self.sync.restore_version(version)
         self.finite_at = step
+
+    def prepare(self, step: int) -> None:
+        """``step``'s weights will be published: a trainer that can (``TrainerGroup``) sends
+        the call that takes them right behind the step, so they are ready when its answer is."""
+        prepare = getattr(self.trainer, "prepare_publish", None)
+        if callable(prepare):
+            prepare(step, self.finite_at, copy=self.extrapolating)
 
     def publish(self, version: int, *, step: int, metrics: dict[str, Any]) -> None:
         """Publish the weights after ``step`` (its ``metrics`` name the cause if they are not
