@@ -147,11 +147,15 @@ def test_a_run_trains_every_batch_once_one_step_off_with_two_rollout_workers(
     assert s["rollout_workers"] == 2
     assert s["final_reverse_kl"] < s["initial_reverse_kl"]
     assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 12
-    # The workers' pool: each generated half of every batch, took every sync, missed none.
+    # The workers' pool: together they generated every prompt once (each worker pulls chunks
+    # of ceil(8 / 4x2) = 1 prompt), took every sync, missed none, failed never.
     workers = result.rollout_stats
-    assert [w["groups"] for w in workers] == [12 * 4, 12 * 4]
-    assert all(w["tokens"] > 0 and w["node"] is not None for w in workers)
+    assert [w["name"] for w in workers] == ["rollout_worker_0", "rollout_worker_1"]
+    assert sum(w["groups"] for w in workers) == 12 * 8
+    assert all(w["groups"] > 0 and w["tokens_per_s"] > 0 for w in workers)
+    assert all(w["node"] is not None for w in workers)
     assert [(w["loaded_version"], w["missed_syncs"]) for w in workers] == [(10, 0), (10, 0)]
+    assert [(w["failures"], w["last_failure"]) for w in workers] == [(0, None), (0, None)]
 
 
 @pytest.mark.slow
@@ -192,3 +196,21 @@ def test_lmbda_zero_trains_on_ground_truth_only_and_serial_is_on_policy(models, 
     assert result.summary["on_policy_batches"] == 0
     assert [m["staleness"] for m in result.history] == [0, 0, 0, 0]
     assert all("sampled_reverse_kl" not in m for m in result.history)
+
+
+def test_a_chunk_seed_makes_a_workers_responses_independent_of_the_worker(models):
+    """Two workers with different seeds and histories answer a chunk alike under its seed
+    (``dispatch.chunk_seed``), so it does not matter which one pulled it or whether it was
+    redone after a failure."""
+    from miniray.rl.distill.rollout_worker import RolloutWorker
+
+    a = RolloutWorker(str(models["student"]), seed=0)
+    b = RolloutWorker(str(models["student"]), seed=9)
+    prompts = [[1, 5, 6, 7], [1, 8, 9], [1, 4]]
+    kwargs = {"max_new_tokens": 8, "temperature": 1.0}
+    a.generate([[1, 5]], **kwargs)  # a different history
+    _, first = a.generate(prompts, seed=1234, **kwargs)
+    _, second = b.generate(prompts, seed=1234, **kwargs)
+    assert [g.response_token_ids for g in first] == [g.response_token_ids for g in second]
+    _, other = b.generate(prompts, seed=4321, **kwargs)
+    assert [g.response_token_ids for g in other] != [g.response_token_ids for g in first]
