@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import copy
+import os
+import signal
+import threading
+import time
 
 import pytest
 import torch
@@ -181,6 +185,48 @@ def test_a_rollout_worker_killed_mid_run_fails_the_next_sync_naming_it(
     stats = pools[0].statistics(1.0)
     assert [s["missed_syncs"] for s in stats] == [0, 1]
     assert stats[1]["loaded_version"] == 1  # the sync before batch 1, its last
+
+
+@pytest.mark.slow
+def test_a_rollout_worker_killed_mid_batch_is_restarted_and_every_batch_trains_once(
+    models, teacher, monkeypatch
+):
+    """SIGKILL worker 1 as soon as it has answered its first chunk (it has more of batch 0 to
+    pull): its chunk goes to worker 0, it is restarted, and the run goes on, each batch
+    generated and trained exactly once, the restarted worker taking every later sync."""
+    from miniray.rl.distill import loop
+
+    pools, stop = [], threading.Event()
+    start_workers = loop._start_workers
+
+    def kill_worker_1_mid_batch():
+        while not pools and not stop.is_set():
+            time.sleep(0.005)
+        pid = miniray.get(pools[0].handle(1).ping.remote(), timeout=60)["pid"]
+        while pools[0].stats[1]["groups"] == 0 and not stop.is_set():
+            time.sleep(0.002)
+        os.kill(pid, signal.SIGKILL)
+
+    monkeypatch.setattr(
+        loop, "_start_workers", lambda cfg: pools.append(start_workers(cfg)) or pools[-1]
+    )
+    killer = threading.Thread(target=kill_worker_1_mid_batch, daemon=True)
+    killer.start()
+    cfg = _config(models, "trainer.total_training_steps=4", "trainer.scheduler=one_step_off")
+    try:
+        result = run_distillation(cfg, teacher=teacher, eval_rows=[])
+    finally:
+        stop.set()
+        killer.join(10)
+    assert [m["batch"] for m in result.history] == [0, 1, 2, 3]
+    assert [m["staleness"] for m in result.history] == [0, 1, 1, 1]
+    workers = result.rollout_stats
+    assert sum(w["groups"] for w in workers) == 4 * 8  # the killed chunk counted once
+    assert [w["failures"] for w in workers] == [0, 1]
+    assert workers[1]["last_failure"].startswith("died")
+    assert [w["loaded_version"] for w in workers] == [2, 2]  # the restarted one took the syncs
+    assert result.summary["rollout_worker_failures"] == 1
+    assert pools[0].restarts == 1
 
 
 @pytest.mark.slow

@@ -282,9 +282,12 @@ class ChunkedGeneration:
     def _call(self, index: int, chunk: Chunk, deadline: float) -> tuple[int, list[Any] | None]:
         """The worker's answer to one chunk: ``(version, None)`` when the batch was closed
         meanwhile; ``_Late`` at ``deadline``; a death or the worker's error as raised."""
-        pending = call(
-            self.pool.handle(index), "generate", chunk.prompts, seed=chunk.seed, **self.kwargs
-        )
+        try:
+            pending = call(
+                self.pool.handle(index), "generate", chunk.prompts, seed=chunk.seed, **self.kwargs
+            )
+        except Exception as exc:  # a dead handle can refuse the submission: a death
+            raise RayActorError(f"the call was refused: {describe_error(exc)}") from exc
         while not pending.wait(min(deadline, self.clock() + POLL_S), clock=self.clock):
             if self._stopped():
                 return -1, None  # abandoned: the worker is killed when the run stops

@@ -371,6 +371,8 @@ def _summary(
         "max_staleness": max(ages) if ages else 0,
         "on_policy_batches": int(sum(m["on_policy"] for m in h)),
         "rollout_workers": cfg.num_rollout_workers,
+        # died or hung in a generation (each then restarted while rollout.max_restarts allows)
+        "rollout_worker_failures": sum(w["failures"] for w in result.rollout_stats),
     }
     for key in ("wait_gen", "wait_teacher", "train", "sync_rollout_weights"):
         values = [m[f"timing/{key}"] for m in h if f"timing/{key}" in m]
