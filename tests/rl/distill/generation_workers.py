@@ -22,7 +22,8 @@ class FakeGeneration:
 
 class FakeWorker:
     """``mode``: ok (each call sleeps ``delay`` s) | hang (sleeps an hour in generate) | die
-    (SIGKILLs itself in generate). Appends its pid to ``pid_file`` when it starts."""
+    (SIGKILLs itself in generate) | raise (a ValueError from generate). Appends its pid to
+    ``pid_file`` when it starts."""
 
     def __init__(self, mode: str = "ok", delay: float = 0.0, pid_file: str | None = None):
         self.mode, self.delay = mode, delay
@@ -46,6 +47,8 @@ class FakeWorker:
             time.sleep(3600)
         if self.mode == "die":
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.mode == "raise":
+            raise ValueError("prompt 0 has no tokens the model knows")
         time.sleep(self.delay)
         pid, mark = os.getpid(), (seed or 0) % 1000
         return self.version, [

@@ -9,10 +9,11 @@ import logging
 import os
 import pathlib
 import signal
+import threading
 import time
 
 import pytest
-from generation_workers import FakeWorker
+from generation_workers import FakeGeneration, FakeWorker
 
 import miniray
 from miniray.rl.distill.dispatch import (
@@ -21,6 +22,7 @@ from miniray.rl.distill.dispatch import (
     chunk_seed,
     chunk_size,
 )
+from miniray.rl.errors import CallTimeoutError
 from miniray.rl.replica_pool import ReplicaPool
 
 NAMES = ["rollout_worker_0", "rollout_worker_1"]
@@ -215,3 +217,61 @@ def test_close_stops_the_lanes_without_waiting_for_the_calls(local_runtime, tmp_
     finally:
         pool.shutdown()
     assert _no_process_left(_pids(tmp_path)) == []
+
+
+def test_a_worker_that_raises_ends_the_batch_with_its_error_and_is_not_restarted(
+    local_runtime, tmp_path
+):
+    pool = _pool(tmp_path, [("ok", 0.05)], [("raise", 0.0)])
+    try:
+        with pytest.raises(
+            RuntimeError,
+            match=r"rollout_worker_1 failed generating batch 7: "
+            r"ValueError: prompt 0 has no tokens",
+        ):
+            _generation(pool, 8).result(timeout=30)
+        assert pool.restarts == 0 and pool.failures == 0
+    finally:
+        pool.shutdown()
+
+
+class _Hangs:
+    """A plain-object worker (no runtime) whose generate never answers."""
+
+    def __init__(self, release):
+        self.release = release
+
+    def generate(self, prompts, **kwargs):
+        self.release.wait(30)
+        return 0, [FakeGeneration(list(p), [0]) for p in prompts]
+
+    def node(self):
+        return "here"
+
+
+def test_the_drivers_wait_ends_when_a_lane_overruns_its_own_bound():
+    """A restart that overruns the pool's start and load timeouts (its start_one blocks): the
+    driver's wait ends past the chunk's deadline plus the restart's bound, naming the worker."""
+    release = threading.Event()
+
+    def start_one(i):
+        release.wait(30)  # blocks: not bounded by the pool
+        return _Hangs(release)
+
+    pool = ReplicaPool(
+        [_Hangs(release)],
+        start_one=start_one,
+        max_restarts=1,
+        start_timeout=0.5,
+        load_timeout=0.5,
+        names=["rollout_worker_0"],
+    )
+    try:
+        start = time.monotonic()
+        work = _generation(pool, 2, timeout=0.5)
+        with pytest.raises(CallTimeoutError, match=r"0 of 2 chunks answered.*rollout_worker_0"):
+            work.result(timeout=0.5)
+        # the chunk's 0.5 s, then the restart's 0.5 + 0.5 s, each with the lane's 1 s of slack
+        assert 2.0 < time.monotonic() - start < 6.0
+    finally:
+        release.set()

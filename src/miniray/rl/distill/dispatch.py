@@ -53,9 +53,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 POLL_S = 0.05  # how often a lane that waits on its worker checks whether the batch was closed
-# A lane notices its own deadline (a chunk's, a restart's) and then records what it did: a few
-# milliseconds. The driver's wait allows it this much beyond the lane's deadline so that the
-# lane, not the driver, is the one that decides a worker is late.
+# A lane notices its own deadline (a chunk's, a restart's) within POLL_S and then records what
+# it did. The driver's wait allows it this much beyond the lane's deadline, 20 polls, so that the
+# lane, not the driver, is the one that decides a worker is late, even on a busy machine.
 LANE_SLACK_S = 1.0
 
 
