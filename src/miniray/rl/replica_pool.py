@@ -21,12 +21,13 @@ distillation's ``RolloutWorker`` actors (``rl/distill``).
     pool.gather(n, per_call, make)        n items from calls routed by pull (least loaded)
     pool.record(i, ...)                   the user's counts per replica (groups, tokens, seconds)
 
-What a failure means is the user's to say: the rollouter restarts the replica and goes on (its
-lanes hand the groups to the others), distillation's weight sync raises naming the worker
-(``max_restarts=0``: the driver owns the workers and the run stops). Every wait is an
-``endpoints.Pending`` under the caller's deadline; ``clock`` is that deadline's clock (tests
-pass a fake one). A replica is an actor handle; an in-process engine (the rollouter's one
-replica) is a pool of ``in_process`` size 1: counted, never called through the pool.
+What a failure means is the user's to say: the rollouter and distillation's generation
+(``distill/dispatch.py``) restart the replica and go on (their lanes hand its groups or its
+chunk to the others), distillation's weight sync raises naming the worker (the run stops).
+Every wait is an ``endpoints.Pending`` under the caller's deadline; ``clock`` is that deadline's
+clock (tests pass a fake one). A replica is an actor handle; an in-process engine (the
+rollouter's one replica) is a pool of ``in_process`` size 1: counted, never called through the
+pool.
 """
 
 from __future__ import annotations

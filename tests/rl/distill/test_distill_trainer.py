@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import copy
+import os
+import signal
+import threading
+import time
 
 import pytest
 import torch
@@ -147,11 +151,15 @@ def test_a_run_trains_every_batch_once_one_step_off_with_two_rollout_workers(
     assert s["rollout_workers"] == 2
     assert s["final_reverse_kl"] < s["initial_reverse_kl"]
     assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 12
-    # The workers' pool: each generated half of every batch, took every sync, missed none.
+    # The workers' pool: together they generated every prompt once (each worker pulls chunks
+    # of ceil(8 / 4x2) = 1 prompt), took every sync, missed none, failed never.
     workers = result.rollout_stats
-    assert [w["groups"] for w in workers] == [12 * 4, 12 * 4]
-    assert all(w["tokens"] > 0 and w["node"] is not None for w in workers)
+    assert [w["name"] for w in workers] == ["rollout_worker_0", "rollout_worker_1"]
+    assert sum(w["groups"] for w in workers) == 12 * 8
+    assert all(w["groups"] > 0 and w["tokens_per_s"] > 0 for w in workers)
+    assert all(w["node"] is not None for w in workers)
     assert [(w["loaded_version"], w["missed_syncs"]) for w in workers] == [(10, 0), (10, 0)]
+    assert [(w["failures"], w["last_failure"]) for w in workers] == [(0, None), (0, None)]
 
 
 @pytest.mark.slow
@@ -180,6 +188,48 @@ def test_a_rollout_worker_killed_mid_run_fails_the_next_sync_naming_it(
 
 
 @pytest.mark.slow
+def test_a_rollout_worker_killed_mid_batch_is_restarted_and_every_batch_trains_once(
+    models, teacher, monkeypatch
+):
+    """SIGKILL worker 1 as soon as it has answered its first chunk (it has more of batch 0 to
+    pull): its chunk goes to worker 0, it is restarted, and the run goes on, each batch
+    generated and trained exactly once, the restarted worker taking every later sync."""
+    from miniray.rl.distill import loop
+
+    pools, stop = [], threading.Event()
+    start_workers = loop._start_workers
+
+    def kill_worker_1_mid_batch():
+        while not pools and not stop.is_set():
+            time.sleep(0.005)
+        pid = miniray.get(pools[0].handle(1).ping.remote(), timeout=60)["pid"]
+        while pools[0].stats[1]["groups"] == 0 and not stop.is_set():
+            time.sleep(0.002)
+        os.kill(pid, signal.SIGKILL)
+
+    monkeypatch.setattr(
+        loop, "_start_workers", lambda cfg: pools.append(start_workers(cfg)) or pools[-1]
+    )
+    killer = threading.Thread(target=kill_worker_1_mid_batch, daemon=True)
+    killer.start()
+    cfg = _config(models, "trainer.total_training_steps=4", "trainer.scheduler=one_step_off")
+    try:
+        result = run_distillation(cfg, teacher=teacher, eval_rows=[])
+    finally:
+        stop.set()
+        killer.join(10)
+    assert [m["batch"] for m in result.history] == [0, 1, 2, 3]
+    assert [m["staleness"] for m in result.history] == [0, 1, 1, 1]
+    workers = result.rollout_stats
+    assert sum(w["groups"] for w in workers) == 4 * 8  # the killed chunk counted once
+    assert [w["failures"] for w in workers] == [0, 1]
+    assert workers[1]["last_failure"].startswith("died")
+    assert [w["loaded_version"] for w in workers] == [2, 2]  # the restarted one took the syncs
+    assert result.summary["rollout_worker_failures"] == 1
+    assert pools[0].restarts == 1
+
+
+@pytest.mark.slow
 def test_lmbda_zero_trains_on_ground_truth_only_and_serial_is_on_policy(models, teacher):
     cfg = _config(
         models,
@@ -192,3 +242,21 @@ def test_lmbda_zero_trains_on_ground_truth_only_and_serial_is_on_policy(models, 
     assert result.summary["on_policy_batches"] == 0
     assert [m["staleness"] for m in result.history] == [0, 0, 0, 0]
     assert all("sampled_reverse_kl" not in m for m in result.history)
+
+
+def test_a_chunk_seed_makes_a_workers_responses_independent_of_the_worker(models):
+    """Two workers with different seeds and histories answer a chunk alike under its seed
+    (``dispatch.chunk_seed``), so it does not matter which one pulled it or whether it was
+    redone after a failure."""
+    from miniray.rl.distill.rollout_worker import RolloutWorker
+
+    a = RolloutWorker(str(models["student"]), seed=0)
+    b = RolloutWorker(str(models["student"]), seed=9)
+    prompts = [[1, 5, 6, 7], [1, 8, 9], [1, 4]]
+    kwargs = {"max_new_tokens": 8, "temperature": 1.0}
+    a.generate([[1, 5]], **kwargs)  # a different history
+    _, first = a.generate(prompts, seed=1234, **kwargs)
+    _, second = b.generate(prompts, seed=1234, **kwargs)
+    assert [g.response_token_ids for g in first] == [g.response_token_ids for g in second]
+    _, other = b.generate(prompts, seed=4321, **kwargs)
+    assert [g.response_token_ids for g in other] != [g.response_token_ids for g in first]

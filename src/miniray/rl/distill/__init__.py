@@ -9,6 +9,7 @@ miniray.rl.distill.teacher_server`` or ``start_teacher_server``), ``TeacherClien
 The student side: ``losses`` (forward/reverse KL, generalized JSD, top-k support, the lmbda
 rule), ``scheduler`` (serial / one_step_off / two_step_off), ``weight_sync``
 (``sync_rollout_weights`` with its timeout and the seed's log lines), ``rollout_worker``,
+``dispatch`` (a batch's chunks to the rollout workers by pull, surviving a dead or hung one),
 ``trainer`` (``DistillTrainer``), ``loop`` (``run_distillation``), ``main`` (the entry point),
 ``config`` and ``measure`` (serial vs one_step_off wall time).
 
@@ -39,6 +40,7 @@ _EXPORTS.update(
         "RolloutWeightSyncError": "weight_sync",
         "RolloutWeightSyncTimeoutError": "weight_sync",
         "RolloutWorker": "rollout_worker",
+        "WorkersLostError": "dispatch",
         "distillation_loss": "losses",
         "generalized_jsd": "losses",
         "is_on_policy": "losses",

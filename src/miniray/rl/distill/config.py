@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from miniray.config import Config, load, option
-from miniray.rl.config import DataConfig, OptimConfig, RolloutConfig
+from miniray.rl.config import DataConfig, OptimConfig, ReplicaRolloutConfig
 from miniray.rl.config_loading import config_file, split_config_args
 from miniray.rl.config_reads import SCALE_OUT, Refusal, at_most, check_refused
 
@@ -171,7 +171,10 @@ class DistillTrainerConfig(Config):
         None, ge=1, help="stop after this many steps; None: total_epochs decide"
     )
     generation_timeout: float = option(
-        600.0, gt=0, help="seconds the rollout workers may take for one batch"
+        600.0,
+        gt=0,
+        help="seconds a rollout worker may take for one chunk of a batch (about B / 4R "
+        "prompts); past it the worker is restarted and the chunk goes to the others",
     )
     nnodes: int = option(1, ge=1)
     n_gpus_per_node: int = option(
@@ -192,7 +195,8 @@ class DistillConfig(Config):
     actor_rollout_ref: DistillActorRolloutRefConfig
     distill: DistillLossConfig = field(default_factory=DistillLossConfig)
     trainer: DistillTrainerConfig = field(default_factory=DistillTrainerConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    # rollout.max_restarts: the RL rollouter's key, read the same way (distill/loop.py)
+    rollout: ReplicaRolloutConfig = field(default_factory=ReplicaRolloutConfig)
 
     def validate(self) -> None:
         check_refused(self, DISTILL_REFUSED)

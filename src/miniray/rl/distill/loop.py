@@ -12,11 +12,13 @@
 A batch is on-policy (the student's generations) with probability ``distill.lmbda``, decided
 per batch index; otherwise it is the dataset's prompts with their ground-truth answers, which
 need no generation. The rollout workers are a ``replica_pool.ReplicaPool`` (started, fanned out
-to and counted as the RL rollouter's replicas are; they are not restarted: ``max_restarts=0``,
-a failed one ends the run); ``DistillResult.rollout_stats`` has the pool's per-worker
-statistics. Every wait is bounded; a dead or hung worker, a silent teacher or a failed
-weight sync ends the run with an error that names it, and the ``finally`` stops every process
-this run started.
+to, restarted and counted as the RL rollouter's replicas are); a batch's prompts go to them in
+chunks, by pull (``dispatch.ChunkedGeneration``): a worker that dies or hangs in a generation
+gives its chunk back to the others and is restarted with the current weights up to
+``rollout.max_restarts`` times; the batch fails, naming the workers, only when none is left.
+``DistillResult.rollout_stats`` has the pool's per-worker statistics. Every wait is bounded; a
+silent teacher or a failed weight sync ends the run with an error that names it, and the
+``finally`` stops every process this run started.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import logging
-import math
 import pathlib
 import statistics
 import time
@@ -36,12 +37,13 @@ import miniray
 from miniray.config import from_dict
 from miniray.rl.data_position import PromptOrder
 from miniray.rl.distill.config import DistillConfig
+from miniray.rl.distill.dispatch import ChunkedGeneration, GeneratedBatch
 from miniray.rl.distill.losses import is_on_policy
 from miniray.rl.distill.rollout_worker import RolloutWorker
 from miniray.rl.distill.scheduler import StepRecord, run_schedule
 from miniray.rl.distill.trainer import DistillBatch, DistillTrainer, Teacher
 from miniray.rl.distill.weight_sync import sync_rollout_weights
-from miniray.rl.endpoints import CallTimeoutError, Pending
+from miniray.rl.endpoints import Pending
 from miniray.rl.prompts import prompt_token_ids, read_training_prompts
 from miniray.rl.replica_pool import ReplicaPool
 from miniray.rl.tasks import exact_match_reward, load_prompts
@@ -56,31 +58,24 @@ class DistillResult:
     summary: dict[str, Any]
     history: list[dict[str, Any]] = field(default_factory=list)
     evals: list[dict[str, float]] = field(default_factory=list)
-    # Per rollout worker (``ReplicaPool.statistics``): prompts generated ("groups"), tokens,
-    # node, loaded_version, missed_syncs. Not generate_seconds (0, so no tokens_per_s): the
-    # driver reads a batch only after the step it overlaps, so it cannot time a worker's call.
+    # Per rollout worker (``ReplicaPool.statistics``), with its name: prompts generated
+    # ("groups"), tokens, seconds in its calls and tokens_per_s (each chunk's call timed by its
+    # lane), node, loaded_version, missed_syncs, failures (died or hung in a generation) and
+    # last_failure (why, or None).
     rollout_stats: list[dict[str, Any]] = field(default_factory=list)
 
 
 class _Generation:
-    """Generation of one batch split across rollout workers; ``result`` waits for all parts
-    (the first failed part ends the wait) and builds the batch."""
+    """One batch in generation (``dispatch.ChunkedGeneration``); ``result`` builds the batch."""
 
-    def __init__(self, parts: Pending, build: Callable[[list[Any]], DistillBatch]):
-        self.parts, self.build = parts, build
+    def __init__(self, work: ChunkedGeneration, build: Callable[[GeneratedBatch], DistillBatch]):
+        self.work, self.build = work, build
 
     def result(self, timeout: float | None = None) -> DistillBatch:
-        deadline = math.inf if timeout is None else time.monotonic() + timeout
-        try:
-            parts = self.parts.result(deadline)
-        except CallTimeoutError:
-            raise  # our wait ran out: the scheduler reports the batch as late
-        except TimeoutError as exc:  # a worker raised a TimeoutError itself: not a late batch
-            raise RuntimeError(f"a rollout worker failed: {exc}") from exc
-        return self.build(parts)
+        return self.build(self.work.result(timeout))
 
     def done(self) -> bool:
-        return self.parts.done()
+        return self.work.done()
 
 
 class DistillRun:
@@ -102,6 +97,8 @@ class DistillRun:
         topk = cfg.actor_rollout_ref.teacher.topk
         self.topk = trainer.vocab_size if topk == 0 else min(topk, trainer.vocab_size)
         self.rollout_version = 0
+        self.worker_faults: dict[str, str] = {}  # rollout worker -> its last failure
+        self._generations: list[ChunkedGeneration] = []
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
 
     # -- data --------------------------------------------------------------------------------
@@ -137,25 +134,26 @@ class DistillRun:
         d = self.cfg.distill
         if not is_on_policy(d.lmbda, seed=d.seed, batch_index=batch_index):
             return Pending.completed(self._ground_truth(batch_index, prompts, answers))
-        chunks = _split(prompts, self.workers.size)
-        used = [i for i in self.workers.indices if chunks[i]]
-        refs = [
-            self.workers.handle(i).generate.remote(
-                chunks[i],
-                max_new_tokens=self.cfg.data.max_response_length,
-                temperature=self.cfg.actor_rollout_ref.rollout.temperature,
-            )
-            for i in used
-        ]
+        work = ChunkedGeneration(
+            self.workers,
+            prompts,
+            batch_index=batch_index,
+            seed=self.cfg.trainer.seed,
+            timeout=self.cfg.trainer.generation_timeout,
+            generate_kwargs={
+                "max_new_tokens": self.cfg.data.max_response_length,
+                "temperature": self.cfg.actor_rollout_ref.rollout.temperature,
+            },
+            causes=self.worker_faults,
+        )
+        self._generations = [g for g in self._generations if not g.done()] + [work]
 
-        def build(parts: list[tuple[int, list[Any]]]) -> DistillBatch:
-            versions = {v for v, _ in parts}
-            # Workers load weights only while idle, all to the same version: one version.
+        def build(generated: GeneratedBatch) -> DistillBatch:
+            versions = set(generated.versions)
+            # Workers load weights only while idle, all to the same version, and a restarted
+            # one loads the current version before it generates: one version.
             assert len(versions) == 1, f"batch {batch_index} mixes weight versions {versions}"
-            for i, (_, part) in zip(used, parts):
-                tokens = sum(len(g.response_token_ids) for g in part)
-                self.workers.record(i, groups=len(part), tokens=tokens)
-            gens = [g for _, chunk in parts for g in chunk]
+            gens = generated.generations
             return DistillBatch(
                 batch_index=batch_index,
                 sequences=[g.prompt_token_ids + g.response_token_ids for g in gens],
@@ -165,7 +163,7 @@ class DistillRun:
                 version=versions.pop(),
             )
 
-        return _Generation(Pending(refs, f"generation of batch {batch_index}"), build)
+        return _Generation(work, build)
 
     def start_scoring(self, batch_index: int, generated: DistillBatch) -> Any:
         submit = getattr(self.teacher, "submit", None)
@@ -237,6 +235,10 @@ class DistillRun:
         )
 
     def close(self) -> None:
+        """Stop the generations in flight (before the caller kills the workers: a lane must not
+        restart a worker after that) and the teacher's thread."""
+        for work in self._generations:
+            work.close()
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
@@ -334,7 +336,10 @@ def run_distillation(
         if run is not None:
             run.close()
         if workers is not None:
-            result.rollout_stats = workers.statistics(time.time() - start)
+            result.rollout_stats = [
+                {"name": name, "last_failure": run.worker_faults.get(name) if run else None, **s}
+                for name, s in zip(workers.names, workers.statistics(time.time() - start))
+            ]
             workers.shutdown()
         if owned_teacher is not None and hasattr(owned_teacher, "close"):
             owned_teacher.close()
@@ -366,6 +371,8 @@ def _summary(
         "max_staleness": max(ages) if ages else 0,
         "on_policy_batches": int(sum(m["on_policy"] for m in h)),
         "rollout_workers": cfg.num_rollout_workers,
+        # died or hung in a generation (each then restarted while rollout.max_restarts allows)
+        "rollout_worker_failures": sum(w["failures"] for w in result.rollout_stats),
     }
     for key in ("wait_gen", "wait_teacher", "train", "sync_rollout_weights"):
         values = [m[f"timing/{key}"] for m in h if f"timing/{key}" in m]
@@ -432,8 +439,9 @@ def _make_trainer(cfg: DistillConfig, model: Any, tokenizer: Any) -> DistillTrai
 
 def _start_workers(cfg: DistillConfig) -> ReplicaPool:
     """The rollout workers, started together; each must answer ``node()`` within
-    ``trainer.generation_timeout`` (else all are killed and the error names it). Not restarted
-    (``max_restarts=0``); a load is bounded by ``actor_rollout_ref.nccl_timeout``."""
+    ``trainer.generation_timeout`` (else all are killed and the error names it). One that dies
+    or hangs in a generation is restarted, with the current weights, up to
+    ``rollout.max_restarts`` times; a load is bounded by ``actor_rollout_ref.nccl_timeout``."""
     actor = miniray.remote(RolloutWorker)
     path = cfg.actor_rollout_ref.model.path
     engine = cfg.actor_rollout_ref.rollout.name
@@ -447,6 +455,7 @@ def _start_workers(cfg: DistillConfig) -> ReplicaPool:
         start_one,
         require_all=True,
         ready="node",
+        max_restarts=cfg.rollout.max_restarts,
         start_timeout=cfg.trainer.generation_timeout,
         load_timeout=cfg.actor_rollout_ref.nccl_timeout,
         names=names,
@@ -501,14 +510,3 @@ def _check_vocab(teacher: Any, vocab_size: int, timeout: float) -> None:
             f"the teacher's vocabulary has {teacher_vocab} tokens and the student's "
             f"(actor_rollout_ref.model.path) {vocab_size}: they must share a tokenizer"
         )
-
-
-def _split(items: list[Any], parts: int) -> list[list[Any]]:
-    """``items`` in ``parts`` contiguous chunks of near-equal size (order preserved)."""
-    size, extra = divmod(len(items), parts)
-    out, at = [], 0
-    for i in range(parts):
-        n = size + (1 if i < extra else 0)
-        out.append(items[at : at + n])
-        at += n
-    return out

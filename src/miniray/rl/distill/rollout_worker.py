@@ -1,8 +1,9 @@
 """RolloutWorker: one copy of the student that generates responses, run as a miniray actor.
 
 The scheduler talks to ``rollout.n_gpus_per_node`` of them (one process each on the CPU), held
-in a ``replica_pool.ReplicaPool`` as the RL rollouter's replicas are; a batch's prompts are split
-across them. A worker loads new weights only between generations
+in a ``replica_pool.ReplicaPool`` as the RL rollouter's replicas are; a batch's prompts go to them
+in chunks, by pull (``dispatch.ChunkedGeneration``). A worker loads new weights only between
+generations
 (actor calls run one at a time), so every response it returns was generated with exactly the
 version it reports alongside.
 """
@@ -51,10 +52,19 @@ class RolloutWorker:
         return node_id()
 
     def generate(
-        self, prompts: Sequence[list[int]], *, max_new_tokens: int, temperature: float
+        self,
+        prompts: Sequence[list[int]],
+        *,
+        max_new_tokens: int,
+        temperature: float,
+        seed: int | None = None,
     ) -> tuple[int, list[Any]]:
-        """``(version of the weights used, [Generation, ...])`` for ``prompts``."""
+        """``(version of the weights used, [Generation, ...])`` for ``prompts``. ``seed``
+        (``dispatch.chunk_seed``) reseeds the sampler first, so a chunk's responses do not
+        depend on which worker generates it or on what that worker generated before."""
         version = self.version
+        if seed is not None:
+            self.engine.generator.manual_seed(seed)
         gens = self.engine.generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature)
         return version, gens
 

@@ -137,6 +137,8 @@ def run_schedule(
     Yields one ``StepRecord`` per trained batch, in batch order. Every wait on a generation is
     bounded by ``generation_timeout`` and every wait on the teacher by ``teacher_timeout``;
     a late stage raises ``GenerationTimeoutError`` / ``TeacherTimeoutError`` naming the batch.
+    Work that recovers from a failure bounds that itself and may wait beyond the timeout while
+    it does (``dispatch.ChunkedGeneration``: a chunk's deadline, a worker's restart).
     """
     depth = pipeline_depth(scheduler)
     if num_batches < 0:
