@@ -253,7 +253,7 @@ class RolloutConfig(Config):
 
 @dataclass(kw_only=True)
 class ReplicaRolloutConfig(RolloutConfig):
-    """The RL rollouter's resources: its replicas restart (distillation's workers do not)."""
+    """Rollout resources whose replicas restart: the RL rollouter's and distillation's workers."""
 
     max_restarts: int = option(
         1, ge=0, help="restarts of a rollout replica that died or hung, with the current weights"
