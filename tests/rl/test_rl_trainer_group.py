@@ -335,9 +335,13 @@ class RecordingRank:
         self.calls.append(("get_weights", time.monotonic()))
         return {"w": torch.ones(3)}
 
-    def publishable_weights(self, step, finite_at, metrics=None):
+    def publishable_weights(self, step, finite_at, metrics=None, *, check_behind=False):
         self.calls.append(("publishable_weights", time.monotonic()))
         return {"w": torch.full((3,), float(step))}
+
+    def published_check(self):
+        self.calls.append(("published_check", time.monotonic()))
+        return True
 
     def set_version(self, version):
         self.calls.append(("set_version", time.monotonic()))
@@ -386,18 +390,53 @@ def test_a_prepared_publish_sends_the_weights_call_right_behind_the_step(local_r
     ref = group.published_weights(4, 3, {"loss": 0.5})
     assert torch.equal(miniray.get(ref, timeout=30)["w"], torch.full((3,), 4.0))
     log = miniray.get(actor.log.remote(), timeout=30)
-    assert [name for name, _ in log] == ["train_step", "publishable_weights"]
-    assert log[1][1] < asked  # sent with the step, not when the driver asked
+    assert [name for name, _ in log] == ["train_step", "publishable_weights", "published_check"]
+    assert log[1][1] < asked and log[2][1] < asked  # sent with the step, not when asked
     # A prepared call that is not the one asked for is dropped, and the asked one made.
     group.prepare_publish(5, 4, copy=True)
     group.train_step([["g"]])
     ref = group.published_weights(5, 4, {"loss": 0.5})
     assert torch.equal(miniray.get(ref, timeout=30)["w"], torch.full((3,), 5.0))
     names = [name for name, _ in miniray.get(actor.log.remote(), timeout=30)]
-    assert names[2:] == ["train_step", "get_weights", "publishable_weights"]
+    assert names[3:] == ["train_step", "get_weights", "publishable_weights", "published_check"]
     # Copy: get_weights answered from the call sent with the step.
     group.prepare_publish(6, 5, copy=True)
     group.train_step([["g"]])
     assert torch.equal(group.get_weights()["w"], torch.ones(3))
     names = [name for name, _ in miniray.get(actor.log.remote(), timeout=30)]
-    assert names[5:] == ["train_step", "get_weights"]
+    assert names[7:] == ["train_step", "get_weights"]
+
+
+def test_a_check_behind_runs_beside_the_answer_and_gives_its_verdict_when_asked(
+    workdir, monkeypatch
+):
+    import miniray.rl.trainer as trainer_module
+
+    real_check, release = trainer_module.check_finite_weights, threading.Event()
+
+    def held_check(*args):  # the check, held until the test lets it go
+        assert release.wait(10)
+        real_check(*args)
+
+    monkeypatch.setattr(trainer_module, "check_finite_weights", held_check)
+    trainer = FullyAsyncTrainer(config(workdir))
+    with torch.no_grad():
+        trainer.model.get_parameter("model.norm.weight")[0] = math.nan
+    # The answer comes back while the check still runs (the runtime copies it meanwhile).
+    weights = trainer.publishable_weights(4, 3, {"loss": 0.5}, check_behind=True)
+    assert "model.norm.weight" in weights
+    release.set()
+    with pytest.raises(NonFiniteWeightsError, match=r"step 4: .*model\.norm\.weight"):
+        trainer.published_check()
+    with pytest.raises(RuntimeError, match="no check is running"):
+        trainer.published_check()
+    # A step waits for a check still reading the weights it is about to change.
+    with torch.no_grad():
+        trainer.model.get_parameter("model.norm.weight")[0] = 1.0
+    release.clear()
+    trainer.publishable_weights(5, 4, check_behind=True)
+    threading.Timer(0.5, release.set).start()
+    started = time.monotonic()
+    trainer.train_step(groups_of_samples(trainer.tokenizer))
+    assert time.monotonic() - started >= 0.45
+    assert trainer.published_check.__self__._checking is None  # joined by the step

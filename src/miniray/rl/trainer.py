@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import pathlib
 import random
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -189,6 +190,9 @@ class FullyAsyncTrainer:
         )
         self.version = 0
         self.samples_trained = 0
+        # publishable_weights(check_behind=True): the check left running, and its thread.
+        self._checking: Future[None] | None = None
+        self._checker: ThreadPoolExecutor | None = None
 
     @property
     def world_size(self) -> int:
@@ -201,6 +205,7 @@ class FullyAsyncTrainer:
     def train_step(self, groups: Sequence[Sequence[Sample]]) -> dict[str, float]:
         """One optimizer step on a batch of groups; returns its metrics, ages included. In a
         group every rank gets the whole batch and trains on its share (``PolicyUpdater``)."""
+        self._join_check()  # the update changes the weights a check may still be reading
         samples = [s for group in groups for s in group]
         if not samples:
             raise ValueError("train_step() needs at least one sample")
@@ -229,17 +234,52 @@ class FullyAsyncTrainer:
         return share_tied(self._full_weights(), copy=True)
 
     def publishable_weights(
-        self, step: int, finite_at: int, metrics: dict[str, Any] | None = None
+        self,
+        step: int,
+        finite_at: int,
+        metrics: dict[str, Any] | None = None,
+        *,
+        check_behind: bool = False,
     ) -> dict[str, torch.Tensor]:
-        """``live_weights`` after ``step``, checked here first (``check_finite_weights``): in
-        a rank the check reads its own resident tensors, 70 ms for a bf16 Qwen2.5-0.5B on
-        one thread, where the driver reading the answer's fresh mapping took 145 ms.
-        ``metrics`` (named by the error): None for this trainer's last step's own."""
+        """``live_weights`` after ``step``, checked here (``check_finite_weights``): in a rank
+        the check reads its own resident tensors, 70 ms for a bf16 Qwen2.5-0.5B on one
+        thread, where the driver reading the answer's fresh mapping took 145 ms. ``metrics``
+        (named by the error): None for this trainer's last step's own.
+
+        ``check_behind``: the check runs in a thread while the answer is copied into shared
+        memory, each reading the model once on its own core, instead of before the copy;
+        ``published_check()`` then gives its verdict, and the caller must have it before the
+        weights go anywhere (``TrainerGroup.published_weights`` sends both calls together)."""
+        self._join_check()
         weights = self.live_weights()
         if metrics is None:
             metrics = getattr(self, "last_metrics", {})
-        check_finite_weights(weights, step, finite_at, metrics)
+        if not check_behind:
+            check_finite_weights(weights, step, finite_at, metrics)
+            return weights
+        if self._checker is None:
+            self._checker = ThreadPoolExecutor(1, thread_name_prefix="weights-check")
+        self._checking = self._checker.submit(
+            check_finite_weights, weights, step, finite_at, metrics
+        )
         return weights
+
+    def published_check(self) -> bool:
+        """The verdict of the check ``publishable_weights(check_behind=True)`` left running:
+        True, or its ``NonFiniteWeightsError``."""
+        if self._checking is None:
+            raise RuntimeError(
+                "published_check(): no check is running; publishable_weights(..., "
+                "check_behind=True) starts one"
+            )
+        self._join_check()
+        return True
+
+    def _join_check(self) -> None:
+        """Wait for a check still reading the weights (before they change, or a new one)."""
+        checking, self._checking = self._checking, None
+        if checking is not None:
+            checking.result()
 
     def live_weights(self) -> dict[str, torch.Tensor]:
         """The parameters themselves, detached: for a caller that copies them out (a ``put``)
@@ -325,6 +365,9 @@ class FullyAsyncTrainer:
         every rank reads the same checkpoint and keeps what it holds."""
         from miniray.rl import checkpoint
 
+        checking, self._checking = self._checking, None
+        if checking is not None:
+            checking.exception()  # let it finish reading; a verdict on replaced weights is moot
         state, tensors = checkpoint.read(path)
         load_full_state_dict(self.wrapped, self.model, self.setup, tensors["model"])
         load_full_optimizer_state(

@@ -193,7 +193,7 @@ class TrainerGroup:
         # The weights call to send right behind the next train_step (``prepare_publish``),
         # then that call, sent, until ``get_weights``/``published_weights`` takes its answer.
         self._after_step: _Call | None = None
-        self._prefetched: tuple[_Call, _Sent] | None = None
+        self._prefetched: tuple[_Call, list[_Sent]] | None = None
 
     @classmethod
     def start(cls, config: Any) -> TrainerGroup:
@@ -259,7 +259,7 @@ class TrainerGroup:
         sent = self._send("train_step", list(groups))
         after, self._after_step = self._after_step, None
         if after is not None:
-            self._prefetched = (after, self._send(after.method, *after.args, ranks=after.ranks))
+            self._prefetched = (after, self._send_weights_call(after))
         return self._answers(sent)[0][1]
 
     def prepare_publish(self, step: int, finite_at: int, *, copy: bool) -> None:
@@ -272,15 +272,15 @@ class TrainerGroup:
         if copy:
             self._after_step = _Call("get_weights", (), self._weight_ranks())
         else:
-            self._after_step = _Call(
-                "publishable_weights", (step, finite_at, None), self._weight_ranks()
-            )
+            self._after_step = _Call("publishable_weights", (step, finite_at), self._weight_ranks())
 
     def get_weights(self) -> dict[str, Any]:
-        sent = self._take_prefetched(_Call("get_weights", (), self._weight_ranks()))
-        if sent is not None:
-            return self._answers(sent)[0][1]
-        return self._all("get_weights", ranks=self._weight_ranks())[0]
+        call = _Call("get_weights", (), self._weight_ranks())
+        sent = self._take_prefetched(call)
+        if sent is None:
+            self._collect_deferred()
+            sent = self._send_weights_call(call)
+        return self._answers(sent[0])[0][1]
 
     def live_weights(self) -> dict[str, Any]:
         return self._all("live_weights", ranks=self._weight_ranks())[0]
@@ -294,12 +294,15 @@ class TrainerGroup:
         sync's one copy; passing the ref on instead of putting the driver's value again saves
         a second copy of the model (benchmarks/weight_sync.py: the publish went from 0.76 s
         to 0.40 s at Qwen2.5-0.5B size, docs/benchmarks.md)."""
-        ranks = self._weight_ranks()
-        sent = self._take_prefetched(_Call("publishable_weights", (step, finite_at, None), ranks))
-        if sent is not None:
-            return self._answers(sent)[0][0]
-        answers = self._all_refs("publishable_weights", step, finite_at, dict(metrics), ranks=ranks)
-        return answers[0][0]
+        call = _Call("publishable_weights", (step, finite_at), self._weight_ranks())
+        sent = self._take_prefetched(call)
+        if sent is None:
+            self._collect_deferred()
+            sent = self._send_weights_call(call, metrics)
+        weights, verdict = sent
+        ref = self._answers(weights)[0][0]
+        self._answers(verdict)  # NonFiniteWeightsError: the ref is dropped, never published
+        return ref
 
     def set_version(self, version: int) -> int:
         """Tell the ranks the version their weights now are, without waiting: a rank runs
@@ -355,7 +358,27 @@ class TrainerGroup:
         for sent in deferred:
             self._answers(sent)
 
-    def _take_prefetched(self, call: _Call) -> _Sent | None:
+    def _send_weights_call(
+        self, call: _Call, metrics: dict[str, Any] | None = None
+    ) -> list[_Sent]:
+        """Send ``call`` (``get_weights``, or ``publishable_weights`` with the finiteness check
+        running beside the copy of the answer and its verdict asked right behind it: the
+        check then costs no time of its own when the copy takes longer, measured in
+        benchmarks/weight_sync.py). ``metrics`` None: each rank names its own step's."""
+        if call.method == "get_weights":
+            return [self._send("get_weights", ranks=call.ranks)]
+        step, finite_at = call.args
+        weights = self._send(
+            "publishable_weights",
+            step,
+            finite_at,
+            None if metrics is None else dict(metrics),
+            check_behind=True,
+            ranks=call.ranks,
+        )
+        return [weights, self._send("published_check", ranks=call.ranks)]
+
+    def _take_prefetched(self, call: _Call) -> list[_Sent] | None:
         """The sent call ``prepare_publish`` made, if it is ``call``; dropped otherwise."""
         prefetched, self._prefetched = self._prefetched, None
         if prefetched is None or prefetched[0] != call:
