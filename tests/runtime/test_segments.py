@@ -314,6 +314,33 @@ def test_reset_drops_kept_mappings_and_keeps_none_mapped_before_it():
     assert segments.kept_bytes() == 0
 
 
+def test_a_deleted_segment_gives_its_pages_back_though_a_reader_keeps_a_mapping(
+    tiny_shm_dir, monkeypatch
+):
+    monkeypatch.setattr(segments, "MIN_KEPT_BYTES", 1 << 20)
+    size = 4 << 20
+    name = written_segment(1, size)
+    read_and_release(name, size)
+    assert segments.kept_bytes() == size
+    free = shm.space()[1]
+    # Its creator deletes a freed segment when room is short: a reader's idle mapping must not
+    # keep the pages, or the next value would not fit.
+    segments.forget(name)
+    assert shm.space()[1] >= free + size
+    assert segments.kept_bytes() == size  # noticed at the next delivery or release
+    held = segments.map_delivery(written_segment(2, size), size)
+    assert segments.kept_bytes() == 0 and held[0] == 2
+
+
+def test_a_limit_of_zero_keeps_no_mapping(monkeypatch):
+    monkeypatch.setattr(segments, "KEPT_LIMIT_BYTES", 0)
+    name = written_segment(1)
+    read_and_release(name)
+    assert segments.kept_bytes() == 0
+    read_and_release(name)
+    assert segments.POOL.kept.reused == 0
+
+
 def test_a_bad_mapping_limit_in_the_environment_is_named(monkeypatch):
     monkeypatch.setenv("MINIRAY_SHM_KEEP_MB", "1g")
     with pytest.raises(ValueError, match=r"MINIRAY_SHM_KEEP_MB='1g'.*whole number of MiB"):

@@ -104,6 +104,7 @@ class KeptMaps:
     def take(self, name: str, size: int) -> _Mapping:
         """A mapping of at least the first ``size`` bytes of ``name``: a kept one if the file is
         the one it maps and this process never wrote into it, else a fresh one."""
+        self.prune()
         with self._lock:
             kept = self._idle.pop(name, None)
             if kept is not None:
@@ -332,9 +333,9 @@ class SegmentPool:
             mapping.close()
 
     def forget(self, name: str) -> None:
-        """Delete a segment of ours that is not pooled."""
+        """Delete a segment of ours that is not pooled (and nobody maps for a value)."""
         self._drop(name)
-        shm.unlink(name)
+        shm.delete(name)
 
     def pooled_bytes(self) -> int:
         """Bytes of our pooled segments that no other process has evicted."""

@@ -41,6 +41,8 @@ cached. A page it has written is a private copy, and stays one: such a mapping w
 bytes it wrote, so it must not be reused. ``written`` tells the two apart from
 /proc/self/pagemap. And the file must still be the one mapped: ``file_id`` (device and inode)
 tells, and while this process maps the file its inode cannot be freed and its number reused.
+Because such idle mappings hold a file's pages, a segment that nobody maps for a value any more
+is removed with ``delete`` (truncated, then unlinked), which takes the pages back from them too.
 """
 
 from __future__ import annotations
@@ -285,6 +287,21 @@ def unlink(name: str) -> None:
         os.unlink(path_of(name))
     except FileNotFoundError:
         pass
+
+
+def delete(name: str) -> None:
+    """Delete a segment that no process maps for a value any more, and give its pages back now:
+    readers may keep idle mappings of it (runtime/segments.py), and tmpfs keeps a file's pages
+    while any process maps it, so the file is truncated first, as an evictor does."""
+    try:
+        fd = os.open(path_of(name), os.O_RDWR)
+    except FileNotFoundError:
+        return
+    try:
+        os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)
+    unlink(name)
 
 
 def mark_free(name: str) -> None:
