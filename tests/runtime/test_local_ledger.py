@@ -127,8 +127,13 @@ def test_segment_whose_creator_is_gone_is_unlinked(fakes, tmp_path, monkeypatch)
     fakes.child_alive = False
     ser = segment()
     (tmp_path / ser.segment).write_bytes(b"x")
-    ledger.free(ser)
-    assert not (tmp_path / ser.segment).exists()
+    kept = os.open(tmp_path / ser.segment, os.O_RDONLY)  # as a reader's kept mapping holds it
+    try:
+        ledger.free(ser)
+        assert not (tmp_path / ser.segment).exists()
+        assert os.fstat(kept).st_size == 0  # emptied first: its pages are given back now
+    finally:
+        os.close(kept)
 
 
 def test_sweep_removes_only_the_dead_creators_unused_segments(fakes, tmp_path, monkeypatch):
@@ -141,5 +146,10 @@ def test_sweep_removes_only_the_dead_creators_unused_segments(fakes, tmp_path, m
     ledger.free(orphan)
     for name in (used, unused, pooled + shm.FREE_SUFFIX, others, orphan.segment):
         (tmp_path / name).write_bytes(b"x")
-    ledger.sweep_created_by(CHILD_PID, SESSION, {used})
+    kept = os.open(tmp_path / unused, os.O_RDONLY)  # as a reader's kept mapping holds it
+    try:
+        ledger.sweep_created_by(CHILD_PID, SESSION, {used})
+        assert os.fstat(kept).st_size == 0  # emptied first: its pages are given back now
+    finally:
+        os.close(kept)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([used, others, orphan.segment])

@@ -29,7 +29,7 @@ from miniray.exceptions import (
     TaskCancelledError,
     WorkerCrashedError,
 )
-from miniray.runtime import context, shm
+from miniray.runtime import context, segments, shm
 from miniray.runtime.local import lifeline
 from process_support import gone, wait_until
 
@@ -358,8 +358,30 @@ def test_repeated_large_transfers_reuse_a_bounded_set_of_segments(local_runtime)
     assert counts[-1] == counts[2], counts  # steady state: nothing new is created
 
 
+def test_an_actor_reads_each_value_of_a_pooled_segment_through_the_mapping_it_kept(
+    local_runtime,
+):
+    # A sync sends each reader the values its creator writes into the same pooled segment: the
+    # reader keeps its mapping (large segments only) and sees every new value through it.
+    session = backend().session_id
+    reader = Holder.remote()
+    n = segments.MIN_KEPT_BYTES // 4 + 1024
+    seen, names = [], []
+    for fill in (1.0, 2.0, 3.0):
+        ref = miniray.put(torch.full((n,), fill))
+        names.append(shm.list_session(session))
+        seen.append(miniray.get(reader.sum_and_reuses.remote(ref), timeout=30))
+        del ref
+        settle()
+    assert names[0] == names[1] == names[2] and len(names[0]) == 1  # one segment, rewritten
+    assert seen == [(fill * n, reused) for fill, reused in ((1.0, 0), (2.0, 1), (3.0, 2))]
+
+
 @miniray.remote
 class Holder:
+    def sum_and_reuses(self, value):
+        return float(value.sum()), segments.POOL.kept.reused
+
     def hold(self, tensor):
         self.tensor = tensor
         return tensor.shape[0]

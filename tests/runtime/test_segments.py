@@ -244,3 +244,106 @@ def test_a_full_directory_evicts_a_segment_another_process_pooled(tiny_shm_dir, 
         owner.stdout.close()
     assert shm.unlink_session(SESSION) == 1  # the owner's segment, which it never freed
     assert os.listdir(tiny_shm_dir) == []
+
+
+# -- readers' kept mappings --------------------------------------------------------------------
+KEPT = 20 << 20  # above MIN_KEPT_BYTES
+
+
+def written_segment(fill: int, size: int = KEPT) -> str:
+    name, mapping = segments.acquire(SESSION, size)
+    mapping[:size] = bytes([fill]) * size
+    return name
+
+
+def read_and_release(name: str, size: int = KEPT) -> int:
+    """Map a delivery of ``name``, touch every page, drop it; returns its first byte."""
+    view = segments.map_delivery(name, size)
+    first = view[0]
+    assert bytes(view[:: shm.PAGE]) == bytes([first]) * (size // shm.PAGE)
+    del view
+    return first
+
+
+def test_kept_mappings_are_bounded_and_the_least_recently_released_goes_first(monkeypatch):
+    monkeypatch.setattr(segments, "KEPT_LIMIT_BYTES", 2 * KEPT - 1)
+    older, newer = written_segment(1), written_segment(2)
+    read_and_release(older)
+    assert segments.kept_bytes() == KEPT
+    read_and_release(newer)
+    assert segments.kept_bytes() == KEPT  # the older one went
+    held = segments.map_delivery(newer, KEPT)
+    assert segments.POOL.kept.reused == 1
+    also = segments.map_delivery(older, KEPT)
+    assert segments.POOL.kept.reused == 1  # mapped afresh
+    assert held[0] == 2 and also[0] == 1
+
+
+def test_a_kept_mapping_of_a_pooled_segment_stays_and_one_of_an_evicted_segment_goes():
+    pooled, other = written_segment(1), written_segment(2)
+    read_and_release(pooled)
+    segments.reclaim(pooled)  # renamed <name>.free: still the same file, still worth keeping
+    read_and_release(other)  # a release notices gone segments
+    assert segments.kept_bytes() == 2 * KEPT
+    assert shm.evict_free(pooled)  # as a process that needs the room does
+    read_and_release(other)
+    assert segments.kept_bytes() == KEPT
+    assert segments.POOL.kept.reused == 1  # ``other``, the second time
+
+
+def test_a_kept_mapping_is_not_used_for_a_new_file_of_the_same_name():
+    # A name comes back when a new process gets a dead creator's pid: another file.
+    name = written_segment(1)
+    assert read_and_release(name) == 1
+    segments.forget(name)
+    remade = shm.create(name, KEPT)
+    remade[:] = b"\x03" * KEPT
+    remade.close()
+    assert read_and_release(name) == 3
+    assert segments.POOL.kept.reused == 0
+
+
+def test_reset_drops_kept_mappings_and_keeps_none_mapped_before_it():
+    kept, held = written_segment(1), written_segment(2)
+    read_and_release(kept)
+    view = segments.map_delivery(held, KEPT)
+    assert segments.kept_bytes() == KEPT
+    segments.reset()
+    assert segments.kept_bytes() == 0
+    del view
+    assert segments.kept_bytes() == 0
+
+
+def test_a_deleted_segment_gives_its_pages_back_though_a_reader_keeps_a_mapping(
+    tiny_shm_dir, monkeypatch
+):
+    monkeypatch.setattr(segments, "MIN_KEPT_BYTES", 1 << 20)
+    size = 4 << 20
+    name = written_segment(1, size)
+    read_and_release(name, size)
+    assert segments.kept_bytes() == size
+    free = shm.space()[1]
+    # Its creator deletes a freed segment when room is short: a reader's idle mapping must not
+    # keep the pages, or the next value would not fit.
+    segments.forget(name)
+    assert shm.space()[1] >= free + size
+    assert segments.kept_bytes() == size  # noticed at the next delivery or release
+    held = segments.map_delivery(written_segment(2, size), size)
+    assert segments.kept_bytes() == 0 and held[0] == 2
+
+
+def test_a_limit_of_zero_keeps_no_mapping(monkeypatch):
+    monkeypatch.setattr(segments, "KEPT_LIMIT_BYTES", 0)
+    name = written_segment(1)
+    read_and_release(name)
+    assert segments.kept_bytes() == 0
+    read_and_release(name)
+    assert segments.POOL.kept.reused == 0
+
+
+def test_a_bad_mapping_limit_in_the_environment_is_named(monkeypatch):
+    monkeypatch.setenv("MINIRAY_SHM_KEEP_MB", "1g")
+    with pytest.raises(ValueError, match=r"MINIRAY_SHM_KEEP_MB='1g'.*whole number of MiB"):
+        segments._env_mib("MINIRAY_SHM_KEEP_MB", 1024)
+    monkeypatch.setenv("MINIRAY_SHM_KEEP_MB", "3")
+    assert segments._env_mib("MINIRAY_SHM_KEEP_MB", 1024) == 3 << 20

@@ -158,7 +158,7 @@ def load(instance: Any, segment: str, layout: Layout, method: str, live: Sequenc
     finally:
         del views
     kept = any(ref() is not None for ref in alive)
-    if kept or _written(mapping, layout.size):
+    if kept or shm.written(mapping, layout.size):
         with _lock:
             _private.pop(segment, None)
         if not kept:
@@ -182,33 +182,6 @@ def _private_mapping(name: str, size: int, live: Sequence[str]) -> mmap.mmap:
         if found is None or len(found) < size:
             found = _private[name] = shm.map_private(name, size)
         return found
-
-
-PAGE = mmap.PAGESIZE
-_PRESENT, _FILE_PAGE = 1 << 63, 1 << 61
-
-
-def _written(mapping: mmap.mmap, size: int) -> bool:
-    """Has this process written into ``mapping`` (does it hold private copies of pages)?
-
-    /proc/self/pagemap says for each page whether it is mapped and whether it is the file's
-    page or an anonymous copy (~1-2 ms for 100 MB). If it cannot be read, assume written.
-    """
-    start = torch.frombuffer(mapping, dtype=torch.uint8, count=1).data_ptr() // PAGE
-    pages = (size + PAGE - 1) // PAGE
-    try:
-        with open("/proc/self/pagemap", "rb") as f:
-            f.seek(start * 8)
-            raw = f.read(pages * 8)
-    except OSError:
-        return True
-    if len(raw) != pages * 8:
-        return True
-    entries = torch.frombuffer(bytearray(raw), dtype=torch.int64)
-    # Bit 63 and bit 61 as signed int64: present means negative; file page means bit 61 set.
-    present = entries < 0
-    file_page = (entries & _FILE_PAGE) != 0
-    return bool((present & ~file_page).any())
 
 
 # -- the server's side -------------------------------------------------------------------------

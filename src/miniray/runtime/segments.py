@@ -26,21 +26,170 @@ rename (shm.claim_free, shm.evict_free), so the owner never writes into a segmen
 has just evicted (its pages are gone: the write would SIGBUS), and it gets a new segment instead.
 A process also pools only while the directory is less than half full (past that it deletes what
 is freed, its pool included), so that most creations find room without evicting first.
+
+Readers keep their mappings too. Mapping a segment afresh costs page faults on first touch
+(~25-45 ms per GB per reader here), and a weight sync every step sends each reader the same two
+segments in turn. So once the last view over a reader's mapping of a large segment is gone, the
+segment is reported unmapped as before (the accounting above does not change), but the mapping
+itself goes to ``KeptMaps``, a bounded cache, and a later delivery of that segment reads through
+it, its pages already mapped: the creator's rewrite shows through every page this process has
+not written (shm's docstring says why). Each delivery gets its own exporter over the kept
+mapping, whose views it tracks as the mapping itself was tracked before:
+
+    deliver -> KeptMaps.take: idle mapping, if the file is the one mapped and never written here,
+               else a fresh one -> exporter (one per delivery) -> views -> the value
+    last view gone -> exporter finalized -> KeptMaps.put(mapping) -> unmapped hook (as before)
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import mmap
 import os
 import threading
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from miniray.errors import ObjectStoreFullError
 from miniray.runtime import shm
 
-POOL_LIMIT_BYTES = int(os.environ.get("MINIRAY_SHM_POOL_MB", "1024")) * 2**20
+
+def _env_mib(name: str, default: int) -> int:
+    """``$name`` as a whole number of MiB, in bytes; a clear error for anything else."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default * 2**20
+    if not raw.isdigit():
+        raise ValueError(f"${name}={raw!r}: expected a whole number of MiB (0 or more)")
+    return int(raw) * 2**20
+
+
+POOL_LIMIT_BYTES = _env_mib("MINIRAY_SHM_POOL_MB", 1024)
 MIN_POOLED_BYTES = 1 << 20
+# Readers keep idle mappings of segments this large and no smaller: faulting in a fresh 16 MiB
+# mapping costs about 1 ms (16-28 ms per 256 MiB measured on the 2-core development machine),
+# little more than checking a kept one (shm.written, ~0.25 ms), and each kept mapping holds a
+# file descriptor (Python's mmap keeps one), so at the default limit a process holds at most 64.
+MIN_KEPT_BYTES = 16 << 20
+# Idle mappings a reader keeps, in bytes. They cost no memory (they map the segment's own pages,
+# which its creator's pool holds anyway, and a deleted segment is emptied first, shm.delete), but
+# their touched pages count in the reader's RSS: a sum of RSS over processes counts them again.
+KEPT_LIMIT_BYTES = _env_mib("MINIRAY_SHM_KEEP_MB", 1024)
+
+
+@dataclass
+class _Mapping:
+    """A reader's copy-on-write mapping of a segment, and what it maps."""
+
+    mapping: mmap.mmap
+    file: shm.FileId
+    generation: int  # KeptMaps' generation when it was mapped: older ones are never kept
+
+
+class KeptMaps:
+    """This process's idle copy-on-write mappings of large segments, for the next delivery of
+    the same segment (least recently released first out, at most ``KEPT_LIMIT_BYTES``)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()  # put() runs in finalizers, maybe inside a locked section
+        self._idle: OrderedDict[str, _Mapping] = OrderedDict()
+        self._bytes = 0
+        self._generation = 0
+        self.reused = 0  # deliveries read through a kept mapping (for tests and benchmarks)
+
+    def take(self, name: str, size: int) -> _Mapping:
+        """A mapping of at least the first ``size`` bytes of ``name``: a kept one if the file is
+        the one it maps and this process never wrote into it, else a fresh one."""
+        self.prune()
+        with self._lock:
+            kept = self._idle.pop(name, None)
+            if kept is not None:
+                self._bytes -= len(kept.mapping)
+            generation = self._generation
+        if kept is not None:
+            # The delivery's object is alive, so its segment is under its own name (not pooled).
+            if (
+                len(kept.mapping) >= size
+                and shm.file_id(name) == kept.file
+                and not shm.written(kept.mapping, len(kept.mapping))
+            ):
+                with self._lock:
+                    self.reused += 1
+                return kept
+            _close(kept.mapping)
+        mapping, file = shm.map_private_identified(name, size)
+        return _Mapping(mapping, file, generation)
+
+    def put(self, name: str, kept: _Mapping) -> None:
+        """The last view over ``kept`` is gone: keep it for the next delivery of ``name``."""
+        self.prune()
+        dropped = []
+        with self._lock:
+            if kept.generation != self._generation or len(kept.mapping) > KEPT_LIMIT_BYTES:
+                dropped.append(kept.mapping)
+            else:
+                old = self._idle.pop(name, None)  # two deliveries of one value: keep the newer
+                if old is not None:
+                    self._bytes -= len(old.mapping)
+                    dropped.append(old.mapping)
+                self._idle[name] = kept
+                self._bytes += len(kept.mapping)
+                while self._bytes > KEPT_LIMIT_BYTES:
+                    _old_name, evicted = self._idle.popitem(last=False)
+                    self._bytes -= len(evicted.mapping)
+                    dropped.append(evicted.mapping)
+        for mapping in dropped:
+            _close(mapping)
+
+    def prune(self) -> None:
+        """Drop the kept mappings of segments that are gone (deleted, or being evicted)."""
+        with self._lock:
+            idle = list(self._idle.items())
+        gone = [(name, kept) for name, kept in idle if shm.file_id(name, pooled=True) != kept.file]
+        with self._lock:
+            # Only those still idle: another thread may have taken one meanwhile.
+            dropped = [self._idle.pop(name) for name, kept in gone if self._idle.get(name) is kept]
+            self._bytes -= sum(len(kept.mapping) for kept in dropped)
+        for kept in dropped:
+            _close(kept.mapping)
+
+    def kept_bytes(self) -> int:
+        return self._bytes
+
+    def clear(self) -> None:
+        """Drop every idle mapping, and never keep one mapped before now."""
+        with self._lock:
+            dropped = list(self._idle.values())
+            self._idle.clear()
+            self._bytes = 0
+            self._generation += 1
+            self.reused = 0
+        for kept in dropped:
+            _close(kept.mapping)
+
+
+def _close(mapping: mmap.mmap) -> None:
+    try:
+        mapping.close()
+    except BufferError:
+        # Only while the exporter whose finalizer is running still holds it; the mapping is
+        # unmapped when that exporter is gone, a moment later.
+        pass
+
+
+@functools.lru_cache(maxsize=32)
+def _exporter_type(size: int) -> Any:
+    """A ctypes array type of ``size`` bytes, made directly: ``c_ubyte * size`` would be cached
+    by ctypes forever, one type per size ever seen. Python 3.11 classes cannot export buffers,
+    and a memoryview of a memoryview does not keep its parent alive, so a per-delivery object
+    that views keep alive (and that takes weakrefs) has to be a ctypes array (or numpy, which
+    the runtime does not require)."""
+    array_meta: Any = type(ctypes.c_ubyte * 1)
+    return array_meta("SegmentView", (ctypes.Array,), {"_type_": ctypes.c_ubyte, "_length_": size})
 
 
 class SegmentPool:
@@ -60,6 +209,7 @@ class SegmentPool:
         self._pending: dict[str, int] = {}  # deliveries received but not deserialized yet
         self._consumed: dict[str, int] = {}  # deliveries deserialized since the last report
         self._unmapped_hook: Callable[[str, int], None] | None = None
+        self.kept = KeptMaps()
 
     def set_unmapped_hook(self, hook: Callable[[str, int], None] | None) -> None:
         """``hook(name, deliveries consumed)`` once this process no longer maps ``name``."""
@@ -184,19 +334,37 @@ class SegmentPool:
             mapping.close()
 
     def forget(self, name: str) -> None:
-        """Delete a segment of ours that is not pooled."""
+        """Delete a segment of ours that is not pooled (and nobody maps for a value)."""
         self._drop(name)
-        shm.unlink(name)
+        shm.delete(name)
 
     def pooled_bytes(self) -> int:
         """Bytes of our pooled segments that no other process has evicted."""
         self._prune_evicted()
         return self._free_bytes
 
+    def map_delivery(self, name: str, size: int) -> memoryview:
+        """A copy-on-write view of the first ``size`` bytes of segment ``name``, which counts as
+        a mapping of it until it and every view made from it are gone."""
+        if size < MIN_KEPT_BYTES or size > KEPT_LIMIT_BYTES:
+            mapping = shm.map_private(name, size)
+            self.track_mapping(name, mapping)
+            return memoryview(mapping)
+        kept = self.kept.take(name, size)
+        exporter = _exporter_type(size).from_buffer(kept.mapping)
+        with self._lock:
+            self._maps[name] = self._maps.get(name, 0) + 1
+        weakref.finalize(exporter, self._on_unmap_kept, name, kept)
+        return memoryview(exporter).cast("B")
+
     def track_mapping(self, name: str, mapping: mmap.mmap) -> None:
         with self._lock:
             self._maps[name] = self._maps.get(name, 0) + 1
         weakref.finalize(mapping, self._on_unmap, name)
+
+    def _on_unmap_kept(self, name: str, kept: _Mapping) -> None:
+        self.kept.put(name, kept)  # before the report: the next value may be on its way
+        self._on_unmap(name)
 
     def delivery_received(self, name: str) -> None:
         with self._lock:
@@ -246,6 +414,7 @@ class SegmentPool:
             self._maps.clear()
             self._pending.clear()
             self._consumed.clear()
+        self.kept.clear()
 
 
 def _space_is_short() -> bool:
@@ -268,6 +437,8 @@ reclaim = POOL.reclaim
 forget = POOL.forget
 pooled_bytes = POOL.pooled_bytes
 track_mapping = POOL.track_mapping
+map_delivery = POOL.map_delivery
+kept_bytes = POOL.kept.kept_bytes
 delivery_received = POOL.delivery_received
 delivery_consumed = POOL.delivery_consumed
 local_maps = POOL.local_maps

@@ -183,13 +183,11 @@ def deserialize(ser: Serialized) -> Any:
     if ser.segment is None:
         return pickle.loads(ser.pickled)
     try:
-        mapping = shm.map_private(ser.segment, ser.segment_size)
+        whole = segments.map_delivery(ser.segment, ser.segment_size)
     except BaseException:
         ser.discard()
         raise
-    segments.track_mapping(ser.segment, mapping)
     ser.discard()  # consumed: from here on the tracked mapping holds the segment
-    whole = memoryview(mapping)
     buffers = [whole[off : off + size] for off, size in ser.buffers]
     return pickle.loads(ser.pickled, buffers=buffers)
 

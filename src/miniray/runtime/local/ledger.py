@@ -112,7 +112,7 @@ class SegmentLedger:
         in_use = in_use | self._orphans
         for name in shm.list_session(session_id):
             if creator_pid(name) == pid and name not in in_use:
-                shm.unlink(name)
+                shm.delete(name)
 
     def _maybe_reclaim(self, name: str) -> None:
         if name in self._orphans and not self._out.get(name) and not self._local_maps(name):
@@ -125,7 +125,7 @@ class SegmentLedger:
         if creator == os.getpid():
             self._reclaim_here(name)
         elif not self._send_reclaim(creator, name):
-            shm.unlink(name)
+            shm.delete(name)
 
 
 def creator_pid(name: str) -> int:

@@ -1,0 +1,98 @@
+"""Deserializing large values (runtime/serialization.py): each delivery's views over a segment
+count as one mapping of it, and a reader reads the next value its creator writes into a pooled
+segment through the mapping it kept, unless it wrote into that mapping."""
+
+from __future__ import annotations
+
+import gc
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from miniray.runtime import segments, shm
+from miniray.runtime.serialization import deserialize, serialize
+
+SESSION = "sertest"
+SIZE = 32 << 20  # above segments.MIN_KEPT_BYTES: its mappings are kept
+
+
+@pytest.fixture(autouse=True)
+def reports():
+    segments.reset()
+    sent: list[tuple[str, int]] = []
+    segments.set_unmapped_hook(lambda name, consumed: sent.append((name, consumed)))
+    yield sent
+    segments.set_unmapped_hook(None)
+    segments.reset()
+    shm.unlink_session(SESSION)
+
+
+def deliver(value):
+    """``value`` as a child receives it: written by its creator (this process), and a delivery
+    of its segment unpickled from a message."""
+    ser = serialize(value, session_id=SESSION)
+    return ser.segment, pickle.loads(pickle.dumps(ser))
+
+
+def test_a_kept_mapping_shows_the_next_value_written_into_the_pooled_segment(reports):
+    name, ser = deliver(np.full(SIZE, 1, dtype=np.uint8))
+    first = deserialize(ser)
+    assert (first == 1).all()  # every page touched: mapped in this process
+    del first
+    assert reports == [(name, 1)]  # reported unmapped as before, so the creator may reuse it
+    assert segments.kept_bytes() == SIZE
+    segments.reclaim(name)  # the creator pools it, then writes the next value into it
+    again, ser = deliver(np.full(SIZE, 2, dtype=np.uint8))
+    assert again == name
+    second = deserialize(ser)
+    assert segments.POOL.kept.reused == 1  # read through the kept mapping
+    assert (second == 2).all()  # the creator's rewrite, not the stale first value
+
+
+def test_a_reader_that_wrote_into_a_tensor_maps_afresh_and_reads_the_new_value(reports):
+    name, ser = deliver(torch.full((SIZE,), 1, dtype=torch.uint8))
+    first = deserialize(ser)
+    first[: 3 * shm.PAGE] = 7  # private copies of three pages: the segment is unchanged
+    del first
+    assert reports == [(name, 1)]
+    segments.reclaim(name)
+    again, ser = deliver(torch.full((SIZE,), 2, dtype=torch.uint8))
+    assert again == name
+    second = deserialize(ser)
+    assert segments.POOL.kept.reused == 0
+    assert bool((second == 2).all())
+
+
+def test_a_live_tensor_keeps_its_segment_mapped_until_its_last_view_is_freed(reports):
+    name, ser = deliver(torch.arange(SIZE // 4, dtype=torch.int32))
+    tensor = deserialize(ser)
+    part = tensor[10:20]
+    del tensor, ser
+    gc.collect()
+    assert segments.local_maps(name) == 1 and reports == []
+    assert part.tolist() == list(range(10, 20))
+    del part
+    assert segments.local_maps(name) == 0 and reports == [(name, 1)]
+
+
+def test_two_deliveries_of_one_segment_are_two_mappings_reported_once_both_are_gone(reports):
+    value = np.full(SIZE, 5, dtype=np.uint8)
+    ser = serialize(value, session_id=SESSION)
+    one = deserialize(pickle.loads(pickle.dumps(ser)))
+    two = deserialize(pickle.loads(pickle.dumps(ser)))
+    one[0] = 9  # a private copy in one delivery's mapping only
+    assert two[0] == 5
+    del one
+    assert segments.local_maps(ser.segment) == 1 and reports == []
+    del two
+    assert reports == [(ser.segment, 2)]
+
+
+def test_small_segments_are_mapped_per_delivery_and_not_kept(reports):
+    name, ser = deliver(np.full(1 << 20, 1, dtype=np.uint8))
+    small = deserialize(ser)
+    del small
+    assert reports == [(name, 1)]
+    assert segments.kept_bytes() == 0
