@@ -174,8 +174,17 @@ def serialize(value: Any, *, session_id: str | None) -> Serialized:
         offset = shm.aligned(offset + size)
     # The mapping stays open (segments keeps it for the next value written into this segment).
     name, mapping = segments.acquire(session_id, max(offset, 1))
+    numpy = sys.modules.get("numpy")  # loaded with any tensor or array; never imported here
     for buf, (off, size) in zip(large, layout):
-        mapping[off : off + size] = buf.raw()
+        if numpy is None:
+            mapping[off : off + size] = buf.raw()
+        else:
+            # numpy's copy releases the GIL (an mmap slice assignment holds it for the whole
+            # memcpy), so another thread of this process runs beside it: a trainer rank checks
+            # the weights it publishes while they are copied (TrainerRank.publishable_weights).
+            numpy.frombuffer(mapping, numpy.uint8, size, off)[:] = numpy.frombuffer(
+                buf.raw(), numpy.uint8
+            )
     return Serialized(stream.getvalue(), name, max(offset, 1), tuple(layout))
 
 
