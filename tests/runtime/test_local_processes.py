@@ -665,3 +665,44 @@ def test_a_value_too_large_for_shared_memory_is_a_clear_error(monkeypatch):
             miniray.shutdown()
         assert gone(pids)
         assert os.listdir(directory) == []
+
+
+@miniray.remote
+class RefKeeper:
+    """Keeps the refs it is lent inside its arguments, as a rollouter keeps the last weights."""
+
+    def keep(self, refs):
+        (self.ref,) = refs
+        return float(miniray.get(self.ref, timeout=30).sum())
+
+    def kept_sum(self):
+        return float(miniray.get(self.ref, timeout=30).sum())
+
+    def drop(self):
+        self.ref = None
+        return True
+
+
+def test_refs_lent_in_an_actor_calls_arguments_live_as_long_as_someone_keeps_them(
+    local_runtime,
+):
+    # A ref inside a call's arguments used to pin its object until shutdown: a model handed
+    # over as refs=[weights] at every sync stayed in shared memory, one copy per sync. Now the
+    # call keeps it until it ends, and the actor for as long as it keeps the ref.
+    session = backend().session_id
+    keeper = RefKeeper.remote()
+    n = (8 << 20) // 4
+    for fill in (1.0, 2.0, 3.0, 4.0):
+        ref = miniray.put(torch.full((n,), fill))
+        assert miniray.get(keeper.keep.remote([ref]), timeout=30) == fill * n
+        last = ref.hex()
+        del ref
+        settle()
+        # The kept value and the one before it (still mapped until the next get) at most.
+        assert len(shm.list_session(session)) <= 2
+    # The driver dropped its ref; the actor's keeps the object.
+    assert miniray.get(keeper.kept_sum.remote(), timeout=30) == 4.0 * n
+    assert last in backend()._objects
+    assert miniray.get(keeper.drop.remote(), timeout=30)
+    settle()
+    wait_until(lambda: last not in backend()._objects, timeout=10, what="the last value freed")

@@ -78,7 +78,8 @@ class ObjectRef:
         return f"ObjectRef({self._id})"
 
     def __reduce__(self) -> tuple[Any, ...]:
-        # A ref that leaves its process can be used from anywhere: pin its object.
+        # A ref that leaves its process can be used from anywhere: pin its object (or, in an
+        # actor call's arguments on the local backend, lend it: see LocalBackend.pin).
         backend = context.current_or_none()
         if backend is not None:
             backend.pin(self._id)
@@ -92,6 +93,12 @@ class ObjectRef:
 
 
 def _rebuild_ref(object_id: str) -> ObjectRef:
+    # A backend that counts the refs its processes hold (the local backend's children)
+    # makes a counted one; elsewhere the object was pinned when the ref was pickled.
+    backend = context.current_or_none()
+    borrowed = getattr(backend, "borrowed_ref", None)
+    if borrowed is not None:
+        return borrowed(object_id)  # type: ignore[no-any-return]
     return ObjectRef(object_id, counted=False)
 
 

@@ -56,11 +56,16 @@ class Call:
         deps: list[str],
         return_ids: list[str],
         options: dict[str, Any],
+        *,
+        lent: list[str] | None = None,
     ):
         self.call_id = call_id
         self.method = method
         self.payload = payload
         self.deps = deps
+        # Refs inside the arguments: kept alive by the call (not resolved), then by the
+        # process that unpickled them (its holds).
+        self.lent = lent or []
         self.return_ids = return_ids
         self.options = options
         retries = options.get("max_task_retries")
@@ -277,6 +282,7 @@ class Actors:
         # The actor's process retries listed exceptions itself: tell it the resolved budget.
         call.options["max_task_retries"] = call.retries_left
         self._objects.take_uses(call.deps)
+        call.lent = self._objects.lend(call.lent)
         if actor.state is ActorState.DEAD:
             self._fail_dead(call, actor, actor_id, actor.death_reason)
             return
@@ -348,6 +354,7 @@ class Actors:
 
     def _finish(self, call: Call, stored: list[Stored]) -> None:
         self._objects.release_uses(call.deps)
+        self._objects.release_uses(call.lent)
         self._ledger.free(call.payload)
         self._store_results(call.return_ids, stored, call.stream, f"actor call {call.method}()")
 

@@ -55,13 +55,18 @@ class WorkerClient:
         self._request_ids = itertools.count()
         self._releases: deque[str] = deque()
         self._pins: deque[str] = deque()
+        self._holds: deque[str] = deque()
         self._unmapped: deque[tuple[str, int]] = deque()
         self._sent_functions: set[str] = set()
 
     # -- channel ---------------------------------------------------------------------------
     def send(self, message: protocol.ToHead) -> None:
         with self._send_lock:
-            # Pins first: a ref inside `message` must be pinned before the head could free it.
+            # Holds and pins first: a ref made here (a lent one, held) or inside `message`
+            # (pinned) must be counted before the head could free it; releases after.
+            if self._holds:
+                holds = [self._holds.popleft() for _ in range(len(self._holds))]
+                protocol.send(self._conn, protocol.Hold(holds))
             if self._pins:
                 pins = [self._pins.popleft() for _ in range(len(self._pins))]
                 protocol.send(self._conn, protocol.Pin(pins))
@@ -164,12 +169,19 @@ class WorkerClient:
     def pin(self, object_id: str) -> None:
         self._pins.append(object_id)
 
+    def borrowed_ref(self, object_id: str) -> ObjectRef:
+        """A ref unpickled here (from a call's arguments, or a stored value): counted, as this
+        process's own refs are, so that the object lives as long as this process keeps it;
+        the hold reaches the head before this process's answer to the call that lent it."""
+        self._holds.append(object_id)
+        return ObjectRef(object_id)
+
     def unmapped(self, name: str, consumed: int) -> None:
         """segments' hook: this process no longer maps ``name`` (reported on the next send)."""
         self._unmapped.append((name, consumed))
 
     def flush(self) -> None:
-        if self._releases or self._pins or self._unmapped:
+        if self._releases or self._pins or self._holds or self._unmapped:
             self.send(protocol.Release([]))
 
     # -- tasks and actors --------------------------------------------------------------------

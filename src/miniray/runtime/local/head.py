@@ -84,6 +84,8 @@ class LocalBackend:
         self.namespace = namespace or runtime_context.anonymous_namespace()
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
+        # Per thread: the refs pickled into the actor call being serialized (``pin``).
+        self._lending = threading.local()
         self._processes = Processes(self.session_id, self.namespace, self._cond)
         # Segment reuse (see segments.py and ledger.py).
         self._ledger = SegmentLedger(self._processes.send_reclaim, self._processes.wake)
@@ -177,6 +179,8 @@ class LocalBackend:
                 self._objects.release_held(child.key, ids)
             case protocol.Unmapped(reports):
                 self._ledger.on_unmapped(child.key, reports)
+            case protocol.Hold(ids):
+                self._objects.hold(child.key, ids)
             case protocol.Pin(ids):
                 self._objects.pin(ids)
             case _:
@@ -253,6 +257,10 @@ class LocalBackend:
         self._objects.queue_release(object_id)
 
     def pin(self, object_id: str) -> None:
+        lent = getattr(self._lending, "ids", None)
+        if lent is not None:  # an actor call's arguments: lent for the call (submit_actor_call)
+            lent.append(object_id)
+            return
         self._objects.pin([object_id])
 
     def put(self, value: Any) -> ObjectRef:
@@ -397,7 +405,16 @@ class LocalBackend:
             self._actors.check_pending_limit(handle.actor_id)
         call_args, call_kwargs, deps = execution.encode_args(args, kwargs)
         label = f"{handle.class_name}.{method}"
-        payload = serialize_args(call_args, call_kwargs, label, self.session_id)
+        # Refs inside the arguments (``f.remote([ref])``) are lent, not pinned for the whole
+        # session: the call keeps their objects alive until it ends, and the actor's process
+        # holds each ref it unpickles (WorkerClient.borrowed_ref) for as long as it keeps it.
+        # Pinned, a model's weights handed over in a list stayed in shared memory until
+        # shutdown: one more copy per weight sync (rl.param_sync's refs=[weights]).
+        self._lending.ids = lent = []
+        try:
+            payload = serialize_args(call_args, call_kwargs, label, self.session_id)
+        finally:
+            self._lending.ids = None
         num_returns = options["num_returns"]
         streams = num_returns == "streaming"
         call = Call(
@@ -407,6 +424,7 @@ class LocalBackend:
             deps,
             [] if streams else [new_id("o") for _ in range(num_returns)],
             opts.call_wire_options(options),
+            lent=lent,
         )
         if streams:
             call.stream = streaming.Stream(self._cond, self._check_open, self.release)

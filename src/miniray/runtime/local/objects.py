@@ -128,6 +128,15 @@ class ObjectTable:
                     del entry.holders[child_key]
                 self.maybe_free(oid, entry)
 
+    def hold(self, child_key: int, oids: Iterable[str]) -> None:
+        """A child made a ref of each of ``oids`` it was lent (unpickled from a call's
+        arguments): it holds one more, released as its own refs are. Gone objects are skipped
+        (a ref unpickled from a stored value whose object is pinned anyway)."""
+        for oid in oids:
+            entry = self._entries.get(oid)
+            if entry is not None:
+                entry.holders[child_key] = entry.holders.get(child_key, 0) + 1
+
     def forget_holder(self, child_key: int) -> None:
         """A dead child holds nothing. (Objects stay until the next count that frees them.)"""
         for entry in self._entries.values():
@@ -139,6 +148,14 @@ class ObjectTable:
             entry = self._entries.get(oid)
             if entry is not None:
                 entry.pinned = True
+
+    def lend(self, oids: list[str]) -> list[str]:
+        """A call carries refs to ``oids`` inside its arguments: one use each for the call's
+        time (released with ``release_uses``), never waited for. Returns the known ones."""
+        known = [oid for oid in oids if oid in self._entries]
+        for oid in known:
+            self._entries[oid].uses += 1
+        return known
 
     def take_uses(self, deps: list[str]) -> list[str]:
         """A pending call takes ``deps`` as arguments: one use each. Returns those not stored

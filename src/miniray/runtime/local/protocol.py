@@ -8,7 +8,7 @@ docs/design.md, "What crosses a process boundary").
     head -> child : RunTask, CreateActor, RunCall, CancelTask, CancelCall, Reply, Reclaim, Exit
     child -> head : Ready, Result, Yield, Retried, Created, ActorExit,          (its own work)
                     Submit, SubmitCall, NewActor, Kill, GetActor, CancelRef,   (nested calls)
-                    Put, Get, Wait, CancelRequest, Release, Pin, Unmapped      (objects)
+                    Put, Get, Wait, CancelRequest, Release, Hold, Pin, Unmapped (objects)
 
 On the wire a message is the tuple ``(tag, *field values)``, the tag its class's index in
 ``_KINDS``; ``recv`` calls the class with the fields. Pickling the message class itself would
@@ -227,6 +227,11 @@ class Release(NamedTuple):
 
 
 @_wire
+class Hold(NamedTuple):
+    ids: list[str]  # one more ref of each held here (a ref lent in a call's arguments)
+
+
+@_wire
 class Pin(NamedTuple):
     ids: list[str]  # pickled into another value: kept until shutdown
 
@@ -255,6 +260,7 @@ ToHead = (
     | Wait
     | CancelRequest
     | Release
+    | Hold
     | Pin
     | Unmapped
 )
