@@ -354,12 +354,16 @@ class RecordingRank:
         return list(self.calls)
 
 
-def recording_group(**rank):
+def recording_group(timeout_s=30.0, **rank):
     from miniray.rl.trainer_group import GroupPlan
 
     plan = GroupPlan(
-        world_size=1, ranks_per_node=1, device_type="cpu", backend="gloo", strategy="ddp",
-        timeout_s=30.0,
+        world_size=1,
+        ranks_per_node=1,
+        device_type="cpu",
+        backend="gloo",
+        strategy="ddp",
+        timeout_s=timeout_s,
     )
     actor = miniray.remote(RecordingRank).remote(**rank)
     miniray.get(actor.log.remote(), timeout=30)  # started
@@ -381,6 +385,15 @@ def test_set_version_is_not_waited_for_and_its_failure_is_raised_by_the_next_cal
         group.get_weights()
 
 
+def test_a_set_version_that_never_answers_fails_the_next_call_within_the_timeout(local_runtime):
+    group, actor = recording_group(timeout_s=1.0, set_version_s=30.0)
+    group.set_version(2)
+    started = time.monotonic()
+    with pytest.raises(TrainerRankError, match=r"did not finish set_version within 1s \(no rank"):
+        group.train_step([["g"]])
+    assert time.monotonic() - started < 10
+
+
 def test_a_prepared_publish_sends_the_weights_call_right_behind_the_step(local_runtime):
     group, actor = recording_group(train_s=0.2)
     group.prepare_publish(4, 3, copy=False)
@@ -399,12 +412,17 @@ def test_a_prepared_publish_sends_the_weights_call_right_behind_the_step(local_r
     assert torch.equal(miniray.get(ref, timeout=30)["w"], torch.full((3,), 5.0))
     names = [name for name, _ in miniray.get(actor.log.remote(), timeout=30)]
     assert names[3:] == ["train_step", "get_weights", "publishable_weights", "published_check"]
+    # Another call between the step and the publish (it may change the weights): dropped.
+    group.prepare_publish(7, 6, copy=True)
+    group.train_step([["g"]])
+    group._all("log")
+    assert group._prefetched is None
     # Copy: get_weights answered from the call sent with the step.
     group.prepare_publish(6, 5, copy=True)
     group.train_step([["g"]])
     assert torch.equal(group.get_weights()["w"], torch.ones(3))
     names = [name for name, _ in miniray.get(actor.log.remote(), timeout=30)]
-    assert names[7:] == ["train_step", "get_weights"]
+    assert names[7:] == ["train_step", "get_weights", "train_step", "get_weights"]
 
 
 def test_a_check_behind_runs_beside_the_answer_and_gives_its_verdict_when_asked(

@@ -137,8 +137,8 @@ class UnifiedParameterSynchronizer(SeedSyncModes):
         self._sync_lock = threading.Lock()
         self._stats_lock = threading.Lock()
         self._weights_info: dict[str, dict[str, Any]] | None = None
-        # Per rollouter (by id): whether its swap_weights asked for the weights by value.
-        self._by_value: dict[int, bool] = {}
+        # Per rollouter (``_endpoint_key``): whether its swap_weights asked for values.
+        self._by_value: dict[Any, bool] = {}
         self._counts = {"sync_count": 0, "sync_failures": 0, "timeouts": 0, "refused": 0}
         self._retries = 0
         self._bytes_total = 0
@@ -332,13 +332,15 @@ class UnifiedParameterSynchronizer(SeedSyncModes):
         t = self._clock()
         timeout = max(0.0, deadline - self._clock())
         calls = [
-            swap_call(r, weights, target, timeout, by_value=self._by_value.get(id(r), False))
+            swap_call(
+                r, weights, target, timeout, by_value=self._by_value.get(_endpoint_key(r), False)
+            )
             for r in rollouters
         ]
         answers = self._wait_all(calls, deadline)
         took = self._clock() - t
         for r, answer in zip(rollouters, answers):  # how each wants the next sync's weights
-            self._by_value[id(r)] = bool(answer.get("by_value", False))
+            self._by_value[_endpoint_key(r)] = bool(answer.get("by_value", False))
         paused = max((float(a.get("pause_s", 0.0)) for a in answers), default=0.0)
         result.pause_s += min(paused, took)
         result.load_s += took - min(paused, took)
@@ -591,6 +593,13 @@ def swap_call(
     ):
         return call(rollouter, "swap_weights", version, refs=[weights], timeout=timeout)
     return call(rollouter, "swap_weights", version, weights=weights, timeout=timeout)
+
+
+def _endpoint_key(endpoint: Any) -> Any:
+    """An actor by its id (a handle made again for it is the same endpoint), else the object."""
+    if isinstance(endpoint, miniray.ActorHandle):
+        return ("actor", endpoint.actor_id)
+    return ("object", id(endpoint))
 
 
 def _has_method(endpoint: Any, name: str) -> bool:

@@ -310,7 +310,7 @@ class TrainerGroup:
         answer (an error, a dead rank) is collected before that call is sent. Waiting here was
         a round trip, 1.3 ms of each ~40 ms step of the demo (benchmarks/async_vs_sync.py)."""
         self.version = int(version)
-        self._deferred.append(self._send("set_version", self.version))
+        self._deferred.append(self._send("set_version", self.version, within=self.plan.timeout_s))
         return self.version
 
     def save_checkpoint(self, path: Any, extra: dict[str, Any]) -> Any:
@@ -349,7 +349,9 @@ class TrainerGroup:
     def _all_refs(
         self, method: str, *args: Any, ranks: list[Any] | None = None, **kwargs: Any
     ) -> list[tuple[miniray.ObjectRef, Any]]:
-        """``_all``, each answer with the ref it is stored under."""
+        """``_all``, each answer with the ref it is stored under. Any such call drops a
+        prepared publish not taken yet: the call may change the weights it would answer."""
+        self._prefetched = self._after_step = None
         self._collect_deferred()
         return self._answers(self._send(method, *args, ranks=ranks, **kwargs))
 
@@ -358,15 +360,14 @@ class TrainerGroup:
         for sent in deferred:
             self._answers(sent)
 
-    def _send_weights_call(
-        self, call: _Call, metrics: dict[str, Any] | None = None
-    ) -> list[_Sent]:
+    def _send_weights_call(self, call: _Call, metrics: dict[str, Any] | None = None) -> list[_Sent]:
         """Send ``call`` (``get_weights``, or ``publishable_weights`` with the finiteness check
         running beside the copy of the answer and its verdict asked right behind it: the
         check then costs no time of its own when the copy takes longer, measured in
         benchmarks/weight_sync.py). ``metrics`` None: each rank names its own step's."""
+        within = self.plan.timeout_s
         if call.method == "get_weights":
-            return [self._send("get_weights", ranks=call.ranks)]
+            return [self._send("get_weights", ranks=call.ranks, within=within)]
         step, finite_at = call.args
         weights = self._send(
             "publishable_weights",
@@ -375,8 +376,9 @@ class TrainerGroup:
             None if metrics is None else dict(metrics),
             check_behind=True,
             ranks=call.ranks,
+            within=within,
         )
-        return [weights, self._send("published_check", ranks=call.ranks)]
+        return [weights, self._send("published_check", ranks=call.ranks, within=within)]
 
     def _take_prefetched(self, call: _Call) -> list[_Sent] | None:
         """The sent call ``prepare_publish`` made, if it is ``call``; dropped otherwise."""
@@ -386,13 +388,20 @@ class TrainerGroup:
         return prefetched[1]
 
     def _send(
-        self, method: str, *args: Any, ranks: list[Any] | None = None, **kwargs: Any
+        self,
+        method: str,
+        *args: Any,
+        ranks: list[Any] | None = None,
+        within: float | None = None,
+        **kwargs: Any,
     ) -> _Sent:
+        """Send ``method`` to ``ranks``; ``within``: seconds the first answer may take once
+        it is waited for (None: a ``train_step``, as long as the step takes)."""
         ranks = self.ranks if ranks is None else ranks
         if not ranks:
             raise TrainerRankError(-1, None, f"the trainer group is closed; cannot call {method}")
         refs = {getattr(r, method).remote(*args, **kwargs): i for i, r in enumerate(ranks)}
-        return _Sent(method, refs)
+        return _Sent(method, refs, within)
 
     def _answers(self, sent: _Sent) -> list[tuple[miniray.ObjectRef, Any]]:
         """The answers of ``sent`` in rank order. The first rank to die or fail raises
@@ -400,19 +409,20 @@ class TrainerGroup:
         more."""
         method, pending = sent.method, dict(sent.refs)
         answers: dict[int, tuple[miniray.ObjectRef, Any]] = {}
-        deadline: float | None = None
+        deadline = None if sent.within is None else time.monotonic() + sent.within
         while pending:
             wait_s = 5.0 if deadline is None else max(0.0, deadline - time.monotonic())
             ready, _ = miniray.wait(list(pending), num_returns=1, timeout=wait_s)
             if not ready and deadline is not None and time.monotonic() >= deadline:
                 late = sorted(pending.values())
+                after = f"of rank {min(answers)}" if answers else "(no rank answered)"
                 raise TrainerRankError(
                     late[0],
                     self._pid(late[0]),
                     f"trainer rank(s) {late} did not finish {method} within "
-                    f"{self.plan.timeout_s:g}s of rank {min(answers)}: a rank stuck in a "
-                    "collective or far slower than the others; raise "
-                    "actor_rollout_ref.nccl_timeout if its work is just slow",
+                    f"{self.plan.timeout_s:g}s {after}: a rank stuck in a collective or far "
+                    "slower than the others; raise actor_rollout_ref.nccl_timeout if its work "
+                    "is just slow",
                 )
             for ref in ready:
                 rank = pending.pop(ref)
@@ -475,6 +485,7 @@ class _Sent:
 
     method: str
     refs: dict[Any, int]
+    within: float | None = None  # the first answer's bound (None: unbounded, as a step)
 
 
 @dataclass(frozen=True)

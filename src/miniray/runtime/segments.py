@@ -148,7 +148,7 @@ class KeptMaps:
     def prune(self) -> None:
         """Drop the kept mappings of segments that are gone (deleted, or being evicted)."""
         with self._lock:
-            idle = list(self._idle.items())
+            idle = tuple(self._idle.items())
         gone = [(name, kept) for name, kept in idle if shm.file_id(name, pooled=True) != kept.file]
         with self._lock:
             # Only those still idle: another thread may have taken one meanwhile.
@@ -176,8 +176,8 @@ def _close(mapping: mmap.mmap) -> None:
     try:
         mapping.close()
     except BufferError:
-        # Only while the exporter whose finalizer is running still holds it; the mapping is
-        # unmapped when that exporter is gone, a moment later.
+        # A buffer of it is still exported (the exporter whose finalizer is running, or a
+        # copy in progress on another thread): it is unmapped when that export ends.
         pass
 
 
@@ -363,8 +363,10 @@ class SegmentPool:
         weakref.finalize(mapping, self._on_unmap, name)
 
     def _on_unmap_kept(self, name: str, kept: _Mapping) -> None:
-        self.kept.put(name, kept)  # before the report: the next value may be on its way
-        self._on_unmap(name)
+        try:
+            self.kept.put(name, kept)  # before the report: the next value may be on its way
+        finally:  # a mapping not kept is only slower; a lost report would leak the segment
+            self._on_unmap(name)
 
     def delivery_received(self, name: str) -> None:
         with self._lock:
@@ -406,7 +408,9 @@ class SegmentPool:
         """Forget everything (a new session in this process)."""
         with self._lock:
             for mapping in self._writers.values():
-                mapping.close()
+                # _close: another thread may still be copying a value into it (the copy
+                # releases the GIL); the mapping then goes with that copy's buffer.
+                _close(mapping)
             self._writers.clear()
             self._capacity.clear()
             self._free.clear()

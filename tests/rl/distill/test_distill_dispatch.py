@@ -181,6 +181,23 @@ def test_a_hung_worker_is_killed_and_restarted_and_the_batch_is_not_late(local_r
         pool.shutdown()
 
 
+def test_a_lone_hung_worker_is_restarted_and_its_batch_still_not_late(local_runtime, tmp_path):
+    # One worker: nobody else takes its chunk, so the batch waits for the restart itself,
+    # which ends after the caller's own timeout (the chunk's and the batch's are the same).
+    pool = _pool(tmp_path, [("hang", 0.0), ("ok", 0.05)])
+    try:
+        work = _generation(pool, 8, timeout=2.0, version=4)
+        generated = work.result(timeout=2.0)
+        gens = generated.generations
+        assert [g.prompt_token_ids for g in gens] == [[p] for p in range(8)]
+        assert generated.faults == [
+            ("rollout_worker_0", "no answer within trainer.generation_timeout=2s")
+        ]
+        assert pool.restarts == 1 and set(generated.versions) == {4}
+    finally:
+        pool.shutdown()
+
+
 def test_every_worker_lost_beyond_the_restart_budget_is_an_error_naming_them(
     local_runtime, tmp_path
 ):

@@ -239,8 +239,12 @@ class ChunkedGeneration:
                     self._busy_until[index] = self.clock() + self.timeout
                     return self._queue.popleft()
                 if len(self._answers) == len(self._chunks):
-                    return None
+                    break
                 self._cond.wait(1.0)  # woken when a chunk is answered or comes back
+            # The lane's bound is this method's to end: between a chunk (or a restart) and
+            # here, the lane's short slack keeps the driver's wait from expiring under it.
+            self._busy_until.pop(index, None)
+            self._cond.notify_all()
             return None
 
     def _generate(self, index: int, chunk: Chunk) -> None:
@@ -276,7 +280,7 @@ class ChunkedGeneration:
         self.pool.record(index, groups=len(gens), tokens=tokens, seconds=self.clock() - start)
         with self._cond:
             self._answers[chunk.first] = (version, gens)
-            self._busy_until.pop(index, None)
+            self._busy_until[index] = self.clock() + LANE_SLACK_S  # on to _next
             self._cond.notify_all()
 
     def _call(self, index: int, chunk: Chunk, deadline: float) -> tuple[int, list[Any] | None]:
@@ -316,6 +320,10 @@ class ChunkedGeneration:
             self.causes[name] = cause
             self._busy_until[index] = self.clock() + self._restart_s
             self._cond.notify_all()
+            stopped = self._stopped()
+        if stopped:  # the batch is over: no restart, which close() would have to wait for
+            self.pool.kill(index)
+            return
         try:
             self.pool.failed(index, f"{name}: {cause}")
         except RuntimeError:  # the pool has no worker left
@@ -325,7 +333,7 @@ class ChunkedGeneration:
             return
         finally:
             with self._cond:
-                self._busy_until.pop(index, None)
+                self._busy_until[index] = self.clock() + LANE_SLACK_S  # on to _next
                 self._cond.notify_all()
         if self.pool.alive(index):
             logger.warning(
