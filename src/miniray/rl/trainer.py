@@ -247,7 +247,8 @@ class FullyAsyncTrainer:
         (named by the error): None for this trainer's last step's own.
 
         ``check_behind``: the check runs in a thread while the answer is copied into shared
-        memory, each reading the model once on its own core, instead of before the copy;
+        memory, each reading the model on its own core, instead of before the copy (what that
+        saves: ``TrainerGroup._send_weights_call``);
         ``published_check()`` then gives its verdict, and the caller must have it before the
         weights go anywhere (``TrainerGroup.published_weights`` sends both calls together)."""
         self._join_check()
