@@ -322,7 +322,7 @@ class PreparingTrainer(FullyAsyncTrainer):
     """Records the steps the loop prepared a publish for (``TrainerGroup.prepare_publish``)."""
 
     def prepare_publish(self, step, finite_at, *, copy):
-        self.prepared = getattr(self, "prepared", []) + [(step, copy)]
+        self.prepared = [*getattr(self, "prepared", []), (step, copy)]
 
 
 def test_the_loop_prepares_a_publish_before_each_publishing_step(inline, workdir):

@@ -386,7 +386,7 @@ def test_set_version_is_not_waited_for_and_its_failure_is_raised_by_the_next_cal
 
 
 def test_a_set_version_that_never_answers_fails_the_next_call_within_the_timeout(local_runtime):
-    group, actor = recording_group(timeout_s=1.0, set_version_s=30.0)
+    group, _actor = recording_group(timeout_s=1.0, set_version_s=30.0)
     group.set_version(2)
     started = time.monotonic()
     with pytest.raises(TrainerRankError, match=r"did not finish set_version within 1s \(no rank"):

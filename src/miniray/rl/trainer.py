@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 import pathlib
 import random
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch

@@ -410,7 +410,8 @@ class LocalBackend:
         # holds each ref it unpickles (WorkerClient.borrowed_ref) for as long as it keeps it.
         # Pinned, a model's weights handed over in a list stayed in shared memory until
         # shutdown: one more copy per weight sync (rl.param_sync's refs=[weights]).
-        self._lending.ids = lent = []
+        lent: list[str] = []
+        self._lending.ids = lent
         try:
             payload = serialize_args(call_args, call_kwargs, label, self.session_id)
         finally:
