@@ -303,6 +303,20 @@ def test_a_kept_mapping_is_not_used_for_a_new_file_of_the_same_name():
     assert segments.POOL.kept.reused == 0
 
 
+def test_take_itself_refuses_a_kept_mapping_of_another_file(monkeypatch):
+    # The file can change between prune() and take()'s own look at it: take() checks the
+    # inode too (prune() disabled here, so only that check stands between us and stale data).
+    name = written_segment(1)
+    assert read_and_release(name) == 1
+    monkeypatch.setattr(segments.POOL.kept, "prune", lambda: None)
+    segments.forget(name)
+    remade = shm.create(name, KEPT)
+    remade[:] = b"\x04" * KEPT
+    remade.close()
+    assert read_and_release(name) == 4
+    assert segments.POOL.kept.reused == 0
+
+
 def test_reset_drops_kept_mappings_and_keeps_none_mapped_before_it():
     kept, held = written_segment(1), written_segment(2)
     read_and_release(kept)
