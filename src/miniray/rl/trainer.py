@@ -190,6 +190,7 @@ class FullyAsyncTrainer:
         )
         self.version = 0
         self.samples_trained = 0
+        self.last_metrics: dict[str, Any] = {}  # the last step's, named by a NaN/inf error
         # publishable_weights(check_behind=True): the check left running, and its thread.
         self._checking: Future[None] | None = None
         self._checker: ThreadPoolExecutor | None = None
@@ -254,7 +255,7 @@ class FullyAsyncTrainer:
         self._join_check()
         weights = self.live_weights()
         if metrics is None:
-            metrics = getattr(self, "last_metrics", {})
+            metrics = self.last_metrics
         if not check_behind:
             check_finite_weights(weights, step, finite_at, metrics)
             return weights
@@ -276,11 +277,12 @@ class FullyAsyncTrainer:
         self._join_check()
         return True
 
-    def _join_check(self) -> None:
-        """Wait for a check still reading the weights (before they change, or a new one)."""
+    def _join_check(self, *, verdict: bool = True) -> None:
+        """Wait for a check still reading the weights (before they change, or a new one),
+        raising its ``NonFiniteWeightsError`` unless its ``verdict`` is moot."""
         checking, self._checking = self._checking, None
         if checking is not None:
-            checking.result()
+            checking.result() if verdict else checking.exception()
 
     def live_weights(self) -> dict[str, torch.Tensor]:
         """The parameters themselves, detached: for a caller that copies them out (a ``put``)
@@ -366,9 +368,7 @@ class FullyAsyncTrainer:
         every rank reads the same checkpoint and keeps what it holds."""
         from miniray.rl import checkpoint
 
-        checking, self._checking = self._checking, None
-        if checking is not None:
-            checking.exception()  # let it finish reading; a verdict on replaced weights is moot
+        self._join_check(verdict=False)  # a verdict on the weights being replaced is moot
         state, tensors = checkpoint.read(path)
         load_full_state_dict(self.wrapped, self.model, self.setup, tensors["model"])
         load_full_optimizer_state(

@@ -254,7 +254,6 @@ class TrainerGroup:
     def train_step(self, groups: Sequence[Sequence[Any]]) -> dict[str, float]:
         """One step on every rank; the metrics (reduced over the ranks) of rank 0. A weights
         call asked for by ``prepare_publish`` is sent right behind it."""
-        self._collect_deferred()
         self._prefetched = None  # a prepared publish nobody took: its answer is dropped
         sent = self._send("train_step", list(groups))
         after, self._after_step = self._after_step, None
@@ -265,8 +264,8 @@ class TrainerGroup:
     def prepare_publish(self, step: int, finite_at: int, *, copy: bool) -> None:
         """The next ``train_step`` (``step``) is followed by a publish: its weights call goes
         to the ranks right behind the step, so a rank starts it the moment the step ends,
-        rather than one round trip later when the driver has the step's answer (~1.5 ms of a
-        ~40 ms demo step, benchmarks/async_vs_sync.py). ``copy``: the publish will ask for
+        rather than one round trip later when the driver has the step's answer (the demo's
+        get_weights went from 1.7 to 1.4 ms per ~40 ms step, benchmarks/async_vs_sync.py). ``copy``: the publish will ask for
         ``get_weights`` (a copy to extrapolate from), else for ``published_weights(step,
         finite_at, ...)``, checked by the rank against its own step's metrics."""
         if copy:
@@ -276,10 +275,7 @@ class TrainerGroup:
 
     def get_weights(self) -> dict[str, Any]:
         call = _Call("get_weights", (), self._weight_ranks())
-        sent = self._take_prefetched(call)
-        if sent is None:
-            self._collect_deferred()
-            sent = self._send_weights_call(call)
+        sent = self._take_prefetched(call) or self._send_weights_call(call)
         return self._answers(sent[0])[0][1]
 
     def live_weights(self) -> dict[str, Any]:
@@ -295,11 +291,7 @@ class TrainerGroup:
         a second copy of the model (benchmarks/weight_sync.py: the publish went from 0.76 s
         to 0.40 s at Qwen2.5-0.5B size, docs/benchmarks.md)."""
         call = _Call("publishable_weights", (step, finite_at), self._weight_ranks())
-        sent = self._take_prefetched(call)
-        if sent is None:
-            self._collect_deferred()
-            sent = self._send_weights_call(call, metrics)
-        weights, verdict = sent
+        weights, verdict = self._take_prefetched(call) or self._send_weights_call(call, metrics)
         ref = self._answers(weights)[0][0]
         self._answers(verdict)  # NonFiniteWeightsError: the ref is dropped, never published
         return ref
@@ -310,7 +302,8 @@ class TrainerGroup:
         answer (an error, a dead rank) is collected before that call is sent. Waiting here was
         a round trip, 1.3 ms of each ~40 ms step of the demo (benchmarks/async_vs_sync.py)."""
         self.version = int(version)
-        self._deferred.append(self._send("set_version", self.version, within=self.plan.timeout_s))
+        sent = self._send("set_version", self.version, within=self.plan.timeout_s)
+        self._deferred.append(sent)  # after _send, which empties the list of earlier ones
         return self.version
 
     def save_checkpoint(self, path: Any, extra: dict[str, Any]) -> Any:
@@ -352,13 +345,7 @@ class TrainerGroup:
         """``_all``, each answer with the ref it is stored under. Any such call drops a
         prepared publish not taken yet: the call may change the weights it would answer."""
         self._prefetched = self._after_step = None
-        self._collect_deferred()
         return self._answers(self._send(method, *args, ranks=ranks, **kwargs))
-
-    def _collect_deferred(self) -> None:
-        deferred, self._deferred = self._deferred, []
-        for sent in deferred:
-            self._answers(sent)
 
     def _send_weights_call(self, call: _Call, metrics: dict[str, Any] | None = None) -> list[_Sent]:
         """Send ``call`` (``get_weights``, or ``publishable_weights`` with the finiteness check
@@ -399,8 +386,12 @@ class TrainerGroup:
         within: float | None = None,
         **kwargs: Any,
     ) -> _Sent:
-        """Send ``method`` to ``ranks``; ``within``: seconds the first answer may take once
-        it is waited for (None: a ``train_step``, as long as the step takes)."""
+        """Send ``method`` to ``ranks``, once the calls sent and not waited for (``set_version``)
+        have answered; ``within``: seconds the first answer may take once it is waited for
+        (None: a ``train_step``, as long as the step takes)."""
+        deferred, self._deferred = self._deferred, []
+        for earlier in deferred:
+            self._answers(earlier)
         ranks = self.ranks if ranks is None else ranks
         if not ranks:
             raise TrainerRankError(-1, None, f"the trainer group is closed; cannot call {method}")

@@ -293,15 +293,7 @@ def delete(name: str) -> None:
     """Delete a segment that no process maps for a value any more, and give its pages back now:
     readers may keep idle mappings of it (runtime/segments.py), and tmpfs keeps a file's pages
     while any process maps it, so the file is truncated first, as an evictor does."""
-    try:
-        fd = os.open(path_of(name), os.O_RDWR)
-    except FileNotFoundError:
-        return
-    try:
-        os.ftruncate(fd, 0)
-    finally:
-        os.close(fd)
-    unlink(name)
+    _empty_then_unlink(name)
 
 
 def mark_free(name: str) -> None:
@@ -327,16 +319,22 @@ def evict_free(name: str) -> bool:
         os.rename(path_of(name + FREE_SUFFIX), evicting)
     except FileNotFoundError:
         return False
+    _empty_then_unlink(name + EVICTING_SUFFIX)  # gone already: the head swept it (dead creator)
+    return True
+
+
+def _empty_then_unlink(name: str) -> None:
+    """Truncate segment file ``name`` (that frees its pages in every mapping at once; unlinking
+    alone would wait for them to be unmapped), then unlink it; nothing if it is gone."""
     try:
-        fd = os.open(evicting, os.O_RDWR)
-    except FileNotFoundError:  # the head swept it meanwhile (its creator died)
-        return True
+        fd = os.open(path_of(name), os.O_RDWR)
+    except FileNotFoundError:
+        return
     try:
-        os.ftruncate(fd, 0)  # frees the pages in every mapping; unlinking would wait for them
+        os.ftruncate(fd, 0)
     finally:
         os.close(fd)
-    unlink(name + EVICTING_SUFFIX)
-    return True
+    unlink(name)
 
 
 def list_free(session_id: str) -> list[str]:

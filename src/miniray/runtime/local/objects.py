@@ -153,8 +153,7 @@ class ObjectTable:
         """A call carries refs to ``oids`` inside its arguments: one use each for the call's
         time (released with ``release_uses``), never waited for. Returns the known ones."""
         known = [oid for oid in oids if oid in self._entries]
-        for oid in known:
-            self._entries[oid].uses += 1
+        self.take_uses(known)
         return known
 
     def take_uses(self, deps: list[str]) -> list[str]:
