@@ -72,6 +72,49 @@ def test_async_run_trains_overlapping_and_respects_the_staleness_bound(rt, workd
 
 
 @pytest.mark.slow
+def test_each_async_step_goes_to_the_trainer_before_the_previous_ones_result(
+    rt, workdir, monkeypatch
+):
+    """The rank goes from one step to the next without waiting for the driver: the loop
+    sends step k+1 (its batch still the queue's ref) before it takes step k's result, except
+    after a step whose weights are evaluated; each step carries the version it trains at."""
+    from miniray.rl.trainer_group import TrainerGroup
+
+    events: list[tuple] = []
+    send, answer = TrainerGroup.send_step, TrainerGroup.step_result
+
+    def spy_send(self, groups, version=None):
+        events.append(("send", isinstance(groups, miniray.ObjectRef), version))
+        return send(self, groups, version)
+
+    def spy_result(self):
+        events.append(("result",))
+        return answer(self)
+
+    monkeypatch.setattr(TrainerGroup, "send_step", spy_send)
+    monkeypatch.setattr(TrainerGroup, "step_result", spy_result)
+    cfg = config(workdir, staleness_threshold=1)
+    cfg["trainer"]["test_freq"] = 3
+    result = run(cfg, eval_rows=TASK.rows(4, split="test"))
+    assert result.summary["max_age"] <= 1 and [e[0] for e in result.evals] == [0, 3, 6]
+    r = ("result",)
+    assert events == [
+        ("send", False, 0),
+        ("send", True, 1),
+        r,
+        ("send", True, 2),
+        r,
+        r,  # step 3 is evaluated: step 4 waits for it
+        ("send", False, 3),
+        ("send", True, 4),
+        r,
+        ("send", True, 5),
+        r,
+        r,
+    ]
+
+
+@pytest.mark.slow
 def test_strictly_on_policy_never_trains_on_older_data(rt, workdir):
     result = run(config(workdir, staleness_threshold=0))
     assert result.ages and set(result.ages) == {0}

@@ -175,6 +175,41 @@ def test_the_async_source_takes_batches_from_the_queue_oldest_first(inline):
         source.stop()
 
 
+def test_a_prefetched_batch_waits_in_the_queue_and_is_the_next_one_taken(inline):
+    cfg = rl_config()
+    rollouter, queue = parts(cfg)
+    source = batch_source(cfg, rollouter, queue)
+    assert source.batch_by_ref
+    with pytest.raises(RuntimeError, match=r"prefetch\(\) before start\(\)"):
+        source.prefetch(0)
+    source.start()
+    try:
+        source.prefetch(2)  # the batch a trainer at version 2 will train
+        with pytest.raises(RuntimeError, match="prefetch\\(\\) twice"):
+            source.prefetch(2)
+        ref = source.prefetched_ref()
+        put(queue, group("a", v_start=1), group("b", v_start=2), group("c", v_start=2))
+        # The call took the batch in the queue, at the version asked: the queue is there now.
+        assert tags(miniray.get(ref, timeout=10)) == ["a", "b"]
+        assert queue_stats(queue)["current_param_version"] == 2
+        assert tags(source.next_batch(2).groups) == ["a", "b"]  # that answer, not a new call
+        assert source.queue_size() == 1
+        # A prefetched batch asked for at another version would lose its groups: refused.
+        source.prefetch(2)
+        with pytest.raises(RuntimeError, match=r"prefetched for version 2, but 2 groups .*3"):
+            source.next_batch(3)
+    finally:
+        source.stop()
+
+
+def test_a_source_with_dynamic_sampling_or_in_sync_mode_sends_no_batch_by_ref(inline):
+    rollouter, queue = parts(rl_config())
+    assert not batch_source(rl_config(filtering=True), rollouter, queue).batch_by_ref
+    sync = batch_source(rl_config("sync"), rollouter, queue)
+    sync.prefetch(1)  # nothing: a sync batch is generated when asked, at the version then
+    assert not sync.batch_by_ref and calls(rollouter) == []
+
+
 def test_a_crashed_producer_is_a_producer_crashed_error_at_once(inline):
     cfg = rl_config(timeout=30.0)
     rollouter, queue = parts(cfg)

@@ -325,11 +325,13 @@ class RecordingRank:
     def __init__(self, train_s=0.2, set_version_s=0.0):
         self.train_s, self.set_version_s = train_s, set_version_s
         self.calls = []
+        self.steps = []  # (groups, version) of each step
 
-    def train_step(self, groups):
+    def train_step(self, groups, version=None):
         self.calls.append(("train_step", time.monotonic()))
+        self.steps.append((groups, version))
         time.sleep(self.train_s)
-        return {"loss": 0.5}
+        return {"loss": 0.5, "step": len(self.steps)}
 
     def get_weights(self):
         self.calls.append(("get_weights", time.monotonic()))
@@ -353,6 +355,9 @@ class RecordingRank:
     def log(self):
         return list(self.calls)
 
+    def steps_log(self):
+        return list(self.steps)
+
 
 def recording_group(timeout_s=30.0, **rank):
     from miniray.rl.trainer_group import GroupPlan
@@ -375,7 +380,7 @@ def test_set_version_is_not_waited_for_and_its_failure_is_raised_by_the_next_cal
     started = time.monotonic()
     assert group.set_version(3) == 3 and group.version == 3
     assert time.monotonic() - started < 0.3  # did not wait for the rank's 0.5 s
-    assert group.train_step([["g"]]) == {"loss": 0.5}
+    assert group.train_step([["g"]]) == {"loss": 0.5, "step": 1}
     assert [name for name, _ in miniray.get(actor.log.remote(), timeout=30)] == [
         "set_version",
         "train_step",
@@ -416,13 +421,46 @@ def test_a_prepared_publish_sends_the_weights_call_right_behind_the_step(local_r
     group.prepare_publish(7, 6, copy=True)
     group.train_step([["g"]])
     group._all("log")
-    assert group._prefetched is None
+    assert group._prefetched == []
     # Copy: get_weights answered from the call sent with the step.
     group.prepare_publish(6, 5, copy=True)
     group.train_step([["g"]])
     assert torch.equal(group.get_weights()["w"], torch.ones(3))
     names = [name for name, _ in miniray.get(actor.log.remote(), timeout=30)]
     assert names[7:] == ["train_step", "get_weights", "train_step", "get_weights"]
+
+
+def test_a_step_sent_ahead_runs_right_after_the_previous_step_and_its_weights_call(
+    local_runtime,
+):
+    group, actor = recording_group(train_s=0.3)
+    group.prepare_publish(1, 0, copy=False)
+    group.send_step([["a"]], 1)
+    # Sent ahead, its batch still a ref (the queue's answer), its publish prepared meanwhile.
+    group.prepare_publish(2, 1, copy=False)
+    group.send_step(miniray.put([["b"]]), 2)
+    with pytest.raises(RuntimeError, match="two steps are in flight"):
+        group.send_step([["c"]])
+    with pytest.raises(RuntimeError, match=r"log\(\) while 2 step\(s\) are in flight"):
+        group._all("log")
+    assert group.step_result() == {"loss": 0.5, "step": 1}
+    answered = time.monotonic()
+    time.sleep(0.2)  # the driver busy elsewhere: the rank goes on with the next step
+    # Each publish takes its own step's weights call, sent right behind that step.
+    first = group.published_weights(1, 0, {"loss": 0.5})
+    assert torch.equal(miniray.get(first, timeout=30)["w"], torch.full((3,), 1.0))
+    assert group.step_result() == {"loss": 0.5, "step": 2}
+    second = group.published_weights(2, 1, {"loss": 0.5})
+    assert torch.equal(miniray.get(second, timeout=30)["w"], torch.full((3,), 2.0))
+    log = miniray.get(actor.log.remote(), timeout=30)
+    assert [name for name, _ in log] == ["train_step", "publishable_weights", "published_check"] * 2
+    assert log[3][1] < answered + 0.1  # the second step did not wait for the driver
+    # The ranks got each step's version with it: no set_version call for the same version.
+    assert group.set_version(2) == 2
+    assert miniray.get(actor.steps_log.remote(), timeout=30) == [([["a"]], 1), ([["b"]], 2)]
+    assert [name for name, _ in miniray.get(actor.log.remote(), timeout=30)][6:] == []
+    with pytest.raises(RuntimeError, match="no step was sent"):
+        group.step_result()
 
 
 def test_a_check_behind_runs_beside_the_answer_and_gives_its_verdict_when_asked(

@@ -7,6 +7,7 @@
     resume from a checkpoint; evaluate; source.start()
     for step:
         batch = source.next_batch(version)            (dynamic sampling's fill inside)
+        source.prefetch(next step's version)            async: the next get_batch waits meanwhile
         metrics = trainer.train_step(batch.groups)       (publisher.prepare before, every k)
         every k steps:  publisher.publish(version + 1)  async: snapshot, sync in the background
                         trainer.set_version, source.hand_off    sync: load, blocking
@@ -205,19 +206,41 @@ def run(
         if cfg.trainer.val_before_train:
             result.evals.append((start_step, 0.0, evaluate()))
         source.start()
+        steps, ahead = _Steps(trainer), False  # ahead: this step was sent during the last one
         for step in range(start_step + 1, total_steps + 1):
             batch = source.next_batch(version)
             wait_s += batch.wait_s
-            if step % trigger == 0:
-                publisher.prepare(step)
-            metrics: dict[str, Any] = dict(trainer.train_step(batch.groups))
-            metrics.update(reward_metrics(batch.groups), **batch.metrics)
-            metrics.update(conversation_metrics([s for g in batch.groups for s in g]))
-            _record_batch(result, trained, batch, version)  # ages: at the version trained at
+            publishing = step % trigger == 0
+            next_version = version + 1 if publishing else version
+            if step < total_steps:  # the next batch waits in the queue while this one trains
+                source.prefetch(next_version)
+            if not ahead:
+                if publishing:
+                    publisher.prepare(step)
+                steps.send(batch.groups, version)
             saving = save_freq >= 0 and (
                 step == total_steps or (save_freq > 0 and step % save_freq == 0)
             )
-            if step % trigger == 0:
+            evaluating = bool(eval_rows) and test_freq > 0 and (step % test_freq == 0)
+            # The next step goes to the trainer now, its batch still in the queue, when
+            # nothing must see this step's weights before it: no checkpoint or evaluation,
+            # and a publish (whose weights call the trainer runs first) rather than a check.
+            ahead = (
+                publishing
+                and step < total_steps
+                and steps.can_send_ahead
+                and source.batch_by_ref
+                and not (saving or evaluating)
+            )
+            if ahead:
+                if (step + 1) % trigger == 0:
+                    publisher.prepare(step + 1)
+                steps.send(source.prefetched_ref(), next_version)
+            metrics: dict[str, Any] = dict(steps.result())
+            metrics.update(reward_metrics(batch.groups), **batch.metrics)
+            metrics.update(conversation_metrics([s for g in batch.groups for s in g]))
+            _record_batch(result, trained, batch, version)  # ages: at the version trained at
+            if publishing:
                 publisher.publish(version + 1, step=step, metrics=metrics)
                 version += 1
                 trainer.set_version(version)
@@ -241,7 +264,7 @@ def run(
             )
             if not result.history:  # the first line says where the trainer ran
                 metrics.update(placement)
-            if eval_rows and test_freq > 0 and (step % test_freq == 0 or step == total_steps):
+            if evaluating or (eval_rows and test_freq > 0 and step == total_steps):
                 reward = evaluate()
                 result.evals.append((step, time.time() - run_start, reward))
                 metrics["eval_reward"] = reward
@@ -278,6 +301,29 @@ def run(
         driver_peak_rss_gib=peak_rss_gib(),
     )
     return result
+
+
+class _Steps:
+    """The trainer's steps as the loop sends them. A ``TrainerGroup`` takes a step sent
+    before the previous one has answered (``send_step``); another trainer (a benchmark's
+    fake, a ``FullyAsyncTrainer`` in this process) trains when the result is asked for."""
+
+    def __init__(self, trainer: Any) -> None:
+        self.trainer = trainer
+        self.can_send_ahead = callable(getattr(trainer, "send_step", None))
+        self._groups: Any = None
+
+    def send(self, groups: Any, version: int) -> None:
+        if self.can_send_ahead:
+            self.trainer.send_step(groups, version)
+        else:
+            self._groups = groups
+
+    def result(self) -> dict[str, Any]:
+        if self.can_send_ahead:
+            return self.trainer.step_result()
+        groups, self._groups = self._groups, None
+        return self.trainer.train_step(groups)
 
 
 def _record_batch(result: RunResult, trained: TrainedPositions, batch: Batch, version: int) -> None:

@@ -32,7 +32,7 @@ from miniray.rl.parallel import (
 )
 from miniray.rl.policy import PolicyUpdateConfig, PolicyUpdater
 from miniray.rl.rollouter import as_rl_config
-from miniray.rl.staleness import sample_age
+from miniray.rl.staleness import check_version, sample_age
 from miniray.rl.tracking import peak_rss_gib
 from miniray.rl.types import Sample
 
@@ -203,9 +203,15 @@ class FullyAsyncTrainer:
     def device(self) -> str:
         return self.setup.device
 
-    def train_step(self, groups: Sequence[Sequence[Sample]]) -> dict[str, float]:
+    def train_step(
+        self, groups: Sequence[Sequence[Sample]], version: int | None = None
+    ) -> dict[str, float]:
         """One optimizer step on a batch of groups; returns its metrics, ages included. In a
-        group every rank gets the whole batch and trains on its share (``PolicyUpdater``)."""
+        group every rank gets the whole batch and trains on its share (``PolicyUpdater``).
+        ``version``: the weights' version from this step on (``set_version`` in the same
+        call: a step sent ahead of the publish that makes its version, ``TrainerGroup``)."""
+        if version is not None:
+            self.set_version(check_version(version, "version"))
         self._join_check()  # the update changes the weights a check may still be reading
         samples = [s for group in groups for s in group]
         if not samples:

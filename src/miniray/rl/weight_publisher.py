@@ -87,6 +87,7 @@ class WeightPublisher:
         self.load_timeout = load_timeout
         self.blocking_ms: list[float] = []
         self.finite_at = 0  # the last step whose weights were checked and found finite
+        self._prepared: int | None = None  # a step prepared and not published yet
         self._executor: ThreadPoolExecutor | None = None
         self._running: Future[bool] | None = None
 
@@ -114,14 +115,21 @@ class WeightPublisher:
         """``step``'s weights will be published: a trainer that can (``TrainerGroup``) sends
         the call that takes them right behind the step, so they are ready when its answer is."""
         prepare = getattr(self.trainer, "prepare_publish", None)
-        if callable(prepare):
-            prepare(step, self.finite_at, copy=self.extrapolating)
+        if not callable(prepare):
+            return
+        # A step sent ahead of the previous step's publish: that publish checks its weights
+        # first, and a failed check ends the run, so this one's would follow finite ones.
+        finite_at = self.finite_at if self._prepared is None else self._prepared
+        self._prepared = step
+        prepare(step, finite_at, copy=self.extrapolating)
 
     def publish(self, version: int, *, step: int, metrics: dict[str, Any]) -> None:
         """Publish the weights after ``step`` (its ``metrics`` name the cause if they are not
         finite) as ``version``. Async mode returns once the sync has started."""
         t0 = time.time()  # the blocking time includes taking and checking the weights
         weights = self._take(step, metrics)
+        if self._prepared == step:
+            self._prepared = None
         if self.background:
             self.wait()  # the previous version is in place: versions stay in order
             self.snapshot.take(weights)
