@@ -96,3 +96,29 @@ def test_small_segments_are_mapped_per_delivery_and_not_kept(reports):
     del small
     assert reports == [(name, 1)]
     assert segments.kept_bytes() == 0
+
+
+def test_a_value_of_many_mid_size_tensors_goes_out_of_band_and_a_small_one_stays_in_band():
+    """The rule is the out-of-band buffers' total: a state dict of tensors each under
+    ``INLINE_LIMIT`` (Qwen2.5-0.5B's k/v projections) put 11 MB into the pickle stream, which
+    went through the socket with every delivery."""
+    from miniray.runtime.serialization import INLINE_LIMIT, OUT_OF_BAND_MIN
+
+    mid = {f"w{i}": torch.full((50_000,), float(i)) for i in range(8)}  # 200 KB each, 1.6 MB
+    assert all(t.numel() * 4 < INLINE_LIMIT for t in mid.values())
+    name, ser = deliver(mid)
+    assert name is not None and len(ser.pickled) < 4096 and len(ser.buffers) == 8
+    back = deserialize(ser)
+    assert all(torch.equal(back[k], v) for k, v in mid.items())
+    del back
+    # Buffers under OUT_OF_BAND_MIN stay in band even beside large ones.
+    mixed = {"big": torch.ones(100_000), "norm": torch.ones(OUT_OF_BAND_MIN // 8)}  # 2 KB
+    name, ser = deliver(mixed)
+    assert name is not None and len(ser.buffers) == 1
+    assert torch.equal(deserialize(ser)["norm"], mixed["norm"])
+    # A value whose buffers total less than INLINE_LIMIT needs no segment.
+    small = {"a": torch.ones(20_000), "b": torch.arange(20_000)}  # 80 KB + 160 KB
+    name, ser = deliver(small)
+    assert name is None and ser.segment is None
+    back = deserialize(ser)
+    assert torch.equal(back["a"], small["a"]) and torch.equal(back["b"], small["b"])
