@@ -8,7 +8,9 @@
     for step:
         batch = source.next_batch(version)            (dynamic sampling's fill inside)
         source.prefetch(next step's version)            async: the next get_batch waits meanwhile
-        metrics = trainer.train_step(batch.groups)       (publisher.prepare before, every k)
+        send the step (unless sent during the last one)  (publisher.prepare before, every k)
+        async, a publishing step: send the next step now, its batch the prefetched ref
+        metrics = the step's result
         every k steps:  publisher.publish(version + 1)  async: snapshot, sync in the background
                         trainer.set_version, source.hand_off    sync: load, blocking
         other steps:    publisher.check_weights         (NaN/inf weights never leave)
@@ -155,7 +157,9 @@ def run(
     ``engines.base.GenerationEngine``, and ``train_step``/``get_weights``/``set_version`` of
     ``FullyAsyncTrainer``; the caller keeps a trainer it passes). With several rollout
     replicas (``rollout.nnodes x n_gpus_per_node``) ``engine_factory`` builds each one's
-    engine in its own process instead.
+    engine in its own process instead. ``on_step`` runs while the next step may already be
+    training on the ranks (async mode): it must not call the trainer, which refuses a call
+    with a step in flight.
     """
     cfg = as_rl_config(config)
     trigger, save_freq = cfg.trainer.trigger_parameter_sync_step, cfg.trainer.save_freq
