@@ -57,7 +57,8 @@ def build_summary(
     held-out reward), the first before training with ``val_before_train``; ``ages``: every trained group's age;
     ``wall_s``: the run's time from the first evaluation on; ``wait_s``: the loop's time
     waiting for batches (a step sent ahead waits for its batch on the ranks too, from the
-    end of the step before, a few ms before the loop starts waiting); ``blocking_ms``: each publish's hold on the trainer;
+    end of the step before, a few ms before the loop starts waiting); ``blocking_ms``: each
+    publish's hold on the trainer;
     ``sync_stats``/``rollouter_stats``: the synchronizer's and rollouter's statistics;
     ``placement``: ``trainer_placement(trainer)``; ``driver_peak_rss_gib``: the driver's
     peak memory (``tracking.peak_rss_gib``), beside the trainer's (its steps'

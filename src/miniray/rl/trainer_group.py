@@ -279,11 +279,8 @@ class TrainerGroup:
         if not isinstance(groups, miniray.ObjectRef):
             groups = list(groups)
         if version is not None:
-            self.version = self._sent_version = int(version)
-        if version is None:
-            self._steps.append(self._send("train_step", groups))
-        else:
-            self._steps.append(self._send("train_step", groups, version=int(version)))
+            self.version = self._sent_version = version = int(version)
+        self._steps.append(self._send("train_step", groups, version=version))
         after, self._after_step = self._after_step, None
         if after is not None:
             self._prefetched.append((after, self._send_weights_call(after)))
@@ -302,9 +299,10 @@ class TrainerGroup:
         """The next ``train_step`` (``step``) is followed by a publish: its weights call goes
         to the ranks right behind the step, so a rank starts it the moment the step ends,
         rather than one round trip later when the driver has the step's answer (the demo's
-        get_weights went from 1.7 to 1.4 ms per ~40 ms step, benchmarks/async_vs_sync.py). ``copy``: the publish will ask for
-        ``get_weights`` (a copy to extrapolate from), else for ``published_weights(step,
-        finite_at, ...)``, checked by the rank against its own step's metrics."""
+        get_weights went from 1.7 to 1.4 ms per ~40 ms step, benchmarks/async_vs_sync.py).
+        ``copy``: the publish will ask for ``get_weights`` (a copy to extrapolate from), else
+        for ``published_weights(step, finite_at, ...)``, checked by the rank against its own
+        step's metrics."""
         if copy:
             self._after_step = _Call("get_weights", (), self._weight_ranks())
         else:
@@ -418,8 +416,8 @@ class TrainerGroup:
         return [weights, self._send("published_check", ranks=call.ranks, within=within)]
 
     def _take_prefetched(self, call: _Call) -> list[_Sent] | None:
-        """The oldest sent call ``prepare_publish`` made, if it is ``call``; dropped
-        otherwise (with any older one)."""
+        """The oldest sent call ``prepare_publish`` made, taken: its answers if it is
+        ``call``, else None (that call's answers are dropped)."""
         if not self._prefetched:
             return None
         prepared, sent = self._prefetched.pop(0)
