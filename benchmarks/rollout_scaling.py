@@ -170,7 +170,8 @@ def base_config(root: pathlib.Path, replicas: int) -> dict[str, Any]:
             "max_response_length": 4096,  # the tail is the point: do not cut it
         },
         "actor_rollout_ref": {"model": {"path": str(root / "model")}, "rollout": {"n": N}},
-        "rollout": {"n_gpus_per_node": replicas},
+        # Fake engines sleep on the CPU: replicas are processes here, also where CUDA is.
+        "rollout": {"n_gpus_per_node": replicas, "device": "cpu"},
         "async_training": {
             "staleness_threshold": 2,  # as async_vs_sync.py's sim
             "max_queue_size": 1000,

@@ -446,7 +446,7 @@ def test_conversations_over_two_replicas_finish_once_each(inline_runtime, workdi
     """Any replica continues any open conversation (the unfinished list is shared): every
     conversation still ends with its answer, and every prompt is generated exactly once."""
     cfg = config(workdir)
-    cfg["rollout"] = {"n_gpus_per_node": 2}
+    cfg["rollout"] = {"n_gpus_per_node": 2, "device": "cpu"}
     factory = ScriptedEngines(tokenizer, [0.002, 0.004])
     queue = MessageQueue(max_queue_size=100, staleness_threshold=3)
     rollouter = FullyAsyncRollouter(cfg, queue, engine_factory=factory, reward_fn=answer_reward)

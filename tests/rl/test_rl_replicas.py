@@ -44,7 +44,8 @@ def config(workdir, replicas, *, timeout=60.0, max_restarts=1, **async_training)
                 "max_response_length": 3,
             },
             "actor_rollout_ref": {"model": {"path": str(workdir / "model")}, "rollout": {"n": 2}},
-            "rollout": {"n_gpus_per_node": replicas, "max_restarts": max_restarts},
+            # CPU processes also where CUDA is (test_rl_placement.py: the GPU plan).
+            "rollout": {"n_gpus_per_node": replicas, "max_restarts": max_restarts, "device": "cpu"},
             "async_training": {
                 "max_queue_size": 8,
                 "generation_timeout": timeout,

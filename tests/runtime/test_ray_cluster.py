@@ -321,7 +321,7 @@ def test_an_rl_run_spreads_its_rollout_replicas_over_both_nodes_and_syncs_both(
                 "max_response_length": 3,
             },
             "actor_rollout_ref": {"model": {"path": str(tmp_path / "m")}, "rollout": {"n": 2}},
-            "rollout": {"nnodes": 2, "n_gpus_per_node": 1},
+            "rollout": {"nnodes": 2, "n_gpus_per_node": 1, "device": "cpu"},
             "async_training": {
                 "mode": "async",
                 "max_queue_size": 8,

@@ -244,10 +244,10 @@ class RolloutConfig(Config):
     n_gpus_per_node: int = option(
         0,
         ge=0,
-        help="generation processes per node, each with its own engine (RL: rollout replicas, "
-        "nnodes x n_gpus_per_node / tensor_model_parallel_size, 0 or 1 being one in the "
-        "rollouter's own process; distillation: rollout workers); generation runs on the CPU, "
-        "so this counts CPU processes",
+        help="generation processes per node, each with its own engine and GPU (RL: rollout "
+        "replicas, nnodes x n_gpus_per_node / tensor_model_parallel_size, 0 or 1 being one in "
+        "the rollouter's own process; distillation: rollout workers); on the CPU (no CUDA, or "
+        "device=cpu) it counts CPU processes",
     )
 
 
@@ -257,6 +257,11 @@ class ReplicaRolloutConfig(RolloutConfig):
 
     max_restarts: int = option(
         1, ge=0, help="restarts of a rollout replica that died or hung, with the current weights"
+    )
+    device: Literal["auto", "cpu", "cuda"] = option(
+        "auto",
+        help="where each replica generates: a GPU of its own (the node's next after the "
+        "trainer's) or the CPU; auto takes CUDA when there is some and n_gpus_per_node >= 1",
     )
 
 

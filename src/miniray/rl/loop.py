@@ -52,7 +52,7 @@ from miniray.rl.multi_turn import (
 )
 from miniray.rl.prompts import prompt_text, prompt_token_ids
 from miniray.rl.queue import MessageQueue
-from miniray.rl.replicas import replica_count
+from miniray.rl.replicas import replica_count, rollout_placement
 from miniray.rl.rewards import RewardScorer, build_scorer, requests_for
 from miniray.rl.rollouter import FullyAsyncRollouter, RewardFn, as_rl_config
 from miniray.rl.summary import build_summary, trainer_placement
@@ -170,11 +170,20 @@ def run(
     # Checked before anything starts: an unknown or uninstalled logger is an error now, not
     # after the first step.
     check_logger_names(cfg.trainer.logger)
-    check_devices(cfg)
+    replicas_at = rollout_placement(cfg)  # in the driver: a Ray actor may see no GPU
+    if replicas_at.note:
+        logger.warning("%s", replicas_at.note)
     sinks = _open_sinks(cfg, log_dir)
     queue = MessageQueue.remote(cfg)
-    rollouter = FullyAsyncRollouter.remote(
-        cfg, queue, reward_fn=reward_fn, engine=engine, engine_factory=engine_factory
+    # A one-replica rollouter generates in its own process: on CUDA that process needs the GPU.
+    in_process_gpu = replicas_at.num_gpus if replica_count(cfg) == 1 else 0
+    rollouter = FullyAsyncRollouter.options(num_gpus=in_process_gpu).remote(
+        cfg,
+        queue,
+        reward_fn=reward_fn,
+        engine=engine,
+        engine_factory=engine_factory,
+        placement=replicas_at,
     )
     own_trainer = trainer is None
     trainer = TrainerGroup.start(cfg) if trainer is None else trainer
@@ -360,19 +369,6 @@ def _write_metrics(sinks: Sequence[MetricsLogger], metrics: dict[str, Any], step
     RL sinks are steps in five backends (``rl.tracking``)."""
     for sink in sinks:
         sink.log(metrics, step)
-
-
-def check_devices(cfg: Any) -> None:
-    """The rollouter's ``n_gpus_per_node`` counts replicas; generation is placed on no GPU
-    yet, so a non-zero count says so once. The trainer's devices are the trainer group's
-    (``trainer_group.group_plan``)."""
-    if cfg.rollout.n_gpus_per_node:
-        logger.warning(
-            "rollout.n_gpus_per_node=%d: %d rollout replica(s), each generating on the CPU (no "
-            "engine is placed on a GPU yet): n_gpus_per_node counts CPU processes here",
-            cfg.rollout.n_gpus_per_node,
-            replica_count(cfg),
-        )
 
 
 def _resume(

@@ -21,8 +21,10 @@ is what a replica is (``EngineReplica``) and how a lane calls one (``RemoteEngin
 Balancing is by pull: a lane asks for work when its replica is free, so a fast replica takes
 more groups than a slow one (least loaded: each replica has at most one call in flight).
 One replica (the default) is not an actor: the rollouter calls its engine in its own process,
-as it always has. ``replica_count`` says how many a config asks for; ``REPLICA_OPTIONS`` how
-each is placed (one CPU, spread over the nodes on Ray), and ``node()`` where it landed.
+as it always has. ``replica_count`` says how many a config asks for; ``rollout_placement`` on
+which device each generates (a GPU of its own where CUDA is and ``rollout.n_gpus_per_node``
+asks for GPUs, else the CPU), ``replica_options`` what each asks the scheduler for (one CPU,
+its GPU, spread over the nodes on Ray), and ``node()`` where it landed.
 """
 
 from __future__ import annotations
@@ -38,11 +40,10 @@ import miniray
 from miniray.errors import GetTimeoutError, RayActorError
 from miniray.rl.compat import actor_constructor
 from miniray.rl.engines.base import Generation
-from miniray.rl.placement import node_id
+from miniray.rl.placement import ReplicaPlacement, local_device, node_id, replica_placement
 from miniray.rl.replica_pool import ReplicaPool
 
 __all__ = [
-    "REPLICA_OPTIONS",
     "EngineReplica",
     "RemoteEngine",
     "ReplicaFailed",
@@ -50,18 +51,38 @@ __all__ = [
     "in_process_engine",
     "replica_count",
     "replica_engine",
+    "replica_options",
+    "rollout_placement",
 ]
 
 ABORT_POLL_S = 0.01  # how often a lane asks should_stop() while its replica generates
 
-# How a replica is placed. One CPU: its engine generates on one thread. SPREAD: on Ray the
-# replicas go to different nodes while nodes have room (the two-node cluster test: one on each);
-# the embedded backends take it as the default, which it is on one machine. rollout.nnodes is
-# no placement constraint (no placement group): SPREAD spreads over whatever nodes there are.
-# No num_gpus, even where CUDA is visible: every engine generates on the CPU (nothing places
-# one on a GPU yet), so asking for a GPU would only keep it idle, or keep a replica pending on
-# a node without one.
-REPLICA_OPTIONS: dict[str, Any] = {"num_cpus": 1, "scheduling_strategy": "SPREAD"}
+
+def replica_options(placement: ReplicaPlacement) -> dict[str, Any]:
+    """What a replica asks the scheduler for. One CPU: its engine's host thread. Its GPU on
+    CUDA (Ray hides every GPU from an actor that asks for none). SPREAD: on Ray the replicas go
+    to different nodes while nodes have room (the two-node cluster test: one on each); the
+    embedded backends take it as the default, which it is on one machine. rollout.nnodes is no
+    placement constraint (no placement group): SPREAD spreads over whatever nodes there are."""
+    return {"num_cpus": 1, "num_gpus": placement.num_gpus, "scheduling_strategy": "SPREAD"}
+
+
+def rollout_placement(cfg: Any) -> ReplicaPlacement:
+    """``placement.replica_placement`` for an RL config and the CUDA devices this process
+    sees. Planned in the driver and handed to the rollouter: on Ray an actor that asked for no
+    GPU sees none. The trainer's GPUs come first on a node: ``trainer.n_gpus_per_node`` of them
+    where its ranks run on CUDA (``trainer_group.group_plan``'s rule)."""
+    import torch
+
+    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    trainer = cfg.trainer
+    trainer_gpus = trainer.n_gpus_per_node if trainer.device != "cpu" and cuda else 0
+    return replica_placement(
+        cfg.rollout,
+        cuda_devices=cuda,
+        trainer_gpus=trainer_gpus,
+        single_node=cfg.rollout.nnodes == 1 and trainer.nnodes == 1,
+    )
 
 
 def replica_count(cfg: Any) -> int:
@@ -73,29 +94,42 @@ def replica_count(cfg: Any) -> int:
 
 
 def replica_engine(
-    cfg: Any, index: int, seed: int, engine_factory: Callable[[int], Any] | None = None
+    cfg: Any,
+    index: int,
+    seed: int,
+    engine_factory: Callable[[int], Any] | None = None,
+    *,
+    device: str = "cpu",
 ) -> Any:
-    """Replica ``index``'s engine: ``engine_factory(index)``, else the engine
-    ``actor_rollout_ref.rollout.name`` names, loaded from ``model.path`` on the CPU."""
+    """Replica ``index``'s engine: ``engine_factory(index)`` (which places its engine itself),
+    else the engine ``actor_rollout_ref.rollout.name`` names, loaded from ``model.path`` onto
+    ``device`` (``ReplicaPlacement.device``, as this process numbers it: ``local_device``)."""
     if engine_factory is not None:
         return engine_factory(index)
     from miniray.rl.engines import build_engine
     from miniray.rl.models.tiny import load_options
 
+    device = local_device(device)
     model = cfg.actor_rollout_ref.model
     return build_engine(
         cfg.actor_rollout_ref.rollout.name,
         model_path=model.path,
         seed=seed,
-        **load_options(model, device="cpu"),
+        device=device,
+        **load_options(model, device=device),
     )
 
 
 def in_process_engine(
-    cfg: Any, seed: int, engine: Any, engine_factory: Callable[[int], Any] | None
+    cfg: Any,
+    seed: int,
+    engine: Any,
+    engine_factory: Callable[[int], Any] | None,
+    placement: ReplicaPlacement,
 ) -> Any:
     """The engine a one-replica rollouter calls in its own process: ``engine``, else replica
-    0's (``replica_engine``); None with several replicas, which refuse one ``engine``."""
+    0's (``replica_engine`` on ``placement``'s device); None with several replicas, which
+    refuse one ``engine``."""
     count = replica_count(cfg)
     if count > 1 and engine is not None:
         raise ValueError(
@@ -104,7 +138,7 @@ def in_process_engine(
             "each replica's process), not one engine"
         )
     if engine is None and count == 1:
-        engine = replica_engine(cfg, 0, seed, engine_factory)
+        engine = replica_engine(cfg, 0, seed, engine_factory, device=placement.device(0))
     return engine
 
 
@@ -115,10 +149,11 @@ def engine_pool(
     engine_factory: Callable[[int], Any] | None,
     *,
     lock: threading.Condition,
+    placement: ReplicaPlacement,
 ) -> ReplicaPool:
     """The rollouter's ``ReplicaPool``. One replica: ``engine``, in the rollouter's process,
-    which the pool only counts. Several: one ``EngineReplica`` actor each (``seed + i``),
-    started together, restarted up to ``rollout.max_restarts`` times; a start is bounded, as a
+    which the pool only counts. Several: one ``EngineReplica`` actor each (``seed + i``, on
+    ``placement.device(i)``), started together, restarted up to ``rollout.max_restarts`` times; a start is bounded, as a
     trainer rank's, by ``nccl_timeout`` (building an engine), a load by ``generation_timeout``.
     ``lock``: the rollouter's, which its lanes take work under (``ReplicaPool.pause``)."""
     max_restarts = cfg.rollout.max_restarts  # read whatever the count
@@ -127,8 +162,8 @@ def engine_pool(
         return ReplicaPool([engine], in_process=True, lock=lock)
 
     def start_one(index: int) -> Any:
-        return EngineReplica.options(**REPLICA_OPTIONS).remote(
-            cfg, index, seed + index, engine_factory
+        return EngineReplica.options(**replica_options(placement)).remote(
+            cfg, index, seed + index, engine_factory, device=placement.device(index)
         )
 
     return ReplicaPool.start(
@@ -163,8 +198,10 @@ class EngineReplica:
         index: int,
         seed: int,
         engine_factory: Callable[[int], Any] | None = None,
+        *,
+        device: str = "cpu",
     ):
-        self.engine = replica_engine(config, index, seed, engine_factory)
+        self.engine = replica_engine(config, index, seed, engine_factory, device=device)
         self._aborted: set[int] = set()
         self._lock = threading.Lock()
 

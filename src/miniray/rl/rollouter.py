@@ -44,12 +44,14 @@ from miniray.rl.data_position import PromptCursor, TrainedPositions
 from miniray.rl.group_sampler import GroupSampler, Rollout, RolloutPrompts
 from miniray.rl.idle_clock import IdleClock
 from miniray.rl.multi_turn import agent_loop_of
+from miniray.rl.placement import ReplicaPlacement
 from miniray.rl.replicas import (
     RemoteEngine,
     ReplicaFailed,
     engine_pool,
     in_process_engine,
     replica_count,
+    rollout_placement,
 )
 from miniray.rl.rewards import build_scorer
 from miniray.rl.rollout_sender import QueueSender, queue_answer
@@ -82,22 +84,25 @@ class FullyAsyncRollouter:
         reward_fn: RewardFn | None = None,
         seed: int | None = None,
         engine_factory: Callable[[int], Any] | None = None,
+        placement: ReplicaPlacement | None = None,
     ):
         """``seed``: the engine's sampling seed; None: ``trainer.seed`` (the same seed samples
         the same tokens). ``engine``: the engine of a one-replica rollouter, in this process;
         ``engine_factory(i)``: builds replica ``i``'s engine, in its own process with several
-        replicas (``replicas.replica_count``), instead of the one ``rollout.name`` names."""
+        replicas (``replicas.replica_count``), instead of the one ``rollout.name`` names.
+        ``placement``: each replica's device, as the driver planned it
+        (``replicas.rollout_placement``); None plans it here."""
         self.config = as_rl_config(config)
         cfg = self.config
-        from miniray.rl.models.tiny import load_options, load_tokenizer
+        from miniray.rl.models.tiny import load_tokenizer
 
         model = cfg.actor_rollout_ref.model
-        options = load_options(model, device="cpu")
         self.seed = cfg.trainer.seed if seed is None else seed
         self.num_replicas = replica_count(cfg)
+        self.placement = rollout_placement(cfg) if placement is None else placement
         # One replica: called in this process; several: None (each builds its own).
-        self.engine = in_process_engine(cfg, self.seed, engine, engine_factory)
-        self.tokenizer = load_tokenizer(model.path, trust_remote_code=options["trust_remote_code"])
+        self.engine = in_process_engine(cfg, self.seed, engine, engine_factory, self.placement)
+        self.tokenizer = load_tokenizer(model.path, trust_remote_code=model.trust_remote_code)
         # Multi-turn (actor_rollout_ref.rollout.multi_turn): ends each model turn, running its
         # tool calls; None: a rollout is one response. Its tools' schemas go into the prompts.
         agent = agent_loop_of(cfg, self.tokenizer)
@@ -129,7 +134,9 @@ class FullyAsyncRollouter:
         self._error: str | None = None
         self.idle = IdleClock()  # the lanes' waits, paused or throttled
         # The replicas and their pause state, under self._cond with the lanes' work.
-        self.pool = engine_pool(cfg, self.seed, self.engine, engine_factory, lock=self._cond)
+        self.pool = engine_pool(
+            cfg, self.seed, self.engine, engine_factory, lock=self._cond, placement=self.placement
+        )
         self.sampler = GroupSampler(
             cfg,
             self.prompts,

@@ -32,7 +32,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import miniray
@@ -40,7 +40,7 @@ from miniray.errors import RayActorError
 from miniray.rl.compat import actor_constructor
 from miniray.rl.errors import NonFiniteWeightsError, TrainerRankError
 from miniray.rl.parallel import RankSetup
-from miniray.rl.placement import node_id
+from miniray.rl.placement import local_device, node_id
 from miniray.rl.trainer import FullyAsyncTrainer
 
 __all__ = ["GroupPlan", "TrainerGroup", "TrainerRank", "group_plan"]
@@ -162,6 +162,9 @@ class TrainerRank(FullyAsyncTrainer):
 
         if cpu_threads is not None:
             torch.set_num_threads(cpu_threads)
+        # cuda:<local rank> as this process numbers its GPUs: a Ray rank (num_gpus=1) sees only
+        # its own, as cuda:0.
+        self.setup = replace(self.setup, device=local_device(self.setup.device))
         if self.setup.device.startswith("cuda"):
             torch.cuda.set_device(torch.device(self.setup.device))
         if self.setup.wrapped:

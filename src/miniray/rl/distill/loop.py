@@ -44,6 +44,7 @@ from miniray.rl.distill.scheduler import StepRecord, run_schedule
 from miniray.rl.distill.trainer import DistillBatch, DistillTrainer, Teacher
 from miniray.rl.distill.weight_sync import sync_rollout_weights
 from miniray.rl.endpoints import Pending
+from miniray.rl.placement import ReplicaPlacement, replica_placement
 from miniray.rl.prompts import prompt_token_ids, read_training_prompts
 from miniray.rl.replica_pool import ReplicaPool
 from miniray.rl.tasks import exact_match_reward, load_prompts
@@ -414,7 +415,7 @@ def _make_trainer(cfg: DistillConfig, model: Any, tokenizer: Any) -> DistillTrai
 
     device = "cpu"
     if cfg.trainer.n_gpus_per_node > 0:
-        if torch.cuda.is_available():
+        if _trains_on_cuda(cfg):
             device = "cuda"
         else:
             logger.warning(
@@ -437,6 +438,26 @@ def _make_trainer(cfg: DistillConfig, model: Any, tokenizer: Any) -> DistillTrai
     )
 
 
+def _trains_on_cuda(cfg: DistillConfig) -> bool:
+    """The student trains on cuda:0 when ``trainer.n_gpus_per_node`` asks and CUDA is here."""
+    import torch
+
+    return cfg.trainer.n_gpus_per_node > 0 and torch.cuda.is_available()
+
+
+def _worker_placement(cfg: DistillConfig) -> ReplicaPlacement:
+    """The rollout workers' devices (``placement.replica_placement``): GPUs after the
+    student's one where ``rollout.n_gpus_per_node`` asks for them and CUDA is here."""
+    import torch
+
+    return replica_placement(
+        cfg.rollout,
+        cuda_devices=torch.cuda.device_count() if torch.cuda.is_available() else 0,
+        trainer_gpus=1 if _trains_on_cuda(cfg) else 0,
+        single_node=cfg.rollout.nnodes == 1,
+    )
+
+
 def _start_workers(cfg: DistillConfig) -> ReplicaPool:
     """The rollout workers, started together; each must answer ``node()`` within
     ``trainer.generation_timeout`` (else all are killed and the error names it). One that dies
@@ -446,9 +467,18 @@ def _start_workers(cfg: DistillConfig) -> ReplicaPool:
     path = cfg.actor_rollout_ref.model.path
     engine = cfg.actor_rollout_ref.rollout.name
     names = [f"rollout_worker_{i}" for i in range(cfg.num_rollout_workers)]
+    placement = _worker_placement(cfg)
+    if placement.note:
+        logger.warning("%s", placement.note)
 
     def start_one(i: int) -> Any:
-        return actor.remote(path, seed=cfg.trainer.seed + i, name=names[i], engine=engine)
+        return actor.options(num_gpus=placement.num_gpus).remote(
+            path,
+            seed=cfg.trainer.seed + i,
+            name=names[i],
+            engine=engine,
+            device=placement.device(i),
+        )
 
     return ReplicaPool.start(
         cfg.num_rollout_workers,

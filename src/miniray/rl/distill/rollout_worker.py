@@ -1,6 +1,7 @@
 """RolloutWorker: one copy of the student that generates responses, run as a miniray actor.
 
-The scheduler talks to ``rollout.n_gpus_per_node`` of them (one process each on the CPU), held
+The scheduler talks to ``rollout.n_gpus_per_node`` of them (one process each, on a GPU of its own
+where CUDA is, else on the CPU), held
 in a ``replica_pool.ReplicaPool`` as the RL rollouter's replicas are; a batch's prompts go to them
 in chunks, by pull (``dispatch.ChunkedGeneration``). A worker loads new weights only between
 generations
@@ -30,9 +31,12 @@ class RolloutWorker:
         num_threads: int = 1,
         name: str = "rollout",
         engine: str = "transformers",
+        device: str = "cpu",
     ):
-        """``engine``: ``actor_rollout_ref.rollout.name``; only transformers here."""
+        """``engine``: ``actor_rollout_ref.rollout.name``; only transformers here. ``device``:
+        the worker's, as the driver planned it (``placement.replica_placement``)."""
         from miniray.rl.engines import HFGenerationEngine
+        from miniray.rl.placement import local_device
 
         if engine != "transformers":
             raise ValueError(
@@ -41,7 +45,12 @@ class RolloutWorker:
             )
         self.name = name
         # One thread per worker: several workers and the trainer share the machine's cores.
-        self.engine = HFGenerationEngine(model_path=model_path, seed=seed, num_threads=num_threads)
+        self.engine = HFGenerationEngine(
+            model_path=model_path,
+            seed=seed,
+            num_threads=num_threads,
+            device=local_device(device),
+        )
         self.version = 0
 
     def ping(self) -> dict[str, Any]:

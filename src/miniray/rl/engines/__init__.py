@@ -1,4 +1,4 @@
-"""Generation engines behind one small protocol: transformers on CPU here, vLLM where it exists.
+"""Generation engines behind one small protocol: transformers (CPU or a GPU), vLLM where it exists.
 
 ``VLLMGenerationEngine`` is exported lazily: importing this package never imports vllm.
 """
@@ -29,9 +29,11 @@ def build_engine(
     seed: int = 0,
     dtype: str = "float32",
     trust_remote_code: bool = False,
+    device: str = "cpu",
 ) -> Any:
     """The engine ``actor_rollout_ref.rollout.name`` names, loaded from ``model_path`` in
-    ``dtype`` (``actor_rollout_ref.model``), sampling with the random seed ``seed``."""
+    ``dtype`` (``actor_rollout_ref.model``), sampling with the random seed ``seed``, on
+    ``device`` (transformers; vLLM takes the GPU its process was given)."""
     if name == "transformers":
         return HFGenerationEngine(
             model_path=model_path,
@@ -39,6 +41,7 @@ def build_engine(
             num_threads=1,
             dtype=dtype,
             trust_remote_code=trust_remote_code,
+            device=device,
         )
     if name == "vllm":
         from miniray.rl.engines.vllm import VLLMGenerationEngine

@@ -1,4 +1,4 @@
-"""Sampling with a Hugging Face causal LM on the CPU, recording exact behaviour log-probs.
+"""Sampling with a Hugging Face causal LM (CPU or one GPU), recording exact behaviour log-probs.
 
 We write the sampling loop (prefill, then one token at a time with the KV cache) rather than
 call ``model.generate``: its default generation config may add top-k or top-p filtering, and
@@ -34,7 +34,11 @@ class HFGenerationEngine:
         num_threads: int | None = None,
         dtype: str | torch.dtype = torch.float32,
         trust_remote_code: bool = False,
+        device: str | torch.device | None = None,
     ):
+        """``device``: where the model generates; None leaves a given ``model`` where it is
+        (a ``model_path`` loads onto the CPU). The inputs, the KV cache and the sampling
+        generator live there too."""
         if (model is None) == (model_path is None):
             raise ValueError("HFGenerationEngine needs exactly one of model= or model_path=")
         if model_path is not None:
@@ -44,7 +48,10 @@ class HFGenerationEngine:
             eos_token_id = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
             pad_token_id = tokenizer.pad_token_id if pad_token_id is None else pad_token_id
         config = model.config
+        if device is not None:
+            model = model.to(device)
         self.model = model.eval()
+        self.device = next(self.model.parameters()).device
         self.eos_token_id = config.eos_token_id if eos_token_id is None else eos_token_id
         self.pad_token_id = config.pad_token_id if pad_token_id is None else pad_token_id
         if self.eos_token_id is None or self.pad_token_id is None:
@@ -53,7 +60,7 @@ class HFGenerationEngine:
                 f"pad_token_id={self.pad_token_id} must both be known (pass them explicitly)"
             )
         self.cache_argument = cache_argument(self.model)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
         if num_threads is not None:
             torch.set_num_threads(num_threads)
 
@@ -80,6 +87,8 @@ class HFGenerationEngine:
         for row, prompt in enumerate(prompts):  # left padding: every row ends at the last column
             input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
             mask[row, width - len(prompt) :] = 1
+        # Built on the CPU row by row, moved once: one transfer, not one per row.
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         # Our own cache object, filled in place by every forward pass: reading it back from the
         # output would go through the deprecated ``past_key_values`` attribute on transformers 5.
@@ -94,7 +103,7 @@ class HFGenerationEngine:
         logits = out.logits[:, -1, :]
         tokens: list[list[int]] = [[] for _ in range(batch)]
         logprobs: list[list[float]] = [[] for _ in range(batch)]
-        finished = torch.zeros(batch, dtype=torch.bool)
+        finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
         reason = "length"
         for step in range(max_new_tokens):
             if should_stop is not None and should_stop():
@@ -126,12 +135,13 @@ class HFGenerationEngine:
                 **{self.cache_argument: cache},
             )
             logits = out.logits[:, -1, :]
+        done = finished.tolist()
         return [
             Generation(
                 prompt_token_ids=list(prompt),
                 response_token_ids=tokens[row],
                 response_logprobs=logprobs[row],
-                finish_reason="stop" if finished[row] else reason,
+                finish_reason="stop" if done[row] else reason,
             )
             for row, prompt in enumerate(prompts)
         ]
