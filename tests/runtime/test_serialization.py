@@ -122,3 +122,25 @@ def test_a_value_of_many_mid_size_tensors_goes_out_of_band_and_a_small_one_stays
     assert name is None and ser.segment is None
     back = deserialize(ser)
     assert torch.equal(back["a"], small["a"]) and torch.equal(back["b"], small["b"])
+
+
+def test_tensor_objects_that_are_one_view_travel_once_and_arrive_shared():
+    """``state_dict()`` detaches a tied weight into a new object under each name: the bytes
+    go into the segment once, and the reader's two names are one tensor again. Other views of
+    the same storage, and a Parameter over the same memory, still travel as themselves."""
+    weight = torch.randn(300_000)  # 1.2 MB
+    state = {
+        "embed": weight.detach(),
+        "lm_head": weight.detach(),
+        "head_rows": weight[:100_000].detach(),  # another view: its own bytes
+        "param": torch.nn.Parameter(weight.detach()),  # another kind of tensor
+    }
+    name, ser = deliver(state)
+    assert name is not None and len(ser.buffers) == 3  # not 4: the tied pair went once
+    assert ser.segment_size < 2 * weight.nbytes + weight.nbytes // 3 + 3 * 4096
+    back = deserialize(ser)
+    assert back["embed"] is back["lm_head"]
+    assert isinstance(back["param"], torch.nn.Parameter)
+    for key, value in state.items():
+        assert torch.equal(back[key], value.detach())
+    del back

@@ -10,6 +10,10 @@ state dict has many tensors under any per-buffer limit (Qwen2.5-0.5B: 48 k/v pro
 
 Torch tensors do not support pickle's out-of-band buffers themselves, so ``_reduce_tensor``
 presents their bytes as a ``PickleBuffer`` (any dtype, bf16 included, travels as raw bytes).
+Tensor objects that are the same view of the same memory travel once and arrive as one tensor,
+shared as they were: ``model.state_dict()`` detaches a tied weight into a new object under
+each name, and each would otherwise copy its bytes again (Qwen2.5-0.5B's tied embedding: 272 MB
+more per put of its state dict, 1.26 GB for 0.99 GB of weights).
 
 These bytes only ever travel over socketpairs between a driver and the processes it started;
 network protocols of miniray use msgpack framing instead (see docs/design.md).
@@ -84,9 +88,20 @@ def _pickler() -> Any:
         import cloudpickle
 
         class Pickler(cloudpickle.Pickler):
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, **kwargs)
+                # The first tensor object pickled for each view of memory (kept alive, so its
+                # id, which pickle's memo refers to, is not reused while this pickler runs).
+                self._views: dict[tuple, Any] = {}
+
             def reducer_override(self, obj: Any) -> Any:
                 torch = sys.modules.get("torch")
                 if torch is not None and isinstance(obj, torch.Tensor):
+                    key = _view_key(torch, obj)
+                    if key is not None:
+                        first = self._views.setdefault(key, obj)
+                        if first is not obj:  # pickled already: the memo makes it a reference
+                            return (_same, (first,))
                     reduced = _reduce_tensor(torch, obj)
                     if reduced is not None:
                         return reduced
@@ -94,6 +109,29 @@ def _pickler() -> Any:
 
         _pickler_class = Pickler
     return _pickler_class
+
+
+def _view_key(torch: Any, tensor: Any) -> tuple | None:
+    """What makes two tensor objects interchangeable: the same memory seen the same way (and
+    the same kind of tensor); None for what is never shared (empty, exotic layouts)."""
+    if tensor.layout != torch.strided or tensor.is_quantized or tensor.is_nested:
+        return None
+    if tensor.numel() == 0:
+        return None
+    return (
+        tensor.device,
+        tensor.data_ptr(),
+        tensor.dtype,
+        tuple(tensor.shape),
+        tensor.stride(),
+        type(tensor),
+        tensor.requires_grad,
+    )
+
+
+def _same(value: Any) -> Any:
+    """Unpickles to the object already rebuilt for an earlier name of the same view."""
+    return value
 
 
 def _reduce_tensor(torch: Any, tensor: Any) -> Any:
