@@ -153,6 +153,66 @@ def test_the_deadline_is_per_call_not_per_group():
         scorer.close()
 
 
+def test_a_fast_function_scores_a_group_in_one_task_in_order_and_names_a_failing_prompt():
+    seen = []
+
+    def compute_score(data_source, solution_str, ground_truth, extra_info):
+        seen.append(threading.current_thread().name)
+        if solution_str == "boom":
+            raise ValueError("bad")
+        return float(solution_str)
+
+    scorer = RewardScorer(compute_score, timeout_s=5, max_workers=4)
+    try:
+        assert [r.score for r in scorer.score([request(str(i)) for i in range(8)])] == list(
+            range(8)
+        )
+        assert scorer.batched_groups == 0  # nothing known of the function yet: a task per call
+        assert scorer.mean_call_s is not None and scorer.mean_call_s < 0.002 / 8
+        seen.clear()
+        group = [request(str(i)) for i in range(8, 16)]
+        assert [r.score for r in scorer.score(group)] == list(range(8, 16))
+        assert scorer.batched_groups == 1 and len(set(seen)) == 1  # one task, one thread
+        mixed = [request("1", prompt="1+0="), request("boom", prompt="6+6="), request("2")]
+        with pytest.raises(RewardFunctionError, match=r"'6\+6='.*ValueError: bad"):
+            scorer.score(mixed)
+        assert scorer.batched_groups == 2
+    finally:
+        scorer.close()
+
+
+@pytest.mark.timeout(30)
+def test_a_group_in_one_task_keeps_the_deadline_per_call_and_names_a_hung_prompt():
+    slow, release = threading.Event(), threading.Event()
+
+    def compute_score(data_source, solution_str, ground_truth, extra_info):
+        if slow.is_set():
+            time.sleep(0.2)
+        if solution_str == "hang":
+            release.wait(20)
+        return 1.0
+
+    scorer = RewardScorer(compute_score, timeout_s=0.45, max_workers=2)
+    try:
+        scorer.score([request()] * 4)  # fast: the next group runs as one task
+        slow.set()
+        # 3 calls of 0.2 s one after another: 0.6 s in all, over one call's 0.45 s, and fine.
+        assert [r.score for r in scorer.score([request()] * 3)] == [1.0] * 3
+        assert scorer.batched_groups == 1
+        slow.clear()
+        scorer.mean_call_s = 0.0  # as fast as before: the next group is one task again
+        start = time.monotonic()
+        with pytest.raises(RewardFunctionError, match="did not return within") as info:
+            scorer.score([request(), request("hang", prompt="8+8="), request()])
+        assert scorer.batched_groups == 2 and time.monotonic() - start < 3
+        assert "'8+8='" in str(info.value)
+        with pytest.raises(RewardFunctionError, match="did not return within"):
+            scorer.score([request()])
+    finally:
+        release.set()
+        scorer.close()
+
+
 def test_loading_checks_the_file_the_name_and_the_signature(reward_file, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"custom_reward_function\.path"):
         load_reward_function(tmp_path / "nope.py")

@@ -7,7 +7,7 @@
                                           unfinished response; the agent loop ends
                                           each turn (multi-turn); True if a pause or
                                           stop cut it
-    finish(group, lane) -------------->   decode, score (the scorer's threads), stamp
+    finish(groups, lane) ------------->   decode, score (the scorer's threads), stamp
     drop(groups) --------------------->   give the positions back to the cursor (lock)
     generate(count, v, lane) --------->   all four for groups made whole now (the
                                           rollouter's generate_groups / generate_batch)
@@ -32,7 +32,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -201,7 +201,7 @@ class GroupSampler:
         if interrupted:
             self.drop(groups)
             return None
-        return [self.finish(group, lane) for group in groups]
+        return self.finish(groups, lane)
 
     def sample(self, groups: list[Rollout], version: int, lane: int = 0) -> bool:
         """``call`` once; True if interrupted. Multi-turn without partial rollouts: calls
@@ -274,32 +274,37 @@ class GroupSampler:
             for group in groups:
                 self.prompts.cursor.give_back(group.position)
 
-    def finish(self, group: Rollout, lane: int = 0) -> list[Sample]:
-        """Score a complete group; its samples get rewards and a finishing time. The reward
-        function's other numeric fields go to ``metadata["reward_metrics"]``, the rest to
-        ``metadata["reward_fields"]``."""
-        for sample in group.samples:
-            sample.response = self.tokenizer.decode(
-                sample.response_token_ids, skip_special_tokens=True
-            )
-        prompt = group.samples[0].prompt
-        requests = requests_for(group.row, [s.response for s in group.samples], prompt)
-        if group.conversations:  # the reward also sees the calls made (extra_info)
-            requests = record_conversations(requests, group.samples, group.conversations)
-        rewards = self.scorer.score(requests)
+    def finish(self, groups: Sequence[Rollout], lane: int = 0) -> list[list[Sample]]:
+        """Score complete groups (one scorer call for all: a fast reward function then runs
+        them as one pool task, ``RewardScorer``); their samples get rewards and a finishing
+        time. The reward function's other numeric fields go to
+        ``metadata["reward_metrics"]``, the rest to ``metadata["reward_fields"]``."""
+        requests = []
+        for group in groups:
+            for sample in group.samples:
+                sample.response = self.tokenizer.decode(
+                    sample.response_token_ids, skip_special_tokens=True
+                )
+            prompt = group.samples[0].prompt
+            asked = requests_for(group.row, [s.response for s in group.samples], prompt)
+            if group.conversations:  # the reward also sees the calls made (extra_info)
+                asked = record_conversations(asked, group.samples, group.conversations)
+            requests.extend(asked)
+        rewards = iter(self.scorer.score(requests)) if requests else iter(())
         now = time.time()
-        for sample, reward in zip(group.samples, rewards):
-            if reward.metrics:
-                sample.metadata[REWARD_METRICS_KEY] = dict(reward.metrics)
-            if reward.fields:
-                sample.metadata["reward_fields"] = dict(reward.fields)
-            sample.finish(reward.score, now=now)
-        with self._cond:
-            self.counts["groups_generated"] += 1
-            if any(s.v_end > s.v_start for s in group.samples):
-                self.counts["groups_partial"] += 1
-            for conversation in group.conversations:
-                self.counts["tool_calls"] += len(conversation.calls)
-                self.counts["tool_errors"] += sum(conversation.errors.values())
-        self.pool.record(lane, groups=1)
-        return group.samples
+        for group in groups:
+            for sample, reward in zip(group.samples, rewards):
+                if reward.metrics:
+                    sample.metadata[REWARD_METRICS_KEY] = dict(reward.metrics)
+                if reward.fields:
+                    sample.metadata["reward_fields"] = dict(reward.fields)
+                sample.finish(reward.score, now=now)
+            with self._cond:
+                self.counts["groups_generated"] += 1
+                if any(s.v_end > s.v_start for s in group.samples):
+                    self.counts["groups_partial"] += 1
+                for conversation in group.conversations:
+                    self.counts["tool_calls"] += len(conversation.calls)
+                    self.counts["tool_errors"] += sum(conversation.errors.values())
+            self.pool.record(lane, groups=1)
+        return [group.samples for group in groups]

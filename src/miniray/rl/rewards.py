@@ -12,7 +12,10 @@ This module owns three things:
 * ``RewardScorer``: scores the responses of one group on a small thread pool, so a slow or hung
   function meets a deadline instead of stalling generation silently. A function that raises,
   returns no number, a non-finite one, or does not return in ``timeout_s`` is a
-  ``RewardFunctionError`` naming the function and the prompt: never a silent 0.
+  ``RewardFunctionError`` naming the function and the prompt: never a silent 0. A fast
+  function (its calls have averaged under ``BATCH_CALLS_BELOW_S``) scores a whole group in one
+  pool task, each call still under its own deadline: a task per response cost the demo's
+  rollouter ~0.28 ms a group (thread hand-offs) for calls of ~0.4 us.
 
 Who waits for whom::
 
@@ -178,6 +181,12 @@ def pair_reward(fn: Callable[[str, str], float]) -> Callable[..., float]:
     return compute_score
 
 
+# A group whose calls are expected to take less than this in all (the function's mean call
+# time x the group's size) runs as one pool task, one call after another; a slower function
+# keeps a task per call, so that max_workers of them run at once.
+BATCH_CALLS_BELOW_S = 0.002
+
+
 class RewardScorer:
     """Scores responses with ``fn(data_source=, solution_str=, ground_truth=, extra_info=)`` on
     ``max_workers`` daemon threads; each call must return within ``timeout_s`` of starting."""
@@ -194,29 +203,37 @@ class RewardScorer:
         self.timeout_s = float(timeout_s)
         self._pool = _DaemonPool(max_workers, f"reward:{self.name}")
         self._broken: str | None = None
+        self.mean_call_s: float | None = None  # a moving average over the calls so far
+        self.batched_groups = 0  # groups scored as one pool task (``BATCH_CALLS_BELOW_S``)
 
     def score(self, requests: Sequence[RewardRequest]) -> list[Reward]:
         """One ``Reward`` per request, in order, or ``RewardFunctionError``."""
         if self._broken is not None:
             raise RewardFunctionError(self._broken)
-        futures = [self._pool.submit(self._call, r) for r in requests]
-        late = self._first_late(futures)
+        mean = self.mean_call_s
+        if len(requests) > 1 and mean is not None and mean * len(requests) < BATCH_CALLS_BELOW_S:
+            self.batched_groups += 1
+            futures = [self._pool.submit(self._call_each, list(requests))] * len(requests)
+        else:
+            futures = [self._pool.submit(self._call_one, r) for r in requests]
+        late = self._first_late(list(dict.fromkeys(futures)))
+        if late is not None:
+            index = late.running_index if late.running_index is not None else futures.index(late)
+            self._broken = (
+                f"{self._where(requests[index])} did not return within "
+                f"custom_reward_function.timeout_s={self.timeout_s:g} s; its thread is "
+                "abandoned and the scorer refuses further work (make the function return, or "
+                "raise the timeout)"
+            )
+            raise RewardFunctionError(self._broken)
         rewards = []
-        for request, future in zip(requests, futures):
-            where = f"reward function {self.name} for the prompt {short_repr(request.prompt, 80)}"
-            if future is late:
-                self._broken = (
-                    f"{where} did not return within custom_reward_function.timeout_s="
-                    f"{self.timeout_s:g} s; its thread is abandoned and the scorer refuses "
-                    "further work (make the function return, or raise the timeout)"
-                )
-                raise RewardFunctionError(self._broken)
-            error = future.exception()
-            if error is not None:
+        for index, (request, future) in enumerate(zip(requests, futures)):
+            ok, value = _outcome(future, index)
+            if not ok:
                 raise RewardFunctionError(
-                    f"{where} raised {type(error).__name__}: {error}"
-                ) from error
-            rewards.append(reward_of(future.result(), where=where))
+                    f"{self._where(request)} raised {type(value).__name__}: {value}"
+                ) from value
+            rewards.append(reward_of(value, where=self._where(request)))
         return rewards
 
     def _first_late(self, futures: list[_Call]) -> _Call | None:
@@ -238,22 +255,58 @@ class RewardScorer:
                         return f
         return None
 
+    def _where(self, request: RewardRequest) -> str:
+        return f"reward function {self.name} for the prompt {short_repr(request.prompt, 80)}"
+
+    def _call_one(self, future: _Call, request: RewardRequest) -> Any:
+        return self._call(request)
+
+    def _call_each(self, future: _Call, requests: list[RewardRequest]) -> list[tuple[bool, Any]]:
+        """A group's calls one after another; each restarts the task's clock, so the deadline
+        stays per call, and ``running_index`` says whose it is."""
+        out: list[tuple[bool, Any]] = []
+        for index, request in enumerate(requests):
+            future.running_index = index
+            future.started_at = time.monotonic()
+            try:
+                out.append((True, self._call(request)))
+            except Exception as exc:  # named by score(), in request order
+                out.append((False, exc))
+        return out
+
     def _call(self, request: RewardRequest) -> Any:
-        return self.fn(
+        start = time.monotonic()
+        result = self.fn(
             data_source=request.data_source,
             solution_str=request.solution_str,
             ground_truth=request.ground_truth,
             extra_info=dict(request.extra_info),
         )
+        took = time.monotonic() - start
+        mean = self.mean_call_s
+        self.mean_call_s = took if mean is None else 0.8 * mean + 0.2 * took
+        return result
 
     def close(self) -> None:
         self._pool.close()
 
 
+def _outcome(future: _Call, index: int) -> tuple[bool, Any]:
+    """(returned, its value or exception) of call ``index`` on ``future`` (done)."""
+    error = future.exception()
+    if error is not None:
+        return False, error
+    if future.running_index is None:  # a task of its own
+        return True, future.result()
+    return future.result()[index]
+
+
 class _Call(concurrent.futures.Future):
-    """A future that knows when a pool thread started running it."""
+    """A future that knows when a pool thread started running it (for a group's calls run as
+    one task: when it started the call it runs now, ``running_index``)."""
 
     started_at: float | None = None
+    running_index: int | None = None
 
 
 class _DaemonPool:
@@ -288,7 +341,7 @@ class _DaemonPool:
                 continue
             future.started_at = time.monotonic()
             try:
-                future.set_result(fn(*args))
+                future.set_result(fn(future, *args))
             except BaseException as e:  # the caller re-raises it, named
                 future.set_exception(e)
 

@@ -290,7 +290,7 @@ class FullyAsyncRollouter:
                         self._in_flight -= len(groups)
                     self.sampler.drop(groups)
                     continue
-                finished = [self.sampler.finish(g, lane) for g in groups if all(g.done)]
+                finished = self.sampler.finish([g for g in groups if all(g.done)], lane)
                 # To the sender (rollout_sender.py: the lane never waits for the queue);
                 # until answered they take staleness room (admission_capacity(offered=...)).
                 with self._cond:
