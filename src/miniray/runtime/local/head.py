@@ -253,8 +253,12 @@ class LocalBackend:
     # ======================================================================= objects
     def release(self, object_id: str) -> None:
         # Called from ObjectRef.__del__, possibly inside the garbage collector while this very
-        # thread holds the lock: only queued.
-        self._objects.queue_release(object_id)
+        # thread holds the lock: only queued, and for a value in shared memory the router woken
+        # to count it (without a child's message it would not turn: a driver that put and
+        # dropped 1 GB values in a loop kept every one of them, a new segment each, until
+        # shutdown).
+        if self._objects.queue_release(object_id):
+            self._processes.wake()
 
     def pin(self, object_id: str) -> None:
         lent = getattr(self._lending, "ids", None)
@@ -264,6 +268,8 @@ class LocalBackend:
         self._objects.pin([object_id])
 
     def put(self, value: Any) -> ObjectRef:
+        with self._cond:  # a value dropped just before gives its segment back for this one
+            self._objects.drain_releases()
         ser = serialization.serialize(value, session_id=self.session_id)
         oid = new_id("o")
         with self._cond:

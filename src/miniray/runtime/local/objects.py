@@ -105,10 +105,18 @@ class ObjectTable:
         return entries
 
     # -- counting -------------------------------------------------------------------------
-    def queue_release(self, oid: str) -> None:
+    def queue_release(self, oid: str) -> bool:
         """A driver ObjectRef was dropped: safe from any thread, even inside the GC while the
-        head lock is held (only a deque append); counted at the next ``drain_releases``."""
+        head lock is held (only a deque append); counted at the next ``drain_releases``.
+
+        True when the caller should wake the router to count it now: the object holds a
+        shared-memory segment (a small value waits for the router's next turn, as it always
+        did; one not stored yet is counted when it is, on the router's turn). The entry is
+        read without the lock: a dict lookup and an attribute read, atomic in CPython."""
         self._releases.append(oid)
+        entry = self._entries.get(oid)
+        stored = None if entry is None else entry.stored
+        return stored is not None and stored[1].segment is not None
 
     def drain_releases(self) -> None:
         while self._releases:
