@@ -279,6 +279,8 @@ class GroupSampler:
         them as one pool task, ``RewardScorer``); their samples get rewards and a finishing
         time. The reward function's other numeric fields go to
         ``metadata["reward_metrics"]``, the rest to ``metadata["reward_fields"]``."""
+        if not groups:
+            return []
         requests = []
         for group in groups:
             for sample in group.samples:
@@ -290,15 +292,18 @@ class GroupSampler:
             if group.conversations:  # the reward also sees the calls made (extra_info)
                 asked = record_conversations(asked, group.samples, group.conversations)
             requests.extend(asked)
-        rewards = iter(self.scorer.score(requests)) if requests else iter(())
+        rewards = self.scorer.score(requests)
         now = time.time()
+        start = 0
         for group in groups:
-            for sample, reward in zip(group.samples, rewards):
+            size = len(group.samples)
+            for sample, reward in zip(group.samples, rewards[start : start + size], strict=True):
                 if reward.metrics:
                     sample.metadata[REWARD_METRICS_KEY] = dict(reward.metrics)
                 if reward.fields:
                     sample.metadata["reward_fields"] = dict(reward.fields)
                 sample.finish(reward.score, now=now)
+            start += size
             with self._cond:
                 self.counts["groups_generated"] += 1
                 if any(s.v_end > s.v_start for s in group.samples):

@@ -20,10 +20,12 @@ import miniray
 
 __all__ = [
     "ReplicaPlacement",
+    "cuda_device_count",
     "local_device",
     "node_id",
     "replica_placement",
     "visible_device",
+    "wants_cuda",
 ]
 
 
@@ -74,7 +76,7 @@ def replica_placement(
             f"{rollout.key('n_gpus_per_node')}={per_node} is invalid with "
             f"{rollout.key('device')}='cuda': must be >= 1 (the GPUs of each node's replicas)"
         )
-    use_cuda = per_node >= 1 and (wanted == "cuda" or (wanted == "auto" and cuda_devices > 0))
+    use_cuda = per_node >= 1 and wants_cuda(wanted, cuda_devices)
     if not use_cuda:
         note = None
         if per_node > 0:
@@ -94,6 +96,19 @@ def replica_placement(
     return ReplicaPlacement("cuda", first_gpu=trainer_gpus if single_node else 0, per_node=per_node)
 
 
+def wants_cuda(device: str, cuda_devices: int) -> bool:
+    """Whether a ``device`` key (``auto``, ``cpu``, ``cuda``; ``trainer.device``,
+    ``rollout.device``) puts its processes on CUDA where ``cuda_devices`` are visible."""
+    return device == "cuda" or (device == "auto" and cuda_devices > 0)
+
+
+def cuda_device_count() -> int:
+    """The CUDA devices this process sees (0 without CUDA)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def visible_device(device: str, visible: int) -> str:
     """``device`` (``cpu`` or ``cuda:<i>``, as the node numbers its GPUs) in a process that
     sees ``visible`` CUDA devices: the same where it sees them all, ``cuda:0`` where Ray made
@@ -103,7 +118,9 @@ def visible_device(device: str, visible: int) -> str:
     if visible == 0:
         raise RuntimeError(
             f"this process was placed on {device} but sees no CUDA device "
-            "(torch.cuda.is_available() is False here; CUDA_VISIBLE_DEVICES may be empty)"
+            "(torch.cuda.is_available() is False here; CUDA_VISIBLE_DEVICES may be empty: on "
+            "Ray an actor sees a GPU only if it asks for one, num_gpus); set rollout.device=cpu "
+            "or trainer.device=cpu to run there on the CPU"
         )
     index = int(device.partition(":")[2] or 0)
     return f"cuda:{index % visible}"
@@ -113,9 +130,7 @@ def local_device(device: str) -> str:
     """``visible_device`` for the calling process."""
     if not device.startswith("cuda"):
         return device
-    import torch
-
-    return visible_device(device, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    return visible_device(device, cuda_device_count())
 
 
 def node_id() -> str:

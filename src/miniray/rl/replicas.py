@@ -40,7 +40,14 @@ import miniray
 from miniray.errors import GetTimeoutError, RayActorError
 from miniray.rl.compat import actor_constructor
 from miniray.rl.engines.base import Generation
-from miniray.rl.placement import ReplicaPlacement, local_device, node_id, replica_placement
+from miniray.rl.placement import (
+    ReplicaPlacement,
+    cuda_device_count,
+    local_device,
+    node_id,
+    replica_placement,
+    wants_cuda,
+)
 from miniray.rl.replica_pool import ReplicaPool
 
 __all__ = [
@@ -72,11 +79,9 @@ def rollout_placement(cfg: Any) -> ReplicaPlacement:
     sees. Planned in the driver and handed to the rollouter: on Ray an actor that asked for no
     GPU sees none. The trainer's GPUs come first on a node: ``trainer.n_gpus_per_node`` of them
     where its ranks run on CUDA (``trainer_group.group_plan``'s rule)."""
-    import torch
-
-    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    cuda = cuda_device_count()
     trainer = cfg.trainer
-    trainer_gpus = trainer.n_gpus_per_node if trainer.device != "cpu" and cuda else 0
+    trainer_gpus = trainer.n_gpus_per_node if wants_cuda(trainer.device, cuda) else 0
     return replica_placement(
         cfg.rollout,
         cuda_devices=cuda,

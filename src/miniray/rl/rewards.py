@@ -211,24 +211,26 @@ class RewardScorer:
         if self._broken is not None:
             raise RewardFunctionError(self._broken)
         mean = self.mean_call_s
-        if len(requests) > 1 and mean is not None and mean * len(requests) < BATCH_CALLS_BELOW_S:
+        together = (
+            len(requests) > 1 and mean is not None and mean * len(requests) < BATCH_CALLS_BELOW_S
+        )
+        if together:
             self.batched_groups += 1
-            futures = [self._pool.submit(self._call_each, list(requests))] * len(requests)
-        else:
-            futures = [self._pool.submit(self._call_one, r) for r in requests]
-        late = self._first_late(list(dict.fromkeys(futures)))
+        chunks = [list(requests)] if together else [[r] for r in requests]
+        tasks = [self._pool.submit(self._call_each, chunk) for chunk in chunks]
+        late = self._first_late(tasks)
         if late is not None:
-            index = late.running_index if late.running_index is not None else futures.index(late)
+            first = 0 if together else tasks.index(late)  # the chunk's first request
             self._broken = (
-                f"{self._where(requests[index])} did not return within "
-                f"custom_reward_function.timeout_s={self.timeout_s:g} s; its thread is "
+                f"{self._where(requests[first + (late.running_index or 0)])} did not return "
+                f"within custom_reward_function.timeout_s={self.timeout_s:g} s; its thread is "
                 "abandoned and the scorer refuses further work (make the function return, or "
                 "raise the timeout)"
             )
             raise RewardFunctionError(self._broken)
+        outcomes = [o for task, chunk in zip(tasks, chunks) for o in _outcomes(task, len(chunk))]
         rewards = []
-        for index, (request, future) in enumerate(zip(requests, futures)):
-            ok, value = _outcome(future, index)
+        for request, (ok, value) in zip(requests, outcomes):
             if not ok:
                 raise RewardFunctionError(
                     f"{self._where(request)} raised {type(value).__name__}: {value}"
@@ -258,12 +260,10 @@ class RewardScorer:
     def _where(self, request: RewardRequest) -> str:
         return f"reward function {self.name} for the prompt {short_repr(request.prompt, 80)}"
 
-    def _call_one(self, future: _Call, request: RewardRequest) -> Any:
-        return self._call(request)
-
     def _call_each(self, future: _Call, requests: list[RewardRequest]) -> list[tuple[bool, Any]]:
-        """A group's calls one after another; each restarts the task's clock, so the deadline
-        stays per call, and ``running_index`` says whose it is."""
+        """A chunk's calls one after another (one call, or a fast function's whole group);
+        each restarts the task's clock, so the deadline stays per call, and ``running_index``
+        says whose it is."""
         out: list[tuple[bool, Any]] = []
         for index, request in enumerate(requests):
             future.running_index = index
@@ -291,14 +291,11 @@ class RewardScorer:
         self._pool.close()
 
 
-def _outcome(future: _Call, index: int) -> tuple[bool, Any]:
-    """(returned, its value or exception) of call ``index`` on ``future`` (done)."""
-    error = future.exception()
-    if error is not None:
-        return False, error
-    if future.running_index is None:  # a task of its own
-        return True, future.result()
-    return future.result()[index]
+def _outcomes(task: _Call, size: int) -> list[tuple[bool, Any]]:
+    """(returned, its value or exception) of each of the ``size`` calls of ``task`` (done);
+    an exception that escaped the task (not an ``Exception``) is every call's."""
+    error = task.exception()
+    return [(False, error)] * size if error is not None else task.result()
 
 
 class _Call(concurrent.futures.Future):

@@ -40,7 +40,7 @@ from miniray.errors import RayActorError
 from miniray.rl.compat import actor_constructor
 from miniray.rl.errors import NonFiniteWeightsError, TrainerRankError
 from miniray.rl.parallel import RankSetup
-from miniray.rl.placement import local_device, node_id
+from miniray.rl.placement import cuda_device_count, local_device, node_id, wants_cuda
 from miniray.rl.trainer import FullyAsyncTrainer
 
 __all__ = ["GroupPlan", "TrainerGroup", "TrainerRank", "group_plan"]
@@ -92,7 +92,7 @@ def group_plan(cfg: Any, *, cuda_devices: int, cpu_count: int = 1) -> GroupPlan:
             "trainer.device='cuda' is invalid here: no CUDA device is visible "
             "(torch.cuda.is_available() is False); use auto or cpu"
         )
-    use_cuda = wanted == "cuda" or (wanted == "auto" and cuda_devices > 0)
+    use_cuda = wants_cuda(wanted, cuda_devices)
     note = None
     if use_cuda:
         if per_node < 1:
@@ -207,14 +207,12 @@ class TrainerGroup:
     def start(cls, config: Any) -> TrainerGroup:
         """Start the ranks ``config`` asks for and wait (``nccl_timeout``) until every one
         has joined and loaded the model."""
-        import torch
 
         from miniray.rl.models.tiny import load_tokenizer
         from miniray.rl.rollouter import as_rl_config
 
         cfg = as_rl_config(config)
-        cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        plan = group_plan(cfg, cuda_devices=cuda, cpu_count=os.cpu_count() or 1)
+        plan = group_plan(cfg, cuda_devices=cuda_device_count(), cpu_count=os.cpu_count() or 1)
         if plan.note:
             logger.warning("%s", plan.note)
         if plan.world_size > 1 and miniray.backend_name() == "inline":

@@ -111,12 +111,15 @@ def _pickler() -> Any:
     return _pickler_class
 
 
+def _plain(torch: Any, tensor: Any) -> bool:
+    """A dense tensor whose bytes we ship; torch's own pickling handles the exotic layouts."""
+    return not (tensor.layout != torch.strided or tensor.is_quantized or tensor.is_nested)
+
+
 def _view_key(torch: Any, tensor: Any) -> tuple | None:
     """What makes two tensor objects interchangeable: the same memory seen the same way (and
     the same kind of tensor); None for what is never shared (empty, exotic layouts)."""
-    if tensor.layout != torch.strided or tensor.is_quantized or tensor.is_nested:
-        return None
-    if tensor.numel() == 0:
+    if not _plain(torch, tensor) or tensor.numel() == 0:
         return None
     return (
         tensor.device,
@@ -135,8 +138,8 @@ def _same(value: Any) -> Any:
 
 
 def _reduce_tensor(torch: Any, tensor: Any) -> Any:
-    if tensor.layout != torch.strided or tensor.is_quantized or tensor.is_nested:
-        return None  # torch's own pickling handles the exotic layouts
+    if not _plain(torch, tensor):
+        return None
     t = tensor.detach()
     if t.device.type != "cpu":
         t = t.cpu()

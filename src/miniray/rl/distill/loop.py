@@ -44,7 +44,7 @@ from miniray.rl.distill.scheduler import StepRecord, run_schedule
 from miniray.rl.distill.trainer import DistillBatch, DistillTrainer, Teacher
 from miniray.rl.distill.weight_sync import sync_rollout_weights
 from miniray.rl.endpoints import Pending
-from miniray.rl.placement import ReplicaPlacement, replica_placement
+from miniray.rl.placement import ReplicaPlacement, cuda_device_count, replica_placement
 from miniray.rl.prompts import prompt_token_ids, read_training_prompts
 from miniray.rl.replica_pool import ReplicaPool
 from miniray.rl.tasks import exact_match_reward, load_prompts
@@ -440,19 +440,15 @@ def _make_trainer(cfg: DistillConfig, model: Any, tokenizer: Any) -> DistillTrai
 
 def _trains_on_cuda(cfg: DistillConfig) -> bool:
     """The student trains on cuda:0 when ``trainer.n_gpus_per_node`` asks and CUDA is here."""
-    import torch
-
-    return cfg.trainer.n_gpus_per_node > 0 and torch.cuda.is_available()
+    return cfg.trainer.n_gpus_per_node > 0 and cuda_device_count() > 0
 
 
 def _worker_placement(cfg: DistillConfig) -> ReplicaPlacement:
     """The rollout workers' devices (``placement.replica_placement``): GPUs after the
     student's one where ``rollout.n_gpus_per_node`` asks for them and CUDA is here."""
-    import torch
-
     return replica_placement(
         cfg.rollout,
-        cuda_devices=torch.cuda.device_count() if torch.cuda.is_available() else 0,
+        cuda_devices=cuda_device_count(),
         trainer_gpus=1 if _trains_on_cuda(cfg) else 0,
         single_node=cfg.rollout.nnodes == 1,
     )
