@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import threading
 import time
 
 import pytest
@@ -239,6 +240,42 @@ def test_swap_weights_pauses_loads_and_resumes_in_one_call_even_when_the_load_fa
         stats = rollouter.get_statistics()
         assert stats["version"] == 2 and stats["paused"] is False
         assert stats["groups_interrupted"] >= 1
+    finally:
+        rollouter.stop()
+
+
+class SlowLoadEngine(FakeEngine):
+    def load_weights(self, state_dict, *, take=False):
+        time.sleep(0.3)
+        super().load_weights(state_dict, take=take)
+
+
+def test_swaps_run_one_at_a_time_and_never_take_the_version_back(workdir):
+    # Two swaps reaching the threaded actor close together (a swap sent with its step runs
+    # when its weights are stored): the later version may arrive first; the older one then
+    # waits for it and is skipped.
+    rollouter = FullyAsyncRollouter(
+        config(workdir), MessageQueue(max_queue_size=100), engine=SlowLoadEngine()
+    )
+    rollouter.start()
+    try:
+        first: list[dict] = []
+        newer = threading.Thread(
+            target=lambda: first.append(rollouter.swap_weights(2, weights={"w": 2}, timeout=5))
+        )
+        newer.start()
+        time.sleep(0.1)  # the newer swap is loading
+        with pytest.raises(TimeoutError, match=r"swap_weights\(version=1\) waited 0.05s"):
+            rollouter.swap_weights(1, weights={"w": 1}, timeout=0.05)
+        started = time.monotonic()
+        answer = rollouter.swap_weights(1, weights={"w": 1}, timeout=5)
+        assert time.monotonic() - started >= 0.1  # waited for the swap before it
+        newer.join(10)
+        assert answer["skipped"] is True and "skipped" not in first[0]
+        assert rollouter.get_statistics()["version"] == 2 and rollouter.engine.loaded == {"w": 2}
+        assert rollouter.swap_weights(2, weights={"w": 1}, timeout=5)["skipped"] is True
+        assert rollouter.swap_weights(3, weights={"w": 3}, timeout=5).get("skipped") is None
+        assert rollouter.engine.loaded == {"w": 3}
     finally:
         rollouter.stop()
 

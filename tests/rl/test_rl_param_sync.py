@@ -501,3 +501,42 @@ def test_a_resumed_run_restores_the_version_before_its_first_sync():
         sync.restore_version(9)
     with pytest.raises(ValueError, match="version=-1"):
         make()[0].restore_version(-1)
+
+
+def test_a_swap_sent_before_its_weights_exist_runs_once_they_are_stored():
+    # WeightPublisher.sent: the swap goes out with the trainer's step, its argument the ref of
+    # weights not made yet; the runtime delivers it when they are, and the sync only waits for
+    # its answer. A started swap that fails (here: its weights' task failed) is retried
+    # through the trainer's weights as any failed attempt.
+    import torch
+
+    from miniray.rl.param_sync import swap_call
+
+    @miniray.remote
+    def weights_after(delay, value):
+        time.sleep(delay)
+        if value is None:
+            raise RuntimeError("the trainer's weights call failed")
+        return {"layer.weight": torch.full((4, 4), value)}
+
+    miniray.init(backend="local", num_workers=2)
+    try:
+        rollouter = miniray.remote(ValueSwappingRollouter).remote()
+        trainer = FakeTrainer(value=9.0)
+        sync, _ = make(trainer, rollouter, max_sync_retries=1, sync_retry_delay=0.0)
+        started = swap_call(rollouter, weights_after.remote(0.5, 3.0), 1, 30.0, by_value=True)
+        ready, _ = miniray.wait([started.ref], timeout=0.2)
+        assert not ready  # the weights are not there yet: the swap has not run
+        result = sync.sync(1, started=started)
+        assert result.ok and result.attempts == 1 and result.transfer_s == 0.0
+        state = miniray.get(rollouter.get_state.remote(), timeout=30)
+        assert state == {"paused": False, "version": 1, "value": 3.0}
+        assert trainer.calls == 0  # the trainer was never asked
+        failed = swap_call(rollouter, weights_after.remote(0.0, None), 2, 30.0, by_value=True)
+        result = sync.sync(2, started=failed)
+        assert result.ok and result.attempts == 2
+        state = miniray.get(rollouter.get_state.remote(), timeout=30)
+        assert state == {"paused": False, "version": 2, "value": 9.0}  # the retry's weights
+        assert sync.wants_value(rollouter) is True
+    finally:
+        miniray.shutdown()

@@ -321,8 +321,8 @@ def test_a_checkpoint_is_not_written_from_non_finite_weights(inline, workdir, tm
 class PreparingTrainer(FullyAsyncTrainer):
     """Records the steps the loop prepared a publish for (``TrainerGroup.prepare_publish``)."""
 
-    def prepare_publish(self, step, finite_at, *, copy):
-        self.prepared = [*getattr(self, "prepared", []), (step, copy)]
+    def prepare_publish(self, step, finite_at, *, extrapolation, check_behind=True):
+        self.prepared = [*getattr(self, "prepared", []), (step, extrapolation)]
 
 
 def test_the_loop_prepares_a_publish_before_each_publishing_step(inline, workdir):
@@ -330,4 +330,4 @@ def test_the_loop_prepares_a_publish_before_each_publishing_step(inline, workdir
     cfg["trainer"].update(total_training_steps=4, trigger_parameter_sync_step=2)
     trainer = PreparingTrainer(cfg)
     run(cfg, engine=EchoEngine("prepared"), trainer=trainer)
-    assert trainer.prepared == [(2, False), (4, False)]
+    assert trainer.prepared == [(2, 0.0), (4, 0.0)]

@@ -337,9 +337,11 @@ class RecordingRank:
         self.calls.append(("get_weights", time.monotonic()))
         return {"w": torch.ones(3)}
 
-    def publishable_weights(self, step, finite_at, metrics=None, *, check_behind=False):
+    def publishable_weights(
+        self, step, finite_at, metrics=None, *, check_behind=False, extrapolation=0.0
+    ):
         self.calls.append(("publishable_weights", time.monotonic()))
-        return {"w": torch.full((3,), float(step))}
+        return {"w": torch.full((3,), float(step) + extrapolation)}
 
     def published_check(self):
         self.calls.append(("published_check", time.monotonic()))
@@ -401,7 +403,7 @@ def test_a_set_version_that_never_answers_fails_the_next_call_within_the_timeout
 
 def test_a_prepared_publish_sends_the_weights_call_right_behind_the_step(local_runtime):
     group, actor = recording_group(train_s=0.2)
-    group.prepare_publish(4, 3, copy=False)
+    group.prepare_publish(4, 3)
     group.train_step([["g"]])
     time.sleep(0.3)  # the driver busy elsewhere: the rank has taken the weights already
     asked = time.monotonic()
@@ -411,33 +413,35 @@ def test_a_prepared_publish_sends_the_weights_call_right_behind_the_step(local_r
     assert [name for name, _ in log] == ["train_step", "publishable_weights", "published_check"]
     assert log[1][1] < asked and log[2][1] < asked  # sent with the step, not when asked
     # A prepared call that is not the one asked for is dropped, and the asked one made.
-    group.prepare_publish(5, 4, copy=True)
+    group.prepare_publish(5, 4)
     group.train_step([["g"]])
-    ref = group.published_weights(5, 4, {"loss": 0.5})
-    assert torch.equal(miniray.get(ref, timeout=30)["w"], torch.full((3,), 5.0))
+    ref = group.published_weights(5, 4, {"loss": 0.5}, extrapolation=0.5)
+    assert torch.equal(miniray.get(ref, timeout=30)["w"], torch.full((3,), 5.5))
     names = [name for name, _ in miniray.get(actor.log.remote(), timeout=30)]
-    assert names[3:] == ["train_step", "get_weights", "publishable_weights", "published_check"]
+    weights_calls = ["publishable_weights", "published_check"]
+    assert names[3:] == ["train_step", *weights_calls, *weights_calls]
     # Another call between the step and the publish (it may change the weights): dropped.
-    group.prepare_publish(7, 6, copy=True)
+    group.prepare_publish(7, 6, extrapolation=0.5)
     group.train_step([["g"]])
     group._all("log")
     assert group._prefetched == []
-    # Copy: get_weights answered from the call sent with the step.
-    group.prepare_publish(6, 5, copy=True)
+    # The extrapolation asked for is the prepared call's: answered from it.
+    group.prepare_publish(6, 5, extrapolation=0.5)
     group.train_step([["g"]])
-    assert torch.equal(group.get_weights()["w"], torch.ones(3))
+    ref = group.published_weights(6, 5, {"loss": 0.5}, extrapolation=0.5)
+    assert torch.equal(miniray.get(ref, timeout=30)["w"], torch.full((3,), 6.5))
     names = [name for name, _ in miniray.get(actor.log.remote(), timeout=30)]
-    assert names[7:] == ["train_step", "get_weights", "train_step", "get_weights"]
+    assert names[8:] == ["train_step", *weights_calls, "train_step", *weights_calls]
 
 
 def test_a_step_sent_ahead_runs_right_after_the_previous_step_and_its_weights_call(
     local_runtime,
 ):
     group, actor = recording_group(train_s=0.3)
-    group.prepare_publish(1, 0, copy=False)
+    group.prepare_publish(1, 0)
     group.send_step([["a"]], 1)
     # Sent ahead, its batch still a ref (the queue's answer), its publish prepared meanwhile.
-    group.prepare_publish(2, 1, copy=False)
+    group.prepare_publish(2, 1)
     group.send_step(miniray.put([["b"]]), 2)
     with pytest.raises(RuntimeError, match="two steps are in flight"):
         group.send_step([["c"]])
@@ -475,6 +479,7 @@ def test_a_check_behind_runs_beside_the_answer_and_gives_its_verdict_when_asked(
         real_check(*args)
 
     monkeypatch.setattr(trainer_module, "check_finite_weights", held_check)
+    monkeypatch.setattr(trainer_module, "CHECK_BEHIND_MIN_BYTES", 0)  # as for a large model
     trainer = FullyAsyncTrainer(config(workdir))
     with torch.no_grad():
         trainer.model.get_parameter("model.norm.weight")[0] = math.nan
@@ -496,3 +501,135 @@ def test_a_check_behind_runs_beside_the_answer_and_gives_its_verdict_when_asked(
     trainer.train_step(groups_of_samples(trainer.tokenizer))
     assert time.monotonic() - started >= 0.45
     assert trainer.published_check.__self__._checking is None  # joined by the step
+
+
+def test_a_rank_publishes_its_weights_extrapolated_along_its_last_published_step(workdir, tmp_path):
+    trainer = FullyAsyncTrainer(config(workdir))
+    name = "model.norm.weight"
+    trained_1 = trainer.live_weights()[name].clone()
+    first = trainer.publishable_weights(1, 0, extrapolation=1.0)
+    assert torch.equal(first[name], trained_1)  # nothing to extrapolate from yet
+    saved = trainer.save_checkpoint(tmp_path / "ckpt", {"step": 1})
+    trainer.train_step(groups_of_samples(trainer.tokenizer))
+    trained_2 = trainer.live_weights()[name].clone()
+    assert not torch.equal(trained_2, trained_1)
+    second = trainer.publishable_weights(2, 1, extrapolation=1.0)
+    torch.testing.assert_close(second[name], trained_2 + (trained_2 - trained_1))
+    assert torch.equal(trainer.live_weights()[name], trained_2)  # the parameters untouched
+    # The tied output embedding is the published input embedding, not a second tensor.
+    assert second["lm_head.weight"] is second["model.embed_tokens.weight"]
+    # Restored weights have no step to extrapolate along: published as they are.
+    trainer.load_checkpoint(saved)
+    third = trainer.publishable_weights(1, 0, extrapolation=1.0)
+    assert torch.equal(third[name], trained_1)
+
+
+def test_small_weights_are_checked_before_the_answer_and_the_verdict_is_ready(workdir, monkeypatch):
+    import miniray.rl.trainer as trainer_module
+
+    threads = []
+    real_pool = trainer_module.ThreadPoolExecutor
+    monkeypatch.setattr(
+        trainer_module,
+        "ThreadPoolExecutor",
+        lambda *a, **k: threads.append(1) or real_pool(*a, **k),
+    )
+    trainer = FullyAsyncTrainer(config(workdir))
+    assert (
+        trainer_module._state_bytes(trainer.live_weights()) < trainer_module.CHECK_BEHIND_MIN_BYTES
+    )
+    trainer.publishable_weights(1, 0, {"loss": 0.5}, check_behind=True)
+    assert trainer.published_check() is True and threads == []  # no thread for a small model
+    with torch.no_grad():
+        trainer.model.get_parameter("model.norm.weight")[0] = math.inf
+    with pytest.raises(NonFiniteWeightsError, match=r"step 2: .*model\.norm\.weight"):
+        trainer.publishable_weights(2, 1, {"loss": 0.5}, check_behind=True)
+
+
+class ValueRollouter:
+    """Swaps weights as ``FullyAsyncRollouter`` does with its engine in its own process (by
+    value), recording each version loaded, its weights and when."""
+
+    def __init__(self):
+        self.loads = []
+
+    def pause_rollout(self):
+        return True
+
+    def resume_rollout(self):
+        return True
+
+    def load_weights(self, weights, version):
+        self.loads.append((version, float(weights["w"][0]), time.monotonic()))
+        return True
+
+    def load_weights_from(self, refs, version):
+        return self.load_weights(miniray.get(refs[0], timeout=30), version)
+
+    def swap_weights(self, version, *, weights=None, refs=None, timeout=30.0):
+        if refs is not None:
+            self.load_weights_from(refs, version)
+        else:
+            self.load_weights(weights, version)
+        return {"pause_s": 0.0, "load_s": 0.0, "by_value": True}
+
+    def get_loads(self):
+        return list(self.loads)
+
+
+def test_a_publish_swap_goes_out_with_its_step_and_loads_without_the_driver(local_runtime):
+    from miniray.rl.weight_publisher import WeightPublisher
+
+    group, actor = recording_group(train_s=0.3)
+    rollouter = miniray.remote(ValueRollouter).remote()
+    publisher = WeightPublisher(
+        group,
+        rollouter,
+        config={"async_training": {"sync_timeout": 30.0}},
+        background=True,
+        extrapolation=0.5,
+        wait_timeout=30.0,
+        load_timeout=30.0,
+    )
+    try:
+        # The first publish learns how the rollouter takes its weights (by value).
+        publisher.prepare(1)
+        group.send_step([["a"]], 0)
+        publisher.sent(1)
+        group.step_result()
+        publisher.publish(1, step=1, metrics={"loss": 0.5})
+        publisher.wait()
+        # From then on the swap goes with the step: the rollouter has the weights (checked by
+        # the rank before it answered: no published_check) while this process waits for
+        # nothing, and the publish only collects the sync's answer.
+        publisher.prepare(2)
+        group.send_step([["b"]], 1)
+        publisher.sent(2)
+        wait_until(
+            lambda: len(miniray.get(rollouter.get_loads.remote(), timeout=30)) == 2,
+            what="the second version loaded before its publish",
+        )
+        assert group.step_result() == {"loss": 0.5, "step": 2}
+        publisher.publish(2, step=2, metrics={"loss": 0.5})
+        publisher.wait()
+        loads = miniray.get(rollouter.get_loads.remote(), timeout=30)
+        assert [(v, w) for v, w, _ in loads] == [(1, 1.5), (2, 2.5)]  # the rank's extrapolation
+        names = [name for name, _ in miniray.get(actor.log.remote(), timeout=30)]
+        assert names == [
+            "train_step",
+            "publishable_weights",
+            "published_check",
+            "train_step",
+            "publishable_weights",
+        ]
+        stats = publisher.statistics()
+        assert stats["sync_count"] == 2 and stats["current_version"] == 2
+        # A publish of another version than the one its swap went out as is refused.
+        publisher.prepare(3)
+        group.send_step([["c"]], 2)
+        publisher.sent(3)
+        group.step_result()
+        with pytest.raises(RuntimeError, match=r"swap went out as version 3"):
+            publisher.publish(4, step=3, metrics={"loss": 0.5})
+    finally:
+        publisher.close()

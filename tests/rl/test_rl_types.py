@@ -25,6 +25,30 @@ def test_stamps_default_and_age():
     assert make([1], [2]).sample_id != make([1], [2]).sample_id
 
 
+def test_sample_ids_are_unique_across_processes():
+    import os
+    import subprocess
+    import sys
+
+    ids = [make([1], [2]).sample_id for _ in range(1000)]
+    assert len(set(ids)) == 1000 and all(len(i) == 32 for i in ids)
+    read, write = os.pipe()
+    pid = os.fork()  # a forked child starts from this process's counter: it must not repeat it
+    if pid == 0:
+        os.write(write, make([1], [2]).sample_id.encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = os.read(read, 64).decode()
+    os.close(read), os.close(write)
+    code = "from miniray.rl.types import new_sample_id; print(new_sample_id())"
+    spawned = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    ).stdout.strip()
+    ours = make([1], [2]).sample_id
+    assert len({child, spawned, ours} | set(ids)) == 1003
+    assert child[:16] != ours[:16] != spawned[:16]
+
+
 def test_partial_rollout_moves_v_end_not_v_start():
     s = make([1], [2], v_start=1, response_logprobs=[-0.5])
     s.append_tokens([3, 4], [-0.1, -0.2], version=3)

@@ -160,9 +160,11 @@ class GroupLike(TorchTrainer):
         super().__init__(value)
         self.calls: list[tuple[int, int]] = []
         self.refs: list[miniray.ObjectRef] = []
+        self.extrapolations: list[float] = []
 
-    def published_weights(self, step, finite_at, metrics):
+    def published_weights(self, step, finite_at, metrics, *, extrapolation=0.0, check_behind=True):
         self.calls.append((step, finite_at))
+        self.extrapolations.append(extrapolation)
         weights = self.get_weights()
         check_finite_weights(weights, step, finite_at, metrics)
         self.refs.append(miniray.put(weights))
@@ -195,8 +197,8 @@ def test_a_groups_published_ref_travels_as_it_is(inline, mode, monkeypatch):
 def test_prepare_asks_a_group_for_the_weights_call_the_publish_will_make(inline, extrapolation):
     trainer = GroupLike(2.0)
     prepared = []
-    trainer.prepare_publish = lambda step, finite_at, *, copy: prepared.append(
-        (step, finite_at, copy)
+    trainer.prepare_publish = lambda step, finite_at, *, extrapolation, check_behind: (
+        prepared.append((step, finite_at, extrapolation))
     )
     publisher = background(trainer, FakeRollouter(), extrapolation=extrapolation)
     try:
@@ -206,9 +208,10 @@ def test_prepare_asks_a_group_for_the_weights_call_the_publish_will_make(inline,
         publisher.prepare(5)
     finally:
         publisher.close()
-    # Extrapolating publishes a copy (get_weights); otherwise the group's checked weights.
-    copy = bool(extrapolation)
-    assert prepared == [(3, 0, copy), (5, 3, copy)]
+    # The group's checked weights, extrapolated by its rank: the same call either way.
+    assert prepared == [(3, 0, extrapolation), (5, 3, extrapolation)]
+    assert trainer.extrapolations == [extrapolation]
+    assert publisher.snapshot.extrapolation == 0.0  # nothing extrapolated in the driver
     publisher_in("background", TorchTrainer())[0].prepare(1)  # a trainer without it: nothing
 
 

@@ -8,7 +8,8 @@
     for step:
         batch = source.next_batch(version)            (dynamic sampling's fill inside)
         source.prefetch(next step's version)            async: the next get_batch waits meanwhile
-        send the step (unless sent during the last one)  (publisher.prepare before, every k)
+        send the step (unless sent during the last one)  (publisher.prepare before, every k;
+                                                          publisher.sent after: its swap too)
         async, a publishing step: send the next step now, its batch the prefetched ref
         metrics = the step's result
         every k steps:  publisher.publish(version + 1)  async: snapshot, sync in the background
@@ -30,6 +31,7 @@ not trained before the checkpoint: groups in flight or queued at the crash are r
 
 from __future__ import annotations
 
+import gc
 import logging
 import pathlib
 import time
@@ -219,6 +221,10 @@ def run(
         if cfg.trainer.val_before_train:
             result.evals.append((start_step, 0.0, evaluate()))
         source.start()
+        # The run's setup lives as long as the run: out of the collector's way. A full
+        # collection of this process (torch and transformers imported) took 100-240 ms, and
+        # it holds the local backend's router: every message of the run waited meanwhile.
+        gc.freeze()
         steps, ahead = _Steps(trainer), False  # ahead: this step was sent during the last one
         for step in range(start_step + 1, total_steps + 1):
             batch = source.next_batch(version)
@@ -231,6 +237,8 @@ def run(
                 if publishing:
                     publisher.prepare(step)
                 steps.send(batch.groups, version)
+                if publishing:
+                    publisher.sent(step)
             saving = save_freq >= 0 and (
                 step == total_steps or (save_freq > 0 and step % save_freq == 0)
             )
@@ -249,6 +257,8 @@ def run(
                 if (step + 1) % trigger == 0:
                     publisher.prepare(step + 1)
                 steps.send(source.prefetched_ref(), next_version)
+                if (step + 1) % trigger == 0:
+                    publisher.sent(step + 1)
             metrics: dict[str, Any] = dict(steps.result())
             metrics.update(reward_metrics(batch.groups), **batch.metrics)
             metrics.update(conversation_metrics([s for g in batch.groups for s in g]))

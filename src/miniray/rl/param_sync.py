@@ -186,10 +186,14 @@ class UnifiedParameterSynchronizer(SeedSyncModes):
         *,
         trainers: Any = (),
         rollouters: Any = (),
+        started: Pending | None = None,
     ) -> SyncResult:
         """Run one sync to ``version`` (default: current + 1); never raises for a failed sync,
         the result says what happened. ``trainers``/``rollouters`` (an endpoint or a list;
-        default: the registered ones) are for this sync only."""
+        default: the registered ones) are for this sync only. ``started``: the first
+        attempt's ``swap_weights`` call to the one rollouter, sent already (``swap_call`` with
+        the weights' ref before they were there: the runtime delivers it once they are, with
+        no round trip through the caller); a failed one is retried as usual."""
         if version is not None:
             check_version(version, "new_version")
         trainers, rollouters = _as_list(trainers), _as_list(rollouters)
@@ -224,13 +228,18 @@ class UnifiedParameterSynchronizer(SeedSyncModes):
                 result.error = f"version {target} is not newer than the current version {current}"
                 self._record(result)
                 return result
-            result = self._run_sync(trainers, rollouters, current, target)
+            result = self._run_sync(trainers, rollouters, current, target, started)
             self._version = result.current_version
             self._record(result)
             return result
 
     def _run_sync(
-        self, trainers: list[Any], rollouters: list[Any], current: int, target: int
+        self,
+        trainers: list[Any],
+        rollouters: list[Any],
+        current: int,
+        target: int,
+        started: Pending | None = None,
     ) -> SyncResult:
         cfg = self.config
         result = SyncResult("failed", target, current, current)
@@ -242,7 +251,10 @@ class UnifiedParameterSynchronizer(SeedSyncModes):
             for attempt in range(1, attempts + 1):
                 result.attempts = attempt
                 try:
-                    resumed = self._attempt(trainers, rollouters, target, deadline, result)
+                    if started is not None and attempt == 1:
+                        resumed = self._started_swap(rollouters, started, deadline, result)
+                    else:
+                        resumed = self._attempt(trainers, rollouters, target, deadline, result)
                     loaded = True
                     break
                 except _PhaseTimeout:
@@ -344,6 +356,24 @@ class UnifiedParameterSynchronizer(SeedSyncModes):
         paused = max((float(a.get("pause_s", 0.0)) for a in answers), default=0.0)
         result.pause_s += min(paused, took)
         result.load_s += took - min(paused, took)
+
+    def _started_swap(
+        self, rollouters: list[Any], started: Pending, deadline: float, result: SyncResult
+    ) -> bool:
+        """Wait for a ``swap_weights`` call sent before the sync (``sync(started=...)``); its
+        phases are the rollouter's own (the call waited for the weights before it ran)."""
+        if len(rollouters) != 1 or not _has_method(rollouters[0], "swap_weights"):
+            raise ValueError("a started swap_weights call needs exactly one rollouter offering it")
+        (answer,) = self._wait_all([started], deadline)
+        self._by_value[_endpoint_key(rollouters[0])] = bool(answer.get("by_value", False))
+        result.pause_s += float(answer.get("pause_s", 0.0))
+        result.load_s += float(answer.get("load_s", 0.0))
+        return True
+
+    def wants_value(self, rollouter: Any) -> bool:
+        """Whether ``rollouter`` asked for its weights by value (``swap_call(by_value=True)``)
+        in its last ``swap_weights`` answer: one engine in its own process."""
+        return self._by_value.get(_endpoint_key(rollouter), False)
 
     def _transfer(
         self, trainer: Any, rollouters: list[Any], deadline: float, result: SyncResult

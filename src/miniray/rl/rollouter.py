@@ -128,6 +128,9 @@ class FullyAsyncRollouter:
             crashed=self._crashed,
         )
         self.version = 0
+        # One swap_weights at a time: calls that reach a threaded actor close together (a
+        # swap sent ahead runs when its weights are there) would otherwise interleave.
+        self._swap_lock = threading.Lock()
         self._in_flight = 0  # groups taken by a lane and not yet unfinished or offered
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -427,19 +430,38 @@ class FullyAsyncRollouter:
         Answers the seconds spent waiting for the generation to stop and loading, and
         ``by_value``: whether the next sync should send the weights themselves rather than a
         ref (one engine, in this process: ``refs=`` would cost a round trip to fetch them,
-        1.3 ms of a ~40 ms demo step; replicas load the published object by its ref)."""
+        1.3 ms of a ~40 ms demo step; replicas load the published object by its ref).
+
+        Swaps run one at a time, and one whose ``version`` is not newer than the version
+        running is skipped (answering ``skipped``): versions never go back, whatever order
+        two calls sent close together arrive in."""
         if (weights is None) == (refs is None):
             raise TypeError("swap_weights() takes exactly one of weights= or refs=")
         started = time.monotonic()
-        self.pause_rollout(timeout)
-        paused = time.monotonic()
+        if not self._swap_lock.acquire(timeout=timeout):
+            raise TimeoutError(
+                f"swap_weights(version={version}) waited {timeout:g}s for the swap before it"
+            )
         try:
-            if refs is not None:
-                self.load_weights_from(refs, version)
-            else:
-                self.load_weights(weights, version)
+            with self._cond:
+                if int(version) <= self.version:
+                    return {
+                        "pause_s": 0.0,
+                        "load_s": 0.0,
+                        "by_value": self.pool.in_process,
+                        "skipped": True,
+                    }
+            self.pause_rollout(max(0.0, timeout - (time.monotonic() - started)))
+            paused = time.monotonic()
+            try:
+                if refs is not None:
+                    self.load_weights_from(refs, version)
+                else:
+                    self.load_weights(weights, version)
+            finally:
+                self.resume_rollout()
         finally:
-            self.resume_rollout()
+            self._swap_lock.release()
         return {
             "pause_s": paused - started,
             "load_s": time.monotonic() - paused,

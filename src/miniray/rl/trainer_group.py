@@ -26,6 +26,7 @@ rollout workers; ``trainer.device=auto`` says so once in the log and in the summ
 from __future__ import annotations
 
 import datetime
+import gc
 import logging
 import os
 import socket
@@ -178,6 +179,7 @@ class TrainerRank(FullyAsyncTrainer):
                 timeout=datetime.timedelta(seconds=timeout_s),
             )
         FullyAsyncTrainer.__init__(self, self._pending_config, setup=self.setup)
+        gc.freeze()  # the model and optimizer live as long as the rank (runtime/local/worker.py)
         return {"pid": os.getpid(), "device": self.setup.device, "node": node_id()}
 
 
@@ -296,18 +298,36 @@ class TrainerGroup:
         finally:
             self._steps.popleft()
 
-    def prepare_publish(self, step: int, finite_at: int, *, copy: bool) -> None:
+    def prepare_publish(
+        self,
+        step: int,
+        finite_at: int,
+        *,
+        extrapolation: float = 0.0,
+        check_behind: bool = True,
+    ) -> None:
         """The next ``train_step`` (``step``) is followed by a publish: its weights call goes
         to the ranks right behind the step, so a rank starts it the moment the step ends,
         rather than one round trip later when the driver has the step's answer (the demo's
         get_weights went from 1.7 to 1.4 ms per ~40 ms step, benchmarks/async_vs_sync.py).
-        ``copy``: the publish will ask for ``get_weights`` (a copy to extrapolate from), else
-        for ``published_weights(step, finite_at, ...)``, checked by the rank against its own
-        step's metrics."""
-        if copy:
-            self._after_step = _Call("get_weights", (), self._weight_ranks())
-        else:
-            self._after_step = _Call("publishable_weights", (step, finite_at), self._weight_ranks())
+        The call is ``published_weights(step, finite_at, ..., extrapolation=...,
+        check_behind=...)``'s, checked (and extrapolated) by the rank against its own step's
+        metrics; ``prepared_publish_ref`` gives its answer's ref once the step is sent."""
+        self._after_step = _Call(
+            "publishable_weights",
+            (step, finite_at, float(extrapolation), bool(check_behind)),
+            self._weight_ranks(),
+        )
+
+    def prepared_publish_ref(self, step: int) -> miniray.ObjectRef | None:
+        """The ref the weights after ``step`` will be stored under: the answer of the weights
+        call sent behind that step (``prepare_publish``), or None if there is none. A caller
+        may hand it on before it is there (a call taking it as an argument runs once it is);
+        a check left running beside the copy (``check_behind``) has no verdict by then."""
+        for call, sent in self._prefetched:
+            if call.args[0] == step:
+                return next(iter(sent[0].refs))  # the first weight rank's: rank 0's
+        return None
 
     def get_weights(self) -> dict[str, Any]:
         call = _Call("get_weights", (), self._weight_ranks())
@@ -318,18 +338,32 @@ class TrainerGroup:
         return self._all("live_weights", ranks=self._weight_ranks())[0]
 
     def published_weights(
-        self, step: int, finite_at: int, metrics: dict[str, Any]
+        self,
+        step: int,
+        finite_at: int,
+        metrics: dict[str, Any],
+        *,
+        extrapolation: float = 0.0,
+        check_behind: bool = True,
     ) -> miniray.ObjectRef:
         """The weights after ``step`` to publish, left in the object store: the ref of the
         weight rank's ``publishable_weights`` answer (checked there; NaN or inf raises
         ``NonFiniteWeightsError`` as it is). The rank's serialization of its answer is the
         sync's one copy; passing the ref on instead of putting the driver's value again saves
         a second copy of the model (benchmarks/weight_sync.py: the publish went from 0.76 s
-        to 0.40 s at Qwen2.5-0.5B size, docs/benchmarks.md)."""
-        call = _Call("publishable_weights", (step, finite_at), self._weight_ranks())
-        weights, verdict = self._take_prefetched(call) or self._send_weights_call(call, metrics)
+        to 0.40 s at Qwen2.5-0.5B size, docs/benchmarks.md). ``extrapolation`` c > 0: the
+        rank publishes its weights extrapolated along the step since its last publish
+        (``rl.extrapolation``). ``check_behind``: the rank checks beside the copy of its
+        answer (large weights, ``trainer.CHECK_BEHIND_MIN_BYTES``) rather than before it."""
+        call = _Call(
+            "publishable_weights",
+            (step, finite_at, float(extrapolation), bool(check_behind)),
+            self._weight_ranks(),
+        )
+        weights, *verdict = self._take_prefetched(call) or self._send_weights_call(call, metrics)
         ref = self._answers(weights)[0][0]
-        self._answers(verdict)  # NonFiniteWeightsError: the ref is dropped, never published
+        for sent in verdict:  # NonFiniteWeightsError: the ref is dropped, never published
+            self._answers(sent)
         return ref
 
     def set_version(self, version: int) -> int:
@@ -404,16 +438,19 @@ class TrainerGroup:
         within = self.plan.timeout_s
         if call.method == "get_weights":
             return [self._send("get_weights", ranks=call.ranks, within=within)]
-        step, finite_at = call.args
+        step, finite_at, extrapolation, check_behind = call.args
         weights = self._send(
             "publishable_weights",
             step,
             finite_at,
             None if metrics is None else dict(metrics),
-            check_behind=True,
+            check_behind=check_behind,
+            extrapolation=extrapolation,
             ranks=call.ranks,
             within=within,
         )
+        if not check_behind:  # checked before the answer: an error answer is the verdict
+            return [weights]
         return [weights, self._send("published_check", ranks=call.ranks, within=within)]
 
     def _take_prefetched(self, call: _Call) -> list[_Sent] | None:

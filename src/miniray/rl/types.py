@@ -14,6 +14,8 @@ torch is imported only by ``collate``: the queue and the rollouter's bookkeeping
 
 from __future__ import annotations
 
+import itertools
+import os
 import time
 import uuid
 from collections.abc import Sequence
@@ -26,6 +28,34 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["Batch", "Sample", "SyncResult", "TeacherScores", "collate"]
+
+
+class _SampleIds:
+    """Ids unique across processes: a random prefix per process and a counter. ``uuid4`` per
+    sample read ``os.urandom`` each time, 5% of the demo rollouter's busy time under py-spy
+    (128 samples per ~40 ms step, two busy cores); a counter costs a tenth of that."""
+
+    def __init__(self) -> None:
+        self.pid = -1
+        self.prefix = ""
+        self.counter = itertools.count()
+
+    def new(self) -> str:
+        if self.pid != os.getpid():  # a forked child must not repeat its parent's ids
+            self.pid, self.prefix, self.counter = (
+                os.getpid(),
+                uuid.uuid4().hex[:16],
+                itertools.count(),
+            )
+        return f"{self.prefix}{next(self.counter):016x}"
+
+
+_SAMPLE_IDS = _SampleIds()
+
+
+def new_sample_id() -> str:
+    """A fresh ``Sample.sample_id``: 32 hex digits, unique across the run's processes."""
+    return _SAMPLE_IDS.new()
 
 
 @dataclass(kw_only=True)
@@ -44,7 +74,7 @@ class Sample:
     response_logprobs: list[float] | None = None
     reward: float | None = None
     group_id: str = ""
-    sample_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    sample_id: str = field(default_factory=new_sample_id)
     created_at: float = field(default_factory=time.time)
     finished_at: float | None = None
     prompt: str = ""

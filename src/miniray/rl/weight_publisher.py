@@ -4,8 +4,8 @@ It owns everything between a trained step and the rollouter running its weights:
 
     prepare(step)     before the step: a trainer group sends the weights call behind it
     publish(v, step)  take the weights into shared memory, the one copy (a trainer group's
-                      rank answer, whose ref travels on; an in-process trainer's live
-                      tensors, put) or a copy to extrapolate from
+                      rank answer, checked and extrapolated there, whose ref travels on; an
+                      in-process trainer's live tensors, put) or a copy to extrapolate from
                       check them: NaN/inf -> NonFiniteWeightsError naming step and parameter
       async mode:     wait for the previous sync (versions stay in order), snapshot them
                       (PublishedWeights), start the sync to version v in a background thread:
@@ -29,13 +29,15 @@ import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeoutError
+from dataclasses import dataclass
 from typing import Any
-
-import torch
 
 import miniray
 from miniray.rl.batch_source import rollouter_result
-from miniray.rl.param_sync import UnifiedParameterSynchronizer, load_call
+from miniray.rl.compat import raise_unless_ok
+from miniray.rl.endpoints import Pending
+from miniray.rl.extrapolation import Extrapolator, extrapolate
+from miniray.rl.param_sync import UnifiedParameterSynchronizer, load_call, swap_call
 from miniray.rl.trainer import check_finite_weights
 
 __all__ = [
@@ -73,8 +75,13 @@ class WeightPublisher:
         self.trainer = trainer
         self.rollouter = rollouter
         self.background = bool(background)
-        self.extrapolating = bool(extrapolation) and self.background
-        self.snapshot = PublishedWeights(extrapolation if self.background else 0.0)
+        self.extrapolation = float(extrapolation) if self.background else 0.0
+        self.extrapolating = bool(self.extrapolation)
+        # A trainer group's rank extrapolates what it publishes (``published_weights``); for
+        # any other trainer the snapshot does, in the driver.
+        self._published = getattr(trainer, "published_weights", None)
+        in_driver = 0.0 if callable(self._published) else self.extrapolation
+        self.snapshot = PublishedWeights(in_driver)
         # Async mode: the synchronizer reads the snapshot, not the trainer, so the trainer's
         # next step cannot change what travels. Sync mode loads inline; the synchronizer then
         # only keeps the version and the statistics.
@@ -88,6 +95,12 @@ class WeightPublisher:
         self.blocking_ms: list[float] = []
         self.finite_at = 0  # the last step whose weights were checked and found finite
         self._prepared: int | None = None  # a step prepared and not published yet
+        self._version = 0  # the last version published (or restored)
+        # Prepared steps not published yet -> the version and check their publish will use.
+        self._planned: dict[int, _Planned] = {}
+        # Steps whose swap_weights call went out with the step (``sent``), not answered yet.
+        self._started: dict[int, Pending] = {}
+        self._sync_timeout = float(getattr(self.sync.config, "sync_timeout", 30.0))
         self._executor: ThreadPoolExecutor | None = None
         self._running: Future[bool] | None = None
 
@@ -110,6 +123,7 @@ class WeightPublisher:
         finite when they were saved after ``step``)."""
         self.sync.restore_version(version)
         self.finite_at = step
+        self._version = int(version)
 
     def prepare(self, step: int) -> None:
         """``step``'s weights will be published: a trainer that can (``TrainerGroup``) sends
@@ -121,21 +135,60 @@ class WeightPublisher:
         # first, and a failed check ends the run, so this one's would follow finite ones.
         finite_at = self.finite_at if self._prepared is None else self._prepared
         self._prepared = step
-        prepare(step, finite_at, copy=self.extrapolating)
+        version = max([self._version, *(p.version for p in self._planned.values())]) + 1
+        # A swap sent ahead (``sent``) runs the moment the weights are stored: the rank then
+        # checks them before answering, so an answer that is stored is a finite one.
+        planned = _Planned(version, start_swap=self._can_start_swap())
+        self._planned[step] = planned
+        prepare(
+            step,
+            finite_at,
+            extrapolation=self.extrapolation,
+            check_behind=not planned.start_swap,
+        )
+
+    def sent(self, step: int) -> None:
+        """``step`` (prepared) went to the trainer: when the rollouter takes its weights by
+        value (one engine in its own process), its ``swap_weights`` call goes now too, with
+        the ref of the rank's weights answer as its argument. The runtime delivers it once the
+        weights are stored, so they reach the rollouter with no round trip through this
+        process: measured on the demo (a timeline in every process, 2 busy cores), from a
+        step's end to the rollouter generating with its weights took ~12 ms through the
+        driver (its step result, the publish, the sync's thread, the call), in 5-6 hops of
+        ~1.5-2 ms each; the staleness bound puts that latency on every step's critical path.
+        A failed swap is retried through the snapshot when the publish syncs."""
+        planned = self._planned.get(step)
+        ref_of = getattr(self.trainer, "prepared_publish_ref", None)
+        if planned is None or not planned.start_swap or not callable(ref_of):
+            return
+        ref = ref_of(step)
+        if ref is not None:
+            self._started[step] = swap_call(
+                self.rollouter, ref, planned.version, self._sync_timeout, by_value=True
+            )
 
     def publish(self, version: int, *, step: int, metrics: dict[str, Any]) -> None:
         """Publish the weights after ``step`` (its ``metrics`` name the cause if they are not
         finite) as ``version``. Async mode returns once the sync has started."""
         t0 = time.time()  # the blocking time includes taking and checking the weights
-        weights = self._take(step, metrics)
+        planned = self._planned.pop(step, None)
+        started = self._started.pop(step, None)
+        if started is not None and planned is not None and planned.version != version:
+            raise RuntimeError(
+                f"publish(version={version}) after step {step}, whose swap went out as version "
+                f"{planned.version}: the loop must publish the versions it prepared, in order"
+            )
+        check_behind = planned is None or not planned.start_swap
+        weights = self._take(step, metrics, check_behind=check_behind)
         if self._prepared == step:
             self._prepared = None
+        self._version = int(version)
         if self.background:
             self.wait()  # the previous version is in place: versions stay in order
             self.snapshot.take(weights)
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(1, thread_name_prefix="weight-sync")
-            self._running = self._executor.submit(self._sync, version)
+            self._running = self._executor.submit(self._sync, version, started)
         else:
             load = load_call(self.rollouter, weights, version)
             if load.ref is not None:  # an actor: its death is the producer's
@@ -206,19 +259,25 @@ class WeightPublisher:
     def statistics(self) -> dict[str, Any]:
         return self.sync.get_statistics()
 
-    def _take(self, step: int, metrics: dict[str, Any]) -> Any:
+    def _take(self, step: int, metrics: dict[str, Any], *, check_behind: bool = True) -> Any:
         """The checked weights after ``step``, taken before the next step changes them: an
         ``ObjectRef`` in shared memory (the sync's one copy), or a copy to extrapolate from.
         A trainer group's weights are already in the object store as its rank's answer
-        (``published_weights``), checked by the rank: the ref travels on untouched."""
+        (``published_weights``), checked and extrapolated by the rank: the ref travels on
+        untouched."""
+        if callable(self._published):
+            ref = self._published(
+                step,
+                self.finite_at,
+                metrics,
+                extrapolation=self.extrapolation,
+                check_behind=check_behind,
+            )
+            self.finite_at = step
+            return ref
         if self.extrapolating:
             return self._checked(step, metrics, copy=True)
-        published = getattr(self.trainer, "published_weights", None)
-        if not callable(published):
-            return miniray.put(self._checked(step, metrics, copy=False))
-        ref = published(step, self.finite_at, metrics)  # checked by the rank itself
-        self.finite_at = step
-        return ref
+        return miniray.put(self._checked(step, metrics, copy=False))
 
     def _checked(self, step: int, metrics: dict[str, Any], *, copy: bool) -> dict[str, Any]:
         weights = weights_of(self.trainer, copy=copy)
@@ -226,11 +285,29 @@ class WeightPublisher:
         self.finite_at = step
         return weights
 
-    def _sync(self, version: int) -> bool:
+    def _sync(self, version: int, started: Pending | None = None) -> bool:
         # The trainer's version moves on when the sync starts: samples made until the new
         # weights are loaded are one version older, which the staleness bound allows.
         self.snapshot.stage()
-        return self.sync.sync_to_rollouter(version)
+        return raise_unless_ok(self.sync.sync(version, started=started))
+
+    def _can_start_swap(self) -> bool:
+        """Whether a publish's swap can go out with its step (``sent``): async mode, a trainer
+        group, and one rollouter actor that took its last weights by value."""
+        return (
+            self.background
+            and callable(getattr(self.trainer, "prepared_publish_ref", None))
+            and isinstance(self.rollouter, miniray.ActorHandle)
+            and self.sync.wants_value(self.rollouter)
+        )
+
+
+@dataclass(frozen=True)
+class _Planned:
+    """A prepared publish: its version, and whether its swap goes out with the step."""
+
+    version: int
+    start_swap: bool
 
 
 def weights_of(trainer: Any, *, copy: bool) -> dict[str, Any]:
@@ -254,57 +331,32 @@ def finite_metrics(metrics: dict[str, Any]) -> bool:
     )
 
 
-def extrapolate(
-    weights: dict[str, torch.Tensor],
-    earlier: dict[str, torch.Tensor] | None,
-    factor: float,
-) -> dict[str, torch.Tensor]:
-    """``weights + factor * (weights - earlier)`` for floating-point entries (others as they
-    are). Adam's momentum makes consecutive updates point much the same way, so one step
-    further along the last one is closer to the next weights than the current ones are
-    (SpecTrain's weight prediction for pipeline staleness). Entries that share a tensor
-    (tied embeddings) still share one in the result."""
-    if not factor or earlier is None:
-        return weights
-    out: dict[str, torch.Tensor] = {}
-    done: dict[int, torch.Tensor] = {}
-    for name, value in weights.items():
-        if id(value) in done:
-            out[name] = done[id(value)]
-            continue
-        if value.is_floating_point():
-            out[name] = torch.lerp(earlier[name], value, 1.0 + factor)
-        else:
-            out[name] = value
-        done[id(value)] = out[name]
-    return out
-
-
 class PublishedWeights:
     """The weights the synchronizer publishes: a copy taken after a step, so the trainer can
-    take its next step while they travel to the rollouter. With ``extrapolation`` c > 0 it
-    publishes ``theta + c * (theta - theta_before)`` (``extrapolate``), computed while
-    staging, in the sync's thread rather than on the trainer's path."""
+    take its next step while they travel to the rollouter. With ``extrapolation`` c > 0 (a
+    trainer that cannot extrapolate itself) it publishes ``theta + c * (theta -
+    theta_before)`` (``rl.extrapolation``), computed while staging, in the sync's thread
+    rather than on the trainer's path."""
 
     def __init__(self, extrapolation: float = 0.0) -> None:
         self.weights: Any = None
         self.extrapolation = extrapolation
-        # The last two snapshots as trained; kept only when extrapolating.
-        self._trained: dict[str, torch.Tensor] | None = None
-        self._before: dict[str, torch.Tensor] | None = None
+        self._extrapolator = Extrapolator()
 
     def take(self, weights: Any) -> None:
         """A new snapshot: an ``ObjectRef`` of weights already put, or (to extrapolate from)
         a copy of them; never the live parameters, which the next step changes."""
-        if self.extrapolation:
-            self._before, self._trained = self._trained, weights
         self.weights = weights
 
     def stage(self) -> None:
         """Put the weights in the object store before the sync pauses the rollouter: then
         its pause lasts for the load alone, not for serializing the weights as well."""
         if self.weights is not None and not isinstance(self.weights, miniray.ObjectRef):
-            self.weights = miniray.put(extrapolate(self.weights, self._before, self.extrapolation))
+            if self.extrapolation:  # a copy of its own: kept as it is to extrapolate from
+                self.weights = self._extrapolator.publish(
+                    self.weights, self.extrapolation, keep_copy=False
+                )
+            self.weights = miniray.put(self.weights)
 
     def get_weights(self) -> Any:
         if self.weights is None:

@@ -17,6 +17,7 @@ Started as ``python -m miniray.runtime.local.worker FD`` with the session in the
 
 from __future__ import annotations
 
+import gc
 import os
 import queue
 import signal
@@ -268,6 +269,11 @@ class Worker:
             self.pool = ThreadPoolExecutor(
                 options["max_concurrency"], thread_name_prefix=f"miniray-{class_name}"
             )
+        # What __init__ built (a model, its imports) lives as long as the actor: out of the
+        # collector's way. A full collection of a process holding torch and transformers took
+        # ~200 ms and stopped the actor meanwhile (the demo's rank and rollouter, once each per
+        # 900 steps, with the driver's router also stopped by its own).
+        gc.freeze()
         self.client.send(protocol.Created(actor_id, None))
         return True
 
