@@ -633,3 +633,36 @@ def test_a_publish_swap_goes_out_with_its_step_and_loads_without_the_driver(loca
             publisher.publish(4, step=3, metrics={"loss": 0.5})
     finally:
         publisher.close()
+
+
+def test_large_weights_are_checked_beside_their_copy_and_their_swap_waits_for_the_publish(
+    local_runtime, monkeypatch
+):
+    import miniray.rl.weight_publisher as publisher_module
+    from miniray.rl.weight_publisher import WeightPublisher
+
+    monkeypatch.setattr(publisher_module, "CHECK_BEHIND_MIN_BYTES", 12)  # the weights' size
+    group, actor = recording_group(train_s=0.3)
+    rollouter = miniray.remote(ValueRollouter).remote()
+    publisher = WeightPublisher(
+        group,
+        rollouter,
+        config={"async_training": {"sync_timeout": 30.0}},
+        background=True,
+        wait_timeout=30.0,
+        load_timeout=30.0,
+    )
+    try:
+        for step in (1, 2):
+            publisher.prepare(step)
+            group.send_step([["a"]], step - 1)
+            publisher.sent(step)
+            group.step_result()
+            time.sleep(0.3)  # the rank answered its weights long ago: nothing was loaded
+            assert len(miniray.get(rollouter.get_loads.remote(), timeout=30)) == step - 1
+            publisher.publish(step, step=step, metrics={"loss": 0.5})
+            publisher.wait()
+        names = [name for name, _ in miniray.get(actor.log.remote(), timeout=30)]
+        assert names == ["train_step", "publishable_weights", "published_check"] * 2
+    finally:
+        publisher.close()

@@ -3,13 +3,17 @@
 It owns everything between a trained step and the rollouter running its weights::
 
     prepare(step)     before the step: a trainer group sends the weights call behind it
+    sent(step)        after it: the rollouter's swap_weights goes too, its argument the ref
+                      of that call's answer; the runtime delivers it once the weights are
+                      stored (a rollouter taking its weights by value, async mode)
     publish(v, step)  take the weights into shared memory, the one copy (a trainer group's
                       rank answer, checked and extrapolated there, whose ref travels on; an
                       in-process trainer's live tensors, put) or a copy to extrapolate from
                       check them: NaN/inf -> NonFiniteWeightsError naming step and parameter
       async mode:     wait for the previous sync (versions stay in order), snapshot them
                       (PublishedWeights), start the sync to version v in a background thread:
-                      stage (extrapolate, put) -> pause -> load(v) -> resume
+                      stage (extrapolate, put) -> pause -> load(v) -> resume, or only wait
+                      for the answer of the swap that went with the step
       sync mode:      load them into the rollouter now, blocking (the rollouter is idle)
 
     check()           raise the error of a background sync that failed (the loop polls it
@@ -38,7 +42,7 @@ from miniray.rl.compat import raise_unless_ok
 from miniray.rl.endpoints import Pending
 from miniray.rl.extrapolation import Extrapolator, extrapolate
 from miniray.rl.param_sync import UnifiedParameterSynchronizer, load_call, swap_call
-from miniray.rl.trainer import check_finite_weights
+from miniray.rl.trainer import CHECK_BEHIND_MIN_BYTES, check_finite_weights
 
 __all__ = [
     "PublishedWeights",
@@ -100,6 +104,7 @@ class WeightPublisher:
         self._planned: dict[int, _Planned] = {}
         # Steps whose swap_weights call went out with the step (``sent``), not answered yet.
         self._started: dict[int, Pending] = {}
+        self._weights_bytes = 0  # the size of the weights a sync moved (0: none yet)
         self._sync_timeout = float(getattr(self.sync.config, "sync_timeout", 30.0))
         self._executor: ThreadPoolExecutor | None = None
         self._running: Future[bool] | None = None
@@ -289,16 +294,23 @@ class WeightPublisher:
         # The trainer's version moves on when the sync starts: samples made until the new
         # weights are loaded are one version older, which the staleness bound allows.
         self.snapshot.stage()
-        return raise_unless_ok(self.sync.sync(version, started=started))
+        result = self.sync.sync(version, started=started)
+        if result.bytes:
+            self._weights_bytes = result.bytes
+        return raise_unless_ok(result)
 
     def _can_start_swap(self) -> bool:
         """Whether a publish's swap can go out with its step (``sent``): async mode, a trainer
-        group, and one rollouter actor that took its last weights by value."""
+        group, one rollouter actor that took its last weights by value, and weights small
+        enough that the rank checks them before answering anyway
+        (``trainer.CHECK_BEHIND_MIN_BYTES``): larger ones are checked beside their copy, which
+        saves more than the hops through this process cost (benchmarks/weight_sync.py)."""
         return (
             self.background
             and callable(getattr(self.trainer, "prepared_publish_ref", None))
             and isinstance(self.rollouter, miniray.ActorHandle)
             and self.sync.wants_value(self.rollouter)
+            and 0 < self._weights_bytes < CHECK_BEHIND_MIN_BYTES
         )
 
 
