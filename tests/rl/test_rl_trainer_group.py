@@ -577,7 +577,9 @@ class ValueRollouter:
         return list(self.loads)
 
 
-def test_a_publish_swap_goes_out_with_its_step_and_loads_without_the_driver(local_runtime):
+def publisher_to_a_value_rollouter(extrapolation=0.0):
+    """An async ``WeightPublisher`` from a recording group (0.3 s steps) to a ``ValueRollouter``
+    actor; returns the publisher, the rank actor and the rollouter."""
     from miniray.rl.weight_publisher import WeightPublisher
 
     group, actor = recording_group(train_s=0.3)
@@ -587,10 +589,15 @@ def test_a_publish_swap_goes_out_with_its_step_and_loads_without_the_driver(loca
         rollouter,
         config={"async_training": {"sync_timeout": 30.0}},
         background=True,
-        extrapolation=0.5,
+        extrapolation=extrapolation,
         wait_timeout=30.0,
         load_timeout=30.0,
     )
+    return publisher, group, actor, rollouter
+
+
+def test_a_publish_swap_goes_out_with_its_step_and_loads_without_the_driver(local_runtime):
+    publisher, group, actor, rollouter = publisher_to_a_value_rollouter(extrapolation=0.5)
     try:
         # The first publish learns how the rollouter takes its weights (by value).
         publisher.prepare(1)
@@ -639,19 +646,9 @@ def test_large_weights_are_checked_beside_their_copy_and_their_swap_waits_for_th
     local_runtime, monkeypatch
 ):
     import miniray.rl.weight_publisher as publisher_module
-    from miniray.rl.weight_publisher import WeightPublisher
 
     monkeypatch.setattr(publisher_module, "CHECK_BEHIND_MIN_BYTES", 12)  # the weights' size
-    group, actor = recording_group(train_s=0.3)
-    rollouter = miniray.remote(ValueRollouter).remote()
-    publisher = WeightPublisher(
-        group,
-        rollouter,
-        config={"async_training": {"sync_timeout": 30.0}},
-        background=True,
-        wait_timeout=30.0,
-        load_timeout=30.0,
-    )
+    publisher, group, actor, rollouter = publisher_to_a_value_rollouter()
     try:
         for step in (1, 2):
             publisher.prepare(step)

@@ -14,6 +14,8 @@ it in the driver (``weight_publisher.PublishedWeights``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 __all__ = ["Extrapolator", "extrapolate"]
@@ -29,18 +31,13 @@ def extrapolate(
     Entries that share a tensor (tied embeddings) still share one in the result."""
     if not factor or earlier is None:
         return weights
-    out: dict[str, torch.Tensor] = {}
-    done: dict[int, torch.Tensor] = {}
-    for name, value in weights.items():
-        if id(value) in done:
-            out[name] = done[id(value)]
-            continue
-        if value.is_floating_point():
-            out[name] = torch.lerp(earlier[name], value, 1.0 + factor)
-        else:
-            out[name] = value
-        done[id(value)] = out[name]
-    return out
+    before = earlier
+    return _once_per_tensor(
+        weights,
+        lambda name, value: (
+            torch.lerp(before[name], value, 1.0 + factor) if value.is_floating_point() else value
+        ),
+    )
 
 
 class Extrapolator:
@@ -71,17 +68,26 @@ def _copy_into(
 ) -> dict[str, torch.Tensor]:
     """A copy of ``state`` (tied entries still one tensor), written into ``buffers`` when they
     have its names, shapes and dtypes."""
-    reuse = buffers is not None and buffers.keys() == state.keys()
+    kept = buffers if buffers is not None and buffers.keys() == state.keys() else {}
+
+    def copy(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        old = kept.get(name)
+        if old is not None and old.shape == tensor.shape and old.dtype == tensor.dtype:
+            return old.copy_(tensor.detach())
+        return tensor.detach().clone()
+
+    return _once_per_tensor(state, copy)
+
+
+def _once_per_tensor(
+    state: dict[str, torch.Tensor], make: Callable[[str, torch.Tensor], torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """``{name: make(name, tensor)}``, ``make`` called once per tensor: names that share one
+    (tied entries) share the result."""
     out: dict[str, torch.Tensor] = {}
-    copies: dict[int, torch.Tensor] = {}
+    made: dict[int, torch.Tensor] = {}
     for name, tensor in state.items():
-        if id(tensor) in copies:
-            out[name] = copies[id(tensor)]
-            continue
-        kept = buffers.get(name) if reuse and buffers is not None else None
-        if kept is not None and kept.shape == tensor.shape and kept.dtype == tensor.dtype:
-            out[name] = kept.copy_(tensor.detach())
-        else:
-            out[name] = tensor.detach().clone()
-        copies[id(tensor)] = out[name]
+        if id(tensor) not in made:
+            made[id(tensor)] = make(name, tensor)
+        out[name] = made[id(tensor)]
     return out
