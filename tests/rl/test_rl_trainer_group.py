@@ -663,3 +663,42 @@ def test_large_weights_are_checked_beside_their_copy_and_their_swap_waits_for_th
         assert names == ["train_step", "publishable_weights", "published_check"] * 2
     finally:
         publisher.close()
+
+
+@pytest.mark.parametrize("newer_torch", [True, False])
+def test_ddp_syncs_no_buffers_per_forward_under_the_name_the_torch_takes(monkeypatch, newer_torch):
+    # torch 2.13 deprecates broadcast_buffers (a FutureWarning from every rank) for
+    # forward_sync_buffers; earlier versions only know broadcast_buffers.
+    import inspect as inspect_module
+
+    import torch.nn.parallel
+
+    from miniray.rl.parallel import RankSetup, wrap
+
+    made = []
+
+    class Newer:
+        def __init__(
+            self, module, device_ids=None, broadcast_buffers=None, forward_sync_buffers=None
+        ):
+            made.append(
+                {
+                    "broadcast_buffers": broadcast_buffers,
+                    "forward_sync_buffers": forward_sync_buffers,
+                }
+            )
+
+    class Older:
+        def __init__(self, module, device_ids=None, broadcast_buffers=True):
+            made.append({"broadcast_buffers": broadcast_buffers})
+
+    real = torch.nn.parallel.DistributedDataParallel
+    assert "forward_sync_buffers" in inspect_module.signature(real.__init__).parameters  # 2.13
+    monkeypatch.setattr(
+        torch.nn.parallel, "DistributedDataParallel", Newer if newer_torch else Older
+    )
+    wrap(torch.nn.Linear(2, 2), RankSetup(rank=0, world_size=2), compute_dtype=torch.float32)
+    if newer_torch:
+        assert made == [{"broadcast_buffers": None, "forward_sync_buffers": False}]
+    else:
+        assert made == [{"broadcast_buffers": False}]

@@ -17,6 +17,7 @@ the tensors). One rank and ``ddp`` wrap nothing: the model trains as it did in o
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, cast
@@ -113,12 +114,17 @@ def wrap(model: torch.nn.Module, setup: RankSetup, *, compute_dtype: torch.dtype
     if not setup.sharded:
         from torch.nn.parallel import DistributedDataParallel
 
-        # broadcast_buffers=False: the only buffers are rotary tables, equal on every rank,
-        # and a broadcast per forward would need equal forward counts on every rank.
+        # No buffer sync per forward: the only buffers are rotary tables, equal on every rank,
+        # and a sync per forward would need equal forward counts on every rank. torch 2.13
+        # calls that forward_sync_buffers=False (broadcast_buffers is deprecated there, with a
+        # FutureWarning from every rank); earlier versions broadcast_buffers=False.
+        accepted = inspect.signature(DistributedDataParallel.__init__).parameters
+        no_sync = (
+            "forward_sync_buffers" if "forward_sync_buffers" in accepted else "broadcast_buffers"
+        )
+        options: dict[str, Any] = {no_sync: False}
         return DistributedDataParallel(
-            model,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False,
+            model, device_ids=[device.index] if device.type == "cuda" else None, **options
         )
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
