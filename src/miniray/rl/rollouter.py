@@ -440,7 +440,9 @@ class FullyAsyncRollouter:
         started = time.monotonic()
         if not self._swap_lock.acquire(timeout=timeout):
             raise TimeoutError(
-                f"swap_weights(version={version}) waited {timeout:g}s for the swap before it"
+                f"swap_weights(version={version}) waited {timeout:g}s for the swap before it: "
+                "a load hung, or one takes longer than async_training.sync_timeout; look for "
+                "a stuck engine or raise that timeout"
             )
         try:
             with self._cond:

@@ -98,14 +98,12 @@ class WeightPublisher:
         self.load_timeout = load_timeout
         self.blocking_ms: list[float] = []
         self.finite_at = 0  # the last step whose weights were checked and found finite
-        self._prepared: int | None = None  # a step prepared and not published yet
         self._version = 0  # the last version published (or restored)
         # Prepared steps not published yet -> the version and check their publish will use.
         self._planned: dict[int, _Planned] = {}
         # Steps whose swap_weights call went out with the step (``sent``), not answered yet.
         self._started: dict[int, Pending] = {}
         self._weights_bytes = 0  # the size of the weights a sync moved (0: none yet)
-        self._sync_timeout = float(getattr(self.sync.config, "sync_timeout", 30.0))
         self._executor: ThreadPoolExecutor | None = None
         self._running: Future[bool] | None = None
 
@@ -138,9 +136,8 @@ class WeightPublisher:
             return
         # A step sent ahead of the previous step's publish: that publish checks its weights
         # first, and a failed check ends the run, so this one's would follow finite ones.
-        finite_at = self.finite_at if self._prepared is None else self._prepared
-        self._prepared = step
-        version = max([self._version, *(p.version for p in self._planned.values())]) + 1
+        finite_at = max(self._planned, default=self.finite_at)
+        version = max((p.version for p in self._planned.values()), default=self._version) + 1
         # A swap sent ahead (``sent``) runs the moment the weights are stored: the rank then
         # checks them before answering, so an answer that is stored is a finite one.
         planned = _Planned(version, start_swap=self._can_start_swap())
@@ -163,13 +160,12 @@ class WeightPublisher:
         ~1.5-2 ms each; the staleness bound puts that latency on every step's critical path.
         A failed swap is retried through the snapshot when the publish syncs."""
         planned = self._planned.get(step)
-        ref_of = getattr(self.trainer, "prepared_publish_ref", None)
-        if planned is None or not planned.start_swap or not callable(ref_of):
+        if planned is None or not planned.start_swap:  # start_swap: the trainer offers the ref
             return
-        ref = ref_of(step)
+        ref = self.trainer.prepared_publish_ref(step)
         if ref is not None:
             self._started[step] = swap_call(
-                self.rollouter, ref, planned.version, self._sync_timeout, by_value=True
+                self.rollouter, ref, planned.version, self.sync.config.sync_timeout, by_value=True
             )
 
     def publish(self, version: int, *, step: int, metrics: dict[str, Any]) -> None:
@@ -185,8 +181,6 @@ class WeightPublisher:
             )
         check_behind = planned is None or not planned.start_swap
         weights = self._take(step, metrics, check_behind=check_behind)
-        if self._prepared == step:
-            self._prepared = None
         self._version = int(version)
         if self.background:
             self.wait()  # the previous version is in place: versions stay in order
