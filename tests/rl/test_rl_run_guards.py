@@ -321,7 +321,7 @@ def test_a_checkpoint_is_not_written_from_non_finite_weights(inline, workdir, tm
 class PreparingTrainer(FullyAsyncTrainer):
     """Records the steps the loop prepared a publish for (``TrainerGroup.prepare_publish``)."""
 
-    def prepare_publish(self, step, finite_at, *, extrapolation, check_behind=True):
+    def prepare_publish(self, step, finite_at, *, extrapolation):
         self.prepared = [*getattr(self, "prepared", []), (step, extrapolation)]
 
 

@@ -337,15 +337,9 @@ class RecordingRank:
         self.calls.append(("get_weights", time.monotonic()))
         return {"w": torch.ones(3)}
 
-    def publishable_weights(
-        self, step, finite_at, metrics=None, *, check_behind=False, extrapolation=0.0
-    ):
+    def publishable_weights(self, step, finite_at, metrics=None, *, extrapolation=0.0):
         self.calls.append(("publishable_weights", time.monotonic()))
         return {"w": torch.full((3,), float(step) + extrapolation)}
-
-    def published_check(self):
-        self.calls.append(("published_check", time.monotonic()))
-        return True
 
     def set_version(self, version):
         self.calls.append(("set_version", time.monotonic()))
@@ -410,16 +404,15 @@ def test_a_prepared_publish_sends_the_weights_call_right_behind_the_step(local_r
     ref = group.published_weights(4, 3, {"loss": 0.5})
     assert torch.equal(miniray.get(ref, timeout=30)["w"], torch.full((3,), 4.0))
     log = miniray.get(actor.log.remote(), timeout=30)
-    assert [name for name, _ in log] == ["train_step", "publishable_weights", "published_check"]
-    assert log[1][1] < asked and log[2][1] < asked  # sent with the step, not when asked
+    assert [name for name, _ in log] == ["train_step", "publishable_weights"]
+    assert log[1][1] < asked  # sent with the step, not when asked
     # A prepared call that is not the one asked for is dropped, and the asked one made.
     group.prepare_publish(5, 4)
     group.train_step([["g"]])
     ref = group.published_weights(5, 4, {"loss": 0.5}, extrapolation=0.5)
     assert torch.equal(miniray.get(ref, timeout=30)["w"], torch.full((3,), 5.5))
     names = [name for name, _ in miniray.get(actor.log.remote(), timeout=30)]
-    weights_calls = ["publishable_weights", "published_check"]
-    assert names[3:] == ["train_step", *weights_calls, *weights_calls]
+    assert names[2:] == ["train_step", "publishable_weights", "publishable_weights"]
     # Another call between the step and the publish (it may change the weights): dropped.
     group.prepare_publish(7, 6, extrapolation=0.5)
     group.train_step([["g"]])
@@ -431,7 +424,7 @@ def test_a_prepared_publish_sends_the_weights_call_right_behind_the_step(local_r
     ref = group.published_weights(6, 5, {"loss": 0.5}, extrapolation=0.5)
     assert torch.equal(miniray.get(ref, timeout=30)["w"], torch.full((3,), 6.5))
     names = [name for name, _ in miniray.get(actor.log.remote(), timeout=30)]
-    assert names[8:] == ["train_step", *weights_calls, "train_step", *weights_calls]
+    assert names[5:] == ["train_step", "publishable_weights"] * 2
 
 
 def test_a_step_sent_ahead_runs_right_after_the_previous_step_and_its_weights_call(
@@ -457,50 +450,48 @@ def test_a_step_sent_ahead_runs_right_after_the_previous_step_and_its_weights_ca
     second = group.published_weights(2, 1, {"loss": 0.5})
     assert torch.equal(miniray.get(second, timeout=30)["w"], torch.full((3,), 2.0))
     log = miniray.get(actor.log.remote(), timeout=30)
-    assert [name for name, _ in log] == ["train_step", "publishable_weights", "published_check"] * 2
-    assert log[3][1] < answered + 0.1  # the second step did not wait for the driver
+    assert [name for name, _ in log] == ["train_step", "publishable_weights"] * 2
+    assert log[2][1] < answered + 0.1  # the second step did not wait for the driver
     # The ranks got each step's version with it: no set_version call for the same version.
     assert group.set_version(2) == 2
     assert miniray.get(actor.steps_log.remote(), timeout=30) == [([["a"]], 1), ([["b"]], 2)]
-    assert [name for name, _ in miniray.get(actor.log.remote(), timeout=30)][6:] == []
+    assert [name for name, _ in miniray.get(actor.log.remote(), timeout=30)][4:] == []
     with pytest.raises(RuntimeError, match="no step was sent"):
         group.step_result()
 
 
-def test_a_check_behind_runs_beside_the_answer_and_gives_its_verdict_when_asked(
+def test_large_weights_are_answered_verified_and_checked_as_the_answer_is_stored(
     workdir, monkeypatch
 ):
     import miniray.rl.trainer as trainer_module
+    from miniray.runtime import segments, shm
+    from miniray.runtime.local.values import error_of, stored_value, value_of
+    from miniray.runtime.serialization import Verified
 
-    real_check, release = trainer_module.check_finite_weights, threading.Event()
-
-    def held_check(*args):  # the check, held until the test lets it go
-        assert release.wait(10)
-        real_check(*args)
-
-    monkeypatch.setattr(trainer_module, "check_finite_weights", held_check)
-    monkeypatch.setattr(trainer_module, "CHECK_BEHIND_MIN_BYTES", 0)  # as for a large model
+    monkeypatch.setattr(trainer_module, "CHECK_IN_COPY_MIN_BYTES", 0)  # as for a large model
     trainer = FullyAsyncTrainer(config(workdir))
-    with torch.no_grad():
-        trainer.model.get_parameter("model.norm.weight")[0] = math.nan
-    # The answer comes back while the check still runs (the runtime copies it meanwhile).
-    weights = trainer.publishable_weights(4, 3, {"loss": 0.5}, check_behind=True)
-    assert "model.norm.weight" in weights
-    release.set()
-    with pytest.raises(NonFiniteWeightsError, match=r"step 4: .*model\.norm\.weight"):
-        trainer.published_check()
-    with pytest.raises(RuntimeError, match="no check is running"):
-        trainer.published_check()
-    # A step waits for a check still reading the weights it is about to change.
-    with torch.no_grad():
-        trainer.model.get_parameter("model.norm.weight")[0] = 1.0
-    release.clear()
-    trainer.publishable_weights(5, 4, check_behind=True)
-    threading.Timer(0.5, release.set).start()
-    started = time.monotonic()
-    trainer.train_step(groups_of_samples(trainer.tokenizer))
-    assert time.monotonic() - started >= 0.45
-    assert trainer.published_check.__self__._checking is None  # joined by the step
+    session = "verifiedrank"
+    try:
+        answer = trainer.publishable_weights(4, 3, {"loss": 0.5})
+        assert isinstance(answer, Verified)  # nothing checked yet: that happens as it is stored
+        stored = stored_value(answer, session, "TrainerRank.publishable_weights")
+        assert not stored[0]
+        back = value_of(stored)
+        assert torch.equal(back["model.norm.weight"], trainer.live_weights()["model.norm.weight"])
+        del back
+        with torch.no_grad():
+            trainer.model.get_parameter("model.norm.weight")[0] = math.nan
+        # The answer stored is the call's error, naming the step and the parameter; a call
+        # that took the answer's ref as its argument (the swap sent with the step) fails too.
+        stored = stored_value(trainer.publishable_weights(4, 3), session, "publishable_weights")
+        assert stored[0]
+        with pytest.raises(NonFiniteWeightsError, match=r"step 4: .*model\.norm\.weight"):
+            raise error_of(stored)
+        with pytest.raises(NonFiniteWeightsError, match=r"model\.norm\.weight"):
+            trainer.publishable_weights(5, 4).full()  # in this process: checked when asked
+    finally:
+        segments.reset()
+        shm.unlink_session(session)
 
 
 def test_a_rank_publishes_its_weights_extrapolated_along_its_last_published_step(workdir, tmp_path):
@@ -524,26 +515,17 @@ def test_a_rank_publishes_its_weights_extrapolated_along_its_last_published_step
     assert torch.equal(third[name], trained_1)
 
 
-def test_small_weights_are_checked_before_the_answer_and_the_verdict_is_ready(workdir, monkeypatch):
+def test_small_weights_are_checked_before_the_answer(workdir):
     import miniray.rl.trainer as trainer_module
 
-    threads = []
-    real_pool = trainer_module.ThreadPoolExecutor
-    monkeypatch.setattr(
-        trainer_module,
-        "ThreadPoolExecutor",
-        lambda *a, **k: threads.append(1) or real_pool(*a, **k),
-    )
     trainer = FullyAsyncTrainer(config(workdir))
-    assert (
-        trainer_module._state_bytes(trainer.live_weights()) < trainer_module.CHECK_BEHIND_MIN_BYTES
-    )
-    trainer.publishable_weights(1, 0, {"loss": 0.5}, check_behind=True)
-    assert trainer.published_check() is True and threads == []  # no thread for a small model
+    weights = trainer.live_weights()
+    assert trainer_module._state_bytes(weights) < trainer_module.CHECK_IN_COPY_MIN_BYTES
+    assert isinstance(trainer.publishable_weights(1, 0, {"loss": 0.5}), dict)
     with torch.no_grad():
         trainer.model.get_parameter("model.norm.weight")[0] = math.inf
     with pytest.raises(NonFiniteWeightsError, match=r"step 2: .*model\.norm\.weight"):
-        trainer.publishable_weights(2, 1, {"loss": 0.5}, check_behind=True)
+        trainer.publishable_weights(2, 1, {"loss": 0.5})
 
 
 class ValueRollouter:
@@ -606,9 +588,9 @@ def test_a_publish_swap_goes_out_with_its_step_and_loads_without_the_driver(loca
         group.step_result()
         publisher.publish(1, step=1, metrics={"loss": 0.5})
         publisher.wait()
-        # From then on the swap goes with the step: the rollouter has the weights (checked by
-        # the rank before it answered: no published_check) while this process waits for
-        # nothing, and the publish only collects the sync's answer.
+        # From then on the swap goes with the step: the rollouter has the weights (an answer
+        # stored is a checked one) while this process waits for nothing, and the publish only
+        # collects the sync's answer.
         publisher.prepare(2)
         group.send_step([["b"]], 1)
         publisher.sent(2)
@@ -622,13 +604,7 @@ def test_a_publish_swap_goes_out_with_its_step_and_loads_without_the_driver(loca
         loads = miniray.get(rollouter.get_loads.remote(), timeout=30)
         assert [(v, w) for v, w, _ in loads] == [(1, 1.5), (2, 2.5)]  # the rank's extrapolation
         names = [name for name, _ in miniray.get(actor.log.remote(), timeout=30)]
-        assert names == [
-            "train_step",
-            "publishable_weights",
-            "published_check",
-            "train_step",
-            "publishable_weights",
-        ]
+        assert names == ["train_step", "publishable_weights"] * 2
         stats = publisher.statistics()
         assert stats["sync_count"] == 2 and stats["current_version"] == 2
         # A publish of another version than the one its swap went out as is refused.
@@ -638,29 +614,6 @@ def test_a_publish_swap_goes_out_with_its_step_and_loads_without_the_driver(loca
         group.step_result()
         with pytest.raises(RuntimeError, match=r"swap went out as version 3"):
             publisher.publish(4, step=3, metrics={"loss": 0.5})
-    finally:
-        publisher.close()
-
-
-def test_large_weights_are_checked_beside_their_copy_and_their_swap_waits_for_the_publish(
-    local_runtime, monkeypatch
-):
-    import miniray.rl.weight_publisher as publisher_module
-
-    monkeypatch.setattr(publisher_module, "CHECK_BEHIND_MIN_BYTES", 12)  # the weights' size
-    publisher, group, actor, rollouter = publisher_to_a_value_rollouter()
-    try:
-        for step in (1, 2):
-            publisher.prepare(step)
-            group.send_step([["a"]], step - 1)
-            publisher.sent(step)
-            group.step_result()
-            time.sleep(0.3)  # the rank answered its weights long ago: nothing was loaded
-            assert len(miniray.get(rollouter.get_loads.remote(), timeout=30)) == step - 1
-            publisher.publish(step, step=step, metrics={"loss": 0.5})
-            publisher.wait()
-        names = [name for name, _ in miniray.get(actor.log.remote(), timeout=30)]
-        assert names == ["train_step", "publishable_weights", "published_check"] * 2
     finally:
         publisher.close()
 

@@ -162,7 +162,7 @@ class GroupLike(TorchTrainer):
         self.refs: list[miniray.ObjectRef] = []
         self.extrapolations: list[float] = []
 
-    def published_weights(self, step, finite_at, metrics, *, extrapolation=0.0, check_behind=True):
+    def published_weights(self, step, finite_at, metrics, *, extrapolation=0.0):
         self.calls.append((step, finite_at))
         self.extrapolations.append(extrapolation)
         weights = self.get_weights()
@@ -197,8 +197,8 @@ def test_a_groups_published_ref_travels_as_it_is(inline, mode, monkeypatch):
 def test_prepare_asks_a_group_for_the_weights_call_the_publish_will_make(inline, extrapolation):
     trainer = GroupLike(2.0)
     prepared = []
-    trainer.prepare_publish = lambda step, finite_at, *, extrapolation, check_behind: (
-        prepared.append((step, finite_at, extrapolation))
+    trainer.prepare_publish = lambda step, finite_at, *, extrapolation: prepared.append(
+        (step, finite_at, extrapolation)
     )
     publisher = background(trainer, FakeRollouter(), extrapolation=extrapolation)
     try:

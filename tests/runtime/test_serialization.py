@@ -144,3 +144,145 @@ def test_tensor_objects_that_are_one_view_travel_once_and_arrive_shared():
     for key, value in state.items():
         assert torch.equal(back[key], value.detach())
     del back
+
+
+@pytest.fixture
+def two_copy_threads(monkeypatch):
+    """Values from 1 MiB on copied by two threads, whatever this machine's cores."""
+    from miniray.runtime import serialization
+
+    monkeypatch.setattr(serialization, "COPY_THREADS", 2)
+    monkeypatch.setattr(serialization, "PARALLEL_COPY_MIN", 1 << 20)
+    monkeypatch.setattr(serialization, "_copier", None)
+    yield serialization
+    if serialization._copier is not None:
+        serialization._copier.shutdown(wait=True)
+
+
+def test_a_large_value_copied_by_two_threads_arrives_byte_for_byte(two_copy_threads):
+    """The parts' boundaries fall inside buffers, on whole elements, and every byte is copied
+    exactly once (odd sizes, mixed dtypes, a buffer split between the two threads)."""
+    gen = torch.Generator().manual_seed(3)
+    value = {
+        "a": torch.randn(300_001, generator=gen),  # 1.2 MB, an odd number of elements
+        "b": torch.randn(77_777, generator=gen).to(torch.bfloat16),
+        "c": torch.randint(0, 255, (1_000_003,), dtype=torch.uint8, generator=gen),
+        "d": np.arange(250_000, dtype=np.float64),
+    }
+    _, ser = deliver(value)
+    assert len(ser.buffers) == 4 and two_copy_threads._copier is not None  # two threads ran
+    back = deserialize(ser)
+    for key in ("a", "b", "c"):
+        assert torch.equal(back[key], value[key])
+    assert np.array_equal(back["d"], value["d"])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_verified_value_is_checked_piece_by_piece_as_it_is_copied(monkeypatch, threads):
+    from miniray.runtime import serialization
+
+    monkeypatch.setattr(serialization, "COPY_THREADS", threads)
+    monkeypatch.setattr(serialization, "PARALLEL_COPY_MIN", 1 << 20)
+    monkeypatch.setattr(serialization, "VERIFY_PIECE", 64 << 10)
+    value = {
+        "big": torch.arange(1_000_000, dtype=torch.float32),  # 4 MB: 62 pieces and a bit
+        "half": torch.ones(70_000, dtype=torch.bfloat16),
+        "small": torch.full((100,), 2.0, dtype=torch.float64),  # in band: checked whole
+    }
+    seen: list[tuple[torch.dtype, int, float]] = []
+    fulls: list[int] = []
+
+    def piece(t):
+        seen.append((t.dtype, t.numel(), float(t.double().sum())))
+        return True
+
+    name, ser = deliver(serialization.Verified(value, piece, lambda: fulls.append(1)))
+    assert name is not None and len(ser.buffers) == 2 and fulls == []
+    assert max(n * 4 for dtype, n, _ in seen if dtype == torch.float32) <= 64 << 10
+    # Every element of every tensor was seen once, as its own dtype.
+    for tensor in value.values():  # one dtype each
+        got = [(n, s) for dtype, n, s in seen if dtype == tensor.dtype]
+        assert sum(n for n, _ in got) == tensor.numel()
+        assert sum(s for _, s in got) == pytest.approx(float(tensor.double().sum()))
+    back = deserialize(ser)
+    assert all(torch.equal(back[k], v) for k, v in value.items())
+
+
+def test_a_failed_piece_asks_the_whole_check_whose_error_stops_the_value(reports):
+    from miniray.runtime import serialization
+
+    value = {"w": torch.ones(1_000_000), "bad": torch.tensor([1.0, float("nan")] * 2048)}
+
+    def full():
+        raise ValueError("'bad' holds NaN")
+
+    with pytest.raises(serialization.Rejected) as caught:
+        finite = serialization.Verified(value, lambda t: bool(t.isfinite().all()), full)
+        serialize(finite, session_id=SESSION)
+    assert isinstance(caught.value.cause, ValueError) and "'bad' holds NaN" in str(caught.value)
+    # The segment written so far went back to this process's pool: the next value reuses it.
+    assert segments.pooled_bytes() >= value["w"].nbytes
+    # A false alarm: the piece check fails, the whole check finds nothing; the value stands.
+    name, ser = deliver(serialization.Verified(value, lambda t: False, lambda: None))
+    assert name is not None
+    back = deserialize(ser)
+    assert torch.equal(back["w"], value["w"]) and back["bad"].isnan().sum() == 2048
+
+
+def test_a_verified_value_pickled_elsewhere_is_checked_whole_and_arrives_plain():
+    """Ray's pickler (or a Verified inside another value) knows nothing of pieces."""
+    from miniray.runtime.serialization import Verified
+
+    value = {"w": torch.ones(10)}
+    fulls = []
+    back = pickle.loads(pickle.dumps(Verified(value, lambda t: True, lambda: fulls.append(1))))
+    assert fulls == [1] and torch.equal(back["w"], value["w"])
+
+    def refuse():
+        raise ValueError("no")
+
+    with pytest.raises(ValueError, match="no"):
+        pickle.dumps(Verified(value, lambda t: True, refuse))
+    # Nested in another value: checked whole, through the same pickler.
+    nested = Verified({"w": torch.ones(100_000)}, lambda t: True, lambda: fulls.append(2))
+    _, ser = deliver([nested])
+    assert fulls == [1, 2] and torch.equal(deserialize(ser)[0]["w"], torch.ones(100_000))
+
+
+def test_copy_threads_come_from_the_environment(monkeypatch):
+    from miniray.runtime import serialization
+
+    monkeypatch.setenv("MINIRAY_COPY_THREADS", "3")
+    assert serialization._copy_threads() == 3
+    monkeypatch.setenv("MINIRAY_COPY_THREADS", "two")
+    with pytest.raises(ValueError, match=r"MINIRAY_COPY_THREADS='two'.*whole number"):
+        serialization._copy_threads()
+    monkeypatch.delenv("MINIRAY_COPY_THREADS")
+    assert 1 <= serialization._copy_threads() <= 4
+
+
+def test_an_answer_that_fails_its_verification_is_the_calls_error(runtime):
+    import miniray
+
+    class Publisher:
+        """Answers a Verified value, as a trainer rank answers its weights."""
+
+        def weights(self, poisoned: bool):
+            from miniray.runtime.serialization import Verified
+
+            value = {"w": torch.ones(200_000), "b": torch.zeros(10)}
+            if poisoned:
+                value["w"][123_456] = float("nan")
+
+            def full():
+                if not all(bool(t.isfinite().all()) for t in value.values()):
+                    raise FloatingPointError("'w' holds NaN")
+
+            return Verified(value, lambda t: bool(t.isfinite().all()), full)
+
+    actor = miniray.remote(Publisher).remote()
+    good = miniray.get(actor.weights.remote(False), timeout=60)
+    assert set(good) == {"w", "b"} and torch.equal(good["w"], torch.ones(200_000))
+    with pytest.raises(FloatingPointError, match="'w' holds NaN"):
+        miniray.get(actor.weights.remote(True), timeout=60)
+    assert miniray.get(actor.weights.remote(False), timeout=60)["w"].sum() == 200_000

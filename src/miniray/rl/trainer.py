@@ -8,11 +8,11 @@ off-policy correction against the behaviour log-probs recorded at generation), a
 
 from __future__ import annotations
 
+import functools
 import math
 import pathlib
 import random
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -36,6 +36,7 @@ from miniray.rl.rollouter import as_rl_config
 from miniray.rl.staleness import check_version, sample_age
 from miniray.rl.tracking import peak_rss_gib
 from miniray.rl.types import Sample
+from miniray.runtime.serialization import Verified
 
 
 def non_finite_parameters(weights: Mapping[str, Any]) -> list[str]:
@@ -48,10 +49,8 @@ def non_finite_parameters(weights: Mapping[str, Any]) -> list[str]:
     bad = []
     for name, value in weights.items():
         if isinstance(value, torch.Tensor):
-            # The smallest and largest entries are finite exactly when every entry is (NaN
-            # propagates through both): one pass, no mask the size of the model. isfinite().all()
-            # took 4.0 s on a bf16 Qwen2.5-0.5B on one thread, the sync's largest phase;
-            # aminmax takes ~0.16 s.
+            # One pass, no mask the size of the model: isfinite().all() took 4.0 s on a
+            # bf16 Qwen2.5-0.5B on one thread, the sync's largest phase (_finite_range: ~0.04 s).
             if value.is_floating_point() and value.numel() and not _finite_range(value):
                 bad.append(name)
         elif getattr(getattr(value, "dtype", None), "kind", "") in ("f", "c"):
@@ -110,8 +109,21 @@ def is_activation_checkpointing(model: Any) -> bool:
 
 
 def _finite_range(value: torch.Tensor) -> bool:
-    low, high = torch.aminmax(value.detach())
+    """Whether every entry of ``value`` is finite. A sum is finite only if every entry is (a
+    NaN, or infinities of both signs, make it NaN; one sign, inf), and it reads memory faster
+    than ``aminmax``: on one thread, bf16 at 24 against 16.6 GB/s (35 against 16 GB/s from
+    the cache). A sum of finite entries can still overflow; then ``aminmax`` decides, as it
+    does for float16, whose sums overflow at 65504."""
+    value = value.detach()
+    if value.dtype != torch.float16 and math.isfinite(float(value.sum())):
+        return True
+    low, high = torch.aminmax(value)
     return math.isfinite(float(low)) and math.isfinite(float(high))
+
+
+def _finite_piece(piece: torch.Tensor) -> bool:
+    """``Verified``'s check of one flat piece of a published tensor."""
+    return not piece.is_floating_point() or _finite_range(piece)
 
 
 def policy_update_config(config: RLConfig) -> PolicyUpdateConfig:
@@ -147,11 +159,13 @@ def policy_update_config(config: RLConfig) -> PolicyUpdateConfig:
     )
 
 
-# Below this many bytes of weights, ``publishable_weights(check_behind=True)`` checks them
-# before answering: a thread for the check costs more than the check. At the demo's size
-# (0.4 MB) the rank's publish took 1.5-3.5 ms with the thread, on two busy cores; at
-# Qwen2.5-0.5B size (0.99 GB) the check beside the copy saved ~6 ms of ~136 (session 15).
-CHECK_BEHIND_MIN_BYTES = 16 << 20
+# From this many bytes of weights on, ``publishable_weights`` answers them ``Verified``:
+# checked piece by piece where the runtime copies them into shared memory, from the cache,
+# instead of read from memory once more beside (or before) the copy. At Qwen2.5-0.5B size
+# (0.99 GB, bf16, 2 cores) the rank's answer took ~113 ms with the check beside the copy and
+# ~NN ms checked in it (benchmarks/weight_sync.py); below a few MiB there is nothing to save,
+# and the caller in this process gets plain weights, checked already.
+CHECK_IN_COPY_MIN_BYTES = 16 << 20
 
 
 def _state_bytes(weights: Mapping[str, torch.Tensor]) -> int:
@@ -205,9 +219,6 @@ class FullyAsyncTrainer:
         self.version = 0
         self.samples_trained = 0
         self.last_metrics: dict[str, Any] = {}  # the last step's, named by a NaN/inf error
-        # publishable_weights(check_behind=True): the check left running, and its thread.
-        self._checking: Future[None] | None = None
-        self._checker: ThreadPoolExecutor | None = None
         # publishable_weights(extrapolation=c): the weights as trained at the last publish.
         self._extrapolator = Extrapolator()
 
@@ -228,7 +239,6 @@ class FullyAsyncTrainer:
         call: a step sent ahead of the publish that makes its version, ``TrainerGroup``)."""
         if version is not None:
             self.set_version(check_version(version, "version"))
-        self._join_check()  # the update changes the weights a check may still be reading
         samples = [s for group in groups for s in group]
         if not samples:
             raise ValueError("train_step() needs at least one sample")
@@ -262,19 +272,19 @@ class FullyAsyncTrainer:
         finite_at: int,
         metrics: dict[str, Any] | None = None,
         *,
-        check_behind: bool = False,
         extrapolation: float = 0.0,
-    ) -> dict[str, torch.Tensor]:
+    ) -> dict[str, torch.Tensor] | Verified:
         """``live_weights`` after ``step``, checked here (``check_finite_weights``): in a rank
-        the check reads its own resident tensors, 70 ms for a bf16 Qwen2.5-0.5B on one
-        thread, where the driver reading the answer's fresh mapping took 145 ms. ``metrics``
-        (named by the error): None for this trainer's last step's own.
+        the check reads its own resident tensors, where the driver reading the answer's fresh
+        mapping took twice as long. ``metrics`` (named by the error): None for this trainer's
+        last step's own. An answer that is stored is a checked one: NaN or inf makes the
+        answer ``NonFiniteWeightsError``, so a call that takes the answer's ref as its
+        argument (the rollouter's swap sent with the step) never gets unchecked weights.
 
-        ``check_behind``: the check runs in a thread while the answer is copied into shared
-        memory, each reading the model on its own core, instead of before the copy (what that
-        saves: ``TrainerGroup._send_weights_call``);
-        ``published_check()`` then gives its verdict, and the caller must have it before the
-        weights go anywhere (``TrainerGroup.published_weights`` sends both calls together).
+        Weights of ``CHECK_IN_COPY_MIN_BYTES`` or more come back ``Verified``: the runtime
+        checks them while it copies them into shared memory (as the answer is stored), each
+        piece from the cache right after the copy read it. In this process, ``.full()``
+        checks them and ``.value`` is the weights.
 
         ``extrapolation`` c > 0: the weights extrapolated along the step since the last
         publish (``rl.extrapolation``), computed and checked here, so the driver passes the
@@ -283,42 +293,16 @@ class FullyAsyncTrainer:
         it there and putting the result took ~6 ms of the ~12 ms from a step's end to the
         rollouter generating with its weights, in the process that also routes every
         message."""
-        self._join_check()
         weights = self.live_weights()
         if extrapolation:
             weights = self._extrapolator.publish(weights, extrapolation, keep_copy=True)
         if metrics is None:
             metrics = self.last_metrics
-        if not check_behind or _state_bytes(weights) < CHECK_BEHIND_MIN_BYTES:
-            check_finite_weights(weights, step, finite_at, metrics)
-            if check_behind:  # checked already: published_check answers at once
-                self._checking = Future()
-                self._checking.set_result(None)
+        check = functools.partial(check_finite_weights, weights, step, finite_at, metrics)
+        if _state_bytes(weights) < CHECK_IN_COPY_MIN_BYTES:
+            check()
             return weights
-        if self._checker is None:
-            self._checker = ThreadPoolExecutor(1, thread_name_prefix="weights-check")
-        self._checking = self._checker.submit(
-            check_finite_weights, weights, step, finite_at, metrics
-        )
-        return weights
-
-    def published_check(self) -> bool:
-        """The verdict of the check ``publishable_weights(check_behind=True)`` left running:
-        True, or its ``NonFiniteWeightsError``."""
-        if self._checking is None:
-            raise RuntimeError(
-                "published_check(): no check is running; publishable_weights(..., "
-                "check_behind=True) starts one"
-            )
-        self._join_check()
-        return True
-
-    def _join_check(self, *, verdict: bool = True) -> None:
-        """Wait for a check still reading the weights (before they change, or a new one),
-        raising its ``NonFiniteWeightsError`` unless its ``verdict`` is moot."""
-        checking, self._checking = self._checking, None
-        if checking is not None:
-            checking.result() if verdict else checking.exception()
+        return Verified(weights, _finite_piece, check)
 
     def live_weights(self) -> dict[str, torch.Tensor]:
         """The parameters themselves, detached: for a caller that copies them out (a ``put``)
@@ -404,7 +388,6 @@ class FullyAsyncTrainer:
         every rank reads the same checkpoint and keeps what it holds."""
         from miniray.rl import checkpoint
 
-        self._join_check(verdict=False)  # a verdict on the weights being replaced is moot
         state, tensors = checkpoint.read(path)
         self._extrapolator.reset()  # nothing to extrapolate the restored weights from
         load_full_state_dict(self.wrapped, self.model, self.setup, tensors["model"])

@@ -304,26 +304,23 @@ class TrainerGroup:
         finite_at: int,
         *,
         extrapolation: float = 0.0,
-        check_behind: bool = True,
     ) -> None:
         """The next ``train_step`` (``step``) is followed by a publish: its weights call goes
         to the ranks right behind the step, so a rank starts it the moment the step ends,
         rather than one round trip later when the driver has the step's answer (the demo's
         get_weights went from 1.7 to 1.4 ms per ~40 ms step, benchmarks/async_vs_sync.py).
-        The call is ``published_weights(step, finite_at, ..., extrapolation=...,
-        check_behind=...)``'s, checked (and extrapolated) by the rank against its own step's
-        metrics; ``prepared_publish_ref`` gives its answer's ref once the step is sent."""
+        The call is ``published_weights(step, finite_at, ..., extrapolation=...)``'s, checked
+        (and extrapolated) by the rank against its own step's metrics;
+        ``prepared_publish_ref`` gives its answer's ref once the step is sent."""
         self._after_step = _Call(
-            "publishable_weights",
-            (step, finite_at, float(extrapolation), bool(check_behind)),
-            self._weight_ranks(),
+            "publishable_weights", (step, finite_at, float(extrapolation)), self._weight_ranks()
         )
 
     def prepared_publish_ref(self, step: int) -> miniray.ObjectRef | None:
         """The ref the weights after ``step`` will be stored under: the answer of the weights
         call sent behind that step (``prepare_publish``), or None if there is none. A caller
-        may hand it on before it is there (a call taking it as an argument runs once it is);
-        a check left running beside the copy (``check_behind``) has no verdict by then."""
+        may hand it on before it is there (a call taking it as an argument runs once it is,
+        and only with checked weights: unchecked ones are never stored)."""
         for call, sent in self._prefetched:
             if call.args[0] == step:
                 return next(iter(sent[0].refs))  # the first weight rank's: rank 0's
@@ -344,7 +341,6 @@ class TrainerGroup:
         metrics: dict[str, Any],
         *,
         extrapolation: float = 0.0,
-        check_behind: bool = True,
     ) -> miniray.ObjectRef:
         """The weights after ``step`` to publish, left in the object store: the ref of the
         weight rank's ``publishable_weights`` answer (checked there; NaN or inf raises
@@ -353,18 +349,13 @@ class TrainerGroup:
         a second copy of the model (benchmarks/weight_sync.py: the publish went from 0.76 s
         to 0.40 s at Qwen2.5-0.5B size, docs/benchmarks.md). ``extrapolation`` c > 0: the
         rank publishes its weights extrapolated along the step since its last publish
-        (``rl.extrapolation``). ``check_behind``: the rank checks beside the copy of its
-        answer (large weights, ``trainer.CHECK_BEHIND_MIN_BYTES``) rather than before it."""
+        (``rl.extrapolation``). Large weights are checked as the rank's answer is copied out
+        (``trainer.CHECK_IN_COPY_MIN_BYTES``)."""
         call = _Call(
-            "publishable_weights",
-            (step, finite_at, float(extrapolation), bool(check_behind)),
-            self._weight_ranks(),
+            "publishable_weights", (step, finite_at, float(extrapolation)), self._weight_ranks()
         )
-        weights, *verdict = self._take_prefetched(call) or self._send_weights_call(call, metrics)
-        ref = self._answers(weights)[0][0]
-        for sent in verdict:  # NonFiniteWeightsError: the ref is dropped, never published
-            self._answers(sent)
-        return ref
+        (weights,) = self._take_prefetched(call) or self._send_weights_call(call, metrics)
+        return self._answers(weights)[0][0]
 
     def set_version(self, version: int) -> int:
         """Tell the ranks the version their weights now are, without waiting: a rank runs
@@ -427,31 +418,24 @@ class TrainerGroup:
         return self._answers(self._send(method, *args, ranks=ranks, **kwargs))
 
     def _send_weights_call(self, call: _Call, metrics: dict[str, Any] | None = None) -> list[_Sent]:
-        """Send ``call`` (``get_weights``, or ``publishable_weights`` with the finiteness check
-        running beside the copy of the answer and its verdict asked right behind it).
-        ``metrics`` None: each rank names its own step's. Measured at Qwen2.5-0.5B size in
-        bf16 on the 2-core machine (benchmarks/weight_sync.py, docs/benchmarks.md): side by
-        side the check took 82-98 ms and the copy 86-128 ms, the answer ~130 ms after the call,
-        against ~56 + ~80 ms one after the other; both read memory, and two cores share its
-        bandwidth, so the overlap saves little here. It saves the check's time where the copy
-        is not bound by the same memory (a GPU's weights copied to the host)."""
+        """Send ``call`` (``get_weights``, or ``publishable_weights``, whose answer is its
+        verdict: checked weights or ``NonFiniteWeightsError``). ``metrics`` None: each rank
+        names its own step's."""
         within = self.plan.timeout_s
         if call.method == "get_weights":
             return [self._send("get_weights", ranks=call.ranks, within=within)]
-        step, finite_at, extrapolation, check_behind = call.args
-        weights = self._send(
-            "publishable_weights",
-            step,
-            finite_at,
-            None if metrics is None else dict(metrics),
-            check_behind=check_behind,
-            extrapolation=extrapolation,
-            ranks=call.ranks,
-            within=within,
-        )
-        if not check_behind:  # checked before the answer: an error answer is the verdict
-            return [weights]
-        return [weights, self._send("published_check", ranks=call.ranks, within=within)]
+        step, finite_at, extrapolation = call.args
+        return [
+            self._send(
+                "publishable_weights",
+                step,
+                finite_at,
+                None if metrics is None else dict(metrics),
+                extrapolation=extrapolation,
+                ranks=call.ranks,
+                within=within,
+            )
+        ]
 
     def _take_prefetched(self, call: _Call) -> list[_Sent] | None:
         """The oldest sent call ``prepare_publish`` made, taken: its answers if it is

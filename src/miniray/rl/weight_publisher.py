@@ -42,7 +42,7 @@ from miniray.rl.compat import raise_unless_ok
 from miniray.rl.endpoints import Pending
 from miniray.rl.extrapolation import Extrapolator, extrapolate
 from miniray.rl.param_sync import UnifiedParameterSynchronizer, load_call, swap_call
-from miniray.rl.trainer import CHECK_BEHIND_MIN_BYTES, check_finite_weights
+from miniray.rl.trainer import check_finite_weights
 
 __all__ = [
     "PublishedWeights",
@@ -103,7 +103,6 @@ class WeightPublisher:
         self._planned: dict[int, _Planned] = {}
         # Steps whose swap_weights call went out with the step (``sent``), not answered yet.
         self._started: dict[int, Pending] = {}
-        self._weights_bytes = 0  # the size of the weights a sync moved (0: none yet)
         self._executor: ThreadPoolExecutor | None = None
         self._running: Future[bool] | None = None
 
@@ -138,16 +137,10 @@ class WeightPublisher:
         # first, and a failed check ends the run, so this one's would follow finite ones.
         finite_at = max(self._planned, default=self.finite_at)
         version = max((p.version for p in self._planned.values()), default=self._version) + 1
-        # A swap sent ahead (``sent``) runs the moment the weights are stored: the rank then
-        # checks them before answering, so an answer that is stored is a finite one.
-        planned = _Planned(version, start_swap=self._can_start_swap())
-        self._planned[step] = planned
-        prepare(
-            step,
-            finite_at,
-            extrapolation=self.extrapolation,
-            check_behind=not planned.start_swap,
-        )
+        # A swap sent ahead (``sent``) runs the moment the weights are stored: the rank
+        # stores only checked ones (an answer that is stored is a finite one).
+        self._planned[step] = _Planned(version, start_swap=self._can_start_swap())
+        prepare(step, finite_at, extrapolation=self.extrapolation)
 
     def sent(self, step: int) -> None:
         """``step`` (prepared) went to the trainer: when the rollouter takes its weights by
@@ -179,8 +172,7 @@ class WeightPublisher:
                 f"publish(version={version}) after step {step}, whose swap went out as version "
                 f"{planned.version}: the loop must publish the versions it prepared, in order"
             )
-        check_behind = planned is None or not planned.start_swap
-        weights = self._take(step, metrics, check_behind=check_behind)
+        weights = self._take(step, metrics)
         self._version = int(version)
         if self.background:
             self.wait()  # the previous version is in place: versions stay in order
@@ -258,20 +250,14 @@ class WeightPublisher:
     def statistics(self) -> dict[str, Any]:
         return self.sync.get_statistics()
 
-    def _take(self, step: int, metrics: dict[str, Any], *, check_behind: bool = True) -> Any:
+    def _take(self, step: int, metrics: dict[str, Any]) -> Any:
         """The checked weights after ``step``, taken before the next step changes them: an
         ``ObjectRef`` in shared memory (the sync's one copy), or a copy to extrapolate from.
         A trainer group's weights are already in the object store as its rank's answer
         (``published_weights``), checked and extrapolated by the rank: the ref travels on
         untouched."""
         if callable(self._published):
-            ref = self._published(
-                step,
-                self.finite_at,
-                metrics,
-                extrapolation=self.extrapolation,
-                check_behind=check_behind,
-            )
+            ref = self._published(step, self.finite_at, metrics, extrapolation=self.extrapolation)
             self.finite_at = step
             return ref
         if self.extrapolating:
@@ -288,23 +274,16 @@ class WeightPublisher:
         # The trainer's version moves on when the sync starts: samples made until the new
         # weights are loaded are one version older, which the staleness bound allows.
         self.snapshot.stage()
-        result = self.sync.sync(version, started=started)
-        if result.bytes:
-            self._weights_bytes = result.bytes
-        return raise_unless_ok(result)
+        return raise_unless_ok(self.sync.sync(version, started=started))
 
     def _can_start_swap(self) -> bool:
         """Whether a publish's swap can go out with its step (``sent``): async mode, a trainer
-        group, one rollouter actor that took its last weights by value, and weights small
-        enough that the rank checks them before answering anyway
-        (``trainer.CHECK_BEHIND_MIN_BYTES``): larger ones are checked beside their copy, which
-        saves more than the hops through this process cost (benchmarks/weight_sync.py)."""
+        group, and one rollouter actor that took its last weights by value."""
         return (
             self.background
             and callable(getattr(self.trainer, "prepared_publish_ref", None))
             and isinstance(self.rollouter, miniray.ActorHandle)
             and self.sync.wants_value(self.rollouter)
-            and 0 < self._weights_bytes < CHECK_BEHIND_MIN_BYTES
         )
 
 

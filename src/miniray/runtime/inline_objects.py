@@ -17,7 +17,7 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from miniray.errors import GetTimeoutError, RayTaskError
-from miniray.runtime import futures, serialization
+from miniray.runtime import execution, futures, serialization
 from miniray.runtime.refs import ObjectRef, new_id
 
 if TYPE_CHECKING:
@@ -59,6 +59,8 @@ class InlineObjects:
         if error is None:
             try:
                 entry.value = serialization.serialize(value, session_id=None)
+            except serialization.Rejected as rejected:  # a Verified value's check failed
+                error = execution.task_error("a verified result", rejected.cause)
             except Exception as exc:
                 error = TypeError(f"could not serialize the result: {exc}")
         entry.error = error

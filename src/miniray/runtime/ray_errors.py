@@ -24,8 +24,13 @@ def _map_error(exc: BaseException) -> BaseException:
         if isinstance(cause, rex.RayError):
             return _map_error(cause)
         # Raised outside our wrappers (e.g. Ray checking num_returns): Ray's text is the traceback.
+        # Raised while Ray pickled a result (a Verified value's check): Ray's dual class of
+        # the cause, without the wrapper's attributes.
         return errors.RayTaskError(
-            exc.function_name, str(exc), cause, pid=exc.pid or 0
+            getattr(exc, "function_name", "a task"),
+            str(exc),
+            cause,
+            pid=getattr(exc, "pid", 0) or 0,
         ).as_instanceof_cause()
     if isinstance(exc, errors.RayError):
         return exc.as_instanceof_cause() if isinstance(exc, errors.RayTaskError) else exc

@@ -22,6 +22,7 @@ network protocols of miniray use msgpack framing instead (see docs/design.md).
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import sys
 from typing import Any
@@ -93,6 +94,9 @@ def _pickler() -> Any:
                 # The first tensor object pickled for each view of memory (kept alive, so its
                 # id, which pickle's memo refers to, is not reused while this pickler runs).
                 self._views: dict[tuple, Any] = {}
+                # While pickling the value of a Verified: each tensor buffer and its dtype,
+                # by the buffer's id.
+                self.dtypes: dict[int, tuple[Any, Any]] | None = None
 
             def reducer_override(self, obj: Any) -> Any:
                 torch = sys.modules.get("torch")
@@ -104,6 +108,9 @@ def _pickler() -> Any:
                             return (_same, (first,))
                     reduced = _reduce_tensor(torch, obj)
                     if reduced is not None:
+                        if self.dtypes is not None:  # a Verified value: its pieces' dtype
+                            buffer = reduced[1][0]  # kept: its id is not reused meanwhile
+                            self.dtypes[id(buffer)] = (buffer, obj.dtype)
                         return reduced
                 return super().reducer_override(obj)
 
@@ -194,26 +201,78 @@ def _is_plain(value: Any, budget: int = 64) -> bool:
     return all(type(k) in _PLAIN_TYPES and _is_plain(v, budget // 2) for k, v in items)
 
 
+class Verified:
+    """``value``, whose tensors are checked where the serializer copies them anyway: each
+    piece (at most ``VERIFY_PIECE`` bytes of one tensor, flat) is handed to ``piece`` from the
+    cache right after the copy read it, instead of the check reading the value from memory a
+    second time. ``piece(tensor) -> bool``; when a piece fails (or a buffer is not a tensor's),
+    ``full()`` checks the whole value and raises what the caller should see (or returns: the
+    value stands, a cheap check's false alarm cleared by the exact one). The value is stored
+    only once verified; a raise from ``full()`` becomes the error of the call whose answer
+    this is (``Rejected``). Only at the top of a value: any other pickler (Ray's, a nested
+    one) runs ``full()`` and pickles ``value`` itself.
+
+    Measured at Qwen2.5-0.5B size (0.99 GB, bf16) on the 2-core machine: the finiteness check
+    beside the copy, each reading memory, took the rank's answer ~113 ms (the copy alone
+    ~65-80 ms); benchmarks/weight_sync.py, docs/benchmarks.md."""
+
+    __slots__ = ("full", "piece", "value")
+
+    def __init__(self, value: Any, piece: Any, full: Any):
+        self.value, self.piece, self.full = value, piece, full
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        self.full()
+        return (_same, (self.value,))
+
+
+class Rejected(Exception):
+    """``Verified.full()`` raised ``cause``: the value is not stored, ``cause`` is the error."""
+
+    def __init__(self, cause: BaseException):
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.cause = cause
+
+
+VERIFY_PIECE = 1 << 20  # bytes a Verified's ``piece`` sees at once: in any core's L2 cache
+
+
 def serialize(value: Any, *, session_id: str | None) -> Serialized:
-    """Pickle ``value``; with a ``session_id``, large buffers go to a shared-memory segment."""
-    if _is_plain(value):
+    """Pickle ``value``; with a ``session_id``, large buffers go to a shared-memory segment.
+    A ``Verified`` value is checked on the way (``Rejected`` when it fails)."""
+    verified = value if type(value) is Verified else None
+    if verified is not None:
+        value = verified.value
+    elif _is_plain(value):
         return Serialized(pickle.dumps(value, protocol=5))
     large: list[pickle.PickleBuffer] = []
+    dtypes: dict[int, tuple[Any, Any]] = {}  # a Verified value's tensor buffers (Pickler)
 
     def keep_in_band(buf: pickle.PickleBuffer) -> bool:
         if session_id is None or buf.raw().nbytes < OUT_OF_BAND_MIN:
+            if verified is not None:
+                _verify_whole(verified, buf, dtypes.get(id(buf), (None, None))[1])
             return True
         large.append(buf)
         return False
 
     stream = io.BytesIO()
-    _pickler()(stream, protocol=5, buffer_callback=keep_in_band).dump(value)
+    pickler = _pickler()(stream, protocol=5, buffer_callback=keep_in_band)
+    if verified is not None:
+        pickler.dtypes = dtypes
+    pickler.dump(value)
+    del pickler
+    large_dtypes = [dtypes.get(id(buf), (None, None))[1] for buf in large]
+    dtypes.clear()
     if not large:
         return Serialized(stream.getvalue())
     if sum(buf.raw().nbytes for buf in large) < INLINE_LIMIT:
         # Small after all: pickled again in band, cheaper than a segment. Measured on
         # Qwen2.5-0.5B's bf16 state dict (291 tensors): with a per-buffer limit of 256 KiB
         # the pickle stream held 11 MB; each delivery took ~10 ms more to reach a reader.
+        if verified is not None:
+            for buf, dtype in zip(large, large_dtypes):
+                _verify_whole(verified, buf, dtype)
         stream = io.BytesIO()
         _pickler()(stream, protocol=5).dump(value)
         return Serialized(stream.getvalue())
@@ -227,17 +286,132 @@ def serialize(value: Any, *, session_id: str | None) -> Serialized:
     # The mapping stays open (segments keeps it for the next value written into this segment).
     name, mapping = segments.acquire(session_id, max(offset, 1))
     numpy = sys.modules.get("numpy")  # loaded with any tensor or array; never imported here
-    for buf, (off, size) in zip(large, layout):
-        if numpy is None:
+    if numpy is None:  # no tensor either: a Verified value without one is checked whole
+        for buf, (off, size) in zip(large, layout):
             mapping[off : off + size] = buf.raw()
-        else:
-            # numpy's copy releases the GIL (an mmap slice assignment holds it for the whole
-            # memcpy), so another thread of this process runs beside it: a trainer rank checks
-            # the weights it publishes while they are copied (TrainerRank.publishable_weights).
-            numpy.frombuffer(mapping, numpy.uint8, size, off)[:] = numpy.frombuffer(
-                buf.raw(), numpy.uint8
-            )
+        if verified is not None:
+            _full(verified)
+    else:
+        checks = None if verified is None else (verified, large_dtypes)
+        try:
+            _write_buffers(numpy, mapping, [buf.raw() for buf in large], layout, checks)
+        except BaseException:
+            segments.reclaim(name)  # never delivered: nobody maps it, ours to reuse
+            raise
     return Serialized(stream.getvalue(), name, max(offset, 1), tuple(layout))
+
+
+def _full(verified: Verified) -> None:
+    try:
+        verified.full()
+    except Exception as exc:
+        raise Rejected(exc) from exc
+
+
+def _verify_whole(verified: Verified, buf: pickle.PickleBuffer, dtype: Any) -> None:
+    """A buffer kept in band: checked whole (small), or the value whole if not a tensor's."""
+    if dtype is None or not verified.piece(_typed(buf.raw(), dtype)):
+        _full(verified)
+
+
+def _typed(raw: memoryview, dtype: Any) -> Any:
+    import torch
+
+    return torch.frombuffer(raw, dtype=torch.uint8).view(dtype) if raw.nbytes else torch.empty(0)
+
+
+def _copy_threads() -> int:
+    """``$MINIRAY_COPY_THREADS``, else this process's cores, at most 4 (one core: 1)."""
+    raw = os.environ.get("MINIRAY_COPY_THREADS", "").strip()
+    if raw:
+        if not raw.isdigit() or int(raw) < 1:
+            raise ValueError(f"$MINIRAY_COPY_THREADS={raw!r}: expected a whole number, 1 or more")
+        return int(raw)
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
+
+
+COPY_THREADS = _copy_threads()
+# A value at least this large is copied into its segment by COPY_THREADS threads at once. One
+# core's copy does not reach the memory's bandwidth: 0.5 GB took 45 ms on one thread and 31-34
+# ms on two on the 2-core development machine (11.2-11.4 vs 15.5-16.5 GB/s); below a few MiB
+# handing the parts to the threads costs more than it saves.
+PARALLEL_COPY_MIN = 8 << 20
+_copier: Any = None  # the threads beside the caller's, started with the first large value
+
+
+def _forget_copier() -> None:
+    global _copier
+    _copier = None  # a forked child has none of its parent's threads: it starts its own
+
+
+os.register_at_fork(after_in_child=_forget_copier)
+
+
+def _write_buffers(
+    numpy: Any,
+    mapping: Any,
+    raws: list[memoryview],
+    layout: list,
+    checks: tuple[Verified, list[Any]] | None = None,
+) -> None:
+    """Copy each buffer to its (offset, size) in ``mapping``; a large total is split into
+    COPY_THREADS contiguous parts of about equal bytes, the caller copying the first. numpy's
+    copy releases the GIL (an mmap slice assignment holds it for the whole memcpy), and so
+    does a torch reduction, so the parts run side by side. ``checks``: a Verified value and
+    each buffer's dtype (None: not a tensor's); each thread copies VERIFY_PIECE bytes, then
+    checks them while they are in its cache."""
+    global _copier
+    verified, dtypes = checks if checks is not None else (None, [None] * len(raws))
+    total = sum(size for _, size in layout)
+    threads = COPY_THREADS if total >= PARALLEL_COPY_MIN else 1
+    # Part boundaries fall on whole elements (64 bytes: a multiple of any dtype's size).
+    share = -(-total // threads // 64) * 64 or 64
+    parts: list[list[tuple[int, int, int]]] = [[] for _ in range(threads)]
+    part = used = 0
+    for index, (_, size) in enumerate(layout):
+        start = 0
+        while start < size:
+            take = min(size - start, share - used)
+            parts[part].append((index, start, take))
+            start, used = start + take, used + take
+            if used == share and part < threads - 1:
+                part, used = part + 1, 0
+    failed: list[int] = []  # buffers whose check failed (appended from several threads)
+
+    def copy(part: list[tuple[int, int, int]]) -> None:
+        checking = verified is not None
+        for index, start, size in part:
+            raw, off, dtype = raws[index], layout[index][0], dtypes[index]
+            step = VERIFY_PIECE if checking else size
+            for lo in range(start, start + size, step):
+                n = min(step, start + size - lo)
+                source = numpy.frombuffer(raw, numpy.uint8, n, lo)
+                numpy.frombuffer(mapping, numpy.uint8, n, off + lo)[:] = source
+                if checking and (dtype is None or not _piece_ok(verified, source, dtype)):
+                    failed.append(index)
+                    checking = False  # the rest of this part is only copied: full() decides
+
+    if threads == 1:
+        copy(parts[0])
+    else:
+        if _copier is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _copier = ThreadPoolExecutor(COPY_THREADS - 1, thread_name_prefix="miniray-copy")
+        helpers = [_copier.submit(copy, part) for part in parts[1:]]
+        try:
+            copy(parts[0])
+        finally:
+            for helper in helpers:  # every part done (or failed) before the caller goes on
+                helper.result()
+    if failed and checks is not None:
+        _full(checks[0])
+
+
+def _piece_ok(verified: Verified, source: Any, dtype: Any) -> bool:
+    import torch
+
+    return bool(verified.piece(torch.from_numpy(source).view(dtype)))
 
 
 def deserialize(ser: Serialized) -> Any:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from miniray.errors import RayTaskError
-from miniray.runtime import serialization
+from miniray.runtime import execution, serialization
 from miniray.runtime.local.protocol import Stored
 
 
@@ -33,6 +33,8 @@ def error_of(stored: Stored) -> BaseException:
 def stored_value(value: Any, session_id: str, label: str) -> Stored:
     try:
         return (False, serialization.serialize(value, session_id=session_id))
+    except serialization.Rejected as rejected:  # a Verified value's check: the call's error
+        return stored_error(execution.task_error(label, rejected.cause), session_id)
     except Exception as exc:
         error = TypeError(
             f"Could not serialize the return value of {label}() "
