@@ -286,3 +286,75 @@ def test_an_answer_that_fails_its_verification_is_the_calls_error(runtime):
     with pytest.raises(FloatingPointError, match="'w' holds NaN"):
         miniray.get(actor.weights.remote(True), timeout=60)
     assert miniray.get(actor.weights.remote(False), timeout=60)["w"].sum() == 200_000
+
+
+def test_an_idle_kept_mapping_is_tested_for_writes_off_the_next_deliverys_path(
+    reports, monkeypatch
+):
+    name, ser = deliver(np.full(SIZE, 1, dtype=np.uint8))
+    first = deserialize(ser)
+    del first  # idle: the tester thread looks for pages written here
+    kept = segments.POOL.kept._idle[name]
+    wait_until(lambda: kept.unwritten is not None, "the idle mapping's write test")
+    assert kept.unwritten is True
+    tests = []
+    real = shm.written
+    monkeypatch.setattr(shm, "written", lambda *a: tests.append(1) or real(*a))
+    segments.reclaim(name)
+    _, ser = deliver(np.full(SIZE, 2, dtype=np.uint8))
+    second = deserialize(ser)
+    assert tests == [] and segments.POOL.kept.reused == 1  # the answer was ready
+    assert kept.unwritten is None  # handed out again: views may write into it
+    second[: 2 * shm.PAGE] = 9  # private pages: the next delivery must not read through it
+    del second
+    wait_until(lambda: kept.unwritten is not None, "the idle mapping's write test")
+    assert kept.unwritten is False
+    segments.reclaim(name)
+    _, ser = deliver(np.full(SIZE, 3, dtype=np.uint8))
+    third = deserialize(ser)
+    assert segments.POOL.kept.reused == 1 and (third == 3).all()  # mapped afresh
+
+
+def wait_until(condition, what, timeout=10.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+@pytest.mark.parametrize("threads", [2, 3, 4])
+def test_parts_split_buffers_on_whole_elements_and_cover_every_byte_once(monkeypatch, threads):
+    from miniray.runtime import serialization
+
+    monkeypatch.setattr(serialization, "COPY_THREADS", threads)
+    monkeypatch.setattr(serialization, "PARALLEL_COPY_MIN", 0)
+    monkeypatch.setattr(serialization, "_copier", None)
+    # A bf16 buffer of an odd number of elements first: the float32 ones after it start 2
+    # bytes off a multiple of 4 in the value's bytes (a split counted over the whole value
+    # would cut an element in two).
+    bf16, f32 = torch.bfloat16, torch.float32
+    buffers = [(4098, bf16), (70_000, f32), (4100, f32), (131_076, f32), (10_006, bf16)]
+    layout, offset = [], 0
+    for size, _ in buffers:
+        layout.append((offset, size))
+        offset += size + 64
+    rng = np.random.default_rng(0)
+    sources = [rng.integers(0, 255, size, np.uint8) for size, _ in buffers]
+    mapping = bytearray(offset)
+    seen: list[int] = []
+
+    def piece(t):
+        seen.append(t.numel() * t.element_size())
+        return True
+
+    verified = serialization.Verified(None, piece, lambda: None)
+    dtypes = [dtype for _, dtype in buffers]
+    raws = [memoryview(source) for source in sources]
+    serialization._write_buffers(np, mapping, raws, layout, (verified, dtypes))
+    assert sum(seen) == sum(size for size, _ in buffers)
+    for (off, size), source in zip(layout, sources):
+        assert bytes(mapping[off : off + size]) == source.tobytes()
+    if serialization._copier is not None:
+        serialization._copier.shutdown(wait=True)

@@ -39,6 +39,8 @@ mapping, whose views it tracks as the mapping itself was tracked before:
     deliver -> KeptMaps.take: idle mapping, if the file is the one mapped and never written here,
                else a fresh one -> exporter (one per delivery) -> views -> the value
     last view gone -> exporter finalized -> KeptMaps.put(mapping) -> unmapped hook (as before)
+                                                  `-> a thread tests it for writes (pagemap) now,
+                                                      so take() finds the answer ready
 """
 
 from __future__ import annotations
@@ -88,6 +90,52 @@ class _Mapping:
     mapping: mmap.mmap
     file: shm.FileId
     generation: int  # KeptMaps' generation when it was mapped: older ones are never kept
+    # Tested since its last view went (KeptMaps.put): True if this process never wrote into
+    # it, False if it did or the test failed, None while not tested yet.
+    unwritten: bool | None = None
+
+
+def _test_unwritten(kept: _Mapping) -> None:
+    """Whether this process wrote into ``kept`` (``shm.written``), noted on it. Once its
+    last view is gone nothing here can write into it any more, so the answer holds until the
+    mapping is handed out again; a test that cannot run (closed meanwhile) says written."""
+    try:
+        kept.unwritten = not shm.written(kept.mapping, len(kept.mapping))
+    except (ValueError, BufferError, OSError):
+        kept.unwritten = False
+
+
+class _Tester:
+    """One thread that tests idle mappings (``_test_unwritten``) off the caller's path: the
+    test reads a pagemap entry per page, ~7-8 ms per GB on the 2-core development machine,
+    and a reader's next delivery of the segment (the next weight sync) then finds it done."""
+
+    def __init__(self) -> None:
+        self._queue: Any = None
+        self._lock = threading.Lock()
+
+    def submit(self, kept: _Mapping) -> None:
+        with self._lock:
+            if self._queue is None:
+                import queue
+
+                self._queue = queue.SimpleQueue()
+                threading.Thread(
+                    target=self._run, args=(self._queue,), name="miniray-kept-maps", daemon=True
+                ).start()
+            self._queue.put(kept)
+
+    @staticmethod
+    def _run(jobs: Any) -> None:
+        while True:
+            _test_unwritten(jobs.get())
+
+    def forget(self) -> None:
+        self._queue = None  # a forked child has no thread: it starts its own
+
+
+_TESTER = _Tester()
+os.register_at_fork(after_in_child=_TESTER.forget)
 
 
 class KeptMaps:
@@ -112,11 +160,16 @@ class KeptMaps:
             generation = self._generation
         if kept is not None:
             # The delivery's object is alive, so its segment is under its own name (not pooled).
+            unwritten = kept.unwritten
             if (
                 len(kept.mapping) >= size
                 and shm.file_id(name) == kept.file
-                and not shm.written(kept.mapping, len(kept.mapping))
+                and (
+                    unwritten
+                    or (unwritten is None and not shm.written(kept.mapping, len(kept.mapping)))
+                )
             ):
+                kept.unwritten = None  # handed out: views may write into it again
                 with self._lock:
                     self.reused += 1
                 return kept
@@ -138,6 +191,8 @@ class KeptMaps:
                     dropped.append(old.mapping)
                 self._idle[name] = kept
                 self._bytes += len(kept.mapping)
+                kept.unwritten = None
+                _TESTER.submit(kept)
                 while self._bytes > KEPT_LIMIT_BYTES:
                     _old_name, evicted = self._idle.popitem(last=False)
                     self._bytes -= len(evicted.mapping)

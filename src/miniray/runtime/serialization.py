@@ -364,17 +364,21 @@ def _write_buffers(
     verified, dtypes = checks if checks is not None else (None, [None] * len(raws))
     total = sum(size for _, size in layout)
     threads = COPY_THREADS if total >= PARALLEL_COPY_MIN else 1
-    # Part boundaries fall on whole elements (64 bytes: a multiple of any dtype's size).
-    share = -(-total // threads // 64) * 64 or 64
+    share = -(-total // threads)
     parts: list[list[tuple[int, int, int]]] = [[] for _ in range(threads)]
     part = used = 0
     for index, (_, size) in enumerate(layout):
         start = 0
         while start < size:
-            take = min(size - start, share - used)
-            parts[part].append((index, start, take))
-            start, used = start + take, used + take
-            if used == share and part < threads - 1:
+            end = size
+            if part < threads - 1 and used + size - start > share:
+                # The part is full inside this buffer: split it on whole elements (a multiple
+                # of 64 bytes from the buffer's start is one of any dtype's size).
+                end = (start + share - used) // 64 * 64
+            if end > start:
+                parts[part].append((index, start, end - start))
+                used, start = used + end - start, end
+            if end < size:
                 part, used = part + 1, 0
     failed: list[int] = []  # buffers whose check failed (appended from several threads)
 
