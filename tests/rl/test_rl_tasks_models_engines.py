@@ -293,3 +293,32 @@ def test_a_wrong_name_is_refused_before_anything_is_loaded(model, tokenizer):
     with pytest.raises(ValueError, match=r"unexpected \['extra.weight'\]"):
         engine.load_weights(weights, take=True)
     assert torch.equal(engine.model.model.embed_tokens.weight, before)
+
+
+def test_taking_weights_again_adopts_the_new_tensors_and_load_hooks_still_run(model, tokenizer):
+    def engine_of(seed):
+        return HFGenerationEngine(
+            tiny_qwen2(tokenizer, hidden_size=32, intermediate_size=64, seed=seed),
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+
+    embed, norm = "model.embed_tokens.weight", "model.norm.weight"
+    engine = engine_of(11)
+    grads = {k: p.requires_grad for k, p in engine.model.named_parameters()}
+    for scale in (1.0, 2.0):  # the second load goes through the slots worked out by the first
+        weights = {k: v.detach() * scale for k, v in model.state_dict().items()}
+        engine.load_weights(weights, take=True)
+        params = dict(engine.model.named_parameters())
+        assert params[norm].data_ptr() == weights[norm].data_ptr()
+        assert {k: p.requires_grad for k, p in params.items()} == grads  # as they were
+        assert engine.model.lm_head.weight is engine.model.model.embed_tokens.weight
+        assert torch.equal(params[embed], weights[embed])
+    # A model with a load hook is loaded through load_state_dict, which runs it.
+    hooked = engine_of(12)
+    calls = []
+    hooked.model.model.norm.register_load_state_dict_pre_hook(lambda *a, **k: calls.append(1))
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    hooked.load_weights(weights, take=True)
+    assert calls == [1]
+    assert hooked.model.model.norm.weight.data_ptr() == weights[norm].data_ptr()
