@@ -383,17 +383,17 @@ def _write_buffers(
     failed: list[int] = []  # buffers whose check failed (appended from several threads)
 
     def copy(part: list[tuple[int, int, int]]) -> None:
-        checking = verified is not None
+        check = verified  # None once a piece failed: the rest is only copied, full() decides
         for index, start, size in part:
             raw, off, dtype = raws[index], layout[index][0], dtypes[index]
-            step = VERIFY_PIECE if checking else size
+            step = size if check is None else VERIFY_PIECE
             for lo in range(start, start + size, step):
                 n = min(step, start + size - lo)
                 source = numpy.frombuffer(raw, numpy.uint8, n, lo)
                 numpy.frombuffer(mapping, numpy.uint8, n, off + lo)[:] = source
-                if checking and (dtype is None or not _piece_ok(verified, source, dtype)):
+                if check is not None and (dtype is None or not _piece_ok(check, source, dtype)):
                     failed.append(index)
-                    checking = False  # the rest of this part is only copied: full() decides
+                    check = None
 
     if threads == 1:
         copy(parts[0])
