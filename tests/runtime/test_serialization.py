@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import pickle
+import time
 
 import numpy as np
 import pytest
@@ -358,3 +359,35 @@ def test_parts_split_buffers_on_whole_elements_and_cover_every_byte_once(monkeyp
         assert bytes(mapping[off : off + size]) == source.tobytes()
     if serialization._copier is not None:
         serialization._copier.shutdown(wait=True)
+
+
+def test_a_forked_child_copies_with_threads_of_its_own(two_copy_threads):
+    """The parent's copying threads do not exist in a forked child: it starts its own (NumPy
+    only in the child: torch's OpenMP threads do not survive a fork either)."""
+    import os
+
+    value = {"w": np.arange(2_000_000, dtype=np.float32)}
+    deliver(value)  # the parent's pool exists now
+    assert two_copy_threads._copier is not None
+    pid = os.fork()
+    if pid == 0:  # the child: a large value copied on two threads, then exit at once
+        code = 1
+        try:
+            ser = serialize(value, session_id=SESSION + "child")
+            back = deserialize(pickle.loads(pickle.dumps(ser)))
+            code = 0 if np.array_equal(back["w"], value["w"]) else 2
+            del back
+            shm.unlink_session(SESSION + "child")
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 30
+    try:
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+            if time.monotonic() > deadline:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                pytest.fail("the forked child's copy did not finish within 30 s")
+            time.sleep(0.01)
+    finally:
+        shm.unlink_session(SESSION + "child")
+    assert os.waitstatus_to_exitcode(done[1]) == 0

@@ -112,7 +112,8 @@ class _Tester:
 
     def __init__(self) -> None:
         self._queue: Any = None
-        self._lock = threading.Lock()
+        # Re-entrant: submit() runs in finalizers, which a collection inside submit() may run.
+        self._lock = threading.RLock()
 
     def submit(self, kept: _Mapping) -> None:
         with self._lock:

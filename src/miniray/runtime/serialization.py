@@ -25,6 +25,7 @@ import io
 import os
 import pickle
 import sys
+import threading
 from typing import Any
 
 from miniray.runtime import segments, shm
@@ -337,11 +338,13 @@ COPY_THREADS = _copy_threads()
 # handing the parts to the threads costs more than it saves.
 PARALLEL_COPY_MIN = 8 << 20
 _copier: Any = None  # the threads beside the caller's, started with the first large value
+_copier_lock = threading.Lock()
 
 
 def _forget_copier() -> None:
-    global _copier
-    _copier = None  # a forked child has none of its parent's threads: it starts its own
+    global _copier, _copier_lock
+    # A forked child has none of its parent's threads (nor a lock one of them held).
+    _copier, _copier_lock = None, threading.Lock()
 
 
 os.register_at_fork(after_in_child=_forget_copier)
@@ -398,11 +401,13 @@ def _write_buffers(
     if threads == 1:
         copy(parts[0])
     else:
-        if _copier is None:
-            from concurrent.futures import ThreadPoolExecutor
+        with _copier_lock:  # two threads storing values at once start one pool
+            if _copier is None:
+                from concurrent.futures import ThreadPoolExecutor
 
-            _copier = ThreadPoolExecutor(COPY_THREADS - 1, thread_name_prefix="miniray-copy")
-        helpers = [_copier.submit(copy, part) for part in parts[1:]]
+                _copier = ThreadPoolExecutor(COPY_THREADS - 1, thread_name_prefix="miniray-copy")
+            copier = _copier
+        helpers = [copier.submit(copy, part) for part in parts[1:]]
         try:
             copy(parts[0])
         finally:
