@@ -230,6 +230,22 @@ def test_a_failed_piece_asks_the_whole_check_whose_error_stops_the_value(reports
     assert torch.equal(back["w"], value["w"]) and back["bad"].isnan().sum() == 2048
 
 
+@pytest.mark.parametrize("session", [SESSION, None])
+def test_an_empty_tensor_of_a_verified_value_is_not_handed_to_the_check(session):
+    """Nothing in it to check (a reduction of no entries, NumPy's max, would raise)."""
+    from miniray.runtime.serialization import Verified
+
+    def piece(t):
+        assert t.numel() > 0
+        return True
+
+    value = {"empty": torch.empty(0), "w": torch.ones(100_000)}
+    ser = serialize(Verified(value, piece, lambda: None), session_id=session)
+    back = deserialize(pickle.loads(pickle.dumps(ser)) if session else ser)
+    assert back["empty"].shape == (0,) and torch.equal(back["w"], value["w"])
+    del back
+
+
 def test_a_verified_value_pickled_elsewhere_is_checked_whole_and_arrives_plain():
     """Ray's pickler (or a Verified inside another value) knows nothing of pieces."""
     from miniray.runtime.serialization import Verified

@@ -36,21 +36,17 @@ class _SampleIds:
     (128 samples per ~40 ms step, two busy cores); a counter costs a tenth of that."""
 
     def __init__(self) -> None:
-        self.pid = -1
-        self.prefix = ""
-        self.counter = itertools.count()
+        self.reset()
+
+    def reset(self) -> None:
+        self.prefix, self.counter = uuid.uuid4().hex[:16], itertools.count()
 
     def new(self) -> str:
-        if self.pid != os.getpid():  # a forked child must not repeat its parent's ids
-            self.pid, self.prefix, self.counter = (
-                os.getpid(),
-                uuid.uuid4().hex[:16],
-                itertools.count(),
-            )
         return f"{self.prefix}{next(self.counter):016x}"
 
 
 _SAMPLE_IDS = _SampleIds()
+os.register_at_fork(after_in_child=_SAMPLE_IDS.reset)  # a child must not repeat its parent's ids
 
 
 def new_sample_id() -> str:

@@ -99,7 +99,8 @@ class WeightPublisher:
         self.blocking_ms: list[float] = []
         self.finite_at = 0  # the last step whose weights were checked and found finite
         self._version = 0  # the last version published (or restored)
-        # Prepared steps not published yet -> the version and check their publish will use.
+        # Prepared steps not published yet -> their version, and whether their swap goes
+        # out with the step.
         self._planned: dict[int, _Planned] = {}
         # Steps whose swap_weights call went out with the step (``sent``), not answered yet.
         self._started: dict[int, Pending] = {}

@@ -95,14 +95,19 @@ class _Mapping:
     unwritten: bool | None = None
 
 
-def _test_unwritten(kept: _Mapping) -> None:
-    """Whether this process wrote into ``kept`` (``shm.written``), noted on it. Once its
-    last view is gone nothing here can write into it any more, so the answer holds until the
-    mapping is handed out again; a test that cannot run (closed meanwhile) says written."""
+def _unwritten(kept: _Mapping) -> bool:
+    """Whether this process never wrote into ``kept`` (``shm.written``); a test that cannot
+    run (the mapping closed meanwhile) says it did."""
     try:
-        kept.unwritten = not shm.written(kept.mapping, len(kept.mapping))
+        return not shm.written(kept.mapping, len(kept.mapping))
     except (ValueError, BufferError, OSError):
-        kept.unwritten = False
+        return False
+
+
+def _test_unwritten(kept: _Mapping) -> None:
+    """``_unwritten``, noted on ``kept``: once its last view is gone nothing here can write
+    into it any more, so the answer holds until the mapping is handed out again."""
+    kept.unwritten = _unwritten(kept)
 
 
 class _Tester:
@@ -165,10 +170,7 @@ class KeptMaps:
             if (
                 len(kept.mapping) >= size
                 and shm.file_id(name) == kept.file
-                and (
-                    unwritten
-                    or (unwritten is None and not shm.written(kept.mapping, len(kept.mapping)))
-                )
+                and (unwritten or (unwritten is None and _unwritten(kept)))
             ):
                 kept.unwritten = None  # handed out: views may write into it again
                 with self._lock:

@@ -310,15 +310,21 @@ def _full(verified: Verified) -> None:
 
 
 def _verify_whole(verified: Verified, buf: pickle.PickleBuffer, dtype: Any) -> None:
-    """A buffer kept in band: checked whole (small), or the value whole if not a tensor's."""
-    if dtype is None or not verified.piece(_typed(buf.raw(), dtype)):
+    """A buffer kept in band: checked whole (small; an empty one holds nothing to check), or
+    the value whole if not a tensor's."""
+    raw = buf.raw()
+    if raw.nbytes and not _piece_ok(verified, raw, dtype):
         _full(verified)
 
 
-def _typed(raw: memoryview, dtype: Any) -> Any:
+def _piece_ok(verified: Verified, piece: Any, dtype: Any) -> bool:
+    """``verified.piece`` of the bytes ``piece`` as a flat tensor of ``dtype``; a buffer that is
+    not a tensor's (``dtype`` None) fails, so ``full()`` decides."""
+    if dtype is None:
+        return False
     import torch
 
-    return torch.frombuffer(raw, dtype=torch.uint8).view(dtype) if raw.nbytes else torch.empty(0)
+    return bool(verified.piece(torch.frombuffer(piece, dtype=torch.uint8).view(dtype)))
 
 
 def _copy_threads() -> int:
@@ -359,8 +365,8 @@ def _write_buffers(
 ) -> None:
     """Copy each buffer to its (offset, size) in ``mapping``; a large total is split into
     COPY_THREADS contiguous parts of about equal bytes, the caller copying the first. numpy's
-    copy releases the GIL (an mmap slice assignment holds it for the whole memcpy), and so
-    does a torch reduction, so the parts run side by side. ``checks``: a Verified value and
+    copy releases the GIL (an mmap slice assignment holds it for the whole memcpy), and so do
+    the reductions that check a piece, so the parts run side by side. ``checks``: a Verified value and
     each buffer's dtype (None: not a tensor's); each thread copies VERIFY_PIECE bytes, then
     checks them while they are in its cache."""
     global _copier
@@ -394,7 +400,7 @@ def _write_buffers(
                 n = min(step, start + size - lo)
                 source = numpy.frombuffer(raw, numpy.uint8, n, lo)
                 numpy.frombuffer(mapping, numpy.uint8, n, off + lo)[:] = source
-                if check is not None and (dtype is None or not _piece_ok(check, source, dtype)):
+                if check is not None and not _piece_ok(check, source, dtype):
                     failed.append(index)
                     check = None
 
@@ -415,12 +421,6 @@ def _write_buffers(
                 helper.result()
     if failed and checks is not None:
         _full(checks[0])
-
-
-def _piece_ok(verified: Verified, source: Any, dtype: Any) -> bool:
-    import torch
-
-    return bool(verified.piece(torch.from_numpy(source).view(dtype)))
 
 
 def deserialize(ser: Serialized) -> Any:

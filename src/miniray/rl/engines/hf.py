@@ -61,6 +61,7 @@ class HFGenerationEngine:
             )
         self.cache_argument = cache_argument(self.model)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self._slot_cache: _Slots | None = None  # where load_weights puts each entry (_slots)
         if num_threads is not None:
             torch.set_num_threads(num_threads)
 
@@ -180,10 +181,9 @@ class HFGenerationEngine:
             self.model.tie_weights()
 
     def _slots(self) -> _Slots:
-        slots = getattr(self, "_slot_cache", None)
-        if slots is None:
-            slots = self._slot_cache = _Slots(self.model)
-        return slots
+        if self._slot_cache is None:  # worked out at the first load, not by engines that never load
+            self._slot_cache = _Slots(self.model)
+        return self._slot_cache
 
     def state_dict(self) -> dict[str, Any]:
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
