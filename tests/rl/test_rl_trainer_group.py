@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import math
 import os
+import re
 import signal
 import threading
 import time
@@ -464,18 +465,22 @@ def test_large_weights_are_answered_verified_and_checked_as_the_answer_is_stored
     workdir, monkeypatch
 ):
     import miniray.rl.trainer as trainer_module
-    from miniray.runtime import segments, shm
+    from miniray.runtime import segments, serialization, shm
     from miniray.runtime.local.values import error_of, stored_value, value_of
     from miniray.runtime.serialization import Verified
 
     monkeypatch.setattr(trainer_module, "CHECK_IN_COPY_MIN_BYTES", 0)  # as for a large model
+    # As a large model's too: buffers of 4 KiB or more copied out of band, by two threads.
+    monkeypatch.setattr(serialization, "INLINE_LIMIT", 0)
+    monkeypatch.setattr(serialization, "COPY_THREADS", 2)
+    monkeypatch.setattr(serialization, "PARALLEL_COPY_MIN", 0)
     trainer = FullyAsyncTrainer(config(workdir))
     session = "verifiedrank"
     try:
         answer = trainer.publishable_weights(4, 3, {"loss": 0.5})
         assert isinstance(answer, Verified)  # nothing checked yet: that happens as it is stored
         stored = stored_value(answer, session, "TrainerRank.publishable_weights")
-        assert not stored[0]
+        assert not stored[0] and stored[1].segment is not None  # copied out of band
         back = value_of(stored)
         assert torch.equal(back["model.norm.weight"], trainer.live_weights()["model.norm.weight"])
         del back
@@ -489,6 +494,15 @@ def test_large_weights_are_answered_verified_and_checked_as_the_answer_is_stored
             raise error_of(stored)
         with pytest.raises(NonFiniteWeightsError, match=r"model\.norm\.weight"):
             trainer.publishable_weights(5, 4).full()  # in this process: checked when asked
+        # The last entry of the largest tensor (copied out of band, split between the two
+        # threads): the loop that copies it finds it.
+        largest = max(trainer.live_weights().items(), key=lambda item: item[1].numel())[0]
+        with torch.no_grad():
+            trainer.model.get_parameter("model.norm.weight")[0] = 1.0
+            trainer.model.get_parameter(largest).view(-1)[-1] = -math.inf
+        stored = stored_value(trainer.publishable_weights(6, 5), session, "publishable_weights")
+        with pytest.raises(NonFiniteWeightsError, match=rf"step 6: .*{re.escape(largest)}"):
+            raise error_of(stored)
     finally:
         segments.reset()
         shm.unlink_session(session)

@@ -30,6 +30,18 @@ def reports():
     shm.unlink_session(SESSION)
 
 
+def checking(ok):
+    """A ``Verified`` piece as a caller writes one: copies what the runtime hands it into the
+    target (when there is one) and answers ``ok`` of the stretch as a flat tensor."""
+
+    def piece(source, dtype, target=None):
+        if target is not None:
+            target[:] = source
+        return ok(torch.from_numpy(np.array(source)).view(dtype))
+
+    return piece
+
+
 def deliver(value):
     """``value`` as a child receives it: written by its creator (this process), and a delivery
     of its segment unpickled from a message."""
@@ -179,27 +191,34 @@ def test_a_large_value_copied_by_two_threads_arrives_byte_for_byte(two_copy_thre
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_a_verified_value_is_checked_piece_by_piece_as_it_is_copied(monkeypatch, threads):
+def test_a_verified_value_is_checked_by_the_pass_that_copies_it(monkeypatch, threads):
     from miniray.runtime import serialization
 
     monkeypatch.setattr(serialization, "COPY_THREADS", threads)
     monkeypatch.setattr(serialization, "PARALLEL_COPY_MIN", 1 << 20)
-    monkeypatch.setattr(serialization, "VERIFY_PIECE", 64 << 10)
+    monkeypatch.setattr(serialization, "COPY_CHUNK", 1 << 20)
     value = {
-        "big": torch.arange(1_000_000, dtype=torch.float32),  # 4 MB: 62 pieces and a bit
+        "big": torch.arange(1_000_000, dtype=torch.float32),  # 4 MB: 4 stretches for threads
         "half": torch.ones(70_000, dtype=torch.bfloat16),
         "small": torch.full((100,), 2.0, dtype=torch.float64),  # in band: checked whole
     }
     seen: list[tuple[torch.dtype, int, float]] = []
+    copied: list[bool] = []
     fulls: list[int] = []
 
-    def piece(t):
-        seen.append((t.dtype, t.numel(), float(t.double().sum())))
+    def piece(source, dtype, target=None):
+        copied.append(target is not None)
+        if target is not None:
+            target[:] = source  # the piece does the copy: the runtime does not
+        t = torch.from_numpy(np.array(source)).view(dtype)
+        seen.append((dtype, t.numel(), float(t.double().sum())))
         return True
 
     name, ser = deliver(serialization.Verified(value, piece, lambda: fulls.append(1)))
     assert name is not None and len(ser.buffers) == 2 and fulls == []
-    assert max(n * 4 for dtype, n, _ in seen if dtype == torch.float32) <= 64 << 10
+    # The two large tensors through copies (the first in 1 MiB stretches when two threads
+    # copy), the small one in band, checked without one.
+    assert copied.count(False) == 1 and copied.count(True) == (2 if threads == 1 else 5)
     # Every element of every tensor was seen once, as its own dtype.
     for tensor in value.values():  # one dtype each
         got = [(n, s) for dtype, n, s in seen if dtype == tensor.dtype]
@@ -218,13 +237,13 @@ def test_a_failed_piece_asks_the_whole_check_whose_error_stops_the_value(reports
         raise ValueError("'bad' holds NaN")
 
     with pytest.raises(serialization.Rejected) as caught:
-        finite = serialization.Verified(value, lambda t: bool(t.isfinite().all()), full)
+        finite = serialization.Verified(value, checking(lambda t: t.isfinite().all()), full)
         serialize(finite, session_id=SESSION)
     assert isinstance(caught.value.cause, ValueError) and "'bad' holds NaN" in str(caught.value)
     # The segment written so far went back to this process's pool: the next value reuses it.
     assert segments.pooled_bytes() >= value["w"].nbytes
     # A false alarm: the piece check fails, the whole check finds nothing; the value stands.
-    name, ser = deliver(serialization.Verified(value, lambda t: False, lambda: None))
+    name, ser = deliver(serialization.Verified(value, checking(lambda t: False), lambda: None))
     assert name is not None
     back = deserialize(ser)
     assert torch.equal(back["w"], value["w"]) and back["bad"].isnan().sum() == 2048
@@ -235,8 +254,10 @@ def test_an_empty_tensor_of_a_verified_value_is_not_handed_to_the_check(session)
     """Nothing in it to check (a reduction of no entries, NumPy's max, would raise)."""
     from miniray.runtime.serialization import Verified
 
-    def piece(t):
-        assert t.numel() > 0
+    def piece(source, dtype, target=None):
+        assert source.nbytes > 0
+        if target is not None:
+            target[:] = source
         return True
 
     value = {"empty": torch.empty(0), "w": torch.ones(100_000)}
@@ -252,16 +273,18 @@ def test_a_verified_value_pickled_elsewhere_is_checked_whole_and_arrives_plain()
 
     value = {"w": torch.ones(10)}
     fulls = []
-    back = pickle.loads(pickle.dumps(Verified(value, lambda t: True, lambda: fulls.append(1))))
+    back = pickle.loads(
+        pickle.dumps(Verified(value, checking(lambda t: True), lambda: fulls.append(1)))
+    )
     assert fulls == [1] and torch.equal(back["w"], value["w"])
 
     def refuse():
         raise ValueError("no")
 
     with pytest.raises(ValueError, match="no"):
-        pickle.dumps(Verified(value, lambda t: True, refuse))
+        pickle.dumps(Verified(value, checking(lambda t: True), refuse))
     # Nested in another value: checked whole, through the same pickler.
-    nested = Verified({"w": torch.ones(100_000)}, lambda t: True, lambda: fulls.append(2))
+    nested = Verified({"w": torch.ones(100_000)}, checking(lambda t: True), lambda: fulls.append(2))
     _, ser = deliver([nested])
     assert fulls == [1, 2] and torch.equal(deserialize(ser)[0]["w"], torch.ones(100_000))
 
@@ -295,7 +318,12 @@ def test_an_answer_that_fails_its_verification_is_the_calls_error(runtime):
                 if not all(bool(t.isfinite().all()) for t in value.values()):
                     raise FloatingPointError("'w' holds NaN")
 
-            return Verified(value, lambda t: bool(t.isfinite().all()), full)
+            def piece(source, dtype, target=None):
+                if target is not None:
+                    target[:] = source
+                return bool(torch.from_numpy(np.array(source)).view(dtype).isfinite().all())
+
+            return Verified(value, piece, full)
 
     actor = miniray.remote(Publisher).remote()
     good = miniray.get(actor.weights.remote(False), timeout=60)
@@ -341,12 +369,17 @@ def wait_until(condition, what, timeout=10.0):
         time.sleep(0.005)
 
 
-@pytest.mark.parametrize("threads", [2, 3, 4])
-def test_parts_split_buffers_on_whole_elements_and_cover_every_byte_once(monkeypatch, threads):
+@pytest.mark.parametrize("threads", [1, 2, 3, 4])
+def test_threads_take_stretches_split_on_whole_elements_and_copy_every_byte_once(
+    monkeypatch, threads
+):
+    import threading
+
     from miniray.runtime import serialization
 
     monkeypatch.setattr(serialization, "COPY_THREADS", threads)
     monkeypatch.setattr(serialization, "PARALLEL_COPY_MIN", 0)
+    monkeypatch.setattr(serialization, "COPY_CHUNK", 64 * 67)  # 4288 bytes: 1072 float32s
     monkeypatch.setattr(serialization, "_copier", None)
     # A bf16 buffer of an odd number of elements first: the float32 ones after it start 2
     # bytes off a multiple of 4 in the value's bytes (a split counted over the whole value
@@ -360,17 +393,26 @@ def test_parts_split_buffers_on_whole_elements_and_cover_every_byte_once(monkeyp
     rng = np.random.default_rng(0)
     sources = [rng.integers(0, 255, size, np.uint8) for size, _ in buffers]
     mapping = bytearray(offset)
-    seen: list[int] = []
+    seen: list[tuple[int, torch.dtype]] = []
+    copiers: set[int] = set()
 
-    def piece(t):
-        seen.append(t.numel() * t.element_size())
+    def piece(source, dtype, target):
+        seen.append((source.nbytes, dtype))
+        copiers.add(threading.get_ident())
+        target[:] = source
+        time.sleep(0.001)  # every thread gets some (the caller's alone would be quick)
         return True
 
     verified = serialization.Verified(None, piece, lambda: None)
     dtypes = [dtype for _, dtype in buffers]
     raws = [memoryview(source) for source in sources]
     serialization._write_buffers(np, mapping, raws, layout, (verified, dtypes))
-    assert sum(seen) == sum(size for size, _ in buffers)
+    assert sum(n for n, _ in seen) == sum(size for size, _ in buffers)
+    assert all(n % dtype.itemsize == 0 for n, dtype in seen)
+    if threads > 1:  # split into stretches of at most COPY_CHUNK, taken by every thread
+        assert max(n for n, _ in seen) <= 64 * 67 and len(copiers) == threads
+    else:  # one thread copies whole buffers
+        assert sorted(n for n, _ in seen) == sorted(size for size, _ in buffers)
     for (off, size), source in zip(layout, sources):
         assert bytes(mapping[off : off + size]) == source.tobytes()
     if serialization._copier is not None:

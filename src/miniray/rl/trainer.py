@@ -15,13 +15,13 @@ import random
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy
 import torch
 
 from miniray.rl.compat import actor_constructor
 from miniray.rl.config import RLConfig
 from miniray.rl.errors import NonFiniteWeightsError
 from miniray.rl.extrapolation import Extrapolator
+from miniray.rl.finite import copy_finite
 from miniray.rl.parallel import (
     RankSetup,
     full_optimizer_state,
@@ -122,26 +122,6 @@ def _finite_range(value: torch.Tensor) -> bool:
     return math.isfinite(float(low)) and math.isfinite(float(high))
 
 
-def _finite_piece(piece: torch.Tensor) -> bool:
-    """``Verified``'s check of one flat piece of a published tensor (at most 1 MiB, in the
-    cache of the copying thread that calls it). NumPy's reductions, not torch's: a torch
-    reduction of 1 MiB runs on the process's intra-op threads, every copying thread starting
-    its own team of them. Putting 1.0 GB of bf16 from a process with 2 torch threads on the
-    2-core machine took 118-131 ms checked with torch sums, 97-107 ms with these (78-80 ms
-    unchecked); with 1 torch thread, as a rank there has, 92 against 95 ms.
-    bf16 as its bits: an entry is NaN or inf exactly when its exponent is all ones, so a
-    positive one is an int16 of 0x7F80 or more and a negative one a uint16 of 0xFF80 or more
-    (two max passes, ~30 GB/s from the cache on one thread); float16/32/64 by their max and
-    min, which NaN propagates through (~32 GB/s)."""
-    if piece.dtype == torch.bfloat16:
-        bits = piece.view(torch.int16).numpy()
-        return int(bits.max()) < 0x7F80 and int(bits.view(numpy.uint16).max()) < 0xFF80
-    if piece.dtype in (torch.float16, torch.float32, torch.float64):
-        values = piece.numpy()
-        return bool(numpy.isfinite(values.max()) and numpy.isfinite(values.min()))
-    return not piece.is_floating_point() or _finite_range(piece)
-
-
 def policy_update_config(config: RLConfig) -> PolicyUpdateConfig:
     """Every ``actor_rollout_ref.actor`` and ``algorithm`` option, as the update takes it."""
     actor, optim = config.actor_rollout_ref.actor, config.actor_rollout_ref.actor.optim
@@ -176,12 +156,13 @@ def policy_update_config(config: RLConfig) -> PolicyUpdateConfig:
 
 
 # From this many bytes of weights on, ``publishable_weights`` answers them ``Verified``:
-# checked piece by piece where the runtime copies them into shared memory, from the cache,
-# instead of read from memory once more beside (or before) the copy. At Qwen2.5-0.5B size
-# (0.99 GB, bf16, 2 cores) the rank's answer took 113-119 ms with the check beside the copy
-# and 86-117 ms checked in it, on two copying threads (take_and_check, benchmarks/
-# weight_sync.py, on a machine whose runs of one tree differ by +-15 ms); below a few MiB
-# there is nothing to save, and the caller in this process gets plain weights, checked already.
+# checked in the loop that copies them into shared memory (``rl.finite``), instead of read
+# from memory once more beside (or before) the copy. At Qwen2.5-0.5B size (0.99 GB, bf16,
+# 2 cores) the rank's answer took 113-119 ms with the check beside the copy, 86-117 ms with
+# 1 MiB pieces checked from the cache after copying them, and the copy's own time checked in
+# its loop (take_and_check, benchmarks/weight_sync.py); below a few MiB there is nothing to
+# save (and no compiled loop to load), and the caller in this process gets plain weights,
+# checked already.
 CHECK_IN_COPY_MIN_BYTES = 16 << 20
 
 
@@ -299,9 +280,8 @@ class FullyAsyncTrainer:
         argument (the rollouter's swap sent with the step) never gets unchecked weights.
 
         Weights of ``CHECK_IN_COPY_MIN_BYTES`` or more come back ``Verified``: the runtime
-        checks them while it copies them into shared memory (as the answer is stored), each
-        piece from the cache right after the copy read it. In this process, ``.full()``
-        checks them and ``.value`` is the weights.
+        checks them in the loop that copies them into shared memory (as the answer is
+        stored). In this process, ``.full()`` checks them and ``.value`` is the weights.
 
         ``extrapolation`` c > 0: the weights extrapolated along the step since the last
         publish (``rl.extrapolation``), computed and checked here, so the driver passes the
@@ -319,7 +299,7 @@ class FullyAsyncTrainer:
         if _state_bytes(weights) < CHECK_IN_COPY_MIN_BYTES:
             check()
             return weights
-        return Verified(weights, _finite_piece, check)
+        return Verified(weights, copy_finite, check)
 
     def live_weights(self) -> dict[str, torch.Tensor]:
         """The parameters themselves, detached: for a caller that copies them out (a ``put``)

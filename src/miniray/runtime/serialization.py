@@ -22,6 +22,7 @@ network protocols of miniray use msgpack framing instead (see docs/design.md).
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import pickle
 import sys
@@ -203,19 +204,22 @@ def _is_plain(value: Any, budget: int = 64) -> bool:
 
 
 class Verified:
-    """``value``, whose tensors are checked where the serializer copies them anyway: each
-    piece (at most ``VERIFY_PIECE`` bytes of one tensor, flat) is handed to ``piece`` from the
-    cache right after the copy read it, instead of the check reading the value from memory a
-    second time. ``piece(tensor) -> bool``; when a piece fails (or a buffer is not a tensor's),
-    ``full()`` checks the whole value and raises what the caller should see (or returns: the
-    value stands, a cheap check's false alarm cleared by the exact one). The value is stored
-    only once verified; a raise from ``full()`` becomes the error of the call whose answer
-    this is (``Rejected``). Only at the top of a value: any other pickler (Ray's, a nested
-    one) runs ``full()`` and pickles ``value`` itself.
+    """``value``, whose tensors are checked where the serializer copies them anyway, in the
+    same pass: the serializer hands each stretch of a tensor's bytes to
+    ``piece(source, dtype, target) -> bool``, which copies ``source`` (a flat uint8 array, a
+    whole number of ``dtype`` entries) into ``target`` and answers whether it passed; with
+    ``target`` None (a small buffer kept in the pickle stream) it only checks. When a stretch
+    fails (or a buffer is not a tensor's), ``full()`` checks the whole value and raises what
+    the caller should see (or returns: the value stands, a cheap check's false alarm cleared
+    by the exact one). The value is stored only once verified; a raise from ``full()`` becomes
+    the error of the call whose answer this is (``Rejected``). Only at the top of a value: any
+    other pickler (Ray's, a nested one) runs ``full()`` and pickles ``value`` itself.
 
     Measured at Qwen2.5-0.5B size (0.99 GB, bf16) on the 2-core machine: the finiteness check
     beside the copy, each reading memory, took the rank's answer ~113 ms (the copy alone
-    ~65-80 ms); benchmarks/weight_sync.py, docs/benchmarks.md."""
+    ~65-80 ms); copying 1 MiB pieces and checking each from the cache, 95-108 ms; one loop
+    that copies and checks (``rl.finite``), as fast as the copy (benchmarks/weight_sync.py,
+    docs/benchmarks.md)."""
 
     __slots__ = ("full", "piece", "value")
 
@@ -233,9 +237,6 @@ class Rejected(Exception):
     def __init__(self, cause: BaseException):
         super().__init__(f"{type(cause).__name__}: {cause}")
         self.cause = cause
-
-
-VERIFY_PIECE = 1 << 20  # bytes a Verified's ``piece`` sees at once: in any core's L2 cache
 
 
 def serialize(value: Any, *, session_id: str | None) -> Serialized:
@@ -313,18 +314,22 @@ def _verify_whole(verified: Verified, buf: pickle.PickleBuffer, dtype: Any) -> N
     """A buffer kept in band: checked whole (small; an empty one holds nothing to check), or
     the value whole if not a tensor's."""
     raw = buf.raw()
-    if raw.nbytes and not _piece_ok(verified, raw, dtype):
+    if not raw.nbytes:
+        return
+    # A tensor's buffer comes with numpy loaded (the tensor reducer made it an array).
+    source = raw if dtype is None else sys.modules["numpy"].frombuffer(raw, "uint8")
+    if not _piece_ok(verified, source, dtype):
         _full(verified)
 
 
-def _piece_ok(verified: Verified, piece: Any, dtype: Any) -> bool:
-    """``verified.piece`` of the bytes ``piece`` as a flat tensor of ``dtype``; a buffer that is
-    not a tensor's (``dtype`` None) fails, so ``full()`` decides."""
+def _piece_ok(verified: Verified, source: Any, dtype: Any, target: Any = None) -> bool:
+    """``verified.piece`` of the bytes ``source`` (copied into ``target`` if given); a buffer
+    that is not a tensor's (``dtype`` None) is only copied and fails, so ``full()`` decides."""
     if dtype is None:
+        if target is not None:
+            target[:] = source
         return False
-    import torch
-
-    return bool(verified.piece(torch.frombuffer(piece, dtype=torch.uint8).view(dtype)))
+    return bool(verified.piece(source, dtype, target))
 
 
 def _copy_threads() -> int:
@@ -343,6 +348,7 @@ COPY_THREADS = _copy_threads()
 # ms on two on the 2-core development machine (11.2-11.4 vs 15.5-16.5 GB/s); below a few MiB
 # handing the parts to the threads costs more than it saves.
 PARALLEL_COPY_MIN = 8 << 20
+COPY_CHUNK = 16 << 20  # what a copying thread takes at a time: ~2 ms of copying, a multiple of 64
 _copier: Any = None  # the threads beside the caller's, started with the first large value
 _copier_lock = threading.Lock()
 
@@ -356,6 +362,17 @@ def _forget_copier() -> None:
 os.register_at_fork(after_in_child=_forget_copier)
 
 
+def _stretches(layout: list, chunk: int | None) -> list[tuple[int, int, int]]:
+    """(buffer index, start, size) covering every buffer once, each at most ``chunk`` bytes
+    (None: whole buffers). ``chunk`` is a multiple of 64, so every split falls between whole
+    elements of any dtype."""
+    return [
+        (index, start, min(chunk or size, size - start))
+        for index, (_, size) in enumerate(layout)
+        for start in range(0, size, chunk or max(size, 1))
+    ]
+
+
 def _write_buffers(
     numpy: Any,
     mapping: Any,
@@ -363,49 +380,36 @@ def _write_buffers(
     layout: list,
     checks: tuple[Verified, list[Any]] | None = None,
 ) -> None:
-    """Copy each buffer to its (offset, size) in ``mapping``; a large total is split into
-    COPY_THREADS contiguous parts of about equal bytes, the caller copying the first. numpy's
-    copy releases the GIL (an mmap slice assignment holds it for the whole memcpy), and so do
-    the reductions that check a piece, so the parts run side by side. ``checks``: a Verified value and
-    each buffer's dtype (None: not a tensor's); each thread copies VERIFY_PIECE bytes, then
-    checks them while they are in its cache."""
+    """Copy each buffer to its (offset, size) in ``mapping``; a large total by COPY_THREADS
+    threads, the caller one of them, each taking the next COPY_CHUNK bytes until none are left
+    (equal halves fixed in advance finished up to 15 ms apart at 1 GB on the 2-core machine:
+    one thread's source copied slower than the other's, or its core was lent to another
+    process for a while). numpy's copy releases the GIL (an mmap slice assignment holds it
+    for the whole memcpy), and so must a Verified value's ``piece``, so the threads run side by
+    side. ``checks``: a Verified value and each buffer's dtype (None: not a tensor's), whose
+    ``piece`` copies each stretch."""
     global _copier
     verified, dtypes = checks if checks is not None else (None, [None] * len(raws))
     total = sum(size for _, size in layout)
     threads = COPY_THREADS if total >= PARALLEL_COPY_MIN else 1
-    share = -(-total // threads)
-    parts: list[list[tuple[int, int, int]]] = [[] for _ in range(threads)]
-    part = used = 0
-    for index, (_, size) in enumerate(layout):
-        start = 0
-        while start < size:
-            end = size
-            if part < threads - 1 and used + size - start > share:
-                # The part is full inside this buffer: split it on whole elements (a multiple
-                # of 64 bytes from the buffer's start is one of any dtype's size).
-                end = (start + share - used) // 64 * 64
-            if end > start:
-                parts[part].append((index, start, end - start))
-                used, start = used + end - start, end
-            if end < size:
-                part, used = part + 1, 0
+    stretches = _stretches(layout, COPY_CHUNK if threads > 1 else None)
+    taken = itertools.count()  # next() is atomic under the GIL: each stretch goes to one thread
     failed: list[int] = []  # buffers whose check failed (appended from several threads)
 
-    def copy(part: list[tuple[int, int, int]]) -> None:
-        check = verified  # None once a piece failed: the rest is only copied, full() decides
-        for index, start, size in part:
-            raw, off, dtype = raws[index], layout[index][0], dtypes[index]
-            step = size if check is None else VERIFY_PIECE
-            for lo in range(start, start + size, step):
-                n = min(step, start + size - lo)
-                source = numpy.frombuffer(raw, numpy.uint8, n, lo)
-                numpy.frombuffer(mapping, numpy.uint8, n, off + lo)[:] = source
-                if check is not None and not _piece_ok(check, source, dtype):
-                    failed.append(index)
-                    check = None
+    def copy() -> None:
+        for i in taken:
+            if i >= len(stretches):
+                return
+            index, start, size = stretches[i]
+            source = numpy.frombuffer(raws[index], numpy.uint8, size, start)
+            target = numpy.frombuffer(mapping, numpy.uint8, size, layout[index][0] + start)
+            if verified is None or failed:  # after a failure only copied: full() decides
+                target[:] = source
+            elif not _piece_ok(verified, source, dtypes[index], target):
+                failed.append(index)
 
     if threads == 1:
-        copy(parts[0])
+        copy()
     else:
         with _copier_lock:  # two threads storing values at once start one pool
             if _copier is None:
@@ -413,11 +417,11 @@ def _write_buffers(
 
                 _copier = ThreadPoolExecutor(COPY_THREADS - 1, thread_name_prefix="miniray-copy")
             copier = _copier
-        helpers = [copier.submit(copy, part) for part in parts[1:]]
+        helpers = [copier.submit(copy) for _ in range(threads - 1)]
         try:
-            copy(parts[0])
+            copy()
         finally:
-            for helper in helpers:  # every part done (or failed) before the caller goes on
+            for helper in helpers:  # every stretch done (or failed) before the caller goes on
                 helper.result()
     if failed and checks is not None:
         _full(checks[0])
