@@ -24,8 +24,10 @@ completed its steps and the tree's peak sum of RSS (the stricter) stayed at or u
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -90,6 +92,7 @@ def main() -> None:
     args = parser.parse_args()
 
     root = pathlib.Path(tempfile.mkdtemp(prefix="rl_memory_"))
+    atexit.register(shutil.rmtree, root, True)  # the model: ~1 GB a run
     tokenizer = char_tokenizer(ArithmeticTask().alphabet)
     torch.manual_seed(0)
     model = qwen25_05b_shaped(tokenizer, dtype=getattr(torch, args.dtype))

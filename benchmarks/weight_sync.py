@@ -31,9 +31,11 @@ Last line: {"publish_s": x, "publish_with_step_s": w, "memcpy_s": y, "ratio": x 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import pathlib
+import shutil
 import statistics
 import tempfile
 import time
@@ -81,6 +83,7 @@ def main() -> None:
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     root = pathlib.Path(tempfile.mkdtemp(prefix="weight_sync_"))
+    atexit.register(shutil.rmtree, root, True)  # the model: ~1 GB a run
     print(f"writing a {args.dtype} model of Qwen2.5-0.5B's shape to {root} ...", flush=True)
     path = write_model(root, dtype)
     write_prompts(ArithmeticTask().rows(16), root / "train.jsonl")
