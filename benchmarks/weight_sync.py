@@ -1,6 +1,6 @@
 """Weight sync trainer -> rollouter at Qwen2.5-0.5B size, through the product's own path.
 
-    python benchmarks/weight_sync.py [--dtype bfloat16] [--repeats 3]
+    python benchmarks/weight_sync.py [--dtype bfloat16] [--repeats 5]
 
 A model of Qwen2.5-0.5B's shape with random weights (no download) is saved with
 ``save_pretrained`` and loaded back by the real classes, placed as ``python -m miniray.rl.main``
@@ -21,8 +21,9 @@ weights (a local copy, not timed). The rounds alternate between the two ways a r
   the rank's copy starts right behind the step) and stops when ``wait()`` returns.
 
 ``memcpy_s`` is one copy of the model's bytes between preallocated tensors on one thread, the
-issue's reference; ``memcpy_parallel_s`` the same copy by torch on every core (the runtime
-copies large values into shared memory on up to 4 threads, ``MINIRAY_COPY_THREADS``).
+issue's reference, measured in every round before its publish (medians over the timed rounds,
+publishes and copies alike); ``memcpy_parallel_s`` the same copy by torch on every core (the
+runtime copies large values into shared memory on up to 4 threads, ``MINIRAY_COPY_THREADS``).
 
 Last line: {"publish_s": x, "publish_with_step_s": w, "memcpy_s": y, "ratio": x / y,
 "ratio_with_step": w / y, "memcpy_parallel_s": z, "bytes": n, "phases_ms": {...}}
@@ -56,30 +57,37 @@ def write_model(root: pathlib.Path, dtype: torch.dtype) -> pathlib.Path:
     return save(qwen25_05b_shaped(tokenizer, dtype=dtype), tokenizer, root / "model")
 
 
-def memcpy_seconds(weights: dict[str, torch.Tensor], threads: int = 1) -> float:
-    """The median of 3 copies of every unique tensor, on ``threads`` torch threads."""
-    unique = list({t.data_ptr(): t for t in weights.values()}.values())
-    targets = [torch.empty_like(t) for t in unique]
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        for dst, src in zip(targets, unique):  # fault the destination pages in first
-            dst.copy_(src)
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            for dst, src in zip(targets, unique):
-                dst.copy_(src)
-            times.append(time.perf_counter() - start)
-    finally:
-        torch.set_num_threads(before)
-    return statistics.median(times)
+class Memcpy:
+    """One copy of every unique tensor of ``weights`` between preallocated tensors, timed: the
+    issue's reference. Measured in every round right before its publish (the machine's memory
+    bandwidth drifts by 20-30% over a run here; a reference taken once at the start compared
+    later publishes with another machine)."""
+
+    def __init__(self, weights: dict[str, torch.Tensor]):
+        self.sources = list({t.data_ptr(): t for t in weights.values()}.values())
+        self.targets = [torch.empty_like(t) for t in self.sources]
+        self.seconds(1)  # fault the destination pages in first
+
+    def seconds(self, threads: int) -> float:
+        """The median of 3 copies on ``threads`` torch threads."""
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            times = []
+            for _ in range(3):
+                start = time.perf_counter()
+                for dst, src in zip(self.targets, self.sources):
+                    dst.copy_(src)
+                times.append(time.perf_counter() - start)
+        finally:
+            torch.set_num_threads(before)
+        return statistics.median(times)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    parser.add_argument("--repeats", type=int, default=3, help="timed rounds of each way")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds of each way")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     root = pathlib.Path(tempfile.mkdtemp(prefix="weight_sync_"))
@@ -107,6 +115,8 @@ def main() -> None:
     miniray.init(num_workers=1)
     publish_s: dict[str, list[float]] = {"after_step": [], "with_step": []}
     blocking_s, first_gen_s = [], []
+    memcpy_s: list[float] = []  # the reference, measured in each round before its publish
+    memcpy_parallel_s: list[float] = []
     try:
         group = TrainerGroup.start(cfg)
         rollouter = FullyAsyncRollouter.remote(cfg)
@@ -116,13 +126,14 @@ def main() -> None:
         nbytes = sum(
             t.numel() * t.element_size() for t in {id(t): t for t in weights.values()}.values()
         )
-        memcpy = memcpy_seconds(weights)
-        memcpy_parallel = memcpy_seconds(weights, threads=len(os.sched_getaffinity(0)))
+        reference = Memcpy(weights)
         del weights
         params = sum(p.numel() for p in local.parameters())
         print(f"{params / 1e6:.0f} M parameters, {nbytes / 2**30:.2f} GiB", flush=True)
         for version in range(1, 2 * args.repeats + 2):
             batch = miniray.get(rollouter.generate_batch.remote(1, version - 1), timeout=600)
+            memcpy_s.append(reference.seconds(1))
+            memcpy_parallel_s.append(reference.seconds(len(os.sched_getaffinity(0))))
             # The first sync (after_step) learns that the rollouter takes its weights by value.
             way = "with_step" if version % 2 == 0 else "after_step"
             if way == "with_step":
@@ -153,6 +164,8 @@ def main() -> None:
         group.close()
     finally:
         miniray.shutdown()
+    memcpy = statistics.median(memcpy_s[1:])  # the rounds timed (the first warms up)
+    memcpy_parallel = statistics.median(memcpy_parallel_s[1:])
     publish = statistics.median(publish_s["after_step"])
     with_step = statistics.median(publish_s["with_step"])
     phases = {"take_and_check": round(statistics.median(blocking_s) * 1e3, 1)}
