@@ -35,6 +35,7 @@ from miniray.rl.parallel import (
 from miniray.rl.policy import PolicyUpdateConfig, PolicyUpdater
 from miniray.rl.rollouter import as_rl_config
 from miniray.rl.staleness import check_version, sample_age
+from miniray.rl.state_slots import StateSlots
 from miniray.rl.tracking import peak_rss_gib
 from miniray.rl.types import Sample
 from miniray.runtime.serialization import Verified
@@ -200,6 +201,7 @@ class FullyAsyncTrainer:
         if model.enable_gradient_checkpointing:
             enable_activation_checkpointing(self.model)
         self._tied = tied_names(self.model)
+        self._state_slots: StateSlots | None = None  # an unsharded model's (_full_weights)
         self.wrapped = wrap(self.model, self.setup, compute_dtype=self.dtype)
         update = policy_update_config(self.config)
         # actor.use_kl_loss: the reference is the model the run starts from, loaded again and
@@ -308,13 +310,14 @@ class FullyAsyncTrainer:
         return self._full_weights()
 
     def _full_weights(self) -> dict[str, torch.Tensor]:
-        state = full_state_dict(
-            self.wrapped,
-            self.model,
-            self.setup,
-            self._tied,
-            dtype=self.dtype if self.setup.sharded else None,
-        )
+        if self.setup.sharded:
+            state = full_state_dict(
+                self.wrapped, self.model, self.setup, self._tied, dtype=self.dtype
+            )
+        else:  # the live tensors, each read where it lives: ~0.3 ms, state_dict() ~2 ms
+            if self._state_slots is None:
+                self._state_slots = StateSlots(self.model)
+            state = self._state_slots.read()
         if torch.device(self.setup.device).type != "cpu":
             state = share_tied({k: v.cpu() for k, v in state.items()}, copy=False)
         return state

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from miniray.rl.engines.base import Generation, check_generate_args
+from miniray.rl.state_slots import StateSlots
 
 
 class HFGenerationEngine:
@@ -61,7 +62,7 @@ class HFGenerationEngine:
             )
         self.cache_argument = cache_argument(self.model)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
-        self._slot_cache: _Slots | None = None  # where load_weights puts each entry (_slots)
+        self._slot_cache: StateSlots | None = None  # where load_weights puts each entry
         if num_threads is not None:
             torch.set_num_threads(num_threads)
 
@@ -157,11 +158,11 @@ class HFGenerationEngine:
         are copied into the existing parameters. Measured at Qwen2.5-0.5B size in bf16
         (benchmarks/weight_sync.py): copying cost 604 ms of a 610 ms sync; taking them through
         ``load_state_dict(assign=True)`` ~6 ms (its walk over 1,276 modules), and setting the
-        290 parameters directly (``_Slots``) ~1 ms.
+        290 parameters directly (``StateSlots``) ~1 ms.
         """
         slots = self._slots()
         missing = [k for k in slots.names if k not in state_dict and k not in slots.tied]
-        unexpected = [k for k in state_dict if k not in slots.names]
+        unexpected = [k for k in state_dict if k not in slots.known]
         if missing or unexpected:
             raise ValueError(
                 f"load_weights: missing parameters {missing[:5]}, unexpected "
@@ -180,72 +181,13 @@ class HFGenerationEngine:
             # embedding's tensor, not the one it had before.
             self.model.tie_weights()
 
-    def _slots(self) -> _Slots:
+    def _slots(self) -> StateSlots:
         if self._slot_cache is None:  # worked out at the first load, not by engines that never load
-            self._slot_cache = _Slots(self.model)
+            self._slot_cache = StateSlots(self.model)
         return self._slot_cache
 
     def state_dict(self) -> dict[str, Any]:
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-
-
-class _Slots:
-    """Each state-dict entry of a model: its dtype, device and shape, and the module and
-    attribute it lives in, worked out once (assigning tensors like the ones there changes
-    none of it). A model with load hooks, parametrizations or renamed entries goes through
-    ``load_state_dict(assign=True)``, which handles them."""
-
-    def __init__(self, model: Any):
-        self.model = model
-        state = model.state_dict()
-        self.names = list(state)
-        self.meta = {name: (t.dtype, t.device, t.shape) for name, t in state.items()}
-        self.tied = _tied_names(model)
-        modules = dict(model.named_modules())
-        self.where: dict[str, tuple[Any, str]] = {}
-        for name in self.names:
-            owner, _, attr = name.rpartition(".")
-            module = modules.get(owner)
-            if module is None or not (attr in module._parameters or attr in module._buffers):
-                break
-            self.where[name] = (module, attr)
-        self.direct = len(self.where) == len(self.names) and not any(
-            module._load_state_dict_pre_hooks
-            or module._load_state_dict_post_hooks
-            or getattr(module, "parametrizations", None)
-            for module in modules.values()
-        )
-
-    def takes(self, name: str, tensor: Any) -> bool:
-        """Whether ``tensor`` can become entry ``name`` as it is (same dtype, device, shape)."""
-        return isinstance(tensor, torch.Tensor) and self.meta[name] == (
-            tensor.dtype,
-            tensor.device,
-            tensor.shape,
-        )
-
-    def assign(self, tensors: Mapping[str, Any]) -> None:
-        if not self.direct:
-            self.model.load_state_dict(tensors, strict=False, assign=True)
-            return
-        for name, tensor in tensors.items():
-            module, attr = self.where[name]
-            old = module._parameters.get(attr)
-            if old is not None:  # as assign=True does: the parameter's requires_grad kept
-                module._parameters[attr] = torch.nn.Parameter(tensor, old.requires_grad)
-            else:
-                module._buffers[attr] = tensor
-
-
-def _tied_names(model: Any) -> set[str]:
-    """State-dict names that share their tensor with an earlier name (tied embeddings)."""
-    seen: set[int] = set()
-    tied = set()
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if id(tensor) in seen:
-            tied.add(name)
-        seen.add(id(tensor))
-    return tied
 
 
 def sampling_log_probs(
