@@ -17,9 +17,7 @@ def tiny_model():
 
 
 def test_read_is_the_state_dict_of_live_tensors_with_tied_entries_as_one():
-    model = tiny_model()
-    model.config.tie_word_embeddings = True
-    model.tie_weights()
+    model = tiny_model()  # its output embedding is its input embedding
     slots = StateSlots(model)
     assert slots.direct and slots.tied == {"lm_head.weight": "model.embed_tokens.weight"}
     state, expected = slots.read(), model.state_dict()
@@ -53,6 +51,7 @@ def test_assign_makes_the_tensors_the_parameters_and_keeps_requires_grad():
     model.get_parameter("model.norm.weight").requires_grad_(False)
     slots = StateSlots(model)
     new = {k: torch.randn_like(v) for k, v in model.state_dict().items()}
+    new["lm_head.weight"] = new["model.embed_tokens.weight"]  # tied: one tensor, as published
     assert all(slots.takes(k, v) for k, v in new.items())
     assert not slots.takes("model.norm.weight", new["model.norm.weight"].double())
     slots.assign(new)
@@ -61,3 +60,16 @@ def test_assign_makes_the_tensors_the_parameters_and_keeps_requires_grad():
         assert param.data_ptr() == tensor.data_ptr()  # taken as it is, no copy
     assert not model.get_parameter("model.norm.weight").requires_grad
     assert model.get_parameter("model.embed_tokens.weight").requires_grad
+
+
+def test_assign_keeps_tied_entries_tied_whether_or_not_they_are_given():
+    model = tiny_model()
+    slots = StateSlots(model)
+    for with_tied in (True, False):
+        new = {k: torch.randn_like(v) for k, v in model.state_dict().items()}
+        new["lm_head.weight"] = new["model.embed_tokens.weight"]
+        if not with_tied:
+            del new["lm_head.weight"]
+        slots.assign(new)
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+        assert model.lm_head.weight.data_ptr() == new["model.embed_tokens.weight"].data_ptr()

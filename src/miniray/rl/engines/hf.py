@@ -173,13 +173,9 @@ class HFGenerationEngine:
         for name, tensor in state_dict.items():
             (assign if take and slots.takes(name, tensor) else copy)[name] = tensor
         if assign:
-            slots.assign(assign)
+            slots.assign(assign)  # tied entries tied again (new Parameter objects)
         if copy:
             self.model.load_state_dict(copy, strict=False)
-        if slots.tied or assign:
-            # Assigned Parameter objects are new: the output embedding must again be the input
-            # embedding's tensor, not the one it had before.
-            self.model.tie_weights()
 
     def _slots(self) -> StateSlots:
         if self._slot_cache is None:  # worked out at the first load, not by engines that never load
