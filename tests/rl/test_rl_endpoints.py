@@ -45,6 +45,24 @@ def test_a_plain_object_answers_with_its_value_or_its_own_error():
     assert not isinstance(info.value, CallTimeoutError)
 
 
+def test_an_object_that_answers_at_once_runs_in_the_callers_thread():
+    class Snapshot(Endpoint):
+        answers_at_once = True
+
+        def where(self):
+            return threading.get_ident()
+
+    target, deadline = Snapshot(), time.monotonic() + 10
+    assert call(target, "where").result(deadline) == threading.get_ident()
+    assert call(Endpoint(), "add", 1).result(deadline) == 1
+    pending = call(target, "fail")  # its error waits for the caller, as a thread's would
+    with pytest.raises(ValueError, match="bad input"):
+        pending.result(deadline)
+    # Other plain objects still run on a thread of their own (a deadline can cut them short).
+    other = call(type("Plain", (), {"where": Snapshot.where})(), "where")
+    assert other.result(deadline) != threading.get_ident()
+
+
 def test_a_hung_plain_call_ends_at_the_deadline_with_a_named_timeout():
     target = Endpoint()
     pending = call(target, "hang")

@@ -324,6 +324,10 @@ class PublishedWeights:
     theta_before)`` (``rl.extrapolation``), computed while staging, in the sync's thread
     rather than on the trainer's path."""
 
+    # The synchronizer's get_weights() of this snapshot hands over what is staged: run in the
+    # sync's own thread (endpoints.call), not on one started for it.
+    answers_at_once = True
+
     def __init__(self, extrapolation: float = 0.0) -> None:
         self.weights: Any = None
         self.extrapolation = extrapolation
