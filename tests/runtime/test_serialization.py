@@ -419,6 +419,22 @@ def test_threads_take_stretches_split_on_whole_elements_and_copy_every_byte_once
         serialization._copier.shutdown(wait=True)
 
 
+def test_a_plain_value_is_copied_in_a_threads_share_a_checked_one_in_small_stretches():
+    from miniray.runtime.serialization import COPY_CHUNK, _stretch_bytes, _stretches
+
+    gib = 1 << 30
+    assert _stretch_bytes(gib, 1, checked=False) is None  # one thread: whole buffers
+    assert _stretch_bytes(gib, 2, checked=False) == gib // 2  # past the cache, one each
+    assert _stretch_bytes(gib + 1, 2, checked=False) % 64 == 0  # whole elements
+    assert _stretch_bytes(gib, 2, checked=True) == COPY_CHUNK  # balanced to ~2 ms
+    assert _stretch_bytes(COPY_CHUNK, 4, checked=False) == COPY_CHUNK
+    assert _stretches([(0, gib), (gib, 100)], gib // 2) == [
+        (0, 0, gib // 2),
+        (0, gib // 2, gib // 2),
+        (1, 0, 100),
+    ]
+
+
 def test_a_forked_child_copies_with_threads_of_its_own(two_copy_threads):
     """The parent's copying threads do not exist in a forked child: it starts its own (NumPy
     only in the child: torch's OpenMP threads do not survive a fork either)."""

@@ -373,6 +373,20 @@ def _stretches(layout: list, chunk: int | None) -> list[tuple[int, int, int]]:
     ]
 
 
+def _stretch_bytes(total: int, threads: int, *, checked: bool) -> int | None:
+    """The most bytes a copying thread takes at a time (None: whole buffers, one thread). A
+    checked value's loop stores through the cache at any size: COPY_CHUNK, which keeps the
+    threads within ~2 ms of each other. A plain value's: about a thread's share, since a
+    memcpy that large stores past the cache (glibc's non-temporal stores): a 1 GB put took 58
+    ms in two halves against 84 ms in 16 MiB stretches on the 2-core machine, and a value of
+    many buffers is still shared out buffer by buffer."""
+    if threads == 1:
+        return None
+    if checked:
+        return COPY_CHUNK
+    return max(COPY_CHUNK, -(-total // (threads * 64)) * 64)
+
+
 def _write_buffers(
     numpy: Any,
     mapping: Any,
@@ -381,10 +395,10 @@ def _write_buffers(
     checks: tuple[Verified, list[Any]] | None = None,
 ) -> None:
     """Copy each buffer to its (offset, size) in ``mapping``; a large total by COPY_THREADS
-    threads, the caller one of them, each taking the next COPY_CHUNK bytes until none are left
-    (equal halves fixed in advance finished up to 15 ms apart at 1 GB on the 2-core machine:
-    one thread's source copied slower than the other's, or its core was lent to another
-    process for a while). numpy's copy releases the GIL (an mmap slice assignment holds it
+    threads, the caller one of them, each taking the next stretch (``_stretch_bytes``) until
+    none are left: equal halves fixed in advance finished up to 15 ms apart at 1 GB on the
+    2-core machine (one thread's source copied slower than the other's, or its core was lent
+    to another process for a while). numpy's copy releases the GIL (an mmap slice assignment holds it
     for the whole memcpy), and so must a Verified value's ``piece``, so the threads run side by
     side. ``checks``: a Verified value and each buffer's dtype (None: not a tensor's), whose
     ``piece`` copies each stretch."""
@@ -392,7 +406,7 @@ def _write_buffers(
     verified, dtypes = checks if checks is not None else (None, [None] * len(raws))
     total = sum(size for _, size in layout)
     threads = COPY_THREADS if total >= PARALLEL_COPY_MIN else 1
-    stretches = _stretches(layout, COPY_CHUNK if threads > 1 else None)
+    stretches = _stretches(layout, _stretch_bytes(total, threads, checked=verified is not None))
     taken = itertools.count()  # next() is atomic under the GIL: each stretch goes to one thread
     failed: list[int] = []  # buffers whose check failed (appended from several threads)
 
