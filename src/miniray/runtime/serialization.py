@@ -398,10 +398,10 @@ def _write_buffers(
     threads, the caller one of them, each taking the next stretch (``_stretch_bytes``) until
     none are left: equal halves fixed in advance finished up to 15 ms apart at 1 GB on the
     2-core machine (one thread's source copied slower than the other's, or its core was lent
-    to another process for a while). numpy's copy releases the GIL (an mmap slice assignment holds it
-    for the whole memcpy), and so must a Verified value's ``piece``, so the threads run side by
-    side. ``checks``: a Verified value and each buffer's dtype (None: not a tensor's), whose
-    ``piece`` copies each stretch."""
+    to another process for a while). numpy's copy releases the GIL (an mmap slice assignment
+    holds it for the whole memcpy), and so must a Verified value's ``piece``, so the threads
+    run side by side. ``checks``: a Verified value and each buffer's dtype (None: not a
+    tensor's), whose ``piece`` copies each stretch."""
     global _copier
     verified, dtypes = checks if checks is not None else (None, [None] * len(raws))
     total = sum(size for _, size in layout)
