@@ -313,7 +313,9 @@ class TrainerGroup:
         (and extrapolated) by the rank against its own step's metrics;
         ``prepared_publish_ref`` gives its answer's ref once the step is sent."""
         self._after_step = _Call(
-            "publishable_weights", (step, finite_at, float(extrapolation)), self._weight_ranks()
+            "publishable_weights",
+            self._weight_ranks(),
+            _Publish(step, finite_at, float(extrapolation)),
         )
 
     def prepared_publish_ref(self, step: int) -> miniray.ObjectRef | None:
@@ -322,12 +324,12 @@ class TrainerGroup:
         may hand it on before it is there (a call taking it as an argument runs once it is,
         and only with checked weights: unchecked ones are never stored)."""
         for call, sent in self._prefetched:
-            if call.args[0] == step:
+            if call.publish is not None and call.publish.step == step:
                 return next(iter(sent[0].refs))  # the first weight rank's: rank 0's
         return None
 
     def get_weights(self) -> dict[str, Any]:
-        call = _Call("get_weights", (), self._weight_ranks())
+        call = _Call("get_weights", self._weight_ranks())
         sent = self._take_prefetched(call) or self._send_weights_call(call)
         return self._answers(sent[0])[0][1]
 
@@ -352,7 +354,9 @@ class TrainerGroup:
         (``rl.extrapolation``). Large weights are checked as the rank's answer is copied out
         (``trainer.CHECK_IN_COPY_MIN_BYTES``)."""
         call = _Call(
-            "publishable_weights", (step, finite_at, float(extrapolation)), self._weight_ranks()
+            "publishable_weights",
+            self._weight_ranks(),
+            _Publish(step, finite_at, float(extrapolation)),
         )
         (weights,) = self._take_prefetched(call) or self._send_weights_call(call, metrics)
         return self._answers(weights)[0][0]
@@ -422,16 +426,15 @@ class TrainerGroup:
         verdict: checked weights or ``NonFiniteWeightsError``). ``metrics`` None: each rank
         names its own step's."""
         within = self.plan.timeout_s
-        if call.method == "get_weights":
-            return [self._send("get_weights", ranks=call.ranks, within=within)]
-        step, finite_at, extrapolation = call.args
+        if call.publish is None:
+            return [self._send(call.method, ranks=call.ranks, within=within)]
         return [
             self._send(
-                "publishable_weights",
-                step,
-                finite_at,
+                call.method,
+                call.publish.step,
+                call.publish.finite_at,
                 None if metrics is None else dict(metrics),
-                extrapolation=extrapolation,
+                extrapolation=call.publish.extrapolation,
                 ranks=call.ranks,
                 within=within,
             )
@@ -551,9 +554,20 @@ class _Sent:
 
 
 @dataclass(frozen=True)
+class _Publish:
+    """What a ``publishable_weights`` call publishes: the weights after ``step``, checked
+    against ``finite_at`` (the last step found finite), extrapolated by ``extrapolation``."""
+
+    step: int
+    finite_at: int
+    extrapolation: float
+
+
+@dataclass(frozen=True)
 class _Call:
-    """A call to make on some ranks (compared by method, arguments and ranks)."""
+    """A call to make on some ranks (compared by method, ranks and what it publishes):
+    ``get_weights`` (``publish`` None) or ``publishable_weights``."""
 
     method: str
-    args: tuple[Any, ...]
     ranks: list[Any]
+    publish: _Publish | None = None
