@@ -163,15 +163,6 @@ def call(target: Any, method: str, *args: Any, **kwargs: Any) -> Pending:
         return Pending(getattr(target, method).remote(*args, **kwargs), what)
     bound = getattr(target, method)
     future: Future = Future()
-    if getattr(target, "answers_at_once", False):
-        # An object whose methods return at once (the publisher's snapshot hands over a ref):
-        # run here. A thread of its own cost 0.5-7 ms of the weight sync's path on 2 busy
-        # cores (its start, and the GIL handed to it and back).
-        try:
-            future.set_result(bound(*args, **kwargs))
-        except Exception as exc:  # handed to the caller by Pending.result, as from a thread
-            future.set_exception(exc)
-        return Pending(future, what)
 
     def run() -> None:
         try:
@@ -179,5 +170,11 @@ def call(target: Any, method: str, *args: Any, **kwargs: Any) -> Pending:
         except BaseException as exc:  # handed to the caller by Pending.result
             future.set_exception(exc)
 
-    threading.Thread(target=run, name=f"miniray-call-{method}", daemon=True).start()
+    if getattr(target, "answers_at_once", False):
+        # Its methods return at once (the publisher's snapshot hands over a ref): run here. A
+        # thread of its own cost 0.5-7 ms of the weight sync's path on 2 busy cores (its
+        # start, and the GIL handed to it and back).
+        run()
+    else:
+        threading.Thread(target=run, name=f"miniray-call-{method}", daemon=True).start()
     return Pending(future, what)

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from miniray.rl.parallel import share_tied, tied_names
+
 _MODULE = torch.nn.Module
 
 
@@ -31,11 +33,7 @@ class StateSlots:
         self.names = list(state)
         self.known = frozenset(self.names)
         self.meta = {name: (t.dtype, t.device, t.shape) for name, t in state.items()}
-        first: dict[int, str] = {}
-        self.tied: dict[str, str] = {}
-        for name, tensor in state.items():
-            if first.setdefault(id(tensor), name) != name:
-                self.tied[name] = first[id(tensor)]
+        self.tied = tied_names(model)
         modules = dict(model.named_modules())
         self.where: dict[str, tuple[Any, str]] = {}
         for name in self.names:
@@ -59,8 +57,6 @@ class StateSlots:
         """The state dict, detached: the live tensors, not copies; a tied entry is its first
         entry's tensor object."""
         if not self.direct:
-            from miniray.rl.parallel import share_tied
-
             return share_tied(self.model.state_dict(), copy=False)
         out: dict[str, torch.Tensor] = {}
         for name, (module, attr) in self.where.items():

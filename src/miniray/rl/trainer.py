@@ -160,10 +160,10 @@ def policy_update_config(config: RLConfig) -> PolicyUpdateConfig:
 # checked in the loop that copies them into shared memory (``rl.finite``), instead of read
 # from memory once more beside (or before) the copy. At Qwen2.5-0.5B size (0.99 GB, bf16,
 # 2 cores) the rank's answer took 113-119 ms with the check beside the copy, 86-117 ms with
-# 1 MiB pieces checked from the cache after copying them, and the copy's own time checked in
-# its loop (take_and_check, benchmarks/weight_sync.py); below a few MiB there is nothing to
-# save (and no compiled loop to load), and the caller in this process gets plain weights,
-# checked already.
+# 1 MiB pieces checked from the cache after copying them, and 47-48 ms checked in a loop that
+# stores past the cache (take_and_check, benchmarks/weight_sync.py); below a few MiB there is
+# nothing to save (and no compiled loop to load), and the caller in this process gets plain
+# weights, checked already.
 CHECK_IN_COPY_MIN_BYTES = 16 << 20
 
 
@@ -201,7 +201,8 @@ class FullyAsyncTrainer:
         if model.enable_gradient_checkpointing:
             enable_activation_checkpointing(self.model)
         self._tied = tied_names(self.model)
-        self._state_slots: StateSlots | None = None  # an unsharded model's (_full_weights)
+        # An unsharded model's weights are read where they live (~0.3 ms; state_dict() ~2 ms).
+        self._state_slots = None if self.setup.sharded else StateSlots(self.model)
         self.wrapped = wrap(self.model, self.setup, compute_dtype=self.dtype)
         update = policy_update_config(self.config)
         # actor.use_kl_loss: the reference is the model the run starts from, loaded again and
@@ -310,14 +311,12 @@ class FullyAsyncTrainer:
         return self._full_weights()
 
     def _full_weights(self) -> dict[str, torch.Tensor]:
-        if self.setup.sharded:
+        if self._state_slots is not None:  # the live tensors
+            state = self._state_slots.read()
+        else:
             state = full_state_dict(
                 self.wrapped, self.model, self.setup, self._tied, dtype=self.dtype
             )
-        else:  # the live tensors, each read where it lives: ~0.3 ms, state_dict() ~2 ms
-            if self._state_slots is None:
-                self._state_slots = StateSlots(self.model)
-            state = self._state_slots.read()
         if torch.device(self.setup.device).type != "cpu":
             state = share_tied({k: v.cpu() for k, v in state.items()}, copy=False)
         return state
